@@ -1,0 +1,3 @@
+"""Gradio A/B human preference study over FCR samples."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+"""Streamlit explorer over the FCR DuckDB results store."""
+
+__version__ = "0.1.0"

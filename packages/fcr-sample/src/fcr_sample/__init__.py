@@ -1,0 +1,1 @@
+"""Encoder-caching sampling for diffusers UNets."""

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine: installs uv (from PyPI) if missing, installs the
+# workspace from uv.lock, then runs a job.
+#
+#   ./run.sh main     run the main job on the embedded default
+#   ./run.sh test     run the test-suite (all packages, then fcr-sample alone)
+#   ./run.sh sync     only install
+set -euo pipefail
+cd "$(dirname "$0")"
+
+log() { printf '\033[1m[run.sh]\033[0m %s\n' "$*" >&2; }
+
+ensure_uv() {
+    if command -v uv >/dev/null 2>&1; then return; fi
+    export PATH="$HOME/.local/bin:$PATH"
+    if command -v uv >/dev/null 2>&1; then return; fi
+    log "installing uv from PyPI"
+    python3 -m pip install --quiet --user uv 2>/dev/null \
+        || python3 -m pip install --quiet --break-system-packages --user uv 2>/dev/null \
+        || python3 -m pip install --quiet uv
+    command -v uv >/dev/null 2>&1 || { log "uv is not on PATH after install; add ~/.local/bin to PATH"; exit 1; }
+}
+
+# Debian packages the embedded default needs (data ships as a Debian package).
+APT_PACKAGES=(dataset-fashion-mnist)
+ensure_apt() {
+    local missing=()
+    for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+    [ ${#missing[@]} -eq 0 ] && return
+    local sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    log "installing Debian packages: ${missing[*]}"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+sync_workspace() {
+    ensure_uv
+    log "installing the workspace from uv.lock"
+    uv sync --locked --all-packages --quiet
+}
+
+cmd="${1:-help}"; shift || true
+case "$cmd" in
+    sync)
+        ensure_apt "${APT_PACKAGES[@]}"
+        sync_workspace
+        ;;
+    main)
+        ensure_apt "${APT_PACKAGES[@]}"
+        sync_workspace
+        exec uv run --no-sync fcr-sample-demo "$@"
+        ;;
+    test)
+        ensure_apt "${APT_PACKAGES[@]}"
+        sync_workspace
+        log "tests: whole workspace"
+        uv run --no-sync pytest -m "not gpu and not checkpoint" "$@"
+        log "tests: fcr-sample installed alone (torch, diffusers, tqdm + its test group)"
+        UV_PROJECT_ENVIRONMENT=.venv-fcr-sample uv sync --locked --package fcr-sample \
+            --no-default-groups --group test --quiet
+        UV_PROJECT_ENVIRONMENT=.venv-fcr-sample uv run --no-sync --package fcr-sample \
+            python -m pytest tests/fcr_sample -m "not gpu and not checkpoint" -q -p no:cacheprovider
+        ;;
+    *)
+        sed -n '2,9p' "$0"
+        exit 2
+        ;;
+esac
