@@ -1,1 +1,49 @@
-"""Encoder-caching sampling for diffusers UNets."""
+"""fcr-sample: encoder-caching sampling (Faster Diffusion) for diffusers UNets.
+
+Two lines speed up an existing pipeline::
+
+    from fcr_sample import EncoderCacheConfig, apply_encoder_cache
+    apply_encoder_cache(pipe, EncoderCacheConfig(stride=10))
+
+Public API: the encoder cache (:class:`EncoderCacheConfig`, :func:`apply_encoder_cache`,
+:func:`remove_encoder_cache`), the DeepCache comparator (:class:`DeepCacheConfig`,
+:func:`apply_deep_cache`, :func:`remove_deep_cache`), forward counters
+(:func:`get_cache_stats`, :func:`reset_cache_stats`), key-step schedules (:func:`key_steps`),
+bare-UNet loops (:func:`start_sampling_run`, :func:`inject_prior_noise`), and the definition of
+encoder features (:func:`encoder_features`).
+"""
+
+from .deep_cache import DeepCacheConfig, apply_deep_cache, remove_deep_cache
+from .encoder_cache import EncoderCacheConfig, apply_encoder_cache, inject_prior_noise, remove_encoder_cache
+from .features import encoder_feature_names, encoder_features, select_feature_names
+from .hooks import CacheStats, get_cache_stats, reset_cache_stats
+from .loading import MODEL_IDS, ModelNotAvailableError, default_device, load_pipeline, load_unet
+from .run_state import start_sampling_run
+from .schedules import FASTER_DIFFUSION_KEY_STEPS, decoder_groups, key_steps
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EncoderCacheConfig",
+    "apply_encoder_cache",
+    "remove_encoder_cache",
+    "inject_prior_noise",
+    "DeepCacheConfig",
+    "apply_deep_cache",
+    "remove_deep_cache",
+    "CacheStats",
+    "get_cache_stats",
+    "reset_cache_stats",
+    "start_sampling_run",
+    "key_steps",
+    "decoder_groups",
+    "FASTER_DIFFUSION_KEY_STEPS",
+    "encoder_features",
+    "encoder_feature_names",
+    "select_feature_names",
+    "MODEL_IDS",
+    "ModelNotAvailableError",
+    "default_device",
+    "load_pipeline",
+    "load_unet",
+]

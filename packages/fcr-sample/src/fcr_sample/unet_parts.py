@@ -261,14 +261,21 @@ def run_up_blocks(
     sample_shape: tuple[int, int],
     *,
     start_block: int = 0,
+    stop_block: int | None = None,
 ) -> torch.Tensor:
-    """Up blocks ``start_block..`` and the output head. ``res_samples`` holds the residuals they consume."""
+    """Up blocks ``start_block .. stop_block-1``, then the output head if the range reaches the end.
+
+    ``res_samples`` must hold exactly the residuals the blocks from ``start_block`` to the last one
+    consume (they are taken from its end); with ``stop_block`` the head is not run and the hidden
+    state entering ``up_blocks[stop_block]`` is returned.
+    """
+    n = len(unet.up_blocks)
+    stop = n if stop_block is None else stop_block
     forward_upsample_size = _needs_forward_upsample_size(unet, sample_shape)
     upsample_size = None
-    for i, block in enumerate(unet.up_blocks):
-        if i < start_block:
-            continue
-        is_final_block = i == len(unet.up_blocks) - 1
+    for i in range(start_block, stop):
+        block = unet.up_blocks[i]
+        is_final_block = i == n - 1
         block_res = res_samples[-len(block.resnets) :]
         res_samples = res_samples[: -len(block.resnets)]
         if not is_final_block and forward_upsample_size:
@@ -280,10 +287,18 @@ def run_up_blocks(
             upsample_size=upsample_size,
             **_block_kwargs(block, cond),
         )
+    if stop < n:
+        return hidden
     if unet.conv_norm_out:
         hidden = unet.conv_norm_out(hidden)
         hidden = unet.conv_act(hidden)
     return unet.conv_out(hidden)
+
+
+def residuals_consumed(unet, start_block: int, stop_block: int | None = None) -> int:
+    """How many encoder residuals up blocks ``start_block .. stop_block-1`` consume."""
+    stop = len(unet.up_blocks) if stop_block is None else stop_block
+    return sum(len(unet.up_blocks[i].resnets) for i in range(start_block, stop))
 
 
 def run_decoder(unet, enc: EncoderOutput, cond: Conditioning) -> torch.Tensor:

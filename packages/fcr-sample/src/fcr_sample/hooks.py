@@ -1,0 +1,170 @@
+"""Plumbing shared by the caches: targets, counters, registration on diffusers' hook registry."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from diffusers.hooks.hooks import HookRegistry, ModelHook
+
+from .run_state import RunTracker
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CacheStats", "get_cache_stats", "reset_cache_stats", "find_cache_hooks", "resolve_target"]
+
+
+@dataclass
+class CacheStats:
+    """Forward counters of a cache, cumulative since it was applied or last reset.
+
+    Attributes:
+        unet_calls: calls of ``unet(...)`` made by the sampler.
+        full_forwards: calls that ran the whole UNet (encoder and decoder) on their own input.
+        encoder_forwards: encoder passes (conv_in, down blocks, mid block).
+        decoder_forwards: per-step decoder evaluations; a batch of m steps counts m.
+        decoder_batches: decoder invocations (a parallel batch counts once).
+        decoder_rows: batch rows pushed through the decoder (steps × images, CFG doubles it).
+        partial_forwards: DeepCache calls that ran only the shallow path.
+        runs: sampling runs started.
+    """
+
+    unet_calls: int = 0
+    full_forwards: int = 0
+    encoder_forwards: int = 0
+    decoder_forwards: int = 0
+    decoder_batches: int = 0
+    decoder_rows: int = 0
+    partial_forwards: int = 0
+    runs: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def resolve_target(pipe_or_unet) -> tuple[torch.nn.Module, Any]:
+    """``(unet, pipeline_or_None)`` for a pipeline with a ``.unet`` or a bare UNet."""
+    unet = getattr(pipe_or_unet, "unet", None)
+    if isinstance(unet, torch.nn.Module):
+        return _unwrap(unet), pipe_or_unet
+    if isinstance(pipe_or_unet, torch.nn.Module):
+        unet = _unwrap(pipe_or_unet)
+        if hasattr(unet, "down_blocks") and hasattr(unet, "up_blocks") and hasattr(unet, "conv_in"):
+            return unet, None
+    raise TypeError(
+        f"expected a diffusers pipeline with a .unet or a UNet2DConditionModel, got {type(pipe_or_unet).__name__}"
+    )
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    if hasattr(module, "_orig_mod"):  # torch.compile wrapper: hooks go on the real module
+        raise TypeError(
+            "apply the cache before torch.compile: hooks must be registered on the original UNet"
+        )
+    return module
+
+
+
+
+def bind_unet_args(unet, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """UNet forward arguments by name, defaults filled in."""
+    sig = inspect.signature(type(unet).forward)
+    bound = sig.bind(unet, *args, **kwargs)
+    bound.apply_defaults()
+    out = dict(bound.arguments)
+    out.pop("self", None)
+    return out
+
+
+class CacheHook(ModelHook):
+    """Base of the fcr-sample hooks: a run tracker and counters."""
+
+    _is_stateful = True
+    hook_name = "fcr_cache"
+
+    def __init__(self, pipeline=None):
+        super().__init__()
+        self.tracker = RunTracker(pipeline, name=type(self).__name__)
+        self.stats = CacheStats()
+        self._runs_seen = 0
+
+    def begin_call(self, timestep):
+        run, step = self.tracker.begin_call(timestep)
+        self.stats.unet_calls += 1
+        if self.tracker.runs_started != self._runs_seen:
+            self._runs_seen = self.tracker.runs_started
+            self.stats.runs += 1
+            self.on_new_run(run)
+        return run, step
+
+    def on_new_run(self, run) -> None:  # overridden
+        pass
+
+    def reset_state(self, module):
+        self.tracker.run = None
+        return module
+
+
+def find_cache_hooks(pipe_or_unet) -> list[CacheHook]:
+    unet, _ = resolve_target(pipe_or_unet)
+    registry = getattr(unet, "_diffusers_hook", None)
+    if registry is None:
+        return []
+    return [h for h in registry.hooks.values() if isinstance(h, CacheHook)]
+
+
+def register_cache_hook(pipe_or_unet, hook_factory) -> CacheHook:
+    unet, pipe = resolve_target(pipe_or_unet)
+    existing = find_cache_hooks(unet)
+    if existing:
+        raise ValueError(
+            f"{type(existing[0]).__name__} is already applied to this UNet; remove it first "
+            "(remove_encoder_cache / remove_deep_cache)"
+        )
+    hook = hook_factory(unet, pipe)
+    HookRegistry.check_if_exists_or_initialize(unet).register_hook(hook, hook.hook_name)
+    logger.info("applied %s to %s", type(hook).__name__, type(unet).__name__)
+    return hook
+
+
+def remove_cache_hook(pipe_or_unet, hook_name: str) -> bool:
+    """Remove a hook by name; returns whether one was there. Restores ``forward`` exactly."""
+    unet, _ = resolve_target(pipe_or_unet)
+    registry = getattr(unet, "_diffusers_hook", None)
+    if registry is None or hook_name not in registry.hooks:
+        return False
+    hook = registry.hooks[hook_name]
+    if hasattr(hook, "detach_scheduler"):
+        hook.detach_scheduler()
+    registry.remove_hook(hook_name, recurse=False)
+    if not registry.hooks:
+        # The registry leaves the class's own bound method as an instance attribute; drop it so
+        # the module is exactly as it was (other code may compare ``unet.forward``).
+        fwd = unet.__dict__.get("forward")
+        if fwd is not None and getattr(fwd, "__func__", None) is type(unet).forward:
+            del unet.__dict__["forward"]
+        del unet._diffusers_hook
+    return True
+
+
+def get_cache_stats(pipe_or_unet) -> CacheStats:
+    """A copy of the forward counters of the cache applied to ``pipe_or_unet``.
+
+    Example:
+        >>> reset_cache_stats(pipe); pipe("a photo of a cat", num_inference_steps=50)
+        >>> get_cache_stats(pipe).encoder_forwards
+        5
+    """
+    hooks = find_cache_hooks(pipe_or_unet)
+    if not hooks:
+        raise ValueError("no fcr-sample cache is applied to this pipeline/UNet")
+    return CacheStats(**hooks[0].stats.as_dict())
+
+
+def reset_cache_stats(pipe_or_unet) -> None:
+    """Zero the forward counters (the cached features themselves reset at every run)."""
+    for hook in find_cache_hooks(pipe_or_unet):
+        hook.stats = CacheStats()
