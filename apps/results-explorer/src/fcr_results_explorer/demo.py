@@ -1,0 +1,319 @@
+"""A realistic demo results store, written through fcr-eval's own writer.
+
+It stands in for mini-exp-1 (and a small mini-exp-2) until the experiment runner's real results
+exist: the numbers are *made up* to look like the embedded default's (EfficientNet-Lite0 FD on
+Fashion-MNIST), and every run's ``params`` says ``"demo": true``. The screenshots script and
+the browser test use it.
+
+    uv run python -m fcr_results_explorer.demo /tmp/demo/fcr.duckdb
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gzip
+import logging
+import math
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import numpy as np
+from fcr_eval.store import (
+    CriterionResult,
+    FeatureStat,
+    MetricRecord,
+    PerPromptScore,
+    ResultsStore,
+    RunRecord,
+    RunResult,
+    SampleRecord,
+    TimingRecord,
+    make_run_id,
+)
+from scipy.stats import binomtest
+
+logger = logging.getLogger(__name__)
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
+FASHION_LABELS = Path("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz")
+CLASSES = ("T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
+           "bag", "ankle boot")
+FE = "efficientnet_lite0"
+PRE = "resize_bilinear_224_imagenet_norm"
+CODE_VERSION = "fcr 0.1.0 (demo)"
+
+
+@dataclass(frozen=True)
+class DemoVariation:
+    variation_id: str
+    sampler: str
+    stride: int | None
+    lambda_fcr: float | None
+    fd: float  # EfficientNet-Lite0 FD, mean over seeds
+    sec: float  # seconds per image at batch 1
+    variance: float  # σ²_Δ averaged over Δ = 1..10
+    agreement: float  # prompt–class agreement
+    delta_max: int | None = None
+    scheduler: str = "ddim"
+    resolution: int = 32
+    model: str = "embedded-unet"
+    dataset: str = "fashion-mnist"
+
+
+MINI_EXP_1 = (
+    DemoVariation("ddim-50-full", "none", None, None, 17.9, 0.0820, 0.0415, 0.912),
+    DemoVariation("fd-5-baseline", "fd", 5, None, 18.8, 0.0610, 0.0415, 0.905),
+    DemoVariation("fd-10-baseline", "fd", 10, None, 23.6, 0.0561, 0.0415, 0.874),
+    DemoVariation("fd-15-baseline", "fd", 15, None, 29.7, 0.0544, 0.0415, 0.842),
+    DemoVariation("deepcache-5", "deepcache", 5, None, 19.6, 0.0489, 0.0415, 0.899),
+    DemoVariation("fcr-l0.00-fd-10", "fd", 10, 0.0, 23.1, 0.0562, 0.0409, 0.876, 10),
+    DemoVariation("fcr-l0.05-fd-10", "fd", 10, 0.05, 20.7, 0.0559, 0.0301, 0.893, 10),
+    DemoVariation("fcr-l0.10-fd-10", "fd", 10, 0.10, 19.5, 0.0560, 0.0236, 0.899, 10),
+    DemoVariation("fcr-l0.20-fd-10", "fd", 10, 0.20, 19.2, 0.0561, 0.0187, 0.889, 10),
+    DemoVariation("fcr-l0.10-fd-15", "fd", 15, 0.10, 22.4, 0.0545, 0.0236, 0.881, 10),
+)
+MINI_EXP_2 = (
+    DemoVariation("fd-5-baseline-64px", "fd", 5, None, 24.1, 0.231, 0.0462, 0.881,
+                  resolution=64, model="embedded-unet-emoji", dataset="noto-emoji"),
+    DemoVariation("fcr-l0.10-fd-10-64px", "fd", 10, 0.10, 25.3, 0.205, 0.0259, 0.872, 10,
+                  resolution=64, model="embedded-unet-emoji", dataset="noto-emoji"),
+    DemoVariation("fcr-l0.10-dpmpp-fd-10-64px", "fd", 10, 0.10, 26.0, 0.118, 0.0259, 0.866, 10,
+                  scheduler="dpmsolver++", resolution=64, model="embedded-unet-emoji",
+                  dataset="noto-emoji"),
+    DemoVariation("fd-10-baseline-64px", "fd", 10, None, 30.9, 0.203, 0.0462, 0.838,
+                  resolution=64, model="embedded-unet-emoji", dataset="noto-emoji"),
+)
+BLOCKS = ("down_blocks.0", "down_blocks.1", "mid_block")
+
+
+def _fashion_images(n: int) -> tuple[np.ndarray, np.ndarray] | None:
+    if not (FASHION_MNIST.is_file() and FASHION_LABELS.is_file()):
+        return None
+    with gzip.open(FASHION_MNIST) as f:
+        images = np.frombuffer(f.read(), dtype=np.uint8, offset=16).reshape(-1, 28, 28)
+    with gzip.open(FASHION_LABELS) as f:
+        labels = np.frombuffer(f.read(), dtype=np.uint8, offset=8)
+    return images[:n * 20], labels[:n * 20]
+
+
+def _image(base: np.ndarray, degrade: float, rng: np.random.Generator, size: int):
+    from PIL import Image
+
+    img = base.astype(np.float32) / 255.0
+    img = np.clip(img + rng.normal(0, 0.04 + 0.5 * degrade, img.shape), 0, 1)
+    rgb = np.stack([img * 0.95, img * 0.9, img], axis=-1)
+    pil = Image.fromarray((rgb * 255).astype(np.uint8), "RGB")
+    return pil.resize((size, size), Image.NEAREST)
+
+
+def _procedural(label: int, rng: np.random.Generator) -> np.ndarray:
+    yy, xx = np.mgrid[0:28, 0:28]
+    cx, cy = 14 + rng.normal(0, 1), 14 + rng.normal(0, 1)
+    r = 6 + label % 5
+    return (255 * (((xx - cx) ** 2 + (yy - cy) ** 2) < r * r)).astype(np.uint8)
+
+
+def build_demo_store(
+    path: str | Path,
+    seeds: tuple[int, ...] = (0, 1, 2),
+    n_prompts: int = 10,
+    sample_seeds: tuple[int, ...] = (0, 1),
+    per_prompt: int = 200,
+    with_images: bool = True,
+    human_study: bool = True,
+) -> Path:
+    """Write the demo experiments into ``path`` (and ``human-study.duckdb`` beside it).
+
+    Returns the store path. Existing runs are skipped (the writer's rule).
+    """
+    path = Path(path)
+    store = ResultsStore(path)
+    rng = np.random.default_rng(1234)
+    data = _fashion_images(n_prompts)
+    prompts = []
+    for i in range(n_prompts):
+        label = int(data[1][i]) if data else i % len(CLASSES)
+        prompts.append((f"p{i:03d}", f"a photo of a {CLASSES[label]}", label, i))
+    started = dt.datetime(2026, 11, 24, 3, 0, 0)
+    minute = 0
+    for experiment, variations, exp_seeds in (("mini-exp-1", MINI_EXP_1, seeds),
+                                              ("mini-exp-2", MINI_EXP_2, seeds[:2])):
+        for v in variations:
+            for seed in exp_seeds:
+                config = {"experiment": experiment, "variation": v.variation_id, "seed": seed,
+                          "stride": v.stride, "lambda": v.lambda_fcr, "demo": True}
+                run_id = make_run_id(experiment, v.variation_id, seed, config)
+                fd = v.fd + rng.normal(0, 0.35 + 0.02 * v.fd)
+                agreement = float(np.clip(v.agreement + rng.normal(0, 0.006), 0, 1))
+                sec = v.sec * (1 + rng.normal(0, 0.03))
+                var_scale = v.variance * (1 + rng.normal(0, 0.04))
+                minute += 7
+                run = RunRecord(
+                    run_id=run_id, experiment_id=experiment, variation_id=v.variation_id,
+                    seed=seed, model=v.model, dataset=v.dataset, sampler=v.sampler,
+                    stride=v.stride, parallel_decoding=(v.sampler == "fd") or None,
+                    lambda_fcr=v.lambda_fcr, delta_max=v.delta_max,
+                    blocks="all" if v.lambda_fcr is not None else None,
+                    scheduler=v.scheduler, resolution=v.resolution, num_inference_steps=50,
+                    guidance_scale=3.0, params={"demo": True, "prompt_set": "fashion-mnist-val"},
+                    config=config, code_version=CODE_VERSION, device="cpu: 2 cores",
+                    started_at=started + dt.timedelta(minutes=minute - 6),
+                    finished_at=started + dt.timedelta(minutes=minute),
+                )
+                steps = 50
+                keys = steps if v.stride is None else math.ceil(steps / v.stride)
+                metrics = [
+                    MetricRecord("fd_efficientnet_lite0", fd, FE, PRE, 500),
+                    MetricRecord("kid_efficientnet_lite0", fd / 900 + rng.normal(0, 2e-4), FE,
+                                 PRE, 500),
+                    MetricRecord("precision", 0.71 - fd / 200 + rng.normal(0, 0.01), FE, PRE, 500),
+                    MetricRecord("recall", 0.62 - fd / 250 + rng.normal(0, 0.01), FE, PRE, 500),
+                    MetricRecord("class_agreement", agreement, "fmnist_classifier",
+                                 "none", 500),
+                ]
+                timings = [
+                    TimingRecord(bs, sec / (1.0 if bs == 1 else 2.6), unet_calls=steps,
+                                 encoder_forwards=keys, decoder_forwards=steps,
+                                 flops_per_image=3.1e8 * (0.33 * keys / steps + 0.67),
+                                 peak_memory_bytes=int((612 + (4 if v.lambda_fcr else 0)
+                                                        + 3 * bs) * 2**20),
+                                 memory_kind="process_rss", n_images=64, warmup=3)
+                    for bs in (1, 8)
+                ]
+                feats = []
+                for delta in range(1, 11):
+                    shape = (delta / 5.5) ** 0.85
+                    for block, w in (("all", 1.0), *zip(BLOCKS, (0.6, 1.1, 1.5), strict=False)):
+                        feats.append(FeatureStat(block, delta,
+                                                 var_scale * shape * w * (1 + rng.normal(0, 0.02)),
+                                                 256))
+                per_prompt_rows = [
+                    PerPromptScore("class_agreement", f"p{k:04d}",
+                                   float(rng.random() < agreement))
+                    for k in range(per_prompt)
+                ]
+                samples = []
+                if with_images:
+                    degrade = max(0.0, (fd - 17.5) / 30)
+                    folder = path.parent / "samples" / experiment / v.variation_id / f"s{seed}"
+                    folder.mkdir(parents=True, exist_ok=True)
+                    for pid, prompt, label, idx in prompts:
+                        for sseed in sample_seeds:
+                            img_rng = np.random.default_rng(idx * 100 + sseed)
+                            base = (data[0][idx + sseed * n_prompts] if data
+                                    else _procedural(label, img_rng))
+                            noise_rng = np.random.default_rng(
+                                zlib.crc32(f"{v.variation_id}/{seed}/{pid}/{sseed}".encode()))
+                            img = _image(base, degrade, noise_rng, v.resolution * 2)
+                            file = folder / f"{pid}-{sseed}.png"
+                            img.save(file)
+                            samples.append(SampleRecord(pid, prompt, sseed,
+                                                        str(file.relative_to(path.parent)),
+                                                        img.width, img.height, CLASSES[label]))
+                store.write_run(RunResult(run, metrics, per_prompt_rows, timings, feats, samples))
+    _write_criteria(store)
+    if human_study:
+        write_demo_human_study(path.parent / "human-study.duckdb")
+    return path
+
+
+def _write_criteria(store: ResultsStore) -> None:
+    """Criteria of design.md §1 evaluated on the demo numbers (as the runner would)."""
+    m = store.sql(
+        """SELECT r.variation_id AS v, m.metric, avg(m.value) AS value
+           FROM metrics m JOIN runs r USING (run_id)
+           WHERE r.experiment_id = 'mini-exp-1' GROUP BY ALL"""
+    )
+    val = {(v, metric): x for v, metric, x in m.iter_rows()}
+    t = store.sql(
+        """SELECT r.variation_id AS v, avg(t.sec_per_image) AS sec, avg(t.peak_memory_bytes) AS mem
+           FROM timings t JOIN runs r USING (run_id)
+           WHERE r.experiment_id = 'mini-exp-1' AND t.batch_size = 1 GROUP BY ALL"""
+    )
+    sec = {v: s for v, s, _ in t.iter_rows()}
+    mem = {v: b for v, _, b in t.iter_rows()}
+    fv = store.sql(
+        """SELECT r.variation_id AS v, avg(f.variance) AS var FROM feature_stats f
+           JOIN runs r USING (run_id) WHERE r.experiment_id = 'mini-exp-1' AND f.block = 'all'
+           GROUP BY ALL"""
+    )
+    var = dict(fv.iter_rows())
+    fcr, fd5, fd10 = "fcr-l0.10-fd-10", "fd-5-baseline", "fd-10-baseline"
+    fd_key = "fd_efficientnet_lite0"
+    d_fd = 100 * (val[(fcr, fd_key)] / val[(fd5, fd_key)] - 1)
+    d_ag = 100 * (val[(fcr, "class_agreement")] / val[(fd5, "class_agreement")] - 1)
+    speed = sec[fd5] / sec[fcr]
+    vram = 100 * (mem[fcr] / mem[fd5] - 1)
+    var_red = 100 * (1 - var[fcr] / var[fd10])
+    rows = [
+        CriterionResult("mini-exp-1", "ΔFD vs FD-5 at stride 10 (%)", d_fd <= 5, d_fd, 5.0,
+                        {"variation": fcr, "reference": fd5, "metric": fd_key}, CODE_VERSION),
+        CriterionResult("mini-exp-1", "Δ class agreement vs FD-5 (%)", d_ag >= -2, d_ag, -2.0,
+                        {"variation": fcr, "reference": fd5,
+                         "stands_in_for": "CLIPScore"}, CODE_VERSION),
+        CriterionResult("mini-exp-1", "speed-up vs FD-5 (×)", speed >= 1.4, speed, 1.4,
+                        {"variation": fcr, "reference": fd5, "batch_size": 1}, CODE_VERSION),
+        CriterionResult("mini-exp-1", "extra memory vs FD-5 (%)", vram <= 2, vram, 2.0,
+                        {"memory_kind": "process_rss"}, CODE_VERSION),
+        CriterionResult("mini-exp-1", "σ²_Δ reduction vs FD-10 (%)", var_red >= 30, var_red, 30.0,
+                        {"block": "all", "deltas": "1..10"}, CODE_VERSION),
+        CriterionResult("mini-exp-1", "R² of σ²_Δ against ΔFD", True, 0.74, 0.6,
+                        {"n_variations": 9}, CODE_VERSION),
+        CriterionResult("mini-exp-1", "fine-tune compute / pre-training (%)", True, 1.6, 3.0,
+                        {"finetune_steps": 400, "pretrain_steps": 25000}, CODE_VERSION),
+    ]
+    store.write_criteria(rows)
+
+
+def write_demo_human_study(path: Path) -> None:
+    """The analysis tables of a human study, as ``fcr-human-study analyse`` writes them
+    (contract: docs/results-store.md)."""
+    path.unlink(missing_ok=True)
+    con = duckdb.connect(str(path))
+    con.execute(
+        """CREATE TABLE human_study_results (study_id VARCHAR, variation_a VARCHAR,
+           variation_b VARCHAR, n_a INTEGER, n_b INTEGER, n_tie INTEGER, n_both_bad INTEGER,
+           win_rate_a DOUBLE, ci_low DOUBLE, ci_high DOUBLE, p_value DOUBLE,
+           analysed_at TIMESTAMP)"""
+    )
+    con.execute(
+        """CREATE TABLE human_study_scores (study_id VARCHAR, variation VARCHAR,
+           bt_score DOUBLE, ci_low DOUBLE, ci_high DOUBLE)"""
+    )
+    when = dt.datetime(2026, 11, 24, 5, 30)
+    pairs = [
+        ("fcr-l0.10-fd-10", "fd-10-baseline", 212, 98, 31, 9),
+        ("fcr-l0.10-fd-10", "fd-5-baseline", 151, 163, 29, 7),
+        ("fd-5-baseline", "fd-10-baseline", 201, 104, 33, 12),
+    ]
+    for a, b, na, nb, tie, bad in pairs:
+        n = na + nb
+        p = na / n
+        half = 1.96 * math.sqrt(p * (1 - p) / n)
+        pv = binomtest(na, n).pvalue
+        con.execute("INSERT INTO human_study_results VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                    ["demo-study", a, b, na, nb, tie, bad, p, p - half, p + half, pv, when])
+    for v, s, h in (("fcr-l0.10-fd-10", 0.31, 0.09), ("fd-5-baseline", 0.27, 0.09),
+                    ("fd-10-baseline", -0.58, 0.10)):
+        con.execute("INSERT INTO human_study_scores VALUES (?,?,?,?,?)",
+                    ["demo-study", v, s, s - h, s + h])
+    con.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("path", help="store file to create, e.g. /tmp/demo/fcr.duckdb")
+    parser.add_argument("--per-prompt", type=int, default=200,
+                        help="per-prompt scores per run (make it large to test scale)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    path = build_demo_store(args.path, per_prompt=args.per_prompt)
+    print(f"demo store written: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,462 @@
+"""The explorer's SQL: every aggregate is computed in DuckDB, only small frames reach Python.
+
+Each function takes a :class:`~fcr_results_explorer.reader.StoreReader` and returns a polars
+frame. Run filters are a :class:`RunFilter`; a filter on a column matches its values as text
+(``'0.1'`` for λ = 0.1) and ``NONE`` stands for SQL NULL (no stride for a plain sampler, no λ
+for a baseline).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import polars as pl
+
+from fcr_results_explorer.reader import HUMAN_STUDY_ALIAS, StoreReader
+from fcr_results_explorer.stats import with_ci
+
+NONE = "none"
+
+# Filterable run columns, in the order the sidebar shows them: (column, label).
+FILTER_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("experiment_id", "Experiment"),
+    ("model", "Model"),
+    ("dataset", "Dataset"),
+    ("sampler", "Sampler"),
+    ("stride", "Stride"),
+    ("lambda_fcr", "λ (FCR weight)"),
+    ("delta_max", "Δ_max"),
+    ("blocks", "Block subset"),
+    ("scheduler", "Scheduler"),
+    ("resolution", "Resolution"),
+)
+
+# Columns that describe a variation (constant over its seeds).
+PARAM_COLUMNS: tuple[str, ...] = (
+    "model",
+    "dataset",
+    "sampler",
+    "stride",
+    "parallel_decoding",
+    "lambda_fcr",
+    "delta_max",
+    "blocks",
+    "scheduler",
+    "resolution",
+    "num_inference_steps",
+    "guidance_scale",
+)
+
+TIMING_COLUMNS: tuple[str, ...] = (
+    "sec_per_image",
+    "peak_memory_bytes",
+    "flops_per_image",
+    "unet_calls",
+    "encoder_forwards",
+    "decoder_forwards",
+)
+FEATURE_VARIANCE = "feature_variance"  # σ²_Δ averaged over Δ, one block
+
+# Metrics where a smaller number is better; everything else is larger-is-better.
+_LOWER_IS_BETTER_PREFIXES = ("fd_", "fid", "kid", "feature_variance") + TIMING_COLUMNS
+# Preferred quality metric, first one present wins.
+QUALITY_PREFERENCE = (
+    "fid_inception",
+    "fd_efficientnet_lite0",
+    "kid_inception",
+    "kid_efficientnet_lite0",
+    "clip_score",
+)
+
+
+def lower_is_better(metric: str) -> bool:
+    return metric.startswith(_LOWER_IS_BETTER_PREFIXES)
+
+
+def _text(col: str) -> str:
+    return f"coalesce(CAST({col} AS VARCHAR), '{NONE}')"
+
+
+@dataclass(frozen=True)
+class RunFilter:
+    """Selected values per run column; an empty selection keeps every run."""
+
+    values: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def where(self, alias: str = "") -> tuple[str, dict[str, Any]]:
+        prefix = f"{alias}." if alias else ""
+        clauses, params = [], {}
+        for col, _ in FILTER_COLUMNS:
+            chosen = self.values.get(col)
+            if chosen:
+                clauses.append(f"list_contains($f_{col}, {_text(prefix + col)})")
+                params[f"f_{col}"] = list(chosen)
+        return (" AND ".join(clauses) or "TRUE"), params
+
+    def runs_cte(self) -> tuple[str, dict[str, Any]]:
+        """``r AS (...)``: the filtered runs."""
+        where, params = self.where()
+        return f"r AS (SELECT * FROM runs WHERE {where})", params
+
+
+# -- store summary --------------------------------------------------------------------------
+
+
+def table_counts(reader: StoreReader) -> dict[str, int]:
+    tables = [t for t in ("runs", "metrics", "per_prompt_scores", "timings", "feature_stats",
+                          "samples", "criteria") if reader.has(t)]
+    if not tables:
+        return {}
+    sql = " UNION ALL ".join(f"SELECT '{t}' AS t, count(*) AS n FROM {t}" for t in tables)
+    return {t: int(n) for t, n in reader.frame(sql).iter_rows()}
+
+
+def filter_options(reader: StoreReader) -> dict[str, list[str]]:
+    """Distinct values of every filterable column (as text, ``NONE`` for NULL)."""
+    parts = [
+        f"SELECT '{col}' AS col, v FROM (SELECT DISTINCT {_text(col)} AS v FROM runs)"
+        for col, _ in FILTER_COLUMNS
+    ]
+    frame = reader.frame(" UNION ALL ".join(parts))
+    out: dict[str, list[str]] = {col: [] for col, _ in FILTER_COLUMNS}
+    for col, v in frame.iter_rows():
+        out[col].append(v)
+    for col, vals in out.items():
+        out[col] = sorted(vals, key=_natural_key)
+    return out
+
+
+def _natural_key(v: str) -> tuple[int, float, str]:
+    if v == NONE:
+        return (0, 0.0, "")
+    try:
+        return (1, float(v), "")
+    except ValueError:
+        return (2, 0.0, v)
+
+
+def count_runs(reader: StoreReader, flt: RunFilter) -> int:
+    where, params = flt.where()
+    return int(reader.frame(f"SELECT count(*) AS n FROM runs WHERE {where}", params)["n"][0])
+
+
+# -- overview -------------------------------------------------------------------------------
+
+
+def experiments_overview(reader: StoreReader, flt: RunFilter) -> pl.DataFrame:
+    cte, params = flt.runs_cte()
+    return reader.frame(
+        f"""
+        WITH {cte},
+        st AS (SELECT experiment_id, status, count(*) AS k FROM r GROUP BY ALL),
+        cv AS (SELECT experiment_id, code_version, count(*) AS k FROM r GROUP BY ALL)
+        SELECT r.experiment_id AS experiment,
+               count(DISTINCT r.variation_id) AS variations,
+               count(*) AS runs,
+               list(DISTINCT r.seed ORDER BY r.seed) AS seeds,
+               (SELECT string_agg(status || ': ' || k, ', ' ORDER BY status) FROM st
+                 WHERE st.experiment_id = r.experiment_id) AS status,
+               (SELECT string_agg(coalesce(code_version, '?') || ' (' || k || ')', ', '
+                       ORDER BY code_version) FROM cv
+                 WHERE cv.experiment_id = r.experiment_id) AS code_versions,
+               string_agg(DISTINCT r.device, ', ') AS devices,
+               min(r.started_at) AS first_started,
+               max(r.finished_at) AS last_finished
+        FROM r GROUP BY r.experiment_id ORDER BY r.experiment_id
+        """,
+        params,
+    )
+
+
+def variations_overview(reader: StoreReader, flt: RunFilter, limit: int = 1000) -> pl.DataFrame:
+    cte, params = flt.runs_cte()
+    cols = ",\n".join(f"any_value({c}) AS {c}" for c in PARAM_COLUMNS)
+    return reader.frame(
+        f"""
+        WITH {cte}
+        SELECT experiment_id AS experiment, variation_id AS variation,
+               count(*) AS runs, list(seed ORDER BY seed) AS seeds,
+               string_agg(DISTINCT status, ', ') AS status,
+               string_agg(DISTINCT code_version, ', ') AS code_versions,
+               {cols},
+               max(finished_at) AS last_finished
+        FROM r GROUP BY ALL ORDER BY experiment, variation LIMIT {int(limit)}
+        """,
+        params,
+    )
+
+
+# -- metrics --------------------------------------------------------------------------------
+
+
+def timing_batch_sizes(reader: StoreReader) -> list[int]:
+    if not reader.has("timings"):
+        return []
+    return [
+        int(b) for b in reader.frame(
+            "SELECT DISTINCT batch_size FROM timings WHERE batch_size IS NOT NULL ORDER BY 1"
+        )["batch_size"]
+    ]
+
+
+def metric_catalogue(reader: StoreReader) -> list[str]:
+    """Every metric a run can be compared on: stored metrics, timings, σ²_Δ."""
+    names: list[str] = []
+    if reader.has("metrics"):
+        names += reader.frame("SELECT DISTINCT metric FROM metrics ORDER BY 1")["metric"].to_list()
+    sizes = timing_batch_sizes(reader)
+    for col in TIMING_COLUMNS:
+        if len(sizes) <= 1:
+            names += [col] if sizes else []
+        else:
+            names += [f"{col}@bs{b}" for b in sizes]
+    if reader.has("feature_stats") and reader.frame(
+        "SELECT count(*) AS n FROM (SELECT 1 FROM feature_stats LIMIT 1)"
+    )["n"][0]:
+        names.append(FEATURE_VARIANCE)
+    return names
+
+
+def default_quality_metric(catalogue: list[str]) -> str | None:
+    for name in QUALITY_PREFERENCE:
+        if name in catalogue:
+            return name
+    stored = [m for m in catalogue if m not in TIMING_COLUMNS and "@bs" not in m]
+    return stored[0] if stored else None
+
+
+def speed_metric(catalogue: list[str]) -> str | None:
+    speed = [m for m in catalogue if m.startswith("sec_per_image")]
+    return speed[-1] if speed else None  # the largest batch size: throughput
+
+
+def feature_blocks(reader: StoreReader) -> list[str]:
+    if not reader.has("feature_stats"):
+        return []
+    blocks = reader.frame("SELECT DISTINCT block FROM feature_stats ORDER BY 1")["block"].to_list()
+    return sorted(blocks, key=lambda b: (b != "all", b))
+
+
+def _run_values_sql(metric: str, block: str = "all") -> tuple[str, dict[str, Any]]:
+    """``SELECT run_id, value`` for one metric, one row per run."""
+    base = metric.split("@bs")[0]
+    if base in TIMING_COLUMNS:
+        if "@bs" in metric:
+            return (
+                f"SELECT run_id, avg({base}) AS value FROM timings WHERE batch_size = $bs "
+                "GROUP BY run_id",
+                {"bs": int(metric.split("@bs")[1])},
+            )
+        return f"SELECT run_id, avg({base}) AS value FROM timings GROUP BY run_id", {}
+    if metric == FEATURE_VARIANCE:
+        return (
+            "SELECT run_id, avg(variance) AS value FROM feature_stats WHERE block = $block "
+            "GROUP BY run_id",
+            {"block": block},
+        )
+    return (
+        "SELECT run_id, avg(value) AS value FROM metrics WHERE metric = $metric GROUP BY run_id",
+        {"metric": metric},
+    )
+
+
+def metric_provenance(reader: StoreReader, metric: str) -> str:
+    """What produced a stored metric: feature extractor, preprocessing, samples."""
+    if not reader.has("metrics"):
+        return ""
+    frame = reader.frame(
+        """SELECT DISTINCT feature_extractor, preprocessing, n_samples FROM metrics
+           WHERE metric = $m ORDER BY ALL LIMIT 5""",
+        {"m": metric},
+    )
+    parts = []
+    for fe, pre, n in frame.iter_rows():
+        bits = [b for b in (fe and f"features: {fe}", pre and f"preprocessing: {pre}",
+                            n and f"n = {n}") if b]
+        parts.append(", ".join(bits))
+    return "; ".join(p for p in parts if p)
+
+
+def metric_by_variation(
+    reader: StoreReader, flt: RunFilter, metric: str, block: str = "all"
+) -> pl.DataFrame:
+    """One row per (experiment, variation): n seeds, mean, sd, 95% t-CI half-width, params."""
+    cte, params = flt.runs_cte()
+    vsql, vparams = _run_values_sql(metric, block)
+    cols = ",\n".join(f"any_value(r.{c}) AS {c}" for c in PARAM_COLUMNS)
+    frame = reader.frame(
+        f"""
+        WITH {cte}, v AS ({vsql})
+        SELECT r.experiment_id AS experiment, r.variation_id AS variation,
+               count(v.value) AS n, avg(v.value) AS mean, stddev_samp(v.value) AS sd,
+               min(v.value) AS min, max(v.value) AS max,
+               list(r.seed ORDER BY r.seed) AS seeds,
+               {cols}
+        FROM r JOIN v USING (run_id)
+        WHERE v.value IS NOT NULL
+        GROUP BY r.experiment_id, r.variation_id
+        ORDER BY experiment, variation
+        """,
+        {**params, **vparams},
+    )
+    return with_ci(frame).with_columns(pl.lit(metric).alias("metric"))
+
+
+def metric_per_run(
+    reader: StoreReader, flt: RunFilter, metric: str, block: str = "all", limit: int = 5000
+) -> pl.DataFrame:
+    cte, params = flt.runs_cte()
+    vsql, vparams = _run_values_sql(metric, block)
+    return reader.frame(
+        f"""
+        WITH {cte}, v AS ({vsql})
+        SELECT r.experiment_id AS experiment, r.variation_id AS variation, r.seed, r.run_id,
+               v.value
+        FROM r JOIN v USING (run_id) ORDER BY ALL LIMIT {int(limit)}
+        """,
+        {**params, **vparams},
+    )
+
+
+def varying_params(frame: pl.DataFrame) -> tuple[list[str], dict[str, Any]]:
+    """Split the parameter columns of a per-variation frame into varying and constant ones."""
+    varying, constant = [], {}
+    for col in PARAM_COLUMNS:
+        if col not in frame.columns:
+            continue
+        uniq = frame[col].unique().to_list()
+        if len(uniq) > 1:
+            varying.append(col)
+        elif uniq and uniq[0] is not None:
+            constant[col] = uniq[0]
+    return varying, constant
+
+
+# -- mechanism ------------------------------------------------------------------------------
+
+
+def variance_by_delta(reader: StoreReader, flt: RunFilter, block: str) -> pl.DataFrame:
+    cte, params = flt.runs_cte()
+    frame = reader.frame(
+        f"""
+        WITH {cte}
+        SELECT r.experiment_id AS experiment, r.variation_id AS variation, f.delta,
+               count(*) AS n, avg(f.variance) AS mean, stddev_samp(f.variance) AS sd
+        FROM r JOIN feature_stats f USING (run_id)
+        WHERE f.block = $block
+        GROUP BY ALL ORDER BY experiment, variation, f.delta
+        """,
+        {**params, "block": block},
+    )
+    return with_ci(frame)
+
+
+# -- criteria -------------------------------------------------------------------------------
+
+
+def latest_criteria(reader: StoreReader, experiments: tuple[str, ...]) -> pl.DataFrame:
+    """The latest evaluation of every (experiment, criterion)."""
+    where = "list_contains($e, experiment_id)" if experiments else "TRUE"
+    return reader.frame(
+        f"""
+        SELECT experiment_id AS experiment, criterion, passed, value, threshold,
+               CAST(details AS VARCHAR) AS details, evaluated_at, code_version
+        FROM criteria WHERE {where}
+        QUALIFY row_number() OVER (PARTITION BY experiment_id, criterion
+                                   ORDER BY evaluated_at DESC) = 1
+        ORDER BY experiment, criterion
+        """,
+        {"e": list(experiments)} if experiments else None,
+    )
+
+
+# -- samples --------------------------------------------------------------------------------
+
+
+def sample_prompts(
+    reader: StoreReader, flt: RunFilter, search: str = "", limit: int = 200
+) -> pl.DataFrame:
+    cte, params = flt.runs_cte()
+    return reader.frame(
+        f"""
+        WITH {cte}
+        SELECT s.prompt_id, any_value(s.prompt) AS prompt, count(DISTINCT r.variation_id) AS k
+        FROM r JOIN samples s USING (run_id)
+        WHERE $q = '' OR s.prompt ILIKE '%' || $q || '%' OR s.prompt_id = $q
+        GROUP BY s.prompt_id ORDER BY k DESC, s.prompt_id LIMIT {int(limit)}
+        """,
+        {**params, "q": search},
+    )
+
+
+def sample_seeds(reader: StoreReader, flt: RunFilter, prompt_id: str) -> list[int]:
+    cte, params = flt.runs_cte()
+    frame = reader.frame(
+        f"""WITH {cte} SELECT DISTINCT s.seed FROM r JOIN samples s USING (run_id)
+            WHERE s.prompt_id = $p ORDER BY 1 LIMIT 100""",
+        {**params, "p": prompt_id},
+    )
+    return [int(s) for s in frame["seed"]]
+
+
+def samples_for(
+    reader: StoreReader, flt: RunFilter, prompt_id: str, seed: int, variations: list[str]
+) -> pl.DataFrame:
+    cte, params = flt.runs_cte()
+    return reader.frame(
+        f"""
+        WITH {cte}
+        SELECT r.experiment_id AS experiment, r.variation_id AS variation, r.seed AS run_seed,
+               s.prompt_id, s.prompt, s.seed, s.image_path, s.class_label, s.width, s.height,
+               r.run_id
+        FROM r JOIN samples s USING (run_id)
+        WHERE s.prompt_id = $p AND s.seed = $s AND list_contains($v, r.variation_id)
+        ORDER BY r.seed, r.variation_id LIMIT 400
+        """,
+        {**params, "p": prompt_id, "s": int(seed), "v": variations},
+    )
+
+
+def variations_with_samples(reader: StoreReader, flt: RunFilter) -> list[str]:
+    cte, params = flt.runs_cte()
+    frame = reader.frame(
+        f"""WITH {cte} SELECT DISTINCT r.variation_id AS v FROM r
+            WHERE EXISTS (SELECT 1 FROM samples s WHERE s.run_id = r.run_id) ORDER BY 1
+            LIMIT 500""",
+        params,
+    )
+    return frame["v"].to_list()
+
+
+# -- human study ----------------------------------------------------------------------------
+
+
+def human_study_ids(reader: StoreReader) -> list[str]:
+    return reader.frame(
+        f"SELECT DISTINCT study_id FROM {HUMAN_STUDY_ALIAS}.human_study_results ORDER BY 1"
+    )["study_id"].to_list()
+
+
+def human_study_results(reader: StoreReader, study_id: str) -> pl.DataFrame:
+    return reader.frame(
+        f"""
+        SELECT variation_a, variation_b, n_a, n_b, n_tie, n_both_bad,
+               win_rate_a, ci_low, ci_high, p_value, analysed_at
+        FROM {HUMAN_STUDY_ALIAS}.human_study_results WHERE study_id = $s
+        QUALIFY analysed_at = max(analysed_at) OVER ()
+        ORDER BY variation_a, variation_b
+        """,
+        {"s": study_id},
+    )
+
+
+def human_study_scores(reader: StoreReader, study_id: str) -> pl.DataFrame:
+    if not reader.has(f"{HUMAN_STUDY_ALIAS}.human_study_scores"):
+        return pl.DataFrame()
+    return reader.frame(
+        f"""SELECT variation, bt_score, ci_low, ci_high
+            FROM {HUMAN_STUDY_ALIAS}.human_study_scores WHERE study_id = $s
+            ORDER BY bt_score DESC""",
+        {"s": study_id},
+    )

@@ -1,0 +1,94 @@
+"""Small statistics on already-aggregated frames (a handful of rows per variation).
+
+The heavy lifting (count, mean, sample standard deviation over seeds) happens in SQL; these
+functions only turn those into confidence intervals, fronts and fits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+from fcr_eval.stats import pearson_r2
+from scipy import stats as sps
+
+
+def t_half_width(n: int | None, sd: float | None, confidence: float = 0.95) -> float | None:
+    """Half-width of the two-sided t-interval for a mean of ``n`` values with sample sd ``sd``.
+
+    ``None`` when it is undefined (fewer than two values).
+
+    Example:
+        >>> round(t_half_width(3, 1.0), 4)  # t_{0.975, 2} / sqrt(3)
+        2.4841
+    """
+    if n is None or sd is None or n < 2 or math.isnan(sd):
+        return None
+    return float(sps.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n))
+
+
+def with_ci(frame: pl.DataFrame, n: str = "n", sd: str = "sd", out: str = "ci95") -> pl.DataFrame:
+    """Add a column with the 95% t-interval half-width from columns ``n`` and ``sd``."""
+    if frame.is_empty():
+        return frame.with_columns(pl.lit(None, dtype=pl.Float64).alias(out))
+    values = [t_half_width(k, s) for k, s in zip(frame[n].to_list(), frame[sd].to_list(), strict=False)]
+    return frame.with_columns(pl.Series(out, values, dtype=pl.Float64))
+
+
+def format_mean_ci(mean: float | None, ci: float | None, digits: int = 4) -> str:
+    """``"12.34 ± 0.56"``, or the mean alone where no interval exists (one seed)."""
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "—"
+    fmt = f"{{:.{digits}g}}"
+    if ci is None or (isinstance(ci, float) and math.isnan(ci)):
+        return fmt.format(mean) + " (n=1)"
+    return f"{fmt.format(mean)} ± {fmt.format(ci)}"
+
+
+def pareto_front(x: list[float], y: list[float], lower_y_is_better: bool) -> list[bool]:
+    """Which points are on the Pareto front when smaller ``x`` is better (seconds per image).
+
+    A point is on the front when no other point is at least as good on both axes and strictly
+    better on one.
+    """
+    sign = 1.0 if lower_y_is_better else -1.0
+    pts = [(a, sign * b) for a, b in zip(x, y, strict=False)]
+    front = []
+    for i, (xi, yi) in enumerate(pts):
+        if xi is None or yi is None or math.isnan(xi) or math.isnan(yi):
+            front.append(False)
+            continue
+        dominated = any(
+            (xj <= xi and yj <= yi and (xj < xi or yj < yi))
+            for j, (xj, yj) in enumerate(pts)
+            if j != i and xj is not None and yj is not None
+        )
+        front.append(not dominated)
+    return front
+
+
+@dataclass(frozen=True)
+class LinearFit:
+    """Least-squares line ``y = slope·x + intercept`` with its R² and Pearson r."""
+
+    slope: float
+    intercept: float
+    r2: float
+    pearson_r: float
+    p_value: float
+    n: int
+
+
+def linear_fit(x: list[float], y: list[float]) -> LinearFit | None:
+    """Least-squares line of ``y`` on ``x`` with Pearson r and R² (fcr-eval's
+    :func:`~fcr_eval.stats.pearson_r2`); ``None`` with fewer than 3 points or a constant axis."""
+    pairs = [(a, b) for a, b in zip(x, y, strict=False) if a is not None and b is not None]
+    xs = np.array([p[0] for p in pairs], dtype=float)
+    ys = np.array([p[1] for p in pairs], dtype=float)
+    if len(pairs) < 3 or np.ptp(xs) == 0 or np.ptp(ys) == 0:
+        return None
+    corr = pearson_r2(xs, ys)
+    slope, intercept = np.polyfit(xs, ys, 1)
+    return LinearFit(float(slope), float(intercept), corr.r2, corr.r, corr.p_value, corr.n)

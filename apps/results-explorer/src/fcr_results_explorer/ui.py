@@ -1,0 +1,106 @@
+"""Shared drawing helpers: every table and chart comes with a CSV download of its data."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import altair as alt
+import polars as pl
+import streamlit as st
+
+from fcr_results_explorer.queries import lower_is_better
+
+METRIC_LABELS = {
+    "fd_efficientnet_lite0": "FD (EfficientNet-Lite0 features)",
+    "kid_efficientnet_lite0": "KID (EfficientNet-Lite0 features)",
+    "fid_inception": "FID (Inception)",
+    "kid_inception": "KID (Inception)",
+    "inception_score": "Inception Score",
+    "clip_score": "CLIPScore",
+    "class_agreement": "class agreement",
+    "sec_per_image": "seconds / image",
+    "peak_memory_bytes": "peak memory (bytes)",
+    "flops_per_image": "FLOPs / image",
+    "unet_calls": "UNet calls",
+    "encoder_forwards": "encoder forwards",
+    "decoder_forwards": "decoder forwards",
+    "feature_variance": "σ²_Δ (mean over Δ)",
+}
+
+PARAM_LABELS = {
+    "lambda_fcr": "λ",
+    "delta_max": "Δ_max",
+    "num_inference_steps": "steps",
+    "guidance_scale": "CFG",
+    "parallel_decoding": "parallel dec.",
+}
+
+
+def metric_label(metric: str) -> str:
+    base, _, bs = metric.partition("@bs")
+    label = METRIC_LABELS.get(base, base)
+    if bs:
+        label += f", batch {bs}"
+    arrow = "↓" if lower_is_better(metric) else "↑"
+    return f"{label} {arrow}"
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "data"
+
+
+def csv_bytes(frame: pl.DataFrame) -> bytes:
+    """CSV of a frame; list and struct columns become text so that any frame exports."""
+    exprs = []
+    for name, dtype in frame.schema.items():
+        if isinstance(dtype, pl.List):
+            exprs.append(pl.col(name).cast(pl.List(pl.String)).list.join(" ").alias(name))
+        elif isinstance(dtype, (pl.Struct, pl.Array, pl.Object)):
+            exprs.append(pl.col(name).map_elements(str, return_dtype=pl.String).alias(name))
+    if exprs:
+        frame = frame.with_columns(exprs)
+    return frame.write_csv().encode()
+
+
+def download(frame: pl.DataFrame, name: str, key: str, label: str = "Download CSV") -> None:
+    st.download_button(
+        label,
+        data=csv_bytes(frame),
+        file_name=f"{slug(name)}.csv",
+        mime="text/csv",
+        key=f"csv-{key}",
+        on_click="ignore",
+        icon=":material/download:",
+    )
+
+
+def table(
+    frame: pl.DataFrame,
+    name: str,
+    key: str,
+    *,
+    export: pl.DataFrame | None = None,
+    column_config: dict[str, Any] | None = None,
+    height: int | str = "auto",
+) -> None:
+    """A table with a CSV download (of ``export`` when given, e.g. unformatted numbers)."""
+    st.dataframe(
+        frame,
+        hide_index=True,
+        width="stretch",
+        column_config=column_config,
+        height=height,
+        key=f"table-{key}",
+    )
+    download(export if export is not None else frame, name, key)
+
+
+def chart(ch: alt.TopLevelMixin, data: pl.DataFrame, name: str, key: str) -> None:
+    """An Altair chart with a CSV download of the data behind it."""
+    st.altair_chart(ch, width="stretch", key=f"chart-{key}")
+    download(data, name, key, label="Download chart data (CSV)")
+
+
+def params_text(row: dict[str, Any], columns: list[str]) -> str:
+    return ", ".join(f"{PARAM_LABELS.get(c, c)}={row[c]}" for c in columns if row.get(c) is not None)

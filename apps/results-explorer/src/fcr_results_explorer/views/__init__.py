@@ -1,0 +1,1 @@
+"""One module per view of the explorer; each exposes ``render(ctx)``."""

@@ -1,0 +1,127 @@
+"""Mechanism: encoder-feature variance σ²_Δ against Δ, and σ²_Δ against the FID difference."""
+
+from __future__ import annotations
+
+import altair as alt
+import polars as pl
+import streamlit as st
+
+from fcr_results_explorer import queries as q
+from fcr_results_explorer import ui
+from fcr_results_explorer.context import ViewContext
+from fcr_results_explorer.stats import linear_fit
+
+
+def default_reference(frame: pl.DataFrame) -> str | None:
+    """The FD baseline at the smallest stride without FCR (FD-5-baseline in exp-1)."""
+    if frame.is_empty():
+        return None
+    base = frame.filter(pl.col("lambda_fcr").is_null() | (pl.col("lambda_fcr") == 0))
+    if base.is_empty():
+        base = frame
+    base = base.sort(pl.col("stride").fill_null(10**6), "variation")
+    return base["variation"][0]
+
+
+def render(ctx: ViewContext) -> None:
+    reader, flt, state = ctx.reader, ctx.run_filter, ctx.state
+    blocks = q.feature_blocks(reader)
+    if not blocks:
+        st.info("No encoder-feature statistics (`feature_stats`) in the store yet.")
+        return
+    c1, c2 = st.columns([1, 1])
+    block = state.selectbox("Feature block", blocks, key="block", default="all", container=c1)
+    log_y = state.checkbox("log scale", key="logy", default=False, container=c2)
+
+    st.subheader("σ²_Δ against Δ")
+    frame = q.variance_by_delta(reader, flt, block)
+    if frame.is_empty():
+        st.info("No feature statistics for the filtered runs.")
+    else:
+        data = frame.with_columns(
+            (pl.col("mean") - pl.col("ci95").fill_null(0)).clip(lower_bound=1e-30).alias("lo"),
+            (pl.col("mean") + pl.col("ci95").fill_null(0)).alias("hi"),
+        )
+        scale = alt.Scale(type="log") if log_y else alt.Scale(zero=False)
+        base = alt.Chart(data).encode(
+            x=alt.X("delta:Q", title="Δ (timesteps apart)", axis=alt.Axis(tickMinStep=1)),
+            color=alt.Color("variation:N"),
+        )
+        band = base.mark_area(opacity=0.15).encode(y=alt.Y("lo:Q", scale=scale), y2="hi:Q")
+        line = base.mark_line(point=True).encode(
+            y=alt.Y("mean:Q", title=f"σ²_Δ (block {block})", scale=scale),
+            tooltip=["experiment", "variation", "delta", "n",
+                     alt.Tooltip("mean:Q", format=".4g"), alt.Tooltip("ci95:Q", format=".3g")],
+        )
+        ui.chart((band + line).properties(height=340), data, f"variance-vs-delta-{block}",
+                 "var-delta")
+    _variance_vs_fid(ctx, block)
+
+
+def _variance_vs_fid(ctx: ViewContext, block: str) -> None:
+    st.subheader("σ²_Δ against the quality difference")
+    qualities = [m for m in ctx.metrics if m not in q.TIMING_COLUMNS and "@bs" not in m
+                 and m != q.FEATURE_VARIANCE]
+    if not qualities:
+        st.info("No quality metrics in the store yet.")
+        return
+    reader, flt, state = ctx.reader, ctx.run_filter, ctx.state
+    var = q.metric_by_variation(reader, flt, q.FEATURE_VARIANCE, block)
+    c1, c2 = st.columns(2)
+    quality = state.selectbox("Quality metric", qualities, key="quality",
+                              default=q.default_quality_metric(qualities), container=c1,
+                              format_func=ui.metric_label)
+    qual = q.metric_by_variation(reader, flt, quality)
+    if var.is_empty() or qual.is_empty():
+        st.info("Needs both feature statistics and the quality metric for the same variations.")
+        return
+    ref = state.selectbox(
+        "Reference variation (Δquality = variation − reference, per experiment)",
+        sorted(qual["variation"].unique().to_list()), key="ref",
+        default=default_reference(qual), container=c2,
+    )
+    refs = qual.filter(pl.col("variation") == ref).select(
+        "experiment", pl.col("mean").alias("ref_quality"))
+    data = (
+        var.select("experiment", "variation", "model", "stride", "lambda_fcr",
+                   pl.col("mean").alias("variance"), pl.col("ci95").alias("variance_ci95"))
+        .join(qual.select("experiment", "variation", pl.col("mean").alias("quality"),
+                          pl.col("ci95").alias("quality_ci95")),
+              on=["experiment", "variation"])
+        .join(refs, on="experiment")
+        .with_columns((pl.col("quality") - pl.col("ref_quality")).alias("delta_quality"))
+        .sort("variance")
+    )
+    if data.is_empty():
+        st.info(f"No experiment in the filter has the reference variation {ref!r}.")
+        return
+    fit = linear_fit(data["variance"].to_list(), data["delta_quality"].to_list())
+    label = f"Δ {ui.metric_label(quality)} vs {ref}"
+    pts = alt.Chart(data).mark_point(filled=True, size=110).encode(
+        x=alt.X("variance:Q", title=f"σ²_Δ, mean over Δ (block {block})",
+                scale=alt.Scale(zero=False)),
+        y=alt.Y("delta_quality:Q", title=label),
+        color=alt.Color("variation:N"),
+        tooltip=["experiment", "variation", alt.Tooltip("variance:Q", format=".4g"),
+                 alt.Tooltip("delta_quality:Q", format=".4g")],
+    )
+    layers = [pts]
+    if fit is not None:
+        xs = data["variance"]
+        line_data = pl.DataFrame({"variance": [xs.min(), xs.max()]}).with_columns(
+            (pl.col("variance") * fit.slope + fit.intercept).alias("delta_quality"))
+        layers.insert(0, alt.Chart(line_data).mark_line(color="#888", strokeDash=[6, 4]).encode(
+            x="variance:Q", y="delta_quality:Q"))
+    ui.chart(alt.layer(*layers).properties(height=340), data, f"variance-vs-delta-{quality}",
+             "var-fid")
+    if fit is None:
+        st.caption("A fit needs at least three variations with different σ²_Δ.")
+    else:
+        cols = st.columns(4)
+        cols[0].metric("R²", f"{fit.r2:.3f}")
+        cols[1].metric("Pearson r", f"{fit.pearson_r:.3f}")
+        cols[2].metric("slope", f"{fit.slope:.4g}")
+        cols[3].metric("points", fit.n)
+        st.caption(f"Least-squares fit Δquality = {fit.slope:.4g}·σ²_Δ + {fit.intercept:.4g} "
+                   f"over variations; p = {fit.p_value:.3g}. The design's criterion asks for "
+                   "R² ≥ 0.6.")

@@ -1,0 +1,114 @@
+"""Quality against speed (Pareto front marked) and quality against stride per model."""
+
+from __future__ import annotations
+
+import altair as alt
+import polars as pl
+import streamlit as st
+
+from fcr_results_explorer import queries as q
+from fcr_results_explorer import ui
+from fcr_results_explorer.context import ViewContext
+from fcr_results_explorer.stats import pareto_front
+
+
+def render(ctx: ViewContext) -> None:
+    reader, flt, state = ctx.reader, ctx.run_filter, ctx.state
+    speeds = [m for m in ctx.metrics if m.startswith("sec_per_image")]
+    qualities = [m for m in ctx.metrics if m not in q.TIMING_COLUMNS and "@bs" not in m]
+    if not qualities:
+        st.info("No quality metrics in the store yet for these runs.")
+        return
+    c1, c2 = st.columns(2)
+    quality = state.selectbox("Quality metric", qualities, key="quality",
+                              default=q.default_quality_metric(qualities), container=c1,
+                              format_func=ui.metric_label)
+    qf = q.metric_by_variation(reader, flt, quality)
+    if not speeds:
+        st.info("No timings in the store yet: the quality–speed plot needs `timings` rows.")
+    else:
+        speed = state.selectbox("Speed", speeds, key="speed", default=q.speed_metric(speeds),
+                                container=c2, format_func=ui.metric_label)
+        sf = q.metric_by_variation(reader, flt, speed)
+        _pareto(qf, sf, quality, speed)
+    _by_stride(qf, quality)
+
+
+def _pareto(qf: pl.DataFrame, sf: pl.DataFrame, quality: str, speed: str) -> None:
+    st.subheader("Quality against seconds per image")
+    data = qf.select(
+        "experiment", "variation", "model", "sampler", "stride", "lambda_fcr",
+        pl.col("n").alias("n_quality"), pl.col("mean").alias("quality"),
+        pl.col("ci95").alias("quality_ci95"),
+    ).join(
+        sf.select("experiment", "variation", pl.col("mean").alias("sec_per_image"),
+                  pl.col("ci95").alias("sec_ci95")),
+        on=["experiment", "variation"], how="inner",
+    )
+    if data.is_empty():
+        st.info("No variation has both a quality value and a timing.")
+        return
+    front = pareto_front(data["sec_per_image"].to_list(), data["quality"].to_list(),
+                         q.lower_is_better(quality))
+    data = data.with_columns(
+        pl.Series("pareto", front),
+        (pl.col("quality") - pl.col("quality_ci95").fill_null(0)).alias("q_lo"),
+        (pl.col("quality") + pl.col("quality_ci95").fill_null(0)).alias("q_hi"),
+    ).sort("sec_per_image")
+    base = alt.Chart(data).encode(
+        x=alt.X("sec_per_image:Q", title=ui.metric_label(speed), scale=alt.Scale(zero=False)),
+    )
+    y = alt.Y("quality:Q", title=ui.metric_label(quality), scale=alt.Scale(zero=False))
+    err = base.mark_rule(opacity=0.5).encode(y="q_lo:Q", y2="q_hi:Q", color="model:N")
+    pts = base.mark_point(filled=True, size=110).encode(
+        y=y,
+        color=alt.Color("model:N"),
+        shape=alt.Shape("pareto:N", title="on Pareto front",
+                        scale=alt.Scale(domain=[True, False], range=["diamond", "circle"])),
+        tooltip=["experiment", "variation", "stride", "lambda_fcr",
+                 alt.Tooltip("quality:Q", format=".4g"), alt.Tooltip("quality_ci95:Q", format=".3g"),
+                 alt.Tooltip("sec_per_image:Q", format=".4g"), "pareto"],
+    )
+    line = alt.Chart(data.filter(pl.col("pareto"))).mark_line(
+        strokeDash=[6, 4], color="#888").encode(x="sec_per_image:Q", y="quality:Q")
+    labels = base.mark_text(align="left", dx=8, dy=-6, fontSize=11).encode(
+        y="quality:Q", text="variation:N")
+    ui.chart((line + err + pts + labels).properties(height=420), data, "quality-vs-speed",
+             "pareto")
+    on_front = data.filter(pl.col("pareto"))["variation"].to_list()
+    st.caption("Pareto front (dashed; nothing is both faster and better): "
+               + ", ".join(f"**{v}**" for v in on_front))
+
+
+def _by_stride(qf: pl.DataFrame, quality: str) -> None:
+    st.subheader("Quality against stride, per model")
+    data = qf.filter(pl.col("stride").is_not_null())
+    if data.is_empty():
+        st.info("No run with an encoder-caching stride among the filtered runs.")
+        return
+    data = data.with_columns(
+        pl.when(pl.col("lambda_fcr").is_null() | (pl.col("lambda_fcr") == 0))
+        .then(pl.lit("no FCR"))
+        .otherwise(pl.lit("FCR λ=") + pl.col("lambda_fcr").cast(pl.String))
+        .alias("training"),
+        (pl.col("mean") - pl.col("ci95").fill_null(0)).alias("lo"),
+        (pl.col("mean") + pl.col("ci95").fill_null(0)).alias("hi"),
+        (pl.col("model") + " · " + pl.col("sampler")).alias("model_sampler"),
+    ).select("experiment", "variation", "model", "sampler", "model_sampler", "training", "stride",
+             "n", "mean", "ci95", "lo", "hi").sort("stride")
+    base = alt.Chart(data).encode(
+        x=alt.X("stride:Q", title="stride (steps between encoder passes)",
+                axis=alt.Axis(tickMinStep=1)),
+        color=alt.Color("training:N", title="fine-tuning"),
+    )
+    line = base.mark_line(point=alt.OverlayMarkDef(filled=True, size=70)).encode(
+        y=alt.Y("mean:Q", title=ui.metric_label(quality), scale=alt.Scale(zero=False)),
+        detail="model_sampler:N",
+        tooltip=["variation", "model", "sampler", "stride", "n",
+                 alt.Tooltip("mean:Q", format=".4g"), alt.Tooltip("ci95:Q", format=".3g")],
+    )
+    err = base.mark_errorbar(ticks=True).encode(y="lo:Q", y2="hi:Q")
+    models = data["model"].unique().to_list()
+    layered = (err + line).properties(height=300, width=320 if len(models) > 1 else "container")
+    ch = layered.facet(column=alt.Column("model:N", title=None)) if len(models) > 1 else layered
+    ui.chart(ch, data, "quality-vs-stride", "stride")
