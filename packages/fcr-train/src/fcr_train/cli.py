@@ -1,0 +1,167 @@
+"""``fcr-train``: FCR fine-tuning and base-model pretraining from the command line.
+
+    fcr-train finetune --model embedded --lam 0.1 --blocks late --max-steps 500 --output-dir runs/fcr
+    fcr-train finetune --model sd15 --data laion --data-path laion.parquet --images-dir imgs/ ...
+    fcr-train pretrain --output-dir runs/pretrain --export-dir packages/fcr-train/src/fcr_train/weights
+    accelerate launch -m fcr_train.cli finetune ...      # multi-GPU / multi-node
+
+Add ``--resume`` to continue an interrupted run from its newest checkpoint in ``--output-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .api import DataConfig, FinetuneConfig, PretrainConfig, finetune, pretrain
+from .loss import DISTANCES, FCRConfig
+from .trainer import RunResult, TrainConfig
+
+__all__ = ["main", "build_parser"]
+
+logger = logging.getLogger("fcr_train.cli")
+
+
+def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
+    g = p.add_argument_group("training loop")
+    g.add_argument("--output-dir", default=defaults.output_dir, help="run folder (config, logs, checkpoints) [%(default)s]")
+    g.add_argument("--max-steps", type=int, default=defaults.max_steps, help="optimizer steps [%(default)s]")
+    g.add_argument("--batch-size", type=int, default=defaults.batch_size, help="rows per process per micro-batch [%(default)s]")
+    g.add_argument("--grad-accum", type=int, default=defaults.grad_accum, help="micro-batches per optimizer step [%(default)s]")
+    g.add_argument("--lr", type=float, default=defaults.lr, help="AdamW learning rate [%(default)s]")
+    g.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW weight decay [%(default)s]")
+    g.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps, help="linear LR warm-up steps, then constant [%(default)s]")
+    g.add_argument("--max-grad-norm", type=float, default=defaults.max_grad_norm, help="gradient clipping norm, 0 = off [%(default)s]")
+    g.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=defaults.mixed_precision,
+                   help="accelerate mixed precision [%(default)s]")
+    g.add_argument("--grad-checkpointing", action="store_true", default=defaults.grad_checkpointing,
+                   help="recompute UNet block activations in backward (less memory, ~30%% slower)")
+    g.add_argument("--ema-decay", type=float, default=defaults.ema_decay, help="keep an EMA of the weights with this decay; final weights are the EMA [%(default)s]")
+    g.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every, help="save a resumable checkpoint every N steps [%(default)s]")
+    g.add_argument("--keep-checkpoints", type=int, default=defaults.keep_checkpoints, help="keep only the newest N checkpoints (default: all) [%(default)s]")
+    g.add_argument("--seed", type=int, default=defaults.seed, help="seed for data order, t, delta, noise, flips [%(default)s]")
+    g.add_argument("--no-hflip", dest="hflip", action="store_false", default=defaults.hflip, help="disable the random horizontal flip (p=0.5)")
+    g.add_argument("--cond-dropout", type=float, default=defaults.cond_dropout, help="probability of training a row unconditionally (for guidance) [%(default)s]")
+    g.add_argument("--num-workers", type=int, default=defaults.num_workers, help="DataLoader worker processes [%(default)s]")
+    g.add_argument("--max-bad-fraction", type=float, default=defaults.max_bad_fraction,
+                   help="stop when more than this fraction of samples was unreadable [%(default)s]")
+    g.add_argument("--max-bad-count", type=int, default=defaults.max_bad_count, help="stop when more than this many samples were unreadable [%(default)s]")
+    g.add_argument("--max-minutes", type=float, default=None, help="stop with a checkpoint after this many minutes (records the steps done)")
+    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir (exact: model, optimizer, LR, RNG, data position)")
+    g.add_argument("--resume-from", default=None, help="continue from this checkpoint folder instead")
+    g.add_argument("--cpu", action="store_true", help="train on CPU even if a GPU is present")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bar")
+    f = p.add_argument_group("FCR loss")
+    f.add_argument("--lam", type=float, default=defaults.fcr.lam, help="weight of the feature-consistency term; 0 = plain fine-tuning [%(default)s]")
+    f.add_argument("--delta-max", type=int, default=defaults.fcr.delta_max, help="Delta ~ U(1, delta_max) timesteps between branches [%(default)s]")
+    f.add_argument("--blocks", default="all", help="encoder features regularised: all | early | mid | late | comma-separated name prefixes, e.g. down_blocks.1,mid_block [%(default)s]")
+    f.add_argument("--distance", choices=DISTANCES, default=defaults.fcr.distance, help="feature distance [%(default)s]")
+    f.add_argument("--stop-grad", action="store_true", default=defaults.fcr.stop_grad, help="no gradient through the x_{t-Delta} branch")
+    f.add_argument("--no-batched-encoders", dest="batched", action="store_false", help="run the two encoder passes separately (default: one 2B batch)")
+
+
+def _train_config(args) -> TrainConfig:
+    blocks = args.blocks if args.blocks in ("all", "early", "mid", "late") else tuple(s.strip() for s in args.blocks.split(",") if s.strip())
+    return TrainConfig(
+        output_dir=args.output_dir, max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+        max_grad_norm=args.max_grad_norm or None, mixed_precision=args.mixed_precision,
+        grad_checkpointing=args.grad_checkpointing, ema_decay=args.ema_decay, checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep_checkpoints, seed=args.seed, hflip=args.hflip, cond_dropout=args.cond_dropout,
+        num_workers=args.num_workers, max_bad_fraction=args.max_bad_fraction, max_bad_count=args.max_bad_count,
+        max_time_s=None if args.max_minutes is None else 60 * args.max_minutes,
+        resume=args.resume_from or args.resume, cpu=args.cpu, progress=args.progress,
+        fcr=FCRConfig(lam=args.lam, delta_max=args.delta_max, blocks=blocks, distance=args.distance,
+                      stop_grad=args.stop_grad, batched=args.batched),
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fcr-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ft = sub.add_parser("finetune", help="fine-tune a UNet with L_denoise + lambda * FCR",
+                        description="Fine-tune a UNet with L_denoise + lambda * d(Enc(x_t), Enc(x_{t-Delta})).")
+    m = ft.add_argument_group("model and data")
+    m.add_argument("--model", default="embedded",
+                   help="embedded (shipped base weights) | embedded-random | embedded-tiny | sd15 | sd21 | openjourney | "
+                        "a hub id | a local diffusers folder [%(default)s]")
+    m.add_argument("--base-weights", default=None, help="UNet folder for --model embedded (default: the shipped weights)")
+    m.add_argument("--revision", default=None, help="hub revision for SD models")
+    m.add_argument("--variant", default=None, help="weights variant for SD models, e.g. fp16")
+    m.add_argument("--data", default="fashion-mnist", choices=("fashion-mnist", "laion", "webdataset", "artbench", "coco", "flickr30k"),
+                   help="dataset format [%(default)s]")
+    m.add_argument("--data-path", default=None, help="table/JSON/captions file, shard folder or glob, or class-folder root; "
+                                                      "for fashion-mnist the IDX folder (default /usr/share/datasets/fashion-mnist)")
+    m.add_argument("--images-dir", default=None, help="folder the image names in --data-path are relative to")
+    m.add_argument("--resolution", type=int, default=None, help="training resolution (default: 512 for SD, 28 embedded)")
+    m.add_argument("--limit", type=int, default=None, help="use only the first N samples")
+    m.add_argument("--image-column", default=None, help="LAION table column with image paths (auto-detected)")
+    m.add_argument("--caption-column", default=None, help="LAION table column with captions (auto-detected)")
+    _add_train_args(ft, FinetuneConfig().train)
+
+    pt = sub.add_parser("pretrain", help="train the embedded Fashion-MNIST base UNet from scratch",
+                        description="Train the embedded base UNet (pixel space, MiniLM text states) from scratch on Fashion-MNIST.")
+    pdef = PretrainConfig()
+    pg = pt.add_argument_group("base model")
+    pg.add_argument("--unet-config", choices=("embedded", "tiny"), default=pdef.unet_config, help="UNet size [%(default)s]")
+    pg.add_argument("--data-path", default=None, help="Fashion-MNIST IDX folder (default /usr/share/datasets/fashion-mnist)")
+    pg.add_argument("--limit", type=int, default=None, help="use only the first N training images")
+    pg.add_argument("--export-dir", default=None, help="write final weights + command.json + samples.png here")
+    pg.add_argument("--grid-columns", type=int, default=pdef.grid_columns, help="samples per class in samples.png [%(default)s]")
+    pg.add_argument("--sample-steps", type=int, default=pdef.sample_steps, help="DDIM steps for samples.png [%(default)s]")
+    pg.add_argument("--guidance-scale", type=float, default=pdef.guidance_scale, help="classifier-free guidance for samples.png [%(default)s]")
+    _add_train_args(pt, pdef.train)
+    return parser
+
+
+def _summary(result: RunResult) -> str:
+    rows = [
+        ("run folder", str(result.run_dir)),
+        ("steps", str(result.steps)),
+        ("final loss", f"{result.last_logs.get('loss', float('nan')):.5f}"),
+        ("L_denoise", f"{result.last_logs.get('l_denoise', float('nan')):.5f}"),
+        ("L_fcr", f"{result.last_logs.get('l_fcr', float('nan')):.5f}"),
+        ("step time (last)", f"{result.last_logs.get('step_time_s', float('nan')):.3f} s"),
+        ("wall time", f"{result.wall_time_s:.1f} s"),
+        ("last checkpoint", str(result.last_checkpoint)),
+        ("final UNet", str(result.final_unet)),
+        ("best checkpoint", str(result.best_checkpoint)),
+        ("stopped early", str(result.stopped_early)),
+    ]
+    w = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    train_cfg = _train_config(args)
+    command = ["fcr-train", *(sys.argv[1:] if argv is None else argv)]
+    try:
+        if args.command == "finetune":
+            cfg = FinetuneConfig(
+                model=args.model, base_weights=args.base_weights, revision=args.revision, variant=args.variant,
+                data=DataConfig(kind=args.data, path=args.data_path, images_dir=args.images_dir,
+                                resolution=args.resolution, limit=args.limit,
+                                image_column=args.image_column, caption_column=args.caption_column),
+                train=train_cfg,
+            )
+            result = finetune(cfg)
+        else:
+            cfg = PretrainConfig(train=train_cfg, unet_config=args.unet_config, data_dir=args.data_path, limit=args.limit,
+                                 export_dir=args.export_dir, grid_columns=args.grid_columns,
+                                 sample_steps=args.sample_steps, guidance_scale=args.guidance_scale)
+            result = pretrain(cfg, command=command)
+    except (FileNotFoundError, ValueError, ImportError, OSError) as exc:
+        logger.error("%s", exc)
+        return 2
+    print(_summary(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
