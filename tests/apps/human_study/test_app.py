@@ -1,0 +1,201 @@
+"""The Gradio app, launched on 127.0.0.1 and driven through gradio_client as raters would."""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+from gradio_client import Client
+
+from fcr_human_study.app import build_app, launch_app
+from fcr_human_study.build import add_raters, build_study
+from fcr_human_study.rating import RatingService
+from fcr_human_study.store import StudyStore
+
+from .conftest import VARIATIONS, make_results_store
+
+PER_RATER = 25
+
+# gradio's queue uses pandas options that pandas 3 deprecates; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword).*")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    root = tmp_path_factory.mktemp("app")
+    results = make_results_store(root)
+    study = root / "results" / "human-study.duckdb"
+    report = build_study(results, study, n_pairs=40, attention_share=0.1, pairs_per_rater=PER_RATER)
+    tokens = [t for _, t in add_raters(study, 30)]
+    service = RatingService(StudyStore(study, idle_close_s=1.0))
+    demo = build_app(service)
+    _, url, _ = launch_app(demo, service, server_name="127.0.0.1", server_port=free_port(),
+                           prevent_thread_lock=True, quiet=True)
+    yield {"url": url, "service": service, "tokens": tokens, "admin": report.admin_secret,
+           "study": study, "results": results, "payloads": []}
+    demo.close()
+    service.store.close()
+
+
+def client(url: str) -> Client:
+    return Client(url, verbose=False, download_files=False, analytics_enabled=False)
+
+
+# Outputs the client sees (layout and session state are not sent as values):
+# (progress, prompt, left image, right image, presentation token, status)
+TOKEN, STATUS = 4, 5
+
+
+def votes_of(service: RatingService, tokens: list[str]) -> list[tuple]:
+    raters = [service.rater_for_token(t) for t in tokens]
+    return service.store.query(
+        f"SELECT rater_id, pair_id, presentation_id FROM votes WHERE rater_id IN "
+        f"({', '.join('?' * len(raters))})", raters)
+
+
+@pytest.mark.slow
+def test_20_concurrent_raters_25_votes_each_store_exactly_500(app):
+    tokens = app["tokens"][:20]
+    errors, payloads = [], app["payloads"]
+
+    def rater(token: str, seed: int) -> None:
+        try:
+            rng = random.Random(seed)
+            c = client(app["url"])
+            out = c.predict(token, api_name="/start")
+            payloads.append(out)
+            for k in range(PER_RATER):
+                choice = rng.choice(["left", "right", "tie", "both_bad"])
+                new = c.predict(out[TOKEN], api_name=f"/vote_{choice}")
+                payloads.append(new)
+                assert new[STATUS].startswith("✓"), new[STATUS]
+                assert (new[TOKEN] == "") == (k == PER_RATER - 1)  # done after the last one
+                out = new
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=rater, args=(t, i)) for i, t in enumerate(tokens)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=240)
+    assert not errors, errors[:3]
+    rows = votes_of(app["service"], tokens)
+    assert len(rows) == 20 * PER_RATER
+    assert len({(r, p) for r, p, _ in rows}) == 500  # no rater rated a pair twice
+    assert len({pres for *_, pres in rows}) == 500
+    per_rater = {}
+    for r, *_ in rows:
+        per_rater[r] = per_rater.get(r, 0) + 1
+    assert set(per_rater.values()) == {PER_RATER}
+
+
+def _assert_no_variation_names(text: str) -> None:
+    for v in VARIATIONS:
+        for part in (v, v.split("-")[0]):
+            assert part not in text, f"{part!r} sent to the browser"
+    assert "exp-human-study-test" not in text  # run ids name experiment and variation
+
+
+def test_browser_payloads_contain_no_variation_names(app):
+    url = app["url"]
+    c = client(url)
+    out = c.predict(app["tokens"][20], api_name="/start")
+    seen = [out]
+    for choice in ("left", "right", "tie", "both_bad", "left"):
+        out = c.predict(out[TOKEN], api_name=f"/vote_{choice}")
+        seen.append(out)
+    seen += app["payloads"]  # the concurrent raters' responses, when that test ran first
+    _assert_no_variation_names(json.dumps(seen, default=str))
+    with httpx.Client(base_url=url) as h:
+        for path in ("", "config", "gradio_api/info", "gradio_api/info?all_endpoints=true"):
+            r = h.get(path)
+            assert r.status_code == 200
+            _assert_no_variation_names(r.text)
+        # The raw event stream of a vote, as the browser receives it.
+        r = h.post("gradio_api/call/vote_tie", json={"data": [out[TOKEN]]})
+        event = r.json()["event_id"]
+        _assert_no_variation_names(h.get(f"gradio_api/call/vote_tie/{event}").text)
+        # The image bytes themselves (no metadata naming the source).
+        for o in seen[:3]:
+            for img in (o[2], o[3]):
+                body = h.get(img["url"]).content
+                assert body[:8] == b"\x89PNG\r\n\x1a\n"
+                _assert_no_variation_names(body.decode("latin-1"))
+
+
+def test_forged_replayed_and_unknown_votes_are_refused(app):
+    service, token = app["service"], app["tokens"][21]
+    c = client(app["url"])
+    out = c.predict(token, api_name="/start")
+    good = out[TOKEN]
+    pair_id, pres_id, sig = good.split(".")
+    before = len(votes_of(service, [token]))
+    for bad, why in [
+        (f"{pair_id}.{pres_id}.{sig[::-1]}", "forged"),
+        (f"p{'0' * 16}.{pres_id}.{sig}", "unknown pair"),
+        (f"{pair_id}.{'f' * 32}.{sig}", "forged"),
+        ("", "malformed"),
+    ]:
+        res = c.predict(bad, api_name="/vote_left")
+        assert "not recorded" in res[STATUS] and why in res[STATUS]
+        assert res[TOKEN] == good  # the same pair is shown again
+    assert len(votes_of(service, [token])) == before
+    ok = c.predict(good, api_name="/vote_right")
+    assert ok[STATUS].startswith("✓")
+    replay = c.predict(good, api_name="/vote_left")
+    assert "replayed" in replay[STATUS]
+    assert len(votes_of(service, [token])) == before + 1
+    # A presentation token used from another rater's session is refused too.
+    other = client(app["url"])
+    other.predict(app["tokens"][22], api_name="/start")
+    assert "not recorded" in other.predict(ok[TOKEN], api_name="/vote_left")[STATUS]
+    # A session that never presented a token (e.g. after a restart) is sent back to the start.
+    fresh = client(app["url"])
+    assert "session has ended" in fresh.predict(ok[TOKEN], api_name="/vote_left")[STATUS]
+    assert len(votes_of(service, [token])) == before + 1
+    assert "Unknown invitation token" in fresh.predict("guess", api_name="/start")[STATUS]
+
+
+def test_only_the_study_images_are_served(app):
+    url, study, results = app["url"], app["study"], app["results"]
+    out = client(url).predict(app["tokens"][23], api_name="/start")
+    with httpx.Client(base_url=url) as h:
+        assert h.get(out[2]["url"]).status_code == 200
+        images = study.parent / "human-study" / "images"
+        sample = next((results.parent / "samples").rglob("*.png"))
+        for path in ["/etc/passwd", str(study), str(results), str(sample),
+                     str(Path(__file__).resolve()), f"{images}/../../human-study.duckdb",
+                     f"{images}/..%2F..%2Fhuman-study.duckdb", "https://example.com/x.png"]:
+            r = h.get(f"gradio_api/file={path}")
+            assert r.status_code in (403, 404), (path, r.status_code)
+            assert b"SQLite" not in r.content and b"DUCK" not in r.content
+
+
+def test_admin_view_needs_its_own_secret(app):
+    c = client(app["url"])
+    for wrong in ("", "guess", app["tokens"][0]):
+        with pytest.raises(Exception, match="Wrong admin secret"):
+            c.predict(wrong, api_name="/admin_progress")
+        with pytest.raises(Exception, match="Wrong admin secret"):
+            c.predict(wrong, api_name="/admin_export")
+    progress = c.predict(app["admin"], api_name="/admin_progress")
+    assert "votes" in progress and "attention correct" in progress
+    exported = c.predict(app["admin"], api_name="/admin_export")
+    with httpx.Client() as h:
+        csv_text = h.get(exported["url"]).text
+    header, *rows = csv_text.strip().splitlines()
+    assert header.startswith("rater_id,rater_label,pair_id")
+    n = app["service"].store.query("SELECT count(*) FROM votes")[0][0]
+    assert len(rows) >= n > 0
