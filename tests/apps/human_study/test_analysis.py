@@ -6,8 +6,6 @@ import math
 
 import numpy as np
 import pytest
-from scipy import stats
-
 from fcr_human_study.analysis import (
     analyse_votes,
     bradley_terry,
@@ -16,6 +14,7 @@ from fcr_human_study.analysis import (
     wilson_interval,
     win_rates,
 )
+from scipy import stats
 
 
 def test_wilson_interval_matches_hand_computation():

@@ -10,12 +10,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from gradio_client import Client
-
 from fcr_human_study.app import build_app, launch_app
 from fcr_human_study.build import add_raters, build_study
 from fcr_human_study.rating import RatingService
 from fcr_human_study.store import StudyStore
+from gradio_client import Client
 
 from .conftest import VARIATIONS, make_results_store
 

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from fcr_eval.store import ResultsStore, RunRecord, RunResult, make_run_id
 from fcr_human_study.build import StudyBuildError, add_raters, break_image, build_study
 from fcr_human_study.cli import main
 from fcr_human_study.store import StudyStore
+from PIL import Image
 
 from .conftest import EXPERIMENT, VARIATIONS
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from fcr_human_study.build import add_raters, build_study
 from fcr_human_study.rating import RatingService, UnknownRater, VoteRefused
 from fcr_human_study.store import StudyStore
