@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import random
 import socket
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import httpx
 import pytest
+from fcr_human_study.analysis import analyse_study
 from fcr_human_study.app import build_app, launch_app
 from fcr_human_study.build import add_raters, build_study
 from fcr_human_study.rating import RatingService
@@ -184,6 +188,8 @@ def test_only_the_study_images_are_served(app):
 
 def test_admin_view_needs_its_own_secret(app):
     c = client(app["url"])
+    out = c.predict(app["tokens"][25], api_name="/start")
+    c.predict(out[TOKEN], api_name="/vote_left")
     for wrong in ("", "guess", app["tokens"][0]):
         with pytest.raises(Exception, match="Wrong admin secret"):
             c.predict(wrong, api_name="/admin_progress")
@@ -198,3 +204,32 @@ def test_admin_view_needs_its_own_secret(app):
     assert header.startswith("rater_id,rater_label,pair_id")
     n = app["service"].store.query("SELECT count(*) FROM votes")[0][0]
     assert len(rows) >= n > 0
+
+
+def test_analyse_and_readers_take_turns_with_the_running_server(app):
+    """The server releases the study file when idle, so `analyse` (another process) can write
+    its tables and the explorer can attach the file read-only; voting goes on afterwards."""
+    c = client(app["url"])
+    out = c.predict(app["tokens"][24], api_name="/start")
+    for _ in range(10):
+        out = c.predict(out[TOKEN], api_name="/vote_left")
+    time.sleep(1.5)  # idle_close_s = 1.0
+    study = str(app["study"])
+    res = subprocess.run([sys.executable, "-m", "fcr_human_study.cli", "analyse", "--study", study,
+                          "--bootstrap", "50"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "BT score" in res.stdout and "Krippendorff" in res.stdout
+    time.sleep(0.2)
+    reader = subprocess.run(
+        [sys.executable, "-c",
+         "import duckdb, sys; c = duckdb.connect(); "
+         "c.execute(f\"ATTACH '{sys.argv[1]}' AS hs (READ_ONLY)\"); "
+         "print(c.execute('SELECT count(*) FROM hs.human_study_results').fetchone()[0], "
+         "c.execute('SELECT count(*) FROM hs.human_study_scores').fetchone()[0])", study],
+        capture_output=True, text=True, timeout=120)
+    assert reader.returncode == 0, reader.stderr
+    expected = analyse_study(app["service"].store, n_bootstrap=10)
+    assert reader.stdout.split() == [str(len(expected.win_rates)), str(len(expected.variations))]
+    assert len(expected.win_rates) > 0
+    # The server goes on storing votes after the other processes let go of the file.
+    assert c.predict(out[TOKEN], api_name="/vote_right")[STATUS].startswith("✓")
