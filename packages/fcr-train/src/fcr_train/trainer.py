@@ -429,7 +429,7 @@ def train(
             config.seed + 1000 * accelerator.process_index,
             ema,
             EarlyStopping(config.early_stopping_patience, config.early_stopping_min_delta, config.early_stopping_mode),
-            BadSampleCounter(config.max_bad_fraction, config.max_bad_count),
+            BadSampleCounter(config.max_bad_fraction, config.max_bad_count, min_seen=min(200, len(dataset))),
         )
         accelerator.register_for_checkpointing(lr_schedule, state)
 

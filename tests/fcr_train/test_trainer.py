@@ -1,0 +1,136 @@
+import json
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from fcr_train.data import (
+    CaptionRecord,
+    FashionMNISTDataset,
+    ImageCaptionDataset,
+    TooManyBadSamples,
+)
+from fcr_train.loss import FCRConfig, fcr_loss
+from fcr_train.trainer import EmbeddedConditioner, TrainConfig, latest_checkpoint, train
+
+from .conftest import TINY
+
+
+def _conditioner(dim=8):
+    g = torch.Generator().manual_seed(5)
+    return EmbeddedConditioner(torch.randn(40, 4, dim, generator=g), torch.zeros(1, 4, dim))
+
+
+@pytest.fixture(scope="module")
+def fmnist():
+    return FashionMNISTDataset("train", limit=96)
+
+
+def _unet():
+    torch.manual_seed(0)
+    return UNet2DConditionModel(**TINY)
+
+
+def _cfg(tmp_path, name, **kw):
+    base = dict(output_dir=str(tmp_path / name), max_steps=6, batch_size=8, lr=1e-3, checkpoint_every=2, seed=7,
+                ema_decay=0.9, cond_dropout=0.2, progress=False, fcr=FCRConfig(lam=0.1, delta_max=5))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_interrupted_and_resumed_run_reproduces_losses(tmp_path, fmnist, scheduler):
+    full = train(_unet(), scheduler, fmnist, _conditioner(), _cfg(tmp_path, "full"))
+    assert len(full.losses) == 6
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_3(step, logs):
+        if step == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(_unet(), scheduler, fmnist, _conditioner(), _cfg(tmp_path, "cut"), step_callback=kill_at_3)
+    assert latest_checkpoint(tmp_path / "cut").name == "step_0000002"
+    # a fresh process would rebuild the model from scratch: the checkpoint must restore everything
+    resumed = train(_unet(), scheduler, fmnist, _conditioner(), _cfg(tmp_path, "cut", resume=True))
+    assert resumed.losses == full.losses[2:]  # exact, not approximate
+    lines = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in lines] == full.losses
+    a = UNet2DConditionModel.from_pretrained(full.final_unet)
+    b = UNet2DConditionModel.from_pretrained(resumed.final_unet)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert full.final_unet.name == "unet_ema"
+
+
+def test_run_folder_records_config_logs_and_blocks(tmp_path, fmnist, scheduler):
+    res = train(_unet(), scheduler, fmnist, _conditioner(), _cfg(tmp_path, "r", max_steps=2, grad_accum=2,
+                                                                  fcr=FCRConfig(lam=0.1, blocks="late", distance="cosine")))
+    cfg = json.loads((res.run_dir / "config.json").read_text())
+    assert cfg["train"]["fcr"] == {"lam": 0.1, "delta_max": 10, "blocks": "late", "distance": "cosine",
+                                   "stop_grad": False, "batched": True}
+    assert cfg["train"]["grad_accum"] == 2
+    assert "git_commit" in cfg["provenance"]["code"] and cfg["provenance"]["hardware"]["cpu_count"]
+    rec = json.loads((res.run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ("loss", "l_denoise", "l_fcr", "step_time_s", "lr"):
+        assert key in rec
+    assert [k for k in rec if k.startswith("d/")] == ["d/down_blocks.1.resnets.0", "d/mid_block"]
+    assert (res.run_dir / "train.log").read_text().count("saved checkpoint") >= 1
+    assert json.loads((res.run_dir / "summary.json").read_text())["steps"] == 2
+
+
+def test_few_steps_lower_the_loss(tmp_path, fmnist, scheduler):
+    cond = _conditioner()
+    x = torch.stack([fmnist[i]["pixels"] for i in range(32)])
+    text = cond.prompt_states[torch.tensor([fmnist[i]["prompt_index"] for i in range(32)])]
+
+    def eval_loss(unet):
+        g = torch.Generator().manual_seed(11)
+        with torch.no_grad():
+            return float(fcr_loss(unet, scheduler, x, text, FCRConfig(lam=0.1), generator=g).loss)
+
+    before = eval_loss(_unet())
+    res = train(_unet(), scheduler, fmnist, cond, _cfg(tmp_path, "fit", max_steps=25, lr=3e-3, ema_decay=None,
+                                                         cond_dropout=0.0, checkpoint_every=100))
+    after = eval_loss(UNet2DConditionModel.from_pretrained(res.final_unet))
+    assert after < 0.8 * before, (before, after)
+
+
+def test_early_stopping_hook(tmp_path, fmnist, scheduler):
+    values = iter([1.0, 0.5, 0.7, 0.8, 0.9, 1.0])
+    seen = []
+
+    def metric(unet, step):
+        assert not unet.training
+        seen.append(step)
+        return next(values)
+
+    res = train(_unet(), scheduler, fmnist, _conditioner(),
+                _cfg(tmp_path, "es", max_steps=20, validate_every=1, early_stopping_patience=2, checkpoint_every=50),
+                validation_fn=metric)
+    assert res.stopped_early and res.steps == 4 and seen == [1, 2, 3, 4]
+    assert res.best_metric == 0.5 and res.best_checkpoint.name == "step_0000002"
+    assert (res.best_checkpoint / "unet" / "config.json").is_file()
+
+
+def test_bad_data_stops_past_threshold(tmp_path, scheduler):
+    from PIL import Image
+
+    good = tmp_path / "ok.png"
+    Image.new("L", (10, 10), 128).save(good)
+    recs = [CaptionRecord(str(good), "a")] * 6 + [CaptionRecord(str(tmp_path / f"missing{i}.png"), "b") for i in range(6)]
+    ds = ImageCaptionDataset(recs, resolution=8, mode="L")
+
+    class Cond:
+        null_states = torch.zeros(1, 4, 8)
+
+        def __call__(self, batch, device, generator=None):
+            return batch["pixels"], torch.zeros(len(batch["caption"]), 4, 8)
+
+    cfg = _cfg(tmp_path, "bad", max_bad_fraction=0.2, batch_size=4, ema_decay=None)
+    with pytest.raises(TooManyBadSamples, match="unreadable or missing"):
+        train(_unet(), scheduler, ds, Cond(), cfg)
+    # under the threshold the run goes on, counting the skipped samples
+    cfg = _cfg(tmp_path, "bad2", max_bad_fraction=0.9, batch_size=4, ema_decay=None, max_steps=3)
+    res = train(_unet(), scheduler, ds, Cond(), cfg)
+    assert res.steps == 3 and res.last_logs["bad_samples"] > 0
