@@ -6,7 +6,8 @@ inside a signed presentation token, and the rater's progress. The rater's id liv
 session state (``gr.State`` is never sent to the browser). Files are served from the study's image
 folder only (``allowed_paths`` and Gradio's static paths are set to it).
 
-The admin view (progress, CSV export, analysis) is an accordion at the bottom of the page; each of
+An invitation link may carry the token (``http://host:port/?token=...``); the page then starts
+at the first pair. The admin view (progress, CSV export, analysis) is an accordion at the bottom of the page; each of
 its calls checks the admin secret made by ``fcr-human-study build``.
 
 Example:
@@ -18,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import html
 import logging
 import secrets
 import tempfile
@@ -51,7 +53,9 @@ CSS = """
 .gradio-container {max-width: 1080px !important; margin: auto;}
 #pair-row {gap: 24px;}
 #pair-row img {image-rendering: pixelated; object-fit: contain;}
-#prompt {font-size: 1.35rem; text-align: center; padding: 6px 0 2px 0;}
+#prompt-box {text-align: center; padding: 4px 0 2px 0;}
+#prompt-box .ask {font-size: 0.95rem; opacity: 0.75;}
+#prompt-box .prompt-text {font-size: 1.5rem; font-weight: 600; margin-top: 2px;}
 #progress-wrap {display: flex; align-items: center; gap: 12px; font-size: 0.95rem;}
 #progress-wrap progress {flex: 1; height: 12px; accent-color: #3b82f6;}
 .choice button {font-size: 1.05rem; min-height: 52px;}
@@ -68,6 +72,11 @@ def _progress_html(done: int, total: int) -> str:
             f'<span>{done} done</span></div>')
 
 
+def _prompt_html(prompt: str) -> str:
+    return ('<div id="prompt-box"><div class="ask">Which image is the better picture of</div>'
+            f'<div class="prompt-text">“{html.escape(prompt)}”</div></div>')
+
+
 def _screen(service: RatingService, rater_id: str | None, status: str = "") -> tuple:
     """Outputs of start/vote: (rater, login, rating, done, progress, prompt, left, right, token, status)."""
     hidden, shown = gr.update(visible=False), gr.update(visible=True)
@@ -79,7 +88,7 @@ def _screen(service: RatingService, rater_id: str | None, status: str = "") -> t
         return (rater_id, hidden, hidden, shown, _progress_html(done, total), "", None, None, "",
                 status)
     return (rater_id, hidden, shown, hidden, _progress_html(p.number - 1, p.total),
-            f"“{p.prompt}”", str(p.left_image), str(p.right_image), p.token, status)
+            _prompt_html(p.prompt), str(p.left_image), str(p.right_image), p.token, status)
 
 
 def build_app(service: RatingService, *, title: str = "Image preference study") -> gr.Blocks:
@@ -91,6 +100,14 @@ def build_app(service: RatingService, *, title: str = "Image preference study") 
         except UnknownRater:
             return _screen(service, None, "⚠️ Unknown invitation token. Please check it and try again.")
         return _screen(service, rater_id)
+
+    def start_from_link(request: gr.Request):
+        # Invitation links may carry the token (``/?token=...``): start straight away.
+        token = request.query_params.get("token", "") if request else ""
+        if not token:
+            return (None, gr.update(), gr.update(), gr.update(), gr.update(), gr.update(),
+                    gr.update(), gr.update(), gr.update(), gr.update())
+        return start(token)
 
     def vote(clicked: str, rater_id: str | None, token: str):
         if rater_id is None:
@@ -136,7 +153,7 @@ def build_app(service: RatingService, *, title: str = "Image preference study") 
             login_msg = gr.Markdown()
         with gr.Column(visible=False) as rating:
             progress = gr.HTML()
-            prompt = gr.Markdown(elem_id="prompt")
+            prompt = gr.HTML()
             with gr.Row(elem_id="pair-row", equal_height=True):
                 left = gr.Image(label="A", type="filepath", interactive=False, height=420,
                                 buttons=[], show_label=True)
@@ -165,6 +182,7 @@ def build_app(service: RatingService, *, title: str = "Image preference study") 
         outputs = [rater, login, rating, done, progress, prompt, left, right, presentation]
         start_btn.click(start, [token_box], [*outputs, login_msg], api_name="start",
                         concurrency_limit=None)
+        demo.load(start_from_link, None, [*outputs, login_msg], api_visibility="private")
         token_box.submit(start, [token_box], [*outputs, login_msg], api_visibility="private",
                          concurrency_limit=None)
         for clicked, btn in buttons.items():
