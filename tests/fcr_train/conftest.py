@@ -3,19 +3,9 @@
 import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
+from fcr_train.embedded import TINY_UNET_CONFIG
 
-TINY = {
-    "sample_size": 8,
-    "in_channels": 1,
-    "out_channels": 1,
-    "block_out_channels": (4, 8),
-    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
-    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
-    "layers_per_block": 1,
-    "cross_attention_dim": 8,
-    "attention_head_dim": 2,
-    "norm_num_groups": 4,
-}
+TINY = dict(TINY_UNET_CONFIG)  # block_out_channels (4, 8), cross_attention_dim 8
 
 
 @pytest.fixture(autouse=True)

@@ -59,7 +59,7 @@ def test_interrupted_and_resumed_run_reproduces_losses(tmp_path, fmnist, schedul
     assert [r["loss"] for r in lines] == full.losses
     a = UNet2DConditionModel.from_pretrained(full.final_unet)
     b = UNet2DConditionModel.from_pretrained(resumed.final_unet)
-    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
     assert full.final_unet.name == "unet_ema"
 
 

@@ -109,7 +109,7 @@ def laion_records(path: str | os.PathLike, images_dir: str | os.PathLike | None 
         raise ValueError(f"{path}: column {img_col!r} holds URLs; nothing is downloaded at run time. Download the images "
                          "first (e.g. img2dataset) and point at the files (--images-dir) or the webdataset shards (--data webdataset).")
     root = Path(images_dir) if images_dir else path.parent
-    return [CaptionRecord(_resolve(str(i), root), "" if c is None else str(c)) for i, c in zip(images, captions) if i]
+    return [CaptionRecord(_resolve(str(i), root), "" if c is None else str(c)) for i, c in zip(images, captions, strict=True) if i]
 
 
 def _shard_paths(path: str | os.PathLike) -> list[str]:
