@@ -213,11 +213,12 @@ class SampleRecord:
 
 @dataclass(frozen=True)
 class CriterionResult:
-    """One row of ``criteria``: a success criterion of design.md §1, evaluated."""
+    """One row of ``criteria``: a success criterion of design.md §1, evaluated.
+    ``passed`` is ``None`` when the criterion could not be evaluated (reason in ``details``)."""
 
     experiment_id: str
     criterion: str
-    passed: bool
+    passed: bool | None
     value: float | None
     threshold: float
     details: Mapping[str, Any] = field(default_factory=dict)
@@ -718,7 +719,7 @@ class ResultsStore:
                     con.execute("DELETE FROM criteria WHERE experiment_id = ? AND criterion = ?",
                                 [c.experiment_id, c.criterion])
                 self._insert(con, "criteria", 8, [
-                    [c.experiment_id, c.criterion, bool(c.passed), _num(c.value), _num(c.threshold),
+                    [c.experiment_id, c.criterion, None if c.passed is None else bool(c.passed), _num(c.value), _num(c.threshold),
                      _json(c.details), c.evaluated_at or now, c.code_version] for c in rows])
                 con.execute("COMMIT")
             except BaseException:

@@ -1,0 +1,60 @@
+"""Robustness protocols: schedule perturbation statistics, FGSM constraints, resizing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+from fcr_eval.robustness import (
+    RobustnessProtocol,
+    fgsm_initial_latent,
+    perturb_scheduler,
+    perturbed_alphas_cumprod,
+    resize_images,
+)
+
+
+def _sigma(ac):
+    return ((1 - ac) / ac).sqrt()
+
+
+def test_schedule_perturbation_is_multiplicative_gaussian():
+    s = DDIMScheduler()
+    p = perturb_scheduler(s, std=0.05, seed=0)
+    ratio = _sigma(p.alphas_cumprod.double()) / _sigma(s.alphas_cumprod.double()) - 1
+    assert abs(float(ratio.mean())) < 0.01 and float(ratio.std()) == pytest.approx(0.05, rel=0.1)
+    assert torch.equal(s.alphas_cumprod, DDIMScheduler().alphas_cumprod)  # original untouched
+    assert torch.equal(perturb_scheduler(s, 0.05, seed=0).alphas_cumprod, p.alphas_cumprod)  # seeded
+    assert torch.allclose(perturbed_alphas_cumprod(s.alphas_cumprod, 0.0), s.alphas_cumprod)
+
+
+@pytest.mark.parametrize("cls", [DDIMScheduler, DPMSolverMultistepScheduler])
+def test_perturbed_scheduler_changes_the_step(cls):
+    s, p = cls(), perturb_scheduler(cls(), std=0.05, seed=1)
+    s.set_timesteps(10)
+    p.set_timesteps(10)
+    x, e = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    t = s.timesteps[0]
+    assert not torch.allclose(s.step(e, t, x).prev_sample, p.step(e, t, x).prev_sample)
+
+
+def test_fgsm_stays_in_ball_and_increases_loss():
+    w = torch.randn(2, 3)
+    z = torch.zeros(2, 3)
+    adv = fgsm_initial_latent(lambda x: (w * x).sum(), z, epsilon=0.1, steps=10)
+    assert torch.allclose(adv, 0.1 * w.sign())  # a linear loss is maximised at a corner of the ball
+    target = torch.randn(2, 3)
+    z2 = torch.randn(2, 3)
+    loss = lambda x: (x - target).pow(2).sum()  # noqa: E731
+    adv2 = fgsm_initial_latent(loss, z2, epsilon=0.05, steps=3)
+    assert (adv2 - z2).abs().max() <= 0.05 + 1e-7 and loss(adv2) > loss(z2)
+
+
+def test_resize_and_protocol_record():
+    assert resize_images(torch.rand(2, 1, 56, 56), 28).shape == (2, 1, 28, 28)
+    flat = torch.full((1, 1, 56, 56), 0.3)
+    assert torch.allclose(resize_images(flat, 28), torch.full((1, 1, 28, 28), 0.3))
+    assert RobustnessProtocol("resolution", {"size": 56}).as_params()["robustness"]["kind"] == "resolution"
+    with pytest.raises(ValueError, match="unknown robustness"):
+        RobustnessProtocol("blur")
