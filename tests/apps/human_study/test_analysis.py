@@ -123,3 +123,32 @@ def test_bt_scores_and_bootstrap_cis_order_variations():
         assert lo < scores[name] < hi
     # log(4) - log(1) ≈ 1.386 lies inside a generous band around the estimate.
     assert scores["best"] - scores["worst"] == pytest.approx(math.log(4), abs=0.35)
+
+
+def test_analysis_tables_written_to_the_study_file(results_store, tmp_path):
+    from fcr_human_study.analysis import analyse_study, write_analysis
+    from fcr_human_study.build import add_raters, build_study
+    from fcr_human_study.rating import RatingService
+    from fcr_human_study.store import StudyStore
+
+    study = tmp_path / "s.duckdb"
+    build_study(results_store, study, n_pairs=20, attention_share=0.1, pairs_per_rater=20)
+    service = RatingService(StudyStore(study))
+    for _, token in add_raters(study, 3):
+        rater = service.rater_for_token(token)
+        while (p := service.current(rater)) is not None:
+            service.vote(rater, p.token, "left")
+    a = analyse_study(service.store, n_bootstrap=20)
+    write_analysis(service.store, a)
+    write_analysis(service.store, a)  # re-analysing replaces, never duplicates
+    rows = service.store.query_dicts("SELECT * FROM human_study_results ORDER BY variation_a, variation_b")
+    assert [(r["variation_a"], r["variation_b"], r["n_a"], r["n_b"]) for r in rows] == [
+        (w.variation_a, w.variation_b, w.n_a, w.n_b) for w in a.win_rates]
+    assert sum(r["n_a"] + r["n_b"] + r["n_tie"] + r["n_both_bad"] for r in rows) == a.n_votes_used
+    assert all(r["p_value"] == pytest.approx(stats.binomtest(r["n_a"], r["n_a"] + r["n_b"]).pvalue)
+               for r in rows)
+    scores = service.store.query("SELECT variation, bt_score FROM human_study_scores ORDER BY variation")
+    assert [v for v, _ in scores] == a.variations
+    (summary,) = service.store.query_dicts("SELECT * FROM human_study_summary")
+    assert summary["n_votes"] == 60 and summary["n_raters"] == 3
+    service.store.close()

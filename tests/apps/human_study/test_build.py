@@ -127,3 +127,20 @@ def test_break_image_is_deterministic_and_broken():
     a, b = break_image(img, seed=1), break_image(img, seed=1)
     assert np.array_equal(np.asarray(a), np.asarray(b))
     assert np.abs(np.asarray(a, float) - np.asarray(img.convert("RGB"), float)).mean() > 30
+
+
+def test_cli_build_invite_analyse_export(results_store: Path, tmp_path: Path, capsys):
+    study = tmp_path / "hs.duckdb"
+    assert main(["build", "--store", str(results_store), "--out", str(study), "--pairs", "20",
+                 "--raters", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "20 pairs (2 attention checks)" in out and "rater_id,token" in out
+    secret = (tmp_path / "hs-admin-secret.txt").read_text().strip()
+    assert secret in out and (tmp_path / "hs-admin-secret.txt").stat().st_mode & 0o077 == 0
+    assert main(["invite", "--study", str(study), "-n", "3"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 4
+    assert main(["analyse", "--study", str(study), "--bootstrap", "10"]) == 0  # no votes yet
+    assert "0 of 0 votes used" in capsys.readouterr().out
+    assert main(["export", "--study", str(study), "--csv", str(tmp_path / "v.csv")]) == 0
+    assert (tmp_path / "v.csv").read_text().startswith("rater_id,")
+    assert main(["analyse", "--study", str(tmp_path / "missing.duckdb")]) == 2

@@ -33,7 +33,7 @@ import numpy as np
 from scipy import stats
 
 from . import __version__
-from .store import StudyStore, utcnow
+from .store import StudyStore, StudyStoreError, utcnow
 
 __all__ = [
     "WinRate",
@@ -299,7 +299,7 @@ def analyse_study(store: StudyStore, **kwargs) -> StudyAnalysis:
     """Read the study's votes and analyse them (see :func:`analyse_votes` for the options)."""
     study = store.query("SELECT study_id FROM study")
     if not study:
-        raise ValueError(f"{store.path} holds no study")
+        raise StudyStoreError(f"{store.path} holds no study; run `fcr-human-study build` first")
     votes = store.query_dicts(
         """SELECT v.rater_id, v.pair_id, p.variation_a, p.variation_b, p.is_attention, p.expected,
                   v.choice FROM votes v JOIN pairs p USING (pair_id) ORDER BY v.voted_at"""

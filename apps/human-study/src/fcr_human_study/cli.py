@@ -20,6 +20,13 @@ from .store import DEFAULT_STUDY_PATH
 logger = logging.getLogger("fcr_human_study")
 
 
+def _require_study(path: str) -> None:
+    from .store import StudyStoreError
+
+    if not Path(path).exists():
+        raise StudyStoreError(f"no study at {path}; build one with `fcr-human-study build`")
+
+
 def _cmd_build(args: argparse.Namespace) -> int:
     from .build import add_raters, build_study
 
@@ -53,6 +60,7 @@ def _print_invitations(rows: list[tuple[str, str]]) -> None:
 def _cmd_invite(args: argparse.Namespace) -> int:
     from .build import add_raters
 
+    _require_study(args.study)
     _print_invitations(add_raters(args.study, args.n, label=args.label))
     return 0
 
@@ -62,6 +70,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from .rating import RatingService
     from .store import StudyStore
 
+    _require_study(args.study)
     store = StudyStore(args.study, idle_close_s=args.idle_close)
     service = RatingService(store)
     print(f"serving study {service.study_id} ({service.n_pairs} pairs, {service.per_rater} per "
@@ -78,6 +87,7 @@ def _cmd_analyse(args: argparse.Namespace) -> int:
     from .analysis import analyse_study, format_table, write_analysis
     from .store import StudyStore
 
+    _require_study(args.study)
     store = StudyStore(args.study)
     try:
         result = analyse_study(store, min_attention_accuracy=args.min_attention_accuracy,
