@@ -283,7 +283,17 @@ def write_demo_human_study(path: Path) -> None:
         """CREATE TABLE human_study_scores (study_id VARCHAR, variation VARCHAR,
            bt_score DOUBLE, ci_low DOUBLE, ci_high DOUBLE)"""
     )
+    con.execute(
+        """CREATE TABLE human_study_summary (study_id VARCHAR, n_votes INTEGER,
+           n_votes_used INTEGER, n_raters INTEGER, n_raters_excluded INTEGER,
+           krippendorff_alpha DOUBLE, fleiss_kappa DOUBLE, n_items_agreement INTEGER,
+           min_attention_accuracy DOUBLE, bootstrap INTEGER, details JSON, code_version VARCHAR,
+           analysed_at TIMESTAMP)"""
+    )
     when = dt.datetime(2026, 11, 24, 5, 30)
+    con.execute("INSERT INTO human_study_summary VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                ["demo-study", 1092, 1050, 24, 2, 0.41, 0.39, 120, 0.8, 2000, "{}",
+                 CODE_VERSION, when])
     pairs = [
         ("fcr-l0.10-fd-10", "fd-10-baseline", 212, 98, 31, 9),
         ("fcr-l0.10-fd-10", "fd-5-baseline", 151, 163, 29, 7),

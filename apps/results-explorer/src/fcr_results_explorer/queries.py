@@ -228,7 +228,7 @@ def default_quality_metric(catalogue: list[str]) -> str | None:
 
 def speed_metric(catalogue: list[str]) -> str | None:
     speed = [m for m in catalogue if m.startswith("sec_per_image")]
-    return speed[-1] if speed else None  # the largest batch size: throughput
+    return speed[0] if speed else None  # the smallest batch size: latency per image
 
 
 def feature_blocks(reader: StoreReader) -> list[str]:
@@ -432,9 +432,13 @@ def variations_with_samples(reader: StoreReader, flt: RunFilter) -> list[str]:
 # -- human study ----------------------------------------------------------------------------
 
 
+def _hs(reader: StoreReader) -> str:
+    return reader.human_study_schema or HUMAN_STUDY_ALIAS
+
+
 def human_study_ids(reader: StoreReader) -> list[str]:
     return reader.frame(
-        f"SELECT DISTINCT study_id FROM {HUMAN_STUDY_ALIAS}.human_study_results ORDER BY 1"
+        f"SELECT DISTINCT study_id FROM {_hs(reader)}.human_study_results ORDER BY 1"
     )["study_id"].to_list()
 
 
@@ -443,7 +447,7 @@ def human_study_results(reader: StoreReader, study_id: str) -> pl.DataFrame:
         f"""
         SELECT variation_a, variation_b, n_a, n_b, n_tie, n_both_bad,
                win_rate_a, ci_low, ci_high, p_value, analysed_at
-        FROM {HUMAN_STUDY_ALIAS}.human_study_results WHERE study_id = $s
+        FROM {_hs(reader)}.human_study_results WHERE study_id = $s
         QUALIFY analysed_at = max(analysed_at) OVER ()
         ORDER BY variation_a, variation_b
         """,
@@ -452,11 +456,26 @@ def human_study_results(reader: StoreReader, study_id: str) -> pl.DataFrame:
 
 
 def human_study_scores(reader: StoreReader, study_id: str) -> pl.DataFrame:
-    if not reader.has(f"{HUMAN_STUDY_ALIAS}.human_study_scores"):
+    schema = _hs(reader)
+    table = "human_study_scores" if schema == "main" else f"{schema}.human_study_scores"
+    if not reader.has(table):
         return pl.DataFrame()
     return reader.frame(
         f"""SELECT variation, bt_score, ci_low, ci_high
-            FROM {HUMAN_STUDY_ALIAS}.human_study_scores WHERE study_id = $s
+            FROM {schema}.human_study_scores WHERE study_id = $s
             ORDER BY bt_score DESC""",
         {"s": study_id},
     )
+
+
+def human_study_summary(reader: StoreReader, study_id: str) -> dict[str, Any] | None:
+    """The latest ``human_study_summary`` row of a study (votes, raters, agreement), if any."""
+    schema = _hs(reader)
+    if not reader.has("human_study_summary" if schema == "main" else f"{schema}.human_study_summary"):
+        return None
+    frame = reader.frame(
+        f"""SELECT * EXCLUDE (details) FROM {schema}.human_study_summary WHERE study_id = $s
+            ORDER BY analysed_at DESC LIMIT 1""",
+        {"s": study_id},
+    )
+    return frame.to_dicts()[0] if frame.height else None

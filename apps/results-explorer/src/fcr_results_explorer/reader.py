@@ -281,8 +281,20 @@ class StoreReader:
         return table in self.tables()
 
     @property
+    def human_study_schema(self) -> str | None:
+        """Where the human-study analysis is: ``"hs"`` (its own file, attached), ``"main"``
+        (tables in the results store itself, when they hold rows) or ``None``."""
+        if self.has(f"{HUMAN_STUDY_ALIAS}.human_study_results"):  # opens the store if needed
+            return HUMAN_STUDY_ALIAS
+        if self.has("human_study_results") and self.con.execute(
+            "SELECT count(*) FROM (SELECT 1 FROM human_study_results LIMIT 1)"
+        ).fetchall()[0][0]:
+            return "main"
+        return None
+
+    @property
     def has_human_study(self) -> bool:
-        return self._hs_attached and self.has(f"{HUMAN_STUDY_ALIAS}.human_study_results")
+        return self.human_study_schema is not None
 
     # -- queries -----------------------------------------------------------------------------
     def frame(self, sql: str, params: list[Any] | dict[str, Any] | None = None) -> pl.DataFrame:

@@ -82,9 +82,13 @@ def table(
     *,
     export: pl.DataFrame | None = None,
     column_config: dict[str, Any] | None = None,
-    height: int | str = "auto",
+    height: int | str | None = None,
 ) -> None:
-    """A table with a CSV download (of ``export`` when given, e.g. unformatted numbers)."""
+    """A table with a CSV download (of ``export`` when given, e.g. unformatted numbers).
+
+    Up to 25 rows are shown without a scroll bar."""
+    if height is None:
+        height = 35 * (min(frame.height, 25) + 1) + 3
     st.dataframe(
         frame,
         hide_index=True,

@@ -43,7 +43,7 @@ def render(ctx: ViewContext) -> None:
     keys = long.select("experiment", "variation", *q.PARAM_COLUMNS).unique(
         ["experiment", "variation"], keep="first", maintain_order=True)
     varying, constant = q.varying_params(keys)
-    wide = keys.select("experiment", "variation", *varying)
+    wide = keys.select("experiment", "variation")
     for metric, frame in per_metric.items():
         if frame.is_empty():
             continue
@@ -60,6 +60,8 @@ def render(ctx: ViewContext) -> None:
     n_cols = [c for c in wide.columns if c.startswith("n (")]
     if n_cols and all(wide[c].equals(wide[n_cols[0]]) for c in n_cols):
         wide = wide.rename({n_cols[0]: "seeds (n)"}).drop(n_cols[1:])
+    wide = wide.join(keys.select("experiment", "variation", *varying),
+                     on=["experiment", "variation"], how="left")
 
     if constant:
         st.caption("Same for every row: " + ", ".join(
@@ -96,7 +98,8 @@ def _bar_with_ci(frame: pl.DataFrame, metric: str) -> None:
         (pl.col("mean") + pl.col("ci95").fill_null(0)).alias("hi"),
         (pl.col("experiment") + " / " + pl.col("variation")).alias("label"),
     ).select("label", "experiment", "variation", "n", "mean", "ci95", "lo", "hi")
-    base = alt.Chart(data).encode(y=alt.Y("label:N", sort=None, title=None))
+    base = alt.Chart(data).encode(
+        y=alt.Y("label:N", sort=None, title=None, axis=alt.Axis(labelLimit=400)))
     points = base.mark_point(filled=True, size=90).encode(
         x=alt.X("mean:Q", title=ui.metric_label(metric), scale=alt.Scale(zero=False)),
         color=alt.Color("experiment:N", legend=alt.Legend(orient="bottom")),

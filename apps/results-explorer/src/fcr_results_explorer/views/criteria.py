@@ -60,8 +60,13 @@ def render(ctx: ViewContext) -> None:
             for col, row in zip(cols, rows[start:start + per_row], strict=False):
                 with col.container(border=True):
                     ok = row["passed"]
-                    mark = "✅ PASS" if ok else ("❌ FAIL" if ok is False else "⚪ n/a")
-                    st.markdown(f"**{mark} — {row['criterion']}**")
+                    if ok:
+                        st.badge("PASS", icon=":material/check_circle:", color="green")
+                    elif ok is False:
+                        st.badge("FAIL", icon=":material/cancel:", color="red")
+                    else:
+                        st.badge("not evaluated", color="gray")
+                    st.markdown(f"**{row['criterion']}**")
                     st.markdown(f"value **{_fmt(row['value'])}** · threshold "
                                 f"**{_fmt(row['threshold'])}**")
                     text = _details_text(row["details"])

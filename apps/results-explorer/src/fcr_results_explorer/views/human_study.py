@@ -34,12 +34,24 @@ def render(ctx: ViewContext) -> None:
     if results.height:
         when = results["analysed_at"][0]
         st.caption(f"Analysed {when:%Y-%m-%d %H:%M}" if when is not None else "")
+    summary = q.human_study_summary(reader, study)
+    if summary:
+        cols = st.columns(4)
+        cols[0].metric("Votes used", f"{summary.get('n_votes_used') or 0:,}",
+                       help=f"{summary.get('n_votes') or 0:,} votes cast")
+        cols[1].metric("Raters", summary.get("n_raters") or 0,
+                       help=f"{summary.get('n_raters_excluded') or 0} excluded by attention checks")
+        alpha = summary.get("krippendorff_alpha")
+        cols[2].metric("Krippendorff's α", "—" if alpha is None else f"{alpha:.2f}")
+        kappa = summary.get("fleiss_kappa")
+        cols[3].metric("Fleiss' κ", "—" if kappa is None else f"{kappa:.2f}")
     st.subheader("Pairwise win-rates (A over B)")
     data = results.with_columns(
         (pl.col("variation_a") + " vs " + pl.col("variation_b")).alias("pair"),
         (pl.col("n_a") + pl.col("n_b") + pl.col("n_tie") + pl.col("n_both_bad")).alias("votes"),
     )
-    base = alt.Chart(data).encode(y=alt.Y("pair:N", sort=None, title=None))
+    base = alt.Chart(data).encode(
+        y=alt.Y("pair:N", sort=None, title=None, axis=alt.Axis(labelLimit=400)))
     rule = alt.Chart(pl.DataFrame({"x": [0.5]})).mark_rule(strokeDash=[4, 4], color="#999") \
         .encode(x="x:Q")
     err = base.mark_rule(strokeWidth=2).encode(x="ci_low:Q", x2="ci_high:Q")
@@ -51,7 +63,7 @@ def render(ctx: ViewContext) -> None:
                  alt.Tooltip("win_rate_a:Q", format=".3f"), alt.Tooltip("ci_low:Q", format=".3f"),
                  alt.Tooltip("ci_high:Q", format=".3f"), alt.Tooltip("p_value:Q", format=".3g")],
     )
-    ui.chart((rule + err + pts).properties(height=max(120, 36 * data.height)), data,
+    ui.chart((rule + err + pts).properties(height=max(160, 44 * data.height)), data,
              f"{study}-win-rates", "hs-win")
     ui.table(
         data.select("variation_a", "variation_b", "votes", "n_a", "n_b", "n_tie", "n_both_bad",
@@ -67,7 +79,8 @@ def render(ctx: ViewContext) -> None:
     scores = q.human_study_scores(reader, study)
     if scores.height:
         st.subheader("Bradley–Terry scores")
-        base = alt.Chart(scores).encode(y=alt.Y("variation:N", sort="-x", title=None))
+        base = alt.Chart(scores).encode(
+            y=alt.Y("variation:N", sort=None, title=None, axis=alt.Axis(labelLimit=400)))
         ch = (
             base.mark_rule(strokeWidth=2).encode(x="ci_low:Q", x2="ci_high:Q")
             + base.mark_point(filled=True, size=110).encode(
@@ -76,5 +89,5 @@ def render(ctx: ViewContext) -> None:
                          alt.Tooltip("ci_low:Q", format=".3f"),
                          alt.Tooltip("ci_high:Q", format=".3f")],
             )
-        ).properties(height=max(120, 36 * scores.height))
+        ).properties(height=max(160, 44 * scores.height))
         ui.chart(ch, scores, f"{study}-bradley-terry", "hs-bt")

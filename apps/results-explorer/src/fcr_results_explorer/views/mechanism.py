@@ -16,7 +16,9 @@ def default_reference(frame: pl.DataFrame) -> str | None:
     """The FD baseline at the smallest stride without FCR (FD-5-baseline in exp-1)."""
     if frame.is_empty():
         return None
-    base = frame.filter(pl.col("lambda_fcr").is_null() | (pl.col("lambda_fcr") == 0))
+    base = frame.filter(pl.col("lambda_fcr").is_null() & (pl.col("sampler") == "fd"))
+    if base.is_empty():
+        base = frame.filter(pl.col("lambda_fcr").is_null() | (pl.col("lambda_fcr") == 0))
     if base.is_empty():
         base = frame
     base = base.sort(pl.col("stride").fill_null(10**6), "variation")
@@ -45,15 +47,16 @@ def render(ctx: ViewContext) -> None:
         scale = alt.Scale(type="log") if log_y else alt.Scale(zero=False)
         base = alt.Chart(data).encode(
             x=alt.X("delta:Q", title="Δ (timesteps apart)", axis=alt.Axis(tickMinStep=1)),
-            color=alt.Color("variation:N"),
+            color=alt.Color("variation:N", legend=alt.Legend(orient="bottom", columns=4,
+                                                             symbolLimit=0, labelLimit=260)),
         )
-        band = base.mark_area(opacity=0.15).encode(y=alt.Y("lo:Q", scale=scale), y2="hi:Q")
+        band = base.mark_area(opacity=0.07).encode(y=alt.Y("lo:Q", scale=scale), y2="hi:Q")
         line = base.mark_line(point=True).encode(
             y=alt.Y("mean:Q", title=f"σ²_Δ (block {block})", scale=scale),
             tooltip=["experiment", "variation", "delta", "n",
                      alt.Tooltip("mean:Q", format=".4g"), alt.Tooltip("ci95:Q", format=".3g")],
         )
-        ui.chart((band + line).properties(height=340), data, f"variance-vs-delta-{block}",
+        ui.chart((band + line).properties(height=360), data, f"variance-vs-delta-{block}",
                  "var-delta")
     _variance_vs_fid(ctx, block)
 
@@ -101,7 +104,8 @@ def _variance_vs_fid(ctx: ViewContext, block: str) -> None:
         x=alt.X("variance:Q", title=f"σ²_Δ, mean over Δ (block {block})",
                 scale=alt.Scale(zero=False)),
         y=alt.Y("delta_quality:Q", title=label),
-        color=alt.Color("variation:N"),
+        color=alt.Color("variation:N", legend=alt.Legend(orient="bottom", columns=4,
+                                                         symbolLimit=0, labelLimit=260)),
         tooltip=["experiment", "variation", alt.Tooltip("variance:Q", format=".4g"),
                  alt.Tooltip("delta_quality:Q", format=".4g")],
     )

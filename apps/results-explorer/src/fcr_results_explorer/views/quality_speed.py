@@ -30,15 +30,30 @@ def render(ctx: ViewContext) -> None:
         speed = state.selectbox("Speed", speeds, key="speed", default=q.speed_metric(speeds),
                                 container=c2, format_func=ui.metric_label)
         sf = q.metric_by_variation(reader, flt, speed)
-        _pareto(qf, sf, quality, speed)
+        st.subheader("Quality against seconds per image")
+        experiments = sorted(qf["experiment"].unique().to_list())
+        # A front only compares like with like: one experiment (model, data, hardware) at a time.
+        experiment = state.selectbox("Experiment", experiments, key="exp") if len(
+            experiments) > 1 else (experiments[0] if experiments else None)
+        if experiment is not None:
+            _pareto(qf.filter(pl.col("experiment") == experiment),
+                    sf.filter(pl.col("experiment") == experiment), quality, speed)
     _by_stride(qf, quality)
 
 
+def _family(frame: pl.DataFrame) -> pl.Expr:
+    """Sampler and fine-tuning of a variation, e.g. ``fd · FCR λ=0.1`` or ``deepcache``."""
+    training = (
+        pl.when(pl.col("lambda_fcr").is_null()).then(pl.lit("no fine-tune"))
+        .otherwise(pl.lit("FCR λ=") + pl.col("lambda_fcr").cast(pl.String))
+    )
+    return (pl.col("sampler").fill_null("?") + pl.lit(" · ") + training)
+
+
 def _pareto(qf: pl.DataFrame, sf: pl.DataFrame, quality: str, speed: str) -> None:
-    st.subheader("Quality against seconds per image")
     data = qf.select(
         "experiment", "variation", "model", "sampler", "stride", "lambda_fcr",
-        pl.col("n").alias("n_quality"), pl.col("mean").alias("quality"),
+        _family(qf).alias("family"), pl.col("n").alias("n_quality"), pl.col("mean").alias("quality"),
         pl.col("ci95").alias("quality_ci95"),
     ).join(
         sf.select("experiment", "variation", pl.col("mean").alias("sec_per_image"),
@@ -59,10 +74,10 @@ def _pareto(qf: pl.DataFrame, sf: pl.DataFrame, quality: str, speed: str) -> Non
         x=alt.X("sec_per_image:Q", title=ui.metric_label(speed), scale=alt.Scale(zero=False)),
     )
     y = alt.Y("quality:Q", title=ui.metric_label(quality), scale=alt.Scale(zero=False))
-    err = base.mark_rule(opacity=0.5).encode(y="q_lo:Q", y2="q_hi:Q", color="model:N")
-    pts = base.mark_point(filled=True, size=110).encode(
+    err = base.mark_rule(opacity=0.5).encode(y="q_lo:Q", y2="q_hi:Q", color="family:N")
+    pts = base.mark_point(filled=True, size=120).encode(
         y=y,
-        color=alt.Color("model:N"),
+        color=alt.Color("family:N", title="sampler · fine-tuning"),
         shape=alt.Shape("pareto:N", title="on Pareto front",
                         scale=alt.Scale(domain=[True, False], range=["diamond", "circle"])),
         tooltip=["experiment", "variation", "stride", "lambda_fcr",
@@ -71,12 +86,14 @@ def _pareto(qf: pl.DataFrame, sf: pl.DataFrame, quality: str, speed: str) -> Non
     )
     line = alt.Chart(data.filter(pl.col("pareto"))).mark_line(
         strokeDash=[6, 4], color="#888").encode(x="sec_per_image:Q", y="quality:Q")
-    labels = base.mark_text(align="left", dx=8, dy=-6, fontSize=11).encode(
-        y="quality:Q", text="variation:N")
+    labels = alt.Chart(data.filter(pl.col("pareto"))).mark_text(
+        align="left", dx=9, dy=-7, fontSize=11).encode(
+        x="sec_per_image:Q", y="quality:Q", text="variation:N")
     ui.chart((line + err + pts + labels).properties(height=420), data, "quality-vs-speed",
              "pareto")
     on_front = data.filter(pl.col("pareto"))["variation"].to_list()
-    st.caption("Pareto front (dashed; nothing is both faster and better): "
+    st.caption("Diamonds on the dashed line are the Pareto front (no other variation is both "
+               "faster and better); bars are 95% CIs over seeds. Front: "
                + ", ".join(f"**{v}**" for v in on_front))
 
 
@@ -87,27 +104,24 @@ def _by_stride(qf: pl.DataFrame, quality: str) -> None:
         st.info("No run with an encoder-caching stride among the filtered runs.")
         return
     data = data.with_columns(
-        pl.when(pl.col("lambda_fcr").is_null() | (pl.col("lambda_fcr") == 0))
-        .then(pl.lit("no FCR"))
-        .otherwise(pl.lit("FCR λ=") + pl.col("lambda_fcr").cast(pl.String))
-        .alias("training"),
+        (_family(data) + pl.lit(" · ") + pl.col("scheduler").fill_null("?")).alias("series"),
         (pl.col("mean") - pl.col("ci95").fill_null(0)).alias("lo"),
         (pl.col("mean") + pl.col("ci95").fill_null(0)).alias("hi"),
-        (pl.col("model") + " · " + pl.col("sampler")).alias("model_sampler"),
-    ).select("experiment", "variation", "model", "sampler", "model_sampler", "training", "stride",
-             "n", "mean", "ci95", "lo", "hi").sort("stride")
+    ).select("experiment", "variation", "model", "series", "stride", "n", "mean", "ci95", "lo",
+             "hi").sort("stride")
     base = alt.Chart(data).encode(
         x=alt.X("stride:Q", title="stride (steps between encoder passes)",
                 axis=alt.Axis(tickMinStep=1)),
-        color=alt.Color("training:N", title="fine-tuning"),
+        color=alt.Color("series:N", title="sampler · fine-tuning · scheduler",
+                        legend=alt.Legend(labelLimit=320)),
     )
     line = base.mark_line(point=alt.OverlayMarkDef(filled=True, size=70)).encode(
         y=alt.Y("mean:Q", title=ui.metric_label(quality), scale=alt.Scale(zero=False)),
-        detail="model_sampler:N",
-        tooltip=["variation", "model", "sampler", "stride", "n",
+        tooltip=["variation", "series", "stride", "n",
                  alt.Tooltip("mean:Q", format=".4g"), alt.Tooltip("ci95:Q", format=".3g")],
     )
-    err = base.mark_errorbar(ticks=True).encode(y="lo:Q", y2="hi:Q")
+    err = base.mark_errorbar(ticks=True).encode(
+        y=alt.Y("lo:Q", title=ui.metric_label(quality)), y2="hi:Q")
     models = data["model"].unique().to_list()
     layered = (err + line).properties(height=300, width=320 if len(models) > 1 else "container")
     ch = layered.facet(column=alt.Column("model:N", title=None)) if len(models) > 1 else layered

@@ -1,0 +1,78 @@
+"""Screenshots of the explorer's main views: docs/explorer-<view>.png.
+
+Serves the app with `streamlit run` on a free local port and captures each view in headless
+Chromium (Debian `chromium`). Re-run it on the real store when the experiment runner's results
+exist:
+
+    uv run python apps/results-explorer/scripts/screenshots.py --db results/fcr.duckdb
+    uv run python apps/results-explorer/scripts/screenshots.py --demo /tmp/fcr-demo/fcr.duckdb
+
+``--demo PATH`` first writes the demo store (made-up numbers, through fcr-eval's writer) at PATH.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from fcr_results_explorer.browser import Page, serve
+
+REPO = Path(__file__).resolve().parents[3]
+
+# view, query string, text that must be on the page, viewport height
+VIEWS = (
+    ("overview", "view=overview", "Variations", 1250),
+    ("compare", "view=compare&experiment_id=mini-exp-1", "Comparison table", 1500),
+    ("quality-speed", "view=quality-speed&experiment_id=mini-exp-1", "Pareto front", 1450),
+    ("mechanism", "view=mechanism&experiment_id=mini-exp-1", "R²", 1500),
+    ("criteria", "view=criteria", "criteria pass", 1150),
+    ("samples", "view=samples&experiment_id=mini-exp-1&vars=fd-5-baseline&vars=fd-10-baseline"
+                "&vars=fcr-l0.10-fd-10&vars=fd-15-baseline&vars=fcr-l0.10-fd-15", "run seed", 1150),
+    ("human-study", "view=human-study", "Bradley–Terry", 1050),
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--db", type=Path, help="an existing results store")
+    src.add_argument("--demo", type=Path, help="write the demo store here, then use it")
+    parser.add_argument("--out", type=Path, default=REPO / "docs", help="default: %(default)s")
+    parser.add_argument("--views", nargs="*", default=[v[0] for v in VIEWS])
+    parser.add_argument("--width", type=int, default=1400)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("fcr_eval").setLevel(logging.WARNING)
+    log = logging.getLogger("screenshots")
+
+    db = args.db
+    if args.demo:
+        from fcr_results_explorer.demo import build_demo_store
+
+        log.info("writing the demo store at %s", args.demo)
+        db = build_demo_store(args.demo)
+    if not db.is_file():
+        log.error("no store at %s", db)
+        return 1
+    written = []
+    with serve(db) as url:
+        for name, query, expect, height in VIEWS:
+            if name not in args.views:
+                continue
+            t0 = time.monotonic()
+            with Page(width=args.width, height=height) as page:
+                page.open(f"{url}/?{query}", expect=expect, timeout_s=180, settle_s=2.0)
+                out = page.screenshot(args.out / f"explorer-{name}.png")
+            written.append((out, time.monotonic() - t0))
+    width = max(len(str(p)) for p, _ in written)
+    print(f"{'screenshot':<{width}}  seconds")
+    for path, secs in written:
+        print(f"{str(path):<{width}}  {secs:7.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
