@@ -14,7 +14,12 @@ encoder features (:func:`encoder_features`).
 """
 
 from .deep_cache import DeepCacheConfig, apply_deep_cache, remove_deep_cache
-from .encoder_cache import EncoderCacheConfig, apply_encoder_cache, inject_prior_noise, remove_encoder_cache
+from .encoder_cache import (
+    EncoderCacheConfig,
+    apply_encoder_cache,
+    inject_prior_noise,
+    remove_encoder_cache,
+)
 from .features import encoder_feature_names, encoder_features, select_feature_names
 from .hooks import CacheStats, get_cache_stats, reset_cache_stats
 from .loading import MODEL_IDS, ModelNotAvailableError, default_device, load_pipeline, load_unet

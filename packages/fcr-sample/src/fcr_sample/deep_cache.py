@@ -19,7 +19,13 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from .hooks import CacheHook, bind_unet_args, register_cache_hook, remove_cache_hook
 from .schedules import key_steps
-from .unet_parts import prepare_conditioning, residuals_consumed, run_down_blocks, run_encoder, run_up_blocks
+from .unet_parts import (
+    prepare_conditioning,
+    residuals_consumed,
+    run_down_blocks,
+    run_encoder,
+    run_up_blocks,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +78,11 @@ class DeepCacheHook(CacheHook):
 
     def on_new_run(self, run) -> None:
         run.state["keys"] = set(
-            key_steps(run.num_steps, stride=self.config.cache_interval, always_key_first=self.config.always_key_first)
+            key_steps(
+                run.num_steps,
+                stride=self.config.cache_interval,
+                always_key_first=self.config.always_key_first,
+            )
         )
         run.state["deep"] = None
 
@@ -86,8 +96,17 @@ class DeepCacheHook(CacheHook):
             sample,
             a["timestep"],
             a["encoder_hidden_states"],
-            **{k: a[k] for k in ("class_labels", "timestep_cond", "attention_mask", "cross_attention_kwargs",
-                                 "added_cond_kwargs", "encoder_attention_mask")},
+            **{
+                k: a[k]
+                for k in (
+                    "class_labels",
+                    "timestep_cond",
+                    "attention_mask",
+                    "cross_attention_kwargs",
+                    "added_cond_kwargs",
+                    "encoder_attention_mask",
+                )
+            },
         )
         shape = tuple(sample.shape[-2:])
         if step in st["keys"] or st["deep"] is None or st["deep"].shape[0] != sample.shape[0]:
@@ -101,15 +120,21 @@ class DeepCacheHook(CacheHook):
             )
             res = enc.down_block_res_samples
             st["deep"] = run_up_blocks(module, enc.mid, res, cond, shape, stop_block=self.cut)
-            out = run_up_blocks(module, st["deep"], res[: self.n_res], cond, shape, start_block=self.cut)
+            out = run_up_blocks(
+                module, st["deep"], res[: self.n_res], cond, shape, start_block=self.cut
+            )
             self.stats.full_forwards += 1
             self.stats.encoder_forwards += 1
             self.stats.decoder_forwards += 1
             self.stats.decoder_batches += 1
             self.stats.decoder_rows += out.shape[0]
         else:
-            _, res = run_down_blocks(module, sample, cond, num_blocks=self.config.cache_branch_id + 1)
-            out = run_up_blocks(module, st["deep"], res[: self.n_res], cond, shape, start_block=self.cut)
+            _, res = run_down_blocks(
+                module, sample, cond, num_blocks=self.config.cache_branch_id + 1
+            )
+            out = run_up_blocks(
+                module, st["deep"], res[: self.n_res], cond, shape, start_block=self.cut
+            )
             self.stats.partial_forwards += 1
         return UNet2DConditionOutput(sample=out) if a["return_dict"] else (out,)
 

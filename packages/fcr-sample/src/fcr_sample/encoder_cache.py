@@ -19,16 +19,28 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+
 import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from .hooks import CacheHook, bind_unet_args, register_cache_hook, remove_cache_hook
 from .schedules import NAMED_SCHEDULES, decoder_groups, key_steps
-from .unet_parts import EncoderOutput, expand_for_steps, prepare_conditioning, run_decoder, run_encoder
+from .unet_parts import (
+    EncoderOutput,
+    expand_for_steps,
+    prepare_conditioning,
+    run_decoder,
+    run_encoder,
+)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EncoderCacheConfig", "apply_encoder_cache", "remove_encoder_cache", "inject_prior_noise"]
+__all__ = [
+    "EncoderCacheConfig",
+    "apply_encoder_cache",
+    "remove_encoder_cache",
+    "inject_prior_noise",
+]
 
 HOOK_NAME = "fcr_encoder_cache"
 
@@ -80,11 +92,15 @@ class EncoderCacheConfig:
         if self.always_key_first < 0:
             raise ValueError(f"always_key_first must be >= 0, got {self.always_key_first}")
         if self.max_parallel_steps is not None and self.max_parallel_steps < 1:
-            raise ValueError(f"max_parallel_steps must be >= 1 or None, got {self.max_parallel_steps}")
+            raise ValueError(
+                f"max_parallel_steps must be >= 1 or None, got {self.max_parallel_steps}"
+            )
         if self.prior_noise_alpha < 0:
             raise ValueError(f"prior_noise_alpha must be >= 0, got {self.prior_noise_alpha}")
         if not 0.0 <= self.prior_noise_tau <= 1.0:
-            raise ValueError(f"prior_noise_tau is a fraction of the training timesteps in [0, 1], got {self.prior_noise_tau}")
+            raise ValueError(
+                f"prior_noise_tau is a fraction of the training timesteps in [0, 1], got {self.prior_noise_tau}"
+            )
 
     def key_steps_for(self, num_steps: int) -> list[int]:
         """Key-step indices for a run of ``num_steps`` UNet calls."""
@@ -108,8 +124,15 @@ class EncoderCacheConfig:
         return base if self.parallel_decoding else base + "-seq"
 
 
-def inject_prior_noise(latents: torch.Tensor, initial_latents: torch.Tensor, timestep, *, alpha: float = 0.003,
-                       tau: float = 0.5, num_train_timesteps: int = 1000) -> torch.Tensor:
+def inject_prior_noise(
+    latents: torch.Tensor,
+    initial_latents: torch.Tensor,
+    timestep,
+    *,
+    alpha: float = 0.003,
+    tau: float = 0.5,
+    num_train_timesteps: int = 1000,
+) -> torch.Tensor:
     """Faster Diffusion's prior noise injection for hand-written loops: ``z_t + α·z_T`` if ``t/T < τ``."""
     if float(timestep) / num_train_timesteps < tau:
         return latents + alpha * initial_latents
@@ -128,8 +151,14 @@ class EncoderCacheHook(CacheHook):
 
     # -- run bookkeeping -------------------------------------------------------------------
     def on_new_run(self, run) -> None:
-        keys = self.config.key_steps_for(run.num_schedule_steps)
-        keys = [k for k in keys if k < run.num_steps]
+        # Uniform and explicit schedules count UNet calls (PNDM makes one more call than it has
+        # steps); the published FD lists are defined per number of inference steps.
+        n = (
+            run.num_schedule_steps
+            if self.config.schedule == "faster-diffusion" and self.config.key_steps is None
+            else run.num_steps
+        )
+        keys = [k for k in self.config.key_steps_for(n) if k < run.num_steps]
         run.state["keys"] = set(keys)
         batches = decoder_groups(keys, run.num_steps, self.config.max_parallel_steps)
         run.state["batch_of"] = {s: b for b in batches for s in b}
@@ -181,8 +210,14 @@ class EncoderCacheHook(CacheHook):
         sample, ehs = a["sample"], a["encoder_hidden_states"]
         cond_kwargs = {
             k: a[k]
-            for k in ("class_labels", "timestep_cond", "attention_mask", "cross_attention_kwargs",
-                      "added_cond_kwargs", "encoder_attention_mask")
+            for k in (
+                "class_labels",
+                "timestep_cond",
+                "attention_mask",
+                "cross_attention_kwargs",
+                "added_cond_kwargs",
+                "encoder_attention_mask",
+            )
         }
         is_key = step in st["keys"]
         cond = None
@@ -215,7 +250,12 @@ class EncoderCacheHook(CacheHook):
             st["pending"].clear()  # conditioning changed mid-group: compute this step on its own
 
         batch = st["batch_of"][step]
-        if self.config.parallel_decoding and batch[0] == step and len(batch) > 1 and _same_tensor(ehs, st["enc_ehs"]):
+        if (
+            self.config.parallel_decoding
+            and batch[0] == step
+            and len(batch) > 1
+            and _same_tensor(ehs, st["enc_ehs"])
+        ):
             outs = self._decode_batch(module, run, batch, enc, sample, ehs, cond_kwargs)
             st["pending"].update(outs)
             out = st["pending"].pop(step)
@@ -228,22 +268,27 @@ class EncoderCacheHook(CacheHook):
             self.stats.decoder_rows += out.shape[0]
         return self._wrap(out, a["return_dict"])
 
-    def _decode_batch(self, unet, run, batch, enc, sample, ehs, cond_kwargs) -> dict[int, torch.Tensor]:
+    def _decode_batch(
+        self, unet, run, batch, enc, sample, ehs, cond_kwargs
+    ) -> dict[int, torch.Tensor]:
         m, B = len(batch), sample.shape[0]
         ts = run.timesteps[batch].to(sample.device)
         t_rows = ts.repeat_interleave(B)  # rows [s*B:(s+1)*B] belong to batch[s]
         probe = sample.new_empty((m * B, 1, 1, 1))  # conditioning reads only batch, dtype, device
-        tiled = {k: expand_for_steps(v, m) if torch.is_tensor(v) else v for k, v in cond_kwargs.items()}
+        tiled = {
+            k: expand_for_steps(v, m) if torch.is_tensor(v) else v for k, v in cond_kwargs.items()
+        }
         if isinstance(tiled.get("added_cond_kwargs"), dict):
             tiled["added_cond_kwargs"] = {
-                k: expand_for_steps(v, m) if torch.is_tensor(v) else v for k, v in tiled["added_cond_kwargs"].items()
+                k: expand_for_steps(v, m) if torch.is_tensor(v) else v
+                for k, v in tiled["added_cond_kwargs"].items()
             }
         cond = prepare_conditioning(unet, probe, t_rows, expand_for_steps(ehs, m), **tiled)
         out = run_decoder(unet, enc.repeat(m), cond)
         self.stats.decoder_forwards += m
         self.stats.decoder_batches += 1
         self.stats.decoder_rows += out.shape[0]
-        return dict(zip(batch, out.chunk(m)))
+        return dict(zip(batch, out.chunk(m), strict=False))
 
     @staticmethod
     def _wrap(out: torch.Tensor, return_dict: bool):
@@ -296,4 +341,3 @@ def remove_encoder_cache(pipe_or_unet) -> None:
     """Remove the encoder cache; the UNet (and scheduler) behave exactly as before it was applied."""
     if not remove_cache_hook(pipe_or_unet, HOOK_NAME):
         logger.warning("remove_encoder_cache: no encoder cache was applied")
-

@@ -70,10 +70,14 @@ def select_feature_names(unet, blocks: str | Iterable[str] = "all") -> list[str]
                 if depth_group == blocks:
                     chosen.append(name)
             if not chosen:
-                raise ValueError(f"block group {blocks!r} is empty for a UNet with {len(unet.down_blocks)} down blocks")
+                raise ValueError(
+                    f"block group {blocks!r} is empty for a UNet with {len(unet.down_blocks)} down blocks"
+                )
             return chosen
         if "." not in blocks and blocks not in ("conv_in", "mid_block"):
-            raise ValueError(f"unknown block group {blocks!r}; use one of {BLOCK_GROUPS} or name prefixes such as 'down_blocks.1'")
+            raise ValueError(
+                f"unknown block group {blocks!r}; use one of {BLOCK_GROUPS} or name prefixes such as 'down_blocks.1'"
+            )
         blocks = [blocks]
     prefixes = list(blocks)
     chosen = [n for n in names if any(n == p or n.startswith(p + ".") for p in prefixes)]

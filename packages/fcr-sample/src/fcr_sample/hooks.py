@@ -14,7 +14,13 @@ from .run_state import RunTracker
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CacheStats", "get_cache_stats", "reset_cache_stats", "find_cache_hooks", "resolve_target"]
+__all__ = [
+    "CacheStats",
+    "get_cache_stats",
+    "reset_cache_stats",
+    "find_cache_hooks",
+    "resolve_target",
+]
 
 
 @dataclass
@@ -65,8 +71,6 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
             "apply the cache before torch.compile: hooks must be registered on the original UNet"
         )
     return module
-
-
 
 
 def bind_unet_args(unet, args: tuple, kwargs: dict) -> dict[str, Any]:

@@ -10,7 +10,14 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MODEL_IDS", "ModelNotAvailableError", "default_device", "resolve_model_id", "load_pipeline", "load_unet"]
+__all__ = [
+    "MODEL_IDS",
+    "ModelNotAvailableError",
+    "default_device",
+    "resolve_model_id",
+    "load_pipeline",
+    "load_unet",
+]
 
 #: Short names for the models the FCR experiments use.
 MODEL_IDS = {
@@ -45,8 +52,14 @@ def _not_available(model: str, what: str, err: Exception) -> ModelNotAvailableEr
     )
 
 
-def load_pipeline(model: str | os.PathLike, *, torch_dtype: torch.dtype | None = None, device=None,
-                  local_files_only: bool | None = None, **kwargs):
+def load_pipeline(
+    model: str | os.PathLike,
+    *,
+    torch_dtype: torch.dtype | None = None,
+    device=None,
+    local_files_only: bool | None = None,
+    **kwargs,
+):
     """A diffusers pipeline from a hub id, a short name or a local folder.
 
     Example:
@@ -63,13 +76,19 @@ def load_pipeline(model: str | os.PathLike, *, torch_dtype: torch.dtype | None =
         pipe = DiffusionPipeline.from_pretrained(
             model, torch_dtype=torch_dtype, local_files_only=bool(local_files_only), **kwargs
         )
-    except (OSError, ValueError, EnvironmentError) as err:
+    except (OSError, ValueError) as err:
         raise _not_available(model, "pipeline", err) from err
     return pipe.to(device or default_device())
 
 
-def load_unet(model: str | os.PathLike, *, subfolder: str | None = "unet", torch_dtype: torch.dtype | None = None,
-              local_files_only: bool | None = None, **kwargs):
+def load_unet(
+    model: str | os.PathLike,
+    *,
+    subfolder: str | None = "unet",
+    torch_dtype: torch.dtype | None = None,
+    local_files_only: bool | None = None,
+    **kwargs,
+):
     """The ``UNet2DConditionModel`` of a pipeline (``subfolder="unet"``) or a bare UNet folder."""
     from diffusers import UNet2DConditionModel
 
@@ -82,7 +101,11 @@ def load_unet(model: str | os.PathLike, *, subfolder: str | None = "unet", torch
             subfolder = None
     try:
         return UNet2DConditionModel.from_pretrained(
-            model, subfolder=subfolder, torch_dtype=torch_dtype, local_files_only=bool(local_files_only), **kwargs
+            model,
+            subfolder=subfolder,
+            torch_dtype=torch_dtype,
+            local_files_only=bool(local_files_only),
+            **kwargs,
         )
-    except (OSError, ValueError, EnvironmentError) as err:
+    except (OSError, ValueError) as err:
         raise _not_available(model, "UNet", err) from err

@@ -86,7 +86,9 @@ class RunTracker:
         self._pending_manual = ts
 
     def _new_run(self, timesteps: torch.Tensor, num_schedule_steps: int, source) -> SamplingRun:
-        self.run = SamplingRun(timesteps=timesteps, num_schedule_steps=num_schedule_steps, source=source)
+        self.run = SamplingRun(
+            timesteps=timesteps, num_schedule_steps=num_schedule_steps, source=source
+        )
         self.runs_started += 1
         return self.run
 

@@ -82,7 +82,9 @@ def key_steps(
     return keys
 
 
-def decoder_groups(keys: Sequence[int], num_steps: int, max_parallel_steps: int | None) -> list[list[int]]:
+def decoder_groups(
+    keys: Sequence[int], num_steps: int, max_parallel_steps: int | None
+) -> list[list[int]]:
     """Split the steps into batches whose decoders run together.
 
     Each key step starts a batch holding itself and the non-key steps after it; a batch holds at
@@ -97,7 +99,7 @@ def decoder_groups(keys: Sequence[int], num_steps: int, max_parallel_steps: int 
         raise ValueError(f"max_parallel_steps must be >= 1 or None, got {max_parallel_steps}")
     bounds = list(keys) + [num_steps]
     batches: list[list[int]] = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    for start, end in zip(bounds[:-1], bounds[1:], strict=False):
         group = list(range(start, end))
         cap = len(group) if max_parallel_steps is None else max_parallel_steps
         batches += [group[i : i + cap] for i in range(0, len(group), cap)]

@@ -13,7 +13,13 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["tiny_unet_config", "tiny_unet", "small_unet_config", "sd15_unet_config", "tiny_sd_pipeline"]
+__all__ = [
+    "tiny_unet_config",
+    "tiny_unet",
+    "small_unet_config",
+    "sd15_unet_config",
+    "tiny_sd_pipeline",
+]
 
 
 def tiny_unet_config(**overrides) -> dict:
@@ -42,8 +48,18 @@ def small_unet_config(**overrides) -> dict:
         out_channels=4,
         block_out_channels=(32, 64, 64, 64),
         layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        down_block_types=(
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "DownBlock2D",
+        ),
+        up_block_types=(
+            "UpBlock2D",
+            "CrossAttnUpBlock2D",
+            "CrossAttnUpBlock2D",
+            "CrossAttnUpBlock2D",
+        ),
         cross_attention_dim=64,
         attention_head_dim=8,
         norm_num_groups=32,
@@ -60,8 +76,18 @@ def sd15_unet_config(**overrides) -> dict:
         out_channels=4,
         block_out_channels=(320, 640, 1280, 1280),
         layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        down_block_types=(
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "DownBlock2D",
+        ),
+        up_block_types=(
+            "UpBlock2D",
+            "CrossAttnUpBlock2D",
+            "CrossAttnUpBlock2D",
+            "CrossAttnUpBlock2D",
+        ),
         cross_attention_dim=768,
         attention_head_dim=8,
         norm_num_groups=32,
@@ -91,7 +117,9 @@ def _write_tiny_clip_vocab(folder: Path) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n")
 
 
-def tiny_sd_pipeline(seed: int = 0, scheduler: str = "ddim", *, sample_size: int = 16, max_length: int = 16):
+def tiny_sd_pipeline(
+    seed: int = 0, scheduler: str = "ddim", *, sample_size: int = 16, max_length: int = 16
+):
     """A real ``StableDiffusionPipeline`` assembled from tiny random components.
 
     UNet from :func:`tiny_unet_config`, a 2-level ``AutoencoderKL``, a 2-layer CLIP text encoder
@@ -110,7 +138,9 @@ def tiny_sd_pipeline(seed: int = 0, scheduler: str = "ddim", *, sample_size: int
     try:
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("tiny_sd_pipeline needs transformers: `pip install transformers`") from err
+        raise ImportError(
+            "tiny_sd_pipeline needs transformers: `pip install transformers`"
+        ) from err
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**tiny_unet_config(sample_size=sample_size)).eval()
@@ -127,7 +157,9 @@ def tiny_sd_pipeline(seed: int = 0, scheduler: str = "ddim", *, sample_size: int
     ).eval()
     folder = Path(tempfile.mkdtemp(prefix="fcr-tiny-clip-"))
     _write_tiny_clip_vocab(folder)
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
+    tokenizer = CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length
+    )
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
@@ -139,12 +171,18 @@ def tiny_sd_pipeline(seed: int = 0, scheduler: str = "ddim", *, sample_size: int
             max_position_embeddings=max_length,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id
+            if tokenizer.pad_token_id is not None
+            else tokenizer.eos_token_id,
         )
     ).eval()
-    sched_kwargs = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    sched_kwargs = dict(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
+    )
     schedulers = {
-        "ddim": lambda: DDIMScheduler(clip_sample=False, set_alpha_to_one=False, steps_offset=1, **sched_kwargs),
+        "ddim": lambda: DDIMScheduler(
+            clip_sample=False, set_alpha_to_one=False, steps_offset=1, **sched_kwargs
+        ),
         "dpm++": lambda: DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", **sched_kwargs),
         "euler": lambda: EulerDiscreteScheduler(**sched_kwargs),
         "pndm": lambda: PNDMScheduler(skip_prk_steps=True, steps_offset=1, **sched_kwargs),
@@ -163,3 +201,24 @@ def tiny_sd_pipeline(seed: int = 0, scheduler: str = "ddim", *, sample_size: int
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def sample_latents(
+    pipe,
+    *,
+    steps: int = 10,
+    guidance: float = 7.5,
+    batch: int = 1,
+    seed: int = 0,
+    prompt: str = "a photo of a shirt",
+) -> torch.Tensor:
+    """Final latents of one seeded pipeline call (no VAE decode)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        return pipe(
+            [prompt] * batch,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=g,
+            output_type="latent",
+        ).images

@@ -61,7 +61,7 @@ class EncoderOutput:
 
     def named_features(self) -> dict[str, torch.Tensor]:
         """All encoder outputs by name; the mid block is ``"mid_block"``."""
-        feats = dict(zip(self.names, self.down_block_res_samples))
+        feats = dict(zip(self.names, self.down_block_res_samples, strict=False))
         feats["mid_block"] = self.mid
         return feats
 
@@ -69,7 +69,9 @@ class EncoderOutput:
         """The same features tiled ``times`` along the batch (step-major), for parallel decoding."""
         return replace(
             self,
-            down_block_res_samples=tuple(expand_for_steps(t, times) for t in self.down_block_res_samples),
+            down_block_res_samples=tuple(
+                expand_for_steps(t, times) for t in self.down_block_res_samples
+            ),
             mid=expand_for_steps(self.mid, times),
         )
 
@@ -202,14 +204,16 @@ def run_down_blocks(
     for block in blocks:
         if getattr(block, "has_cross_attention", False):
             extra = {"additional_residuals": intrablock.pop(0)} if intrablock else {}
-            sample, block_res = block(hidden_states=sample, temb=cond.emb, **_block_kwargs(block, cond), **extra)
+            sample, block_res = block(
+                hidden_states=sample, temb=cond.emb, **_block_kwargs(block, cond), **extra
+            )
         else:
             sample, block_res = block(hidden_states=sample, temb=cond.emb)
             if intrablock:
                 sample += intrablock.pop(0)
         res += block_res
     if down_block_additional_residuals is not None:  # ControlNet
-        res = tuple(r + a for r, a in zip(res, down_block_additional_residuals))
+        res = tuple(r + a for r, a in zip(res, down_block_additional_residuals, strict=False))
     return sample, res
 
 
