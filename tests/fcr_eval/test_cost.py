@@ -54,3 +54,12 @@ def test_compute_fraction():
 
 def test_describe_device_cpu():
     assert describe_device("cpu").startswith("cpu: ")
+
+
+def test_to_timing_record_takes_cache_counters():
+    from fcr_eval.cost import TimingResult, to_timing_record
+
+    t = TimingResult(0.5, 0.01, 8, 3, 1, "cpu: 2 cores")
+    rec = to_timing_record(t, flops_per_image=1e9, peak_memory=(123, "process_rss"),
+                           forward_counts={"unet_calls": 20, "encoder_forwards": 4, "decoder_forwards": 20})
+    assert (rec.batch_size, rec.n_images, rec.warmup, rec.encoder_forwards, rec.memory_kind) == (8, 24, 1, 4, "process_rss")

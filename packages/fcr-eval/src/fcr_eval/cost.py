@@ -38,6 +38,7 @@ __all__ = [
     "training_flops",
     "finetune_compute_fraction",
     "SD_V1_PRETRAIN_A100_HOURS",
+    "to_timing_record",
 ]
 
 logger = logging.getLogger(__name__)
@@ -202,3 +203,31 @@ def finetune_compute_fraction(finetune_compute: float, pretrain_compute: float) 
     if finetune_compute < 0:
         raise ValueError(f"fine-tuning compute must be >= 0, got {finetune_compute}")
     return float(finetune_compute / pretrain_compute)
+
+
+def to_timing_record(timing: TimingResult, *, flops_per_image: float | None = None,
+                     peak_memory: tuple[int, str] | None = None, forward_counts: Any = None):
+    """Build the store's :class:`~fcr_eval.store.TimingRecord` from a :class:`TimingResult`.
+
+    Args:
+        flops_per_image: from :func:`count_flops` of one sampling run ÷ its images.
+        peak_memory: ``(bytes, kind)`` from :func:`measure_peak_memory`.
+        forward_counts: forward counters of ONE sampling run — ``fcr_sample.get_cache_stats(pipe)``
+            after ``reset_cache_stats`` and one run, or a dict with ``unet_calls``,
+            ``encoder_forwards``, ``decoder_forwards`` (without a cache all three equal the steps).
+
+    Example:
+        >>> to_timing_record(t, flops_per_image=count_flops(run) / 8, peak_memory=measure_peak_memory(run),
+        ...                  forward_counts=get_cache_stats(pipe))
+    """
+    from .store import TimingRecord
+
+    counts = forward_counts.as_dict() if hasattr(forward_counts, "as_dict") else dict(forward_counts or {})
+    nbytes, kind = peak_memory if peak_memory is not None else (None, None)
+    return TimingRecord(
+        batch_size=timing.images_per_call, sec_per_image=timing.sec_per_image,
+        unet_calls=counts.get("unet_calls"), encoder_forwards=counts.get("encoder_forwards"),
+        decoder_forwards=counts.get("decoder_forwards"), flops_per_image=flops_per_image,
+        peak_memory_bytes=nbytes, memory_kind=kind, device=timing.device, n_images=timing.n_images,
+        warmup=timing.warmup,
+    )
