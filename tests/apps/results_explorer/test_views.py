@@ -132,6 +132,12 @@ def test_quality_speed_marks_the_pareto_front(small_store, app_for):
 
 def test_mechanism_fits_variance_against_the_fid_difference(small_store, app_for):
     at = _run(app_for(small_store, view="mechanism", experiment_id="exp-a"))
+    # by default the fit stays within the FCR variations' stride (10): two points, no fit
+    assert at.selectbox(key="fit_stride").value == "10"
+    assert "needs at least three" in _texts(at)
+    at.selectbox(key="fit_stride").set_value("all")
+    _run(at)
+    assert at.query_params["fit_stride"] == "all"
     # per variation: σ²_Δ mean over Δ = 1..3 and ΔFD against the reference fd-5
     x = np.array([0.04 * 2, 0.04 * 2, 0.02 * 2])  # fd-5, fd-10, fcr-10
     y = np.array([0.0, 21 - 12, 13.5 - 12])

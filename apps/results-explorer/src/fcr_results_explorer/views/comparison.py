@@ -93,22 +93,24 @@ def render(ctx: ViewContext) -> None:
 
 
 def _bar_with_ci(frame: pl.DataFrame, metric: str) -> None:
+    single = frame["experiment"].n_unique() == 1
     data = frame.with_columns(
         (pl.col("mean") - pl.col("ci95").fill_null(0)).alias("lo"),
         (pl.col("mean") + pl.col("ci95").fill_null(0)).alias("hi"),
-        (pl.col("experiment") + " / " + pl.col("variation")).alias("label"),
+        (pl.col("variation") if single
+         else pl.col("experiment") + " / " + pl.col("variation")).alias("label"),
     ).select("label", "experiment", "variation", "n", "mean", "ci95", "lo", "hi")
     base = alt.Chart(data).encode(
         y=alt.Y("label:N", sort=None, title=None, axis=alt.Axis(labelLimit=400)))
     points = base.mark_point(filled=True, size=90).encode(
         x=alt.X("mean:Q", title=ui.metric_label(metric), scale=alt.Scale(zero=False)),
-        color=alt.Color("experiment:N", legend=alt.Legend(orient="bottom")),
+        color=alt.Color("experiment:N",
+                        legend=None if single else alt.Legend(orient="bottom")),
         tooltip=["experiment", "variation", "n", alt.Tooltip("mean:Q", format=".4g"),
                  alt.Tooltip("ci95:Q", format=".3g")],
     )
     bars = base.mark_rule(strokeWidth=2).encode(x="lo:Q", x2="hi:Q", color="experiment:N")
-    height = max(120, 28 * data.height)
-    ui.chart((bars + points).properties(height=height), data, f"{metric}-by-variation",
+    ui.chart((bars + points).properties(height=alt.Step(26)), data, f"{metric}-by-variation",
              "comparison-bar")
 
 

@@ -47,16 +47,16 @@ def render(ctx: ViewContext) -> None:
         scale = alt.Scale(type="log") if log_y else alt.Scale(zero=False)
         base = alt.Chart(data).encode(
             x=alt.X("delta:Q", title="Δ (timesteps apart)", axis=alt.Axis(tickMinStep=1)),
-            color=alt.Color("variation:N", legend=alt.Legend(orient="bottom", columns=4,
-                                                             symbolLimit=0, labelLimit=260)),
         )
-        band = base.mark_area(opacity=0.07).encode(y=alt.Y("lo:Q", scale=scale), y2="hi:Q")
+        band = base.mark_area(opacity=0.07).encode(
+            y=alt.Y("lo:Q", scale=scale), y2="hi:Q", color=alt.Color("variation:N", legend=None))
         line = base.mark_line(point=True).encode(
+            color=alt.Color("variation:N", legend=alt.Legend(symbolLimit=0, labelLimit=260)),
             y=alt.Y("mean:Q", title=f"σ²_Δ (block {block})", scale=scale),
             tooltip=["experiment", "variation", "delta", "n",
                      alt.Tooltip("mean:Q", format=".4g"), alt.Tooltip("ci95:Q", format=".3g")],
         )
-        ui.chart((band + line).properties(height=360), data, f"variance-vs-delta-{block}",
+        ui.chart((line + band).properties(height=360), data, f"variance-vs-delta-{block}",
                  "var-delta")
     _variance_vs_fid(ctx, block)
 
@@ -70,11 +70,18 @@ def _variance_vs_fid(ctx: ViewContext, block: str) -> None:
         return
     reader, flt, state = ctx.reader, ctx.run_filter, ctx.state
     var = q.metric_by_variation(reader, flt, q.FEATURE_VARIANCE, block)
-    c1, c2 = st.columns(2)
+    c1, c2, c3 = st.columns([2, 2, 1])
     quality = state.selectbox("Quality metric", qualities, key="quality",
                               default=q.default_quality_metric(qualities), container=c1,
                               format_func=ui.metric_label)
     qual = q.metric_by_variation(reader, flt, quality)
+    # σ²_Δ explains the quality lost to caching at a given stride: fit within one stride.
+    strides = sorted({int(s) for s in qual["stride"].drop_nulls().to_list()}) if qual.height else []
+    fcr_strides = qual.filter(pl.col("lambda_fcr").is_not_null())["stride"].drop_nulls() \
+        if qual.height else pl.Series([], dtype=pl.Int64)
+    default_stride = str(int(fcr_strides.mode().sort()[0])) if fcr_strides.len() else "all"
+    fit_stride = state.selectbox("Stride of the fit", ["all", *map(str, strides)],
+                                 key="fit_stride", default=default_stride, container=c3)
     if var.is_empty() or qual.is_empty():
         st.info("Needs both feature statistics and the quality metric for the same variations.")
         return
@@ -95,17 +102,19 @@ def _variance_vs_fid(ctx: ViewContext, block: str) -> None:
         .with_columns((pl.col("quality") - pl.col("ref_quality")).alias("delta_quality"))
         .sort("variance")
     )
+    if fit_stride not in (None, "all"):
+        data = data.filter(pl.col("stride") == int(fit_stride))
     if data.is_empty():
-        st.info(f"No experiment in the filter has the reference variation {ref!r}.")
+        st.info(f"No variation at stride {fit_stride} in an experiment with the reference "
+                f"variation {ref!r}.")
         return
     fit = linear_fit(data["variance"].to_list(), data["delta_quality"].to_list())
-    label = f"Δ {ui.metric_label(quality)} vs {ref}"
+    label = f"Δ {ui.metric_label(quality).split(' (')[0]} vs {ref}"
     pts = alt.Chart(data).mark_point(filled=True, size=110).encode(
         x=alt.X("variance:Q", title=f"σ²_Δ, mean over Δ (block {block})",
                 scale=alt.Scale(zero=False)),
         y=alt.Y("delta_quality:Q", title=label),
-        color=alt.Color("variation:N", legend=alt.Legend(orient="bottom", columns=4,
-                                                         symbolLimit=0, labelLimit=260)),
+        color=alt.Color("variation:N", legend=alt.Legend(symbolLimit=0, labelLimit=260)),
         tooltip=["experiment", "variation", alt.Tooltip("variance:Q", format=".4g"),
                  alt.Tooltip("delta_quality:Q", format=".4g")],
     )
@@ -127,5 +136,5 @@ def _variance_vs_fid(ctx: ViewContext, block: str) -> None:
         cols[2].metric("slope", f"{fit.slope:.4g}")
         cols[3].metric("points", fit.n)
         st.caption(f"Least-squares fit Δquality = {fit.slope:.4g}·σ²_Δ + {fit.intercept:.4g} "
-                   f"over variations; p = {fit.p_value:.3g}. The design's criterion asks for "
-                   "R² ≥ 0.6.")
+                   f"over variations{'' if fit_stride == 'all' else f' at stride {fit_stride}'}; "
+                   f"p = {fit.p_value:.3g}. The design's criterion asks for R² ≥ 0.6.")
