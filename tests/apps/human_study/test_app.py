@@ -233,3 +233,27 @@ def test_analyse_and_readers_take_turns_with_the_running_server(app):
     assert len(expected.win_rates) > 0
     # The server goes on storing votes after the other processes let go of the file.
     assert c.predict(out[TOKEN], api_name="/vote_right")[STATUS].startswith("✓")
+
+
+def test_a_vote_blocked_by_another_process_is_not_acknowledged_and_can_be_retried(app):
+    service = app["service"]
+    c = client(app["url"])
+    out = c.predict(app["tokens"][26], api_name="/start")
+    before = service.store.query("SELECT count(*) FROM votes")[0][0]
+    time.sleep(1.5)  # the server lets go of the file when idle
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); "
+         "print('held', flush=True); time.sleep(4)", str(app["study"])],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    old_timeout, service.store.lock_timeout = service.store.lock_timeout, 0.5
+    try:
+        res = c.predict(out[TOKEN], api_name="/vote_left")
+        assert "busy" in res[STATUS] and "did not record" in res[STATUS]
+    finally:
+        service.store.lock_timeout = old_timeout
+        holder.wait(timeout=30)
+    # The same click again, once the other process is gone, is stored once.
+    res = c.predict(out[TOKEN], api_name="/vote_left")
+    assert res[STATUS].startswith("✓")
+    assert service.store.query("SELECT count(*) FROM votes")[0][0] == before + 1

@@ -29,6 +29,7 @@ from typing import Any
 import gradio as gr
 
 from .rating import CHOICES, Presentation, RatingService, UnknownRater, VoteRefused
+from .store import StudyStoreError
 
 __all__ = ["INSTRUCTIONS", "CSS", "build_app", "launch_app"]
 
@@ -94,12 +95,19 @@ def _screen(service: RatingService, rater_id: str | None, status: str = "") -> t
 def build_app(service: RatingService, *, title: str = "Image preference study") -> gr.Blocks:
     """The Gradio Blocks of the study (launch it with :func:`launch_app`)."""
 
+    def busy(status: str) -> tuple:
+        # Nothing changes on screen (the same pair stays, with its token), only the status.
+        return (*(gr.update() for _ in range(9)), status)
+
     def start(token: str):
         try:
             rater_id = service.rater_for_token(token)
+            return _screen(service, rater_id)
         except UnknownRater:
             return _screen(service, None, "⚠️ Unknown invitation token. Please check it and try again.")
-        return _screen(service, rater_id)
+        except StudyStoreError as e:
+            logger.error("start failed: %s", e)
+            return busy("⚠️ The study server is busy. Please try again in a moment.")
 
     def start_from_link(request: gr.Request):
         # Invitation links may carry the token (``/?token=...``): start straight away.
@@ -118,7 +126,14 @@ def build_app(service: RatingService, *, title: str = "Image preference study") 
         except VoteRefused as e:
             logger.warning("vote refused for %s: %s", rater_id, e)
             return _screen(service, rater_id, f"⚠️ Vote not recorded: {e}.")
-        return _screen(service, rater_id, "✓ Saved.")
+        except StudyStoreError as e:  # e.g. another process held the file too long
+            logger.error("vote of %s not stored: %s", rater_id, e)
+            return busy("⚠️ The server is busy and did not record this vote. Please click again.")
+        try:
+            return _screen(service, rater_id, "✓ Saved.")
+        except StudyStoreError as e:
+            logger.error("next pair for %s: %s", rater_id, e)
+            return busy("✓ Saved. The server is busy: reload the page to continue.")
 
     def admin_guard(secret: str) -> None:
         if not service.admin_ok(secret):

@@ -13,6 +13,7 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from .store import DEFAULT_STUDY_PATH
@@ -66,6 +67,11 @@ def _cmd_invite(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    # Gradio serves whatever lies in its upload and example-cache folders (shared by every Gradio
+    # app on the machine by default): give this server private, empty ones.
+    private = Path(tempfile.mkdtemp(prefix="fcr-human-study-gradio-"))
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(private / "uploads"))
+    os.environ.setdefault("GRADIO_EXAMPLES_CACHE", str(private / "examples"))
     from .app import build_app, launch_app
     from .rating import RatingService
     from .store import StudyStore
