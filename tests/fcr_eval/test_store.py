@@ -240,3 +240,16 @@ def test_large_run_writes(tmp_path):
     s = ResultsStore(tmp_path / "s.duckdb")
     assert s.write_run(_result(n_prompts=3000))
     assert _counts(tmp_path / "s.duckdb")["per_prompt_scores"] == 3000
+
+
+def test_empty_and_null_results_are_typed(tmp_path):
+    import polars as pl
+
+    s = ResultsStore(tmp_path / "s.duckdb")
+    empty = s.metrics(experiment_id="nothing")
+    assert empty.height == 0 and empty.schema["value"] == pl.Float64 and empty.schema["metric"] == pl.String
+    assert empty.filter(pl.col("metric") == "x").height == 0
+    s.write_run(_result())
+    runs = s.runs()
+    assert runs.schema["lambda_fcr"] == pl.Float64 and runs["lambda_fcr"].to_list() == [None]
+    assert runs.schema["finished_at"] == pl.Datetime("us")

@@ -458,6 +458,12 @@ def migrate(con: duckdb.DuckDBPyConnection, target: int = SCHEMA_VERSION) -> int
 
 _LOCK_RE = re.compile(r"lock", re.IGNORECASE)
 
+_POLARS_TYPES = {
+    "VARCHAR": pl.String, "JSON": pl.String, "INTEGER": pl.Int64, "BIGINT": pl.Int64,
+    "SMALLINT": pl.Int64, "HUGEINT": pl.Int64, "DOUBLE": pl.Float64, "FLOAT": pl.Float64,
+    "BOOLEAN": pl.Boolean, "TIMESTAMP": pl.Datetime("us"),
+}
+
 
 def _json(obj: Mapping[str, Any] | None) -> str:
     return json.dumps(obj or {}, sort_keys=True, default=_json_default)
@@ -752,11 +758,12 @@ class ResultsStore:
         """
         with self._connect() as con:
             cur = con.execute(query, list(params or []))
-            cols = [d[0] for d in cur.description]
+            schema = {d[0]: _POLARS_TYPES.get(str(d[1]).upper()) for d in cur.description}
             rows = cur.fetchall()
-        if not rows:
-            return pl.DataFrame({c: [] for c in cols})
-        return pl.DataFrame(rows, schema=cols, orient="row", infer_schema_length=None)
+        # Typed columns even when a result is empty or all-NULL, so filters keep working.
+        if all(t is not None for t in schema.values()):
+            return pl.DataFrame(rows, schema=schema, orient="row")
+        return pl.DataFrame(rows, schema=list(schema), orient="row", infer_schema_length=None)
 
     @staticmethod
     def _where(**filters: Any) -> tuple[str, list[Any]]:
