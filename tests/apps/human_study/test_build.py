@@ -107,7 +107,7 @@ def test_fewer_candidates_than_asked_uses_all_with_a_warning(results_store: Path
     report = build_study(results_store, tmp_path / "s.duckdb", n_pairs=1000, attention_share=0.1)
     # 3 variation pairs × 6 prompts × 2 seeds = 36 distinct pairs exist.
     assert report.n_pairs - report.n_attention == 36
-    assert any("only 36 distinct pairs" in w for w in report.warnings)
+    assert any("only 36 distinct pairs of samples" in w for w in report.warnings)
 
 
 def test_invitation_tokens_are_unguessable_and_stored_hashed(results_store: Path, tmp_path: Path):

@@ -143,7 +143,8 @@ def select_pairs(samples: Sequence[SampleRef], n_pairs: int, *, seed: int = 0
     quotas = _water_fill(n_pairs, [len(candidates[vp]) for vp in vpairs])
     if sum(quotas) < n_pairs:
         warnings.append(
-            f"only {sum(quotas)} distinct pairs exist (asked for {n_pairs}); the study uses all of them"
+            f"only {sum(quotas)} distinct pairs of samples exist (asked for {n_pairs} besides "
+            "attention checks); the study uses all of them"
         )
     prompt_use: Counter[str] = Counter()
     remaining = {vp: list(candidates[vp]) for vp in vpairs}
