@@ -31,7 +31,7 @@ VIEWS = (
     ("criteria", "view=criteria", "criteria pass", 1150),
     ("samples", "view=samples&experiment_id=mini-exp-1&vars=fd-5-baseline&vars=fd-10-baseline"
                 "&vars=fcr-l0.10-fd-10&vars=fd-15-baseline&vars=fcr-l0.10-fd-15", "run seed", 1150),
-    ("human-study", "view=human-study", "Bradley–Terry", 1050),
+    ("human-study", "view=human-study", "Bradley–Terry", 1300),
 )
 
 

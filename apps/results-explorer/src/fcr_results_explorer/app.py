@@ -122,6 +122,12 @@ def main() -> None:
                 "refresh.",
                 icon="⏳",
             )
+        demo = reader.frame(
+            "SELECT count(*) AS n FROM runs WHERE json_extract_string(params, '$.demo') = 'true'"
+        )["n"][0]
+        if demo:
+            st.sidebar.warning(f"{demo} runs in this store are demo runs with made-up numbers "
+                               "(`fcr_results_explorer.demo`).", icon=":material/science:")
         flt = _sidebar_filters(reader, state)
         ctx = ViewContext(reader, flt, state, q.metric_catalogue(reader))
         render(ctx)

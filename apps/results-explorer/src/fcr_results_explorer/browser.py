@@ -92,6 +92,7 @@ def serve(
         "--server.fileWatcherType", "none",
         "--browser.gatherUsageStats", "false",
         "--theme.base", "light",
+        "--client.toolbarMode", "viewer",
     ]
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
