@@ -6,7 +6,6 @@ import time
 
 import pytest
 import torch
-
 from fcr_eval.cost import (
     count_flops,
     describe_device,

@@ -5,9 +5,16 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from fcr_eval.criteria import CriteriaConfig, evaluate_criteria, evaluate_store_criteria
-from fcr_eval.store import FeatureStat, MetricRecord, ResultsStore, RunRecord, RunResult, TimingRecord, make_run_id
+from fcr_eval.store import (
+    FeatureStat,
+    MetricRecord,
+    ResultsStore,
+    RunRecord,
+    RunResult,
+    TimingRecord,
+    make_run_id,
+)
 
 # variation: (quality FD, class agreement, sec/img, peak bytes, σ², finetune fraction)
 SCENARIOS = {

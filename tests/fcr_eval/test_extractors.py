@@ -7,7 +7,6 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
-
 from fcr_eval.clip_score import CLIPScorer
 from fcr_eval.extractors import (
     EfficientNetLite0Extractor,

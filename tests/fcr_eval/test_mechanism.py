@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import DDPMScheduler
-
 from fcr_eval.mechanism import encoder_feature_variance, mean_variance
 from fcr_sample.features import encoder_features
 from fcr_sample.testing import tiny_unet

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from fcr_eval.extractors import ExtractedFeatures
 from fcr_eval.frechet import frechet_distance_from_features
 from fcr_eval.quality import load_features, quality_metrics, save_features

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
-
 from fcr_eval.robustness import (
     RobustnessProtocol,
     fgsm_initial_latent,

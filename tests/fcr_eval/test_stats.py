@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy import stats
-
 from fcr_eval.stats import align_paired, bootstrap_paired_ci, mean_ci, paired_t_test, pearson_r2
+from scipy import stats
 
 
 def test_mean_ci_matches_scipy_t_interval():

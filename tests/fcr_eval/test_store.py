@@ -6,7 +6,6 @@ import json
 
 import duckdb
 import pytest
-
 from fcr_eval import store as store_mod
 from fcr_eval.store import (
     SCHEMA_VERSION,

@@ -45,7 +45,7 @@ def inception_score(logits, splits: int = 10) -> ISResult:
     logp = log_softmax(a, axis=1)
     scores = []
     bounds = np.linspace(0, n, splits + 1).astype(int)
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
         lp = logp[lo:hi]
         p = np.exp(lp)
         log_py = np.log(p.mean(axis=0) + 1e-30)

@@ -23,7 +23,6 @@ import logging
 from collections.abc import Iterable
 
 import torch
-
 from fcr_sample.features import encoder_features
 
 from .store import FeatureStat
