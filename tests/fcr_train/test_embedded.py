@@ -5,8 +5,6 @@ import os
 import numpy as np
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
-
 from fcr_train.data import FashionMNISTDataset
 from fcr_train.embedded import (
     BASE_WEIGHTS_DIR,
@@ -17,6 +15,7 @@ from fcr_train.embedded import (
     fashion_mnist_dir,
     read_idx,
 )
+from torch.utils.flop_counter import FlopCounterMode
 
 
 def test_embedded_unet_is_cheap_enough():

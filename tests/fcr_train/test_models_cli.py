@@ -2,7 +2,6 @@ import json
 
 import pytest
 import torch
-
 from fcr_train.cli import build_parser, main
 from fcr_train.models import ModelNotAvailableError, load_sd_components
 
@@ -18,7 +17,6 @@ def test_offline_hub_id_names_missing_part(monkeypatch, tmp_path):
 
 def test_local_folder_missing_parts(tmp_path):
     from diffusers import UNet2DConditionModel
-
     from fcr_train.embedded import TINY_UNET_CONFIG
 
     UNet2DConditionModel(**TINY_UNET_CONFIG).save_pretrained(tmp_path / "sd" / "unet")

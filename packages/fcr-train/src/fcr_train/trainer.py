@@ -268,22 +268,30 @@ class FCRObjective(torch.nn.Module):
 
 
 class _TrainState:
-    """Counters and RNG that accelerate checkpoints alongside model and optimizer."""
+    """Counters that accelerate checkpoints alongside model, optimizer and LR schedule.
+
+    The random draws of micro-batch ``m`` on process ``r`` (t, Δ, ε, flips, condition dropout,
+    VAE posterior samples) come from a generator seeded with ``(seed, r, m)``, so a resumed run
+    needs only ``micro`` to repeat them, on any number of processes.
+    """
 
     def __init__(self, seed: int, ema: EMA | None, stopper: EarlyStopping, bad: BadSampleCounter):
         self.step = 0
         self.micro = 0
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self.generator = torch.Generator()
         self.ema = ema
         self.stopper = stopper
         self.bad = bad
         self.best_checkpoint: str | None = None
 
+    def generator_for(self, micro: int) -> torch.Generator:
+        return self.generator.manual_seed((self.seed * 1_000_003 + micro) % (2**63 - 1))
+
     def state_dict(self) -> dict:
         return {
             "step": self.step,
             "micro": self.micro,
-            "generator": self.generator.get_state(),
             "ema": self.ema.state_dict() if self.ema else None,
             "stopper": asdict(self.stopper),
             "bad": self.bad.state_dict(),
@@ -292,7 +300,6 @@ class _TrainState:
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.micro = int(state["step"]), int(state["micro"])
-        self.generator.set_state(state["generator"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
         for k, v in state["stopper"].items():
@@ -426,7 +433,7 @@ def train(
         objective, optimizer = accelerator.prepare(objective, optimizer)
         ema = EMA(_unwrap_unet(accelerator, objective), config.ema_decay) if config.ema_decay else None
         state = _TrainState(
-            config.seed + 1000 * accelerator.process_index,
+            config.seed + 7919 * accelerator.process_index,
             ema,
             EarlyStopping(config.early_stopping_patience, config.early_stopping_min_delta, config.early_stopping_mode),
             BadSampleCounter(config.max_bad_fraction, config.max_bad_count, min_seen=min(200, len(dataset))),
@@ -476,11 +483,11 @@ def train(
         data_iter = iter(loader)
         while state.step < config.max_steps:
             batch = next(data_iter)
+            g = state.generator_for(state.micro)
             state.micro += 1
             state.bad.update(batch["n_seen"], batch["n_bad"], batch["bad"])
             if len(batch["caption"]) == 0:
                 continue
-            g = state.generator
             with accelerator.accumulate(objective):
                 x0, text = conditioner(batch, device, g)
                 n = x0.shape[0]

@@ -1,0 +1,131 @@
+"""Step time of FCR fine-tuning versus plain fine-tuning (λ = 0), as a ratio.
+
+One "step" = FCR loss forward + backward + AdamW update, as in ``fcr_train.trainer``. The
+variants are timed interleaved (A, B, C, A, B, C, ...) so that load from other processes on a
+shared machine hits them alike; the median per variant is reported.
+
+    uv run python benchmarks/train_step.py                 # CPU, embedded UNet (28x28, batch 32)
+    uv run python benchmarks/train_step.py --device cuda   # + SD-v1.5-architecture UNet at 512^2 (64^2 latents), random weights
+
+Prints a table and a JSON record (config, hardware, code version) for docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from fcr_train.embedded import EMBEDDED_UNET_CONFIG, SCHEDULER_CONFIG
+from fcr_train.loss import FCRConfig, fcr_loss
+from fcr_train.provenance import code_version, hardware
+
+# SD v1.5 UNet architecture (859.5M parameters); random weights are valid for timing.
+SD15_UNET_CONFIG = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "layers_per_block": 2,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+}
+
+VARIANTS = {
+    "plain (lam=0)": FCRConfig(lam=0.0),
+    "FCR lam=0.1, batched encoders": FCRConfig(lam=0.1, batched=True),
+    "FCR lam=0.1, two encoder passes": FCRConfig(lam=0.1, batched=False),
+    "FCR lam=0.1, batched, stop-grad": FCRConfig(lam=0.1, batched=True, stop_grad=True),
+}
+
+
+def time_variants(unet, scheduler, x0, text, repeats: int, warmup: int, device, autocast_dtype=None) -> dict[str, list[float]]:
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-6)
+    g = torch.Generator().manual_seed(0)
+    times: dict[str, list[float]] = {k: [] for k in VARIANTS}
+
+    def step(cfg):
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            out = fcr_loss(unet, scheduler, x0, text, cfg, generator=g)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for r in range(warmup + repeats):
+        for name, cfg in VARIANTS.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step(cfg)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def report(title: str, times: dict[str, list[float]], meta: dict) -> dict:
+    base = statistics.median(times["plain (lam=0)"])
+    print(f"\n{title}")
+    print(f"{'variant':<36} {'median s/step':>14} {'ratio vs lam=0':>15}")
+    rows = {}
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        rows[name] = {"median_s": round(med, 4), "ratio": round(med / base, 3), "n": len(ts)}
+        print(f"{name:<36} {med:>14.4f} {med / base:>15.3f}")
+    return {"title": title, **meta, "results": rows}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu or cuda [%(default)s]")
+    p.add_argument("--batch-size", type=int, default=32, help="embedded-UNet batch [%(default)s]")
+    p.add_argument("--repeats", type=int, default=10, help="timed rounds per variant [%(default)s]")
+    p.add_argument("--sd-batch-size", type=int, default=4, help="SD-v1.5-architecture batch on GPU [%(default)s]")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", default=None, help="also write the records to this file")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    records = []
+    meta = {"code": code_version(), "hardware": hardware(device), "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**EMBEDDED_UNET_CONFIG).to(device).train()
+    sched = DDPMScheduler(**SCHEDULER_CONFIG)
+    x0 = torch.rand(args.batch_size, 1, 28, 28, device=device) * 2 - 1
+    text = torch.randn(args.batch_size, 16, 384, device=device)
+    times = time_variants(unet, sched, x0, text, args.repeats, warmup=2, device=device)
+    records.append(report(f"embedded UNet (28x28, batch {args.batch_size}) on {device.type}", times,
+                          {"model": "embedded", "batch_size": args.batch_size, "device": str(device), **meta}))
+
+    if device.type == "cuda":
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(**SD15_UNET_CONFIG).to(device).train()
+        unet.enable_gradient_checkpointing() if os.environ.get("FCR_BENCH_GC") else None
+        sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+        b = args.sd_batch_size
+        x0 = torch.randn(b, 4, 64, 64, device=device)
+        text = torch.randn(b, 77, 768, device=device)
+        times = time_variants(unet, sched, x0, text, max(5, args.repeats // 2), warmup=2, device=device,
+                              autocast_dtype=torch.bfloat16)
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        records.append(report(f"SD-v1.5-architecture UNet, 512^2 (64^2 latents), batch {b}, bf16 autocast, {meta['hardware'].get('gpu')}",
+                              times, {"model": "sd15-architecture-random", "batch_size": b, "peak_mem_gib": round(peak, 2), **meta}))
+    else:
+        print("\nGPU part (SD-v1.5-architecture UNet at 512^2): run with --device cuda on a GPU machine.")
+    print("\n" + json.dumps(records, indent=1, default=str))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
