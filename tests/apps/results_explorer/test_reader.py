@@ -147,3 +147,42 @@ def test_reader_has_no_time_to_wait_for_a_store_that_is_not_there(tmp_path):
     t0 = time.monotonic()
     assert not StoreReader(StoreLocation.resolve(tmp_path / "none.duckdb")).exists()
     assert time.monotonic() - t0 < 1
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys
+    from fcr_eval.store import MetricRecord, ResultsStore, RunRecord, RunResult, make_run_id
+    store = ResultsStore(sys.argv[1])
+    for i in range(int(sys.argv[2])):
+        run = RunRecord(run_id=make_run_id("live", f"v{i}", 0, {}), experiment_id="live",
+                        variation_id=f"v{i}", seed=0, model="m", dataset="d", sampler="fd",
+                        stride=10, scheduler="ddim", resolution=32, num_inference_steps=50,
+                        guidance_scale=3.0)
+        store.write_run(RunResult(run, metrics=[MetricRecord(f"m{k}", float(k), "fe", "pre", 1)
+                                                for k in range(50)]))
+    """
+)
+
+
+def test_reading_while_an_experiment_writes_never_shows_half_a_run(tmp_path):
+    db = tmp_path / "fcr.duckdb"
+    ResultsStore(db)
+    n_runs = 25
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(db), str(n_runs)])
+    seen = []
+    try:
+        while writer.poll() is None:
+            with StoreReader(StoreLocation.resolve(db)) as reader:
+                frame = reader.frame(
+                    """SELECT r.run_id, count(m.metric) AS k FROM runs r
+                       LEFT JOIN metrics m USING (run_id) GROUP BY r.run_id""")
+            assert frame.is_empty() or set(frame["k"].to_list()) == {50}
+            seen.append(frame.height)
+            time.sleep(0.05)
+    finally:
+        writer.wait(60)
+    assert writer.returncode == 0  # the reader never kept the writer out for good
+    assert seen == sorted(seen) and len(set(seen)) >= 2, seen  # it read mid-experiment
+    with StoreReader(StoreLocation.resolve(db)) as reader:
+        assert reader.frame("SELECT count(*) AS n FROM runs")["n"][0] == n_runs

@@ -111,7 +111,8 @@ def _by_stride(qf: pl.DataFrame, quality: str) -> None:
              "hi").sort("stride")
     base = alt.Chart(data).encode(
         x=alt.X("stride:Q", title="stride (steps between encoder passes)",
-                axis=alt.Axis(tickMinStep=1)),
+                axis=alt.Axis(tickMinStep=1), scale=alt.Scale(zero=False, nice=False,
+                                                              padding=20)),
         color=alt.Color("series:N", title="sampler · fine-tuning · scheduler",
                         legend=alt.Legend(labelLimit=320)),
     )
