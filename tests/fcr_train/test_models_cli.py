@@ -65,3 +65,50 @@ def test_cli_reports_errors(tmp_path, caplog):
     assert main(["finetune", "--model", "embedded-tiny", "--data", "coco", "--output-dir", str(tmp_path / "r")]) == 2
     assert "fashion-mnist" in caplog.text
     torch.set_num_threads(1)
+
+
+@pytest.fixture
+def tiny_sd_folder(tmp_path):
+    """A complete, tiny SD-layout folder (v-prediction) written offline."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    root = tmp_path / "sd"
+    torch.manual_seed(0)
+    UNet2DConditionModel(sample_size=4, in_channels=4, out_channels=4, block_out_channels=(4, 8),
+                         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
+                         cross_attention_dim=8, attention_head_dim=2, norm_num_groups=4).save_pretrained(root / "unet")
+    AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                  block_out_channels=(4, 8), latent_channels=4, norm_num_groups=4, sample_size=8).save_pretrained(root / "vae")
+    CLIPTextModel(CLIPTextConfig(vocab_size=20, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=16)).save_pretrained(root / "text_encoder")
+    tok = root / "tokenizer"
+    tok.mkdir()
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2, "b</w>": 3, "c</w>": 4, "a": 5, "b": 6, "c": 7}
+    (tok / "vocab.json").write_text(json.dumps(vocab))
+    (tok / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(tok / "vocab.json"), str(tok / "merges.txt"), model_max_length=16).save_pretrained(tok)
+    DDPMScheduler(num_train_timesteps=100, prediction_type="v_prediction").save_pretrained(root / "scheduler")
+    return root
+
+
+def test_sd_finetune_from_local_folder_on_coco(tmp_path, tiny_sd_folder):
+    from fcr_train import DataConfig, FCRConfig, FinetuneConfig, TrainConfig, finetune
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    for i in range(4):
+        Image.new("RGB", (10 + i, 9), (60 * i, 0, 0)).save(tmp_path / "img" / f"{i}.jpg")
+    ann = {"images": [{"id": i, "file_name": f"{i}.jpg"} for i in range(4)],
+           "annotations": [{"id": i, "image_id": i, "caption": "a b" if i % 2 else ""} for i in range(4)]}
+    (tmp_path / "captions.json").write_text(json.dumps(ann))
+    cfg = FinetuneConfig(model=str(tiny_sd_folder),
+                         data=DataConfig(kind="coco", path=str(tmp_path / "captions.json"), images_dir=str(tmp_path / "img")),
+                         train=TrainConfig(output_dir=str(tmp_path / "run"), max_steps=2, batch_size=2, lr=1e-3,
+                                           checkpoint_every=1, progress=False, fcr=FCRConfig(lam=0.1, delta_max=3)))
+    res = finetune(cfg)
+    assert res.steps == 2 and (res.final_unet / "config.json").is_file()
+    saved = json.loads((res.run_dir / "config.json").read_text())
+    assert saved["scheduler"]["prediction_type"] == "v_prediction"  # taken from the checkpoint's scheduler
+    assert saved["conditioner"]["resolution"] == 8 and res.last_logs["l_fcr"] > 0

@@ -134,3 +134,13 @@ def test_bad_data_stops_past_threshold(tmp_path, scheduler):
     cfg = _cfg(tmp_path, "bad2", max_bad_fraction=0.9, batch_size=4, ema_decay=None, max_steps=3)
     res = train(_unet(), scheduler, ds, Cond(), cfg)
     assert res.steps == 3 and res.last_logs["bad_samples"] > 0
+
+
+def test_grad_checkpointing_and_bf16_options(tmp_path, fmnist, scheduler):
+    plain = train(_unet(), scheduler, fmnist, _conditioner(), _cfg(tmp_path, "p", max_steps=2, checkpoint_every=10))
+    ckpt = train(_unet(), scheduler, fmnist, _conditioner(), _cfg(tmp_path, "c", max_steps=2, checkpoint_every=10,
+                                                                   grad_checkpointing=True))
+    assert ckpt.losses == pytest.approx(plain.losses, rel=1e-5)  # recomputation changes memory, not maths
+    bf16 = train(_unet(), scheduler, fmnist, _conditioner(), _cfg(tmp_path, "b", max_steps=2, checkpoint_every=10,
+                                                                   mixed_precision="bf16"))
+    assert bf16.losses[0] == pytest.approx(plain.losses[0], rel=0.05) and bf16.losses != plain.losses

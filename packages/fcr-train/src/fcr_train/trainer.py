@@ -410,6 +410,13 @@ def train(
     t_start = time.time()
     run_dir = Path(config.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    # accelerate keeps process-wide singletons; the experiment runner calls train() many times in
+    # one process with different precision / accumulation, so start each run from a clean state
+    # (the distributed PartialState, if any, is kept).
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.grad_accum,
