@@ -129,7 +129,8 @@ class Page:
 
     def __init__(self, width: int = 1400, height: int = 1000, timeout_s: float = 120) -> None:
         self.width, self.height, self.timeout_s = width, height, timeout_s
-        self._profile = tempfile.TemporaryDirectory(prefix="fcr-chromium-")
+        self._profile = tempfile.TemporaryDirectory(prefix="fcr-chromium-",
+                                                    ignore_cleanup_errors=True)
         self._proc = subprocess.Popen(
             [find_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={self._profile.name}",
              "--remote-debugging-port=0", f"--window-size={width},{height}", "about:blank"],

@@ -352,6 +352,16 @@ def variance_by_delta(reader: StoreReader, flt: RunFilter, block: str) -> pl.Dat
     return with_ci(frame)
 
 
+def variations_with_feature_stats(reader: StoreReader, flt: RunFilter) -> list[str]:
+    cte, params = flt.runs_cte()
+    return reader.frame(
+        f"""WITH {cte} SELECT DISTINCT r.variation_id AS v FROM r
+            WHERE EXISTS (SELECT 1 FROM feature_stats f WHERE f.run_id = r.run_id)
+            ORDER BY 1 LIMIT 500""",
+        params,
+    )["v"].to_list()
+
+
 # -- criteria -------------------------------------------------------------------------------
 
 

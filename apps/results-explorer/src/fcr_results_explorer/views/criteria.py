@@ -51,6 +51,13 @@ def render(ctx: ViewContext) -> None:
         return
     passed = int(frame["passed"].fill_null(False).sum())
     st.markdown(f"**{passed} of {frame.height}** criteria pass (latest evaluation of each).")
+    shown = frame.with_columns(
+        pl.when(pl.col("passed")).then(pl.lit("pass")).otherwise(pl.lit("fail")).alias("result")
+    ).select("experiment", "criterion", "result", "value", "threshold", "details",
+             "evaluated_at", "code_version")
+    with st.expander("As a table"):
+        st.dataframe(shown, hide_index=True, width="stretch")
+    ui.download(shown, "success-criteria", "criteria")
     for (experiment,), group in frame.group_by("experiment", maintain_order=True):
         st.subheader(experiment)
         rows = group.to_dicts()
@@ -75,9 +82,3 @@ def render(ctx: ViewContext) -> None:
                     when = row["evaluated_at"]
                     st.caption(f"evaluated {when:%Y-%m-%d %H:%M} · {row['code_version'] or '?'}"
                                if when else "")
-    shown = frame.with_columns(
-        pl.when(pl.col("passed")).then(pl.lit("pass")).otherwise(pl.lit("fail")).alias("result")
-    ).select("experiment", "criterion", "result", "value", "threshold", "details",
-             "evaluated_at", "code_version")
-    with st.expander("As a table"):
-        ui.table(shown, "success-criteria", "criteria")

@@ -32,6 +32,8 @@ def render(ctx: ViewContext) -> None:
         st.info("No encoder-feature statistics (`feature_stats`) in the store yet.")
         return
     c1, c2 = st.columns([1, 1])
+    # one colour per variation in both charts
+    colours = alt.Scale(domain=sorted(set(q.variations_with_feature_stats(reader, flt))))
     block = state.selectbox("Feature block", blocks, key="block", default="all", container=c1)
     log_y = state.checkbox("log scale", key="logy", default=False, container=c2)
 
@@ -49,19 +51,21 @@ def render(ctx: ViewContext) -> None:
             x=alt.X("delta:Q", title="Δ (timesteps apart)", axis=alt.Axis(tickMinStep=1)),
         )
         band = base.mark_area(opacity=0.07).encode(
-            y=alt.Y("lo:Q", scale=scale), y2="hi:Q", color=alt.Color("variation:N", legend=None))
+            y=alt.Y("lo:Q", scale=scale), y2="hi:Q",
+            color=alt.Color("variation:N", legend=None, scale=colours))
         line = base.mark_line(point=True).encode(
-            color=alt.Color("variation:N", legend=alt.Legend(symbolLimit=0, labelLimit=260)),
+            color=alt.Color("variation:N", legend=alt.Legend(symbolLimit=0, labelLimit=260),
+                            scale=colours),
             y=alt.Y("mean:Q", title=f"σ²_Δ (block {block})", scale=scale),
             tooltip=["experiment", "variation", "delta", "n",
                      alt.Tooltip("mean:Q", format=".4g"), alt.Tooltip("ci95:Q", format=".3g")],
         )
         ui.chart((line + band).properties(height=360), data, f"variance-vs-delta-{block}",
                  "var-delta")
-    _variance_vs_fid(ctx, block)
+    _variance_vs_fid(ctx, block, colours)
 
 
-def _variance_vs_fid(ctx: ViewContext, block: str) -> None:
+def _variance_vs_fid(ctx: ViewContext, block: str, colours: alt.Scale) -> None:
     st.subheader("σ²_Δ against the quality difference")
     qualities = [m for m in ctx.metrics if m not in q.TIMING_COLUMNS and "@bs" not in m
                  and m != q.FEATURE_VARIANCE]
@@ -114,11 +118,13 @@ def _variance_vs_fid(ctx: ViewContext, block: str) -> None:
         x=alt.X("variance:Q", title=f"σ²_Δ, mean over Δ (block {block})",
                 scale=alt.Scale(zero=False)),
         y=alt.Y("delta_quality:Q", title=label),
-        color=alt.Color("variation:N", legend=alt.Legend(symbolLimit=0, labelLimit=260)),
+        color=alt.Color("variation:N", legend=None, scale=colours),
         tooltip=["experiment", "variation", alt.Tooltip("variance:Q", format=".4g"),
                  alt.Tooltip("delta_quality:Q", format=".4g")],
     )
-    layers = [pts]
+    names = alt.Chart(data).mark_text(align="left", dx=9, dy=-7, fontSize=11).encode(
+        x="variance:Q", y="delta_quality:Q", text="variation:N")
+    layers = [pts, names]
     if fit is not None:
         xs = data["variance"]
         line_data = pl.DataFrame({"variance": [xs.min(), xs.max()]}).with_columns(

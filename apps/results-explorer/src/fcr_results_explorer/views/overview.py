@@ -44,7 +44,7 @@ def render(ctx: ViewContext) -> None:
             + ", ".join(f"**{ui.PARAM_LABELS.get(k, k)}** = {v}" for k, v in constant.items())
         )
     shown = variations.select(
-        ["experiment", "variation", *varying, "runs", "seeds", "status", "code_versions",
+        ["experiment", "variation", "runs", "seeds", "status", "code_versions", *varying,
          "last_finished"]
     )
     ui.table(
