@@ -21,8 +21,9 @@ ensure_uv() {
     command -v uv >/dev/null 2>&1 || { log "uv is not on PATH after install; add ~/.local/bin to PATH"; exit 1; }
 }
 
-# Debian packages the embedded default needs (data ships as a Debian package).
+# Debian packages: the embedded default's data ships as one; the browser tests drive Chromium.
 APT_PACKAGES=(dataset-fashion-mnist)
+APT_TEST_PACKAGES=(chromium)
 ensure_apt() {
     local missing=()
     for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
@@ -36,6 +37,9 @@ ensure_apt() {
 sync_workspace() {
     ensure_uv
     log "installing the workspace from uv.lock"
+    # Precompile bytecode once: environments that set PYTHONDONTWRITEBYTECODE would otherwise
+    # recompile torch/diffusers in every process (~15 s per test subprocess on 2 cores).
+    export UV_COMPILE_BYTECODE=1
     uv sync --locked --all-packages --quiet
 }
 
@@ -51,7 +55,7 @@ case "$cmd" in
         exec uv run --no-sync fcr-sample-demo "$@"
         ;;
     test)
-        ensure_apt "${APT_PACKAGES[@]}"
+        ensure_apt "${APT_PACKAGES[@]}" "${APT_TEST_PACKAGES[@]}"
         sync_workspace
         log "tests: whole workspace"
         uv run --no-sync pytest -m "not gpu and not checkpoint" "$@"
