@@ -28,7 +28,7 @@ VIEWS = (
     ("compare", "view=compare&experiment_id=mini-exp-1", "Comparison table", 1500),
     ("quality-speed", "view=quality-speed&experiment_id=mini-exp-1", "Pareto front", 1450),
     ("mechanism", "view=mechanism&experiment_id=mini-exp-1", "R²", 1500),
-    ("criteria", "view=criteria", "criteria pass", 1150),
+    ("criteria", "view=criteria", "criteria pass", 1250),
     ("samples", "view=samples&experiment_id=mini-exp-1&vars=fd-5-baseline&vars=fd-10-baseline"
                 "&vars=fcr-l0.10-fd-10&vars=fd-15-baseline&vars=fcr-l0.10-fd-15", "run seed", 1150),
     ("human-study", "view=human-study", "Bradley–Terry", 1300),

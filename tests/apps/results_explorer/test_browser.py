@@ -37,6 +37,6 @@ def test_the_served_app_shows_the_store_in_a_browser(small_store, tmp_path):
         assert _number_after("Runs", text) == "2"
 
         text = page.open(url + "/?view=criteria", expect="criteria pass")
-        assert "1 of 2 criteria pass" in text
-        assert "value 12.5 · threshold 5" in text
+        assert "1 of 3 criteria pass" in text
+        assert "value 0.125 · threshold ≤ 0.05" in text
         page.screenshot(tmp_path / "explorer-criteria.png")

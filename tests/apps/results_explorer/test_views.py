@@ -151,11 +151,14 @@ def test_mechanism_fits_variance_against_the_fid_difference(small_store, app_for
 def test_criteria_board_shows_pass_fail_with_numbers(small_store, app_for):
     at = _run(app_for(small_store, view="criteria"))
     text = _texts(at)
-    assert "**1 of 2** criteria pass" in text
-    assert "value **12.5** · threshold **5**" in text
-    assert "value **50** · threshold **30**" in text
+    assert "**1 of 3** criteria pass (latest evaluation of each); 1 could not be evaluated" in text
+    assert "value **0.125** · threshold ≤ **0.05**" in text
+    assert "value **0.5** · threshold ≥ **0.3**" in text
+    assert "baseline: 12 [7.03, 16.97] (n=3)" in text  # the numbers behind the verdict
+    assert "reason: no finetune_compute_fraction metric" in text
     assert text.count("-badge[:material/check_circle: PASS]") == 1
     assert text.count("-badge[:material/cancel: FAIL]") == 1
+    assert text.count("-badge[not evaluated]") == 1
 
 
 def test_samples_side_by_side_for_one_prompt_and_seed(small_store, app_for):

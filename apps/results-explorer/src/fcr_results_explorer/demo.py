@@ -21,9 +21,8 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
-from fcr_eval.stats import pearson_r2
+from fcr_eval.criteria import CriteriaConfig, evaluate_store_criteria
 from fcr_eval.store import (
-    CriterionResult,
     FeatureStat,
     MetricRecord,
     PerPromptScore,
@@ -175,6 +174,9 @@ def build_demo_store(
                     MetricRecord("class_agreement", agreement, "fmnist_classifier",
                                  "none", 500),
                 ]
+                if v.lambda_fcr is not None:
+                    metrics.append(MetricRecord("finetune_compute_fraction", 0.016, "none",
+                                                "none", 0, {"finetune_steps": 400}))
                 timings = [
                     TimingRecord(bs, sec / (1.0 if bs == 1 else 2.6), unet_calls=steps,
                                  encoder_forwards=keys, decoder_forwards=steps,
@@ -222,53 +224,11 @@ def build_demo_store(
 
 
 def _write_criteria(store: ResultsStore) -> None:
-    """Criteria of design.md §1 evaluated on the demo numbers (as the runner would)."""
-    m = store.sql(
-        """SELECT r.variation_id AS v, m.metric, avg(m.value) AS value
-           FROM metrics m JOIN runs r USING (run_id)
-           WHERE r.experiment_id = 'mini-exp-1' GROUP BY ALL"""
-    )
-    val = {(v, metric): x for v, metric, x in m.iter_rows()}
-    t = store.sql(
-        """SELECT r.variation_id AS v, avg(t.sec_per_image) AS sec, avg(t.peak_memory_bytes) AS mem
-           FROM timings t JOIN runs r USING (run_id)
-           WHERE r.experiment_id = 'mini-exp-1' AND t.batch_size = 1 GROUP BY ALL"""
-    )
-    sec = {v: s for v, s, _ in t.iter_rows()}
-    mem = {v: b for v, _, b in t.iter_rows()}
-    fv = store.sql(
-        """SELECT r.variation_id AS v, avg(f.variance) AS var FROM feature_stats f
-           JOIN runs r USING (run_id) WHERE r.experiment_id = 'mini-exp-1' AND f.block = 'all'
-           GROUP BY ALL"""
-    )
-    var = dict(fv.iter_rows())
-    fcr, fd5, fd10 = "fcr-l0.10-fd-10", "fd-5-baseline", "fd-10-baseline"
-    fd_key = "fd_efficientnet_lite0"
-    d_fd = 100 * (val[(fcr, fd_key)] / val[(fd5, fd_key)] - 1)
-    d_ag = 100 * (val[(fcr, "class_agreement")] / val[(fd5, "class_agreement")] - 1)
-    speed = sec[fd5] / sec[fcr]
-    vram = 100 * (mem[fcr] / mem[fd5] - 1)
-    var_red = 100 * (1 - var[fcr] / var[fd10])
+    """The design's criteria, evaluated on the demo numbers by fcr-eval's own evaluator."""
     at10 = [v.variation_id for v in MINI_EXP_1 if v.stride == 10]
-    corr = pearson_r2([var[v] for v in at10], [val[(v, fd_key)] - val[(fd5, fd_key)] for v in at10])
-    rows = [
-        CriterionResult("mini-exp-1", "ΔFD vs FD-5 at stride 10 (%)", d_fd <= 5, d_fd, 5.0,
-                        {"variation": fcr, "reference": fd5, "metric": fd_key}, CODE_VERSION),
-        CriterionResult("mini-exp-1", "Δ class agreement vs FD-5 (%)", d_ag >= -2, d_ag, -2.0,
-                        {"variation": fcr, "reference": fd5,
-                         "stands_in_for": "CLIPScore"}, CODE_VERSION),
-        CriterionResult("mini-exp-1", "speed-up vs FD-5 (×)", speed >= 1.4, speed, 1.4,
-                        {"variation": fcr, "reference": fd5, "batch_size": 1}, CODE_VERSION),
-        CriterionResult("mini-exp-1", "extra memory vs FD-5 (%)", vram <= 2, vram, 2.0,
-                        {"memory_kind": "process_rss"}, CODE_VERSION),
-        CriterionResult("mini-exp-1", "σ²_Δ reduction vs FD-10 (%)", var_red >= 30, var_red, 30.0,
-                        {"block": "all", "deltas": "1..10"}, CODE_VERSION),
-        CriterionResult("mini-exp-1", "R² of σ²_Δ against ΔFD", corr.r2 >= 0.6, corr.r2, 0.6,
-                        {"n_variations": corr.n, "stride": 10, "pearson_r": corr.r}, CODE_VERSION),
-        CriterionResult("mini-exp-1", "fine-tune compute / pre-training (%)", True, 1.6, 3.0,
-                        {"finetune_steps": 400, "pretrain_steps": 25000}, CODE_VERSION),
-    ]
-    store.write_criteria(rows)
+    config = CriteriaConfig(baseline="fd-5-baseline", candidate="fcr-l0.10-fd-10",
+                            no_fcr_reference="fd-10-baseline", r2_variations=at10)
+    evaluate_store_criteria(store, "mini-exp-1", config)
 
 
 def write_demo_human_study(path: Path) -> None:

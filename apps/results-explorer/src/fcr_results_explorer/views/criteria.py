@@ -11,6 +11,17 @@ from fcr_results_explorer import queries as q
 from fcr_results_explorer import ui
 from fcr_results_explorer.context import ViewContext
 
+# The criteria fcr-eval evaluates (fcr_eval.criteria): what the value is, and how it passes.
+DESCRIPTIONS = {
+    "quality_delta": ("relative quality change of FCR-10 vs FD-5 (lower is better)", "≤"),
+    "alignment_delta": ("relative text–image alignment change vs FD-5", "≥"),
+    "speedup": ("sec/img of FD-5 ÷ sec/img of FCR-10", "≥"),
+    "extra_memory": ("relative peak-memory change vs FD-5", "≤"),
+    "variance_reduction": ("1 − σ²_Δ(FCR) / σ²_Δ(same sampler without FCR)", "≥"),
+    "variance_quality_r2": ("R² of σ²_Δ against the quality difference across variations", "≥"),
+    "finetune_compute": ("fine-tune compute as a fraction of pre-training compute", "≤"),
+}
+
 
 def _fmt(v: float | None) -> str:
     if v is None:
@@ -26,15 +37,24 @@ def _details_text(details: str | None) -> str:
     except (TypeError, ValueError):
         return str(details)
     if isinstance(obj, dict):
-        return " · ".join(f"{k}: {_short(v)}" for k, v in obj.items())
+        # the sides of the comparison and scalar facts; the full config stays in the CSV
+        return " · ".join(f"{k}: {_short(v)}" for k, v in obj.items()
+                          if not isinstance(v, dict) or "mean" in v)
     return str(obj)
 
 
 def _short(v: object) -> str:
+    if isinstance(v, dict) and "mean" in v:  # a side of the comparison: mean [95% CI] (n)
+        text = _short(v["mean"])
+        if v.get("ci_low") is not None and v.get("ci_high") is not None:
+            text += f" [{_short(v['ci_low'])}, {_short(v['ci_high'])}]"
+        if v.get("n_seeds") is not None:
+            text += f" (n={v['n_seeds']})"
+        return text
     if isinstance(v, float):
         return f"{v:.4g}"
-    if isinstance(v, list) and len(v) > 6:
-        return f"[{len(v)} values]"
+    if isinstance(v, list):
+        return f"[{len(v)} values]" if len(v) > 3 else "[" + ", ".join(map(_short, v)) + "]"
     return str(v)
 
 
@@ -50,17 +70,19 @@ def render(ctx: ViewContext) -> None:
         )
         return
     passed = int(frame["passed"].fill_null(False).sum())
-    st.markdown(f"**{passed} of {frame.height}** criteria pass (latest evaluation of each).")
+    missing = int(frame["passed"].is_null().sum())
+    st.markdown(f"**{passed} of {frame.height}** criteria pass (latest evaluation of each)"
+                + (f"; {missing} could not be evaluated." if missing else "."))
     shown = frame.with_columns(
-        pl.when(pl.col("passed")).then(pl.lit("pass")).otherwise(pl.lit("fail")).alias("result")
+        pl.when(pl.col("passed").is_null()).then(pl.lit("not evaluated"))
+        .when(pl.col("passed")).then(pl.lit("pass")).otherwise(pl.lit("fail")).alias("result")
     ).select("experiment", "criterion", "result", "value", "threshold", "details",
              "evaluated_at", "code_version")
-    with st.expander("As a table"):
-        st.dataframe(shown, hide_index=True, width="stretch")
-    ui.download(shown, "success-criteria", "criteria")
+    order = {name: i for i, name in enumerate(DESCRIPTIONS)}
     for (experiment,), group in frame.group_by("experiment", maintain_order=True):
         st.subheader(experiment)
-        rows = group.to_dicts()
+        rows = sorted(group.to_dicts(),
+                      key=lambda r: (order.get(r["criterion"], len(order)), r["criterion"]))
         per_row = 3
         for start in range(0, len(rows), per_row):
             cols = st.columns(per_row)
@@ -73,12 +95,18 @@ def render(ctx: ViewContext) -> None:
                         st.badge("FAIL", icon=":material/cancel:", color="red")
                     else:
                         st.badge("not evaluated", color="gray")
+                    what, op = DESCRIPTIONS.get(row["criterion"], ("", ""))
                     st.markdown(f"**{row['criterion']}**")
+                    if what:
+                        st.caption(what)
                     st.markdown(f"value **{_fmt(row['value'])}** · threshold "
-                                f"**{_fmt(row['threshold'])}**")
+                                f"{op + ' ' if op else ''}**{_fmt(row['threshold'])}**")
                     text = _details_text(row["details"])
                     if text:
                         st.caption(text)
                     when = row["evaluated_at"]
-                    st.caption(f"evaluated {when:%Y-%m-%d %H:%M} · {row['code_version'] or '?'}"
-                               if when else "")
+                    version = (row["code_version"] or "?").split(" ")[0]
+                    st.caption(f"evaluated {when:%Y-%m-%d %H:%M} · {version}" if when else "")
+    with st.expander("As a table (with the full details)"):
+        st.dataframe(shown, hide_index=True, width="stretch")
+    ui.download(shown, "success-criteria", "criteria")
