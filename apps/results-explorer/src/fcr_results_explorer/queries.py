@@ -59,7 +59,8 @@ TIMING_COLUMNS: tuple[str, ...] = (
 FEATURE_VARIANCE = "feature_variance"  # σ²_Δ averaged over Δ, one block
 
 # Metrics where a smaller number is better; everything else is larger-is-better.
-_LOWER_IS_BETTER_PREFIXES = ("fd_", "fid", "kid", "feature_variance") + TIMING_COLUMNS
+_LOWER_IS_BETTER_PREFIXES = ("fd_", "fid", "kid", "feature_variance", "sample_wall",
+                             "finetune_compute") + TIMING_COLUMNS
 # Preferred quality metric, first one present wins.
 QUALITY_PREFERENCE = (
     "fid_inception",
