@@ -1,0 +1,200 @@
+"""PNG plots of an experiment from the store (matplotlib, Agg backend).
+
+* ``quality_vs_stride.png`` — quality metric against stride, one line per weights (base, each λ),
+  mean ± 95 % CI over seeds; no-cache drawn at stride 1; DeepCache as separate markers.
+* ``sigma2_vs_delta.png`` — σ²_Δ (all encoder features) against Δ, one line per distinct weights.
+* ``sigma2_vs_quality.png`` — mean σ²_Δ against the quality difference to the baseline, with the
+  least-squares line and R² (the ``criteria.r2_variations`` if given, else every variation).
+* ``samples_<variation>.png`` — the sample grid of each variation (first seed).
+
+Example::
+
+    make_plots(exp, ResultsStore("results/fcr.duckdb"), Path("results/plots/mini-exp-1"))
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .experiment import Experiment
+from .store import ResultsStore
+
+__all__ = ["make_plots"]
+
+logger = logging.getLogger(__name__)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"font.size": 11, "axes.titlesize": 12, "axes.grid": True, "grid.alpha": 0.3,
+                         "figure.dpi": 110, "savefig.bbox": "tight"})
+    return plt
+
+
+def _mean_ci(vals):
+    from .stats import mean_ci
+
+    vals = [float(x) for x in vals if x is not None and np.isfinite(x)]
+    if not vals:
+        return None, None
+    if len(vals) < 2:
+        return vals[0], 0.0
+    ci = mean_ci(vals)
+    return ci.mean, ci.half_width
+
+
+def _weights_label(v) -> str:
+    if v.lambda_fcr is None:
+        return f"{v.model} base"
+    if v.lambda_fcr == 0:
+        return f"{v.model} fine-tuned λ=0"
+    return f"{v.model} FCR λ={v.lambda_fcr:g}"
+
+
+def make_plots(exp: Experiment, store: ResultsStore, out_dir: Path) -> list[Path]:
+    """Write the plots of ``exp`` to ``out_dir``; returns the files written."""
+    import polars as pl
+
+    from .extractors import metric_name
+
+    plt = _plt()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    qname = exp.criteria.quality_metric if exp.criteria else metric_name("fd", exp.evaluation.feature_extractor)
+    metrics = store.metrics(experiment_id=exp.id)
+    fstats = store.feature_stats(experiment_id=exp.id)
+    files: list[Path] = []
+    if metrics.height == 0:
+        logger.warning("no runs of %s in the store yet; no plots", exp.id)
+        return files
+    q = metrics.filter(pl.col("metric") == qname)
+
+    def qvals(vid):
+        return q.filter(pl.col("variation_id") == vid)["value"].to_list() if q.height else []
+
+    qlabel = f"{qname} (lower is better)"
+    # 1. quality vs stride, per weights (and robustness condition)
+    groups: dict[str, list] = {}
+    for v in exp.variations:
+        if v.sampler == "deepcache":
+            continue
+        key = _weights_label(v) + ("" if v.robustness == "none" else f", {v.robustness}") + \
+            ("" if (v.scheduler or exp.sampling.scheduler) == exp.sampling.scheduler else f", {v.scheduler}")
+        groups.setdefault(key, []).append(v)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    plotted = False
+    for label, vs in groups.items():
+        pts = []
+        for v in vs:
+            m, h = _mean_ci(qvals(v.id))
+            if m is not None:
+                pts.append((1 if v.sampler == "none" else v.stride, m, h))
+        if not pts:
+            continue
+        pts.sort()
+        xs, ys, hs = zip(*pts, strict=False)
+        ax.errorbar(xs, ys, yerr=hs, marker="o", capsize=3, label=label)
+        plotted = True
+    for v in exp.variations:
+        if v.sampler == "deepcache":
+            m, h = _mean_ci(qvals(v.id))
+            if m is not None:
+                ax.errorbar([v.stride], [m], yerr=[h], marker="s", linestyle="none", capsize=3,
+                            label=f"DeepCache N={v.stride} ({_weights_label(v)})")
+                plotted = True
+    if plotted:
+        ax.set_xlabel("stride k (key step every k steps; 1 = no cache)")
+        ax.set_ylabel(qlabel)
+        ax.set_title(f"{exp.id}: quality against stride (mean ± 95% CI over seeds)")
+        ax.legend(fontsize=9)
+        strides = sorted({1, *(v.stride for v in exp.variations if v.stride)})
+        ax.set_xticks(strides)
+        files.append(_save(fig, out_dir / "quality_vs_stride.png", plt))
+    else:
+        plt.close(fig)
+
+    # 2. σ²_Δ vs Δ, one line per distinct weights (σ²_Δ does not depend on the sampler)
+    if fstats.height:
+        fa = fstats.filter(pl.col("block") == "all")
+        fig, ax = plt.subplots(figsize=(7.5, 4.8))
+        seen = set()
+        for v in exp.variations:
+            label = _weights_label(v)
+            if label in seen:
+                continue
+            g = fa.filter(pl.col("variation_id") == v.id)
+            if g.height == 0:
+                continue
+            seen.add(label)
+            deltas = sorted(set(g["delta"].to_list()))
+            ms, hs = zip(*(_mean_ci(g.filter(pl.col("delta") == d)["variance"].to_list()) for d in deltas), strict=False)
+            ax.errorbar(deltas, ms, yerr=hs, marker="o", capsize=3, label=label)
+        ax.set_xlabel("Δ (timesteps between the two noisy inputs)")
+        ax.set_ylabel("σ²_Δ = Var(Enc(x_t) − Enc(x_{t−Δ}))")
+        ax.set_title(f"{exp.id}: encoder-feature variance, all encoder features")
+        ax.legend(fontsize=9)
+        files.append(_save(fig, out_dir / "sigma2_vs_delta.png", plt))
+
+        # 3. σ²_Δ (mean over Δ) vs quality difference to the baseline, with R²
+        base = exp.criteria.baseline if exp.criteria else None
+        chosen = list(exp.criteria.r2_variations) if exp.criteria and exp.criteria.r2_variations else \
+            [v.id for v in exp.variations]
+        bm, _ = _mean_ci(qvals(base)) if base else (None, None)
+        xs, ys, names = [], [], []
+        for vid in chosen:
+            g = fa.filter(pl.col("variation_id") == vid)
+            qm, _ = _mean_ci(qvals(vid))
+            if g.height == 0 or qm is None or bm is None:
+                continue
+            s2, _ = _mean_ci(g.group_by("seed").agg(pl.col("variance").mean())["variance"].to_list())
+            xs.append(s2)
+            ys.append(qm - bm)
+            names.append(vid)
+        if len(xs) >= 2:
+            fig, ax = plt.subplots(figsize=(7.5, 4.8))
+            ax.scatter(xs, ys, s=40, zorder=3)
+            for x, y, nme in zip(xs, ys, names, strict=False):
+                ax.annotate(nme, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=9)
+            title = f"{exp.id}: σ²_Δ against Δ{qname} vs {base}"
+            if len(xs) >= 3 and np.ptp(xs) > 0 and np.ptp(ys) > 0:
+                from .stats import pearson_r2
+
+                corr = pearson_r2(xs, ys)
+                a, b = np.polyfit(xs, ys, 1)
+                gx = np.linspace(min(xs), max(xs), 20)
+                ax.plot(gx, a * gx + b, "--", color="gray", label=f"least squares, R² = {corr.r2:.2f} (R = {corr.r:.2f})")
+                ax.legend(fontsize=9)
+            ax.set_xlabel("σ²_Δ, mean over Δ = 1…Δmax (all encoder features)")
+            ax.set_ylabel(f"Δ{qname} vs {base}")
+            ax.set_title(title, fontsize=11)
+            files.append(_save(fig, out_dir / "sigma2_vs_quality.png", plt))
+
+    # 4. sample grids (made by the runner in each run folder; copied here, first seed)
+    runs = store.runs(experiment_id=exp.id)
+    if runs.height and "run_dir" in runs.columns:
+        for v in exp.variations:
+            r = runs.filter(pl.col("variation_id") == v.id).sort("seed")
+            if r.height == 0 or not r["run_dir"][0]:
+                continue
+            grid = Path(r["run_dir"][0]) / "grid.png"
+            if not grid.is_absolute() and not grid.is_file():
+                grid = store.root / grid
+            if grid.is_file():
+                dst = out_dir / f"samples_{v.id}.png"
+                shutil.copyfile(grid, dst)
+                files.append(dst)
+    return files
+
+
+def _save(fig, path: Path, plt) -> Path:
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
