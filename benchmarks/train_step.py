@@ -41,7 +41,7 @@ VARIANTS = {
     "plain (lam=0)": FCRConfig(lam=0.0),
     "FCR lam=0.1, batched encoders": FCRConfig(lam=0.1, batched=True),
     "FCR lam=0.1, two encoder passes": FCRConfig(lam=0.1, batched=False),
-    "FCR lam=0.1, batched, stop-grad": FCRConfig(lam=0.1, batched=True, stop_grad=True),
+    "FCR lam=0.1, stop-grad (no_grad pass)": FCRConfig(lam=0.1, stop_grad=True),
 }
 
 

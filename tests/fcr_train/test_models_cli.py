@@ -112,3 +112,18 @@ def test_sd_finetune_from_local_folder_on_coco(tmp_path, tiny_sd_folder):
     saved = json.loads((res.run_dir / "config.json").read_text())
     assert saved["scheduler"]["prediction_type"] == "v_prediction"  # taken from the checkpoint's scheduler
     assert saved["conditioner"]["resolution"] == 8 and res.last_logs["l_fcr"] > 0
+
+
+def test_cli_pretrain_tiny_exports_weights_with_command(tmp_path):
+    export = tmp_path / "weights"
+    assert main(["pretrain", "--unet-config", "tiny", "--limit", "64", "--batch-size", "8", "--max-steps", "2",
+                 "--output-dir", str(tmp_path / "run"), "--export-dir", str(export), "--grid-columns", "1",
+                 "--sample-steps", "2", "--no-progress"]) == 0
+    record = json.loads((export / "command.json").read_text())
+    assert record["command"].startswith("fcr-train pretrain --unet-config tiny") and record["steps"] == 2
+    assert record["provenance_at_start"]["code"]["packages"]["fcr-train"]
+    assert (export / "samples.png").is_file() and (export / "diffusion_pytorch_model.safetensors").is_file()
+    from fcr_train import load_embedded_base
+
+    base = load_embedded_base(export)
+    assert base.provenance["steps"] == 2 and base.prompt_states.shape == (40, 16, 384)

@@ -242,6 +242,9 @@ def pretrain(config: PretrainConfig, *, step_callback=None, command: list[str] |
             "sampler_for_grid": {"scheduler": "DDIM", "steps": config.sample_steps,
                                  "guidance_scale": config.guidance_scale, "seed": 0, "file": grid.name},
             "provenance": run_provenance(),
+            # the code that trained (read when the run started), not the code at export time
+            "provenance_at_start": json.loads((result.run_dir / "config.json").read_text()).get("provenance"),
+            "stopped_by_time": result.stopped_by_time,
         }
         (export / "command.json").write_text(json.dumps(record, indent=2, default=str))
         logger.info("exported base weights to %s", export)

@@ -49,7 +49,9 @@ class FCRConfig:
             two features' mean energy, so shrinking features does not lower it) or ``"cosine"``
             (1 − cosine similarity per sample).
         stop_grad: no gradient through the x_{t−Δ} branch (it becomes a moving target).
-        batched: run both encoders as one 2B batch (else two passes).
+        batched: run both encoders as one 2B batch (else two passes). With ``stop_grad`` the
+            second branch always runs as its own pass under ``no_grad`` (no activations kept),
+            which is cheaper than a batched pass whose second half gets no gradient.
     """
 
     lam: float = 0.1
@@ -215,7 +217,7 @@ def fcr_loss(
     x_s = scheduler.add_noise(x0, noise, s)
     names = select_feature_names(unet, config.blocks)
 
-    if config.batched:
+    if config.batched and not config.stop_grad:
         xx = torch.cat([x_t, x_s])
         ehs = None if encoder_hidden_states is None else torch.cat([encoder_hidden_states] * 2)
         cond = prepare_conditioning(unet, xx, torch.cat([timesteps, s]), ehs)
