@@ -121,10 +121,10 @@ def main(argv=None) -> None:
                               times, {"model": "sd15-architecture-random", "batch_size": b, "peak_mem_gib": round(peak, 2), **meta}))
     else:
         print("\nGPU part (SD-v1.5-architecture UNet at 512^2): run with --device cuda on a GPU machine.")
-    print("\n" + json.dumps(records, indent=1, default=str))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(records, f, indent=1, default=str)
+    print("\n" + json.dumps(records, indent=1, default=str))
 
 
 if __name__ == "__main__":
