@@ -105,6 +105,10 @@ def test_timestep_sampling_respects_delta():
     assert int(d.min()) == 1 and int(d.max()) == 10
     assert bool((t >= d).all()) and int(t.max()) <= 999 and int((t - d).min()) >= 0
     assert int(t.max()) >= 990  # the top of U(delta, T) is reached
+    t, d = sample_timesteps(5000, 1000, 10, generator=g, delta_scale=20)  # Δ in DDIM-50 steps
+    assert set(d.unique().tolist()) == set(range(20, 201, 20)) and bool((t >= d).all())
+    with pytest.raises(ValueError, match="delta_scale"):
+        sample_timesteps(4, 1000, 10, delta_scale=100)
     t0, d0 = sample_timesteps(100, 1000, 10, generator=g, fcr=False)
     assert bool((d0 == 0).all())
 

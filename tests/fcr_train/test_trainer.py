@@ -67,7 +67,7 @@ def test_run_folder_records_config_logs_and_blocks(tmp_path, fmnist, scheduler):
     res = train(_unet(), scheduler, fmnist, _conditioner(), _cfg(tmp_path, "r", max_steps=2, grad_accum=2,
                                                                   fcr=FCRConfig(lam=0.1, blocks="late", distance="cosine")))
     cfg = json.loads((res.run_dir / "config.json").read_text())
-    assert cfg["train"]["fcr"] == {"lam": 0.1, "delta_max": 10, "blocks": "late", "distance": "cosine",
+    assert cfg["train"]["fcr"] == {"lam": 0.1, "delta_max": 10, "delta_scale": 1, "blocks": "late", "distance": "cosine",
                                    "stop_grad": False, "batched": True}
     assert cfg["train"]["grad_accum"] == 2
     assert "git_commit" in cfg["provenance"]["code"] and cfg["provenance"]["hardware"]["cpu_count"]

@@ -55,6 +55,8 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     f = p.add_argument_group("FCR loss")
     f.add_argument("--lam", type=float, default=defaults.fcr.lam, help="weight of the feature-consistency term; 0 = plain fine-tuning [%(default)s]")
     f.add_argument("--delta-max", type=int, default=defaults.fcr.delta_max, help="Delta ~ U(1, delta_max) timesteps between branches [%(default)s]")
+    f.add_argument("--delta-scale", type=int, default=defaults.fcr.delta_scale,
+                   help="training timesteps per unit of Delta: 1 = DDPM timesteps (paper); 20 = DDIM-50 sampler steps (cache-stride units) [%(default)s]")
     f.add_argument("--blocks", default="all", help="encoder features regularised: all | early | mid | late | comma-separated name prefixes, e.g. down_blocks.1,mid_block [%(default)s]")
     f.add_argument("--distance", choices=DISTANCES, default=defaults.fcr.distance, help="feature distance [%(default)s]")
     f.add_argument("--stop-grad", action="store_true", default=defaults.fcr.stop_grad, help="no gradient through the x_{t-Delta} branch")
@@ -72,7 +74,7 @@ def _train_config(args) -> TrainConfig:
         num_workers=args.num_workers, max_bad_fraction=args.max_bad_fraction, max_bad_count=args.max_bad_count,
         max_time_s=None if args.max_minutes is None else 60 * args.max_minutes,
         resume=args.resume_from or args.resume, cpu=args.cpu, progress=args.progress,
-        fcr=FCRConfig(lam=args.lam, delta_max=args.delta_max, blocks=blocks, distance=args.distance,
+        fcr=FCRConfig(lam=args.lam, delta_max=args.delta_max, delta_scale=args.delta_scale, blocks=blocks, distance=args.distance,
                       stop_grad=args.stop_grad, batched=args.batched),
     )
 

@@ -18,14 +18,13 @@ denoising fine-tuning, the baseline that FCR is compared against.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from fcr_sample.features import encoder_features, select_feature_names
 from fcr_sample.unet_parts import (
-    Conditioning,
-    EncoderOutput,
     prepare_conditioning,
     run_decoder,
     run_encoder,
@@ -42,7 +41,10 @@ class FCRConfig:
 
     Attributes:
         lam: weight λ of the consistency term (0 = plain fine-tuning).
-        delta_max: Δ ~ U(1, delta_max) timesteps between the two branches.
+        delta_max: Δ ~ U(1, delta_max) between the two branches.
+        delta_scale: training timesteps per unit of Δ. 1 (default) = DDPM timesteps, as in the
+            paper's formula; ``T / num_inference_steps`` (20 for DDIM-50 with T = 1000) makes Δ
+            count *sampler* steps, i.e. the same unit as the encoder-cache stride.
         blocks: ``"all"``, ``"early"``, ``"mid"``, ``"late"`` or a tuple of feature-name prefixes
             (``("down_blocks.1", "mid_block")``), resolved by ``fcr_sample.features``.
         distance: ``"mse"`` (the paper's ‖·‖², as a mean), ``"relative_mse"`` (MSE divided by the
@@ -56,6 +58,7 @@ class FCRConfig:
 
     lam: float = 0.1
     delta_max: int = 10
+    delta_scale: int = 1
     blocks: str | tuple[str, ...] = "all"
     distance: str = "mse"
     stop_grad: bool = False
@@ -66,6 +69,8 @@ class FCRConfig:
             raise ValueError(f"FCRConfig.lam must be >= 0, got {self.lam}")
         if int(self.delta_max) < 1:
             raise ValueError(f"FCRConfig.delta_max must be >= 1, got {self.delta_max}")
+        if int(self.delta_scale) < 1:
+            raise ValueError(f"FCRConfig.delta_scale must be >= 1, got {self.delta_scale}")
         if self.distance not in DISTANCES:
             raise ValueError(f"FCRConfig.distance must be one of {DISTANCES}, got {self.distance!r}")
         if not isinstance(self.blocks, str):
@@ -116,8 +121,9 @@ def sample_timesteps(
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
     fcr: bool = True,
+    delta_scale: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(t, Δ)`` per sample: Δ ~ U(1, Δ_max), t ~ U(Δ, T−1) (both inclusive).
+    """``(t, Δ)`` per sample: Δ ~ delta_scale · U(1, Δ_max), t ~ U(Δ, T−1) (both inclusive).
 
     With ``fcr=False``: t ~ U(0, T−1) and Δ = 0 (plain denoising fine-tuning).
     """
@@ -125,9 +131,9 @@ def sample_timesteps(
     if not fcr:
         t = torch.randint(0, T, (batch,), generator=generator)
         return t.to(device), torch.zeros_like(t).to(device)
-    if delta_max >= T:
-        raise ValueError(f"delta_max={delta_max} must be smaller than num_train_timesteps={T}")
-    delta = torch.randint(1, delta_max + 1, (batch,), generator=generator)
+    if delta_max * delta_scale >= T:
+        raise ValueError(f"delta_max * delta_scale = {delta_max * delta_scale} must be smaller than num_train_timesteps={T}")
+    delta = torch.randint(1, delta_max + 1, (batch,), generator=generator) * delta_scale
     u = torch.rand(batch, generator=generator)
     t = delta + (u * (T - delta)).long().clamp(max=T - 1 - delta)
     return t.to(device), delta.to(device)
@@ -145,17 +151,22 @@ def denoise_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Te
     raise ValueError(f"unsupported prediction_type {kind!r} (epsilon, v_prediction or sample)")
 
 
-def _half(cond: Conditioning, n: int) -> Conditioning:
-    def take(x):
-        return None if x is None else x[:n]
+def _first(x, n: int):
+    """Rows ``[:n]`` of every batched tensor field of a Conditioning / EncoderOutput (others kept)."""
+    if isinstance(x, torch.Tensor):
+        return x[:n]
+    if isinstance(x, tuple):
+        return tuple(_first(v, n) for v in x)
+    return x
 
-    return Conditioning(
-        emb=cond.emb[:n],
-        encoder_hidden_states=take(cond.encoder_hidden_states),
-        attention_mask=take(cond.attention_mask),
-        encoder_attention_mask=take(cond.encoder_attention_mask),
-        cross_attention_kwargs=cond.cross_attention_kwargs,
-    )
+
+def _half(obj, n: int):
+    fields = {
+        f.name: _first(getattr(obj, f.name), n)
+        for f in dataclasses.fields(obj)
+        if f.name not in ("sample_shape", "names", "cross_attention_kwargs")
+    }
+    return dataclasses.replace(obj, **fields)
 
 
 def fcr_loss(
@@ -193,7 +204,8 @@ def fcr_loss(
     use_fcr = config.lam > 0
     if timesteps is None:
         timesteps, drawn = sample_timesteps(
-            B, scheduler.config.num_train_timesteps, config.delta_max, generator=generator, fcr=use_fcr
+            B, scheduler.config.num_train_timesteps, config.delta_max, generator=generator, fcr=use_fcr,
+            delta_scale=config.delta_scale,
         )
         deltas = drawn if deltas is None else deltas
     timesteps = timesteps.to(x0.device)
@@ -222,10 +234,7 @@ def fcr_loss(
         ehs = None if encoder_hidden_states is None else torch.cat([encoder_hidden_states] * 2)
         cond = prepare_conditioning(unet, xx, torch.cat([timesteps, s]), ehs)
         enc = run_encoder(unet, xx, cond)
-        enc_t = EncoderOutput(
-            tuple(r[:B] for r in enc.down_block_res_samples), enc.mid[:B], enc.sample_shape, enc.names
-        )
-        pred = run_decoder(unet, enc_t, _half(cond, B))
+        pred = run_decoder(unet, _half(enc, B), _half(cond, B))
         feats = enc.named_features()
         feats_t = {n: feats[n][:B] for n in names}
         feats_s = {n: feats[n][B:] for n in names}

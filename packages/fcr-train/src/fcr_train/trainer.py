@@ -24,7 +24,6 @@ Multi-GPU / multi-node: launch the CLI with ``accelerate launch -m fcr_train.cli
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -506,7 +505,8 @@ def train(
                     null = conditioner.null_states.to(device, text.dtype).expand_as(text)
                     text = torch.where(drop[:, None, None], null, text)
                 t, delta = sample_timesteps(n, scheduler.config.num_train_timesteps, config.fcr.delta_max,
-                                            generator=g, device=device, fcr=config.fcr.lam > 0)
+                                            generator=g, device=device, fcr=config.fcr.lam > 0,
+                                            delta_scale=config.fcr.delta_scale)
                 noise = torch.randn(x0.shape, generator=g).to(device, x0.dtype)
                 with accelerator.autocast():
                     out = objective(x0, text, noise, t, delta)
@@ -601,22 +601,19 @@ def _validate(accelerator, objective, state: _TrainState, validation_fn, run_dir
 
 
 class _StepAccumulator:
-    """Means of the loss terms over the micro-batches of one optimizer step."""
+    """Means of the loss terms over the micro-batches of one optimizer step (kept as floats,
+    so no autograd graph outlives its backward)."""
 
     def __init__(self):
-        self.items: list[FCRLossOutput] = []
+        self.items: list[dict[str, float]] = []
 
     def add(self, out: FCRLossOutput) -> None:
-        self.items.append(copy.copy(out))
+        rec = {"loss": float(out.loss.detach()), "l_denoise": float(out.denoise.detach()), "l_fcr": float(out.fcr.detach())}
+        rec.update({f"d/{name}": float(v) for name, v in out.per_block.items()})
+        self.items.append(rec)
 
     def pop(self) -> dict:
         n = len(self.items)
-        logs = {
-            "loss": sum(float(o.loss.detach()) for o in self.items) / n,
-            "l_denoise": sum(float(o.denoise.detach()) for o in self.items) / n,
-            "l_fcr": sum(float(o.fcr.detach()) for o in self.items) / n,
-        }
-        for name in self.items[0].per_block:
-            logs[f"d/{name}"] = sum(float(o.per_block[name]) for o in self.items) / n
+        logs = {k: sum(it[k] for it in self.items) / n for k in self.items[0]}
         self.items = []
         return logs
