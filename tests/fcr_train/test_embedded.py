@@ -77,3 +77,37 @@ def test_shipped_base_weights():
 
     unet = UNet2DConditionModel.from_pretrained(BASE_WEIGHTS_DIR)
     assert unet.config.block_out_channels == list(EMBEDDED_UNET_CONFIG["block_out_channels"])
+
+
+def test_sample_images_with_fcr_sample_encoder_cache():
+    from fcr_sample import (
+        EncoderCacheConfig,
+        apply_encoder_cache,
+        get_cache_stats,
+        remove_encoder_cache,
+    )
+    from fcr_train.api import TINY_EMBEDDED_UNET_CONFIG
+    from fcr_train.embedded import EmbeddedBase, make_scheduler, sample_images
+
+    g = torch.Generator().manual_seed(0)
+    base = EmbeddedBase(unet=build_unet(TINY_EMBEDDED_UNET_CONFIG).eval(), scheduler=make_scheduler(),
+                        classes=("a", "b"), templates=("{}",), prompts=["a", "b"],
+                        prompt_states=torch.randn(2, 4, 384, generator=g), null_states=torch.zeros(4, 384))
+    labels = torch.tensor([0, 1])
+    plain = sample_images(base, labels, steps=6, generator=torch.Generator().manual_seed(1))
+    apply_encoder_cache(base.unet, EncoderCacheConfig(stride=1))  # every step is a key step: no reuse
+    try:
+        same = sample_images(base, labels, steps=6, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(same, plain, rtol=1e-4, atol=1e-5)
+    finally:
+        remove_encoder_cache(base.unet)
+    apply_encoder_cache(base.unet, EncoderCacheConfig(stride=3))
+    try:
+        for _ in range(2):  # a second run must start fresh
+            cached = sample_images(base, labels, steps=6, generator=torch.Generator().manual_seed(1))
+        assert cached.shape == plain.shape and torch.isfinite(cached).all()
+        stats = get_cache_stats(base.unet)
+        # FD-3 over 6 steps: key steps 0 and 3 run the encoder, in each of the two runs
+        assert stats.runs == 2 and stats.unet_calls == 12 and stats.encoder_forwards == 4
+    finally:
+        remove_encoder_cache(base.unet)

@@ -267,6 +267,18 @@ def load_embedded_base(weights: str | os.PathLike | None = None, *, random_init:
     )
 
 
+def _start_cache_run(unet, timesteps) -> None:
+    """Tell fcr-sample caches on ``unet`` (if any) that a new sampling run begins."""
+    try:
+        from fcr_sample import start_sampling_run
+    except ImportError:  # pragma: no cover - fcr-sample is a dependency
+        return
+    try:
+        start_sampling_run(unet, timesteps)
+    except ValueError:  # no cache applied to this UNet
+        pass
+
+
 @torch.no_grad()
 def sample_images(
     base: EmbeddedBase,
@@ -280,12 +292,19 @@ def sample_images(
 ) -> torch.Tensor:
     """DDIM sampling of class-conditional images in [0, 1], shape ``(N, 1, 28, 28)``.
 
-    A plain scheduler loop calling ``unet(...)``, so fcr-sample hooks attached to the UNet apply.
-    Classifier-free guidance with the empty prompt when ``guidance_scale != 1``.
+    A plain scheduler loop calling ``unet(...)`` once per step (guidance batched into that call),
+    so fcr-sample caches applied to the bare UNet work: a new sampling run is announced to them
+    (``fcr_sample.start_sampling_run``) before the loop. Classifier-free guidance with the empty
+    prompt when ``guidance_scale != 1``.
+
+    Example:
+        >>> apply_encoder_cache(base.unet, EncoderCacheConfig(stride=10))
+        >>> imgs = sample_images(base, torch.arange(10), steps=50)
     """
     unet = unet or base.unet
     scheduler = scheduler or make_scheduler("ddim")
     scheduler.set_timesteps(steps)
+    _start_cache_run(unet, scheduler.timesteps)
     n = len(class_index)
     cfg = unet.config
     x = torch.randn((n, cfg.in_channels, cfg.sample_size, cfg.sample_size), generator=generator)
