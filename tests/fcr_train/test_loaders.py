@@ -178,3 +178,19 @@ def test_build_dataset_errors():
         build_dataset(DataConfig(kind="coco"), resolution=8)
     with pytest.raises(ValueError, match="unknown data kind"):
         build_dataset(DataConfig(kind="imagenet", path="x"), resolution=8)
+
+
+def test_webdataset_items_load_in_dataloader_workers(tmp_path):
+    shard = tmp_path / "s.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(4):
+            buf = io.BytesIO()
+            Image.new("RGB", (6, 6), (10 * i, 0, 0)).save(buf, format="PNG")
+            info = tarfile.TarInfo(f"{i:04d}.png")
+            info.size = len(buf.getvalue())
+            tar.addfile(info, io.BytesIO(buf.getvalue()))
+    ds = ImageCaptionDataset(webdataset_records(shard), resolution=6)
+    assert ds[0] is not None  # opens the shard in this process
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2, collate_fn=collate_skip_bad)
+    batches = list(loader)
+    assert sum(len(b["caption"]) for b in batches) == 4 and all(b["n_bad"] == 0 for b in batches)

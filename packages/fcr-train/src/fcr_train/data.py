@@ -206,15 +206,28 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def _tar(self, path: str):
+        """Open shards once per process (DataLoader workers each get their own handles)."""
+        import tarfile
+
+        if getattr(self, "_tar_pid", None) != os.getpid():
+            self._tars, self._tar_pid = {}, os.getpid()
+        if path not in self._tars:
+            self._tars[path] = tarfile.open(path)
+        return self._tars[path]
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_tars", None)
+        state.pop("_tar_pid", None)
+        return state
+
     def _read(self, image):
         if isinstance(image, tuple):
-            import tarfile
-
-            with tarfile.open(image[0]) as tar:
-                member = tar.extractfile(image[1])
-                if member is None:
-                    raise FileNotFoundError(f"{image[1]} not in {image[0]}")
-                return load_image(member.read(), self.mode)
+            member = self._tar(image[0]).extractfile(image[1])
+            if member is None:
+                raise FileNotFoundError(f"{image[1]} not in {image[0]}")
+            return load_image(member.read(), self.mode)
         return load_image(image, self.mode)
 
     def __getitem__(self, i: int) -> dict | None:
