@@ -17,22 +17,42 @@ import logging
 import sys
 import time
 from pathlib import Path
+from urllib.parse import quote
 
+import duckdb
 from fcr_results_explorer.browser import Page, serve
 
 REPO = Path(__file__).resolve().parents[3]
 
-# view, query string, text that must be on the page, viewport height
+# view, query string ({exp}: the experiment, {vars}: variations for the samples grid), text that
+# must be on the page, viewport height
 VIEWS = (
     ("overview", "view=overview", "Variations", 1250),
-    ("compare", "view=compare&experiment_id=mini-exp-1", "Comparison table", 1500),
-    ("quality-speed", "view=quality-speed&experiment_id=mini-exp-1", "Pareto front", 1450),
-    ("mechanism", "view=mechanism&experiment_id=mini-exp-1", "R²", 1500),
-    ("criteria", "view=criteria", "criteria pass", 1250),
-    ("samples", "view=samples&experiment_id=mini-exp-1&vars=fd-5-baseline&vars=fd-10-baseline"
-                "&vars=fcr-l0.10-fd-10&vars=fd-15-baseline&vars=fcr-l0.10-fd-15", "run seed", 1150),
-    ("human-study", "view=human-study", "Bradley–Terry", 1300),
+    ("compare", "view=compare&experiment_id={exp}", "Comparison table", 1500),
+    ("quality-speed", "view=quality-speed&experiment_id={exp}", "Pareto front", 1450),
+    ("mechanism", "view=mechanism&experiment_id={exp}", "σ²_Δ against the quality", 1500),
+    ("criteria", "view=criteria&experiment_id={exp}", "criteria", 1250),
+    ("samples", "view=samples&experiment_id={exp}{vars}", "run seed", 1150),
+    ("human-study", "view=human-study", "Human study", 1300),
 )
+
+
+def pick(db: Path, experiment: str | None) -> tuple[str, list[str]]:
+    """The experiment to show (``mini-exp-1`` when present) and, for the samples grid, the FD
+    baselines next to FCR at the default λ = 0.1, stride by stride."""
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        exps = [r[0] for r in con.execute(
+            "SELECT DISTINCT experiment_id FROM runs ORDER BY 1").fetchall()]
+        exp = experiment or ("mini-exp-1" if "mini-exp-1" in exps else (exps or [""])[0])
+        rows = con.execute(
+            """SELECT DISTINCT variation_id, stride, lambda_fcr FROM runs
+               WHERE experiment_id = ? AND sampler = 'fd'
+                 AND (lambda_fcr IS NULL OR abs(lambda_fcr - 0.1) < 1e-9)
+               ORDER BY stride, lambda_fcr NULLS FIRST, variation_id""", [exp]).fetchall()
+    finally:
+        con.close()
+    return exp, [r[0] for r in rows][:6]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--db", type=Path, help="an existing results store")
     src.add_argument("--demo", type=Path, help="write the demo store here, then use it")
+    parser.add_argument("--experiment", help="experiment to show (default: mini-exp-1 if present)")
     parser.add_argument("--out", type=Path, default=REPO / "docs", help="default: %(default)s")
     parser.add_argument("--views", nargs="*", default=[v[0] for v in VIEWS])
     parser.add_argument("--width", type=int, default=1400)
@@ -57,11 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     if not db.is_file():
         log.error("no store at %s", db)
         return 1
+    experiment, variations = pick(db, args.experiment)
+    fill = {"exp": quote(experiment), "vars": "".join(f"&vars={quote(v)}" for v in variations)}
     written = []
     with serve(db) as url:
         for name, query, expect, height in VIEWS:
             if name not in args.views:
                 continue
+            query = query.format(**fill)
             t0 = time.monotonic()
             with Page(width=args.width, height=height) as page:
                 page.open(f"{url}/?{query}", expect=expect, timeout_s=180, settle_s=2.0)

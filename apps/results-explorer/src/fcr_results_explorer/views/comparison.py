@@ -130,7 +130,8 @@ def _param_vs_metric(ctx: ViewContext, frame: pl.DataFrame, metric: str, varying
     if data.is_empty():
         return
     base = alt.Chart(data).encode(
-        x=alt.X(f"{x}:Q", title=ui.PARAM_LABELS.get(x, x), scale=alt.Scale(zero=False)),
+        x=alt.X(f"{x}:Q", title=ui.PARAM_LABELS.get(x, x),
+                scale=alt.Scale(zero=False, nice=False, padding=24)),
         color=alt.Color("group:N", title=colour),
     )
     line = base.mark_point(filled=True, size=80).encode(
@@ -138,5 +139,6 @@ def _param_vs_metric(ctx: ViewContext, frame: pl.DataFrame, metric: str, varying
         tooltip=["variation", "n", alt.Tooltip("mean:Q", format=".4g"),
                  alt.Tooltip("ci95:Q", format=".3g")],
     )
-    err = base.mark_errorbar(ticks=True).encode(y="lo:Q", y2="hi:Q")
+    err = base.mark_errorbar(ticks=True).encode(
+        y=alt.Y("lo:Q", title=ui.metric_label(metric)), y2="hi:Q")
     ui.chart((err + line).properties(height=300), data, f"{metric}-vs-{x}", "comparison-param")
