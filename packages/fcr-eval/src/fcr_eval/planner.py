@@ -130,10 +130,16 @@ def _short_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
+_COST_CACHE: dict[tuple, ModelCost] = {}
+
+
 def model_cost(exp: Experiment, model_id: str, resolution: int | None = None) -> ModelCost:
-    """FLOPs per forward of ``model_id``: counted on the embedded UNet (cheap, exact), from the
+    """FLOPs per forward of ``model_id``: counted on the embedded UNet (exact; memoised), from the
     experiment file or design.md §2 constants for Stable Diffusion (not instantiated here)."""
     spec = exp.models[model_id]
+    key = (spec.source, resolution)
+    if spec.embedded and key in _COST_CACHE:
+        return _COST_CACHE[key]
     if spec.embedded:
         import torch
         from fcr_sample.benchmark import deepcache_partial_flops, flop_split
@@ -150,7 +156,8 @@ def model_cost(exp: Experiment, model_id: str, resolution: int | None = None) ->
             partial = deepcache_partial_flops(unet, x, text, branch=0) / split.total
         except Exception:  # noqa: BLE001 - an estimate only
             partial = SD_COSTS["deepcache_partial_share"]
-        return ModelCost(split.total, split.encoder_share, partial, "flop counter")
+        _COST_CACHE[key] = ModelCost(split.total, split.encoder_share, partial, "flop counter")
+        return _COST_CACHE[key]
     flops = spec.flops_per_forward or SD_COSTS["flops_per_forward"]
     if resolution and spec.resolution and resolution != spec.resolution:
         flops *= (resolution / spec.resolution) ** 2

@@ -20,6 +20,7 @@ where the store and the plots are.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -484,6 +485,7 @@ def execute_run(ctx: _Embedded, run: PlannedRun, exp: Experiment, store: Results
         # Cost: timing at each batch size after warm-up, forward counters, FLOPs and peak memory
         # of ONE sampling run of that batch size.
         timings = []
+        flops_per_image = None
         do_timing = ev.timing_seeds == "all" or run.seed == exp.seeds[0]
         if do_timing and any(m in ev.metrics for m in ("sec_per_image", "flops", "peak_memory", "unet_forwards")):
             for b in ev.timing_batch_sizes:
@@ -497,15 +499,20 @@ def execute_run(ctx: _Embedded, run: PlannedRun, exp: Experiment, store: Results
                     with torch.no_grad():
                         return sample_batch(unet, scheduler, z, c, nl, run.steps, run.guidance_scale, cached)
 
-                timing = time_per_image(fn, b, warmup=1, repeats=ev.timing_repeats, device=dev)
+                # The warm-up call doubles as the forward-count and peak-memory run (one sampling
+                # run of b images), so timing adds only `timing_repeats` calls.
                 if cached:
                     reset_cache_stats(unet)
-                    fn()
-                    counts = get_cache_stats(unet)
-                else:
-                    counts = {"unet_calls": run.steps, "encoder_forwards": run.steps, "decoder_forwards": run.steps}
-                flops = count_flops(fn) / b if "flops" in ev.metrics else None
                 peak = measure_peak_memory(fn, dev) if "peak_memory" in ev.metrics else None
+                if peak is None:
+                    fn()
+                counts = get_cache_stats(unet) if cached else {
+                    "unet_calls": run.steps, "encoder_forwards": run.steps, "decoder_forwards": run.steps}
+                timing = time_per_image(fn, b, warmup=0, repeats=ev.timing_repeats, device=dev)
+                timing = dataclasses.replace(timing, warmup=1)
+                if "flops" in ev.metrics and flops_per_image is None:  # per image: the same at every batch size
+                    flops_per_image = count_flops(fn) / b
+                flops = flops_per_image
                 timings.append(to_timing_record(timing, flops_per_image=flops, peak_memory=peak,
                                                 forward_counts=counts))
     finally:

@@ -1,0 +1,197 @@
+"""Experiment files: the committed studies load in every profile, plan with shared fine-tunes,
+print the design's JSON form; malformed files fail with file:line, the key and what is allowed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from fcr_eval.cli import main
+from fcr_eval.experiment import ExperimentFileError, load_experiment
+from fcr_eval.planner import make_plan
+
+ROOT = Path(__file__).resolve().parents[2]
+EXPERIMENTS = ROOT / "experiments"
+TINY = Path(__file__).parent / "experiments" / "tiny.toml"
+FILES = ["exp-1-main-ablation.toml", "exp-2-generalisation-robustness.toml", "mini-exp-1.toml", "mini-exp-2.toml"]
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_committed_experiments_load_in_every_profile(name):
+    base = load_experiment(EXPERIMENTS / name)
+    assert base.profiles, f"{name} defines no profiles"
+    for profile in (None, *base.profiles):
+        exp = load_experiment(EXPERIMENTS / name, profile)
+        ids = [v.id for v in exp.variations]
+        assert len(ids) == len(set(ids))
+        assert exp.criteria is not None and exp.criteria.baseline in ids and exp.criteria.candidate in ids
+    if name.startswith("mini"):
+        assert {"quick", "full"} <= set(base.profiles)
+        assert load_experiment(EXPERIMENTS / name, "quick").embedded
+
+
+def test_exp1_states_the_designed_study():
+    exp = load_experiment(EXPERIMENTS / "exp-1-main-ablation.toml")
+    assert [v.id for v in exp.variations] == ["fd-5-baseline", "fd-10-baseline", "fcr-0.05-fd-10",
+                                              "fcr-0.10-fd-10", "fcr-0.20-fd-10"]
+    assert exp.seeds == (0, 1, 2)
+    ft = exp.finetune
+    assert (ft.steps, ft.batch_size, ft.lr, ft.delta_max) == (10_000, 128, 1e-5, 10)
+    es = ft.early_stopping
+    assert (es.every, es.mini_val_size) == (500, 3000)
+    assert exp.datasets["laion-aesthetics-50k"].limit == 50_000 and exp.datasets["laion-aesthetics-50k"].hflip == 0.5
+    assert exp.sampling.n_samples == 30_000
+    assert exp.evaluation.sigma2_delta_max == 10
+    c = exp.criteria
+    assert (c.max_quality_increase, c.max_alignment_drop, c.min_speedup, c.max_extra_memory,
+            c.min_variance_reduction, c.min_r2, c.max_finetune_fraction) == (0.05, 0.02, 1.4, 0.02, 0.30, 0.6, 0.03)
+
+
+def test_exp2_states_the_designed_study():
+    exp = load_experiment(EXPERIMENTS / "exp-2-generalisation-robustness.toml")
+    ids = {v.id for v in exp.variations}
+    for designed in ("sd21-fd-5", "sd21-fcr-0.10-fd-10", "sd21-fcr-0.10-dpmsolver-fd-10", "openjourney-fd-5",
+                     "openjourney-fcr-0.10-fd-10"):
+        assert {f"{designed}-flickr30k", f"{designed}-imagenet"} <= ids
+    kinds = {r.kind: r.settings for r in exp.robustness.values()}
+    assert kinds["schedule_perturbation"] == {"std": 0.05}
+    assert kinds["fgsm_latent"] == {"epsilon": 0.1, "steps": 10}
+    assert {r.settings.get("resolution") for r in exp.robustness.values() if r.kind == "resolution"} == {512, 1024}
+    assert {v.stride for v in exp.variations if v.model == "sd21"} == {5, 10, 15}
+    assert exp.human_study.pairs == 1000
+    assert exp.variation("sd21-fcr-0.10-dpmsolver-fd-10-flickr30k").scheduler == "dpm-solver++"
+
+
+def test_plan_shares_one_finetune_across_strides_and_seeds():
+    exp = load_experiment(EXPERIMENTS / "mini-exp-1.toml", "quick")
+    plan = make_plan(exp, calibrate=False)
+    assert len(plan.runs) == len(exp.variations) * len(exp.seeds)
+    lam = {f.lambda_fcr: f for f in plan.finetunes.values()}
+    assert set(lam) == {0.0, 0.1}
+    fcr_runs = [r for r in plan.runs if r.variation.lambda_fcr == 0.1]
+    assert {r.finetune for r in fcr_runs} == {lam[0.1].key}
+    assert len(lam[0.1].variations) == len(fcr_runs)
+    assert all(Path(f.output_dir).parts[:3] == ("results", "runs", "mini-exp-1") for f in plan.finetunes.values())
+    by_id = {(r.variation.id, r.seed): r for r in plan.runs}
+    # FD-10 over 20 steps: 2 key steps (encoder) and 20 decoder forwards; no cache: 20 of each
+    assert (by_id["fd-10", 0].encoder_forwards, by_id["fd-10", 0].decoder_forwards) == (2, 20)
+    assert by_id["no-cache", 0].encoder_forwards == 20
+    assert by_id["fd-10", 0].est_flops < by_id["no-cache", 0].est_flops
+    assert len({r.run_id for r in plan.runs}) == len(plan.runs)
+    # a changed profile changes the resolved config, hence the run ids
+    full = make_plan(load_experiment(EXPERIMENTS / "mini-exp-1.toml", "full"), calibrate=False)
+    assert not {r.run_id for r in plan.runs} & {r.run_id for r in full.runs}
+
+
+def test_plan_json_has_the_design_output_form(capsys):
+    assert main(["plan", "--json", *(str(EXPERIMENTS / f) for f in FILES)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"experiments", "expected_models", "expected_datasets"}
+    assert [e["experiment_id"] for e in out["experiments"]] == [
+        "exp-1-main-ablation", "exp-2-generalisation-robustness", "mini-exp-1", "mini-exp-2"]
+    for e in out["experiments"]:
+        assert set(e) == {"experiment_id", "run_variations", "description"}
+        assert e["run_variations"] and all(isinstance(v, str) for v in e["run_variations"])
+        assert e["description"]
+    assert {"sd15", "sd21", "openjourney", "embedded"} <= set(out["expected_models"])
+    assert {"laion-aesthetics-50k", "coco-val-30k", "flickr30k", "imagenet", "artbench-10"} <= set(
+        out["expected_datasets"])
+
+
+def test_plan_text_shows_runs_finetunes_and_compute(capsys):
+    assert main(["plan", str(EXPERIMENTS / "exp-1-main-ablation.toml"), "--no-calibrate"]) == 0
+    out = capsys.readouterr().out
+    assert "15 = 5 variations × 3 seeds" in out
+    assert "fine-tunes (9" in out  # 3 λ × 3 seeds (per-seed fine-tunes)
+    assert "803 GFLOPs/forward" in out and "estimated compute" in out
+
+
+def test_real_model_run_fails_early_naming_the_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    rc = main(["run", str(EXPERIMENTS / "exp-1-main-ablation.toml"), "--store", str(tmp_path / "s.duckdb")])
+    err = capsys.readouterr().err
+    assert rc == 3
+    assert "model not available" in err and "'sd15'" in err and "local" in err
+    assert not (tmp_path / "runs").exists()  # failed before any work
+
+
+# ------------------------------------------------------------------------------------------
+# Validation errors
+# ------------------------------------------------------------------------------------------
+
+GOOD = TINY.read_text()
+
+
+def _write(tmp_path, text: str) -> Path:
+    p = tmp_path / "exp.toml"
+    p.write_text(text)
+    return p
+
+
+def _line_of(text: str, needle: str) -> int:
+    return next(i + 1 for i, ln in enumerate(text.splitlines()) if needle in ln)
+
+
+def test_tiny_fixture_is_valid():
+    exp = load_experiment(TINY)
+    assert [v.id for v in exp.variations] == ["no-cache", "fd-2", "deepcache-2", "ft-0.00-fd-2", "fcr-0.10-fd-2",
+                                              "fcr-0.10-fd-4"]
+
+
+def test_unknown_key_names_file_line_and_suggestion(tmp_path):
+    text = GOOD.replace("guidance_scale = 2.0", "guidence_scale = 2.0")
+    p = _write(tmp_path, text)
+    with pytest.raises(ExperimentFileError) as e:
+        load_experiment(p)
+    msg = str(e.value)
+    assert f"{p}:{_line_of(text, 'guidence_scale')}" in msg
+    assert "sampling.guidence_scale" in msg and "did you mean 'guidance_scale'" in msg
+
+
+def test_bad_value_lists_what_is_allowed(tmp_path):
+    text = GOOD.replace('sampler = "deepcache"', 'sampler = "deep-cache"')
+    p = _write(tmp_path, text)
+    with pytest.raises(ExperimentFileError) as e:
+        load_experiment(p)
+    msg = str(e.value)
+    assert "'deep-cache' is not allowed" in msg and "['none', 'fd', 'deepcache']" in msg
+    assert f"{p}:{_line_of(text, 'deep-cache')}" in msg
+
+
+@pytest.mark.parametrize("old,new,expected", [
+    ("steps = 2\n", "steps = \"two\"\n", "finetune.steps = 'two' is not an integer"),
+    ("lr = 1e-4", "lr = -1.0", "finetune.lr = -1.0 must be > 0"),
+    ('stride = [2, 4]', 'stride = [2, 0]', "needs stride >= 1"),
+    ('id = "fcr-0.10-fd-{stride}"', 'id = "fcr-0.10-fd"', "must contain {stride}"),
+    ('candidate = "fcr-0.10-fd-4"', 'candidate = "fcr-0.10-fd-8"', "criteria.candidate = 'fcr-0.10-fd-8' is not allowed"),
+    ('id = "no-cache"', 'id = "no-cache"\nstride = 3', "sampler = 'none'"),
+    ('role = "eval"', 'role = "evaluation"', "'evaluation' is not allowed"),
+    ("seeds = [0, 1]", "seeds = [0, 0]", "has duplicates"),
+    ("[sampling]", "[sampler]\n[sampling]", "unknown top-level key 'sampler'"),
+    ("lambda_fcr = 0.0", "lambda_fcr = -0.5", "must be >= 0"),
+])
+def test_validation_errors(tmp_path, old, new, expected):
+    assert old in GOOD, old
+    with pytest.raises(ExperimentFileError, match=None) as e:
+        load_experiment(_write(tmp_path, GOOD.replace(old, new, 1)))
+    assert expected in str(e.value)
+
+
+def test_unknown_profile_lists_the_defined_ones(tmp_path):
+    with pytest.raises(ExperimentFileError, match=r"no profile 'nope'.*one-seed"):
+        load_experiment(TINY, "nope")
+
+
+def test_not_toml_and_missing_file(tmp_path):
+    with pytest.raises(ExperimentFileError, match="not valid TOML"):
+        load_experiment(_write(tmp_path, "seeds = [0,\n"))
+    with pytest.raises(FileNotFoundError):
+        load_experiment(tmp_path / "missing.toml")
+
+
+def test_cli_reports_validation_error_with_exit_code_2(tmp_path, capsys):
+    p = _write(tmp_path, GOOD.replace("n_samples = 10", "n_samples = 0"))
+    assert main(["plan", str(p), "--no-calibrate"]) == 2
+    assert "sampling.n_samples = 0 must be >= 1" in capsys.readouterr().err

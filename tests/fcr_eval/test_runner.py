@@ -1,0 +1,137 @@
+"""The experiment runner end to end on a tiny experiment file (embedded-tiny UNet, a few samples):
+every variation × seed lands in the store with its metrics, timings, σ²_Δ and samples; a rerun
+skips finished runs; a run killed between variations resumes with no duplicate or partial rows."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from fcr_eval.cli import main
+from fcr_eval.experiment import load_experiment
+from fcr_eval.planner import make_plan
+from fcr_eval.store import ResultsStore
+
+TINY = Path(__file__).parent / "experiments" / "tiny.toml"
+QUALITY = {"fd_efficientnet_lite0", "kid_efficientnet_lite0", "precision", "recall", "class_agreement",
+           "sample_wall_s_per_image"}
+CHILD_TABLES = ("metrics", "timings", "feature_stats", "samples", "per_prompt_scores")
+
+
+def _check_complete(store_path: Path, exp) -> set[str]:
+    """Every stored run is whole; no row belongs to a run that is not stored. Returns run ids."""
+    s = ResultsStore.open_readonly(store_path)
+    runs = s.runs(experiment_id=exp.id)
+    ids = runs["run_id"].to_list()
+    assert len(ids) == len(set(ids)), "duplicate runs"
+    for table in CHILD_TABLES:
+        orphans = s.sql(f"SELECT DISTINCT run_id FROM {table} WHERE run_id NOT IN (SELECT run_id FROM runs)")
+        assert orphans.height == 0, f"{table} has rows of unstored runs"
+    n = exp.sampling.n_samples
+    for row in runs.iter_rows(named=True):
+        rid = row["run_id"]
+        m = s.sql("SELECT metric FROM metrics WHERE run_id = ?", [rid])["metric"].to_list()
+        assert QUALITY <= set(m), (rid, m)
+        assert len(m) == len(set(m))
+        t = s.sql("SELECT batch_size, unet_calls, encoder_forwards, decoder_forwards, flops_per_image, "
+                  "peak_memory_bytes FROM timings WHERE run_id = ? ORDER BY batch_size", [rid])
+        assert t["batch_size"].to_list() == list(exp.evaluation.timing_batch_sizes)
+        assert all(v and v > 0 for v in t["flops_per_image"].to_list() + t["peak_memory_bytes"].to_list())
+        f = s.sql("SELECT DISTINCT delta FROM feature_stats WHERE run_id = ? AND block = 'all'", [rid])
+        assert sorted(f["delta"].to_list()) == list(range(1, exp.evaluation.sigma2_delta_max + 1))
+        smp = s.sql("SELECT image_path FROM samples WHERE run_id = ?", [rid])
+        assert smp.height == n and all(s.image_file(p).is_file() for p in smp["image_path"].to_list())
+        assert row["code_version"] and row["device"].startswith("cpu") and row["config"]
+    return set(ids)
+
+
+def test_tiny_experiment_end_to_end(tmp_path, capsys):
+    store_path = tmp_path / "results" / "fcr.duckdb"
+    assert main(["run", str(TINY), "--store", str(store_path)]) == 0
+    out = capsys.readouterr().out
+    exp = load_experiment(TINY)
+    plan = make_plan(exp, results_dir=store_path.parent, calibrate=False)
+    ids = _check_complete(store_path, exp)
+    assert ids == {r.run_id for r in plan.runs}
+
+    s = ResultsStore.open_readonly(store_path)
+    runs = {(r["variation_id"], r["seed"]): r for r in s.runs(experiment_id=exp.id).iter_rows(named=True)}
+    # forward counters follow the sampler: FD-2 over 4 steps runs the encoder twice, FD-4 once
+    t = s.timings(experiment_id=exp.id).filter(s.timings(experiment_id=exp.id)["batch_size"] == 1)
+    enc = {r["variation_id"]: (r["unet_calls"], r["encoder_forwards"], r["decoder_forwards"]) for r in t.iter_rows(named=True)}
+    assert enc["no-cache"] == (4, 4, 4) and enc["fd-2"] == (4, 2, 4) and enc["fcr-0.10-fd-4"] == (4, 1, 4)
+    assert enc["deepcache-2"][1] == 2
+    assert runs["fcr-0.10-fd-2", 0]["lambda_fcr"] == 0.1 and runs["fd-2", 0]["lambda_fcr"] is None
+    assert runs["fd-2", 1]["sampler"] == "fd" and runs["deepcache-2", 0]["sampler"] == "deepcache"
+    # fine-tunes: one per λ, in the experiment's run folder, shared by strides and seeds
+    ft_dirs = sorted(p.name for p in (store_path.parent / "runs" / exp.id / "finetune").iterdir())
+    assert len(ft_dirs) == 2 and all((store_path.parent / "runs" / exp.id / "finetune" / d / "summary.json").is_file()
+                                     for d in ft_dirs)
+    # the same seed draws the same x_T in every variation: prompt ids pair up across variations
+    pp = s.per_prompt_scores(experiment_id=exp.id)
+    assert pp.height == len(ids) * exp.sampling.n_samples
+    # metrics are labelled with their extractor, never plain "fid"
+    m = s.metrics(experiment_id=exp.id)
+    assert set(m.filter(m["metric"] == "fd_efficientnet_lite0")["feature_extractor"].to_list()) == {"efficientnet_lite0"}
+    assert "fid" not in set(m["metric"].to_list())
+    # criteria evaluated and stored; summary table, criteria and plots printed
+    assert s.criteria("tiny-exp").height == 7
+    assert "| variation" in out and "fcr-0.10-fd-4" in out and "success criteria" in out
+    plots = store_path.parent / "plots" / exp.id
+    for name in ("quality_vs_stride.png", "sigma2_vs_delta.png", "sigma2_vs_quality.png", "samples_fd-2.png"):
+        assert (plots / name).is_file() and (plots / name).stat().st_size > 1000
+        assert str(plots / name) in out
+    assert str(store_path) in out
+
+    # a second run finds everything finished: nothing is sampled, nothing duplicated
+    assert main(["run", str(TINY), "--store", str(store_path), "--no-plots"]) == 0
+    out2 = capsys.readouterr().out
+    assert f"{len(ids)} already in" in out2 and "0 to do" in out2
+    assert _check_complete(store_path, exp) == ids
+
+
+def _wait_for_runs(store_path: Path, n: int, proc: subprocess.Popen, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"runner exited early with {proc.returncode}"
+        if store_path.is_file():
+            try:
+                k = ResultsStore.open_readonly(store_path, lock_timeout=2).runs().height
+            except Exception:  # noqa: BLE001 - the writer holds the file for a moment
+                k = 0
+            if k >= n:
+                return k
+        time.sleep(0.3)
+    pytest.fail(f"no {n} finished run(s) within {timeout} s")
+
+
+def test_runner_resumes_after_kill_without_duplicate_or_partial_rows(tmp_path):
+    store_path = tmp_path / "results" / "fcr.duckdb"
+    exp = load_experiment(TINY, "one-seed")
+    cmd = [sys.executable, "-m", "fcr_eval.cli", "run", str(TINY), "--profile", "one-seed", "--store",
+           str(store_path), "--no-plots"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            start_new_session=True)
+    try:
+        _wait_for_runs(store_path, 1, proc, timeout=240)
+        os.killpg(proc.pid, signal.SIGKILL)  # no chance to clean up: the hardest interruption
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    before = _check_complete(store_path, exp)
+    total = len(exp.variations) * len(exp.seeds)
+    assert 1 <= len(before) < total, "kill came too late to test resuming"
+
+    assert main(["run", str(TINY), "--profile", "one-seed", "--store", str(store_path), "--no-plots"]) == 0
+    after = _check_complete(store_path, exp)
+    assert before < after and len(after) == total
+    # the runs stored before the kill were not redone (their rows are the original ones)
+    s = ResultsStore.open_readonly(store_path)
+    assert s.sql("SELECT count(*) AS n FROM runs")["n"][0] == total
