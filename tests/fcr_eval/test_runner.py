@@ -50,10 +50,70 @@ def _check_complete(store_path: Path, exp) -> set[str]:
     return set(ids)
 
 
-def test_tiny_experiment_end_to_end(tmp_path, capsys):
-    store_path = tmp_path / "results" / "fcr.duckdb"
-    assert main(["run", str(TINY), "--store", str(store_path)]) == 0
-    out = capsys.readouterr().out
+def _wait_for_runs(store_path: Path, n: int, proc: subprocess.Popen, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"runner exited early with {proc.returncode}"
+        if store_path.is_file():
+            try:
+                k = ResultsStore.open_readonly(store_path, lock_timeout=2).runs().height
+            except Exception:  # noqa: BLE001 - the writer holds the file for a moment
+                k = 0
+            if k >= n:
+                return k
+        time.sleep(0.3)
+    pytest.fail(f"no {n} finished run(s) within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def killed_then_resumed(tmp_path_factory):
+    """Run the tiny experiment's first seed in a subprocess, SIGKILL it once a run is stored,
+    then resume with both seeds in-process (seed-0 run ids are the same in both profiles).
+    Returns (store path, run ids stored before the kill, printed output of the resumed run)."""
+    import contextlib
+    import io
+
+    store_path = tmp_path_factory.mktemp("tiny") / "results" / "fcr.duckdb"
+    one_seed = load_experiment(TINY, "one-seed")
+    cmd = [sys.executable, "-m", "fcr_eval.cli", "run", str(TINY), "--profile", "one-seed", "--store",
+           str(store_path), "--no-plots"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    try:
+        _wait_for_runs(store_path, 1, proc, timeout=300)
+        os.killpg(proc.pid, signal.SIGKILL)  # no chance to clean up: the hardest interruption
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    before = _check_complete(store_path, one_seed)
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(["run", str(TINY), "--store", str(store_path)])
+    assert rc == 0
+    return store_path, before, buf.getvalue()
+
+
+def test_runner_resumes_after_kill_without_duplicate_or_partial_rows(killed_then_resumed):
+    store_path, before, out = killed_then_resumed
+    exp = load_experiment(TINY)
+    one_seed_runs = len(exp.variations)
+    assert 1 <= len(before) < one_seed_runs, "the kill came too late to test resuming"
+    assert f"{len(before)} already in" in out  # the stored runs were skipped, not redone
+    after = _check_complete(store_path, exp)
+    assert before < after and len(after) == len(exp.variations) * len(exp.seeds)
+    s = ResultsStore.open_readonly(store_path)
+    assert s.sql("SELECT count(*) AS n FROM runs")["n"][0] == len(after)
+    # fine-tunes run before any sampling; the resumed run reused them instead of training again
+    ft_root = store_path.parent / "runs" / exp.id / "finetune"
+    done = [p for p in ft_root.iterdir() if (p / "summary.json").is_file()]
+    assert len(done) == 2
+    for p in done:
+        assert len((p / "metrics.jsonl").read_text().splitlines()) == exp.finetune.steps
+
+
+def test_tiny_experiment_end_to_end(killed_then_resumed, capsys):
+    store_path, _, out = killed_then_resumed
     exp = load_experiment(TINY)
     plan = make_plan(exp, results_dir=store_path.parent, calibrate=False)
     ids = _check_complete(store_path, exp)
@@ -95,43 +155,3 @@ def test_tiny_experiment_end_to_end(tmp_path, capsys):
     assert _check_complete(store_path, exp) == ids
 
 
-def _wait_for_runs(store_path: Path, n: int, proc: subprocess.Popen, timeout: float) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"runner exited early with {proc.returncode}"
-        if store_path.is_file():
-            try:
-                k = ResultsStore.open_readonly(store_path, lock_timeout=2).runs().height
-            except Exception:  # noqa: BLE001 - the writer holds the file for a moment
-                k = 0
-            if k >= n:
-                return k
-        time.sleep(0.3)
-    pytest.fail(f"no {n} finished run(s) within {timeout} s")
-
-
-def test_runner_resumes_after_kill_without_duplicate_or_partial_rows(tmp_path):
-    store_path = tmp_path / "results" / "fcr.duckdb"
-    exp = load_experiment(TINY, "one-seed")
-    cmd = [sys.executable, "-m", "fcr_eval.cli", "run", str(TINY), "--profile", "one-seed", "--store",
-           str(store_path), "--no-plots"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                            start_new_session=True)
-    try:
-        _wait_for_runs(store_path, 1, proc, timeout=240)
-        os.killpg(proc.pid, signal.SIGKILL)  # no chance to clean up: the hardest interruption
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    before = _check_complete(store_path, exp)
-    total = len(exp.variations) * len(exp.seeds)
-    assert 1 <= len(before) < total, "kill came too late to test resuming"
-
-    assert main(["run", str(TINY), "--profile", "one-seed", "--store", str(store_path), "--no-plots"]) == 0
-    after = _check_complete(store_path, exp)
-    assert before < after and len(after) == total
-    # the runs stored before the kill were not redone (their rows are the original ones)
-    s = ResultsStore.open_readonly(store_path)
-    assert s.sql("SELECT count(*) AS n FROM runs")["n"][0] == total

@@ -90,6 +90,7 @@ def make_plots(exp: Experiment, store: ResultsStore, out_dir: Path) -> list[Path
         groups.setdefault(key, []).append(v)
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     plotted = False
+    dodge = {k: (i - (len(groups) - 1) / 2) * 0.3 for i, k in enumerate(groups)}  # keep error bars apart
     for label, vs in groups.items():
         pts = []
         for v in vs:
@@ -100,6 +101,7 @@ def make_plots(exp: Experiment, store: ResultsStore, out_dir: Path) -> list[Path
             continue
         pts.sort()
         xs, ys, hs = zip(*pts, strict=False)
+        xs = [x + dodge[label] for x in xs]
         ax.errorbar(xs, ys, yerr=hs, marker="o", capsize=3, label=label)
         plotted = True
     for v in exp.variations:
@@ -135,8 +137,10 @@ def make_plots(exp: Experiment, store: ResultsStore, out_dir: Path) -> list[Path
             seen.add(label)
             deltas = sorted(set(g["delta"].to_list()))
             ms, hs = zip(*(_mean_ci(g.filter(pl.col("delta") == d)["variance"].to_list()) for d in deltas), strict=False)
-            ax.errorbar(deltas, ms, yerr=hs, marker="o", capsize=3, label=label)
+            off = (len(seen) - 2) * 0.08  # small x offset keeps the error bars of the lines apart
+            ax.errorbar([d + off for d in deltas], ms, yerr=hs, marker="o", capsize=3, label=label)
         ax.set_xlabel("Δ (timesteps between the two noisy inputs)")
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
         ax.set_ylabel("σ²_Δ = Var(Enc(x_t) − Enc(x_{t−Δ}))")
         ax.set_title(f"{exp.id}: encoder-feature variance, all encoder features")
         ax.legend(fontsize=9)
@@ -171,6 +175,7 @@ def make_plots(exp: Experiment, store: ResultsStore, out_dir: Path) -> list[Path
                 gx = np.linspace(min(xs), max(xs), 20)
                 ax.plot(gx, a * gx + b, "--", color="gray", label=f"least squares, R² = {corr.r2:.2f} (R = {corr.r:.2f})")
                 ax.legend(fontsize=9)
+            ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3))
             ax.set_xlabel("σ²_Δ, mean over Δ = 1…Δmax (all encoder features)")
             ax.set_ylabel(f"Δ{qname} vs {base}")
             ax.set_title(title, fontsize=11)
