@@ -39,9 +39,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Effective throughput assumed when the plan is not calibrated (``--no-calibrate``): small-batch
-#: conv/attention work of the embedded UNet measured on a quiet 2-core dev machine (~10 GFLOP/s).
-DEFAULT_CPU_GFLOPS = 10.0
+#: Effective throughput assumed when the plan is not calibrated (``--no-calibrate``): the embedded
+#: UNet at batch 64 measured 96 GFLOP/s on a 2-core dev machine at low load and ~25 under load;
+#: the mini-exp-1 quick run took 1.6× the calibrated estimate (per-step overheads), hence 60.
+DEFAULT_CPU_GFLOPS = 60.0
+#: For real models: one A100-class GPU at ~40 % of its 312 TFLOP/s bf16 peak (a stated assumption).
+ASSUMED_GPU_TFLOPS = 125.0
 
 #: design.md §2: SD v1.5 UNet at 512² (64×64 latent): ~803 GFLOPs per forward, encoder ~33 %.
 #: DeepCache's shallow path at branch 0 costs roughly a tenth of a forward (its 2.1× at N=5).
@@ -344,6 +347,9 @@ def format_plan(plan: Plan, done: set[str] | None = None) -> str:
     lines.append(f"estimated compute: {_fmt_flops(plan.total_flops)} (sampling + fine-tuning); "
                  f"wall time ≈ {_fmt_s(plan.total_seconds)} at {plan.gflops_per_s:.1f} GFLOP/s ({plan.calibration};"
                  " includes timing repeats, feature extraction and σ²_Δ)")
+    if not exp.embedded:
+        lines.append(f"  on one A100-class GPU at an assumed {ASSUMED_GPU_TFLOPS:g} TFLOP/s effective: "
+                     f"≈{_fmt_s(plan.total_flops / (ASSUMED_GPU_TFLOPS * 1e12))} (CPU figure above is for scale only)")
     if exp.human_study:
         lines.append(f"human study: {exp.human_study.pairs} A/B pairs over {len(exp.human_study.comparisons)} "
                      "comparison(s) (run with fcr-human-study on the stored samples)")
