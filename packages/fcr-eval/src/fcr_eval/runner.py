@@ -299,11 +299,10 @@ def run_finetune(ctx: _Embedded, ft: PlannedFinetune, exp: Experiment, progress:
     from fcr_train.trainer import TrainConfig
 
     out = Path(ft.output_dir)
-    summary = out / "summary.json"
-    if summary.is_file():
-        s = json.loads(summary.read_text())
-        if s.get("final_unet") and (s.get("steps", 0) >= ft.steps or s.get("stopped_early")) \
-                and Path(s["final_unet"]).is_dir():
+    chosen = out / "fcr_eval_weights.json"  # written once the fine-tune is finished: the weights runs use
+    if chosen.is_file():
+        s = json.loads(chosen.read_text())
+        if s.get("final_unet") and Path(s["final_unet"]).is_dir():
             logger.info("fine-tune %s already finished (%d steps), reusing %s", ft.key, s["steps"], s["final_unet"])
             return s
     spec = exp.finetune
@@ -331,9 +330,15 @@ def run_finetune(ctx: _Embedded, ft: PlannedFinetune, exp: Experiment, progress:
     result = finetune(cfg, validation_fn=validation_fn)
     s = result.to_dict()
     s["wall_time_s"] = time.perf_counter() - t0
-    if result.best_checkpoint is not None:  # early stopping: sample the best weights
+    if result.best_checkpoint is not None:  # early stopping: sample the best weights (if still on disk)
         best = Path(result.best_checkpoint)
-        s["final_unet"] = str(best / "unet_ema") if (best / "unet_ema").is_dir() else str(best / "unet")
+        for sub in ("unet_ema", "unet"):
+            if (best / sub).is_dir():
+                s["final_unet"] = str(best / sub)
+                break
+    if not s.get("final_unet"):
+        raise RuntimeError(f"fine-tune {ft.key} produced no weights (see {out / 'train.log'})")
+    chosen.write_text(json.dumps(s, indent=2, default=str))
     return s
 
 
