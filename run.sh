@@ -2,7 +2,7 @@
 # One entry point for a fresh machine: installs uv (from PyPI) if missing, installs the
 # workspace from uv.lock, then runs a job.
 #
-#   ./run.sh main     run the main job on the embedded default
+#   ./run.sh main     run the main job: mini-exp-1 (quick profile) on the embedded default
 #   ./run.sh test     run the test-suite (all packages, then fcr-sample alone)
 #   ./run.sh sync     only install
 set -euo pipefail
@@ -52,7 +52,7 @@ case "$cmd" in
     main)
         ensure_apt "${APT_PACKAGES[@]}"
         sync_workspace
-        exec uv run --no-sync fcr-sample-demo "$@"
+        exec uv run --no-sync fcr-eval run experiments/mini-exp-1.toml --profile quick "$@"
         ;;
     test)
         ensure_apt "${APT_PACKAGES[@]}" "${APT_TEST_PACKAGES[@]}"
