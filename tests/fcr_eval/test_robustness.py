@@ -57,3 +57,18 @@ def test_resize_and_protocol_record():
     assert RobustnessProtocol("resolution", {"size": 56}).as_params()["robustness"]["kind"] == "resolution"
     with pytest.raises(ValueError, match="unknown robustness"):
         RobustnessProtocol("blur")
+
+
+def test_perturbed_ddim_stays_finite_when_the_noise_levels_lose_their_order():
+    from diffusers import DDIMScheduler
+
+    base = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                         set_alpha_to_one=False)
+    p = perturb_scheduler(base, std=0.05, seed=0)  # the protocol's ε: ᾱ is already non-monotone
+    assert (p.alphas_cumprod[1:] > p.alphas_cumprod[:-1]).any()
+    assert torch.equal(p.final_alpha_cumprod, p.alphas_cumprod[0])
+    p.set_timesteps(50)
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    for t in p.timesteps:
+        x = p.step(torch.zeros_like(x), t, x, eta=0.0).prev_sample
+    assert torch.isfinite(x).all()

@@ -118,6 +118,13 @@ def perturb_scheduler(scheduler, std: float = 0.05, seed: int = 0):
         new.sigmas = ((1 - ac) / ac).sqrt().flip(0)
         if getattr(scheduler, "num_inference_steps", None):
             new.set_timesteps(scheduler.num_inference_steps)
+    if hasattr(new, "final_alpha_cumprod") and not getattr(new.config, "set_alpha_to_one", False):
+        new.final_alpha_cumprod = ac[0]  # DDIM's ᾱ before step 0 follows the perturbed schedule
+    if hasattr(new, "_get_variance"):
+        # Independent ε per timestep can make ᾱ_t > ᾱ_prev; DDIM's variance then goes negative and
+        # even at η = 0 the step computes 0·√(negative) = NaN. A negative variance means "none".
+        variance = new._get_variance
+        new._get_variance = lambda *a, _v=variance, **k: _v(*a, **k).clamp_min(0)
     new.fcr_perturbation = {"kind": "schedule_perturbation", "std": std, "seed": seed}
     logger.info("noise schedule of %s perturbed: σ·(1+ε), ε~N(0, %.3g²), seed %d", type(scheduler).__name__, std, seed)
     return new

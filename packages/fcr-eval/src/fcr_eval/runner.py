@@ -443,12 +443,8 @@ def execute_run(ctx: _Embedded, run: PlannedRun, exp: Experiment, store: Results
 
     scheduler = make_sampling_scheduler(run.scheduler)
     if rob.kind == "schedule_perturbation":
+        # perturb_scheduler keeps DDIM finite when the perturbed ᾱ lose their order
         scheduler = perturb_scheduler(scheduler, std=float(rob.settings.get("std", 0.05)), seed=run.seed)
-        if hasattr(scheduler, "_get_variance"):
-            # Independent ε per timestep can make ᾱ_t > ᾱ_prev; DDIM's (unused at η = 0) variance
-            # then goes negative and 0·√(negative) = NaN poisons every image. Clamp it on this copy.
-            _variance = scheduler._get_variance
-            scheduler._get_variance = lambda t, prev, _v=_variance: _v(t, prev).clamp_min(0)
     elif rob.kind not in ("none", "resolution", "fgsm_latent"):
         raise NotImplementedError(f"robustness protocol {rob.kind!r} is not implemented for the embedded model")
     res = run.resolution
