@@ -15,15 +15,20 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-
-from .hooks import CacheHook, bind_unet_args, register_cache_hook, remove_cache_hook
+from .hooks import (
+    CacheHook,
+    bind_unet_args,
+    conditioning_kwargs,
+    encode_call,
+    register_cache_hook,
+    remove_cache_hook,
+    unet_output,
+)
 from .schedules import key_steps
 from .unet_parts import (
     prepare_conditioning,
     residuals_consumed,
     run_down_blocks,
-    run_encoder,
     run_up_blocks,
 )
 
@@ -96,28 +101,11 @@ class DeepCacheHook(CacheHook):
             sample,
             a["timestep"],
             a["encoder_hidden_states"],
-            **{
-                k: a[k]
-                for k in (
-                    "class_labels",
-                    "timestep_cond",
-                    "attention_mask",
-                    "cross_attention_kwargs",
-                    "added_cond_kwargs",
-                    "encoder_attention_mask",
-                )
-            },
+            **conditioning_kwargs(a),
         )
         shape = tuple(sample.shape[-2:])
         if step in st["keys"] or st["deep"] is None or st["deep"].shape[0] != sample.shape[0]:
-            enc = run_encoder(
-                module,
-                sample,
-                cond,
-                down_block_additional_residuals=a["down_block_additional_residuals"],
-                mid_block_additional_residual=a["mid_block_additional_residual"],
-                down_intrablock_additional_residuals=a["down_intrablock_additional_residuals"],
-            )
+            enc = encode_call(module, a, cond)
             res = enc.down_block_res_samples
             st["deep"] = run_up_blocks(module, enc.mid, res, cond, shape, stop_block=self.cut)
             out = run_up_blocks(
@@ -136,7 +124,7 @@ class DeepCacheHook(CacheHook):
                 module, st["deep"], res[: self.n_res], cond, shape, start_block=self.cut
             )
             self.stats.partial_forwards += 1
-        return UNet2DConditionOutput(sample=out) if a["return_dict"] else (out,)
+        return unet_output(out, a["return_dict"])
 
 
 def apply_deep_cache(pipe_or_unet, config: DeepCacheConfig | None = None) -> DeepCacheHook:

@@ -21,16 +21,22 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-from .hooks import CacheHook, bind_unet_args, register_cache_hook, remove_cache_hook
+from .hooks import (
+    CacheHook,
+    bind_unet_args,
+    conditioning_kwargs,
+    encode_call,
+    register_cache_hook,
+    remove_cache_hook,
+    unet_output,
+)
 from .schedules import NAMED_SCHEDULES, decoder_groups, key_steps
 from .unet_parts import (
     EncoderOutput,
     expand_for_steps,
     prepare_conditioning,
     run_decoder,
-    run_encoder,
 )
 
 logger = logging.getLogger(__name__)
@@ -208,29 +214,12 @@ class EncoderCacheHook(CacheHook):
         run, step = self.begin_call(a["timestep"])
         st = run.state
         sample, ehs = a["sample"], a["encoder_hidden_states"]
-        cond_kwargs = {
-            k: a[k]
-            for k in (
-                "class_labels",
-                "timestep_cond",
-                "attention_mask",
-                "cross_attention_kwargs",
-                "added_cond_kwargs",
-                "encoder_attention_mask",
-            )
-        }
+        cond_kwargs = conditioning_kwargs(a)
         is_key = step in st["keys"]
         cond = None
         if is_key or st["enc"] is None:
             cond = prepare_conditioning(module, sample, a["timestep"], ehs, **cond_kwargs)
-            st["enc"] = run_encoder(
-                module,
-                sample,
-                cond,
-                down_block_additional_residuals=a["down_block_additional_residuals"],
-                mid_block_additional_residual=a["mid_block_additional_residual"],
-                down_intrablock_additional_residuals=a["down_intrablock_additional_residuals"],
-            )
+            st["enc"] = encode_call(module, a, cond)
             st["enc_batch"] = sample.shape[0]
             st["enc_ehs"] = ehs
             st["pending"].clear()
@@ -246,7 +235,7 @@ class EncoderCacheHook(CacheHook):
         if step in st["pending"]:
             if _same_tensor(ehs, st["enc_ehs"]):
                 out = st["pending"].pop(step)
-                return self._wrap(out, a["return_dict"])
+                return unet_output(out, a["return_dict"])
             st["pending"].clear()  # conditioning changed mid-group: compute this step on its own
 
         batch = st["batch_of"][step]
@@ -266,7 +255,7 @@ class EncoderCacheHook(CacheHook):
             self.stats.decoder_forwards += 1
             self.stats.decoder_batches += 1
             self.stats.decoder_rows += out.shape[0]
-        return self._wrap(out, a["return_dict"])
+        return unet_output(out, a["return_dict"])
 
     def _decode_batch(
         self, unet, run, batch, enc, sample, ehs, cond_kwargs
@@ -289,10 +278,6 @@ class EncoderCacheHook(CacheHook):
         self.stats.decoder_batches += 1
         self.stats.decoder_rows += out.shape[0]
         return dict(zip(batch, out.chunk(m), strict=False))
-
-    @staticmethod
-    def _wrap(out: torch.Tensor, return_dict: bool):
-        return UNet2DConditionOutput(sample=out) if return_dict else (out,)
 
 
 def _same_tensor(a, b) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from dataclasses import asdict, dataclass
@@ -9,8 +10,10 @@ from typing import Any
 
 import torch
 from diffusers.hooks.hooks import HookRegistry, ModelHook
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from .run_state import RunTracker
+from .unet_parts import Conditioning, EncoderOutput, run_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -73,14 +76,50 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
+@functools.cache
+def _forward_signature(cls) -> inspect.Signature:
+    return inspect.signature(cls.forward)
+
+
 def bind_unet_args(unet, args: tuple, kwargs: dict) -> dict[str, Any]:
     """UNet forward arguments by name, defaults filled in."""
-    sig = inspect.signature(type(unet).forward)
-    bound = sig.bind(unet, *args, **kwargs)
+    bound = _forward_signature(type(unet)).bind(unet, *args, **kwargs)
     bound.apply_defaults()
     out = dict(bound.arguments)
     out.pop("self", None)
     return out
+
+
+#: UNet forward arguments that condition the blocks (passed on to ``prepare_conditioning``).
+CONDITIONING_ARGS = (
+    "class_labels",
+    "timestep_cond",
+    "attention_mask",
+    "cross_attention_kwargs",
+    "added_cond_kwargs",
+    "encoder_attention_mask",
+)
+
+
+def conditioning_kwargs(a: dict[str, Any]) -> dict[str, Any]:
+    return {k: a[k] for k in CONDITIONING_ARGS}
+
+
+def encode_call(unet, a: dict[str, Any], cond: Conditioning) -> EncoderOutput:
+    """The encoder on a call's sample, with its ControlNet / T2I-Adapter residuals."""
+    return run_encoder(
+        unet,
+        a["sample"],
+        cond,
+        down_block_additional_residuals=a["down_block_additional_residuals"],
+        mid_block_additional_residual=a["mid_block_additional_residual"],
+        down_intrablock_additional_residuals=a["down_intrablock_additional_residuals"],
+    )
+
+
+def unet_output(out: torch.Tensor, return_dict: bool):
+    """What ``UNet2DConditionModel.forward`` returns for ``out``."""
+    return UNet2DConditionOutput(sample=out) if return_dict else (out,)
 
 
 class CacheHook(ModelHook):

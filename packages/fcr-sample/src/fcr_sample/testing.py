@@ -45,7 +45,12 @@ _SD_LAYOUT = dict(
     in_channels=4,
     out_channels=4,
     layers_per_block=2,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    down_block_types=(
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     attention_head_dim=8,
     norm_num_groups=32,
@@ -54,14 +59,24 @@ _SD_LAYOUT = dict(
 
 def small_unet_config(**overrides) -> dict:
     """An SD-shaped UNet (4 levels, 2 layers per block) small enough for CPU benchmarks."""
-    return {**_SD_LAYOUT, "sample_size": 32, "block_out_channels": (32, 64, 64, 64), "cross_attention_dim": 64,
-            **overrides}
+    return {
+        **_SD_LAYOUT,
+        "sample_size": 32,
+        "block_out_channels": (32, 64, 64, 64),
+        "cross_attention_dim": 64,
+        **overrides,
+    }
 
 
 def sd15_unet_config(**overrides) -> dict:
     """The Stable Diffusion v1.5 UNet architecture (859.5M parameters; random weights)."""
-    return {**_SD_LAYOUT, "sample_size": 64, "block_out_channels": (320, 640, 1280, 1280), "cross_attention_dim": 768,
-            **overrides}
+    return {
+        **_SD_LAYOUT,
+        "sample_size": 64,
+        "block_out_channels": (320, 640, 1280, 1280),
+        "cross_attention_dim": 768,
+        **overrides,
+    }
 
 
 def tiny_unet(seed: int = 0, **overrides):
