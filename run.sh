@@ -12,13 +12,18 @@ log() { printf '\033[1m[run.sh]\033[0m %s\n' "$*" >&2; }
 
 ensure_uv() {
     if command -v uv >/dev/null 2>&1; then return; fi
-    export PATH="$HOME/.local/bin:$PATH"
-    if command -v uv >/dev/null 2>&1; then return; fi
-    log "installing uv from PyPI"
-    python3 -m pip install --quiet --user uv 2>/dev/null \
-        || python3 -m pip install --quiet --break-system-packages --user uv 2>/dev/null \
-        || python3 -m pip install --quiet uv
-    command -v uv >/dev/null 2>&1 || { log "uv is not on PATH after install; add ~/.local/bin to PATH"; exit 1; }
+    if ! python3 -c "import uv" >/dev/null 2>&1; then
+        log "installing uv from PyPI"
+        python3 -m pip install --quiet --user uv 2>/dev/null \
+            || python3 -m pip install --quiet --break-system-packages --user uv 2>/dev/null \
+            || python3 -m pip install --quiet uv
+    fi
+    # Ask the package where its binary is: a user, system or venv install each puts it elsewhere.
+    local uv_bin
+    uv_bin="$(python3 -c "import uv; print(uv.find_uv_bin())" 2>/dev/null)" \
+        || { log "uv did not install; run 'python3 -m pip install uv' and retry"; exit 1; }
+    export PATH="$(dirname "$uv_bin"):$PATH"
+}
 }
 
 # Debian packages: the embedded default's data ships as one; the browser tests drive Chromium.
