@@ -24,7 +24,6 @@ ensure_uv() {
         || { log "uv did not install; run 'python3 -m pip install uv' and retry"; exit 1; }
     export PATH="$(dirname "$uv_bin"):$PATH"
 }
-}
 
 # Debian packages: the embedded default's data ships as one; the browser tests drive Chromium.
 APT_PACKAGES=(dataset-fashion-mnist)
