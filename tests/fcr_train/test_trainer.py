@@ -37,19 +37,24 @@ def _cfg(tmp_path, name, **kw):
     return TrainConfig(**base)
 
 
+class Killed(Exception):
+    pass
+
+
+def _kill_at(n):
+    """A step_callback that aborts the run after step ``n`` (its checkpoint, if any, is written)."""
+    def callback(step, logs):
+        if step == n:
+            raise Killed
+    return callback
+
+
 def test_interrupted_and_resumed_run_reproduces_losses(tmp_path, fmnist, scheduler):
     full = train(_unet(), scheduler, fmnist, _conditioner(), _cfg(tmp_path, "full"))
     assert len(full.losses) == 6
 
-    class Killed(Exception):
-        pass
-
-    def kill_at_3(step, logs):
-        if step == 3:
-            raise Killed
-
     with pytest.raises(Killed):
-        train(_unet(), scheduler, fmnist, _conditioner(), _cfg(tmp_path, "cut"), step_callback=kill_at_3)
+        train(_unet(), scheduler, fmnist, _conditioner(), _cfg(tmp_path, "cut"), step_callback=_kill_at(3))
     assert latest_checkpoint(tmp_path / "cut").name == "step_0000002"
     # a fresh process would rebuild the model from scratch: the checkpoint must restore everything
     resumed = train(_unet(), scheduler, fmnist, _conditioner(), _cfg(tmp_path, "cut", resume=True))
@@ -144,3 +149,49 @@ def test_grad_checkpointing_and_bf16_options(tmp_path, fmnist, scheduler):
     bf16 = train(_unet(), scheduler, fmnist, _conditioner(), _cfg(tmp_path, "b", max_steps=2, checkpoint_every=10,
                                                                    mixed_precision="bf16"))
     assert bf16.losses[0] == pytest.approx(plain.losses[0], rel=0.05) and bf16.losses != plain.losses
+
+
+@pytest.mark.parametrize("checkpoint_every", [2, 50])
+def test_resume_restores_early_stopping_state_exactly(tmp_path, fmnist, scheduler, checkpoint_every):
+    """A run cut right after a validation and resumed stops at the same step with the same best
+    checkpoint as an uninterrupted one.  checkpoint_every=2: the cut falls on a regular checkpoint
+    step, whose checkpoint must already hold that step's validation; 50: the checkpoint written for
+    the validation must already name that step as the best checkpoint."""
+    values = {1: 1.0, 2: 0.5, 3: 0.7, 4: 0.8, 5: 0.9, 6: 1.0, 7: 1.1, 8: 1.2}
+
+    def metric(unet, step):
+        return values[step]
+
+    cfg = dict(max_steps=8, validate_every=1, early_stopping_patience=3, checkpoint_every=checkpoint_every,
+               ema_decay=None, cond_dropout=0.0)
+    full = train(_unet(), scheduler, fmnist, _conditioner(), _cfg(tmp_path, "full", **cfg), validation_fn=metric)
+    assert full.stopped_early and full.steps == 5 and full.best_checkpoint.name == "step_0000002"
+
+    with pytest.raises(Killed):
+        train(_unet(), scheduler, fmnist, _conditioner(), _cfg(tmp_path, "cut", **cfg), validation_fn=metric,
+              step_callback=_kill_at(2))
+    assert latest_checkpoint(tmp_path / "cut").name == "step_0000002"
+    resumed = train(_unet(), scheduler, fmnist, _conditioner(), _cfg(tmp_path, "cut", resume=True, **cfg),
+                    validation_fn=metric)
+    assert (resumed.stopped_early, resumed.steps, resumed.best_metric) == (True, 5, 0.5)
+    assert resumed.best_checkpoint == tmp_path / "cut" / "checkpoints" / "step_0000002"
+    log = [json.loads(x) for x in (tmp_path / "cut" / "validation.jsonl").read_text().splitlines()]
+    assert log == [json.loads(x) for x in (tmp_path / "full" / "validation.jsonl").read_text().splitlines()]
+
+
+def test_resume_takes_early_stopping_settings_from_the_config(tmp_path, fmnist, scheduler):
+    """The checkpoint restores the early-stopping counters, not its settings: a run resumed with a
+    larger patience (which config.json then records) runs on with that patience."""
+    values = iter([1.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0])
+
+    def metric(unet, step):
+        return next(values)
+
+    cfg = dict(validate_every=1, checkpoint_every=50, ema_decay=None, cond_dropout=0.0)
+    first = train(_unet(), scheduler, fmnist, _conditioner(),
+                  _cfg(tmp_path, "p", max_steps=2, early_stopping_patience=2, **cfg), validation_fn=metric)
+    assert not first.stopped_early  # one bad round of two allowed
+    res = train(_unet(), scheduler, fmnist, _conditioner(),
+                _cfg(tmp_path, "p", max_steps=8, early_stopping_patience=4, resume=True, **cfg), validation_fn=metric)
+    assert res.stopped_early and res.steps == 5  # bad rounds at steps 2, 3, 4, 5
+    assert json.loads((tmp_path / "p" / "config.json").read_text())["train"]["early_stopping_patience"] == 4

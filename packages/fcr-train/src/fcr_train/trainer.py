@@ -301,8 +301,10 @@ class _TrainState:
         self.step, self.micro = int(state["step"]), int(state["micro"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
-        for k, v in state["stopper"].items():
-            setattr(self.stopper, k, v)
+        # Only the counters: patience, min_delta and mode come from this run's config (which
+        # config.json records), not from the run that wrote the checkpoint.
+        for k in ("best", "best_step", "bad_rounds"):
+            setattr(self.stopper, k, state["stopper"][k])
         self.bad.load_state_dict(state["bad"])
         self.best_checkpoint = state.get("best_checkpoint")
 
@@ -533,20 +535,20 @@ def train(
             bar.update(1)
             bar.set_postfix(loss=f"{logs['loss']:.4f}", fcr=f"{logs['l_fcr']:.4f}", s=f"{logs['step_time_s']:.2f}")
 
-            saved_now = False
-            if state.step % config.checkpoint_every == 0 or state.step == config.max_steps:
-                checkpoints_written.append(_save_checkpoint(accelerator, objective, state, run_dir, config.keep_checkpoints))
-                last_saved_step, saved_now = state.step, True
-            if validation_fn is not None and config.validate_every and state.step % config.validate_every == 0:
+            # Validate before checkpointing: a resumed run starts after this step and does not
+            # validate it again, so the checkpoint must already hold this validation's
+            # early-stopping counters and best checkpoint.
+            validated = bool(validation_fn is not None and config.validate_every and state.step % config.validate_every == 0)
+            if validated:
                 stop = _validate(accelerator, objective, state, validation_fn, run_dir)
-                if not saved_now:
-                    checkpoints_written.append(_save_checkpoint(accelerator, objective, state, run_dir, config.keep_checkpoints))
-                    last_saved_step = state.step
                 if state.stopper.best_step == state.step:
                     state.best_checkpoint = str(run_dir / "checkpoints" / f"step_{state.step:07d}")
                 if stop:
                     stopped_early = True
                     logger.info("early stopping at step %d (best %.5g at step %s)", state.step, state.stopper.best, state.stopper.best_step)
+            if validated or state.step % config.checkpoint_every == 0 or state.step == config.max_steps:
+                checkpoints_written.append(_save_checkpoint(accelerator, objective, state, run_dir, config.keep_checkpoints))
+                last_saved_step = state.step
             if step_callback is not None:
                 step_callback(state.step, logs)
             if stopped_early:
