@@ -44,7 +44,8 @@ sync_workspace() {
     # Precompile bytecode once: environments that set PYTHONDONTWRITEBYTECODE would otherwise
     # recompile torch/diffusers in every process (~15 s per test subprocess on 2 cores).
     export UV_COMPILE_BYTECODE=1
-    uv sync --locked --all-packages --quiet
+    # --all-extras: clean-fid (Inception) and torchmetrics (CLIPScore), so their tests run here.
+    uv sync --locked --all-packages --all-extras --quiet
 }
 
 cmd="${1:-help}"; shift || true

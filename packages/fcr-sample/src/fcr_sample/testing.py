@@ -19,6 +19,7 @@ __all__ = [
     "small_unet_config",
     "sd15_unet_config",
     "tiny_sd_pipeline",
+    "write_tiny_clip_vocab",
 ]
 
 
@@ -86,9 +87,14 @@ def tiny_unet(seed: int = 0, **overrides):
     return UNet2DConditionModel(**tiny_unet_config(**overrides)).eval()
 
 
-def _write_tiny_clip_vocab(folder: Path) -> None:
-    """A character-level BPE vocabulary that CLIPTokenizer accepts (no merges needed)."""
-    chars = list(string.ascii_lowercase + string.digits + ".,'!?-")
+def write_tiny_clip_vocab(folder: Path, extra_chars: str = "") -> None:
+    """Write ``vocab.json`` and ``merges.txt``: a character-level BPE vocabulary that
+    ``CLIPTokenizer`` accepts (no merges needed).
+
+    Covers lower-case letters, digits and ``.,'!?-`` plus ``extra_chars``; any other character
+    becomes the unknown token, which CLIP shares with ``<|endoftext|>``.
+    """
+    chars = list(dict.fromkeys(string.ascii_lowercase + string.digits + ".,'!?-" + extra_chars))
     vocab = {}
     for c in chars:
         vocab[c] = len(vocab)
@@ -139,7 +145,7 @@ def tiny_sd_pipeline(
         sample_size=sample_size * 2,
     ).eval()
     folder = Path(tempfile.mkdtemp(prefix="fcr-tiny-clip-"))
-    _write_tiny_clip_vocab(folder)
+    write_tiny_clip_vocab(folder)
     tokenizer = CLIPTokenizer(
         str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length
     )
