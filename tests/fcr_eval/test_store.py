@@ -21,8 +21,10 @@ from fcr_eval.store import (
     StoreLockedError,
     StoreSchemaError,
     TimingRecord,
+    apply_migrations,
     make_run_id,
     migrate,
+    read_schema_version,
 )
 
 CONTRACT_COLUMNS = {
@@ -252,3 +254,69 @@ def test_empty_and_null_results_are_typed(tmp_path):
     runs = s.runs()
     assert runs.schema["lambda_fcr"] == pl.Float64 and runs["lambda_fcr"].to_list() == [None]
     assert runs.schema["finished_at"] == pl.Datetime("us")
+
+
+def _tables(con):
+    return sorted(r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall())
+
+
+def test_apply_migrations_applies_in_order_and_skips_applied_ones(tmp_path):
+    order = []
+
+    def add_column(con):
+        order.append(2)
+        con.execute("ALTER TABLE votes ADD COLUMN rater VARCHAR")
+
+    migrations = [(1, "CREATE TABLE votes (choice VARCHAR); INSERT INTO votes VALUES ('a')"), (2, add_column),
+                  (3, lambda con: order.append(3) or con.execute("CREATE TABLE notes (t VARCHAR)"))]
+    path = tmp_path / "m.duckdb"
+    con = duckdb.connect(str(path))
+    assert apply_migrations(con, migrations, table="study_version", target=2) == 2
+    assert order == [2] and _tables(con) == ["study_version", "votes"]
+    assert apply_migrations(con, migrations, table="study_version") == 3  # only 3 is new
+    assert apply_migrations(con, migrations, table="study_version") == 3  # nothing to do
+    assert order == [2, 3]
+    rows = con.execute("SELECT version, applied_at FROM study_version ORDER BY version").fetchall()
+    assert [r[0] for r in rows] == [1, 2, 3] and all(r[1] is not None for r in rows)
+    assert con.execute("SELECT * FROM votes").fetchall() == [("a", None)]
+    assert read_schema_version(con, table="study_version") == 3 and read_schema_version(con) == 0
+    con.close()
+
+
+def test_apply_migrations_rolls_back_a_failing_one(tmp_path):
+    def broken(con):
+        con.execute("ALTER TABLE votes ADD COLUMN rater VARCHAR")
+        con.execute("INSERT INTO votes VALUES ('b', 'r1')")
+        raise RuntimeError("migration bug (simulated)")
+
+    con = duckdb.connect(str(tmp_path / "m.duckdb"))
+    good = [(1, "CREATE TABLE votes (choice VARCHAR); INSERT INTO votes VALUES ('a')")]
+    with pytest.raises(RuntimeError, match="simulated"):
+        apply_migrations(con, good + [(2, broken), (3, "CREATE TABLE notes (t VARCHAR)")])
+    # version 1 committed on its own; 2 left nothing behind, 3 never ran
+    assert read_schema_version(con) == 1 and _tables(con) == ["schema_version", "votes"]
+    assert con.execute("SELECT * FROM votes").fetchall() == [("a",)]
+    with pytest.raises(duckdb.Error):
+        apply_migrations(con, good + [(2, "CREATE TABLE notes (t VARCHAR); SELECT * FROM no_such_table")])
+    assert read_schema_version(con) == 1 and "notes" not in _tables(con)
+    assert apply_migrations(con, good + [(2, "ALTER TABLE votes ADD COLUMN rater VARCHAR")]) == 2  # fixed code
+
+
+def test_apply_migrations_refuses_newer_database_and_bad_lists():
+    con = duckdb.connect(":memory:")
+    apply_migrations(con, [(1, "CREATE TABLE a (x INTEGER)"), (2, "CREATE TABLE b (x INTEGER)")])
+    with pytest.raises(StoreSchemaError, match="schema version 2"):
+        apply_migrations(con, [(1, "CREATE TABLE a (x INTEGER)")])
+
+    class TooNew(Exception):
+        pass
+
+    with pytest.raises(TooNew, match="2 > 1"):
+        apply_migrations(con, [(1, "")], newer_error=lambda db, known: TooNew(f"{db} > {known}"))
+    with pytest.raises(StoreSchemaError, match="no migration to version 5"):
+        apply_migrations(con, [(1, ""), (2, "")], target=5)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        apply_migrations(con, [(2, ""), (1, "")])
+    with pytest.raises(ValueError, match="identifier"):
+        apply_migrations(con, [(1, "")], table="v; DROP TABLE a")
+    assert read_schema_version(con) == 2 and _tables(con) == ["a", "b", "schema_version"]

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+from fcr_eval.store import apply_migrations, read_schema_version
 
 __all__ = [
     "DEFAULT_STUDY_PATH",
@@ -190,32 +191,13 @@ SCHEMA_VERSION = len(MIGRATIONS)
 _LOCK_RE = re.compile(r"lock", re.IGNORECASE)
 
 
-def _schema_version(con: duckdb.DuckDBPyConnection) -> int:
-    n = con.execute(
-        "SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_version'"
-    ).fetchone()[0]
-    if not n:
-        return 0
-    return int(con.execute("SELECT max(version) FROM schema_version").fetchone()[0] or 0)
-
-
 def _migrate(con: duckdb.DuckDBPyConnection) -> None:
-    con.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER, applied_at TIMESTAMP)")
-    current = _schema_version(con)
-    if current > SCHEMA_VERSION:
-        raise StudyStoreError(
+    apply_migrations(
+        con, list(enumerate(MIGRATIONS, start=1)),
+        newer_error=lambda current, latest: StudyStoreError(
             f"the study file is at schema version {current}; this fcr-human-study knows only "
-            f"up to {SCHEMA_VERSION}: upgrade it (uv sync)"
-        )
-    for version in range(current + 1, SCHEMA_VERSION + 1):
-        con.execute("BEGIN TRANSACTION")
-        try:
-            MIGRATIONS[version - 1](con)
-            con.execute("INSERT INTO schema_version VALUES (?, ?)", [version, utcnow()])
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
+            f"up to {latest}: upgrade it (uv sync)"),
+    )
 
 
 class StudyStore:
@@ -246,7 +228,7 @@ class StudyStore:
                     f"no study at {self.path}; build one with `fcr-human-study build`"
                 )
             with self.connection() as con:
-                v = _schema_version(con)
+                v = read_schema_version(con)
             if v != SCHEMA_VERSION:
                 raise StudyStoreError(
                     f"{self.path} is at schema version {v}, this code reads {SCHEMA_VERSION}"

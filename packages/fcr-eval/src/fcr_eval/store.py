@@ -13,9 +13,10 @@ is busy, the call retries for ``lock_timeout`` seconds and then raises :class:`S
 naming the process that holds it.
 
 Schema versions. ``schema_version(version, applied_at)`` records every migration applied;
-:data:`MIGRATIONS` are numbered functions applied in order, each inside its own transaction,
-whenever a writer opens a store that is behind. Readers never migrate; they refuse a store that
-is newer than this code and ask for a writer to migrate one that is older.
+:data:`MIGRATIONS` are numbered functions applied in order by :func:`apply_migrations` (which
+the human-study store uses too), each inside its own transaction, whenever a writer opens a
+store that is behind. Readers never migrate; they refuse a store that is newer than this code
+and ask for a writer to migrate one that is older.
 
 Example:
     >>> store = ResultsStore("results/fcr.duckdb")
@@ -43,6 +44,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +69,9 @@ __all__ = [
     "ResultsStore",
     "make_run_id",
     "migrate",
+    "apply_migrations",
+    "read_schema_version",
+    "Migration",
 ]
 
 logger = logging.getLogger(__name__)
@@ -410,46 +415,122 @@ MIGRATIONS: tuple[Callable[[duckdb.DuckDBPyConnection], None], ...] = (_migratio
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-def _schema_version(con: duckdb.DuckDBPyConnection) -> int:
+#: One migration: SQL (one or more statements) or a function of the connection.
+Migration = str | Callable[[duckdb.DuckDBPyConnection], None]
+
+_IDENTIFIER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _version_table(table: str) -> str:
+    if not _IDENTIFIER_RE.fullmatch(table):
+        raise ValueError(f"schema-version table name must be a plain SQL identifier, got {table!r}")
+    return table
+
+
+def read_schema_version(con: duckdb.DuckDBPyConnection, *, table: str = "schema_version") -> int:
+    """The highest version recorded in ``table`` (0 when the table does not exist or is empty).
+
+    Example:
+        >>> read_schema_version(duckdb.connect(":memory:"))
+        0
+    """
+    table = _version_table(table)
     exists = con.execute(
-        "SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_version'"
+        "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [table]
     ).fetchone()[0]
     if not exists:
         return 0
-    v = con.execute("SELECT max(version) FROM schema_version").fetchone()[0]
+    v = con.execute(f"SELECT max(version) FROM {table}").fetchone()[0]
     return int(v or 0)
 
 
-def migrate(con: duckdb.DuckDBPyConnection, target: int = SCHEMA_VERSION) -> int:
-    """Apply the numbered migrations that ``con``'s database lacks, up to ``target``.
+def apply_migrations(
+    con: duckdb.DuckDBPyConnection,
+    migrations: Sequence[tuple[int, Migration]],
+    *,
+    table: str = "schema_version",
+    target: int | None = None,
+    newer_error: Callable[[int, int], BaseException] | None = None,
+) -> int:
+    """Bring ``con``'s database to version ``target`` with the numbered ``migrations`` it lacks.
 
-    Each migration runs in its own transaction together with its ``schema_version`` row, so a
-    failed migration leaves the store at the previous version. Returns the version reached.
+    The version reached is kept in ``table(version INTEGER, applied_at TIMESTAMP)`` (created if
+    missing), one row per migration applied. Each migration runs in its own transaction together
+    with its row, so a failing one is rolled back and leaves the database at the previous version.
+    Both the results store and the human-study store migrate through this function.
+
+    Args:
+        con: an open, writable DuckDB connection with no transaction in progress.
+        migrations: ``(version, migration)`` pairs in increasing version order; a migration is
+            SQL text or ``fn(con)``. Versions at or below the database's are skipped.
+        table: the schema-version table.
+        target: stop at this version (default: the last migration's).
+        newer_error: ``fn(db_version, latest_known) -> exception`` raised when the database is
+            at a version newer than the last migration (default: :class:`StoreSchemaError`).
+
+    Returns:
+        The version the database is at afterwards.
+
+    Raises:
+        StoreSchemaError: ``target`` is beyond the last migration, or (by default) the database
+            is newer than the migrations.
+        ValueError: versions not positive and strictly increasing, or a bad ``table`` name.
+
+    Example:
+        >>> con = duckdb.connect(":memory:")
+        >>> apply_migrations(con, [(1, "CREATE TABLE votes (choice VARCHAR)"),
+        ...                        (2, lambda c: c.execute("ALTER TABLE votes ADD COLUMN rater VARCHAR"))])
+        2
+    """
+    table = _version_table(table)
+    versions = [int(v) for v, _ in migrations]
+    if any(v < 1 for v in versions) or any(a >= b for a, b in pairwise(versions)):
+        raise ValueError(f"migration versions must be positive and strictly increasing, got {versions}")
+    latest = versions[-1] if versions else 0
+    target = latest if target is None else int(target)
+    if target > latest:
+        raise StoreSchemaError(f"no migration to version {target}; the migrations go up to {latest}")
+    con.execute(f"CREATE TABLE IF NOT EXISTS {table} (version INTEGER, applied_at TIMESTAMP)")
+    current = read_schema_version(con, table=table)
+    if current > latest:
+        if newer_error is not None:
+            raise newer_error(current, latest)
+        raise StoreSchemaError(f"the database is at schema version {current} ({table}) but the migrations "
+                               f"go only up to {latest}; upgrade the code before writing to it")
+    for version, migration in migrations:
+        if version <= current or version > target:
+            continue
+        con.execute("BEGIN TRANSACTION")
+        try:
+            if isinstance(migration, str):
+                con.execute(migration)
+            else:
+                migration(con)
+            con.execute(f"INSERT INTO {table} VALUES (?, ?)", [version, _utcnow()])
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        logger.info("migrated to schema version %d (%s)", version, table)
+    return max(current, target)
+
+
+def migrate(con: duckdb.DuckDBPyConnection, target: int = SCHEMA_VERSION) -> int:
+    """Apply the numbered results-store migrations that ``con``'s database lacks, up to ``target``.
+
+    See :func:`apply_migrations`: a failed migration leaves the store at the previous version.
+    Returns the version reached.
 
     Example:
         >>> con = duckdb.connect(":memory:"); migrate(con)
         2
     """
-    if target > SCHEMA_VERSION:
-        raise StoreSchemaError(f"no migration to version {target}; this code knows up to {SCHEMA_VERSION}")
-    con.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER, applied_at TIMESTAMP)")
-    current = _schema_version(con)
-    if current > SCHEMA_VERSION:
-        raise StoreSchemaError(
+    return apply_migrations(
+        con, list(enumerate(MIGRATIONS, start=1)), target=target,
+        newer_error=lambda current, latest: StoreSchemaError(
             f"the store is at schema version {current} but this fcr-eval knows only up to "
-            f"{SCHEMA_VERSION}; upgrade fcr-eval (uv sync) before writing to it"
-        )
-    for version in range(current + 1, target + 1):
-        con.execute("BEGIN TRANSACTION")
-        try:
-            MIGRATIONS[version - 1](con)
-            con.execute("INSERT INTO schema_version VALUES (?, ?)", [version, _utcnow()])
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-        logger.info("results store migrated to schema version %d", version)
-    return max(current, target)
+            f"{latest}; upgrade fcr-eval (uv sync) before writing to it"),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -516,7 +597,7 @@ class ResultsStore:
                     "(`fcr-eval run <experiment.toml>`) or pass the right path"
                 )
             with self._connect() as con:
-                v = _schema_version(con)
+                v = read_schema_version(con)
             if v != SCHEMA_VERSION:
                 newer = v > SCHEMA_VERSION
                 raise StoreSchemaError(
@@ -583,7 +664,7 @@ class ResultsStore:
     def schema_version(self) -> int:
         """The schema version of the file."""
         with self._connect() as con:
-            return _schema_version(con)
+            return read_schema_version(con)
 
     # -- writing ---------------------------------------------------------------------------
 
