@@ -32,7 +32,9 @@ def test_matches_direct_recomputation(setup):
             diffs = {k: (f_t[k] - f_s[k]).double() for k in f_t}
             expected_all = torch.cat([v.reshape(-1) for v in diffs.values()]).var(unbiased=False)
             got = {(r.block, r.delta): r for r in rows}
-            assert got[("all", d)].variance == pytest.approx(float(expected_all), rel=1e-6)
+            # float32 UNet passes in batches of 3 (inside) vs 4 (here): differences at Δ = 1 are
+            # small, so their variance carries ~1e-6 relative noise that depends on the thread count
+            assert got[("all", d)].variance == pytest.approx(float(expected_all), rel=1e-5)
             assert got[("all", d)].n == 4
             for k, v in diffs.items():
                 assert got[(k, d)].variance == pytest.approx(float(v.var(unbiased=False)), rel=1e-5, abs=1e-12)

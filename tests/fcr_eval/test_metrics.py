@@ -33,7 +33,25 @@ def test_frechet_matches_eigenvalue_reference(feats):
     s1, s2 = np.cov(a.T), np.cov(b.T)
     ref = _fd_reference(mu1, s1, mu2, s2)
     assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(ref, rel=1e-8)
+    assert frechet_distance(mu1, s1, mu2, s2, method="sqrtm") == pytest.approx(ref, rel=1e-8)
     assert frechet_distance_from_features(a, b) == pytest.approx(ref, rel=1e-8)
+
+
+def test_frechet_eigh_path_equals_scipy_sqrtm_path_and_stays_real_when_singular():
+    """The default (two symmetric eigendecompositions) against clean-fid's scipy.linalg.sqrtm path,
+    on covariances of fewer samples than dimensions (singular, as in a small mini-val)."""
+    from scipy import linalg
+
+    rng = np.random.default_rng(1)
+    mix = rng.normal(size=(40, 40))
+    a, b = rng.normal(size=(300, 40)) @ mix, rng.normal(loc=0.2, size=(30, 40)) @ mix
+    (mu1, s1), (mu2, s2) = feature_statistics(a), feature_statistics(b)
+    covmean = linalg.sqrtm(s1 @ s2)
+    ref = float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean).real)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(ref, rel=1e-6)
+    assert frechet_distance(mu1, s1, mu2, s2, method="sqrtm") == pytest.approx(ref, rel=1e-10)
+    with pytest.raises(ValueError, match="method"):
+        frechet_distance(mu1, s1, mu2, s2, method="svd")
 
 
 def test_frechet_closed_form_for_diagonal_covariances():

@@ -41,13 +41,40 @@ def test_perturbed_scheduler_changes_the_step(cls):
 def test_fgsm_stays_in_ball_and_increases_loss():
     w = torch.randn(2, 3)
     z = torch.zeros(2, 3)
-    adv = fgsm_initial_latent(lambda x: (w * x).sum(), z, epsilon=0.1, steps=10)
+    g = torch.Generator().manual_seed(0)
+    adv = fgsm_initial_latent(lambda x: (w * x).sum(), z, epsilon=0.1, steps=10, generator=g)
     assert torch.allclose(adv, 0.1 * w.sign())  # a linear loss is maximised at a corner of the ball
     target = torch.randn(2, 3)
     z2 = torch.randn(2, 3)
     loss = lambda x: (x - target).pow(2).sum()  # noqa: E731
-    adv2 = fgsm_initial_latent(loss, z2, epsilon=0.05, steps=3)
+    adv2 = fgsm_initial_latent(loss, z2, epsilon=0.05, steps=3, generator=g)
     assert (adv2 - z2).abs().max() <= 0.05 + 1e-7 and loss(adv2) > loss(z2)
+
+
+def test_fgsm_moves_away_from_the_clean_output_where_the_gradient_is_zero():
+    """The runner's loss ‖f(z) − f(z_T)‖² is minimal at z_T with a zero gradient there; the attack
+    must still move (random start) and end with a positive loss, at the same seed reproducibly."""
+    torch.manual_seed(0)
+    f = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 6))
+    z = torch.randn(4, 6)
+    clean = f(z).detach()
+
+    def loss(x):
+        return (f(x) - clean).pow(2).mean()
+
+    zg = z.clone().requires_grad_(True)
+    (g0,) = torch.autograd.grad(loss(zg), zg)
+    assert torch.count_nonzero(g0) == 0  # the situation of the bug
+    no_start = fgsm_initial_latent(loss, z, epsilon=0.1, steps=5, random_start=False)
+    assert torch.equal(no_start, z)  # without a random start nothing happens
+    adv = fgsm_initial_latent(loss, z, epsilon=0.1, steps=5, generator=torch.Generator().manual_seed(1))
+    again = fgsm_initial_latent(loss, z, epsilon=0.1, steps=5, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(adv, again)
+    assert (adv - z).abs().max() <= 0.1 + 1e-6 and float(loss(adv)) > 0
+    # the gradient steps add to what the random start alone gives
+    start_only = fgsm_initial_latent(loss, z, epsilon=0.1, steps=1, step_size=0.0,
+                                     generator=torch.Generator().manual_seed(1))
+    assert float(loss(adv)) > float(loss(start_only))
 
 
 def test_resize_and_protocol_record():

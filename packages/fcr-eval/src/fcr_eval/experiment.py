@@ -60,7 +60,7 @@ SAMPLERS = ("none", "fd", "deepcache")
 SCHEDULERS = ("ddim", "dpm-solver++")
 METRICS = (
     "fd", "fid", "kid", "is", "precision_recall", "class_agreement", "clip_score", "sec_per_image",
-    "unet_forwards", "flops", "peak_memory", "sigma2_delta", "finetune_compute", "robustness",
+    "unet_forwards", "flops", "peak_memory", "sigma2_delta", "finetune_compute", "robustness", "clip_drift",
 )
 DATASET_KINDS = ("fashion-mnist", "laion", "webdataset", "artbench", "coco", "flickr30k", "imagenet-classes")
 DATASET_ROLES = ("finetune", "eval", "mini_val", "reference")
@@ -128,6 +128,7 @@ class SamplingSpec:
     batch_size: int = 64
     n_samples: int = 1000
     eval_prompts: str | None = None
+    dtype: str = "float32"
 
 
 @dataclass(frozen=True)
@@ -177,6 +178,7 @@ class EvaluationSpec:
     sigma2_delta_max: int = 10
     sigma2_samples: int = 256
     sigma2_blocks: str = "all"
+    clip_drift_samples: int = 256
     kid_subset_size: int = 1000
     pr_k: int = 3
     save_samples: bool = True
@@ -497,6 +499,7 @@ def load_experiment(path: str | Path, profile: str | None = None) -> Experiment:
         if getattr(sampling, k) < 1:
             chk.fail(f"sampling.{k} = {getattr(sampling, k)} must be >= 1", "sampling", k)
     dataset_ref(sampling.eval_prompts, "sampling.eval_prompts", "sampling", "eval_prompts", roles=("eval",))
+    chk.one_of(sampling.dtype, ("float32", "float16", "bfloat16"), "sampling.dtype", "sampling", "dtype")
 
     finetune = chk.build(FinetuneSpec, raw.get("finetune", {}), "finetune")
     chk.one_of(finetune.blocks, BLOCKS, "finetune.blocks", "finetune", "blocks")
@@ -530,6 +533,12 @@ def load_experiment(path: str | Path, profile: str | None = None) -> Experiment:
     if evaluation.sigma2_delta_max < 1 or evaluation.sigma2_samples < 1 or evaluation.n_reference < 2:
         chk.fail("evaluation.sigma2_delta_max, sigma2_samples must be >= 1 and n_reference >= 2", "evaluation")
     chk.one_of(evaluation.sigma2_blocks, BLOCKS, "evaluation.sigma2_blocks", "evaluation", "sigma2_blocks")
+    clip_metrics = [m for m in evaluation.metrics if m in ("clip_score", "clip_drift")]
+    if clip_metrics and not evaluation.clip_model:
+        chk.fail(f"evaluation.metrics has {clip_metrics}, which need evaluation.clip_model = a local CLIP folder "
+                 "(transformers layout, e.g. a copy of openai/clip-vit-large-patch14)", "evaluation", "metrics")
+    if evaluation.clip_drift_samples < 1:
+        chk.fail("evaluation.clip_drift_samples must be >= 1", "evaluation", "clip_drift_samples")
     dataset_ref(evaluation.reference, "evaluation.reference", "evaluation", "reference", roles=("reference", "eval"))
 
     robustness: dict[str, RobustnessSpec] = {"none": RobustnessSpec("none", "none", "no stress")}

@@ -239,11 +239,13 @@ class InceptionExtractor(FeatureExtractor):
         self._resize = build_resizer("clean")
         self.weights_path = str(weights_path)
 
-    def forward_batch(self, images_u8: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def forward_batch(self, images_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hwc = images_u8.permute(0, 2, 3, 1).cpu().numpy()
         resized = np.stack([self._resize(img) for img in hwc])  # float, 299x299x3, [0, 255]
         x = torch.from_numpy(resized).permute(0, 3, 1, 2).float().to(self.device)
-        return self.model(x), None
+        features = self.model(x)
+        # The Inception Score uses the same network's 1008-way classifier on these pool features.
+        return features, self.model.base.output(features)
 
 
 def get_extractor(name: str, *, device: str | torch.device = "cpu", weights_path: str | Path | None = None,

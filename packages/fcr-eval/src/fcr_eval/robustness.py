@@ -131,13 +131,18 @@ def perturb_scheduler(scheduler, std: float = 0.05, seed: int = 0):
 
 
 def fgsm_initial_latent(loss_fn: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor, *,
-                        epsilon: float = 0.1, steps: int = 10, step_size: float | None = None) -> torch.Tensor:
+                        epsilon: float = 0.1, steps: int = 10, step_size: float | None = None,
+                        random_start: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
     """Adversarial initial latent: iterative FGSM maximising ``loss_fn`` in the L∞ ball of radius ε.
 
-    Each step moves ``step_size`` (default ε/steps) along ``sign(∇ loss)`` and projects back into
-    the ball around ``latents`` (Kurakin et al. 2016, https://arxiv.org/abs/1607.02533; FGSM:
-    Goodfellow et al. 2014, https://arxiv.org/abs/1412.6572). ``loss_fn`` maps a latent batch to a
-    scalar and must be differentiable (e.g. sample with the cache and compare to clean samples).
+    Starts from a uniform random point of the ball (``random_start``, as PGD does: Madry et al.
+    2018, https://arxiv.org/abs/1706.06083), then each step moves ``step_size`` (default
+    2.5·ε/steps) along ``sign(∇ loss)`` and projects back into the ball around ``latents``
+    (Kurakin et al. 2016, https://arxiv.org/abs/1607.02533; FGSM: Goodfellow et al. 2014,
+    https://arxiv.org/abs/1412.6572). The random start matters for the runner's loss, the
+    distance of the sampled images to the clean ones: it is minimal at ``latents``, where its
+    gradient is exactly zero, so an attack starting there never moves. ``loss_fn`` maps a latent
+    batch to a scalar and must be differentiable.
 
     Example:
         >>> adv = fgsm_initial_latent(lambda z: (sample(z) - clean).pow(2).mean(), z_T, epsilon=0.1, steps=10)
@@ -145,9 +150,12 @@ def fgsm_initial_latent(loss_fn: Callable[[torch.Tensor], torch.Tensor], latents
     """
     if epsilon < 0 or steps < 1:
         raise ValueError("epsilon must be >= 0 and steps >= 1")
-    alpha = epsilon / steps if step_size is None else step_size
+    alpha = 2.5 * epsilon / steps if step_size is None else step_size
     x0 = latents.detach()
     x = x0.clone()
+    if random_start:
+        u = torch.rand(x0.shape, generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
+        x = x0 + (2 * u - 1) * epsilon
     for _ in range(steps):
         x.requires_grad_(True)
         with torch.enable_grad():

