@@ -355,3 +355,38 @@ def test_missing_local_files_are_listed_before_any_work(tmp_path):
     with pytest.raises(FileNotFoundError):
         run_experiment(exp, RunnerOptions(store=store, progress=False, device="cpu"))
     assert not store.exists()  # nothing written
+
+
+def test_two_sd_models_in_one_experiment_each_get_their_runs(tmp_path):
+    """exp-2 has two models (SD 2.1, OpenJourney): the runner takes them one at a time."""
+    tiny_sd_pipeline(seed=0).save_pretrained(tmp_path / "sd")
+    tiny_sd_pipeline(seed=5).save_pretrained(tmp_path / "sd-b")
+    path = _experiment_minimal(tmp_path)
+    text = path.read_text().replace('''[[variations]]
+id = "no-cache"
+''', f'''[[models]]
+id = "other"
+source = "{tmp_path / 'sd-b'}"
+
+[[variations]]
+id = "a-fd-2"
+sampler = "fd"
+stride = 2
+
+[[variations]]
+id = "b-fd-2"
+model = "other"
+sampler = "fd"
+stride = 2
+''').replace('[sampling]\n', '[sampling]\nnum_inference_steps = 4\nn_samples = 3\nbatch_size = 3\n')
+    path.write_text(text)
+    exp = load_experiment(path)
+    store = tmp_path / "results" / "fcr.duckdb"
+    run_experiment(exp, RunnerOptions(store=store, threads=1, progress=False, plots=False, device="cpu"))
+    s = ResultsStore.open_readonly(store)
+    runs = {r["variation_id"]: r for r in s.runs(experiment_id=exp.id).iter_rows(named=True)}
+    assert runs["a-fd-2"]["model"] == str(tmp_path / "sd") and runs["b-fd-2"]["model"] == str(tmp_path / "sd-b")
+    fd = {r["variation_id"]: r["value"] for r in s.sql(
+        "SELECT variation_id, value FROM metrics JOIN runs USING (run_id) WHERE metric = 'fd_efficientnet_lite0'"
+    ).iter_rows(named=True)}
+    assert fd["a-fd-2"] != pytest.approx(fd["b-fd-2"])  # different weights, different samples

@@ -322,15 +322,15 @@ class StableDiffusionContext(RunContext):
 
     family = "stable-diffusion"
 
-    def __init__(self, exp: Experiment, results_dir: Path, device: torch.device):
+    def __init__(self, exp: Experiment, results_dir: Path, device: torch.device, model_id: str | None = None):
         super().__init__(exp, results_dir, device)
         from fcr_train.models import SDConditioner, load_sd_components
 
-        models = list(exp.models.values())
-        if len(models) != 1:
-            raise ValueError(f"{exp.id}: the runner takes one Stable Diffusion model per experiment file, got "
-                             f"{[m.id for m in models]}; split the file per model (runs of both can share one store)")
-        self.model = models[0]
+        if model_id is None:
+            if len(exp.models) != 1:
+                raise ValueError(f"{exp.id} has models {list(exp.models)}; say which one the context is for")
+            model_id = next(iter(exp.models))
+        self.model = exp.models[model_id]
         self.dtype = _DTYPES[exp.sampling.dtype]
         self.comps = load_sd_components(self.model.source, dtype=self.dtype)
         self.source = self.comps.source
@@ -535,13 +535,15 @@ def _ood_prompts(spec, rob_id: str) -> list[str]:
     raise ValueError(f"robustness {rob_id!r}: settings.prompts must be a list of prompts or a text file path")
 
 
-def make_context(exp: Experiment, results_dir: Path, device: torch.device) -> RunContext:
-    """The context for ``exp``: embedded when all its models are embedded, else Stable Diffusion."""
+def make_context(exp: Experiment, results_dir: Path, device: torch.device, model_id: str | None = None
+                 ) -> RunContext:
+    """The context for ``model_id`` of ``exp`` (its only model when ``None``): the embedded default
+    or a Stable Diffusion checkpoint. The runner holds one at a time (exp-2 has two SD models)."""
     if exp.embedded:
         return EmbeddedContext(exp, results_dir, device)
     if any(m.embedded for m in exp.models.values()):
         raise ValueError(f"{exp.id}: mixes embedded and Stable Diffusion models; use one family per file")
-    return StableDiffusionContext(exp, results_dir, device)
+    return StableDiffusionContext(exp, results_dir, device, model_id)
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,6 +18,10 @@
    device. Finished runs are skipped, so an interrupted experiment resumes where it stopped;
    a run killed midway leaves only files in its own folder, never rows.
 
+Under ``accelerate launch`` / ``torchrun`` every process samples and evaluates its shard of each
+run's prompts (:mod:`fcr_eval.distributed`); the main process gathers, measures cost on its own
+device and is the only one that writes the store.
+
 At the end it prints the summary table (mean ± 95 % CI over seeds), the success criteria, and
 where the store and the plots are.
 """
@@ -36,6 +40,7 @@ import numpy as np
 import torch
 
 from .contexts import Prompts, RunContext, make_context, make_sampling_scheduler
+from .distributed import Processes
 from .experiment import Experiment
 from .planner import Plan, PlannedFinetune, PlannedRun, make_plan
 from .store import (
@@ -216,19 +221,23 @@ def _to_png_arrays(images: torch.Tensor) -> np.ndarray:
     return arr[..., 0] if arr.shape[-1] == 1 else arr
 
 
-def sample_prompts(ctx: RunContext, unet, scheduler, prompts: Prompts, x_T: torch.Tensor, n: int, steps: int,
-                   guidance: float, cached: bool, batch_size: int, desc: str = "", progress: bool = False
+def sample_prompts(ctx: RunContext, unet, scheduler, prompts: Prompts, x_T: torch.Tensor, indices: range | int,
+                   steps: int, guidance: float, cached: bool, batch_size: int, desc: str = "", progress: bool = False
                    ) -> torch.Tensor:
-    """Images of the first ``n`` prompts from their initial noise, in batches (no grad), on the CPU."""
+    """Images of prompts ``indices`` (a range, or ``n`` for the first n) from their initial noise,
+    in batches (no grad), on the CPU."""
     from tqdm.auto import tqdm
 
+    idx = range(indices) if isinstance(indices, int) else indices
     out = []
     with torch.no_grad():
-        for i in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
-            sl = slice(i, min(i + batch_size, n))
+        for i in tqdm(range(idx.start, idx.stop, batch_size), desc=desc, disable=not progress, leave=False):
+            sl = slice(i, min(i + batch_size, idx.stop))
             c, nl = ctx.encode(prompts, sl)
             out.append(sample_batch(unet, scheduler, x_T[sl].to(ctx.device), c, nl, steps, guidance, cached,
                                     decode=ctx.decode).float().cpu())
+    if not out:
+        return x_T[:0].float()
     return torch.cat(out)
 
 
@@ -237,8 +246,10 @@ def sample_prompts(ctx: RunContext, unet, scheduler, prompts: Prompts, x_T: torc
 # --------------------------------------------------------------------------------------------
 
 
-def run_finetune(ctx: RunContext, ft: PlannedFinetune, exp: Experiment, progress: bool = True) -> dict:
-    """Fine-tune (or resume, or reuse a finished fine-tune); returns the run's summary dict."""
+def run_finetune(ctx: RunContext, ft: PlannedFinetune, exp: Experiment, progress: bool = True,
+                 procs: Processes | None = None) -> dict:
+    """Fine-tune (or resume, or reuse a finished fine-tune); returns the run's summary dict. With
+    several processes every one of them calls this (the trainer runs data-parallel on accelerate)."""
     from fcr_train.api import FinetuneConfig, finetune
     from fcr_train.loss import FCRConfig
     from fcr_train.trainer import TrainConfig
@@ -279,7 +290,10 @@ def run_finetune(ctx: RunContext, ft: PlannedFinetune, exp: Experiment, progress
                 break
     if not s.get("final_unet"):
         raise RuntimeError(f"fine-tune {ft.key} produced no weights (see {out / 'train.log'})")
-    chosen.write_text(json.dumps(s, indent=2, default=str))
+    if procs is None or procs.is_main:
+        chosen.write_text(json.dumps(s, indent=2, default=str))
+    if procs is not None:
+        procs.barrier()
     return s
 
 
@@ -312,11 +326,17 @@ def _moving_fd_validation(ctx: RunContext, exp: Experiment, es, output_dir: Path
 # --------------------------------------------------------------------------------------------
 
 
-def execute_run(ctx: RunContext, run: PlannedRun, exp: Experiment, store: ResultsStore,
-                finetunes: dict[str, dict], caches: dict, progress: bool = True) -> RunResult:
-    """Sample and evaluate one variation × seed; returns the store-ready :class:`RunResult`
-    (nothing is written to the store here). ``caches`` holds what runs share within one
-    experiment (σ²_Δ per weights × seed, uncached reference samples for CLIP drift)."""
+def execute_run(ctx: RunContext, run: PlannedRun, exp: Experiment, store: ResultsStore | Path,
+                finetunes: dict[str, dict], caches: dict, progress: bool = True,
+                procs: Processes | None = None) -> RunResult | None:
+    """Sample and evaluate one variation × seed; returns the store-ready :class:`RunResult` on the
+    main process (``None`` on the others; nothing is written to the store here).
+
+    With several processes each one samples and evaluates its shard of the prompts; the main
+    process gathers the per-image results, measures cost on its own device and computes the
+    metrics. ``store`` is the results store or, on processes that do not write, its folder (samples
+    go under it). ``caches`` holds what runs share within one experiment (σ²_Δ per weights × seed,
+    uncached reference samples for CLIP drift)."""
     from fcr_sample import get_cache_stats, reset_cache_stats
     from tqdm.auto import tqdm
 
@@ -327,17 +347,19 @@ def execute_run(ctx: RunContext, run: PlannedRun, exp: Experiment, store: Result
         time_per_image,
         to_timing_record,
     )
-    from .extractors import metric_name
+    from .extractors import ExtractedFeatures, metric_name
     from .mechanism import encoder_feature_variance
     from .provenance import code_version
     from .quality import quality_metrics
     from .robustness import RobustnessProtocol, fgsm_initial_latent, perturb_scheduler
 
+    procs = procs or Processes()
     started = _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None)
     v, ev = run.variation, exp.evaluation
     run_dir = Path(run.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps({"run_id": run.run_id, **run.config}, indent=2, default=str))
+    if procs.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps({"run_id": run.run_id, **run.config}, indent=2, default=str))
     ft = finetunes.get(run.finetune) if run.finetune else None
     weights = Path(ft["final_unet"]) if ft else None
     unet = ctx.unet(weights)
@@ -347,10 +369,11 @@ def execute_run(ctx: RunContext, run: PlannedRun, exp: Experiment, store: Result
     n, bs = run.n_samples, exp.sampling.batch_size
     prompts = ctx.prompts(run.config["sampling"]["eval_prompts"], n, robustness=rob)
     res = run.resolution
+    mine = procs.shard(n)
 
     # σ²_Δ depends on the weights and the seed only: computed once, before any cache is applied.
     feature_stats: list[FeatureStat] = []
-    if "sigma2_delta" in ev.metrics:
+    if "sigma2_delta" in ev.metrics and procs.is_main:
         key = ("sigma2", weights_key, run.seed)
         if key not in caches:
             z0, states = ctx.sigma2_inputs(ev.sigma2_samples, run.seed, ctx.sampling_resolution(), prompts.template)
@@ -370,14 +393,17 @@ def execute_run(ctx: RunContext, run: PlannedRun, exp: Experiment, store: Result
     scheduler = new_scheduler()
     x_T = ctx.initial_noise(n, res, run.seed)  # same x_T per seed across variations: paired
     cached = _apply_sampler(unet, v)
-    details_rob: dict = {}
+    local: dict = {"index": procs.index, "fgsm": None}
+    timings = []
     try:
         if rob.kind == "fgsm_latent":
             k = min(n, int(rob.settings.get("n_images", n)))
             eps_, steps_ = float(rob.settings.get("epsilon", 0.1)), int(rob.settings.get("steps", 10))
-            adv, dev_mse = [], []
-            for i in tqdm(range(0, k, bs), desc=f"{v.id} s{run.seed} FGSM", disable=not progress, leave=False):
-                sl = slice(i, min(i + bs, k))
+            attacked = range(mine.start, min(mine.stop, k))
+            mse = 0.0
+            for i in tqdm(range(attacked.start, attacked.stop, bs), desc=f"{v.id} s{run.seed} FGSM",
+                          disable=not progress, leave=False):
+                sl = slice(i, min(i + bs, attacked.stop))
                 c, nl = ctx.encode(prompts, sl)
                 z = x_T[sl].to(dev)
                 with torch.no_grad():
@@ -390,22 +416,19 @@ def execute_run(ctx: RunContext, run: PlannedRun, exp: Experiment, store: Result
                 z_adv = fgsm_initial_latent(loss_fn, z, epsilon=eps_, steps=steps_,
                                             generator=torch.Generator().manual_seed(run.seed * 100_003 + i))
                 with torch.no_grad():
-                    dev_mse.append(float(loss_fn(z_adv)) * len(z))
-                adv.append(z_adv.cpu())
-            x_T = torch.cat([torch.cat(adv), x_T[k:]]) if adv else x_T
-            details_rob = {"fgsm_images": k, "epsilon": eps_, "steps": steps_,
-                           "image_mse_vs_clean": sum(dev_mse) / max(k, 1)}
+                    mse += float(loss_fn(z_adv)) * len(z)
+                x_T[sl] = z_adv.cpu().to(x_T.dtype)
+            local["fgsm"] = {"k": k, "epsilon": eps_, "steps": steps_, "mse_sum": mse}
 
         t_sample = time.perf_counter()
-        images = sample_prompts(ctx, unet, scheduler, prompts, x_T, n, run.steps, run.guidance_scale, cached, bs,
+        images = sample_prompts(ctx, unet, scheduler, prompts, x_T, mine, run.steps, run.guidance_scale, cached, bs,
                                 desc=f"{v.id} s{run.seed}", progress=progress)
-        sample_s = time.perf_counter() - t_sample
+        local["sample_s"] = time.perf_counter() - t_sample
 
-        # Cost: timing at each batch size after warm-up, forward counters, FLOPs and peak memory
-        # of ONE sampling run of that batch size.
-        timings = []
+        # Cost (main process, its own device): timing at each batch size after warm-up, forward
+        # counters, FLOPs and peak memory of ONE sampling run of that batch size.
         flops_per_image = None
-        do_timing = ev.timing_seeds == "all" or run.seed == exp.seeds[0]
+        do_timing = (ev.timing_seeds == "all" or run.seed == exp.seeds[0]) and procs.is_main
         if do_timing and any(m in ev.metrics for m in ("sec_per_image", "flops", "peak_memory", "unet_forwards")):
             for b in ev.timing_batch_sizes:
                 reps = -(-b // min(b, n))
@@ -437,52 +460,73 @@ def execute_run(ctx: RunContext, run: PlannedRun, exp: Experiment, store: Result
     finally:
         _remove_sampler(unet, v)
 
-    # Quality on labelled features against the reference images.
-    eval_imgs = ctx.evaluation_images(images)
-    metrics: list[MetricRecord] = []
-    per_prompt: list[PerPromptScore] = []
+    # Per-image evaluation of this process's shard.
     include = tuple(k for k in ("fd", "kid", "is", "precision_recall") if k in ev.metrics)
     if "fid" in ev.metrics and "fd" not in include:
         include = ("fd", *include)
+    local["samples"] = []
+    if len(mine):
+        eval_imgs = ctx.evaluation_images(images)
+        if include and ctx.reference is not None:
+            f = ctx.extractor.extract(eval_imgs)
+            local["features"], local["logits"] = f.features, f.logits
+        local.update(_alignment_per_image(ctx, eval_imgs, images, prompts, mine, ev))
+        if "clip_drift" in ev.metrics and ctx.clip is not None and v.sampler != "none":
+            local["clip_drift"] = _clip_drift_per_image(ctx, unet, run, prompts, images, mine, weights_key, caches,
+                                                        new_scheduler, progress)
+        if ev.save_samples:
+            root = store.root if isinstance(store, ResultsStore) else Path(store).resolve()
+            local["samples"] = _save_samples(root, exp, run, prompts, images, mine)
+    if procs.is_main:
+        ctx.save_grid(images, _subset(prompts, mine), run_dir / "grid.png",
+                      title=f"{exp.id} {v.id} seed {run.seed}")
+
+    parts = procs.gather(local)
+    if not procs.is_main:
+        return None
+    parts.sort(key=lambda p: p["index"])
+
+    def joined(key: str):
+        vals = [p[key] for p in parts if p.get(key) is not None and len(p[key])]
+        return np.concatenate(vals) if vals else None
+
+    metrics: list[MetricRecord] = []
+    per_prompt: list[PerPromptScore] = []
     if include and ctx.reference is not None:
-        feats = ctx.extractor.extract(eval_imgs)
+        feats = ExtractedFeatures(joined("features"), joined("logits"), ctx.extractor.name,
+                                  ctx.extractor.preprocessing)
         metrics += quality_metrics(ctx.reference, feats, reference=ctx.reference_name,
                                    kid_subset_size=min(ev.kid_subset_size, n), pr_k=ev.pr_k, seed=run.seed,
                                    include=include)
-    metrics_alignment, per_prompt_alignment = _alignment(ctx, eval_imgs, images, prompts, ev)
-    metrics += metrics_alignment
-    per_prompt += per_prompt_alignment
-    if "clip_drift" in ev.metrics and ctx.clip is not None and v.sampler != "none":
-        metrics.append(_clip_drift(ctx, unet, run, prompts, images, weights_key, caches, new_scheduler, progress))
+    m_align, pp_align = _alignment_metrics(ctx, joined("class_hits"), joined("clip_scores"), prompts, n, ev)
+    metrics += m_align
+    per_prompt += pp_align
+    drift = joined("clip_drift")
+    if drift is not None:
+        metrics.append(MetricRecord("clip_drift", float(drift.mean()), ctx.clip.name, ctx.clip.preprocessing,
+                                    len(drift),
+                                    {"definition": "mean 1 − cos(CLIP(img_cached), CLIP(img_no_cache)), same weights, "
+                                                   "prompts and x_T", "model_path": ctx.clip.model_path}))
     # A stressed run's quality is compared with the unstressed variation's in the summary; the
     # protocol itself is stored in runs.params['robustness']. FGSM also records how far the
     # attack moved the images (mean squared difference of the [0, 1] images).
     if rob.kind == "fgsm_latent":
-        metrics.append(MetricRecord("fgsm_image_mse", details_rob["image_mse_vs_clean"], "none", "none",
-                                    details_rob["fgsm_images"], {"protocol": rob.id, **details_rob}))
+        fg = parts[0]["fgsm"]
+        mse = sum(p["fgsm"]["mse_sum"] for p in parts) / max(fg["k"], 1)
+        metrics.append(MetricRecord("fgsm_image_mse", mse, "none", "none", fg["k"],
+                                    {"protocol": rob.id, "fgsm_images": fg["k"], "epsilon": fg["epsilon"],
+                                     "steps": fg["steps"], "random_start": True}))
     if ft is not None and "finetune_compute" in ev.metrics:
         metrics.append(_finetune_fraction(ctx, ft, exp, run))
-    metrics.append(MetricRecord("sample_wall_s_per_image", sample_s / n, "none", "none", n,
-                                {"batch_size": bs, "note": "bulk sampling incl. first-batch warm-up"}))
+    wall = max(p["sample_s"] for p in parts)
+    metrics.append(MetricRecord("sample_wall_s_per_image", wall / n, "none", "none", n,
+                                {"batch_size": bs, "processes": procs.count,
+                                 "note": "bulk sampling wall time (slowest process) incl. first-batch warm-up"}))
     shown = (metric_name("fd", ctx.extractor.name), "class_agreement", "clip_score", "clip_drift", "precision",
              "recall")
     logger.info("%s s%d: %s", v.id, run.seed, ", ".join(f"{m.metric}={m.value:.4g}" for m in metrics
                                                           if m.metric in shown))
-
-    # Samples: PNGs under results/samples/<experiment>/<variation>/s<seed>/, paths relative to the store.
-    samples: list[SampleRecord] = []
-    if ev.save_samples:
-        sdir = store.root / "samples" / exp.id / v.id / f"s{run.seed}"
-        sdir.mkdir(parents=True, exist_ok=True)
-        arr = _to_png_arrays(images)
-        for i in range(n):
-            p = sdir / f"{i:05d}.png"
-            _save_png(arr[i], p)
-            label = prompts.classes[int(prompts.labels[i])] if prompts.labels is not None else None
-            samples.append(SampleRecord(prompt_id=prompts.ids[i], prompt=prompts.texts[i], seed=run.seed,
-                                        image_path=str(p.relative_to(store.root)), width=images.shape[-1],
-                                        height=images.shape[-2], class_label=label))
-    ctx.save_grid(images, prompts, run_dir / "grid.png", title=f"{exp.id} {v.id} seed {run.seed}")
+    samples = [s for p in parts for s in p["samples"]]
 
     lam = v.lambda_fcr
     params = {**asdict(v), **RobustnessProtocol(rob.kind, dict(rob.settings)).as_params(),
@@ -490,7 +534,8 @@ def execute_run(ctx: RunContext, run: PlannedRun, exp: Experiment, store: Result
                                                                            ("run_dir", "steps", "final_unet",
                                                                             "stopped_early", "best_metric")},
               "weights": weights_key, "reference": ctx.reference_name, "prompts": prompts.source,
-              "model_family": ctx.family}
+              "model_family": ctx.family, **procs.describe()}
+    params.pop("process_index")
     record = RunRecord(
         run_id=run.run_id, experiment_id=exp.id, variation_id=v.id, seed=run.seed, model=ctx.source,
         dataset=prompts.source, sampler=v.sampler, scheduler=run.scheduler, resolution=res,
@@ -505,51 +550,84 @@ def execute_run(ctx: RunContext, run: PlannedRun, exp: Experiment, store: Result
                      feature_stats=list(feature_stats), samples=samples)
 
 
-def _alignment(ctx: RunContext, eval_imgs: torch.Tensor, images: torch.Tensor, prompts: Prompts, ev
-               ) -> tuple[list[MetricRecord], list[PerPromptScore]]:
-    """Prompt–class agreement (shipped classifier, embedded default) and CLIPScore (local CLIP)."""
+def _subset(prompts: Prompts, idx: range) -> Prompts:
+    sl = slice(idx.start, idx.stop)
+    return dataclasses.replace(prompts, texts=prompts.texts[sl], ids=prompts.ids[sl],
+                               labels=prompts.labels[sl] if prompts.labels is not None else None)
+
+
+def _save_samples(root: Path, exp: Experiment, run: PlannedRun, prompts: Prompts, images: torch.Tensor,
+                  idx: range) -> list[SampleRecord]:
+    """PNGs under results/samples/<experiment>/<variation>/s<seed>/, paths relative to the store."""
+    sdir = root / "samples" / exp.id / run.variation.id / f"s{run.seed}"
+    sdir.mkdir(parents=True, exist_ok=True)
+    arr = _to_png_arrays(images)
+    out = []
+    for j, i in enumerate(idx):
+        p = sdir / f"{i:05d}.png"
+        _save_png(arr[j], p)
+        label = prompts.classes[int(prompts.labels[i])] if prompts.labels is not None else None
+        out.append(SampleRecord(prompt_id=prompts.ids[i], prompt=prompts.texts[i], seed=run.seed,
+                                image_path=str(p.relative_to(root)), width=images.shape[-1],
+                                height=images.shape[-2], class_label=label))
+    return out
+
+
+def _alignment_per_image(ctx: RunContext, eval_imgs: torch.Tensor, images: torch.Tensor, prompts: Prompts,
+                         idx: range, ev) -> dict:
+    """Per-image prompt–class hits (shipped classifier) and CLIPScores (local CLIP) of a shard."""
+    out: dict = {}
+    sl = slice(idx.start, idx.stop)
+    if ctx.classifier is not None and prompts.labels is not None:
+        from .class_agreement import class_agreement
+
+        out["class_hits"] = class_agreement(eval_imgs, prompts.labels[sl], ctx.classifier)[1].numpy()
+    if ctx.clip is not None and "clip_score" in ev.metrics:
+        out["clip_scores"] = ctx.clip.score(images, prompts.texts[sl])[1].numpy()
+    return out
+
+
+def _alignment_metrics(ctx: RunContext, hits, clip_scores, prompts: Prompts, n: int, ev
+                       ) -> tuple[list[MetricRecord], list[PerPromptScore]]:
+    """Prompt–class agreement and CLIPScore from the gathered per-image values."""
     metrics: list[MetricRecord] = []
     per_prompt: list[PerPromptScore] = []
-    n = len(images)
-    if ctx.classifier is not None and prompts.labels is not None:
-        from .class_agreement import FEATURE_EXTRACTOR_NAME, PREPROCESSING, class_agreement
+    if hits is not None:
+        from .class_agreement import FEATURE_EXTRACTOR_NAME, PREPROCESSING
 
-        value, hits = class_agreement(eval_imgs, prompts.labels, ctx.classifier)
-        metrics.append(MetricRecord("class_agreement", value, FEATURE_EXTRACTOR_NAME, PREPROCESSING, n,
+        metrics.append(MetricRecord("class_agreement", float(hits.mean()), FEATURE_EXTRACTOR_NAME, PREPROCESSING, n,
                                     {"classifier": "shipped Fashion-MNIST CNN (fcr_eval/weights)",
                                      "classifier_metadata": dict(getattr(ctx.classifier, "metadata", {}))}))
         per_prompt += [PerPromptScore("class_agreement", pid, float(h)) for pid, h in zip(prompts.ids, hits.tolist(),
                                                                                         strict=True)]
-    if ctx.clip is not None and "clip_score" in ev.metrics:
-        mean, scores = ctx.clip.score(images, prompts.texts)
-        metrics.append(MetricRecord("clip_score", mean, ctx.clip.name, ctx.clip.preprocessing, n,
+    if clip_scores is not None:
+        metrics.append(MetricRecord("clip_score", float(clip_scores.mean()), ctx.clip.name, ctx.clip.preprocessing, n,
                                     {"model_path": ctx.clip.model_path,
-                                     "formula": "mean over images of 100·max(cos(E_img, E_txt), 0)",
-                                     "torchmetrics_clip_score": getattr(ctx.clip, "last_torchmetrics_score", None)}))
-        per_prompt += [PerPromptScore("clip_score", pid, float(s)) for pid, s in zip(prompts.ids, scores.tolist(),
+                                     "formula": "mean over images of 100·max(cos(E_img, E_txt), 0)"}))
+        per_prompt += [PerPromptScore("clip_score", pid, float(s)) for pid, s in zip(prompts.ids, clip_scores.tolist(),
                                                                                    strict=True)]
     return metrics, per_prompt
 
 
-def _clip_drift(ctx: RunContext, unet, run: PlannedRun, prompts: Prompts, images: torch.Tensor, weights_key: str,
-                caches: dict, new_scheduler, progress: bool) -> MetricRecord:
-    """CLIP-embedding drift of a cached sampler: 1 − cos between CLIP image embeddings of its samples
-    and of the same weights' samples without a cache (same prompts, same x_T), averaged."""
+def _clip_drift_per_image(ctx: RunContext, unet, run: PlannedRun, prompts: Prompts, images: torch.Tensor,
+                          idx: range, weights_key: str, caches: dict, new_scheduler, progress: bool) -> np.ndarray:
+    """CLIP-embedding drift of a cached sampler for this shard's images among the first
+    ``clip_drift_samples``: 1 − cos between CLIP image embeddings of its samples and of the same
+    weights' samples without a cache (same prompts, same x_T)."""
     from .clip_score import clip_embedding_drift
 
-    ev = run.config["evaluation"]
-    k = min(len(images), int(ev["clip_drift_samples"]))
+    k = min(run.n_samples, int(run.config["evaluation"]["clip_drift_samples"]))
+    mine = range(idx.start, min(idx.stop, k))
+    if len(mine) == 0:
+        return np.zeros(0)
     key = ("uncached", weights_key, run.seed, run.scheduler, run.steps, run.guidance_scale, run.resolution,
-           run.variation.robustness, prompts.source, k)
+           run.variation.robustness, prompts.source, mine.start, mine.stop)
     if key not in caches:  # the no-cache samples of these weights, computed once per experiment
         x_T = ctx.initial_noise(len(prompts), run.resolution, run.seed)
-        caches[key] = sample_prompts(ctx, unet, new_scheduler(), prompts, x_T, k, run.steps, run.guidance_scale,
+        caches[key] = sample_prompts(ctx, unet, new_scheduler(), prompts, x_T, mine, run.steps, run.guidance_scale,
                                      False, ctx.exp.sampling.batch_size, desc=f"{run.variation.id} no-cache ref",
                                      progress=progress)
-    mean, _ = clip_embedding_drift(ctx.clip, images[:k], caches[key])
-    return MetricRecord("clip_drift", mean, ctx.clip.name, ctx.clip.preprocessing, k,
-                        {"definition": "mean 1 − cos(CLIP(img_cached), CLIP(img_no_cache)), same weights, prompts "
-                                       "and x_T", "model_path": ctx.clip.model_path})
+    return clip_embedding_drift(ctx.clip, images[: len(mine)], caches[key])[1].numpy()
 
 
 def _finetune_fraction(ctx: RunContext, ft: dict, exp: Experiment, run: PlannedRun) -> MetricRecord:
@@ -592,39 +670,64 @@ def run_experiment(exp: Experiment, opts: RunnerOptions | None = None) -> Outcom
     t0 = time.perf_counter()
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    want_cpu = opts.device == "cpu" or (opts.device is None and not torch.cuda.is_available())
+    procs = Processes.from_environment(cpu=want_cpu)
+    if procs.count > 1 and opts.device in (None, "cuda"):
+        device = procs.device  # one device per process (accelerate / torchrun)
+    else:
+        device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    show = opts.progress and procs.is_main
     store_path = Path(opts.store)
     results_dir = store_path.parent
     plan = make_plan(exp, results_dir=results_dir, calibrate=False)
     check_models(exp)  # real models and local files: fail before any work
     check_inputs(exp, plan)
-    store = ResultsStore(store_path)
-    done = store.finished_run_ids(exp.id)
+    store = ResultsStore(store_path) if procs.is_main else None  # the only writer
+    done = procs.broadcast(store.finished_run_ids(exp.id) if store is not None else None)
     todo = [r for r in plan.runs if r.run_id not in done]
     skipped = len(plan.runs) - len(todo)
-    print(f"{exp.id}{f' (profile {exp.profile})' if exp.profile else ''}: {len(plan.runs)} runs, "
-          f"{skipped} already in {store_path}, {len(todo)} to do; {len(plan.finetunes)} fine-tune(s)", flush=True)
-    if todo:
-        ctx = make_context(exp, results_dir, device)
-        needed = []
-        for r in todo:
-            if r.finetune and r.finetune not in needed:
-                needed.append(r.finetune)
+    if procs.is_main:
+        print(f"{exp.id}{f' (profile {exp.profile})' if exp.profile else ''}: {len(plan.runs)} runs, "
+              f"{skipped} already in {store_path}, {len(todo)} to do; {len(plan.finetunes)} fine-tune(s)"
+              + (f"; {procs.count} processes" if procs.count > 1 else ""), flush=True)
+    # One model at a time (exp-2 has two): its context holds the weights, text encoder and reference.
+    by_model: dict[str, list[PlannedRun]] = {}
+    for r in todo:
+        by_model.setdefault(r.variation.model, []).append(r)
+    bar = tqdm(total=len(todo), desc=f"{exp.id} runs", disable=not show)
+    for model_id, runs in by_model.items():
+        # The main process extracts and caches the reference features; the others then read them.
+        if procs.is_main:
+            ctx = make_context(exp, results_dir, device, model_id)
+            procs.barrier()
+        else:
+            procs.barrier()
+            ctx = make_context(exp, results_dir, device, model_id)
         finetunes: dict[str, dict] = {}
-        for key in needed:
-            finetunes[key] = run_finetune(ctx, plan.finetunes[key], exp, progress=opts.progress)
+        for r in runs:
+            if r.finetune and r.finetune not in finetunes:
+                finetunes[r.finetune] = run_finetune(ctx, plan.finetunes[r.finetune], exp, progress=show,
+                                                     procs=procs)
         caches: dict = {}
-        for r in tqdm(todo, desc=f"{exp.id} runs", disable=not opts.progress):
+        for r in runs:
             t_run = time.perf_counter()
-            result = execute_run(ctx, r, exp, store, finetunes, caches, progress=opts.progress)
-            written = store.write_run(result)  # one transaction: the whole run or nothing
-            logger.info("stored %s (%s) in %.0f s", r.run_id, "written" if written else "already there",
-                        time.perf_counter() - t_run)
+            result = execute_run(ctx, r, exp, store if store is not None else results_dir, finetunes, caches,
+                                 progress=show, procs=procs)
+            if procs.is_main:
+                written = store.write_run(result)  # one transaction: the whole run or nothing
+                logger.info("stored %s (%s) in %.0f s", r.run_id, "written" if written else "already there",
+                            time.perf_counter() - t_run)
+            procs.barrier()
+            bar.update(1)
+        del ctx, caches
+    bar.close()
+    if not procs.is_main:
+        return Outcome(ok=True, store=store_path, runs_done=len(todo), runs_skipped=skipped)
     outcome = report(exp, store_path, plots=opts.plots, plan=plan)
     outcome.wall_s = time.perf_counter() - t0
     outcome.runs_done, outcome.runs_skipped = len(todo), skipped
     print(f"\nwall time {outcome.wall_s / 60:.1f} min ({len(todo)} runs executed, {skipped} skipped); "
-          f"device {_device_text(device)}", flush=True)
+          f"device {_device_text(device)}" + (f" × {procs.count} processes" if procs.count > 1 else ""), flush=True)
     return outcome
 
 

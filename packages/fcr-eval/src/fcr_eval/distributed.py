@@ -1,0 +1,89 @@
+"""The processes of a multi-process run (``accelerate launch`` or ``torchrun``), or just this one.
+
+The runner shards each run's prompts into contiguous chunks, one per process; every process
+samples and evaluates its chunk (features, per-image scores, sample PNGs), the main process
+gathers the per-image results, computes the metrics and is the only one that writes to the store.
+Sample ``i`` starts from the same x_T whatever the number of processes, so sharding changes which
+device draws an image, not the image.
+
+Launch (one process per GPU; on CPU, ``torchrun`` with the gloo backend)::
+
+    accelerate launch -m fcr_eval.cli run experiments/exp-1-main-ablation.toml
+    torchrun --nproc_per_node 2 -m fcr_eval.cli run experiments/mini-exp-1.toml --device cpu
+
+Example:
+    >>> procs = Processes.from_environment(cpu=True)
+    >>> mine = procs.shard(1000)          # this process's slice of the prompts
+    >>> parts = procs.gather({"scores": local_scores})   # main process: one entry per process
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = ["Processes"]
+
+
+def _world_size_from_env() -> int:
+    for key in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
+        if os.environ.get(key):
+            return int(os.environ[key])
+    return 1
+
+
+@dataclass
+class Processes:
+    """``index`` of this process among ``count``; collective helpers that are no-ops for one."""
+
+    index: int = 0
+    count: int = 1
+    device: torch.device | None = None
+    _state: object | None = None
+
+    @classmethod
+    def from_environment(cls, cpu: bool = False) -> Processes:
+        """Join the launcher's process group when one is set up (WORLD_SIZE > 1), else a single process."""
+        if _world_size_from_env() <= 1:
+            return cls()
+        from accelerate import PartialState
+
+        state = PartialState(cpu=cpu)
+        return cls(state.process_index, state.num_processes, state.device, state)
+
+    @property
+    def is_main(self) -> bool:
+        return self.index == 0
+
+    def shard(self, n: int) -> range:
+        """This process's contiguous share of ``range(n)`` (sizes differ by at most one)."""
+        bounds = np.linspace(0, n, self.count + 1).round().astype(int)
+        return range(int(bounds[self.index]), int(bounds[self.index + 1]))
+
+    def barrier(self) -> None:
+        if self._state is not None:
+            self._state.wait_for_everyone()
+
+    def gather(self, obj) -> list:
+        """Every process's ``obj`` in process order (picklable objects; CPU tensors and arrays)."""
+        if self._state is None:
+            return [obj]
+        from accelerate.utils import gather_object
+
+        return gather_object([obj])
+
+    def broadcast(self, obj):
+        """The main process's ``obj`` on every process."""
+        if self._state is None:
+            return obj
+        from accelerate.utils import broadcast_object_list
+
+        box = [obj if self.is_main else None]
+        broadcast_object_list(box)
+        return box[0]
+
+    def describe(self) -> dict:
+        return {"processes": self.count, "process_index": self.index}
