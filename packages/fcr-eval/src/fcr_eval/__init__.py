@@ -10,6 +10,11 @@ without importing torch):
 * :mod:`fcr_eval.class_agreement` (embedded default) and :mod:`fcr_eval.clip_score` — alignment.
 * :mod:`fcr_eval.cost`, :mod:`fcr_eval.mechanism`, :mod:`fcr_eval.robustness`.
 * :mod:`fcr_eval.stats`, :mod:`fcr_eval.criteria`, :mod:`fcr_eval.provenance`.
+* :mod:`fcr_eval.experiment`, :mod:`fcr_eval.planner`, :mod:`fcr_eval.runner` — experiment files, plans
+  and the runner; :mod:`fcr_eval.contexts` (embedded default / Stable Diffusion),
+  :mod:`fcr_eval.distributed` (multi-process sharding), :mod:`fcr_eval.early_stopping` (moving
+  validation that survives resume), :mod:`fcr_eval.plots`.
+* :mod:`fcr_eval.testing` — tiny CLIP and stand-in Inception files for offline tests.
 """
 
 __version__ = "0.1.0"

@@ -4,6 +4,8 @@
     fcr-eval plan experiments/*.toml --json                            # the design's output form
     fcr-eval run  experiments/mini-exp-1.toml --profile quick          # fine-tune, sample, evaluate, store
     fcr-eval report experiments/mini-exp-1.toml --profile quick        # table, criteria and plots from the store
+
+    accelerate launch -m fcr_eval.cli run experiments/exp-1-main-ablation.toml   # one process per GPU
 """
 
 from __future__ import annotations
