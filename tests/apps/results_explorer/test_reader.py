@@ -186,3 +186,13 @@ def test_reading_while_an_experiment_writes_never_shows_half_a_run(tmp_path):
     assert seen == sorted(seen) and len(set(seen)) >= 2, seen  # it read mid-experiment
     with StoreReader(StoreLocation.resolve(db)) as reader:
         assert reader.frame("SELECT count(*) AS n FROM runs")["n"][0] == n_runs
+
+
+def test_metric_direction_covers_the_runner_metrics():
+    from fcr_results_explorer.queries import lower_is_better
+
+    for lower in ("fid_inception", "fd_efficientnet_lite0", "kid_inception", "clip_drift", "sec_per_image",
+                  "finetune_compute_fraction", "peak_memory_bytes"):
+        assert lower_is_better(lower), lower
+    for higher in ("clip_score", "class_agreement", "inception_score", "precision", "recall"):
+        assert not lower_is_better(higher), higher

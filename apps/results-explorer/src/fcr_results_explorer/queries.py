@@ -60,7 +60,7 @@ FEATURE_VARIANCE = "feature_variance"  # σ²_Δ averaged over Δ, one block
 
 # Metrics where a smaller number is better; everything else is larger-is-better.
 _LOWER_IS_BETTER_PREFIXES = ("fd_", "fid", "kid", "feature_variance", "sample_wall",
-                             "finetune_compute") + TIMING_COLUMNS
+                             "finetune_compute", "clip_drift") + TIMING_COLUMNS
 # Preferred quality metric, first one present wins.
 QUALITY_PREFERENCE = (
     "fid_inception",

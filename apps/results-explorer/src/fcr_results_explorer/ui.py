@@ -19,6 +19,8 @@ METRIC_LABELS = {
     "inception_score": "Inception Score",
     "clip_score": "CLIPScore",
     "class_agreement": "class agreement",
+    "clip_drift": "CLIP drift (1 − cos, cached vs no cache)",
+    "fgsm_image_mse": "FGSM image MSE vs clean",
     "sec_per_image": "seconds / image",
     "peak_memory_bytes": "peak memory (bytes)",
     "flops_per_image": "FLOPs / image",
