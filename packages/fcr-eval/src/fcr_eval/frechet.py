@@ -54,7 +54,8 @@ def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
 def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
     """Tr((Σ1Σ2)^½) for symmetric PSD Σ1, Σ2: the eigenvalues of Σ1Σ2 are those of the symmetric
     PSD matrix Σ1^½ Σ2 Σ1^½, so two symmetric eigendecompositions replace a general matrix square
-    root (about 8× faster at 2048 dimensions, and real by construction on singular covariances)."""
+    root (5× faster at 2048 dimensions on one CPU thread, docs/benchmarks.md; real by construction
+    on singular covariances)."""
     w, v = np.linalg.eigh((sigma1 + sigma1.T) / 2)
     root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
     m = root @ sigma2 @ root
