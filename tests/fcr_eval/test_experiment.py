@@ -195,3 +195,21 @@ def test_cli_reports_validation_error_with_exit_code_2(tmp_path, capsys):
     p = _write(tmp_path, GOOD.replace("n_samples = 10", "n_samples = 0"))
     assert main(["plan", str(p), "--no-calibrate"]) == 2
     assert "sampling.n_samples = 0 must be >= 1" in capsys.readouterr().err
+
+
+def test_plan_counts_clip_drift_reference_sampling_once_per_weights_and_seed():
+    import dataclasses
+
+    exp = load_experiment(Path(__file__).parents[2] / "experiments" / "exp-1-main-ablation.toml")
+    assert "clip_drift" in exp.evaluation.metrics
+    without = dataclasses.replace(exp, evaluation=dataclasses.replace(
+        exp.evaluation, metrics=tuple(m for m in exp.evaluation.metrics if m != "clip_drift")))
+    a = {(r.variation.id, r.seed): r.est_flops for r in make_plan(exp, calibrate=False).runs}
+    b = {(r.variation.id, r.seed): r.est_flops for r in make_plan(without, calibrate=False).runs}
+    k, steps = exp.evaluation.clip_drift_samples, exp.sampling.num_inference_steps
+    one_ref = k * 2 * steps * exp.models["sd15"].flops_per_forward  # CFG doubles the batch
+    # fd-5 and fd-10 baselines share base weights: one uncached reference per seed, charged to the first
+    assert a[("fd-5-baseline", 0)] - b[("fd-5-baseline", 0)] == pytest.approx(one_ref)
+    assert a[("fd-10-baseline", 0)] == pytest.approx(b[("fd-10-baseline", 0)])
+    # each FCR fine-tune has its own weights, so its own reference
+    assert a[("fcr-0.10-fd-10", 1)] - b[("fcr-0.10-fd-10", 1)] == pytest.approx(one_ref)

@@ -225,6 +225,7 @@ def make_plan(exp: Experiment, *, results_dir: str | Path = "results", calibrate
     else:
         how = "given"
     costs: dict[str, ModelCost] = {}
+    drift_refs: set[tuple] = set()
     finetunes: dict[str, PlannedFinetune] = {}
     runs: list[PlannedRun] = []
     ft = exp.finetune
@@ -280,6 +281,13 @@ def make_plan(exp: Experiment, *, results_dir: str | Path = "results", calibrate
             }
             run_id = make_run_id(exp.id, v.id, seed, config)
             flops = n * cfg_mult * fwd_equiv * cost.flops_per_forward
+            if "clip_drift" in ev.metrics and v.sampler != "none":
+                # CLIP drift samples the same prompts without a cache once per weights × seed × setting
+                key = (v.model, ft_key, seed, scheduler, steps, guidance, resolution, v.robustness,
+                       config["sampling"]["eval_prompts"])
+                if key not in drift_refs:
+                    drift_refs.add(key)
+                    flops += min(n, ev.clip_drift_samples) * cfg_mult * steps * cost.flops_per_forward
             timing_flops = timing_imgs * cfg_mult * fwd_equiv * cost.flops_per_forward
             runs.append(PlannedRun(
                 variation=v, seed=seed, run_id=run_id, run_dir=str(exp_dir / v.id / f"s{seed}"), config=config,
