@@ -291,6 +291,8 @@ def test_sd_sampling_loop_matches_the_diffusers_pipeline(tmp_path):
     exp_path = _experiment_minimal(tmp_path)
     exp = load_experiment(exp_path)
     ctx = StableDiffusionContext(exp, tmp_path / "results", torch.device("cpu"))
+    cycled = ctx.prompts("ev", 9)  # 6 images in the COCO file: prompts repeat, sample ids do not
+    assert cycled.texts[6:] == cycled.texts[:3] and len(set(cycled.ids)) == 9
     prompts = Prompts(["a red square", "a cat"], ["0", "1"])
     c, nl = ctx.encode(prompts, slice(0, 2))
     x_T = ctx.initial_noise(2, 32, 0)

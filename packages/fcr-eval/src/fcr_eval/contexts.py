@@ -45,7 +45,7 @@ class Prompts:
 
     Attributes:
         texts: the prompt strings.
-        ids: stable ids (the per-prompt scores' key, paired across variations).
+        ids: one per sample, stable across variations (the per-prompt scores' key for paired tests).
         labels: class index per prompt (embedded default, ImageNet labels), else ``None``.
         classes: the class names ``labels`` index.
         template: index of the prompt template (embedded default: picks the precomputed states).
@@ -445,8 +445,8 @@ class StableDiffusionContext(RunContext):
                 labels = labels[: ds.limit] if labels is not None else None
         if not items:
             raise ValueError(f"{source}: no prompts found")
-        idx = [i % len(items) for i in range(n)]
-        return Prompts([items[i] for i in idx], [f"{i:05d}" for i in idx],
+        idx = [i % len(items) for i in range(n)]  # cycled when there are fewer prompts than samples
+        return Prompts([items[i] for i in idx], [f"{i:05d}" for i in range(n)],
                        labels[idx] if labels is not None else None, classes, 0, source)
 
     def _states(self, texts: list[str]) -> torch.Tensor:
