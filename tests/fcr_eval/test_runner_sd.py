@@ -392,3 +392,29 @@ stride = 2
         "SELECT variation_id, value FROM metrics JOIN runs USING (run_id) WHERE metric = 'fd_efficientnet_lite0'"
     ).iter_rows(named=True)}
     assert fd["a-fd-2"] != pytest.approx(fd["b-fd-2"])  # different weights, different samples
+
+
+def test_half_precision_sampling_runs_end_to_end(tmp_path):
+    """sampling.dtype = bfloat16: UNet, VAE and text states in half precision, metrics in float."""
+    tiny_sd_pipeline(seed=0).save_pretrained(tmp_path / "sd")
+    path = _experiment_minimal(tmp_path)
+    path.write_text(path.read_text().replace('[sampling]\n', '[sampling]\ndtype = "bfloat16"\nnum_inference_steps = 4\n'
+                                             'n_samples = 3\nbatch_size = 3\n')
+                    .replace('metrics = ["fd"]', 'metrics = ["fd", "sigma2_delta", "sec_per_image"]\n'
+                                                 'sigma2_samples = 2\nsigma2_delta_max = 2\ntiming_batch_sizes = [1]\n'
+                                                 'timing_repeats = 1')
+                    .replace('id = "no-cache"\n', 'id = "fd-2"\nsampler = "fd"\nstride = 2\n'))
+    exp = load_experiment(path)
+    assert exp.sampling.dtype == "bfloat16"
+    store = tmp_path / "results" / "fcr.duckdb"
+    run_experiment(exp, RunnerOptions(store=store, threads=1, progress=False, plots=False, device="cpu"))
+    s = ResultsStore.open_readonly(store)
+    m = s.sql("SELECT metric, value FROM metrics")
+    fd = m.filter(m["metric"] == "fd_efficientnet_lite0")["value"][0]
+    assert np.isfinite(fd) and fd > 0
+    var = s.sql("SELECT variance FROM feature_stats WHERE block = 'all'")["variance"].to_list()
+    assert len(var) == 2 and all(np.isfinite(v) and v > 0 for v in var)
+    run = s.runs(experiment_id=exp.id).row(0, named=True)
+    params = json.loads(run["params"]) if isinstance(run["params"], str) else run["params"]
+    config = json.loads(run["config"]) if isinstance(run["config"], str) else run["config"]
+    assert params["dtype"] == "bfloat16" and config["sampling"]["dtype"] == "bfloat16"

@@ -275,7 +275,9 @@ def make_plan(exp: Experiment, *, results_dir: str | Path = "results", calibrate
                 "experiment_id": exp.id, "variation": asdict(v), "seed": seed, "model": asdict(model),
                 "sampling": {"scheduler": scheduler, "steps": steps, "guidance_scale": guidance,
                              "resolution": resolution, "n_samples": n,
-                             "eval_prompts": v.eval_prompts or exp.sampling.eval_prompts},
+                             "eval_prompts": v.eval_prompts or exp.sampling.eval_prompts,
+                             # float32 is implied (keeps the run ids of float32 runs stable)
+                             **({"dtype": exp.sampling.dtype} if exp.sampling.dtype != "float32" else {})},
                 "robustness": asdict(rob), "evaluation": asdict(ev),
                 "finetune": finetunes[ft_key].config() if ft_key else None,
             }

@@ -534,7 +534,7 @@ def execute_run(ctx: RunContext, run: PlannedRun, exp: Experiment, store: Result
                                                                            ("run_dir", "steps", "final_unet",
                                                                             "stopped_early", "best_metric")},
               "weights": weights_key, "reference": ctx.reference_name, "prompts": prompts.source,
-              "model_family": ctx.family, **procs.describe()}
+              "model_family": ctx.family, "dtype": exp.sampling.dtype, **procs.describe()}
     params.pop("process_index")
     record = RunRecord(
         run_id=run.run_id, experiment_id=exp.id, variation_id=v.id, seed=run.seed, model=ctx.source,
