@@ -492,6 +492,9 @@ class StableDiffusionContext(RunContext):
 
     def sigma2_inputs(self, n: int, seed: int, resolution: int, template: int = 0):
         ev = self.exp.evaluation
+        if ev.reference is None:
+            raise ValueError(f"{self.exp.id}: σ²_Δ on a Stable Diffusion model encodes real images with the VAE; set "
+                             "evaluation.reference to a dataset of real images (coco, flickr30k, laion, artbench)")
         ref = self.exp.datasets[ev.reference]
         records = self._records(ref, unique_images=True)
         if not records:
