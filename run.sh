@@ -13,6 +13,8 @@ log() { printf '\033[1m[run.sh]\033[0m %s\n' "$*" >&2; }
 ensure_uv() {
     if command -v uv >/dev/null 2>&1; then return; fi
     if ! python3 -c "import uv" >/dev/null 2>&1; then
+        # A bare Debian image may lack python3 or pip; both come from the Debian archive.
+        if ! python3 -m pip --version >/dev/null 2>&1; then ensure_apt python3 python3-pip; fi
         log "installing uv from PyPI"
         python3 -m pip install --quiet --user uv 2>/dev/null \
             || python3 -m pip install --quiet --break-system-packages --user uv 2>/dev/null \
