@@ -75,7 +75,7 @@ def main() -> None:
                     apply_encoder_cache(unet, cfg)
                 try:
                     with torch.no_grad():
-                        imgs = sample_batch(unet, scheduler(kind), x_T, cond, null, 20, 2.0, cfg is not None)
+                        imgs = sample_batch(unet, scheduler(kind), x_T, cond, null, 20, 2.0)
                     enc = get_cache_stats(unet).encoder_forwards if cfg else 20
                 finally:
                     if cfg:

@@ -299,7 +299,7 @@ def test_sd_sampling_loop_matches_the_diffusers_pipeline(tmp_path):
     sched = make_sampling_scheduler("ddim", ctx.scheduler_config())
     unet = ctx.unet(None)
     with torch.no_grad():
-        ours = sample_batch(unet, sched, x_T, c, nl, 5, 4.0, False, ctx.decode)
+        ours = sample_batch(unet, sched, x_T, c, nl, 5, 4.0, ctx.decode)
         ref = pipe(prompt_embeds=c, negative_prompt_embeds=nl, latents=x_T.clone(), num_inference_steps=5,
                    guidance_scale=4.0, output_type="pt", height=32, width=32).images
     assert ours.shape == ref.shape == (2, 3, 32, 32)

@@ -158,27 +158,13 @@ def check_inputs(exp: Experiment, plan: Plan) -> None:
 
 
 def sample_batch(unet, scheduler, x_T: torch.Tensor, cond: torch.Tensor, null: torch.Tensor, steps: int,
-                 guidance: float, cached: bool, decode=None) -> torch.Tensor:
-    """One sampling run from ``x_T``; images in [0, 1]. A plain loop calling ``unet(...)`` once per
-    step (CFG as one 2B batch, unconditional first, as diffusers' pipelines do), so fcr-sample caches
-    on the UNet apply; ``cached`` starts a new cache run (required for caches on a bare UNet).
-    ``decode`` maps the final state to images in [0, 1] (the VAE for latent models; default: pixels
-    in [-1, 1]). Differentiable when called under grad."""
-    from fcr_sample import start_sampling_run
+                 guidance: float, decode=None) -> torch.Tensor:
+    """One sampling run from ``x_T`` (:func:`fcr_sample.denoise`); images in [0, 1]. ``decode`` maps
+    the final state to images in [0, 1] (the VAE for latent models; default: pixels in [-1, 1]).
+    Differentiable when called under grad."""
+    from fcr_sample import denoise
 
-    scheduler.set_timesteps(steps, device=x_T.device)
-    if cached:
-        start_sampling_run(unet, scheduler.timesteps)
-    x = x_T * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        inp = scheduler.scale_model_input(x, t)
-        if guidance != 1.0:
-            out = unet(torch.cat([inp, inp]), t, torch.cat([null, cond])).sample
-            u, c = out.chunk(2)
-            eps = u + guidance * (c - u)
-        else:
-            eps = unet(inp, t, cond).sample
-        x = scheduler.step(eps, t, x).prev_sample
+    x = denoise(unet, scheduler, x_T, cond, null, steps=steps, guidance_scale=guidance)
     return decode(x) if decode is not None else (x.clamp(-1, 1) + 1) / 2
 
 
@@ -222,7 +208,7 @@ def _to_png_arrays(images: torch.Tensor) -> np.ndarray:
 
 
 def sample_prompts(ctx: RunContext, unet, scheduler, prompts: Prompts, x_T: torch.Tensor, indices: range | int,
-                   steps: int, guidance: float, cached: bool, batch_size: int, desc: str = "", progress: bool = False
+                   steps: int, guidance: float, batch_size: int, desc: str = "", progress: bool = False
                    ) -> torch.Tensor:
     """Images of prompts ``indices`` (a range, or ``n`` for the first n) from their initial noise,
     in batches (no grad), on the CPU."""
@@ -234,7 +220,7 @@ def sample_prompts(ctx: RunContext, unet, scheduler, prompts: Prompts, x_T: torc
         for i in tqdm(range(idx.start, idx.stop, batch_size), desc=desc, disable=not progress, leave=False):
             sl = slice(i, min(i + batch_size, idx.stop))
             c, nl = ctx.encode(prompts, sl)
-            out.append(sample_batch(unet, scheduler, x_T[sl].to(ctx.device), c, nl, steps, guidance, cached,
+            out.append(sample_batch(unet, scheduler, x_T[sl].to(ctx.device), c, nl, steps, guidance,
                                     decode=ctx.decode).float().cpu())
     if not out:
         return x_T[:0].float()
@@ -312,7 +298,7 @@ def _moving_fd_validation(ctx: RunContext, exp: Experiment, es, output_dir: Path
     def fd(unet, step: int) -> float:
         sched = make_sampling_scheduler(exp.sampling.scheduler, ctx.scheduler_config())
         imgs = sample_prompts(ctx, unet, sched, prompts, x_T, n, exp.sampling.num_inference_steps,
-                              exp.sampling.guidance_scale, False, exp.sampling.batch_size)
+                              exp.sampling.guidance_scale, exp.sampling.batch_size)
         feats = ctx.extractor.extract(ctx.evaluation_images(imgs))
         value = frechet_distance_from_features(ctx.reference.features, feats.features)
         logger.info("step %d: mini-val FD %.3f (%s, %d samples)", step, value, ctx.extractor.name, n)
@@ -407,10 +393,10 @@ def execute_run(ctx: RunContext, run: PlannedRun, exp: Experiment, store: Result
                 c, nl = ctx.encode(prompts, sl)
                 z = x_T[sl].to(dev)
                 with torch.no_grad():
-                    clean = sample_batch(unet, scheduler, z, c, nl, run.steps, run.guidance_scale, cached, ctx.decode)
+                    clean = sample_batch(unet, scheduler, z, c, nl, run.steps, run.guidance_scale, ctx.decode)
 
                 def loss_fn(zz, c=c, nl=nl, clean=clean):
-                    return (sample_batch(unet, scheduler, zz, c, nl, run.steps, run.guidance_scale, cached,
+                    return (sample_batch(unet, scheduler, zz, c, nl, run.steps, run.guidance_scale,
                                          ctx.decode) - clean).pow(2).mean()
 
                 z_adv = fgsm_initial_latent(loss_fn, z, epsilon=eps_, steps=steps_,
@@ -421,7 +407,7 @@ def execute_run(ctx: RunContext, run: PlannedRun, exp: Experiment, store: Result
             local["fgsm"] = {"k": k, "epsilon": eps_, "steps": steps_, "mse_sum": mse}
 
         t_sample = time.perf_counter()
-        images = sample_prompts(ctx, unet, scheduler, prompts, x_T, mine, run.steps, run.guidance_scale, cached, bs,
+        images = sample_prompts(ctx, unet, scheduler, prompts, x_T, mine, run.steps, run.guidance_scale, bs,
                                 desc=f"{v.id} s{run.seed}", progress=progress)
         local["sample_s"] = time.perf_counter() - t_sample
 
@@ -439,7 +425,7 @@ def execute_run(ctx: RunContext, run: PlannedRun, exp: Experiment, store: Result
 
                 def fn(z=z, c=c, nl=nl):
                     with torch.no_grad():
-                        return sample_batch(unet, scheduler, z, c, nl, run.steps, run.guidance_scale, cached,
+                        return sample_batch(unet, scheduler, z, c, nl, run.steps, run.guidance_scale,
                                             ctx.decode)
 
                 # The warm-up call doubles as the forward-count and peak-memory run (one sampling
@@ -625,7 +611,7 @@ def _clip_drift_per_image(ctx: RunContext, unet, run: PlannedRun, prompts: Promp
     if key not in caches:  # the no-cache samples of these weights, computed once per experiment
         x_T = ctx.initial_noise(len(prompts), run.resolution, run.seed)
         caches[key] = sample_prompts(ctx, unet, new_scheduler(), prompts, x_T, mine, run.steps, run.guidance_scale,
-                                     False, ctx.exp.sampling.batch_size, desc=f"{run.variation.id} no-cache ref",
+                                     ctx.exp.sampling.batch_size, desc=f"{run.variation.id} no-cache ref",
                                      progress=progress)
     return clip_embedding_drift(ctx.clip, images[: len(mine)], caches[key])[1].numpy()
 

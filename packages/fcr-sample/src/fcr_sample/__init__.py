@@ -24,11 +24,13 @@ from .features import encoder_feature_names, encoder_features, select_feature_na
 from .hooks import CacheStats, get_cache_stats, reset_cache_stats
 from .loading import MODEL_IDS, ModelNotAvailableError, default_device, load_pipeline, load_unet
 from .run_state import start_sampling_run
+from .sampling import denoise
 from .schedules import FASTER_DIFFUSION_KEY_STEPS, decoder_groups, key_steps
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "denoise",
     "EncoderCacheConfig",
     "apply_encoder_cache",
     "remove_encoder_cache",

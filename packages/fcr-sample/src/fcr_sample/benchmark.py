@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .deep_cache import DeepCacheConfig, apply_deep_cache, remove_deep_cache
 from .encoder_cache import EncoderCacheConfig, apply_encoder_cache, remove_encoder_cache
 from .hooks import get_cache_stats, reset_cache_stats
-from .run_state import start_sampling_run
+from .sampling import denoise
 from .unet_parts import (
     prepare_conditioning,
     residuals_consumed,
@@ -103,16 +103,9 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def _sample(unet, scheduler, latents, text, steps, guidance, manual_run: bool) -> torch.Tensor:
-    scheduler.set_timesteps(steps, device=latents.device)
-    if manual_run:
-        start_sampling_run(unet, scheduler.timesteps)
-    x = latents
-    for t in scheduler.timesteps:
-        eps = unet(torch.cat([x, x]), t, encoder_hidden_states=text).sample
-        u, c = eps.chunk(2)
-        x = scheduler.step(u + guidance * (c - u), t, x).prev_sample
-    return x
+def _sample(unet, scheduler, latents, text, steps, guidance) -> torch.Tensor:
+    null, cond = text.chunk(2)  # ``text`` holds the unconditional states first, as CFG batches them
+    return denoise(unet, scheduler, latents, cond, null, steps=steps, guidance_scale=guidance)
 
 
 def _time(fn, device, repeats: int) -> float:
@@ -162,10 +155,10 @@ def benchmark_sampling(
     say = progress or (lambda _msg: None)
 
     say("no cache")
-    ref = _sample(unet, scheduler, latents, text, steps, guidance, False)
+    ref = _sample(unet, scheduler, latents, text, steps, guidance)
     base = (
         _time(
-            lambda: _sample(unet, scheduler, latents, text, steps, guidance, False), device, repeats
+            lambda: _sample(unet, scheduler, latents, text, steps, guidance), device, repeats
         )
         / batch
     )
@@ -175,17 +168,17 @@ def benchmark_sampling(
         say(label)
         apply(unet)
         try:
-            out = _sample(unet, scheduler, latents, text, steps, guidance, True)
+            out = _sample(unet, scheduler, latents, text, steps, guidance)
             sec = (
                 _time(
-                    lambda: _sample(unet, scheduler, latents, text, steps, guidance, True),
+                    lambda: _sample(unet, scheduler, latents, text, steps, guidance),
                     device,
                     repeats,
                 )
                 / batch
             )
             reset_cache_stats(unet)  # counters of exactly one run
-            _sample(unet, scheduler, latents, text, steps, guidance, True)
+            _sample(unet, scheduler, latents, text, steps, guidance)
             stats = get_cache_stats(unet)
         finally:
             remove(unet)

@@ -267,18 +267,6 @@ def load_embedded_base(weights: str | os.PathLike | None = None, *, random_init:
     )
 
 
-def _start_cache_run(unet, timesteps) -> None:
-    """Tell fcr-sample caches on ``unet`` (if any) that a new sampling run begins."""
-    try:
-        from fcr_sample import start_sampling_run
-    except ImportError:  # pragma: no cover - fcr-sample is a dependency
-        return
-    try:
-        start_sampling_run(unet, timesteps)
-    except ValueError:  # no cache applied to this UNet
-        pass
-
-
 @torch.no_grad()
 def sample_images(
     base: EmbeddedBase,
@@ -301,21 +289,13 @@ def sample_images(
         >>> apply_encoder_cache(base.unet, EncoderCacheConfig(stride=10))
         >>> imgs = sample_images(base, torch.arange(10), steps=50)
     """
+    from fcr_sample import denoise
+
     unet = unet or base.unet
     scheduler = scheduler or make_scheduler("ddim")
-    scheduler.set_timesteps(steps)
-    _start_cache_run(unet, scheduler.timesteps)
     n = len(class_index)
     cfg = unet.config
     x = torch.randn((n, cfg.in_channels, cfg.sample_size, cfg.sample_size), generator=generator)
-    cond = base.class_states(class_index)
-    null = base.null_states.expand(n, -1, -1)
-    for t in scheduler.timesteps:
-        if guidance_scale != 1.0:
-            out = unet(torch.cat([x, x]), t, torch.cat([null, cond])).sample
-            uncond, c = out.chunk(2)
-            eps = uncond + guidance_scale * (c - uncond)
-        else:
-            eps = unet(x, t, cond).sample
-        x = scheduler.step(eps, t, x, generator=generator).prev_sample
+    x = denoise(unet, scheduler, x, base.class_states(class_index), base.null_states.expand(n, -1, -1),
+                steps=steps, guidance_scale=guidance_scale, generator=generator)
     return (x.clamp(-1, 1) + 1) / 2
