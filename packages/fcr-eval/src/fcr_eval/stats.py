@@ -1,5 +1,10 @@
 """Statistics for experiment results: seed intervals, paired tests, bootstrap, correlation.
 
+The paired, clustered bootstrap (:func:`paired_bootstrap_ci`, :func:`recovered_fraction_ci`) is
+the one the contrasts and the CI-based criteria use: every variation of one weights and seed
+starts from the same x_T and prompt, so per-sample values pair across variations, and samples
+of one seed share that seed's model / fine-tune, so they are resampled as clusters.
+
 All functions take plain sequences / numpy arrays and return small frozen dataclasses, so the
 numbers can be stored with their sample sizes.
 
@@ -22,10 +27,15 @@ __all__ = [
     "MeanCI",
     "PairedTTest",
     "BootstrapCI",
+    "PairedBootstrapCI",
+    "PAIRED_STATISTICS",
     "Correlation",
     "mean_ci",
     "paired_t_test",
     "bootstrap_paired_ci",
+    "paired_bootstrap_ci",
+    "recovered_fraction",
+    "recovered_fraction_ci",
     "pearson_r2",
     "align_paired",
 ]
@@ -170,6 +180,229 @@ def bootstrap_paired_ci(a: Sequence[float] | np.ndarray, b: Sequence[float] | np
     alpha = (1 - confidence) / 2
     low, high = np.quantile(stats_, [alpha, 1 - alpha])
     return BootstrapCI(float(fn(d)), float(low), float(high), int(d.size), n_resamples, confidence)
+
+
+# --------------------------------------------------------------------------------------------
+# Paired, clustered bootstrap (contrasts and CI-based criteria)
+# --------------------------------------------------------------------------------------------
+
+def _mean_difference(c: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return c - b
+
+
+def _relative_difference(c: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (c - b) / np.abs(b)
+
+
+def _ratio(c: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return c / b
+
+
+def _inverse_ratio(c: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return b / c
+
+
+def _recovered(c: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
+    return (b - c) / (b - t)
+
+
+#: Statistics of :func:`paired_bootstrap_ci`, each a function of the two (weighted) means
+#: ``c̄`` (candidate) and ``b̄`` (baseline) of one resample:
+#:
+#: * ``mean_difference``: c̄ − b̄ (= the mean of the paired differences);
+#: * ``relative_difference``: (c̄ − b̄) / |b̄| (e.g. ΔFID-like "+5 %" criteria, extra memory);
+#: * ``ratio``: c̄ / b̄;
+#: * ``inverse_ratio``: b̄ / c̄ (the speed-up when the values are seconds per image).
+PAIRED_STATISTICS = {
+    "mean_difference": _mean_difference,
+    "relative_difference": _relative_difference,
+    "ratio": _ratio,
+    "inverse_ratio": _inverse_ratio,
+}
+
+
+@dataclass(frozen=True)
+class PairedBootstrapCI:
+    """A paired statistic with its percentile bootstrap interval.
+
+    Attributes:
+        estimate: the statistic on the data as observed (not the bootstrap mean).
+        ci_low, ci_high: the ``confidence`` percentile interval.
+        n: number of paired samples; n_clusters: number of clusters (1 when unclustered).
+        statistic: its name (a key of :data:`PAIRED_STATISTICS` or ``"recovered_fraction"``).
+        method: how the interval was made, in words (stored with the number).
+        n_undefined: resamples whose statistic was not finite (a zero denominator) and were
+            dropped before taking the percentiles; > 0 means the statistic is unstable.
+    """
+
+    estimate: float
+    ci_low: float
+    ci_high: float
+    n: int
+    n_clusters: int
+    statistic: str
+    confidence: float
+    n_resamples: int
+    method: str
+    n_undefined: int = 0
+
+    @property
+    def half_width(self) -> float:
+        return (self.ci_high - self.ci_low) / 2
+
+    def as_text(self, digits: int = 3) -> str:
+        return (f"{self.estimate:.{digits}f} [{self.ci_low:.{digits}f}, {self.ci_high:.{digits}f}] "
+                f"({self.confidence:.0%} CI, n={self.n}, {self.n_clusters} cluster(s))")
+
+
+def _cluster_index(clusters, n: int) -> tuple[np.ndarray, int]:
+    """Integer cluster code per sample (0..K−1) and K; one cluster when ``clusters`` is None."""
+    if clusters is None:
+        return np.zeros(n, dtype=np.int64), 1
+    c = np.asarray(clusters).ravel()
+    if c.size != n:
+        raise ValueError(f"clusters has {c.size} labels for {n} paired samples; give one label (e.g. the seed) per sample")
+    _, codes = np.unique(c, return_inverse=True)
+    return codes.astype(np.int64), int(codes.max()) + 1
+
+
+def _resample_weights(codes: np.ndarray, n_clusters: int, m: int, rng: np.random.Generator) -> np.ndarray:
+    """``(m, n)`` counts: how often each sample enters each of ``m`` two-stage resamples.
+
+    Stage 1 draws ``K`` clusters with replacement (counts ``M_k``); stage 2 draws, for every
+    drawn copy of cluster ``k``, its ``n_k`` samples with replacement. The ``M_k`` copies together
+    are ``M_k · n_k`` uniform draws from the cluster, i.e. one multinomial — which is what is drawn.
+    With one cluster this is the ordinary bootstrap of samples.
+    """
+    w = np.zeros((m, codes.size))
+    counts = (rng.multinomial(n_clusters, np.full(n_clusters, 1 / n_clusters), size=m)
+              if n_clusters > 1 else np.ones((m, 1), dtype=np.int64))
+    for k in range(n_clusters):
+        idx = np.flatnonzero(codes == k)
+        w[:, idx] = rng.multinomial(counts[:, k] * idx.size, np.full(idx.size, 1 / idx.size))
+    return w
+
+
+def _bootstrap(arrays: Sequence[np.ndarray], stat, clusters, *, n_resamples: int, confidence: float, seed: int,
+               name: str) -> PairedBootstrapCI:
+    """Percentile CI of ``stat(*means)``, the means taken jointly over one resample of paired rows."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if n_resamples < 100:
+        raise ValueError(f"n_resamples = {n_resamples} is too few for a percentile interval; use >= 1000")
+    n = arrays[0].size
+    codes, k = _cluster_index(clusters, n)
+    x = np.stack(arrays, axis=1)  # (n, n_arrays)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        estimate = float(stat(*x.mean(0)))
+    rng = np.random.default_rng(seed)
+    out = np.empty(n_resamples)
+    chunk = max(1, 4_000_000 // max(1, n))  # bound the (chunk, n) weight matrix to ~32 MB
+    for i in range(0, n_resamples, chunk):
+        m = min(chunk, n_resamples - i)
+        w = _resample_weights(codes, k, m, rng)
+        means = (w @ x) / w.sum(1, keepdims=True)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out[i : i + m] = stat(*means.T)
+    finite = np.isfinite(out)
+    n_undefined = int((~finite).sum())
+    if n_undefined:
+        logger.warning("%s: %d of %d bootstrap resamples are undefined (zero denominator) and were dropped; "
+                       "the interval is unstable", name, n_undefined, n_resamples)
+    if n_undefined == n_resamples:
+        raise ValueError(f"{name}: the statistic is undefined in every resample (its denominator is always 0)")
+    alpha = (1 - confidence) / 2
+    low, high = np.quantile(out[finite], [alpha, 1 - alpha])
+    how = (f"two-stage percentile bootstrap: {k} clusters, then samples within each cluster, "
+           f"with replacement; {n_resamples} resamples, seed {seed}") if k > 1 else (
+           f"percentile bootstrap of paired samples with replacement; {n_resamples} resamples, seed {seed}")
+    return PairedBootstrapCI(estimate, float(low), float(high), int(n), k, name, confidence, n_resamples, how,
+                             n_undefined)
+
+
+def _paired(named: dict[str, Sequence[float] | np.ndarray]) -> list[np.ndarray]:
+    arrays = [_arr(v, k) for k, v in named.items()]
+    sizes = {k: a.size for k, a in zip(named, arrays, strict=True)}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"paired samples differ in length: {sizes}; pair the rows first (same seed and sample)")
+    return arrays
+
+
+def paired_bootstrap_ci(candidate: Sequence[float] | np.ndarray, baseline: Sequence[float] | np.ndarray, *,
+                        clusters: Sequence | np.ndarray | None = None, statistic: str = "mean_difference",
+                        n_resamples: int = 10_000, confidence: float = 0.95, seed: int = 0) -> PairedBootstrapCI:
+    """Paired percentile bootstrap CI of a comparison of ``candidate`` with ``baseline``.
+
+    Row ``i`` of both arrays is the same sample (same seed, x_T and prompt) under the two
+    variations. Every resample keeps the pairs together and computes ``statistic`` from the two
+    resampled means (:data:`PAIRED_STATISTICS`). With ``clusters`` (one label per row, e.g. the
+    seed) the resampling is two-stage: clusters with replacement, then rows within each drawn
+    cluster with replacement (Davison & Hinkley 1997, §3.8), so a seed-level effect (each seed has
+    its own fine-tune) widens the interval as it should; the statistic is computed over the pooled
+    rows of a resample (each row weighs the same). Without ``clusters`` it is the ordinary paired
+    bootstrap, the same method as ``scipy.stats.bootstrap(..., paired=True, method="percentile")``.
+
+    Args:
+        candidate, baseline: paired per-sample values, same length.
+        clusters: a cluster label per row (e.g. seeds) or ``None``.
+        statistic: a key of :data:`PAIRED_STATISTICS`.
+        n_resamples, confidence, seed: bootstrap size, interval level, RNG seed.
+
+    Returns:
+        :class:`PairedBootstrapCI`.
+
+    Example:
+        >>> r = paired_bootstrap_ci([1.0, 2.0, 3.0, 4.0], [0.0, 1.0, 2.0, 3.5], n_resamples=2000)
+        >>> r.estimate, r.ci_low <= r.estimate <= r.ci_high
+        (0.875, True)
+    """
+    fn = PAIRED_STATISTICS.get(statistic)
+    if fn is None:
+        raise ValueError(f"statistic {statistic!r} not supported; use one of {sorted(PAIRED_STATISTICS)}")
+    c, b = _paired({"candidate": candidate, "baseline": baseline})
+    return _bootstrap([c, b], fn, clusters, n_resamples=n_resamples, confidence=confidence, seed=seed,
+                      name=statistic)
+
+
+def recovered_fraction(candidate: float, baseline: float, target: float) -> float:
+    """The fraction of a gap that ``candidate`` closes: ``(baseline − candidate) / (baseline − target)``.
+
+    For the stride gap of FCR: ``baseline`` = the λ = 0 control at the large stride (FD-10 on the
+    control weights: same fine-tune compute, no FCR), ``candidate`` = the FCR fine-tune at that
+    stride, ``target`` = the small stride that marks a closed gap (FD-5). Values are means of one
+    per-sample metric (e.g. cache error). 1 = as good as the small stride, 0 = no better than the
+    control, < 0 = worse. The sign convention makes it the same for lower- and higher-is-better
+    metrics. Undefined (inf / NaN) when there is no gap.
+
+    Example:
+        >>> recovered_fraction(candidate=0.3, baseline=0.5, target=0.1)
+        0.5
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(_recovered(np.float64(candidate), np.float64(baseline), np.float64(target)))
+
+
+def recovered_fraction_ci(candidate: Sequence[float] | np.ndarray, baseline: Sequence[float] | np.ndarray,
+                          target: Sequence[float] | np.ndarray, *, clusters: Sequence | np.ndarray | None = None,
+                          n_resamples: int = 10_000, confidence: float = 0.95, seed: int = 0) -> PairedBootstrapCI:
+    """Bootstrap CI of :func:`recovered_fraction` from per-sample values paired across three variations.
+
+    Row ``i`` of the three arrays is one sample (seed, x_T, prompt). The estimate is the ratio of
+    mean differences ``(ē_base − ē_cand) / (ē_base − ē_target)``; every resample draws rows (two-stage
+    with ``clusters``, as in :func:`paired_bootstrap_ci`) and applies the same draw to all three
+    arrays, so numerator and denominator are resampled jointly and their correlation is kept.
+    When the gap's own interval includes 0 the ratio is unstable: resamples with a zero gap are
+    dropped (counted in ``n_undefined``) and the interval is very wide — report the gap too.
+
+    Example:
+        >>> r = recovered_fraction_ci([0.03, 0.04, 0.02], [0.05, 0.06, 0.04], [0.01, 0.02, 0.0],
+        ...                           n_resamples=1000)
+        >>> round(r.estimate, 3)
+        0.5
+    """
+    c, b, t = _paired({"candidate": candidate, "baseline": baseline, "target": target})
+    return _bootstrap([c, b, t], _recovered, clusters, n_resamples=n_resamples,
+                      confidence=confidence, seed=seed, name="recovered_fraction")
 
 
 @dataclass(frozen=True)
