@@ -70,7 +70,7 @@ def test_plan_shares_one_finetune_across_strides_and_seeds():
     lam = {f.lambda_fcr: f for f in plan.finetunes.values()}
     assert set(lam) == {0.0, 0.1}
     fcr_runs = [r for r in plan.runs if r.variation.lambda_fcr == 0.1]
-    assert {r.finetune for r in fcr_runs} == {lam[0.1].key}
+    assert {r.finetune.key for r in fcr_runs} == {lam[0.1].key}
     assert len(lam[0.1].variations) == len(fcr_runs)
     assert all(Path(f.output_dir).parts[:3] == ("results", "runs", "mini-exp-1") for f in plan.finetunes.values())
     by_id = {(r.variation.id, r.seed): r for r in plan.runs}

@@ -19,7 +19,8 @@ import torch
 from fcr_eval.contexts import Prompts, StableDiffusionContext, make_sampling_scheduler
 from fcr_eval.experiment import load_experiment
 from fcr_eval.planner import make_plan
-from fcr_eval.runner import RunnerOptions, run_experiment, sample_batch
+from fcr_eval.runner import RunnerOptions, run_experiment
+from fcr_eval.sampling import sample_batch
 from fcr_eval.store import ResultsStore
 from fcr_eval.testing import save_stand_in_inception, save_tiny_clip
 from fcr_eval.validation import check_inputs

@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
 
         exp = load_experiment(args.file, args.profile)
-        from .runner import RunnerOptions, report, run_experiment
+        from .reporting import report
+        from .runner import RunnerOptions, run_experiment
 
         if args.command == "run":
             opts = RunnerOptions(store=Path(args.store), threads=args.threads, plots=not args.no_plots,

@@ -17,12 +17,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .experiment import Experiment, VariationSpec
+from .experiment import Experiment, RobustnessSpec, VariationSpec
+from .samplers import SamplerSettings, resolve_sampler
 
 __all__ = [
     "PlannedFinetune",
@@ -77,28 +77,40 @@ class PlannedFinetune:
     lr: float
     seed: int
     output_dir: str
+    cost: ModelCost | None = None  # of one forward at the model's own resolution (training images)
     variations: list[str] = field(default_factory=list)
     est_flops: float = 0.0
     est_seconds: float = 0.0
 
     def config(self) -> dict:
+        """The settings that define the weights (hashed into run ids; no estimates, no folder)."""
         return {k: v for k, v in asdict(self).items() if k not in ("variations", "est_flops", "est_seconds",
-                                                                  "output_dir")}
+                                                                  "output_dir", "cost")}
 
 
 @dataclass
 class PlannedRun:
+    """One variation × seed, resolved: every setting the runner needs, as the object it uses.
+
+    ``config`` is the run's resolved settings as a plain record: it is hashed into ``run_id`` and
+    stored with the run for provenance; the runner reads the typed fields, never ``config``.
+    """
+
     variation: VariationSpec
     seed: int
     run_id: str
     run_dir: str
     config: dict
-    finetune: str | None
+    finetune: PlannedFinetune | None
+    sampler: SamplerSettings
+    robustness: RobustnessSpec
+    eval_prompts: str | None
     n_samples: int
     steps: int
     guidance_scale: float
     scheduler: str
     resolution: int
+    cost: ModelCost
     unet_calls: int = 0
     full_forwards: int = 0
     encoder_forwards: int = 0
@@ -137,35 +149,40 @@ _COST_CACHE: dict[tuple, ModelCost] = {}
 
 
 def model_cost(exp: Experiment, model_id: str, resolution: int | None = None) -> ModelCost:
-    """FLOPs per forward of ``model_id``: counted on the embedded UNet (exact; memoised), from the
-    experiment file or design.md §2 constants for Stable Diffusion (not instantiated here)."""
+    """FLOPs per forward of ``model_id`` at ``resolution`` (default: the model's own): counted on the
+    embedded UNet (exact; memoised per UNet and resolution), from the experiment file or design.md
+    §2 constants for Stable Diffusion (not instantiated here)."""
     spec = exp.models[model_id]
-    key = (spec.source, resolution)
-    if spec.embedded and key in _COST_CACHE:
-        return _COST_CACHE[key]
     if spec.embedded:
-        import torch
-        from fcr_sample.benchmark import deepcache_partial_flops, flop_split
         from fcr_train.api import TINY_EMBEDDED_UNET_CONFIG
-        from fcr_train.embedded import EMBEDDED_UNET_CONFIG, build_unet
+        from fcr_train.embedded import EMBEDDED_UNET_CONFIG
 
         cfg = TINY_EMBEDDED_UNET_CONFIG if spec.source == "embedded-tiny" else EMBEDDED_UNET_CONFIG
-        unet = build_unet(cfg).eval()
-        res = resolution or cfg["sample_size"]
-        x = torch.randn(1, cfg["in_channels"], res, res)
-        text = torch.randn(1, 16, cfg["cross_attention_dim"])
-        split = flop_split(unet, x, text)
-        try:
-            partial = deepcache_partial_flops(unet, x, text, branch=0) / split.total
-        except Exception:  # noqa: BLE001 - an estimate only
-            partial = SD_COSTS["deepcache_partial_share"]
-        _COST_CACHE[key] = ModelCost(split.total, split.encoder_share, partial, "flop counter")
+        key = (spec.source, int(resolution or cfg["sample_size"]))
+        if key not in _COST_CACHE:
+            _COST_CACHE[key] = _count_embedded_cost(cfg, key[1])
         return _COST_CACHE[key]
     flops = spec.flops_per_forward or SD_COSTS["flops_per_forward"]
     if resolution and spec.resolution and resolution != spec.resolution:
         flops *= (resolution / spec.resolution) ** 2
     return ModelCost(flops, spec.encoder_flop_share or SD_COSTS["encoder_flop_share"],
                      SD_COSTS["deepcache_partial_share"], "experiment file / design.md §2 constants")
+
+
+def _count_embedded_cost(cfg: dict, res: int) -> ModelCost:
+    import torch
+    from fcr_sample.benchmark import deepcache_partial_flops, flop_split
+    from fcr_train.embedded import build_unet
+
+    unet = build_unet(cfg).eval()
+    x = torch.randn(1, cfg["in_channels"], res, res)
+    text = torch.randn(1, 16, cfg["cross_attention_dim"])
+    split = flop_split(unet, x, text)
+    try:
+        partial = deepcache_partial_flops(unet, x, text, branch=0) / split.total
+    except Exception:  # noqa: BLE001 - an estimate only
+        partial = SD_COSTS["deepcache_partial_share"]
+    return ModelCost(split.total, split.encoder_share, partial, "flop counter")
 
 
 def calibrate_throughput(seconds: float = 2.0) -> float:
@@ -187,23 +204,6 @@ def calibrate_throughput(seconds: float = 2.0) -> float:
             unet(x, 500, text)
             n += 1
     return flops * n / (time.perf_counter() - t0) / 1e9
-
-
-def _counts(v: VariationSpec, steps: int) -> dict[str, int]:
-    """Per sampling run: UNet calls and full / encoder / decoder / partial forwards."""
-    if v.sampler == "fd":
-        from fcr_sample import EncoderCacheConfig
-
-        keys = len(EncoderCacheConfig(stride=v.stride if v.stride else 10,
-                                      schedule=v.schedule).key_steps_for(steps))
-        return {"unet_calls": steps, "full_forwards": keys, "encoder_forwards": keys, "decoder_forwards": steps,
-                "partial_forwards": 0}
-    if v.sampler == "deepcache":
-        full = math.ceil(steps / v.stride)
-        return {"unet_calls": steps, "full_forwards": full, "encoder_forwards": full, "decoder_forwards": full,
-                "partial_forwards": steps - full}
-    return {"unet_calls": steps, "full_forwards": steps, "encoder_forwards": steps, "decoder_forwards": steps,
-            "partial_forwards": 0}
 
 
 def make_plan(exp: Experiment, *, results_dir: str | Path = "results", calibrate: bool = True,
@@ -232,7 +232,7 @@ def make_plan(exp: Experiment, *, results_dir: str | Path = "results", calibrate
     ev = exp.evaluation
     for v in exp.variations:
         model = exp.models[v.model]
-        steps = v.num_inference_steps or exp.sampling.num_inference_steps
+        steps = v.num_inference_steps if v.num_inference_steps is not None else exp.sampling.num_inference_steps
         guidance = v.guidance_scale if v.guidance_scale is not None else exp.sampling.guidance_scale
         scheduler = v.scheduler or exp.sampling.scheduler
         rob = exp.robustness[v.robustness]
@@ -240,9 +240,13 @@ def make_plan(exp: Experiment, *, results_dir: str | Path = "results", calibrate
         resolution = int(rob.settings.get("resolution", base_res)) if rob.kind == "resolution" else base_res
         ckey = f"{v.model}@{resolution}"
         if ckey not in costs:
-            costs[ckey] = model_cost(exp, v.model, resolution if model.embedded else resolution)
+            costs[ckey] = model_cost(exp, v.model, resolution)
         cost = costs[ckey]
-        counts = _counts(v, steps)
+        sampler = resolve_sampler(v.sampler, steps=steps, stride=v.stride, schedule=v.schedule,
+                                  parallel_decoding=v.parallel_decoding, prior_noise_alpha=v.prior_noise_alpha,
+                                  cache_branch_id=v.cache_branch_id)
+        counts = sampler.forward_counts()
+        eval_prompts = v.eval_prompts or exp.sampling.eval_prompts
         cfg_mult = 2 if guidance != 1.0 else 1
         fwd_equiv = (counts["full_forwards"] + (counts["decoder_forwards"] - counts["full_forwards"])
                      * (1 - cost.encoder_share) + counts["partial_forwards"] * cost.deepcache_partial_share)
@@ -268,14 +272,15 @@ def make_plan(exp: Experiment, *, results_dir: str | Path = "results", calibrate
                         key=ft_key, model=v.model, model_source=model.source, lambda_fcr=lam,
                         delta_max=ftc["delta_max"], blocks=ftc["blocks"], data=ftc["data"], steps=ft.steps,
                         batch_size=ft.batch_size, lr=ft.lr, seed=ft_seed,
-                        output_dir=str(exp_dir / "finetune" / ft_key), est_flops=flops,
+                        output_dir=str(exp_dir / "finetune" / ft_key), cost=model_cost(exp, v.model),
+                        est_flops=flops,
                         est_seconds=flops / (gflops_per_s * 1e9))
                 finetunes[ft_key].variations.append(f"{v.id}/s{seed}")
             config = {
                 "experiment_id": exp.id, "variation": asdict(v), "seed": seed, "model": asdict(model),
                 "sampling": {"scheduler": scheduler, "steps": steps, "guidance_scale": guidance,
                              "resolution": resolution, "n_samples": n,
-                             "eval_prompts": v.eval_prompts or exp.sampling.eval_prompts,
+                             "eval_prompts": eval_prompts,
                              # float32 is implied (keeps the run ids of float32 runs stable)
                              **({"dtype": exp.sampling.dtype} if exp.sampling.dtype != "float32" else {})},
                 "robustness": asdict(rob), "evaluation": asdict(ev),
@@ -285,16 +290,16 @@ def make_plan(exp: Experiment, *, results_dir: str | Path = "results", calibrate
             flops = n * cfg_mult * fwd_equiv * cost.flops_per_forward
             if "clip_drift" in ev.metrics and v.sampler != "none":
                 # CLIP drift samples the same prompts without a cache once per weights × seed × setting
-                key = (v.model, ft_key, seed, scheduler, steps, guidance, resolution, v.robustness,
-                       config["sampling"]["eval_prompts"])
+                key = (v.model, ft_key, seed, scheduler, steps, guidance, resolution, v.robustness, eval_prompts)
                 if key not in drift_refs:
                     drift_refs.add(key)
                     flops += min(n, ev.clip_drift_samples) * cfg_mult * steps * cost.flops_per_forward
             timing_flops = timing_imgs * cfg_mult * fwd_equiv * cost.flops_per_forward
             runs.append(PlannedRun(
                 variation=v, seed=seed, run_id=run_id, run_dir=str(exp_dir / v.id / f"s{seed}"), config=config,
-                finetune=ft_key, n_samples=n, steps=steps, guidance_scale=guidance, scheduler=scheduler,
-                resolution=resolution, **counts, est_flops=flops,
+                finetune=finetunes[ft_key] if ft_key else None, sampler=sampler, robustness=rob,
+                eval_prompts=eval_prompts, n_samples=n, steps=steps, guidance_scale=guidance, scheduler=scheduler,
+                resolution=resolution, cost=cost, **counts, est_flops=flops,
                 est_seconds=(flops + timing_flops) / (gflops_per_s * 1e9)))
     # Feature extraction of samples + reference, σ²_Δ passes: a rough add-on.
     feat_flops = EFFICIENTNET_LITE0_FLOPS_224 * (ev.feature_image_size / 224) ** 2
@@ -339,14 +344,14 @@ def format_plan(plan: Plan, done: set[str] | None = None) -> str:
     lines.append("")
     lines.append(f"runs ({len(plan.runs)} = {len(exp.variations)} variations × {len(exp.seeds)} seeds"
                  f"{f', {len(done)} already in the store' if done else ''}):")
-    hdr = f"  {'variation':<26} {'seed':>4} {'model':<10} {'sampler':<9} {'stride':>6} {'λ':>5} {'robust':<14} " \
+    hdr = f"  {'variation':<26} {'seed':>4} {'model':<10} {'cache schedule':<16} {'λ':>5} {'robust':<14} " \
           f"{'steps':>5} {'imgs':>5} {'full/enc/dec/part fwd':>22} {'FLOPs':>11} {'time':>8}"
     lines.append(hdr)
     for r in plan.runs:
         v = r.variation
         fwd = f"{r.full_forwards}/{r.encoder_forwards}/{r.decoder_forwards}/{r.partial_forwards}"
         mark = " ✓" if r.run_id in done else ""
-        lines.append(f"  {v.id:<26} {r.seed:>4} {v.model:<10} {v.sampler:<9} {str(v.stride or '-'):>6} "
+        lines.append(f"  {v.id:<26} {r.seed:>4} {v.model:<10} {r.sampler.label:<16} "
                      f"{'-' if v.lambda_fcr is None else f'{v.lambda_fcr:g}':>5} {v.robustness:<14} {r.steps:>5} "
                      f"{r.n_samples:>5} {fwd:>22} {_fmt_flops(r.est_flops):>11} {_fmt_s(r.est_seconds):>8}{mark}")
     lines.append("")

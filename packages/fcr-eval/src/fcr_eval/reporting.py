@@ -1,0 +1,162 @@
+"""Reporting an experiment from the store: the summary table (mean ± 95 % CI over seeds), the
+notes that say what produced its numbers, the success-criteria board and the plots. No sampling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .experiment import Experiment
+from .planner import Plan
+from .store import ResultsStore
+
+__all__ = ["Report", "summary_table", "criteria_table", "report"]
+
+
+def _ci_text(values: list[float], digits: int = 3) -> str:
+    from .stats import mean_ci
+
+    vals = [float(x) for x in values if x is not None and np.isfinite(x)]
+    if not vals:
+        return "–"
+    if len(vals) < 2:
+        return f"{vals[0]:.{digits}g}"
+    ci = mean_ci(vals)
+    return f"{ci.mean:.{digits}g} ± {ci.half_width:.2g}"
+
+
+def summary_table(exp: Experiment, store: ResultsStore) -> str:
+    """Markdown table: one row per variation, mean ± 95 % CI half-width over seeds."""
+    import polars as pl
+
+    from .extractors import metric_name
+
+    metrics = store.metrics(experiment_id=exp.id)
+    timings = store.timings(experiment_id=exp.id)
+    fstats = store.feature_stats(experiment_id=exp.id)
+    ext = exp.evaluation.feature_extractor
+    ms = exp.evaluation.metrics
+    cols = [
+        ("FID" if ext == "inception" else "FD (" + ext + ")", metric_name("fd", ext)),
+        ("KID", metric_name("kid", ext)), ("precision", "precision"), ("recall", "recall"),
+    ]
+    if "class_agreement" in ms:
+        cols.append(("class agr.", "class_agreement"))
+    if "clip_score" in ms:
+        cols.append(("CLIPScore", "clip_score"))
+    if "clip_drift" in ms:
+        cols.append(("CLIP drift", "clip_drift"))
+    tb_sizes = list(exp.evaluation.timing_batch_sizes)
+    head = ["variation", "seeds"] + [c for c, _ in cols] + [f"s/img b{b}" for b in tb_sizes] + [
+        "UNet calls/enc/dec", "GFLOPs/img", "peak MB", "σ²_Δ mean"]
+    rows = []
+    for v in exp.variations:
+        m = metrics.filter(pl.col("variation_id") == v.id) if metrics.height else metrics
+        if m.height == 0:
+            rows.append([v.id, "0"] + ["–"] * (len(head) - 2))
+            continue
+        seeds = sorted(set(m["seed"].to_list()))
+        row = [v.id, str(len(seeds))]
+        for _, name in cols:
+            row.append(_ci_text(m.filter(pl.col("metric") == name)["value"].to_list()))
+        t = timings.filter(pl.col("variation_id") == v.id) if timings.height else timings
+        for b in tb_sizes:
+            tb = t.filter(pl.col("batch_size") == b) if t.height else t
+            row.append(_ci_text(tb["sec_per_image"].to_list()) if tb.height else "–")
+        t1 = t.filter(pl.col("batch_size") == min(exp.evaluation.timing_batch_sizes)) if t.height else t
+        if t1.height:
+            r0 = t1.row(0, named=True)
+            full = r0["encoder_forwards"]
+            row.append(f"{r0['unet_calls']}/{full}/{r0['decoder_forwards']}")
+            row.append(f"{r0['flops_per_image'] / 1e9:.2f}" if r0["flops_per_image"] else "–")
+            row.append(f"{r0['peak_memory_bytes'] / 2**20:.0f}" if r0["peak_memory_bytes"] else "–")
+        else:
+            row += ["–", "–", "–"]
+        f = fstats.filter((pl.col("variation_id") == v.id) & (pl.col("block") == "all")) if fstats.height else fstats
+        if f.height:
+            per_seed = f.group_by("seed").agg(pl.col("variance").mean())["variance"].to_list()
+            row.append(_ci_text(per_seed))
+        else:
+            row.append("–")
+        rows.append(row)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(head, widths, strict=False)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _table_notes(exp: Experiment) -> str:
+    """What produced the table's numbers, in one paragraph under it."""
+    ev = exp.evaluation
+    ref = exp.datasets.get(ev.reference) if ev.reference else None
+    ref_text = ref.description or ref.id if ref else ("real Fashion-MNIST test images" if exp.embedded else "–")
+    if ev.feature_extractor == "inception":
+        q = f"FID/KID/precision/recall: clean-fid Inception features ({ev.inception_weights}) vs {ref_text}"
+    else:
+        q = (f"FD/KID/precision/recall: EfficientNet-Lite0 features ({ev.feature_extractor}, "
+             f"{ev.feature_image_size}²) vs {ref_text} — not Inception FID")
+    parts = [q]
+    if "class_agreement" in ev.metrics:
+        parts.append("class agr.: shipped Fashion-MNIST classifier")
+    if "clip_score" in ev.metrics:
+        parts.append(f"CLIPScore: torchmetrics with the local CLIP {ev.clip_model}")
+    if "clip_drift" in ev.metrics:
+        parts.append("CLIP drift: mean 1 − cos of CLIP image embeddings, cached sampler vs no cache on the same "
+                     "weights, prompts and noise")
+    parts.append("s/img: device-synchronised after warm-up")
+    parts.append("peak MB: CUDA peak allocated on GPU, process RSS on CPU")
+    return "; ".join(parts) + "."
+
+
+def criteria_table(results) -> str:
+    lines = ["| criterion | verdict | value | threshold | note |", "|---|---|---|---|---|"]
+    for r in results:
+        verdict = {True: "PASS", False: "FAIL", None: "n/a"}[r.passed]
+        value = "–" if r.value is None else f"{r.value:.4g}"
+        note = r.details.get("reason", "") if isinstance(r.details, dict) else ""
+        if not note and isinstance(r.details, dict):
+            b, c = r.details.get("baseline_variation"), r.details.get("candidate_variation")
+            note = f"{c} vs {b}" if b and c else ", ".join(r.details.get("variations", []) or [])
+        lines.append(f"| {r.criterion} | {verdict} | {value} | {r.threshold:g} | {note} |")
+    return "\n".join(lines)
+
+
+@dataclass
+class Report:
+    """What :func:`report` printed and wrote."""
+
+    store: Path
+    plots: list[Path] = field(default_factory=list)
+    table: str = ""
+    criteria: list = field(default_factory=list)
+
+
+def report(exp: Experiment, store_path: Path, *, plots: bool = True, plan: Plan | None = None) -> Report:
+    """Print the summary table and the success criteria, write the plots; no sampling."""
+    from .criteria import evaluate_store_criteria
+
+    store = ResultsStore(store_path)
+    table = summary_table(exp, store)
+    print(f"\n## {exp.id}{f' (profile {exp.profile})' if exp.profile else ''}: mean ± 95% CI half-width over seeds\n")
+    print(table)
+    print("\n" + _table_notes(exp))
+    crit = []
+    if exp.criteria is not None:
+        crit = evaluate_store_criteria(store, exp.id, exp.criteria)
+        print("\n### success criteria (design.md §1)\n")
+        print(criteria_table(crit))
+    files: list[Path] = []
+    if plots:
+        from .plots import make_plots
+
+        files = make_plots(exp, store, store.root / "plots" / exp.id)
+    print(f"\nstore: {store_path}")
+    if files:
+        print(f"plots ({store.root / 'plots' / exp.id}):")
+        for f in files:
+            print(f"  {f}")
+    return Report(store=store_path, plots=files, table=table, criteria=crit)
