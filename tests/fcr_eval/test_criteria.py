@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import polars as pl
 import pytest
-from fcr_eval.criteria import CriteriaConfig, evaluate_criteria, evaluate_store_criteria
+from fcr_eval.criteria import (
+    CriteriaConfig,
+    evaluate_criteria,
+    evaluate_store_criteria,
+    paired_criterion,
+    timing_criteria,
+    verdict,
+)
 from fcr_eval.store import (
     FeatureStat,
     MetricRecord,
@@ -73,9 +82,78 @@ def test_failing_and_missing_criteria(tmp_path):
 
 
 def test_r2_needs_three_variations():
-    import polars as pl
-
     empty = pl.DataFrame()
     res = {r.criterion: r for r in evaluate_criteria("exp", CFG, metrics=empty, timings=empty, feature_stats=empty)}
     assert all(r.passed is None for r in res.values())
     assert "≥ 3 variations" in res["variance_quality_r2"].details["reason"]
+
+
+# ---- verdicts with confidence intervals ------------------------------------------------------------
+
+def test_verdict_pass_fail_inconclusive_both_directions():
+    assert verdict(1.45, 1.60, 1.4, "at_least") == "PASS"
+    assert verdict(1.40, 1.60, 1.4, "at_least") == "PASS"  # ≥ includes the threshold
+    assert verdict(1.10, 1.39, 1.4, "at_least") == "FAIL"
+    assert verdict(1.26, 1.63, 1.4, "at_least") == "INCONCLUSIVE"
+    assert verdict(-0.01, 0.02, 0.02, "at_most") == "PASS"
+    assert verdict(0.021, 0.05, 0.02, "at_most") == "FAIL"
+    assert verdict(-0.013, 0.066, 0.02, "at_most") == "INCONCLUSIVE"
+    with pytest.raises(ValueError, match="direction"):
+        verdict(0, 1, 0.5, "above")
+    with pytest.raises(ValueError, match="ci_low"):
+        verdict(1, 0, 0.5, "at_most")
+
+
+def test_paired_criterion_inconclusive_when_ci_straddles_threshold():
+    rng = np.random.default_rng(0)
+    seeds = np.repeat([0, 1, 2], 50)
+    base = rng.binomial(1, 0.80, size=150).astype(float)  # per-sample class agreement of FD-5
+    flip = rng.random(150) < 0.05
+    cand = np.where(flip, 1 - base, base)                 # FCR-FD-10: a few samples change class
+    r = paired_criterion("exp", "alignment_delta", cand, base, threshold=-0.02, direction="at_least", clusters=seeds,
+                         n_resamples=4000)
+    assert r.ci_low < -0.02 < r.ci_high  # the data cannot tell ≥ −2 % from < −2 %
+    assert r.verdict == "INCONCLUSIVE" and r.passed is None and r.value == pytest.approx(
+        (cand.mean() - base.mean()) / base.mean())
+    assert r.details["verdict"] == "INCONCLUSIVE" and r.details["n_clusters"] == 3
+    # The same contrast with a clear drop fails; with no change at all it passes.
+    worse = paired_criterion("exp", "alignment_delta", base * (rng.random(150) < 0.7), base, threshold=-0.02,
+                             direction="at_least", clusters=seeds, n_resamples=2000)
+    same = paired_criterion("exp", "alignment_delta", base, base, threshold=-0.02, direction="at_least",
+                            n_resamples=2000)
+    assert (worse.verdict, worse.passed) == ("FAIL", False) and (same.verdict, same.passed) == ("PASS", True)
+
+
+def _interleaved(base_sec: float, cand_sec: float, noise: float, seeds=(0, 1), repeats=6, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for s in seeds:
+        for r in range(repeats):
+            drift = rng.normal(scale=noise)  # a slow spell of the machine hits both of one repeat
+            for v, sec, mem in (("fd-5", base_sec, 1000), ("fcr-fd-10", cand_sec, 1010)):
+                rows.append({"variation_id": v, "seed": s, "repeat": r, "batch_size": 1, "device": "cpu",
+                             "sec_per_image": sec * (1 + drift) * (1 + rng.normal(scale=noise / 4)),
+                             "peak_memory_bytes": mem + int(rng.integers(0, 3)), "memory_kind": "process_rss"})
+    return pl.DataFrame(rows)
+
+
+def test_speedup_from_repeated_interleaved_timings_gets_a_ci():
+    t = _interleaved(1.0, 0.6, noise=0.2)
+    res = {r.criterion: r for r in timing_criteria("exp", CFG, t, n_resamples=4000)}
+    sp = res["speedup"]
+    b, c = t.filter(pl.col("variation_id") == "fd-5"), t.filter(pl.col("variation_id") == "fcr-fd-10")
+    assert sp.value == pytest.approx(b["sec_per_image"].mean() / c["sec_per_image"].mean())
+    assert sp.ci_low < sp.value < sp.ci_high and sp.ci_low > 1.4
+    assert sp.verdict == "PASS" and sp.details["n_repeats"] == 12 and sp.details["n_clusters"] == 2
+    mem = res["extra_memory"]
+    assert mem.ci_low <= mem.value <= mem.ci_high and mem.verdict == "PASS"  # +1 % ± bytes of noise
+    # A speed-up whose interval reaches below 1.4 is not called PASS from its point value.
+    close = {r.criterion: r for r in timing_criteria("exp", CFG, _interleaved(1.0, 0.7, noise=0.3, seed=3),
+                                                      n_resamples=4000)}["speedup"]
+    assert close.ci_low < 1.4 < close.ci_high and close.verdict == "INCONCLUSIVE"
+    # evaluate_criteria takes the CI path when the timings carry repeats.
+    empty = pl.DataFrame()
+    via = {r.criterion: r for r in evaluate_criteria("exp", CFG, metrics=empty, timings=t, feature_stats=empty)}
+    assert via["speedup"].ci_low is not None and via["speedup"].verdict == "PASS"
+    with pytest.raises(ValueError, match="missing \\['repeat'\\]"):
+        timing_criteria("exp", CFG, t.drop("repeat"))
