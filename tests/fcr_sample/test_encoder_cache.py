@@ -69,8 +69,8 @@ def test_remove_restores_bit_identical_behaviour(make_pipe):
     pipe = make_pipe()
     unet_forward = type(pipe.unet).forward
     ref = sample(pipe)
-    apply_encoder_cache(pipe, EncoderCacheConfig(stride=3, prior_noise_alpha=0.003))
-    cached = sample(pipe)
+    hook = apply_encoder_cache(pipe, EncoderCacheConfig(stride=3, prior_noise_alpha=0.003))
+    cached = sample(pipe, callback_on_step_end=hook.prior_noise_step_end)
     remove_encoder_cache(pipe)
     after = sample(pipe)
     assert not torch.equal(cached, ref)
@@ -130,17 +130,15 @@ def test_consecutive_calls_with_different_step_counts_reset_state(make_pipe):
 def test_a_scheduler_swapped_after_apply_is_followed(make_pipe):
     from diffusers import DPMSolverMultistepScheduler
 
+    config = EncoderCacheConfig(stride=3, prior_noise_alpha=0.01, prior_noise_tau=0.9)
     ref_pipe = make_pipe("dpm++")
-    ref, _ = _with_cache(
-        ref_pipe, EncoderCacheConfig(stride=3, prior_noise_alpha=0.01, prior_noise_tau=0.9)
-    )
+    hook = apply_encoder_cache(ref_pipe, config)
+    ref = sample(ref_pipe, callback_on_step_end=hook.prior_noise_step_end)
     pipe = make_pipe("ddim")
-    apply_encoder_cache(
-        pipe, EncoderCacheConfig(stride=3, prior_noise_alpha=0.01, prior_noise_tau=0.9)
-    )
-    sample(pipe)
+    hook = apply_encoder_cache(pipe, config)
+    sample(pipe, callback_on_step_end=hook.prior_noise_step_end)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(ref_pipe.scheduler.config)
-    out = sample(pipe)
+    out = sample(pipe, callback_on_step_end=hook.prior_noise_step_end)
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
 
 
@@ -182,7 +180,7 @@ def test_bare_unet_loop_matches_pipeline_and_prior_noise_follows_fd():
     latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5))
     cfg = dict(stride=4)
     pipe = tiny_sd_pipeline(seed=0)
-    apply_encoder_cache(pipe, EncoderCacheConfig(**cfg, prior_noise_alpha=0.003))
+    hook = apply_encoder_cache(pipe, EncoderCacheConfig(**cfg, prior_noise_alpha=0.003))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         via_pipe = pipe(
@@ -192,6 +190,7 @@ def test_bare_unet_loop_matches_pipeline_and_prior_noise_follows_fd():
             latents=latents.clone(),
             generator=g,
             output_type="latent",
+            callback_on_step_end=hook.prior_noise_step_end,
         ).images
     manual = tiny_sd_pipeline(seed=0)
     apply_encoder_cache(manual.unet, EncoderCacheConfig(**cfg))
@@ -209,9 +208,11 @@ def test_bare_unet_needs_a_run_and_refuses_two_calls_per_step():
         pipe.unet(x, 10, encoder_hidden_states=torch.randn(1, 16, 8))
     with pytest.raises(RuntimeError, match="expects timestep"):
         _manual_loop(pipe, x, 6, 7.5, calls_per_step=2)
-    with pytest.raises(ValueError, match="needs the pipeline"):
-        remove_encoder_cache(pipe.unet)
-        apply_encoder_cache(pipe.unet, EncoderCacheConfig(prior_noise_alpha=0.003))
+    remove_encoder_cache(pipe.unet)
+    # a hand-written loop that does not run the injection is told so instead of ignoring alpha
+    apply_encoder_cache(pipe.unet, EncoderCacheConfig(stride=2, prior_noise_alpha=0.003))
+    with pytest.raises(RuntimeError, match="none ran after step 0: sample with fcr_sample.denoise"):
+        _manual_loop(pipe, x, 6, 7.5)
 
 
 def test_applying_twice_is_refused(make_pipe):

@@ -7,16 +7,10 @@ import torch
 from fcr_sample import EncoderCacheConfig, apply_encoder_cache, denoise, get_cache_stats, remove_encoder_cache
 
 
-def _inputs(pipe, batch=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x_T = torch.randn((batch, 4, 16, 16), generator=g)
-    cond, null = pipe.encode_prompt(["a photo of a shirt"] * batch, "cpu", 1, True, [""] * batch)
-    return x_T, cond, null
 
-
-def test_denoise_equals_the_pipeline(make_pipe):
+def test_denoise_equals_the_pipeline(make_pipe, denoise_inputs):
     pipe = make_pipe("dpm++")
-    x_T, cond, null = _inputs(pipe)
+    x_T, cond, null = denoise_inputs(pipe)
     with torch.no_grad():
         ours = denoise(pipe.unet, pipe.scheduler, x_T, cond, null, steps=6, guidance_scale=5.0)
         ref = pipe(prompt_embeds=cond, negative_prompt_embeds=null, latents=x_T.clone(), num_inference_steps=6,
@@ -24,9 +18,9 @@ def test_denoise_equals_the_pipeline(make_pipe):
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
 
 
-def test_denoise_announces_the_run_to_a_cache_on_a_bare_unet(make_pipe):
+def test_denoise_announces_the_run_to_a_cache_on_a_bare_unet(make_pipe, denoise_inputs):
     pipe = make_pipe()
-    x_T, cond, null = _inputs(pipe)
+    x_T, cond, null = denoise_inputs(pipe)
     apply_encoder_cache(pipe.unet, EncoderCacheConfig(stride=3))
     try:
         with torch.no_grad():
@@ -37,8 +31,8 @@ def test_denoise_announces_the_run_to_a_cache_on_a_bare_unet(make_pipe):
         remove_encoder_cache(pipe.unet)
 
 
-def test_guidance_needs_the_unconditional_states(make_pipe):
+def test_guidance_needs_the_unconditional_states(make_pipe, denoise_inputs):
     pipe = make_pipe()
-    x_T, cond, _ = _inputs(pipe)
+    x_T, cond, _ = denoise_inputs(pipe)
     with pytest.raises(ValueError, match="unconditional"):
         denoise(pipe.unet, pipe.scheduler, x_T, cond, steps=2, guidance_scale=3.0)

@@ -64,3 +64,18 @@ def test_decoder_groups_cover_every_step_once_and_respect_the_cap():
         # a batch never crosses a key step: only its first element may be key
         assert all(s not in keys for b in batches for s in b[1:])
     assert decoder_groups([0, 5], 8, 3) == [[0, 1, 2], [3, 4], [5, 6, 7]]
+
+
+@pytest.mark.parametrize(
+    "config, label, stride, keys20",
+    [
+        (EncoderCacheConfig(stride=5), "FD-5", 5, [0, 5, 10, 15]),
+        (EncoderCacheConfig(stride=7, schedule="faster-diffusion"), "FD-published", None,
+         [0, 1, 2, 3, 5, 10, 15]),  # the stride is ignored, and the label says so
+        (EncoderCacheConfig(stride=5, key_steps=(0, 9), parallel_decoding=False), "FD-custom-seq", None, [0, 9]),
+    ],
+)
+def test_config_exposes_its_effective_schedule(config, label, stride, keys20):
+    assert config.label == label
+    assert config.effective_stride == stride
+    assert config.key_steps_for(20) == keys20

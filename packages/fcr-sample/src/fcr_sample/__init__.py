@@ -9,7 +9,8 @@ Public API: the encoder cache (:class:`EncoderCacheConfig`, :func:`apply_encoder
 :func:`remove_encoder_cache`), the DeepCache comparator (:class:`DeepCacheConfig`,
 :func:`apply_deep_cache`, :func:`remove_deep_cache`), forward counters
 (:func:`get_cache_stats`, :func:`reset_cache_stats`), key-step schedules (:func:`key_steps`),
-bare-UNet loops (:func:`start_sampling_run`, :func:`inject_prior_noise`), and the definition of
+bare-UNet loops (:func:`denoise` with its step ``callback``, :func:`start_sampling_run`,
+:func:`prior_noise_callback`, :func:`inject_prior_noise`), and the definition of
 encoder features (:func:`encoder_features`).
 """
 
@@ -18,12 +19,12 @@ from .encoder_cache import (
     EncoderCacheConfig,
     apply_encoder_cache,
     inject_prior_noise,
+    prior_noise_callback,
     remove_encoder_cache,
 )
 from .features import encoder_feature_names, encoder_features, select_feature_names
-from .hooks import CacheStats, get_cache_stats, reset_cache_stats
+from .hooks import CacheStats, get_cache_stats, reset_cache_stats, start_sampling_run
 from .loading import MODEL_IDS, ModelNotAvailableError, default_device, load_pipeline, load_unet
-from .run_state import start_sampling_run
 from .sampling import denoise
 from .schedules import FASTER_DIFFUSION_KEY_STEPS, decoder_groups, key_steps
 
@@ -35,6 +36,7 @@ __all__ = [
     "apply_encoder_cache",
     "remove_encoder_cache",
     "inject_prior_noise",
+    "prior_noise_callback",
     "DeepCacheConfig",
     "apply_deep_cache",
     "remove_deep_cache",

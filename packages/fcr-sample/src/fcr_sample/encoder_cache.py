@@ -18,7 +18,9 @@ samples with it::
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -31,6 +33,7 @@ from .hooks import (
     remove_cache_hook,
     unet_output,
 )
+from .run_state import HookState
 from .schedules import NAMED_SCHEDULES, decoder_groups, key_steps
 from .unet_parts import (
     EncoderOutput,
@@ -46,6 +49,7 @@ __all__ = [
     "apply_encoder_cache",
     "remove_encoder_cache",
     "inject_prior_noise",
+    "prior_noise_callback",
 ]
 
 HOOK_NAME = "fcr_encoder_cache"
@@ -66,7 +70,10 @@ class EncoderCacheConfig:
         max_parallel_steps: at most this many steps' decoders in one batch (memory; ``None`` for
             no cap). A longer group continues in further batches.
         prior_noise_alpha: Faster Diffusion's prior noise injection ``z_t += α·z_T`` for steps
-            with ``t / T < prior_noise_tau``; 0 disables it (FD uses 0.003). Needs a pipeline.
+            with ``t / T < prior_noise_tau``; 0 disables it (FD uses 0.003). It changes the
+            latents between steps, so it runs as a step callback: :func:`fcr_sample.denoise`
+            runs it by itself; a pipeline call needs
+            ``callback_on_step_end=hook.prior_noise_step_end`` (a clear error says so otherwise).
         prior_noise_tau: threshold on ``t / num_train_timesteps`` (FD: 0.5).
 
     Example:
@@ -109,7 +116,17 @@ class EncoderCacheConfig:
             )
 
     def key_steps_for(self, num_steps: int) -> list[int]:
-        """Key-step indices for a run of ``num_steps`` UNet calls."""
+        """The effective key-step indices for a run of ``num_steps`` UNet calls.
+
+        This is the schedule the hook uses (explicit ``key_steps`` first, then the published
+        list, then the uniform ``stride``), so a planner can record it without re-deriving it.
+
+        Example:
+            >>> EncoderCacheConfig(stride=4).key_steps_for(10)
+            [0, 4, 8]
+            >>> EncoderCacheConfig(schedule="faster-diffusion").key_steps_for(20)  # stride ignored
+            [0, 1, 2, 3, 5, 10, 15]
+        """
         return key_steps(
             num_steps,
             stride=self.stride,
@@ -117,6 +134,14 @@ class EncoderCacheConfig:
             schedule=self.schedule,
             always_key_first=self.always_key_first,
         )
+
+    @property
+    def effective_stride(self) -> int | None:
+        """The uniform stride the schedule uses, or ``None`` when it is not uniform (explicit
+        ``key_steps`` or the published schedule, where ``stride`` is ignored)."""
+        if self.key_steps is not None or self.schedule != "uniform":
+            return None
+        return int(self.stride)
 
     @property
     def label(self) -> str:
@@ -139,21 +164,77 @@ def inject_prior_noise(
     tau: float = 0.5,
     num_train_timesteps: int = 1000,
 ) -> torch.Tensor:
-    """Faster Diffusion's prior noise injection for hand-written loops: ``z_t + α·z_T`` if ``t/T < τ``."""
+    """Faster Diffusion's prior noise injection for hand-written loops: ``z_t + α·z_T`` if ``t/T < τ``.
+
+    Example:
+        >>> x = inject_prior_noise(x, x_T, t, alpha=0.003)  # before the UNet call at timestep t
+    """
     if float(timestep) / num_train_timesteps < tau:
         return latents + alpha * initial_latents
     return latents
+
+
+def prior_noise_callback(
+    alpha: float = 0.003,
+    tau: float = 0.5,
+    x_T: torch.Tensor | None = None,
+    *,
+    num_train_timesteps: int = 1000,
+) -> Callable[[dict[str, Any]], torch.Tensor]:
+    """Prior noise injection as a :func:`fcr_sample.denoise` step callback.
+
+    After step ``i`` the latent the next step starts from becomes ``x + α·z_T`` when that next
+    timestep ``t_next`` has ``t_next / T < τ`` — the same as adding ``α·z_T`` before the UNet call
+    at ``t_next``. ``z_T`` is ``x_T`` if given, else the loop's initial state (``info["x_T"]``).
+
+    Args:
+        alpha: the injection strength α (Faster Diffusion: 0.003).
+        tau: threshold on ``t / num_train_timesteps`` (Faster Diffusion: 0.5).
+        x_T: the initial state to inject; default: the one ``denoise`` reports.
+        num_train_timesteps: T of the scheduler.
+
+    Example:
+        >>> x0 = denoise(unet, sched, x_T, cond, null, steps=50, guidance_scale=7.5,
+        ...              callback=prior_noise_callback(0.003, 0.5))
+    """
+    if alpha < 0:
+        raise ValueError(f"alpha must be >= 0, got {alpha}")
+
+    def callback(info: dict[str, Any]) -> torch.Tensor:
+        t_next = info.get("t_next")
+        if t_next is None:
+            return info["x"]
+        z_T = x_T if x_T is not None else info["x_T"]
+        return inject_prior_noise(
+            info["x"], z_T, t_next, alpha=alpha, tau=tau, num_train_timesteps=num_train_timesteps
+        )
+
+    return callback
+
+
+@dataclass
+class EncoderCacheState(HookState):
+    """What the encoder cache keeps during one sampling run (reset at the start of each)."""
+
+    keys: frozenset[int] = frozenset()  # key-step indices of this run
+    batch_of: dict[int, list[int]] = field(default_factory=dict)  # step -> its decoder batch
+    enc: EncoderOutput | None = None  # the cached encoder output
+    enc_batch: int = 0  # batch size the cache was computed for
+    enc_ehs: torch.Tensor | None = None  # text states the cache was computed with
+    pending: dict[int, torch.Tensor] = field(default_factory=dict)  # decoded, not yet returned
+    initial_latents: torch.Tensor | None = None  # z_T seen by the UNet (pipeline prior noise)
+    steps_ended: int = 0  # steps whose prior-noise step callback has run
 
 
 class EncoderCacheHook(CacheHook):
     """The hook registered on the UNet by :func:`apply_encoder_cache`."""
 
     hook_name = HOOK_NAME
+    state_cls = EncoderCacheState
 
     def __init__(self, config: EncoderCacheConfig, pipeline=None):
         super().__init__(pipeline)
         self.config = config
-        self._wrapped_scheduler = None
 
     # -- run bookkeeping -------------------------------------------------------------------
     def on_new_run(self, run) -> None:
@@ -165,89 +246,122 @@ class EncoderCacheHook(CacheHook):
             else run.num_steps
         )
         keys = [k for k in self.config.key_steps_for(n) if k < run.num_steps]
-        run.state["keys"] = set(keys)
+        self.state.keys = frozenset(keys)
         batches = decoder_groups(keys, run.num_steps, self.config.max_parallel_steps)
-        run.state["batch_of"] = {s: b for b in batches for s in b}
-        run.state["enc"] = None
-        run.state["pending"] = {}
-        if self.config.prior_noise_alpha > 0:
-            self._attach_scheduler()
+        self.state.batch_of = {s: b for b in batches for s in b}
 
-    # -- prior noise injection: wraps scheduler.step on the pipeline's scheduler ------------
-    def _attach_scheduler(self) -> None:
-        sched = self.tracker.scheduler
-        if sched is self._wrapped_scheduler:
-            return
-        self.detach_scheduler()
-        original = sched.step
-        hook = self
+    # -- prior noise injection: through step callbacks, never by patching the scheduler -----
+    def loop_callback(self, scheduler):
+        """For :func:`fcr_sample.denoise`: the prior-noise callback when ``prior_noise_alpha > 0``."""
+        if self.config.prior_noise_alpha == 0:
+            return None
+        inject = prior_noise_callback(
+            self.config.prior_noise_alpha,
+            self.config.prior_noise_tau,
+            num_train_timesteps=scheduler.config.num_train_timesteps,
+        )
 
-        def step(model_output, timestep, sample, *args, **kwargs):
-            run = hook.tracker.run
-            if run.scheduler_steps == 0:
-                run.initial_latents = sample.detach().clone()
-            out = original(model_output, timestep, sample, *args, **kwargs)
-            run.scheduler_steps += 1
-            nxt = run.scheduler_steps
-            if nxt < run.num_steps:
-                t_next = float(run.timesteps[nxt])
-                T = sched.config.num_train_timesteps
-                if t_next / T < hook.config.prior_noise_tau:
-                    delta = hook.config.prior_noise_alpha * run.initial_latents
-                    if isinstance(out, tuple):
-                        out = (out[0] + delta,) + tuple(out[1:])
-                    else:
-                        out.prev_sample = out.prev_sample + delta
-            return out
+        def callback(info):
+            self.state.steps_ended = info["i"] + 1
+            return inject(info)
 
-        sched.step = step  # instance attribute; detach_scheduler deletes it
-        self._wrapped_scheduler = sched
+        return callback
 
-    def detach_scheduler(self) -> None:
-        sched, self._wrapped_scheduler = self._wrapped_scheduler, None
-        if sched is not None and "step" in sched.__dict__:
-            del sched.__dict__["step"]
+    def prior_noise_step_end(self, pipe, i: int, t, callback_kwargs: dict) -> dict:
+        """Prior noise injection as a diffusers ``callback_on_step_end``.
+
+        Pass it to the pipeline call when ``prior_noise_alpha > 0``::
+
+            hook = apply_encoder_cache(pipe, EncoderCacheConfig(stride=10, prior_noise_alpha=0.003))
+            pipe(prompt, callback_on_step_end=hook.prior_noise_step_end)
+
+        ``z_T`` is the run's first UNet input, un-scaled with the scheduler's
+        ``scale_model_input`` (a scalar per step in diffusers' schedulers).
+        """
+        run, st = self.tracker.run, self.state
+        if run is None or st.initial_latents is None:
+            raise RuntimeError(
+                "prior_noise_step_end runs inside a pipeline call on a pipeline the encoder cache "
+                "was applied to (apply_encoder_cache(pipe, ...)), after the UNet's first call"
+            )
+        st.steps_ended = i + 1
+        if i + 1 >= run.num_steps:
+            return callback_kwargs
+        latents = callback_kwargs["latents"]
+        z_T = st.initial_latents[: latents.shape[0]]
+        callback_kwargs["latents"] = inject_prior_noise(
+            latents,
+            z_T,
+            run.timesteps[i + 1],
+            alpha=self.config.prior_noise_alpha,
+            tau=self.config.prior_noise_tau,
+            num_train_timesteps=pipe.scheduler.config.num_train_timesteps,
+        )
+        return callback_kwargs
+
+    def _track_prior_noise(self, step: int, sample: torch.Tensor, timestep) -> None:
+        st = self.state
+        if step == 0:
+            sched = self.tracker.scheduler
+            if sched is not None:  # pipeline: undo the model-input scaling to get z_T
+                scale = sched.scale_model_input(torch.ones_like(sample[:1]), timestep)
+                st.initial_latents = (sample / scale).detach()
+        elif st.steps_ended < step:
+            where = (
+                "pass callback_on_step_end=hook.prior_noise_step_end to the pipeline call (hook = "
+                "the return value of apply_encoder_cache)"
+                if self.tracker.scheduler is not None
+                else "sample with fcr_sample.denoise (it runs the injection), or run "
+                "hook.loop_callback(scheduler) after every scheduler step of your loop"
+            )
+            raise RuntimeError(
+                f"EncoderCacheConfig(prior_noise_alpha={self.config.prior_noise_alpha}) needs a step "
+                f"callback to change the latents between steps, and none ran after step {step - 1}: "
+                f"{where}; or set prior_noise_alpha=0"
+            )
 
     # -- the forward ---------------------------------------------------------------------------
     def new_forward(self, module, *args, **kwargs):
         a = bind_unet_args(module, args, kwargs)
         run, step = self.begin_call(a["timestep"])
-        st = run.state
+        st = self.state
         sample, ehs = a["sample"], a["encoder_hidden_states"]
+        if self.config.prior_noise_alpha > 0:
+            self._track_prior_noise(step, sample, a["timestep"])
         cond_kwargs = conditioning_kwargs(a)
-        is_key = step in st["keys"]
+        is_key = step in st.keys
         cond = None
-        if is_key or st["enc"] is None:
+        if is_key or st.enc is None:
             cond = prepare_conditioning(module, sample, a["timestep"], ehs, **cond_kwargs)
-            st["enc"] = encode_call(module, a, cond)
-            st["enc_batch"] = sample.shape[0]
-            st["enc_ehs"] = ehs
-            st["pending"].clear()
+            st.enc = encode_call(module, a, cond)
+            st.enc_batch = sample.shape[0]
+            st.enc_ehs = ehs
+            st.pending.clear()
             self.stats.encoder_forwards += 1
             self.stats.full_forwards += 1
-        elif sample.shape[0] != st["enc_batch"]:
+        elif sample.shape[0] != st.enc_batch:
             raise RuntimeError(
-                f"batch size changed inside a sampling run ({st['enc_batch']} -> {sample.shape[0]}); "
+                f"batch size changed inside a sampling run ({st.enc_batch} -> {sample.shape[0]}); "
                 "encoder features cannot be reused"
             )
 
-        enc: EncoderOutput = st["enc"]
-        if step in st["pending"]:
-            if _same_tensor(ehs, st["enc_ehs"]):
-                out = st["pending"].pop(step)
+        enc: EncoderOutput = st.enc
+        if step in st.pending:
+            if _same_tensor(ehs, st.enc_ehs):
+                out = st.pending.pop(step)
                 return unet_output(out, a["return_dict"])
-            st["pending"].clear()  # conditioning changed mid-group: compute this step on its own
+            st.pending.clear()  # conditioning changed mid-group: compute this step on its own
 
-        batch = st["batch_of"][step]
+        batch = st.batch_of[step]
         if (
             self.config.parallel_decoding
             and batch[0] == step
             and len(batch) > 1
-            and _same_tensor(ehs, st["enc_ehs"])
+            and _same_tensor(ehs, st.enc_ehs)
         ):
             outs = self._decode_batch(module, run, batch, enc, sample, ehs, cond_kwargs)
-            st["pending"].update(outs)
-            out = st["pending"].pop(step)
+            st.pending.update(outs)
+            out = st.pending.pop(step)
         else:
             if cond is None:
                 cond = prepare_conditioning(module, sample, a["timestep"], ehs, **cond_kwargs)
@@ -301,8 +415,7 @@ def apply_encoder_cache(pipe_or_unet, config: EncoderCacheConfig | None = None) 
         The registered hook (its ``stats`` hold the forward counters).
 
     Raises:
-        ValueError: a cache is already applied, or prior noise injection was asked for on a
-            bare UNet (it changes the latents between steps, which only the pipeline holds).
+        ValueError: a cache is already applied.
 
     Example:
         >>> apply_encoder_cache(pipe, EncoderCacheConfig(stride=10))
@@ -310,19 +423,10 @@ def apply_encoder_cache(pipe_or_unet, config: EncoderCacheConfig | None = None) 
     """
     config = config or EncoderCacheConfig()
 
-    def factory(unet, pipe):
-        if pipe is None and config.prior_noise_alpha > 0:
-            raise ValueError(
-                "prior noise injection changes the latents between steps, so it needs the pipeline: "
-                "apply the cache to the pipeline, or call fcr_sample.inject_prior_noise in your loop "
-                "and leave prior_noise_alpha=0"
-            )
-        return EncoderCacheHook(config, pipe)
-
-    return register_cache_hook(pipe_or_unet, factory)
+    return register_cache_hook(pipe_or_unet, lambda unet, pipe: EncoderCacheHook(config, pipe))
 
 
 def remove_encoder_cache(pipe_or_unet) -> None:
-    """Remove the encoder cache; the UNet (and scheduler) behave exactly as before it was applied."""
+    """Remove the encoder cache; the UNet behaves exactly as before it was applied."""
     if not remove_cache_hook(pipe_or_unet, HOOK_NAME):
         logger.warning("remove_encoder_cache: no encoder cache was applied")

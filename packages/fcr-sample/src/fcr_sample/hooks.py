@@ -1,10 +1,17 @@
-"""Plumbing shared by the caches: targets, counters, registration on diffusers' hook registry."""
+"""Plumbing shared by the caches: targets, counters, registration on diffusers' hook registry.
+
+A cache is a :class:`CacheHook` subclass with a typed per-run state (``state_cls``, a
+:class:`~fcr_sample.run_state.HookState` dataclass): the base class counts calls, detects new
+sampling runs (:class:`~fcr_sample.run_state.RunTracker`) and resets ``self.state`` at the start of
+each one, then calls ``on_new_run(run)``.
+"""
 
 from __future__ import annotations
 
 import functools
 import inspect
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -12,7 +19,7 @@ import torch
 from diffusers.hooks.hooks import HookRegistry, ModelHook
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-from .run_state import RunTracker
+from .run_state import HookState, RunTracker
 from .unet_parts import Conditioning, EncoderOutput, run_encoder
 
 logger = logging.getLogger(__name__)
@@ -23,6 +30,7 @@ __all__ = [
     "reset_cache_stats",
     "find_cache_hooks",
     "resolve_target",
+    "start_sampling_run",
 ]
 
 
@@ -123,15 +131,22 @@ def unet_output(out: torch.Tensor, return_dict: bool):
 
 
 class CacheHook(ModelHook):
-    """Base of the fcr-sample hooks: a run tracker and counters."""
+    """Base of the fcr-sample hooks: a run tracker, counters and a typed per-run state.
+
+    Subclasses set ``hook_name`` and ``state_cls`` (a :class:`HookState` dataclass), read and write
+    ``self.state`` in ``new_forward`` and fill it in ``on_new_run``; ``self.state`` has been reset
+    to its defaults by then.
+    """
 
     _is_stateful = True
     hook_name = "fcr_cache"
+    state_cls: type[HookState] = HookState
 
     def __init__(self, pipeline=None):
         super().__init__()
         self.tracker = RunTracker(pipeline, name=type(self).__name__)
         self.stats = CacheStats()
+        self.state = self.state_cls()
         self._runs_seen = 0
 
     def begin_call(self, timestep):
@@ -140,14 +155,20 @@ class CacheHook(ModelHook):
         if self.tracker.runs_started != self._runs_seen:
             self._runs_seen = self.tracker.runs_started
             self.stats.runs += 1
+            self.state.reset()
             self.on_new_run(run)
         return run, step
 
     def on_new_run(self, run) -> None:  # overridden
         pass
 
+    def loop_callback(self, scheduler) -> Callable[[dict[str, Any]], Any] | None:
+        """A step callback :func:`fcr_sample.denoise` must run for this hook, or ``None``."""
+        return None
+
     def reset_state(self, module):
         self.tracker.run = None
+        self.state.reset()
         return module
 
 
@@ -179,9 +200,6 @@ def remove_cache_hook(pipe_or_unet, hook_name: str) -> bool:
     registry = getattr(unet, "_diffusers_hook", None)
     if registry is None or hook_name not in registry.hooks:
         return False
-    hook = registry.hooks[hook_name]
-    if hasattr(hook, "detach_scheduler"):
-        hook.detach_scheduler()
     registry.remove_hook(hook_name, recurse=False)
     if not registry.hooks:
         # The registry leaves the class's own bound method as an instance attribute; drop it so
@@ -211,3 +229,23 @@ def reset_cache_stats(pipe_or_unet) -> None:
     """Zero the forward counters (the cached features themselves reset at every run)."""
     for hook in find_cache_hooks(pipe_or_unet):
         hook.stats = CacheStats()
+
+
+def start_sampling_run(module, timesteps: Sequence[float] | torch.Tensor) -> None:
+    """Tell the caches on a bare UNet that a new sampling run over ``timesteps`` begins.
+
+    Only needed when a cache was applied to a UNet rather than a pipeline and you write the
+    sampling loop yourself (:func:`fcr_sample.denoise` does it for you).
+
+    Example:
+        >>> scheduler.set_timesteps(50)
+        >>> start_sampling_run(unet, scheduler.timesteps)
+        >>> for t in scheduler.timesteps:
+        ...     eps = unet(x, t, encoder_hidden_states=text).sample
+        ...     x = scheduler.step(eps, t, x).prev_sample
+    """
+    hooks = find_cache_hooks(module)
+    if not hooks:
+        raise ValueError("no fcr-sample cache is applied to this module")
+    for hook in hooks:
+        hook.tracker.start(timesteps)

@@ -7,18 +7,50 @@ gets new timesteps (``set_timesteps`` always builds a new tensor) or when the ca
 with :func:`start_sampling_run`; each UNet call then advances the count by one. The timestep
 passed to the UNet is *checked* against the one the count predicts, so a sampler that calls the
 UNet more than once per step fails loudly instead of caching the wrong thing.
+
+What a hook keeps between the calls of one run is a typed :class:`HookState` (diffusers'
+``BaseState``): a small dataclass the hook resets at the start of every run.
+
+This module imports nothing else from the package; ``hooks.py`` builds on it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from diffusers.hooks.hooks import BaseState
 
-__all__ = ["SamplingRun", "RunTracker", "start_sampling_run"]
+__all__ = ["HookState", "SamplingRun", "RunTracker"]
+
+
+@dataclass
+class HookState(BaseState):
+    """Per-run state of a cache hook, as a dataclass; :meth:`reset` restores every field's default.
+
+    Subclasses are ``@dataclass`` es whose fields all have defaults (use
+    ``field(default_factory=...)`` for containers)::
+
+        @dataclass
+        class MyState(HookState):
+            cached: torch.Tensor | None = None
+            seen: set[int] = field(default_factory=set)
+    """
+
+    def reset(self, *args, **kwargs) -> None:
+        if not dataclasses.is_dataclass(self):
+            raise TypeError(f"{type(self).__name__} must be a @dataclass to use HookState.reset")
+        for f in dataclasses.fields(self):
+            if f.default_factory is not dataclasses.MISSING:
+                setattr(self, f.name, f.default_factory())
+            elif f.default is not dataclasses.MISSING:
+                setattr(self, f.name, f.default)
+            else:
+                raise TypeError(f"{type(self).__name__}.{f.name} needs a default to be resettable")
 
 
 @dataclass
@@ -29,9 +61,6 @@ class SamplingRun:
     num_schedule_steps: int  # the step count the key-step schedule is built for
     source: Any = None  # the tensor object the run was detected from (identity matters)
     calls: int = 0  # UNet calls made so far in this run
-    scheduler_steps: int = 0  # scheduler.step calls seen so far (prior-noise injection)
-    initial_latents: torch.Tensor | None = None
-    state: dict[str, Any] = field(default_factory=dict)  # per-run cache owned by the hook
 
     @property
     def num_steps(self) -> int:
@@ -93,10 +122,13 @@ class RunTracker:
         return self.run
 
     def _detect_run(self) -> SamplingRun | None:
+        sched = self.scheduler
         if self._pending_manual is not None:
             ts, self._pending_manual = self._pending_manual, None
-            return self._new_run(ts, len(ts), source=ts)
-        sched = self.scheduler
+            # In pipeline mode the run is bound to the scheduler's current timesteps, so that the
+            # run's later calls are not taken for a new pipeline run.
+            source = getattr(sched, "timesteps", None) if sched is not None else None
+            return self._new_run(ts, len(ts), source=ts if source is None else source)
         if sched is None:
             return self.run
         source = getattr(sched, "timesteps", None)
@@ -149,25 +181,3 @@ class RunTracker:
             )
         run.calls += 1
         return run, step
-
-
-def start_sampling_run(module, timesteps: Sequence[float] | torch.Tensor) -> None:
-    """Tell the caches on a bare UNet that a new sampling run over ``timesteps`` begins.
-
-    Only needed when a cache was applied to a UNet rather than a pipeline and you write the
-    sampling loop yourself.
-
-    Example:
-        >>> scheduler.set_timesteps(50)
-        >>> start_sampling_run(unet, scheduler.timesteps)
-        >>> for t in scheduler.timesteps:
-        ...     eps = unet(x, t, encoder_hidden_states=text).sample
-        ...     x = scheduler.step(eps, t, x).prev_sample
-    """
-    from .hooks import find_cache_hooks  # local: hooks imports this module
-
-    hooks = find_cache_hooks(module)
-    if not hooks:
-        raise ValueError("no fcr-sample cache is applied to this module")
-    for hook in hooks:
-        hook.tracker.start(timesteps)

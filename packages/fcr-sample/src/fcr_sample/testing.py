@@ -200,8 +200,9 @@ def sample_latents(
     batch: int = 1,
     seed: int = 0,
     prompt: str = "a photo of a shirt",
+    **call_kwargs,
 ) -> torch.Tensor:
-    """Final latents of one seeded pipeline call (no VAE decode)."""
+    """Final latents of one seeded pipeline call (no VAE decode); ``call_kwargs`` go to the call."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         return pipe(
@@ -210,4 +211,5 @@ def sample_latents(
             guidance_scale=guidance,
             generator=g,
             output_type="latent",
+            **call_kwargs,
         ).images
