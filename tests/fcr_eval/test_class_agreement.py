@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from fcr_eval.class_agreement import (
+    CLASS_CORRECT,
+    CLASS_LOGPROB,
     CLASSIFIER_WEIGHTS,
     FashionMNISTClassifier,
     class_agreement,
+    class_scores,
     load_fashion_mnist_classifier,
 )
 
@@ -46,3 +51,22 @@ def test_shipped_weights_are_small_and_accurate():
     imgs = torch.from_numpy(x[:500].copy()).float().div(255).unsqueeze(1)
     value, _ = class_agreement(imgs, torch.from_numpy(y[:500]), clf)
     assert value >= 0.85  # real images of the prompted class are recognised
+
+
+def test_class_scores_per_sample_correctness_and_logprob():
+    class Fixed(FashionMNISTClassifier):
+        def forward(self, images):  # logits: log 0.7 for class 2, log(0.3/9) for the others
+            n = images.shape[0]
+            logits = torch.full((n, 10), float(torch.log(torch.tensor(0.3 / 9))))
+            logits[:, 2] = float(torch.log(torch.tensor(0.7)))
+            return logits
+
+    imgs = torch.rand(3, 1, 28, 28)
+    s = class_scores(imgs, torch.tensor([2, 5, 2]), Fixed())
+    assert s[CLASS_CORRECT].tolist() == [1.0, 0.0, 1.0]
+    assert s[CLASS_LOGPROB].tolist() == pytest.approx([math.log(0.7), math.log(0.3 / 9), math.log(0.7)], rel=1e-5)
+    assert float(s[CLASS_CORRECT].mean()) == pytest.approx(class_agreement(imgs, torch.tensor([2, 5, 2]), Fixed())[0])
+    with pytest.raises(ValueError, match="class indices"):
+        class_scores(imgs, torch.tensor([2, 5, 10]), Fixed())
+    with pytest.raises(ValueError, match="3 images but 2 labels"):
+        class_scores(imgs, torch.tensor([2, 5]), Fixed())

@@ -38,6 +38,9 @@ __all__ = [
     "PREPROCESSING",
     "load_fashion_mnist_classifier",
     "class_agreement",
+    "class_scores",
+    "CLASS_CORRECT",
+    "CLASS_LOGPROB",
     "train_fashion_mnist_classifier",
 ]
 
@@ -46,6 +49,9 @@ logger = logging.getLogger(__name__)
 CLASSIFIER_WEIGHTS = Path(__file__).parent / "weights" / "fashion_mnist_classifier.safetensors"
 FEATURE_EXTRACTOR_NAME = "fashion_mnist_cnn"
 PREPROCESSING = "gray_28x28_[0,1]->[-1,1]"
+#: Per-sample metric names (see :data:`fcr_eval.paired.SAMPLE_METRICS`).
+CLASS_CORRECT = "class_correct"
+CLASS_LOGPROB = "class_logprob"
 
 
 class FashionMNISTClassifier(nn.Module):
@@ -104,7 +110,20 @@ def load_fashion_mnist_classifier(path: str | Path | None = None, device: str | 
     return model
 
 
+def _check_labels(images: torch.Tensor, labels) -> torch.Tensor:
+    labels = torch.as_tensor(labels).long().cpu()
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    return labels
+
+
 @torch.no_grad()
+def _logits(images: torch.Tensor, clf: FashionMNISTClassifier, batch_size: int) -> torch.Tensor:
+    device = next(clf.parameters()).device
+    return torch.cat([clf(images[i : i + batch_size].to(device)).float().cpu()
+                      for i in range(0, len(images), batch_size)])
+
+
 def class_agreement(images: torch.Tensor, labels: torch.Tensor, classifier: FashionMNISTClassifier | None = None,
                     batch_size: int = 256) -> tuple[float, torch.Tensor]:
     """Fraction of images the classifier assigns to their prompted class, and per-image 0/1.
@@ -118,14 +137,36 @@ def class_agreement(images: torch.Tensor, labels: torch.Tensor, classifier: Fash
         >>> value, per_image = class_agreement(imgs, torch.arange(10))
     """
     clf = classifier or load_fashion_mnist_classifier()
-    device = next(clf.parameters()).device
-    labels = torch.as_tensor(labels).long().cpu()
-    if len(images) != len(labels):
-        raise ValueError(f"{len(images)} images but {len(labels)} labels")
-    preds = torch.cat([clf(images[i : i + batch_size].to(device)).argmax(1).cpu()
-                       for i in range(0, len(images), batch_size)])
-    hits = (preds == labels).float()
+    labels = _check_labels(images, labels)
+    hits = (_logits(images, clf, batch_size).argmax(1) == labels).float()
     return float(hits.mean()), hits
+
+
+def class_scores(images: torch.Tensor, labels: torch.Tensor, classifier: FashionMNISTClassifier | None = None,
+                 batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """Per-sample scores of the prompted class: correctness (0/1) and its log-probability.
+
+    These pair across variations (same x_T and prompt), so a contrast of class agreement can be
+    a paired difference with a CI instead of a difference of two set fractions.
+
+    Args:
+        images: ``(N, 1, 28, 28)`` in [0, 1]; labels: ``(N,)`` prompted class indices.
+        classifier: defaults to the shipped one.
+
+    Returns:
+        ``{"class_correct": (N,) float 0/1, "class_logprob": (N,) float ≤ 0}``.
+
+    Example:
+        >>> s = class_scores(imgs, labels); float(s["class_correct"].mean())   # = class_agreement
+    """
+    clf = classifier or load_fashion_mnist_classifier()
+    labels = _check_labels(images, labels)
+    logits = _logits(images, clf, batch_size)
+    if int(labels.min()) < 0 or int(labels.max()) >= logits.shape[1]:
+        raise ValueError(f"labels must be class indices in [0, {logits.shape[1] - 1}], got "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
+    logprob = torch.log_softmax(logits, dim=1).gather(1, labels[:, None]).squeeze(1)
+    return {CLASS_CORRECT: (logits.argmax(1) == labels).float(), CLASS_LOGPROB: logprob}
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
