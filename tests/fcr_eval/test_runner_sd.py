@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fcr_eval.contexts import Prompts, StableDiffusionContext, make_sampling_scheduler
+from fcr_eval.contexts import Prompts, StableDiffusionContext
+from fcr_eval.schedulers import make_sampling_scheduler
 from fcr_eval.experiment import load_experiment
 from fcr_eval.planner import make_plan
 from fcr_eval.runner import RunnerOptions, run_experiment

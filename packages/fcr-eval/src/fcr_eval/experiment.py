@@ -29,7 +29,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# The vocabularies below are owned by the modules that define the concepts; experiment files are
+# checked against them.
+from fcr_sample.features import BLOCK_GROUPS as BLOCKS
+from fcr_sample.schedules import NAMED_SCHEDULES
+from fcr_train.embedded import EMBEDDED_MODELS
+
 from .criteria import CriteriaConfig
+from .robustness import PROTOCOL_SETTINGS
+from .robustness import PROTOCOLS as ROBUSTNESS_KINDS
+from .samplers import CACHED_SAMPLERS, SAMPLERS
+from .schedulers import SCHEDULERS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -55,17 +65,12 @@ __all__ = [
     "METRICS",
 ]
 
-EMBEDDED_MODELS = ("embedded", "embedded-random", "embedded-tiny")
-SAMPLERS = ("none", "fd", "deepcache")
-SCHEDULERS = ("ddim", "dpm-solver++")
 METRICS = (
     "fd", "fid", "kid", "is", "precision_recall", "class_agreement", "clip_score", "sec_per_image",
     "unet_forwards", "flops", "peak_memory", "sigma2_delta", "finetune_compute", "robustness", "clip_drift",
 )
 DATASET_KINDS = ("fashion-mnist", "laion", "webdataset", "artbench", "coco", "flickr30k", "imagenet-classes")
 DATASET_ROLES = ("finetune", "eval", "mini_val", "reference")
-ROBUSTNESS_KINDS = ("none", "resolution", "schedule_perturbation", "fgsm_latent", "ood_prompts")
-BLOCKS = ("all", "early", "mid", "late")
 EXTRACTORS = ("efficientnet_lite0", "inception")
 EXPANDABLE = ("model", "stride", "lambda_fcr", "delta_max", "blocks", "scheduler", "robustness", "eval_prompts")
 
@@ -545,8 +550,7 @@ def load_experiment(path: str | Path, profile: str | None = None) -> Experiment:
     for i, r in enumerate(raw.get("robustness", [])):
         spec = chk.build(RobustnessSpec, r, "robustness", i, label=f"robustness[{i}]")
         chk.one_of(spec.kind, ROBUSTNESS_KINDS, f"robustness[{i}].kind", "robustness", "kind", i)
-        allowed = {"resolution": {"resolution"}, "schedule_perturbation": {"std"},
-                   "fgsm_latent": {"epsilon", "steps", "n_images"}, "ood_prompts": {"prompts"}, "none": set()}
+        allowed = PROTOCOL_SETTINGS
         for k in spec.settings:
             if k not in allowed[spec.kind]:
                 chk.fail(f"robustness[{i}].settings.{k} is not a setting of {spec.kind!r}; allowed: "
@@ -626,13 +630,13 @@ def _check_variation(chk: _Checker, v: VariationSpec, i: int, models, datasets, 
     sec = "variations"
     chk.one_of(v.model, list(models), f"variations[{i}] ({v.id}).model", sec, "model", i)
     chk.one_of(v.sampler, SAMPLERS, f"variations[{i}] ({v.id}).sampler", sec, "sampler", i)
-    if v.sampler in ("fd", "deepcache") and v.schedule == "uniform" and (v.stride is None or v.stride < 1):
+    if v.sampler in CACHED_SAMPLERS and v.schedule == "uniform" and (v.stride is None or v.stride < 1):
         chk.fail(f"variations[{i}] ({v.id}) uses sampler {v.sampler!r} and needs stride >= 1 "
                  "(FD key-step stride / DeepCache cache interval)", sec, "stride", i)
     if v.sampler == "none" and v.stride is not None:
         chk.fail(f"variations[{i}] ({v.id}) has stride = {v.stride} but sampler = 'none'; use sampler 'fd' or "
                  "'deepcache', or drop stride", sec, "stride", i)
-    chk.one_of(v.schedule, ("uniform", "faster-diffusion"), f"variations[{i}] ({v.id}).schedule", sec, "schedule", i)
+    chk.one_of(v.schedule, NAMED_SCHEDULES, f"variations[{i}] ({v.id}).schedule", sec, "schedule", i)
     if v.scheduler is not None:
         chk.one_of(v.scheduler, SCHEDULERS, f"variations[{i}] ({v.id}).scheduler", sec, "scheduler", i)
     if v.lambda_fcr is not None and v.lambda_fcr < 0:

@@ -14,11 +14,12 @@ import logging
 import time
 from pathlib import Path
 
-from .contexts import RunContext, make_sampling_scheduler
+from .contexts import RunContext
 from .distributed import Processes
 from .experiment import Experiment
 from .planner import PlannedFinetune, PlannedRun
 from .sampling import sample_prompts
+from .schedulers import make_sampling_scheduler
 from .store import MetricRecord
 
 __all__ = ["run_finetune", "finetune_fraction"]

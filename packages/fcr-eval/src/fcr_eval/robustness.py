@@ -39,6 +39,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 PROTOCOLS = ("none", "resolution", "schedule_perturbation", "fgsm_latent", "ood_prompts")
+#: The settings each protocol takes in an experiment file.
+PROTOCOL_SETTINGS: dict[str, set[str]] = {
+    "none": set(), "resolution": {"resolution"}, "schedule_perturbation": {"std"},
+    "fgsm_latent": {"epsilon", "steps", "n_images"}, "ood_prompts": {"prompts"},
+}
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,10 @@ import logging
 
 import torch
 
-from .contexts import Prompts, RunContext, make_sampling_scheduler
+from .contexts import Prompts, RunContext
 from .planner import PlannedRun
 from .samplers import SamplerSettings
+from .schedulers import make_sampling_scheduler
 from .store import TimingRecord
 
 __all__ = ["sample_batch", "sample_prompts", "new_scheduler", "attack_initial_noise", "uncached_reference",

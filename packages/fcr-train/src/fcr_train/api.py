@@ -27,6 +27,7 @@ import torch
 
 from .data import FashionMNISTDataset
 from .embedded import (
+    EMBEDDED_MODELS,
     EMBEDDED_UNET_CONFIG,
     TINY_UNET_CONFIG,
     build_unet,
@@ -44,7 +45,6 @@ logger = logging.getLogger(__name__)
 
 # The tiny test UNet, made compatible with MiniLM's 384-d states and 28x28 Fashion-MNIST.
 TINY_EMBEDDED_UNET_CONFIG = {**TINY_UNET_CONFIG, "sample_size": 28, "cross_attention_dim": 384}
-EMBEDDED_MODELS = ("embedded", "embedded-random", "embedded-tiny")
 
 
 @dataclass

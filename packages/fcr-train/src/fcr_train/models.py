@@ -16,20 +16,15 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["MODEL_ALIASES", "SD_PARTS", "ModelNotAvailableError", "SDComponents", "load_sd_components", "SDConditioner"]
+# The short model names and the "not available" error are fcr-sample's (the loader an engineer
+# deploys); fine-tuning loads more parts of the same checkpoints and reports the same error.
+from fcr_sample.loading import MODEL_IDS, ModelNotAvailableError, resolve_model_id
+
+__all__ = ["SD_PARTS", "ModelNotAvailableError", "SDComponents", "load_sd_components", "SDConditioner"]
 
 logger = logging.getLogger(__name__)
 
-MODEL_ALIASES = {
-    "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-    "sd21": "stabilityai/stable-diffusion-2-1",
-    "openjourney": "prompthero/openjourney",
-}
 SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-
-
-class ModelNotAvailableError(OSError):
-    """A model part is neither in the given folder nor in the local cache, and the hub is unreachable."""
 
 
 @dataclass
@@ -82,11 +77,11 @@ def load_sd_components(model: str, *, revision: str | None = None, variant: str 
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    source = MODEL_ALIASES.get(model, model)
+    source = resolve_model_id(model)
     local = Path(source).is_dir()
     if not local and (source.startswith((".", "/", "~")) or os.sep in source.strip("/").replace("/", "", 1)):
         raise ModelNotAvailableError(f"model folder {source} does not exist; pass an existing folder or a hub id "
-                                     f"({', '.join(MODEL_ALIASES)} are known aliases)")
+                                     f"({', '.join(MODEL_IDS)} are known aliases)")
     if local:
         missing = [p for p in SD_PARTS if not (Path(source) / p).is_dir()]
         if missing:
