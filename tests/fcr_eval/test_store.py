@@ -6,7 +6,7 @@ import json
 
 import duckdb
 import pytest
-from fcr_eval import store as store_mod
+from fcr_eval import migrations as migrations_mod
 from fcr_eval.store import (
     SCHEMA_VERSION,
     CriterionResult,
@@ -164,7 +164,7 @@ def test_failed_migration_rolls_back(tmp_path, monkeypatch):
         con.execute("ALTER TABLE runs ADD COLUMN run_dir VARCHAR")
         raise RuntimeError("migration bug (simulated)")
 
-    monkeypatch.setattr(store_mod, "MIGRATIONS", (store_mod.MIGRATIONS[0], broken))
+    monkeypatch.setattr(migrations_mod, "MIGRATIONS", (migrations_mod.MIGRATIONS[0], broken))
     with pytest.raises(RuntimeError, match="simulated"):
         ResultsStore(path)
     con = duckdb.connect(str(path), read_only=True)

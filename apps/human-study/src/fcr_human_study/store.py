@@ -25,10 +25,8 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -36,13 +34,22 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-from fcr_eval.store import apply_migrations, read_schema_version
+from fcr_eval.db import (
+    StoreError,
+    StoreLockedError,
+    StoreUnreadableError,
+    connect,
+    transaction,
+    utcnow,
+)
+from fcr_eval.migrations import apply_migrations, read_schema_version
 
 __all__ = [
     "DEFAULT_STUDY_PATH",
     "SCHEMA_VERSION",
     "StudyStoreError",
     "StudyStoreLockedError",
+    "StudyStoreUnreadableError",
     "StudyStore",
     "images_dir_for",
     "utcnow",
@@ -53,16 +60,16 @@ logger = logging.getLogger(__name__)
 DEFAULT_STUDY_PATH = Path("results/human-study.duckdb")
 
 
-class StudyStoreError(RuntimeError):
-    """Base class of the errors of the study store."""
+class StudyStoreError(StoreError):
+    """Base class of the errors of the study store (a :class:`fcr_eval.db.StoreError`)."""
 
 
-class StudyStoreLockedError(StudyStoreError):
+class StudyStoreLockedError(StudyStoreError, StoreLockedError):
     """Another process holds the study file for longer than ``lock_timeout``."""
 
 
-def utcnow() -> _dt.datetime:
-    return _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None)
+class StudyStoreUnreadableError(StudyStoreError, StoreUnreadableError):
+    """The study path is a directory, not a DuckDB file, or missing when opened for reading."""
 
 
 def images_dir_for(path: str | os.PathLike) -> Path:
@@ -188,8 +195,6 @@ def _migration_1(con: duckdb.DuckDBPyConnection) -> None:
 MIGRATIONS: tuple[Callable[[duckdb.DuckDBPyConnection], None], ...] = (_migration_1,)
 SCHEMA_VERSION = len(MIGRATIONS)
 
-_LOCK_RE = re.compile(r"lock", re.IGNORECASE)
-
 
 def _migrate(con: duckdb.DuckDBPyConnection) -> None:
     apply_migrations(
@@ -223,10 +228,6 @@ class StudyStore:
         self._closer: threading.Thread | None = None
         self._closed = False
         if read_only:
-            if not self.path.exists():
-                raise StudyStoreError(
-                    f"no study at {self.path}; build one with `fcr-human-study build`"
-                )
             with self.connection() as con:
                 v = read_schema_version(con)
             if v != SCHEMA_VERSION:
@@ -234,7 +235,8 @@ class StudyStore:
                     f"{self.path} is at schema version {v}, this code reads {SCHEMA_VERSION}"
                 )
         else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not self.path.is_dir():  # a directory is refused by _open() with a clear error
+                self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.connection() as con:
                 _migrate(con)
 
@@ -253,22 +255,14 @@ class StudyStore:
     # -- connection -------------------------------------------------------------------------
 
     def _open(self) -> duckdb.DuckDBPyConnection:
-        deadline = time.monotonic() + self.lock_timeout
-        delay = 0.02
-        while True:
-            try:
-                return duckdb.connect(str(self.path), read_only=self.read_only)
-            except duckdb.IOException as e:
-                if not _LOCK_RE.search(str(e)):
-                    raise StudyStoreError(f"cannot open study file {self.path}: {e}") from e
-                if time.monotonic() >= deadline:
-                    raise StudyStoreLockedError(
-                        f"study file {self.path} stayed busy for {self.lock_timeout:.0f} s "
-                        "(another process holds it; DuckDB allows one process at a time). "
-                        f"DuckDB said: {e}"
-                    ) from e
-                time.sleep(delay)
-                delay = min(delay * 2, 0.5)
+        try:
+            return connect(self.path, read_only=self.read_only, timeout=self.lock_timeout,
+                           first_delay=0.02, max_delay=0.5, describe="study file",
+                           missing_hint="build one with `fcr-human-study build`")
+        except StoreLockedError as e:
+            raise StudyStoreLockedError(str(e)) from None
+        except StoreUnreadableError as e:
+            raise StudyStoreUnreadableError(str(e)) from None
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -293,14 +287,8 @@ class StudyStore:
 
         Once the block has exited normally the commit is durable (DuckDB's WAL).
         """
-        with self.connection() as con:
-            con.execute("BEGIN TRANSACTION")
-            try:
-                yield con
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
-            con.execute("COMMIT")
+        with self.connection() as con, transaction(con):
+            yield con
 
     def _close_now(self) -> None:
         if self._con is not None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -36,6 +35,7 @@ from typing import Any
 
 import duckdb
 import polars as pl
+from fcr_eval.db import StoreLockedError, StoreUnreadableError, connect, retry_while_locked
 
 logger = logging.getLogger(__name__)
 
@@ -53,21 +53,10 @@ STORE_TABLES = (
 )
 HUMAN_STUDY_TABLES = ("human_study_results", "human_study_scores")
 
-_LOCK_PID = re.compile(r"PID (\d+)")
 
-
-class StoreUnavailable(RuntimeError):
-    """The store exists but could not be opened, even as a snapshot."""
-
-
-def _is_lock_conflict(error: BaseException) -> bool:
-    text = str(error)
-    return "lock" in text.lower() and ("Conflicting" in text or "Could not set lock" in text)
-
-
-def _lock_holder(error: BaseException) -> str | None:
-    match = _LOCK_PID.search(str(error))
-    return match.group(1) if match else None
+class StoreUnavailable(StoreUnreadableError):
+    """The store exists but could not be opened, even as a snapshot (not a DuckDB file, or a
+    snapshot that never opened)."""
 
 
 def _file_state(path: Path) -> tuple[int, int]:
@@ -147,11 +136,10 @@ def _snapshot(path: Path, into: Path, attempts: int = 3) -> Path:
             except FileNotFoundError:  # checkpointed away while we copied: the file has it all
                 pass
         try:
-            con = duckdb.connect(str(copy), read_only=True)
-            con.execute("SELECT 1").fetchall()
-            con.close()
+            with connect(copy, read_only=True, timeout=0, describe="snapshot") as con:
+                con.execute("SELECT 1").fetchall()
             return copy
-        except duckdb.Error as error:  # torn copy: take another
+        except (duckdb.Error, StoreUnreadableError) as error:  # torn copy: take another
             last = error
             logger.info("snapshot %d of %s did not open: %s", attempt, path, error)
             time.sleep(0.2 * (attempt + 1))
@@ -182,20 +170,14 @@ class StoreReader:
     def exists(self) -> bool:
         return self.location.path.is_file()
 
-    def _connect_read_only(self, path: Path) -> tuple[duckdb.DuckDBPyConnection | None, Any]:
-        wait = self.backoff_s
-        error: Exception | None = None
-        for attempt in range(self.retries):
-            try:
-                return duckdb.connect(str(path), read_only=True), None
-            except duckdb.Error as exc:
-                if not _is_lock_conflict(exc):
-                    raise
-                error = exc
-                if attempt + 1 < self.retries:
-                    time.sleep(wait)
-                    wait *= 2
-        return None, error
+    @property
+    def _lock_wait_s(self) -> float:
+        """How long the attempts of ``retries`` / ``backoff_s`` (doubling) wait in all."""
+        return self.backoff_s * (2 ** max(0, self.retries - 1) - 1)
+
+    def _connect_read_only(self, path: Path, describe: str) -> duckdb.DuckDBPyConnection:
+        return connect(path, read_only=True, timeout=self._lock_wait_s, first_delay=self.backoff_s,
+                       max_delay=float("inf"), describe=describe)
 
     def _tmpdir(self) -> Path:
         if self._tmp is None:
@@ -210,17 +192,17 @@ class StoreReader:
 
     def _open(self) -> duckdb.DuckDBPyConnection:
         path = self.location.path
-        if not path.is_file():
-            raise FileNotFoundError(path)
-        con, lock_error = self._connect_read_only(path)
-        if con is None:
-            pid = _lock_holder(lock_error)
-            logger.info("store %s is locked by PID %s; reading a snapshot", path, pid)
+        try:
+            con = self._connect_read_only(path, "results store")
+        except StoreLockedError as locked:
+            logger.info("store %s is locked by PID %s; reading a snapshot", path, locked.holder_pid)
             copy = _snapshot(path, self._tmpdir())
-            con = duckdb.connect(str(copy), read_only=True)
+            con = connect(copy, read_only=True, timeout=0, describe="snapshot of the results store")
             self.note.snapshot_of = str(path)
-            self.note.lock_holder_pid = pid
+            self.note.lock_holder_pid = locked.holder_pid
             self.note.taken_at = datetime.now(timezone.utc)
+        except StoreUnreadableError as error:
+            raise StoreUnavailable(str(error)) from None
         self._attach_human_study(con)
         return con
 
@@ -228,26 +210,21 @@ class StoreReader:
         hs = self.location.human_study_path
         if not hs.is_file():
             return
-        target = hs
-        for attempt in range(self.retries + 1):
+
+        def attach(target: Path) -> None:
+            con.execute(f"ATTACH '{_sql_str(target)}' AS {HUMAN_STUDY_ALIAS} (READ_ONLY)")
+
+        try:
             try:
-                con.execute(f"ATTACH '{_sql_str(target)}' AS {HUMAN_STUDY_ALIAS} (READ_ONLY)")
-                self._hs_attached = True
-                return
-            except duckdb.Error as exc:
-                if not _is_lock_conflict(exc):
-                    self.note.human_study_error = str(exc)
-                    logger.warning("could not attach %s: %s", hs, exc)
-                    return
-                if attempt + 1 < self.retries:
-                    time.sleep(self.backoff_s * (2**attempt))
-                elif target == hs:
-                    # The study app keeps its votes store open for writing: read a snapshot.
-                    try:
-                        target = _snapshot(hs, self._tmpdir())
-                    except StoreUnavailable as snap_error:
-                        self.note.human_study_error = str(snap_error)
-                        return
+                retry_while_locked(lambda: attach(hs), timeout=self._lock_wait_s, first_delay=self.backoff_s,
+                                   max_delay=float("inf"), describe=f"human-study file {hs}")
+            except StoreLockedError:
+                # The study app keeps its votes store open for writing: read a snapshot.
+                attach(_snapshot(hs, self._tmpdir()))
+            self._hs_attached = True
+        except (duckdb.Error, StoreUnavailable) as exc:
+            self.note.human_study_error = str(exc)
+            logger.warning("could not attach %s: %s", hs, exc)
 
     def close(self) -> None:
         if self._con is not None:

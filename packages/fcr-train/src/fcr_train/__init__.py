@@ -10,20 +10,37 @@ Public API (see each object's docstring):
 * Stable Diffusion: :func:`load_sd_components`, :class:`ModelNotAvailableError`
 """
 
-from .api import DataConfig, FinetuneConfig, PretrainConfig, finetune, pretrain, save_sample_grid
-from .embedded import (
-    EMBEDDED_UNET_CONFIG,
-    TINY_UNET_CONFIG,
-    EmbeddedBase,
-    build_unet,
-    class_prompts,
-    load_embedded_base,
-    make_scheduler,
-    sample_images,
-)
-from .loss import FCRConfig, FCRLossOutput, fcr_loss, feature_distance
-from .models import ModelNotAvailableError, load_sd_components
-from .trainer import RunResult, TrainConfig, latest_checkpoint, train
+# Names resolve on first use (PEP 562), so that light modules such as ``fcr_train.cli_errors``
+# import without torch: the apps report bad input in a fraction of a second.
+_EXPORTS = {
+    "api": ("DataConfig", "FinetuneConfig", "PretrainConfig", "finetune", "pretrain", "save_sample_grid"),
+    "embedded": ("EMBEDDED_UNET_CONFIG", "TINY_UNET_CONFIG", "EmbeddedBase", "build_unet", "class_prompts",
+                 "load_embedded_base", "make_scheduler", "sample_images"),
+    "loss": ("FCRConfig", "FCRLossOutput", "fcr_loss", "feature_distance"),
+    "models": ("ModelNotAvailableError", "load_sd_components"),
+    "trainer": ("RunResult", "TrainConfig", "latest_checkpoint", "train"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+
+def __getattr__(name: str):
+    import importlib
+
+    if name in _MODULE_OF:
+        value = getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    try:  # ``fcr_train.trainer`` after a bare ``import fcr_train``, as before
+        return importlib.import_module(f".{name}", __name__)
+    except ModuleNotFoundError as e:
+        if e.name != f"{__name__}.{name}":
+            raise
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_MODULE_OF])
+
 
 __version__ = "0.1.0"
 

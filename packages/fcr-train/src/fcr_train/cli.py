@@ -6,6 +6,11 @@
     accelerate launch -m fcr_train.cli finetune ...      # multi-GPU / multi-node
 
 Add ``--resume`` to continue an interrupted run from its newest checkpoint in ``--output-dir``.
+
+A bad argument or input (a value out of range, a missing data file, a model that is not here, data
+whose images cannot be read) stops before the run folder is created, with one line
+``fcr-train: error: ...`` on stderr and exit code 2 (3: the model is not available); ``--debug`` or
+``FCR_DEBUG=1`` adds the traceback.
 """
 
 from __future__ import annotations
@@ -13,8 +18,18 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from .api import DataConfig, FinetuneConfig, PretrainConfig, finetune, pretrain
+from .cli_errors import (
+    EXIT_MODEL_NOT_AVAILABLE,
+    EXIT_USAGE,
+    UserError,
+    add_debug_argument,
+    float_in,
+    int_at_least,
+    run_cli,
+)
 from .loss import DISTANCES, FCRConfig
 from .trainer import RunResult, TrainConfig
 
@@ -26,36 +41,36 @@ logger = logging.getLogger("fcr_train.cli")
 def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     g = p.add_argument_group("training loop")
     g.add_argument("--output-dir", default=defaults.output_dir, help="run folder (config, logs, checkpoints) [%(default)s]")
-    g.add_argument("--max-steps", type=int, default=defaults.max_steps, help="optimizer steps [%(default)s]")
-    g.add_argument("--batch-size", type=int, default=defaults.batch_size, help="rows per process per micro-batch [%(default)s]")
-    g.add_argument("--grad-accum", type=int, default=defaults.grad_accum, help="micro-batches per optimizer step [%(default)s]")
-    g.add_argument("--lr", type=float, default=defaults.lr, help="AdamW learning rate [%(default)s]")
-    g.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW weight decay [%(default)s]")
-    g.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps, help="linear LR warm-up steps, then constant [%(default)s]")
-    g.add_argument("--max-grad-norm", type=float, default=defaults.max_grad_norm, help="gradient clipping norm, 0 = off [%(default)s]")
+    g.add_argument("--max-steps", type=int_at_least(1), default=defaults.max_steps, help="optimizer steps [%(default)s]")
+    g.add_argument("--batch-size", type=int_at_least(1), default=defaults.batch_size, help="rows per process per micro-batch [%(default)s]")
+    g.add_argument("--grad-accum", type=int_at_least(1), default=defaults.grad_accum, help="micro-batches per optimizer step [%(default)s]")
+    g.add_argument("--lr", type=float_in(0, low_open=True), default=defaults.lr, help="AdamW learning rate [%(default)s]")
+    g.add_argument("--weight-decay", type=float_in(0), default=defaults.weight_decay, help="AdamW weight decay [%(default)s]")
+    g.add_argument("--warmup-steps", type=int_at_least(0), default=defaults.warmup_steps, help="linear LR warm-up steps, then constant [%(default)s]")
+    g.add_argument("--max-grad-norm", type=float_in(0), default=defaults.max_grad_norm, help="gradient clipping norm, 0 = off [%(default)s]")
     g.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=defaults.mixed_precision,
                    help="accelerate mixed precision [%(default)s]")
     g.add_argument("--grad-checkpointing", action="store_true", default=defaults.grad_checkpointing,
                    help="recompute UNet block activations in backward (less memory, ~30%% slower)")
-    g.add_argument("--ema-decay", type=float, default=defaults.ema_decay, help="keep an EMA of the weights with this decay; final weights are the EMA [%(default)s]")
-    g.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every, help="save a resumable checkpoint every N steps [%(default)s]")
-    g.add_argument("--keep-checkpoints", type=int, default=defaults.keep_checkpoints, help="keep only the newest N checkpoints (default: all) [%(default)s]")
-    g.add_argument("--seed", type=int, default=defaults.seed, help="seed for data order, t, delta, noise, flips [%(default)s]")
+    g.add_argument("--ema-decay", type=float_in(0, 1, high_open=True), default=defaults.ema_decay, help="keep an EMA of the weights with this decay; final weights are the EMA [%(default)s]")
+    g.add_argument("--checkpoint-every", type=int_at_least(1), default=defaults.checkpoint_every, help="save a resumable checkpoint every N steps [%(default)s]")
+    g.add_argument("--keep-checkpoints", type=int_at_least(1), default=defaults.keep_checkpoints, help="keep only the newest N checkpoints (default: all) [%(default)s]")
+    g.add_argument("--seed", type=int_at_least(0), default=defaults.seed, help="seed for data order, t, delta, noise, flips [%(default)s]")
     g.add_argument("--no-hflip", dest="hflip", action="store_false", default=defaults.hflip, help="disable the random horizontal flip (p=0.5)")
-    g.add_argument("--cond-dropout", type=float, default=defaults.cond_dropout, help="probability of training a row unconditionally (for guidance) [%(default)s]")
-    g.add_argument("--num-workers", type=int, default=defaults.num_workers, help="DataLoader worker processes [%(default)s]")
-    g.add_argument("--max-bad-fraction", type=float, default=defaults.max_bad_fraction,
+    g.add_argument("--cond-dropout", type=float_in(0, 1), default=defaults.cond_dropout, help="probability of training a row unconditionally (for guidance) [%(default)s]")
+    g.add_argument("--num-workers", type=int_at_least(0), default=defaults.num_workers, help="DataLoader worker processes [%(default)s]")
+    g.add_argument("--max-bad-fraction", type=float_in(0, 1), default=defaults.max_bad_fraction,
                    help="stop when more than this fraction of samples was unreadable [%(default)s]")
-    g.add_argument("--max-bad-count", type=int, default=defaults.max_bad_count, help="stop when more than this many samples were unreadable [%(default)s]")
-    g.add_argument("--max-minutes", type=float, default=None, help="stop with a checkpoint after this many minutes (records the steps done)")
+    g.add_argument("--max-bad-count", type=int_at_least(0), default=defaults.max_bad_count, help="stop when more than this many samples were unreadable [%(default)s]")
+    g.add_argument("--max-minutes", type=float_in(0, low_open=True), default=None, help="stop with a checkpoint after this many minutes (records the steps done)")
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir (exact: model, optimizer, LR, RNG, data position)")
     g.add_argument("--resume-from", default=None, help="continue from this checkpoint folder instead")
     g.add_argument("--cpu", action="store_true", help="train on CPU even if a GPU is present")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bar")
     f = p.add_argument_group("FCR loss")
-    f.add_argument("--lam", type=float, default=defaults.fcr.lam, help="weight of the feature-consistency term; 0 = plain fine-tuning [%(default)s]")
-    f.add_argument("--delta-max", type=int, default=defaults.fcr.delta_max, help="Delta ~ U(1, delta_max) timesteps between branches [%(default)s]")
-    f.add_argument("--delta-scale", type=int, default=defaults.fcr.delta_scale,
+    f.add_argument("--lam", type=float_in(0), default=defaults.fcr.lam, help="weight of the feature-consistency term; 0 = plain fine-tuning [%(default)s]")
+    f.add_argument("--delta-max", type=int_at_least(1), default=defaults.fcr.delta_max, help="Delta ~ U(1, delta_max) timesteps between branches [%(default)s]")
+    f.add_argument("--delta-scale", type=int_at_least(1), default=defaults.fcr.delta_scale,
                    help="training timesteps per unit of Delta: 1 = DDPM timesteps (paper); 20 = DDIM-50 sampler steps (cache-stride units) [%(default)s]")
     f.add_argument("--blocks", default="all", help="encoder features regularised: all | early | mid | late | comma-separated name prefixes, e.g. down_blocks.1,mid_block [%(default)s]")
     f.add_argument("--distance", choices=DISTANCES, default=defaults.fcr.distance, help="feature distance [%(default)s]")
@@ -82,7 +97,8 @@ def _train_config(args) -> TrainConfig:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fcr-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("--threads", type=int, default=None,
+    add_debug_argument(parser)
+    parser.add_argument("--threads", type=int_at_least(1), default=None,
                         help="torch CPU threads (default: torch's choice); 1 is fastest on a heavily shared CPU")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -100,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--data-path", default=None, help="table/JSON/captions file, shard folder or glob, or class-folder root; "
                                                       "for fashion-mnist the IDX folder (default /usr/share/datasets/fashion-mnist)")
     m.add_argument("--images-dir", default=None, help="folder the image names in --data-path are relative to")
-    m.add_argument("--resolution", type=int, default=None, help="training resolution (default: 512 for SD, 28 embedded)")
-    m.add_argument("--limit", type=int, default=None, help="use only the first N samples")
+    m.add_argument("--resolution", type=int_at_least(8), default=None, help="training resolution (default: 512 for SD, 28 embedded)")
+    m.add_argument("--limit", type=int_at_least(1), default=None, help="use only the first N samples")
     m.add_argument("--image-column", default=None, help="LAION table column with image paths (auto-detected)")
     m.add_argument("--caption-column", default=None, help="LAION table column with captions (auto-detected)")
     _add_train_args(ft, FinetuneConfig().train)
@@ -112,11 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     pg = pt.add_argument_group("base model")
     pg.add_argument("--unet-config", choices=("embedded", "tiny"), default=pdef.unet_config, help="UNet size [%(default)s]")
     pg.add_argument("--data-path", default=None, help="Fashion-MNIST IDX folder (default /usr/share/datasets/fashion-mnist)")
-    pg.add_argument("--limit", type=int, default=None, help="use only the first N training images")
+    pg.add_argument("--limit", type=int_at_least(1), default=None, help="use only the first N training images")
     pg.add_argument("--export-dir", default=None, help="write final weights + command.json + samples.png here")
-    pg.add_argument("--grid-columns", type=int, default=pdef.grid_columns, help="samples per class in samples.png [%(default)s]")
-    pg.add_argument("--sample-steps", type=int, default=pdef.sample_steps, help="DDIM steps for samples.png [%(default)s]")
-    pg.add_argument("--guidance-scale", type=float, default=pdef.guidance_scale, help="classifier-free guidance for samples.png [%(default)s]")
+    pg.add_argument("--grid-columns", type=int_at_least(1), default=pdef.grid_columns, help="samples per class in samples.png [%(default)s]")
+    pg.add_argument("--sample-steps", type=int_at_least(1), default=pdef.sample_steps, help="DDIM steps for samples.png [%(default)s]")
+    pg.add_argument("--guidance-scale", type=float_in(0), default=pdef.guidance_scale, help="classifier-free guidance for samples.png [%(default)s]")
     _add_train_args(pt, pdef.train)
     return parser
 
@@ -139,36 +155,75 @@ def _summary(result: RunResult) -> str:
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _check_paths(args) -> None:
+    """Paths the run needs, checked before anything is loaded or created."""
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output-dir {out} is a file, not a folder. Pass a folder for the run "
+                        "(it is created if missing)")
+    if args.resume_from is not None and not (Path(args.resume_from) / "trainer_state.json").is_file():
+        what = "does not exist" if not Path(args.resume_from).exists() else "is not a complete checkpoint (no trainer_state.json)"
+        raise UserError(f"--resume-from {args.resume_from} {what}. Pass a checkpoint folder such as "
+                        f"{out / 'checkpoints' / 'step_0000500'}, or use --resume for the newest one in --output-dir")
+    data_path = args.data_path
+    if data_path is not None and not any(c in data_path for c in "*?[") and not Path(data_path).exists():
+        raise UserError(f"--data-path {data_path} does not exist. Pass the dataset's file or folder")
+    images_dir = getattr(args, "images_dir", None)
+    if images_dir is not None and not Path(images_dir).is_dir():
+        raise UserError(f"--images-dir {images_dir} is not a folder. Pass the folder the image names "
+                        "in --data-path are relative to")
+    base = getattr(args, "base_weights", None)
+    if base is not None and not Path(base).is_dir():
+        raise UserError(f"--base-weights {base} is not a folder. Pass a UNet folder in diffusers layout "
+                        "(config.json + diffusion_pytorch_model.safetensors)")
+
+
+def _run(args, argv: list[str] | None) -> int:
+    _check_paths(args)
+    try:
+        train_cfg = _train_config(args)
+    except ValueError as exc:  # the configs' own checks (FCRConfig, ...): a usage error
+        raise UserError(f"{exc}. Fix the option and run again") from exc
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    train_cfg = _train_config(args)
     command = ["fcr-train", *(sys.argv[1:] if argv is None else argv)]
-    try:
-        if args.command == "finetune":
-            cfg = FinetuneConfig(
-                model=args.model, base_weights=args.base_weights, revision=args.revision, variant=args.variant,
-                data=DataConfig(kind=args.data, path=args.data_path, images_dir=args.images_dir,
-                                resolution=args.resolution, limit=args.limit,
-                                image_column=args.image_column, caption_column=args.caption_column),
-                train=train_cfg,
-            )
-            result = finetune(cfg)
-        else:
-            cfg = PretrainConfig(train=train_cfg, unet_config=args.unet_config, data_dir=args.data_path, limit=args.limit,
-                                 export_dir=args.export_dir, grid_columns=args.grid_columns,
-                                 sample_steps=args.sample_steps, guidance_scale=args.guidance_scale)
-            result = pretrain(cfg, command=command)
-    except (FileNotFoundError, ValueError, ImportError, OSError) as exc:
-        logger.error("%s", exc)
-        return 2
+    if args.command == "finetune":
+        cfg = FinetuneConfig(
+            model=args.model, base_weights=args.base_weights, revision=args.revision, variant=args.variant,
+            data=DataConfig(kind=args.data, path=args.data_path, images_dir=args.images_dir,
+                            resolution=args.resolution, limit=args.limit,
+                            image_column=args.image_column, caption_column=args.caption_column),
+            train=train_cfg,
+        )
+        result = finetune(cfg)
+    else:
+        cfg = PretrainConfig(train=train_cfg, unet_config=args.unet_config, data_dir=args.data_path, limit=args.limit,
+                             export_dir=args.export_dir, grid_columns=args.grid_columns,
+                             sample_steps=args.sample_steps, guidance_scale=args.guidance_scale)
+        result = pretrain(cfg, command=command)
     print(_summary(result))
     return 0
+
+
+# Bad input besides UserError and missing paths: config and data checks raise ValueError,
+# a missing optional dependency ImportError.
+USER_ERRORS = {
+    ValueError: EXIT_USAGE,
+    ImportError: EXIT_USAGE,
+    "fcr_train.data:TooManyBadSamples": EXIT_USAGE,
+    "fcr_train.models:ModelNotAvailableError": EXIT_MODEL_NOT_AVAILABLE,
+    "fcr_sample.loading:ModelNotAvailableError": EXIT_MODEL_NOT_AVAILABLE,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_cli(lambda: _run(args, argv), prog="fcr-train", debug=args.debug, user_errors=USER_ERRORS,
+                   on_interrupt="interrupted: continue from the newest checkpoint with --resume")
 
 
 if __name__ == "__main__":

@@ -206,6 +206,23 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def require_readable(self, probe: int = 32) -> None:
+        """Fail before any training when none of the first ``probe`` samples can be read.
+
+        A wrong ``images_dir``, missing files or files that are not images would otherwise start
+        a run (run folder, ``config.json``, ``train.log``) that stops at its bad-sample limit.
+
+        Raises:
+            TooManyBadSamples: with examples of what failed and what to check.
+        """
+        n = min(probe, len(self.records))
+        errors = [item["error"] for item in (self[i] for i in range(n)) if "error" in item]
+        if n and len(errors) == n:
+            raise TooManyBadSamples(
+                f"{self.name}: none of the first {n} images could be read (missing or not images), "
+                f"e.g. {errors[:3]}. Check --data-path and --images-dir (image names are relative to "
+                "--images-dir); nothing was trained or written")
+
     def _tar(self, path: str):
         """Open shards once per process (DataLoader workers each get their own handles)."""
         import tarfile

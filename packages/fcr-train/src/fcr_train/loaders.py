@@ -301,4 +301,6 @@ def build_dataset(data, resolution: int, mode: str = "RGB") -> ImageCaptionDatas
     if data.limit is not None:
         records = records[: data.limit]
     logger.info("%s: %d image-caption pairs from %s", data.kind, len(records), data.path)
-    return ImageCaptionDataset(records, resolution=resolution, mode=mode, name=f"{data.kind}:{data.path}")
+    dataset = ImageCaptionDataset(records, resolution=resolution, mode=mode, name=f"{data.kind}:{data.path}")
+    dataset.require_readable()  # before the trainer creates its run folder
+    return dataset

@@ -1,0 +1,288 @@
+"""The results store's schema: numbered migrations and the one function that applies them.
+
+``schema_version(version, applied_at)`` records every migration applied; :data:`MIGRATIONS` are
+numbered functions applied in order by :func:`apply_migrations` (which the human-study store
+uses too), each inside its own transaction, whenever a writer opens a store that is behind.
+Columns are only ever added, never renamed or removed (``docs/results-store.md``).
+
+Example:
+    >>> con = duckdb.connect(":memory:")
+    >>> migrate(con) == SCHEMA_VERSION
+    True
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Sequence
+from itertools import pairwise
+
+import duckdb
+
+from .db import StoreSchemaError, transaction, utcnow
+
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "Migration", "read_schema_version", "apply_migrations", "migrate"]
+
+logger = logging.getLogger(__name__)
+
+
+def _migration_1(con: duckdb.DuckDBPyConnection) -> None:
+    """The contract of docs/results-store.md as first agreed."""
+    con.execute(
+        """
+        CREATE TABLE runs (
+            run_id VARCHAR PRIMARY KEY,
+            experiment_id VARCHAR NOT NULL,
+            variation_id VARCHAR NOT NULL,
+            seed INTEGER NOT NULL,
+            status VARCHAR NOT NULL,
+            model VARCHAR,
+            dataset VARCHAR,
+            sampler VARCHAR,
+            stride INTEGER,
+            parallel_decoding BOOLEAN,
+            lambda_fcr DOUBLE,
+            delta_max INTEGER,
+            blocks VARCHAR,
+            scheduler VARCHAR,
+            resolution INTEGER,
+            num_inference_steps INTEGER,
+            guidance_scale DOUBLE,
+            params JSON,
+            config JSON,
+            code_version VARCHAR,
+            device VARCHAR,
+            started_at TIMESTAMP,
+            finished_at TIMESTAMP
+        )"""
+    )
+    con.execute(
+        """
+        CREATE TABLE metrics (
+            run_id VARCHAR NOT NULL,
+            metric VARCHAR NOT NULL,
+            value DOUBLE,
+            feature_extractor VARCHAR,
+            preprocessing VARCHAR,
+            n_samples INTEGER,
+            details JSON
+        )"""
+    )
+    con.execute(
+        """
+        CREATE TABLE per_prompt_scores (
+            run_id VARCHAR NOT NULL,
+            metric VARCHAR NOT NULL,
+            prompt_id VARCHAR NOT NULL,
+            value DOUBLE
+        )"""
+    )
+    con.execute(
+        """
+        CREATE TABLE timings (
+            run_id VARCHAR NOT NULL,
+            batch_size INTEGER,
+            sec_per_image DOUBLE,
+            unet_calls INTEGER,
+            encoder_forwards INTEGER,
+            decoder_forwards INTEGER,
+            flops_per_image DOUBLE,
+            peak_memory_bytes BIGINT,
+            memory_kind VARCHAR,
+            device VARCHAR
+        )"""
+    )
+    con.execute(
+        """
+        CREATE TABLE feature_stats (
+            run_id VARCHAR NOT NULL,
+            block VARCHAR NOT NULL,
+            delta INTEGER NOT NULL,
+            variance DOUBLE,
+            n INTEGER
+        )"""
+    )
+    con.execute(
+        """
+        CREATE TABLE samples (
+            run_id VARCHAR NOT NULL,
+            prompt_id VARCHAR,
+            prompt VARCHAR,
+            seed INTEGER,
+            image_path VARCHAR,
+            class_label VARCHAR,
+            width INTEGER,
+            height INTEGER
+        )"""
+    )
+    con.execute(
+        """
+        CREATE TABLE criteria (
+            experiment_id VARCHAR NOT NULL,
+            criterion VARCHAR NOT NULL,
+            passed BOOLEAN,
+            value DOUBLE,
+            threshold DOUBLE,
+            details JSON,
+            evaluated_at TIMESTAMP,
+            code_version VARCHAR
+        )"""
+    )
+    # Written by `fcr-human-study analyse`; created here so every store has the full contract.
+    con.execute(
+        """
+        CREATE TABLE human_study_results (
+            study_id VARCHAR,
+            variation_a VARCHAR,
+            variation_b VARCHAR,
+            n_a INTEGER,
+            n_b INTEGER,
+            n_tie INTEGER,
+            n_both_bad INTEGER,
+            win_rate_a DOUBLE,
+            ci_low DOUBLE,
+            ci_high DOUBLE,
+            p_value DOUBLE,
+            analysed_at TIMESTAMP
+        )"""
+    )
+    con.execute(
+        """
+        CREATE TABLE human_study_scores (
+            study_id VARCHAR,
+            variation VARCHAR,
+            bt_score DOUBLE,
+            ci_low DOUBLE,
+            ci_high DOUBLE
+        )"""
+    )
+    for table in ("metrics", "per_prompt_scores", "timings", "feature_stats", "samples"):
+        con.execute(f"CREATE INDEX idx_{table}_run ON {table}(run_id)")
+
+
+def _migration_2(con: duckdb.DuckDBPyConnection) -> None:
+    """Additions (documented in docs/results-store.md): the run's folder, and how many images
+    and warm-up calls each timing used."""
+    con.execute("ALTER TABLE runs ADD COLUMN run_dir VARCHAR")
+    con.execute("ALTER TABLE timings ADD COLUMN n_images INTEGER")
+    con.execute("ALTER TABLE timings ADD COLUMN warmup INTEGER")
+
+
+#: Numbered migrations; ``MIGRATIONS[i]`` brings a store from version ``i`` to ``i + 1``.
+MIGRATIONS: tuple[Callable[[duckdb.DuckDBPyConnection], None], ...] = (_migration_1, _migration_2)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+#: One migration: SQL (one or more statements) or a function of the connection.
+Migration = str | Callable[[duckdb.DuckDBPyConnection], None]
+
+_IDENTIFIER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _version_table(table: str) -> str:
+    if not _IDENTIFIER_RE.fullmatch(table):
+        raise ValueError(f"schema-version table name must be a plain SQL identifier, got {table!r}")
+    return table
+
+
+def read_schema_version(con: duckdb.DuckDBPyConnection, *, table: str = "schema_version") -> int:
+    """The highest version recorded in ``table`` (0 when the table does not exist or is empty).
+
+    Example:
+        >>> read_schema_version(duckdb.connect(":memory:"))
+        0
+    """
+    table = _version_table(table)
+    exists = con.execute(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [table]
+    ).fetchone()[0]
+    if not exists:
+        return 0
+    v = con.execute(f"SELECT max(version) FROM {table}").fetchone()[0]
+    return int(v or 0)
+
+
+def apply_migrations(
+    con: duckdb.DuckDBPyConnection,
+    migrations: Sequence[tuple[int, Migration]],
+    *,
+    table: str = "schema_version",
+    target: int | None = None,
+    newer_error: Callable[[int, int], BaseException] | None = None,
+) -> int:
+    """Bring ``con``'s database to version ``target`` with the numbered ``migrations`` it lacks.
+
+    The version reached is kept in ``table(version INTEGER, applied_at TIMESTAMP)`` (created if
+    missing), one row per migration applied. Each migration runs in its own transaction together
+    with its row, so a failing one is rolled back and leaves the database at the previous version.
+    Both the results store and the human-study store migrate through this function.
+
+    Args:
+        con: an open, writable DuckDB connection with no transaction in progress.
+        migrations: ``(version, migration)`` pairs in increasing version order; a migration is
+            SQL text or ``fn(con)``. Versions at or below the database's are skipped.
+        table: the schema-version table.
+        target: stop at this version (default: the last migration's).
+        newer_error: ``fn(db_version, latest_known) -> exception`` raised when the database is
+            at a version newer than the last migration (default: :class:`StoreSchemaError`).
+
+    Returns:
+        The version the database is at afterwards.
+
+    Raises:
+        StoreSchemaError: ``target`` is beyond the last migration, or (by default) the database
+            is newer than the migrations.
+        ValueError: versions not positive and strictly increasing, or a bad ``table`` name.
+
+    Example:
+        >>> con = duckdb.connect(":memory:")
+        >>> apply_migrations(con, [(1, "CREATE TABLE votes (choice VARCHAR)"),
+        ...                        (2, lambda c: c.execute("ALTER TABLE votes ADD COLUMN rater VARCHAR"))])
+        2
+    """
+    table = _version_table(table)
+    versions = [int(v) for v, _ in migrations]
+    if any(v < 1 for v in versions) or any(a >= b for a, b in pairwise(versions)):
+        raise ValueError(f"migration versions must be positive and strictly increasing, got {versions}")
+    latest = versions[-1] if versions else 0
+    target = latest if target is None else int(target)
+    if target > latest:
+        raise StoreSchemaError(f"no migration to version {target}; the migrations go up to {latest}")
+    con.execute(f"CREATE TABLE IF NOT EXISTS {table} (version INTEGER, applied_at TIMESTAMP)")
+    current = read_schema_version(con, table=table)
+    if current > latest:
+        if newer_error is not None:
+            raise newer_error(current, latest)
+        raise StoreSchemaError(f"the database is at schema version {current} ({table}) but the migrations "
+                               f"go only up to {latest}; upgrade the code before writing to it")
+    for version, migration in migrations:
+        if version <= current or version > target:
+            continue
+        with transaction(con):
+            if isinstance(migration, str):
+                con.execute(migration)
+            else:
+                migration(con)
+            con.execute(f"INSERT INTO {table} VALUES (?, ?)", [version, utcnow()])
+        logger.info("migrated to schema version %d (%s)", version, table)
+    return max(current, target)
+
+
+def migrate(con: duckdb.DuckDBPyConnection, target: int | None = None) -> int:
+    """Apply the numbered results-store migrations that ``con``'s database lacks, up to ``target``.
+
+    See :func:`apply_migrations`: a failed migration leaves the store at the previous version.
+    Returns the version reached.
+
+    Example:
+        >>> con = duckdb.connect(":memory:"); migrate(con) == SCHEMA_VERSION
+        True
+    """
+    return apply_migrations(
+        con, list(enumerate(MIGRATIONS, start=1)), target=target,
+        newer_error=lambda current, latest: StoreSchemaError(
+            f"the store is at schema version {current} but this fcr-eval knows only up to "
+            f"{latest}; upgrade fcr-eval (uv sync) before writing to it"),
+    )
+
