@@ -58,12 +58,13 @@ def test_cli_finetune_tiny_and_resume(tmp_path, capsys):
     assert steps == [1, 2, 3]
 
 
-def test_cli_reports_errors(tmp_path, caplog):
+def test_cli_reports_errors(tmp_path, capsys):
     assert main(["finetune", "--model", str(tmp_path / "missing-model"), "--data", "coco", "--data-path", "x.json",
                  "--output-dir", str(tmp_path / "r")]) == 2
-    assert "does not exist" in caplog.text
+    assert "does not exist" in capsys.readouterr().err
     assert main(["finetune", "--model", "embedded-tiny", "--data", "coco", "--output-dir", str(tmp_path / "r")]) == 2
-    assert "fashion-mnist" in caplog.text
+    assert "fashion-mnist" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # checked before the run folder is made
     torch.set_num_threads(1)
 
 
