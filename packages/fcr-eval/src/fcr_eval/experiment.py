@@ -36,6 +36,7 @@ from fcr_sample.features import BLOCK_GROUPS as BLOCKS
 from fcr_sample.schedules import NAMED_SCHEDULES
 from fcr_train.embedded import EMBEDDED_MODELS
 
+from .contrasts import ContrastSpec, ContrastSpecError, check_contrast
 from .criteria import CriteriaConfig
 from .robustness import PROTOCOL_SETTINGS
 from .robustness import PROTOCOLS as ROBUSTNESS_KINDS
@@ -266,6 +267,7 @@ class Experiment:
     human_study: HumanStudySpec | None
     notes: str = ""
     resolved: dict = field(default_factory=dict, repr=False)
+    contrasts: tuple[ContrastSpec, ...] = ()  # the [[contrasts]] of this profile (fcr_eval.contrasts)
 
     def variation(self, variation_id: str) -> VariationSpec:
         for v in self.variations:
@@ -419,7 +421,7 @@ def _deep_merge(base: dict, over: dict) -> dict:
 
 
 TOP_LEVEL = ("experiment", "models", "datasets", "sampling", "finetune", "evaluation", "robustness", "variations",
-             "seeds", "criteria", "human_study", "profiles")
+             "seeds", "criteria", "human_study", "profiles", "contrasts")
 
 
 def load_experiment(path: str | Path, profile: str | None = None) -> Experiment:
@@ -632,6 +634,8 @@ def load_experiment(path: str | Path, profile: str | None = None) -> Experiment:
         for val in criteria.r2_variations or ():
             chk.one_of(val, ids, "criteria.r2_variations[]", "criteria", "r2_variations")
 
+    contrasts = _load_contrasts(chk, raw.get("contrasts", []), ids, profile)
+
     human = None
     if "human_study" in raw:
         human = chk.build(HumanStudySpec, raw["human_study"], "human_study")
@@ -643,7 +647,7 @@ def load_experiment(path: str | Path, profile: str | None = None) -> Experiment:
         id=exp_id, description=head.get("description", ""), notes=head.get("notes", ""), path=path,
         profile=profile, profiles=tuple(profiles), models=models, datasets=datasets, sampling=sampling,
         finetune=finetune, evaluation=evaluation, robustness=robustness, variations=tuple(variations),
-        seeds=tuple(seeds), criteria=criteria, human_study=human, resolved=raw,
+        seeds=tuple(seeds), criteria=criteria, human_study=human, resolved=raw, contrasts=contrasts,
     )
 
 
@@ -721,3 +725,25 @@ def _check_variation(chk: _Checker, v: VariationSpec, i: int, models, datasets, 
             if datasets[val].role not in roles:
                 chk.fail(f"variations[{i}] ({v.id}).{k} = {val!r} has role {datasets[val].role!r}, expected "
                          f"{list(roles)}", sec, k, i)
+
+
+def _load_contrasts(chk: _Checker, raw: Any, variation_ids: list[str], profile: str | None) -> tuple[ContrastSpec, ...]:
+    """``[[contrasts]]`` → :class:`~fcr_eval.contrasts.ContrastSpec`, every name checked against this profile."""
+    if not isinstance(raw, list):
+        chk.fail("contrasts must be an array of tables ([[contrasts]])", None, "contrasts")
+    out: list[ContrastSpec] = []
+    for i, c in enumerate(raw):
+        name = c.get("id", "?") if isinstance(c, dict) else "?"
+        try:
+            spec = chk.build(ContrastSpec, c, "contrasts", i, label=f"contrasts[{i}] ({name})")
+            if spec.profiles is not None and profile not in spec.profiles:
+                continue
+            check_contrast(spec, variation_ids)
+        except ContrastSpecError as e:
+            chk.fail(f"contrast {name!r} (contrasts[{i}]): {e}", "contrasts", e.key, i)
+        out.append(spec)
+    ids = [c.id for c in out]
+    dup = sorted({x for x in ids if ids.count(x) > 1})
+    if dup:
+        chk.fail(f"duplicate contrast ids {dup}", "contrasts")
+    return tuple(out)

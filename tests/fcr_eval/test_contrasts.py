@@ -1,0 +1,149 @@
+"""Contrasts: [[contrasts]] parsed and checked at load time; paired estimates with clustered CIs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from fcr_eval.contrasts import ContrastSpec, ContrastSpecError, compute_contrast, compute_contrasts, pair_samples
+from fcr_eval.experiment import ExperimentFileError, load_experiment
+from fcr_eval.stats import paired_bootstrap_ci, recovered_fraction_ci
+
+TINY = Path(__file__).parent / "experiments" / "tiny.toml"
+
+CONTRASTS = '''
+[[contrasts]]
+id = "stride-gap"
+kind = "difference"
+metric = "cache_mse"
+candidate = "fcr-0.10-fd-4"
+baseline = "fd-2"
+
+[[contrasts]]
+id = "fcr-recovers"
+kind = "recovered_fraction"
+metric = "cache_mse"
+candidate = "fcr-0.10-fd-2"
+baseline = "ft-0.00-fd-2"
+target = "no-cache"
+threshold = 0.3
+direction = "at_least"
+description = "fraction of the gap FCR closes against the λ = 0 control"
+
+[[contrasts]]
+id = "full-only"
+kind = "relative_difference"
+metric = "class_correct"
+candidate = "fcr-0.10-fd-2"
+baseline = "fd-2"
+profiles = ["one-seed"]
+'''
+
+
+def _file(tmp_path, extra: str) -> Path:
+    p = tmp_path / "exp.toml"
+    p.write_text(TINY.read_text() + extra)
+    return p
+
+
+def test_contrasts_load_typed_and_per_profile(tmp_path):
+    path = _file(tmp_path, CONTRASTS)
+    exp = load_experiment(path)
+    assert [c.id for c in exp.contrasts] == ["stride-gap", "fcr-recovers"]
+    rec = exp.contrasts[1]
+    assert (rec.kind, rec.target, rec.threshold, rec.direction) == ("recovered_fraction", "no-cache", 0.3, "at_least")
+    assert rec.variations == ("fcr-0.10-fd-2", "ft-0.00-fd-2", "no-cache")
+    assert [c.id for c in load_experiment(path, "one-seed").contrasts] == ["stride-gap", "fcr-recovers", "full-only"]
+    assert load_experiment(TINY).contrasts == ()
+
+
+def test_unknown_variation_is_a_load_time_error_naming_file_contrast_and_known_ids(tmp_path):
+    path = _file(tmp_path, CONTRASTS.replace('baseline = "fd-2"\n', 'baseline = "fd-3"\n', 1))
+    with pytest.raises(ExperimentFileError) as e:
+        load_experiment(path)
+    msg = str(e.value)
+    assert str(path) in msg and "'stride-gap'" in msg and "baseline = 'fd-3'" in msg
+    assert "known variation ids" in msg and "'fd-2'" in msg and "'no-cache'" in msg
+    line = int(msg.split(":")[1])
+    assert path.read_text().splitlines()[line - 1].strip() == 'baseline = "fd-3"'  # file:line points at the key
+
+
+@pytest.mark.parametrize("change, match", [
+    (('metric = "cache_mse"', 'metric = "fid"'), r"metric = 'fid' is not a per-sample metric; known: \[.*cache_mse"),
+    (('target = "no-cache"\n', ""), "needs target"),
+    (('direction = "at_least"', 'direction = "above"'), "direction = 'above' is not one of"),
+    (('kind = "difference"', 'kind = "ratio_of_means"'), "kind = 'ratio_of_means' is not one of"),
+    (('candidate = "fcr-0.10-fd-4"', 'candidate = "fd-2"'), "candidate and baseline are both 'fd-2'"),
+    (('id = "full-only"', 'id = "stride-gap"\nprofiles_x = 1'), "unknown key"),
+])
+def test_malformed_contrasts_fail_at_load(tmp_path, change, match):
+    path = _file(tmp_path, CONTRASTS.replace(*change, 1))
+    with pytest.raises(ExperimentFileError, match=match):
+        load_experiment(path, "one-seed")
+
+
+def test_duplicate_contrast_ids(tmp_path):
+    with pytest.raises(ExperimentFileError, match=r"duplicate contrast ids \['stride-gap'\]"):
+        load_experiment(_file(tmp_path, CONTRASTS + CONTRASTS.split("[[contrasts]]")[1].join(["[[contrasts]]", ""])))
+
+
+def _per_sample(seed: int = 0) -> pl.DataFrame:
+    """Cache error of 2 seeds × 40 samples for four variations; rows shuffled, one sample unpaired."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for s in (0, 1):
+        gap = rng.gamma(2.0, 0.02, size=40)
+        small = rng.gamma(2.0, 0.005, size=40)
+        vals = {"fd-5": small, "ctrl-fd-10": small + gap, "fcr-fd-10": small + 0.6 * gap + rng.normal(0, 0.002, 40)}
+        for v, a in vals.items():
+            rows += [{"variation_id": v, "seed": s, "sample_index": i, "metric": "cache_mse", "value": float(x)}
+                     for i, x in enumerate(a)]
+            rows += [{"variation_id": v, "seed": s, "sample_index": i, "metric": "class_correct", "value": 1.0}
+                     for i in range(40)]
+    rows.append({"variation_id": "fd-5", "seed": 1, "sample_index": 99, "metric": "cache_mse", "value": 0.5})
+    return pl.DataFrame(rows).sample(fraction=1.0, shuffle=True, seed=1)
+
+
+def test_difference_contrast_pairs_by_seed_and_sample_and_matches_the_bootstrap():
+    df = _per_sample()
+    spec = ContrastSpec("fcr-effect", "difference", "cache_mse", candidate="fcr-fd-10", baseline="ctrl-fd-10")
+    r = compute_contrast(spec, df, seed=4)
+    p = pair_samples(df, "cache_mse", ["fcr-fd-10", "ctrl-fd-10"])
+    assert p.height == 80 and p.columns == ["seed", "sample_index", "fcr-fd-10", "ctrl-fd-10"]
+    direct = paired_bootstrap_ci(p["fcr-fd-10"], p["ctrl-fd-10"], clusters=p["seed"], n_resamples=10_000, seed=4)
+    assert (r.estimate, r.ci_low, r.ci_high) == (direct.estimate, direct.ci_low, direct.ci_high)
+    assert (r.n_samples, r.n_clusters, r.verdict) == (80, 2, None) and r.ci_high < 0  # FCR lowers cache error
+    assert r.details["candidate_mean"] == pytest.approx(p["fcr-fd-10"].mean())
+    assert "fcr-effect: cache_mse fcr-fd-10 − ctrl-fd-10" in r.as_text()
+
+
+def test_recovered_fraction_contrast_with_verdict_and_gap():
+    df = _per_sample()
+    spec = ContrastSpec("recovered", "recovered_fraction", "cache_mse", candidate="fcr-fd-10", baseline="ctrl-fd-10",
+                        target="fd-5", threshold=0.3, direction="at_least")
+    r = compute_contrast(spec, df)
+    p = pair_samples(df, "cache_mse", ["fcr-fd-10", "ctrl-fd-10", "fd-5"])
+    direct = recovered_fraction_ci(p["fcr-fd-10"], p["ctrl-fd-10"], p["fd-5"], clusters=p["seed"])
+    assert r.estimate == pytest.approx(direct.estimate) and r.ci_low == pytest.approx(direct.ci_low)
+    assert r.ci_low < 0.4 < r.ci_high and r.ci_low > 0.3 and r.verdict == "PASS"  # built to close 40 % of the gap
+    assert r.details["gap"]["ci_low"] > 0 and r.n_samples == 80  # fd-5's unpaired sample 99 is dropped
+    strict = ContrastSpec("recovered", "recovered_fraction", "cache_mse", candidate="fcr-fd-10",
+                          baseline="ctrl-fd-10", target="fd-5", threshold=0.4, direction="at_least")
+    assert compute_contrast(strict, df).verdict == "INCONCLUSIVE"
+
+
+def test_contrast_data_errors():
+    df = _per_sample()
+    with pytest.raises(ValueError, match="no 'cache_mse' per-sample values for variation 'fd-20'"):
+        compute_contrasts([ContrastSpec("x", "difference", "cache_mse", "fd-20", "fd-5")], df)
+    dup = pl.concat([df, df.head(1)])
+    with pytest.raises(ValueError, match="duplicated"):
+        pair_samples(dup, df.head(1)["metric"][0], [df.head(1)["variation_id"][0]])
+    inf = df.with_columns(pl.when(pl.col("variation_id") == "fd-5").then(float("inf")).otherwise(pl.col("value"))
+                          .alias("value"))
+    with pytest.raises(ValueError, match="non-finite"):
+        compute_contrast(ContrastSpec("x", "difference", "cache_mse", "ctrl-fd-10", "fd-5"), inf)
+    with pytest.raises(ContrastSpecError, match="n_resamples"):
+        ContrastSpec("x", "difference", "cache_mse", "a", "b", n_resamples=10)
