@@ -31,8 +31,10 @@ from .hooks import (
     encode_call,
     register_cache_hook,
     remove_cache_hook,
+    resolve_target,
     unet_output,
 )
+from .controlnet import attach_controlnet_skip, detach_controlnet_skip
 from .run_state import HookState
 from .schedules import NAMED_SCHEDULES, decoder_groups, key_steps
 from .unet_parts import (
@@ -250,6 +252,14 @@ class EncoderCacheHook(CacheHook):
         batches = decoder_groups(keys, run.num_steps, self.config.max_parallel_steps)
         self.state.batch_of = {s: b for b in batches for s in b}
 
+    def will_encode(self) -> bool:
+        """Whether the next UNet call runs the encoder (a key step, a new run or no cache yet).
+
+        Components that feed only the encoder (a ControlNet) ask this to run only when needed.
+        """
+        step = self.tracker.next_step()
+        return step is None or self.state.enc is None or step in self.state.keys
+
     # -- prior noise injection: through step callbacks, never by patching the scheduler -----
     def loop_callback(self, scheduler):
         """For :func:`fcr_sample.denoise`: the prior-noise callback when ``prior_noise_alpha > 0``."""
@@ -407,7 +417,8 @@ def apply_encoder_cache(pipe_or_unet, config: EncoderCacheConfig | None = None) 
 
     Args:
         pipe_or_unet: a diffusers pipeline with a ``.unet`` (recommended: sampling runs are then
-            detected automatically) or a bare ``UNet2DConditionModel`` (then call
+            detected automatically, and a pipeline's ControlNet / Multi-ControlNet then runs only
+            at key steps, see :mod:`fcr_sample.controlnet`) or a bare ``UNet2DConditionModel`` (then call
             :func:`fcr_sample.start_sampling_run` before each run).
         config: an :class:`EncoderCacheConfig`; defaults to FD-10 with parallel decoding.
 
@@ -422,11 +433,14 @@ def apply_encoder_cache(pipe_or_unet, config: EncoderCacheConfig | None = None) 
         >>> images = pipe(prompts, num_inference_steps=50).images
     """
     config = config or EncoderCacheConfig()
-
-    return register_cache_hook(pipe_or_unet, lambda unet, pipe: EncoderCacheHook(config, pipe))
+    hook = register_cache_hook(pipe_or_unet, lambda unet, pipe: EncoderCacheHook(config, pipe))
+    attach_controlnet_skip(hook.tracker.pipeline, hook)
+    return hook
 
 
 def remove_encoder_cache(pipe_or_unet) -> None:
-    """Remove the encoder cache; the UNet behaves exactly as before it was applied."""
+    """Remove the encoder cache (and its ControlNet hook); the pipeline behaves exactly as before."""
+    _, pipe = resolve_target(pipe_or_unet)
+    detach_controlnet_skip(pipe)
     if not remove_cache_hook(pipe_or_unet, HOOK_NAME):
         logger.warning("remove_encoder_cache: no encoder cache was applied")

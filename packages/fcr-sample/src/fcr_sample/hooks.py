@@ -31,6 +31,7 @@ __all__ = [
     "find_cache_hooks",
     "resolve_target",
     "start_sampling_run",
+    "remove_module_hook",
 ]
 
 
@@ -47,6 +48,9 @@ class CacheStats:
         decoder_rows: batch rows pushed through the decoder (steps × images, CFG doubles it).
         partial_forwards: DeepCache calls that ran only the shallow path.
         runs: sampling runs started.
+        controlnet_forwards: ControlNet calls that ran (encoder cache on a ControlNet pipeline;
+            a Multi-ControlNet call counts once).
+        controlnet_skips: ControlNet calls answered without running it (non-key steps).
     """
 
     unet_calls: int = 0
@@ -57,6 +61,8 @@ class CacheStats:
     decoder_rows: int = 0
     partial_forwards: int = 0
     runs: int = 0
+    controlnet_forwards: int = 0
+    controlnet_skips: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -197,17 +203,23 @@ def register_cache_hook(pipe_or_unet, hook_factory) -> CacheHook:
 def remove_cache_hook(pipe_or_unet, hook_name: str) -> bool:
     """Remove a hook by name; returns whether one was there. Restores ``forward`` exactly."""
     unet, _ = resolve_target(pipe_or_unet)
-    registry = getattr(unet, "_diffusers_hook", None)
+    return remove_module_hook(unet, hook_name)
+
+
+def remove_module_hook(module: torch.nn.Module, hook_name: str) -> bool:
+    """Remove hook ``hook_name`` from ``module``'s diffusers registry, leaving the module exactly
+    as it was before any hook; returns whether the hook was there."""
+    registry = getattr(module, "_diffusers_hook", None)
     if registry is None or hook_name not in registry.hooks:
         return False
     registry.remove_hook(hook_name, recurse=False)
     if not registry.hooks:
         # The registry leaves the class's own bound method as an instance attribute; drop it so
         # the module is exactly as it was (other code may compare ``unet.forward``).
-        fwd = unet.__dict__.get("forward")
-        if fwd is not None and getattr(fwd, "__func__", None) is type(unet).forward:
-            del unet.__dict__["forward"]
-        del unet._diffusers_hook
+        fwd = module.__dict__.get("forward")
+        if fwd is not None and getattr(fwd, "__func__", None) is type(module).forward:
+            del module.__dict__["forward"]
+        del module._diffusers_hook
     return True
 
 

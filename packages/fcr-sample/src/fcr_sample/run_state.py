@@ -152,6 +152,18 @@ class RunTracker:
         n_sched = n_sched if begin == 0 else len(ts)
         return self._new_run(ts, int(n_sched), source=source)
 
+    def next_step(self) -> int | None:
+        """The step index the next UNet call will get in the current run, without counting it;
+        ``None`` when that call starts a new run (or no run is known yet)."""
+        if self._pending_manual is not None or self.run is None:
+            return None
+        sched = self.scheduler
+        if sched is not None and getattr(sched, "timesteps", None) is not self.run.source:
+            return None
+        if self.run.calls >= self.run.num_steps:
+            return None
+        return self.run.calls
+
     def begin_call(self, timestep) -> tuple[SamplingRun, int]:
         """Register one UNet call; returns the run and this call's step index."""
         run = self._detect_run()

@@ -18,7 +18,14 @@ __all__ = [
     "tiny_unet",
     "small_unet_config",
     "sd15_unet_config",
+    "SCHEDULER_NAMES",
+    "tiny_scheduler",
+    "tiny_sd_components",
     "tiny_sd_pipeline",
+    "tiny_controlnet",
+    "tiny_controlnet_pipeline",
+    "tiny_sdxl_pipeline",
+    "sample_latents",
     "write_tiny_clip_vocab",
 ]
 
@@ -106,35 +113,85 @@ def write_tiny_clip_vocab(folder: Path, extra_chars: str = "") -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n")
 
 
-def tiny_sd_pipeline(
-    seed: int = 0, scheduler: str = "ddim", *, sample_size: int = 16, max_length: int = 16
-):
-    """A real ``StableDiffusionPipeline`` assembled from tiny random components.
+_SCHEDULER_KWARGS = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
+)
 
-    UNet from :func:`tiny_unet_config`, a 2-level ``AutoencoderKL``, a 2-layer CLIP text encoder
-    and a CLIP tokenizer over a character vocabulary written to a temporary folder.
-    """
+
+def _scheduler_factories() -> dict:
     from diffusers import (
-        AutoencoderKL,
         DDIMScheduler,
         DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
         EulerDiscreteScheduler,
+        LCMScheduler,
         PNDMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
+        UniPCMultistepScheduler,
     )
 
+    kw = _SCHEDULER_KWARGS
+    return {
+        "ddim": lambda: DDIMScheduler(clip_sample=False, set_alpha_to_one=False, steps_offset=1, **kw),
+        "dpm++": lambda: DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", **kw),
+        "euler": lambda: EulerDiscreteScheduler(**kw),
+        "euler-a": lambda: EulerAncestralDiscreteScheduler(**kw),
+        "pndm": lambda: PNDMScheduler(skip_prk_steps=True, steps_offset=1, **kw),
+        "unipc": lambda: UniPCMultistepScheduler(**kw),
+        "lcm": lambda: LCMScheduler(clip_sample=False, set_alpha_to_one=False, steps_offset=1, **kw),
+    }
+
+
+#: Scheduler names :func:`tiny_scheduler` (and the tiny pipelines) accept.
+SCHEDULER_NAMES = ("ddim", "dpm++", "euler", "euler-a", "pndm", "unipc", "lcm")
+
+
+def tiny_scheduler(name: str = "ddim"):
+    """A fresh scheduler with Stable Diffusion's noise schedule, by name (:data:`SCHEDULER_NAMES`)."""
+    factories = _scheduler_factories()
+    if name not in factories:
+        raise ValueError(f"unknown scheduler {name!r}; allowed are {sorted(factories)}")
+    return factories[name]()
+
+
+def _tiny_text_encoder(tokenizer, seed: int, max_length: int, *, with_projection: bool = False):
     try:
-        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "tiny_sd_pipeline needs transformers: `pip install transformers`"
-        ) from err
+        raise ImportError("the tiny pipelines need transformers: `pip install transformers`") from err
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=max_length,
+        projection_dim=8,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id
+        if tokenizer.pad_token_id is not None
+        else tokenizer.eos_token_id,
+    )
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return cls(config).eval()
+
+
+def _tiny_tokenizer(max_length: int):
+    from transformers import CLIPTokenizer
+
+    folder = Path(tempfile.mkdtemp(prefix="fcr-tiny-clip-"))
+    write_tiny_clip_vocab(folder)
+    return CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length
+    )
+
+
+def _tiny_vae(seed: int, sample_size: int):
+    from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**tiny_unet_config(sample_size=sample_size)).eval()
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
+    return AutoencoderKL(
         block_out_channels=(8, 16),
         in_channels=3,
         out_channels=3,
@@ -144,52 +201,114 @@ def tiny_sd_pipeline(
         norm_num_groups=4,
         sample_size=sample_size * 2,
     ).eval()
-    folder = Path(tempfile.mkdtemp(prefix="fcr-tiny-clip-"))
-    write_tiny_clip_vocab(folder)
-    tokenizer = CLIPTokenizer(
-        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length
-    )
-    torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=8,
-            intermediate_size=16,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=max_length,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id
-            if tokenizer.pad_token_id is not None
-            else tokenizer.eos_token_id,
-        )
-    ).eval()
-    sched_kwargs = dict(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
-    )
-    schedulers = {
-        "ddim": lambda: DDIMScheduler(
-            clip_sample=False, set_alpha_to_one=False, steps_offset=1, **sched_kwargs
-        ),
-        "dpm++": lambda: DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", **sched_kwargs),
-        "euler": lambda: EulerDiscreteScheduler(**sched_kwargs),
-        "pndm": lambda: PNDMScheduler(skip_prk_steps=True, steps_offset=1, **sched_kwargs),
-    }
-    if scheduler not in schedulers:
-        raise ValueError(f"unknown scheduler {scheduler!r}; allowed are {sorted(schedulers)}")
-    pipe = StableDiffusionPipeline(
+
+
+def tiny_sd_components(
+    seed: int = 0, scheduler: str = "ddim", *, sample_size: int = 16, max_length: int = 16
+) -> dict:
+    """The components of a tiny Stable Diffusion pipeline, for any SD-family pipeline class.
+
+    UNet from :func:`tiny_unet_config`, a 2-level ``AutoencoderKL`` (images are 2× the latent), a
+    2-layer CLIP text encoder and a CLIP tokenizer over a character vocabulary written to a
+    temporary folder. ``StableDiffusionImg2ImgPipeline(**tiny_sd_components())`` etc. work.
+    """
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**tiny_unet_config(sample_size=sample_size)).eval()
+    tokenizer = _tiny_tokenizer(max_length)
+    return dict(
         unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
+        vae=_tiny_vae(seed + 1, sample_size),
+        text_encoder=_tiny_text_encoder(tokenizer, seed + 2, max_length),
         tokenizer=tokenizer,
-        scheduler=schedulers[scheduler](),
+        scheduler=tiny_scheduler(scheduler),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def _quiet(pipe):
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_sd_pipeline(
+    seed: int = 0, scheduler: str = "ddim", *, sample_size: int = 16, max_length: int = 16,
+    pipeline_class=None,
+):
+    """A real ``StableDiffusionPipeline`` (or ``pipeline_class``, e.g. the img2img or inpainting
+    pipeline) assembled from :func:`tiny_sd_components`."""
+    from diffusers import StableDiffusionPipeline
+
+    cls = pipeline_class or StableDiffusionPipeline
+    comps = tiny_sd_components(seed, scheduler, sample_size=sample_size, max_length=max_length)
+    if "inpaint" in cls.__name__.lower():  # the inpainting UNet takes latents, mask and masked image
+        from diffusers import UNet2DConditionModel
+
+        torch.manual_seed(seed)
+        comps["unet"] = UNet2DConditionModel(
+            **tiny_unet_config(sample_size=sample_size, in_channels=9)
+        ).eval()
+    return _quiet(cls(**comps))
+
+
+def tiny_controlnet(unet, seed: int = 0):
+    """A ``ControlNetModel`` shaped like ``unet`` with random (not zero) output convolutions, so
+    its residuals change the UNet's output; conditioning images are 2× the latent size."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    net = ControlNetModel.from_unet(
+        unet, conditioning_embedding_out_channels=(4, 8), load_weights_from_unet=False
+    ).eval()
+    with torch.no_grad():
+        for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
+            conv.weight.normal_(0, 0.3)
+            conv.bias.normal_(0, 0.1)
+    return net
+
+
+def tiny_controlnet_pipeline(seed: int = 0, scheduler: str = "ddim", *, num_controlnets: int = 1):
+    """A real ``StableDiffusionControlNetPipeline`` on :func:`tiny_sd_components`; with
+    ``num_controlnets > 1`` its ControlNet is a ``MultiControlNetModel``."""
+    from diffusers import StableDiffusionControlNetPipeline
+    from diffusers.models.controlnets import MultiControlNetModel
+
+    comps = tiny_sd_components(seed, scheduler)
+    nets = [tiny_controlnet(comps["unet"], seed + 10 + k) for k in range(num_controlnets)]
+    controlnet = nets[0] if num_controlnets == 1 else MultiControlNetModel(nets)
+    return _quiet(StableDiffusionControlNetPipeline(controlnet=controlnet, **comps))
+
+
+def tiny_sdxl_pipeline(seed: int = 0, scheduler: str = "ddim", *, pipeline_class=None,
+                       sample_size: int = 16, max_length: int = 16):
+    """A real ``StableDiffusionXLPipeline`` (or ``pipeline_class``, e.g. the SDXL img2img
+    pipeline): two text encoders, and a UNet with SDXL's added text/time conditioning."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        **tiny_unet_config(
+            sample_size=sample_size,
+            cross_attention_dim=16,  # both text encoders' states, concatenated
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 8,  # six time ids + pooled text
+        )
+    ).eval()
+    tokenizer = _tiny_tokenizer(max_length)
+    cls = pipeline_class or StableDiffusionXLPipeline
+    return _quiet(cls(
+        unet=unet,
+        vae=_tiny_vae(seed + 1, sample_size),
+        text_encoder=_tiny_text_encoder(tokenizer, seed + 2, max_length),
+        text_encoder_2=_tiny_text_encoder(tokenizer, seed + 3, max_length, with_projection=True),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        scheduler=tiny_scheduler(scheduler),
+    ))
 
 
 def sample_latents(
