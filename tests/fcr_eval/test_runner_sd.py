@@ -192,6 +192,12 @@ sampler = "fd"
 stride = 3
 robustness = "noise"
 
+[[variations]]
+id = "fd-1-fgsm"
+sampler = "fd"
+stride = 1
+robustness = "fgsm"
+
 [[robustness]]
 id = "ood"
 kind = "ood_prompts"
@@ -232,6 +238,10 @@ def test_sd_experiment_stores_every_run_with_its_metrics(sd_run):
     assert all(by_var[v]["clip_drift"] > 0 for v in ("fd-3", "fcr-0.10-fd-3", "fd-3-ood", "fd-3-noise"))
     # FGSM differentiates through the sampler and the VAE decode and moves the images
     assert by_var["fd-3-fgsm"]["fgsm_image_mse"] > 0
+    # CLIP drift compares with the uncached samples from the run's own (attacked) x_T: FD-1 is the
+    # uncached sampler, so its drift vanishes although its first images were attacked
+    assert by_var["fd-1-fgsm"]["fgsm_image_mse"] > 0
+    assert by_var["fd-1-fgsm"]["clip_drift"] < 1e-5 < by_var["fd-3-fgsm"]["clip_drift"]
     # the stresses change the images: quality differs from the unstressed FD-3 run on the same seed
     for stressed in ("fd-3-fgsm", "fd-3-noise"):
         assert by_var[stressed]["fid_inception"] != pytest.approx(by_var["fd-3"]["fid_inception"], rel=1e-9)

@@ -200,8 +200,7 @@ def _sample(ctx: RunContext, st: _RunState, procs: Processes, progress: bool) ->
                                                     progress)
         t0 = time.perf_counter()
         st.images = sample_prompts(ctx, st.unet, scheduler, st.prompts, st.x_T, st.mine, run.steps,
-                                   run.guidance_scale, bs, desc=f"{run.variation.id} s{run.seed}", progress=progress,
-                                   sampler=run.sampler)
+                                   run.guidance_scale, bs, desc=f"{run.variation.id} s{run.seed}", progress=progress)
         st.local["sample_s"] = time.perf_counter() - t0
         cost_metrics = ("sec_per_image", "flops", "peak_memory", "unet_forwards")
         timed_seed = ev.timing_seeds == "all" or run.seed == ctx.exp.seeds[0]

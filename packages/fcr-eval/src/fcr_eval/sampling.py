@@ -15,7 +15,6 @@ import torch
 
 from .contexts import Prompts, RunContext
 from .planner import PlannedRun
-from .samplers import SamplerSettings
 from .schedulers import make_sampling_scheduler
 from .store import TimingRecord
 
@@ -26,35 +25,22 @@ logger = logging.getLogger(__name__)
 
 
 def sample_batch(unet, scheduler, x_T: torch.Tensor, cond: torch.Tensor, null: torch.Tensor, steps: int,
-                 guidance: float, decode=None, callback=None) -> torch.Tensor:
+                 guidance: float, decode=None) -> torch.Tensor:
     """One sampling run from ``x_T`` (:func:`fcr_sample.denoise`); images in [0, 1]. ``decode`` maps
     the final state to images in [0, 1] (the VAE for latent models; default: pixels in [-1, 1]).
-    ``callback`` is :func:`fcr_sample.denoise`'s per-step callback. Differentiable under grad."""
+    An attached cache's per-step work (Faster Diffusion's prior noise injection) runs inside
+    ``denoise`` through its step callback. Differentiable when called under grad."""
     from fcr_sample import denoise
 
-    kwargs = {"callback": callback} if callback is not None else {}
-    x = denoise(unet, scheduler, x_T, cond, null, steps=steps, guidance_scale=guidance, **kwargs)
+    x = denoise(unet, scheduler, x_T, cond, null, steps=steps, guidance_scale=guidance)
     return decode(x) if decode is not None else (x.clamp(-1, 1) + 1) / 2
 
 
-def step_callback(sampler: SamplerSettings, x_T: torch.Tensor, scheduler):
-    """The per-step callback a run's sampler needs in a bare-UNet loop: Faster Diffusion's prior
-    noise injection when the variation sets ``prior_noise_alpha``; ``None`` otherwise."""
-    cache = sampler.cache
-    alpha = getattr(cache, "prior_noise_alpha", 0.0) if cache is not None else 0.0
-    if not alpha:
-        return None
-    from fcr_sample import prior_noise_callback
-
-    return prior_noise_callback(alpha, x_T, tau=cache.prior_noise_tau,
-                                num_train_timesteps=scheduler.config.num_train_timesteps)
-
-
 def sample_prompts(ctx: RunContext, unet, scheduler, prompts: Prompts, x_T: torch.Tensor, indices: range | int,
-                   steps: int, guidance: float, batch_size: int, desc: str = "", progress: bool = False,
-                   sampler: SamplerSettings | None = None) -> torch.Tensor:
+                   steps: int, guidance: float, batch_size: int, desc: str = "", progress: bool = False
+                   ) -> torch.Tensor:
     """Images of prompts ``indices`` (a range, or ``n`` for the first n) from their initial noise,
-    in batches (no grad), on the CPU. ``sampler`` supplies the per-step callback (prior noise)."""
+    in batches (no grad), on the CPU."""
     from tqdm.auto import tqdm
 
     idx = range(indices) if isinstance(indices, int) else indices
@@ -63,10 +49,8 @@ def sample_prompts(ctx: RunContext, unet, scheduler, prompts: Prompts, x_T: torc
         for i in tqdm(range(idx.start, idx.stop, batch_size), desc=desc, disable=not progress, leave=False):
             sl = slice(i, min(i + batch_size, idx.stop))
             c, nl = ctx.encode(prompts, sl)
-            z = x_T[sl].to(ctx.device)
-            cb = step_callback(sampler, z, scheduler) if sampler is not None else None
-            out.append(sample_batch(unet, scheduler, z, c, nl, steps, guidance, decode=ctx.decode,
-                                    callback=cb).float().cpu())
+            out.append(sample_batch(unet, scheduler, x_T[sl].to(ctx.device), c, nl, steps, guidance,
+                                    decode=ctx.decode).float().cpu())
     if not out:
         return x_T[:0].float()
     return torch.cat(out)
@@ -160,8 +144,7 @@ def measure_cost(ctx: RunContext, unet, scheduler, run: PlannedRun, prompts: Pro
 
         def fn(z=z, c=c, nl=nl):
             with torch.no_grad():
-                return sample_batch(unet, scheduler, z, c, nl, run.steps, run.guidance_scale, ctx.decode,
-                                    callback=step_callback(run.sampler, z, scheduler))
+                return sample_batch(unet, scheduler, z, c, nl, run.steps, run.guidance_scale, ctx.decode)
 
         # The warm-up call doubles as the forward-count and peak-memory run (one sampling
         # run of b images), so timing adds only `timing_repeats` calls.

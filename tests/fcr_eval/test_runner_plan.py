@@ -1,0 +1,132 @@
+"""The resolved plan as the runner executes it: the typed sampler each run carries reaches the UNet
+(prior noise injection included), the effective schedule is what the plan says, and a run that
+fails is reported and makes ``fcr-eval run`` exit non-zero while the others are stored."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fcr_eval.cli import main
+from fcr_eval.experiment import load_experiment
+from fcr_eval.planner import make_plan
+from fcr_eval.store import ResultsStore
+from fcr_sample import DeepCacheConfig, EncoderCacheConfig
+
+TINY = Path(__file__).parent / "experiments" / "tiny.toml"
+
+PRIOR_NOISE = """
+[sampling]
+scheduler = "ddim"
+num_inference_steps = 6
+guidance_scale = 2.0
+batch_size = 8
+n_samples = 4
+eval_prompts = "prompts"
+
+[evaluation]
+metrics = ["class_agreement"]
+feature_image_size = 32
+reference = "test"
+n_reference = 8
+grid_per_class = 1
+
+[[variations]]
+id = "fd-2"
+sampler = "fd"
+stride = 2
+
+[[variations]]
+id = "fd-2-prior"
+sampler = "fd"
+stride = 2
+prior_noise_alpha = 0.2
+
+[[variations]]
+id = "fd-published"
+sampler = "fd"
+schedule = "faster-diffusion"
+num_inference_steps = 20
+"""
+
+
+def _experiment_file(tmp_path: Path, body: str) -> Path:
+    head = TINY.read_text().split("[sampling]")[0]  # models and datasets of the tiny experiment
+    path = tmp_path / "exp.toml"
+    path.write_text(head.replace('seeds = [0, 1]', 'seeds = [0]') + body)
+    return path
+
+
+def test_plan_carries_built_sampler_configs_and_their_effective_schedule():
+    plan = make_plan(load_experiment(TINY), calibrate=False)
+    by_var = {r.variation.id: r for r in plan.runs if r.seed == 0}
+    fd = by_var["fcr-0.10-fd-4"]
+    assert fd.sampler.cache == EncoderCacheConfig(stride=4)
+    assert (fd.sampler.label, fd.sampler.key_steps, fd.sampler.interval) == ("FD-4", (0,), 4)
+    assert (fd.encoder_forwards, fd.decoder_forwards) == (1, 4)  # read off the config, not re-derived
+    dc = by_var["deepcache-2"]
+    assert isinstance(dc.sampler.cache, DeepCacheConfig) and dc.sampler.key_steps == (0, 2)
+    assert (dc.full_forwards, dc.partial_forwards) == (2, 2)
+    assert by_var["no-cache"].sampler.label == "none" and by_var["no-cache"].finetune is None
+    assert fd.finetune is not None and fd.finetune.lambda_fcr == 0.1 and fd.finetune.cost is fd.finetune.cost
+
+
+def test_published_schedule_ignores_stride_and_says_so(tmp_path):
+    exp = load_experiment(_experiment_file(tmp_path, PRIOR_NOISE))
+    run = next(r for r in make_plan(exp, calibrate=False).runs if r.variation.id == "fd-published")
+    assert run.sampler.label == "FD-published"
+    assert run.sampler.key_steps == (0, 1, 2, 3, 5, 10, 15) and run.sampler.interval is None
+
+
+def test_prior_noise_alpha_runs_end_to_end_and_changes_the_samples(tmp_path):
+    from PIL import Image
+
+    path = _experiment_file(tmp_path, PRIOR_NOISE)
+    store_path = tmp_path / "results" / "fcr.duckdb"
+    rc = main(["run", str(path), "--store", str(store_path), "--no-plots", "--threads", "1", "--device", "cpu"])
+    assert rc == 0
+    s = ResultsStore.open_readonly(store_path)
+    rows = s.sql("SELECT r.variation_id, s.prompt_id, s.image_path FROM samples s JOIN runs r USING (run_id) "
+                 "ORDER BY r.variation_id, s.prompt_id")
+    imgs: dict[str, list[np.ndarray]] = {}
+    for r in rows.iter_rows(named=True):
+        imgs.setdefault(r["variation_id"], []).append(np.asarray(Image.open(s.image_file(r["image_path"]))))
+    assert set(imgs) == {"fd-2", "fd-2-prior", "fd-published"}
+    diff = np.abs(np.stack(imgs["fd-2-prior"]).astype(int) - np.stack(imgs["fd-2"]).astype(int))
+    assert diff.max() > 0, "prior noise injection did not reach the sampler"
+    cfg = s.runs().filter(s.runs()["variation_id"] == "fd-2-prior")["config"][0]
+    assert '"prior_noise_alpha": 0.2' in cfg
+
+
+def test_a_failing_run_is_reported_and_makes_run_exit_non_zero(tmp_path, monkeypatch, capsys):
+    import fcr_eval.runner as runner
+
+    real = runner._sample
+
+    def flaky(ctx, st, procs, progress):
+        if st.run.variation.id == "fd-2-prior":
+            raise RuntimeError("simulated sampler failure")
+        return real(ctx, st, procs, progress)
+
+    monkeypatch.setattr(runner, "_sample", flaky)
+    path = _experiment_file(tmp_path, PRIOR_NOISE)
+    store_path = tmp_path / "results" / "fcr.duckdb"
+    rc = main(["run", str(path), "--store", str(store_path), "--no-plots", "--threads", "1", "--device", "cpu"])
+    out = capsys.readouterr()
+    assert rc == 1
+    text = out.out + out.err
+    assert "FAILED fd-2-prior seed 0" in text and "simulated sampler failure" in text
+    stored = set(ResultsStore.open_readonly(store_path).runs()["variation_id"].to_list())
+    assert stored == {"fd-2", "fd-published"}  # the others went on and were stored
+    err_files = list((tmp_path / "results" / "runs").rglob("error.txt"))
+    assert len(err_files) == 1 and "simulated sampler failure" in err_files[0].read_text()
+
+
+@pytest.mark.parametrize("field", ["stride", "cache_interval"])
+def test_sampler_settings_interval_is_the_stored_stride(field):
+    from fcr_eval.samplers import resolve_sampler
+
+    kind = "fd" if field == "stride" else "deepcache"
+    s = resolve_sampler(kind, steps=10, stride=5)
+    assert s.interval == 5 and s.describe()["cache_key_steps"] == [0, 5]
