@@ -1,9 +1,16 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler
 from fcr_sample.features import encoder_features
-from fcr_train.loss import FCRConfig, denoise_target, fcr_loss, feature_distance, sample_timesteps
+from fcr_train.loss import (
+    FCRConfig,
+    denoise_target,
+    fcr_loss,
+    feature_distance,
+    sample_timesteps,
+    sampler_step_timesteps,
+)
 
 
 def _draws(x0, T=100, delta_max=10, seed=3):
@@ -136,3 +143,57 @@ def test_bad_config_errors(tiny_unet, scheduler, batch):
         fcr_loss(tiny_unet, scheduler, x0, text, FCRConfig(blocks="middle"))
     with pytest.raises(ValueError, match=">= its delta"):
         fcr_loss(tiny_unet, scheduler, x0, text, FCRConfig(), timesteps=torch.tensor([0, 1, 2]), deltas=torch.tensor([1, 1, 1]))
+
+
+def test_delta_in_sampler_steps_is_k_times_T_over_steps():
+    cfg = FCRConfig(delta_unit="sampler_steps", sampler_steps=20, delta_max=10)
+    scale = cfg.timesteps_per_delta(1000)
+    assert scale == 50
+    t, d = sample_timesteps(5000, 1000, cfg.delta_max, generator=torch.Generator().manual_seed(0), delta_scale=scale)
+    assert set(d.unique().tolist()) == {50 * k for k in range(1, 11)}  # Δ ∈ {k · T/steps}, k = 1…Δ_max, exactly
+    assert bool((t >= d).all()) and int(t.max()) <= 999
+    # One unit is exactly the spacing of the sampler's own timesteps (DDIM, "leading" spacing).
+    for steps in (20, 30, 50):
+        sched = DDIMScheduler(num_train_timesteps=1000)
+        sched.set_timesteps(steps)
+        gaps = set((sched.timesteps[:-1] - sched.timesteps[1:]).tolist())
+        assert gaps == {sampler_step_timesteps(1000, steps)}
+    # Old configs mean the same: Δ in timesteps, delta_scale by hand.
+    assert FCRConfig().timesteps_per_delta(1000) == 1 and FCRConfig(delta_scale=20).timesteps_per_delta(1000) == 20
+
+
+def test_fcr_loss_draws_deltas_in_sampler_steps(tiny_unet, scheduler, batch):
+    x0, text = batch
+    cfg = FCRConfig(lam=0.1, delta_unit="sampler_steps", sampler_steps=10, delta_max=None, stride=4)
+    assert cfg.delta_max == 4  # Δ_max defaults to the stride it serves
+    out = fcr_loss(tiny_unet, scheduler, x0, text, cfg, generator=torch.Generator().manual_seed(0))
+    assert set(out.deltas.tolist()) <= {10, 20, 30, 40} and bool((out.timesteps >= out.deltas).all())
+
+
+def test_sampler_unit_config_errors():
+    with pytest.raises(ValueError, match="needs sampler_steps"):
+        FCRConfig(delta_unit="sampler_steps")
+    with pytest.raises(ValueError, match="leave it at 1"):
+        FCRConfig(delta_unit="sampler_steps", sampler_steps=20, delta_scale=50)
+    with pytest.raises(ValueError, match="set stride too"):
+        FCRConfig(delta_max=None)
+    with pytest.raises(ValueError, match="delta_unit must be one of"):
+        FCRConfig(delta_unit="steps")
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        sampler_step_timesteps(1000, 0)
+
+
+def test_scale_free_distances_give_no_gradient_towards_shrinking():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 3, 5, 5, generator=g), torch.randn(4, 3, 5, 5, generator=g)
+    for kind, shrink_pays in (("mse", True), ("relative_mse", False), ("cosine", False)):
+        c = torch.tensor(1.0, requires_grad=True)
+        feature_distance(c * a, c * b, kind).backward()
+        # d/dc at c = 1: positive for MSE (shrinking lowers it), zero for the scale-free ones.
+        if shrink_pays:
+            assert float(c.grad) > 0.1
+        else:
+            assert abs(float(c.grad)) < 1e-5, kind
+        for shrunk in (0.5, 0.1):
+            lower = feature_distance(shrunk * a, shrunk * b, kind) < feature_distance(a, b, kind) - 1e-6
+            assert bool(lower) == shrink_pays, (kind, shrunk)

@@ -73,7 +73,8 @@ def test_run_folder_records_config_logs_and_blocks(tmp_path, fmnist, scheduler):
                                                                   fcr=FCRConfig(lam=0.1, blocks="late", distance="cosine")))
     cfg = json.loads((res.run_dir / "config.json").read_text())
     assert cfg["train"]["fcr"] == {"lam": 0.1, "delta_max": 10, "delta_scale": 1, "blocks": "late", "distance": "cosine",
-                                   "stop_grad": False, "batched": True}
+                                   "stop_grad": False, "batched": True, "delta_unit": "timesteps",
+                                   "sampler_steps": None, "stride": None}
     assert cfg["train"]["grad_accum"] == 2
     assert "git_commit" in cfg["provenance"]["code"] and cfg["provenance"]["hardware"]["cpu_count"]
     rec = json.loads((res.run_dir / "metrics.jsonl").read_text().splitlines()[-1])
@@ -195,3 +196,22 @@ def test_resume_takes_early_stopping_settings_from_the_config(tmp_path, fmnist, 
                 _cfg(tmp_path, "p", max_steps=8, early_stopping_patience=4, resume=True, **cfg), validation_fn=metric)
     assert res.stopped_early and res.steps == 5  # bad rounds at steps 2, 3, 4, 5
     assert json.loads((tmp_path / "p" / "config.json").read_text())["train"]["early_stopping_patience"] == 4
+
+
+def test_each_step_logs_the_fcr_share_of_the_loss(tmp_path, fmnist, scheduler):
+    # Δ in sampler steps: 10 sampler steps over T = 100 → Δ ∈ {10, 20, 30} timesteps.
+    fcr = FCRConfig(lam=0.5, delta_unit="sampler_steps", sampler_steps=10, delta_max=None, stride=3)
+    res = train(_unet(), scheduler, fmnist, _conditioner(), _cfg(tmp_path, "share", max_steps=4, log_every=2, fcr=fcr))
+    recs = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    for r in recs:
+        assert r["l_fcr_weighted"] == pytest.approx(0.5 * r["l_fcr"])
+        assert r["fcr_to_denoise"] == pytest.approx(0.5 * r["l_fcr"] / r["l_denoise"])
+        assert r["l_fcr"] > 0
+    assert res.fcr_to_denoise == [r["fcr_to_denoise"] for r in recs]
+    log = (res.run_dir / "train.log").read_text()
+    assert [ln.split("step ")[1].split(":")[0] for ln in log.splitlines() if "λ·l_fcr/l_denoise" in ln] == ["1", "2", "4"]
+    cfg = json.loads((res.run_dir / "config.json").read_text())["train"]["fcr"]
+    assert (cfg["delta_unit"], cfg["sampler_steps"], cfg["delta_max"], cfg["stride"]) == ("sampler_steps", 10, 3, 3)
+    plain = train(_unet(), scheduler, fmnist, _conditioner(), _cfg(tmp_path, "plain", max_steps=2,
+                                                                      fcr=FCRConfig(lam=0.0)))
+    assert plain.fcr_to_denoise == [0.0, 0.0]

@@ -2,6 +2,14 @@
 
     L_total = L_denoise + λ · d(Enc(x_t), Enc(x_{t−Δ})),   t ~ U(Δ, T−1), Δ ~ U(1, Δ_max)
 
+**Units of Δ.** The paper's Δ counts DDPM timesteps. An encoder cache reuses features across
+*sampler* steps: with DDIM-20 over T = 1000 one step spans 50 timesteps, so FD-10 reuses them
+across ~500 timesteps while Δ ≤ 10 timesteps regularises ≤ 10 (design.md §5). With
+``FCRConfig(delta_unit="sampler_steps", sampler_steps=20)`` Δ ~ U(1, Δ_max) counts sampler steps
+and is applied as Δ · (T // steps) timesteps (:func:`sampler_step_timesteps`), so Δ_max = 10
+spans the FD-10 stride; ``delta_max=None, stride=10`` says exactly that (Δ_max = the stride the
+fine-tune serves).
+
 Both noisy inputs use the same clean sample ``x0`` and the same noise ``ε``; in DDPM indexing
 ``x_{t−Δ}`` is the less noisy one. ``Enc`` is :func:`fcr_sample.features.encoder_features` — the
 one definition of encoder features that the sampler caches and evaluation measures — restricted
@@ -30,9 +38,38 @@ from fcr_sample.unet_parts import (
     run_encoder,
 )
 
-__all__ = ["DISTANCES", "FCRConfig", "FCRLossOutput", "feature_distance", "sample_timesteps", "denoise_target", "fcr_loss"]
+__all__ = [
+    "DISTANCES",
+    "DELTA_UNITS",
+    "FCRConfig",
+    "FCRLossOutput",
+    "feature_distance",
+    "sample_timesteps",
+    "sampler_step_timesteps",
+    "denoise_target",
+    "fcr_loss",
+]
 
 DISTANCES = ("mse", "relative_mse", "cosine")
+#: What one unit of Δ is: a DDPM training timestep, or one step of the sampler the fine-tune serves.
+DELTA_UNITS = ("timesteps", "sampler_steps")
+
+
+def sampler_step_timesteps(num_train_timesteps: int, num_inference_steps: int) -> int:
+    """Training timesteps between two consecutive sampler steps: ``T // steps``.
+
+    This is the step ratio of diffusers' DDIM / DPM-Solver++ with their default ``"leading"``
+    timestep spacing (timesteps ``k · T // steps``), so Δ = k sampler steps is exactly the offset
+    between sampler steps i and i + k.
+
+    Example:
+        >>> sampler_step_timesteps(1000, 20)
+        50
+    """
+    T, n = int(num_train_timesteps), int(num_inference_steps)
+    if n < 1 or n > T:
+        raise ValueError(f"num_inference_steps = {n} must be in [1, num_train_timesteps = {T}]")
+    return T // n
 
 
 @dataclass(frozen=True)
@@ -41,10 +78,18 @@ class FCRConfig:
 
     Attributes:
         lam: weight λ of the consistency term (0 = plain fine-tuning).
-        delta_max: Δ ~ U(1, delta_max) between the two branches.
-        delta_scale: training timesteps per unit of Δ. 1 (default) = DDPM timesteps, as in the
-            paper's formula; ``T / num_inference_steps`` (20 for DDIM-50 with T = 1000) makes Δ
-            count *sampler* steps, i.e. the same unit as the encoder-cache stride.
+        delta_max: Δ ~ U(1, delta_max) between the two branches, in ``delta_unit``. ``None``
+            means "the stride it serves": Δ_max = ``stride`` (which must then be set).
+        delta_scale: training timesteps per unit of Δ when ``delta_unit = "timesteps"``. 1
+            (default) = DDPM timesteps, as in the paper's formula; ``T / num_inference_steps``
+            (20 for DDIM-50 with T = 1000) makes Δ count sampler steps by hand — prefer
+            ``delta_unit = "sampler_steps"``, which records the step count.
+        delta_unit: ``"timesteps"`` (default; old configs keep their meaning) or
+            ``"sampler_steps"``: one unit = ``T // sampler_steps`` timesteps
+            (:func:`sampler_step_timesteps`).
+        sampler_steps: the sampler's step count (the experiment's ``num_inference_steps``);
+            required with ``delta_unit = "sampler_steps"``.
+        stride: the encoder-cache stride this fine-tune serves (recorded; Δ_max's default).
         blocks: ``"all"``, ``"early"``, ``"mid"``, ``"late"`` or a tuple of feature-name prefixes
             (``("down_blocks.1", "mid_block")``), resolved by ``fcr_sample.features``.
         distance: ``"mse"`` (the paper's ‖·‖², as a mean), ``"relative_mse"`` (MSE divided by the
@@ -57,16 +102,35 @@ class FCRConfig:
     """
 
     lam: float = 0.1
-    delta_max: int = 10
+    delta_max: int | None = 10
     delta_scale: int = 1
     blocks: str | tuple[str, ...] = "all"
     distance: str = "mse"
     stop_grad: bool = False
     batched: bool = True
+    delta_unit: str = "timesteps"
+    sampler_steps: int | None = None
+    stride: int | None = None
 
     def __post_init__(self):
         if self.lam < 0:
             raise ValueError(f"FCRConfig.lam must be >= 0, got {self.lam}")
+        if self.delta_unit not in DELTA_UNITS:
+            raise ValueError(f"FCRConfig.delta_unit must be one of {DELTA_UNITS}, got {self.delta_unit!r}")
+        if self.stride is not None and int(self.stride) < 1:
+            raise ValueError(f"FCRConfig.stride must be >= 1, got {self.stride}")
+        if self.delta_max is None:
+            if self.stride is None:
+                raise ValueError("FCRConfig.delta_max = None means 'the stride it serves'; set stride too "
+                                 "(e.g. stride=10 for FD-10), or give delta_max")
+            object.__setattr__(self, "delta_max", int(self.stride))
+        if self.delta_unit == "sampler_steps":
+            if self.sampler_steps is None or int(self.sampler_steps) < 1:
+                raise ValueError("FCRConfig.delta_unit = 'sampler_steps' needs sampler_steps = the sampler's step "
+                                 f"count (the experiment's num_inference_steps), got {self.sampler_steps}")
+            if self.delta_scale != 1:
+                raise ValueError("FCRConfig: delta_scale is the by-hand unit of delta_unit = 'timesteps'; with "
+                                 f"'sampler_steps' leave it at 1 (got {self.delta_scale})")
         if int(self.delta_max) < 1:
             raise ValueError(f"FCRConfig.delta_max must be >= 1, got {self.delta_max}")
         if int(self.delta_scale) < 1:
@@ -80,6 +144,17 @@ class FCRConfig:
         d = asdict(self)
         d["blocks"] = self.blocks if isinstance(self.blocks, str) else list(self.blocks)
         return d
+
+    def timesteps_per_delta(self, num_train_timesteps: int) -> int:
+        """Training timesteps per unit of Δ for a scheduler with ``num_train_timesteps``.
+
+        Example:
+            >>> FCRConfig(delta_unit="sampler_steps", sampler_steps=20).timesteps_per_delta(1000)
+            50
+        """
+        if self.delta_unit == "sampler_steps":
+            return sampler_step_timesteps(num_train_timesteps, self.sampler_steps)
+        return int(self.delta_scale)
 
 
 @dataclass
@@ -100,12 +175,19 @@ def feature_distance(a: torch.Tensor, b: torch.Tensor, kind: str = "mse", eps: f
     * ``mse``: mean of (a − b)²;
     * ``relative_mse``: Σ(a − b)² / (½(Σa² + Σb²) + eps) per sample;
     * ``cosine``: 1 − cos(a_i, b_i) per sample, features flattened.
+
+    Plain MSE can be lowered by shrinking both features (mid-block energy 3.7 → 1.0 in the
+    sampler-unit probe, design.md §5); the other two are invariant to a common scale.
     """
     a, b = a.float(), b.float()
     if kind == "mse":
         return (a - b).pow(2).mean()
     fa, fb = a.flatten(1), b.flatten(1)
     if kind == "relative_mse":
+        # The gradient flows through the denominator on purpose. Then d(c·a, c·b) = d(a, b)
+        # exactly, so the gradient has no component along a common rescaling: neither shrinking
+        # nor inflating the features changes the loss. A stop-gradient denominator would make
+        # each step's loss MSE / constant, whose gradient again points towards smaller features.
         energy = 0.5 * (fa.pow(2).sum(1) + fb.pow(2).sum(1))
         return ((fa - fb).pow(2).sum(1) / (energy + eps)).mean()
     if kind == "cosine":
@@ -205,7 +287,7 @@ def fcr_loss(
     if timesteps is None:
         timesteps, drawn = sample_timesteps(
             B, scheduler.config.num_train_timesteps, config.delta_max, generator=generator, fcr=use_fcr,
-            delta_scale=config.delta_scale,
+            delta_scale=config.timesteps_per_delta(scheduler.config.num_train_timesteps),
         )
         deltas = drawn if deltas is None else deltas
     timesteps = timesteps.to(x0.device)

@@ -9,7 +9,8 @@ folder, and an early-stopping hook that calls a validation metric supplied by th
 Run folder layout (``TrainConfig.output_dir``)::
 
     config.json         full config + code version + hardware (written at start, updated at end)
-    metrics.jsonl       one line per optimizer step: loss, l_denoise, l_fcr, d/<block>, step_time_s, lr
+    metrics.jsonl       one line per optimizer step: loss, l_denoise, l_fcr, l_fcr_weighted (λ·l_fcr),
+                        fcr_to_denoise (λ·l_fcr / l_denoise), d/<block>, step_time_s, lr
     validation.jsonl    one line per validation call (step, metric)
     train.log           the log
     checkpoints/step_0000500/
@@ -86,6 +87,8 @@ class TrainConfig:
         resume: ``True`` = continue from the newest checkpoint in output_dir (if any), or a path.
         cpu: force CPU even when a GPU exists.
         progress: show a tqdm bar.
+        log_every: write a step line (losses and λ·L_FCR / L_denoise) to train.log every N steps
+            (and at the first and last step); every step is always in metrics.jsonl.
         fcr: :class:`FCRConfig`.
     """
 
@@ -118,6 +121,7 @@ class TrainConfig:
     resume: bool | str = False
     cpu: bool = False
     progress: bool = True
+    log_every: int = 50
     fcr: FCRConfig = field(default_factory=FCRConfig)
 
     def to_dict(self) -> dict:
@@ -139,6 +143,8 @@ class RunResult:
         best_checkpoint / best_metric: from validation (``None`` without validation).
         stopped_early: early stopping ended the run.
         losses: per-step total loss of this process (resumed runs: only the steps run here).
+        fcr_to_denoise: per-step λ·L_FCR / L_denoise, the same steps as ``losses`` (the share of
+            the loss the FCR term carries; 0 for λ = 0).
         last_logs: the final step's log record.
         wall_time_s: seconds spent in this call.
     """
@@ -153,6 +159,7 @@ class RunResult:
     stopped_early: bool = False
     stopped_by_time: bool = False
     losses: list[float] = field(default_factory=list)
+    fcr_to_denoise: list[float] = field(default_factory=list)
     last_logs: dict = field(default_factory=dict)
     wall_time_s: float = 0.0
 
@@ -481,6 +488,7 @@ def train(
         bar = tqdm(total=config.max_steps, initial=state.step, disable=not (config.progress and accelerator.is_main_process),
                    desc="fcr-train", dynamic_ncols=True)
         losses: list[float] = []
+        fcr_to_denoise: list[float] = []
         checkpoints_written: list[Path] = []
         last_logs: dict = {}
         stopped_early = stopped_by_time = False
@@ -508,7 +516,7 @@ def train(
                     text = torch.where(drop[:, None, None], null, text)
                 t, delta = sample_timesteps(n, scheduler.config.num_train_timesteps, config.fcr.delta_max,
                                             generator=g, device=device, fcr=config.fcr.lam > 0,
-                                            delta_scale=config.fcr.delta_scale)
+                                            delta_scale=config.fcr.timesteps_per_delta(scheduler.config.num_train_timesteps))
                 noise = torch.randn(x0.shape, generator=g).to(device, x0.dtype)
                 with accelerator.autocast():
                     out = objective(x0, text, noise, t, delta)
@@ -527,8 +535,13 @@ def train(
                 ema.update(_unwrap_unet(accelerator, objective))
             logs = acc.pop()
             logs.update(step=state.step, lr=lr_schedule.get_last_lr()[0],
-                        step_time_s=time.perf_counter() - step_t0, bad_samples=state.bad.bad)
+                        step_time_s=time.perf_counter() - step_t0, bad_samples=state.bad.bad,
+                        **_fcr_share(config.fcr.lam, logs))
             losses.append(logs["loss"])
+            fcr_to_denoise.append(logs["fcr_to_denoise"])
+            if state.step == 1 or state.step % max(1, config.log_every) == 0 or state.step == config.max_steps:
+                logger.info("step %d: loss %.5g  l_denoise %.5g  l_fcr %.5g  λ·l_fcr/l_denoise %.4g", state.step,
+                            logs["loss"], logs["l_denoise"], logs["l_fcr"], logs["fcr_to_denoise"])
             last_logs = logs
             if accelerator.is_main_process:
                 _write_jsonl(run_dir / "metrics.jsonl", logs)
@@ -568,7 +581,8 @@ def train(
         result = RunResult(
             run_dir=run_dir, steps=state.step, checkpoints=ckpts, last_checkpoint=last, final_unet=final_unet,
             best_checkpoint=Path(state.best_checkpoint) if state.best_checkpoint else None,
-            best_metric=state.stopper.best, stopped_early=stopped_early, stopped_by_time=stopped_by_time, losses=losses, last_logs=last_logs,
+            best_metric=state.stopper.best, stopped_early=stopped_early, stopped_by_time=stopped_by_time, losses=losses,
+            fcr_to_denoise=fcr_to_denoise, last_logs=last_logs,
             wall_time_s=time.time() - t_start,
         )
         if accelerator.is_main_process:
@@ -600,6 +614,14 @@ def _validate(accelerator, objective, state: _TrainState, validation_fn, run_dir
                                                     "best_step": state.stopper.best_step})
     logger.info("validation at step %d: %.5g (best %.5g at step %s)", state.step, value, state.stopper.best, state.stopper.best_step)
     return stop
+
+
+def _fcr_share(lam: float, logs: dict) -> dict:
+    """λ·L_FCR and its ratio to L_denoise for one step: how much of the loss the FCR term is
+    (design.md §5: ~0.1 % with Δ in timesteps, which makes the fine-tune practically λ = 0)."""
+    weighted = lam * logs["l_fcr"]
+    return {"l_fcr_weighted": weighted,
+            "fcr_to_denoise": weighted / logs["l_denoise"] if logs["l_denoise"] > 0 else float("nan")}
 
 
 class _StepAccumulator:
