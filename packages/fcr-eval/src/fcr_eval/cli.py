@@ -6,6 +6,10 @@
     fcr-eval report experiments/mini-exp-1.toml --profile quick        # table, criteria and plots from the store
 
     accelerate launch -m fcr_eval.cli run experiments/exp-1-main-ablation.toml   # one process per GPU
+
+A bad input (experiment file, profile, store path, device, a model or file that is not here) is one
+line ``fcr-eval: error: ...`` on stderr before any work, exit code 2 (3: a model is not available);
+``--debug`` or FCR_DEBUG=1 adds the traceback. ``run`` exits 1 when a run failed and lists it.
 """
 
 from __future__ import annotations
@@ -13,21 +17,42 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
-__all__ = ["main"]
+from fcr_train.cli_errors import (
+    EXIT_MODEL_NOT_AVAILABLE,
+    EXIT_USAGE,
+    add_debug_argument,
+    int_at_least,
+    run_cli,
+)
+
+__all__ = ["main", "USER_ERRORS"]
+
+logger = logging.getLogger("fcr_eval.cli")
+
+# Bad input besides UserError and missing paths (named by module: nothing heavy is imported).
+USER_ERRORS = {
+    "fcr_eval.experiment:ExperimentFileError": EXIT_USAGE,
+    "fcr_eval.db:StoreError": EXIT_USAGE,
+    "fcr_sample.loading:ModelNotAvailableError": EXIT_MODEL_NOT_AVAILABLE,
+    "fcr_train.models:ModelNotAvailableError": EXIT_MODEL_NOT_AVAILABLE,
+}
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default=None, help="a profile of the experiment file (e.g. quick, full)")
     p.add_argument("--store", default="results/fcr.duckdb", help="DuckDB results store (default %(default)s)")
+    add_debug_argument(p, subcommand=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fcr-eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_debug_argument(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("plan", help="print the plan and its estimated compute")
@@ -40,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="fine-tune, sample, evaluate and store every variation × seed (resumes)")
     p.add_argument("file", help="experiment .toml file")
     _add_common(p)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
 
@@ -51,90 +76,89 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _plan(args) -> int:
+    from .experiment import load_experiment
+    from .planner import format_plan, make_plan, plan_json
+    from .validation import check_inputs, check_models, check_store
+
+    exps = [load_experiment(f, args.profile) for f in args.files]  # an unknown profile lists the file's
+    check_store(args.store, must_exist=False)
+    results_dir = Path(args.store).parent
+    plans = [make_plan(e, results_dir=results_dir, calibrate=False) for e in exps]
+    for e, plan in zip(exps, plans, strict=True):  # what `run` checks before any work
+        check_models(e)
+        check_inputs(e, plan)
+    if args.json:
+        print(json.dumps(plan_json(plans), indent=2))
+        return 0
+    gflops = None
+    if not args.no_calibrate:
+        from .planner import calibrate_throughput
+
+        gflops = calibrate_throughput()
+    for e in exps:
+        plan = make_plan(e, results_dir=results_dir, calibrate=False, gflops_per_s=gflops)
+        if gflops is not None:
+            plan.calibration = "measured on this machine just now (embedded UNet, batch 64)"
+        print(format_plan(plan, _finished(args.store, e.id)))
+        print()
+    return 0
+
+
+def _run(args) -> int:
+    from .experiment import load_experiment
+    from .validation import check_device, check_store
+
+    exp = load_experiment(args.file, args.profile)
+    check_store(args.store, must_exist=args.command == "report")
+    if args.command == "report":
+        from .reporting import report
+
+        report(exp, Path(args.store), plots=not args.no_plots)
+        return 0
+    if args.threads and args.threads > (os.cpu_count() or 1):
+        logger.warning("--threads %d is more than this machine's %d CPU(s); torch will oversubscribe them",
+                       args.threads, os.cpu_count() or 1)
+    check_device(args.device)
+    from .runner import RunnerOptions, run_experiment
+
+    opts = RunnerOptions(store=Path(args.store), threads=args.threads, plots=not args.no_plots, device=args.device)
+    outcome = run_experiment(exp, opts)
+    failed = getattr(outcome, "failed", [])
+    if failed:
+        print(f"\n{len(failed)} run(s) failed (the store holds only the finished ones; run the same "
+              "command again to retry them):", file=sys.stderr)
+        for f in failed:
+            print(f"  {f.variation_id} seed {f.seed} ({f.run_id}): {f.error}  [traceback: {f.run_dir}/error.txt]",
+                  file=sys.stderr)
+    return 0 if outcome.ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("accelerate", "diffusers", "matplotlib", "PIL", "httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-    from .experiment import ExperimentFileError, load_experiment
-
-    try:
-        if args.command == "plan":
-            from .planner import format_plan, make_plan, plan_json
-
-            exps = [load_experiment(f, args.profile if args.profile in _profiles(f) else None) for f in args.files] \
-                if args.profile else [load_experiment(f) for f in args.files]
-            results_dir = Path(args.store).parent
-            if args.json:
-                plans = [make_plan(e, results_dir=results_dir, calibrate=False) for e in exps]
-                print(json.dumps(plan_json(plans), indent=2))
-                return 0
-            gflops = None
-            if not args.no_calibrate:
-                from .planner import calibrate_throughput
-
-                gflops = calibrate_throughput()
-            for e in exps:
-                plan = make_plan(e, results_dir=results_dir, calibrate=False, gflops_per_s=gflops)
-                if gflops is not None:
-                    plan.calibration = "measured on this machine just now (embedded UNet, batch 64)"
-                done = _finished(args.store, e.id)
-                print(format_plan(plan, done))
-                print()
-            return 0
-
-        exp = load_experiment(args.file, args.profile)
-        from .reporting import report
-        from .runner import RunnerOptions, run_experiment
-
-        if args.command == "run":
-            opts = RunnerOptions(store=Path(args.store), threads=args.threads, plots=not args.no_plots,
-                                 device=args.device)
-            outcome = run_experiment(exp, opts)
-            return 0 if outcome.ok else 1
-        if args.command == "report":
-            report(exp, Path(args.store), plots=not args.no_plots)
-            return 0
-    except ExperimentFileError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted: finished runs are in the store; run the same command again to resume",
-              file=sys.stderr)
-        return 130
-    except Exception as e:  # model-not-available and other actionable errors: one clear line
-        from fcr_sample import ModelNotAvailableError as SampleMNA
-        from fcr_train.models import ModelNotAvailableError as TrainMNA
-
-        if isinstance(e, (TrainMNA, SampleMNA)):
-            print(f"error: model not available: {e}", file=sys.stderr)
-            return 3
-        raise
-    return 0
-
-
-def _profiles(path: str) -> tuple[str, ...]:
-    from .experiment import tomllib
-
-    try:
-        return tuple(tomllib.loads(Path(path).read_text()).get("profiles", {}))
-    except Exception:  # noqa: BLE001 - load_experiment reports the real problem
-        return ()
+    body = _plan if args.command == "plan" else _run
+    return run_cli(lambda: body(args), prog="fcr-eval", debug=args.debug, user_errors=USER_ERRORS,
+                   on_interrupt="interrupted: finished runs are in the store; run the same command again to resume")
 
 
 def _finished(store: str, experiment_id: str) -> set[str]:
+    """Run ids of ``experiment_id`` already in ``store`` (none when there is no store yet).
+
+    A path that is not a store is an error (``check_store`` ran first); a store of an older
+    schema is read after the next ``run`` or ``report`` migrates it."""
     if not Path(store).is_file():
         return set()
-    try:
-        from .store import ResultsStore
+    from .db import StoreSchemaError
+    from .store import ResultsStore
 
+    try:
         return ResultsStore.open_readonly(store).finished_run_ids(experiment_id)
-    except Exception:  # noqa: BLE001 - the plan does not need the store
+    except StoreSchemaError as e:
+        logger.warning("%s; the plan counts no run as done", e)
         return set()
 
 

@@ -85,9 +85,14 @@ class UserError(Exception):
             self.exit_code = exit_code
 
 
-def add_debug_argument(parser: argparse.ArgumentParser) -> None:
-    """Add ``--debug`` (show the traceback of a reported error) to ``parser``."""
-    parser.add_argument("--debug", action="store_true",
+def add_debug_argument(parser: argparse.ArgumentParser, *, subcommand: bool = False) -> None:
+    """Add ``--debug`` (show the traceback of a reported error) to ``parser``.
+
+    Args:
+        subcommand: ``parser`` is a sub-command's parser: ``--debug`` works after the command name
+            too, without resetting a ``--debug`` given before it.
+    """
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS if subcommand else False,
                         help=f"show the full traceback of an error (also: {ENV_DEBUG}=1)")
 
 
