@@ -95,3 +95,85 @@ def test_remove_restores_the_controlnet():
     apply_encoder_cache(pipe, EncoderCacheConfig(stride=5))
     remove_encoder_cache(pipe)
     assert not hasattr(pipe.controlnet, "_diffusers_hook") and "forward" not in vars(pipe.controlnet)
+
+
+# -- SDXL, img2img, inpainting: FD and DeepCache in an unmodified call -------------------------
+
+
+def _image(pipe, seed=3, channels=3):
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return torch.rand(1, channels, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _build(kind: str, scheduler: str = "ddim"):
+    """``(pipe, call kwargs, UNet calls per run of STEPS)`` for each pipeline kind."""
+    from diffusers import (
+        StableDiffusionImg2ImgPipeline,
+        StableDiffusionInpaintPipeline,
+        StableDiffusionXLImg2ImgPipeline,
+    )
+    from fcr_sample.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
+
+    if kind == "sdxl":
+        return tiny_sdxl_pipeline(scheduler=scheduler), {}, STEPS
+    if kind == "sdxl-img2img":
+        pipe = tiny_sdxl_pipeline(scheduler=scheduler, pipeline_class=StableDiffusionXLImg2ImgPipeline)
+        return pipe, {"image": _image(pipe), "strength": 0.6}, 6
+    if kind == "img2img":
+        pipe = tiny_sd_pipeline(scheduler=scheduler, pipeline_class=StableDiffusionImg2ImgPipeline)
+        return pipe, {"image": _image(pipe), "strength": 0.5}, 5
+    if kind == "inpaint":
+        pipe = tiny_sd_pipeline(scheduler=scheduler, pipeline_class=StableDiffusionInpaintPipeline)
+        mask = (_image(pipe, seed=4, channels=1) > 0.5).float()
+        return pipe, {"image": _image(pipe), "mask_image": mask, "strength": 0.7}, 7
+    raise ValueError(kind)
+
+
+KINDS = ["sdxl", "sdxl-img2img", "img2img", "inpaint"]
+
+
+def _cached(pipe, config, apply, remove, **kw):
+    apply(pipe, config)
+    try:
+        return sample_latents(pipe, steps=STEPS, **kw), get_cache_stats(pipe)
+    finally:
+        remove(pipe)
+
+
+def _fd(pipe, config, **kw):
+    return _cached(pipe, config, apply_encoder_cache, remove_encoder_cache, **kw)
+
+
+# schedulers with set_begin_index (Euler, DPM-Solver++) are told where img2img starts; DDIM is not
+@pytest.mark.parametrize("kind, scheduler", [(k, "ddim") for k in KINDS] + [("img2img", "euler"),
+                                                                          ("inpaint", "dpm++")])
+def test_fd_in_sdxl_img2img_and_inpainting(kind, scheduler):
+    pipe, kw, calls = _build(kind, scheduler)
+    ref = sample_latents(pipe, steps=STEPS, **kw)
+    one, stats = _fd(pipe, EncoderCacheConfig(stride=1), **kw)
+    torch.testing.assert_close(one, ref, rtol=0, atol=1e-6)
+    assert stats.unet_calls == stats.encoder_forwards == calls  # only the steps actually run
+    seq, seq_stats = _fd(pipe, EncoderCacheConfig(stride=3, parallel_decoding=False), **kw)
+    par, par_stats = _fd(pipe, EncoderCacheConfig(stride=3), **kw)
+    torch.testing.assert_close(par, seq, rtol=1e-4, atol=1e-4)
+    assert (seq - ref).abs().max() > 1e-4
+    keys = EncoderCacheConfig(stride=3).key_steps_for(calls)
+    for s in (seq_stats, par_stats):
+        assert s.unet_calls == s.decoder_forwards == calls and s.encoder_forwards == len(keys)
+    assert par_stats.decoder_batches == len(decoder_groups(keys, calls, 10))
+    assert seq_stats.decoder_batches == calls
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_deep_cache_in_sdxl_img2img_and_inpainting(kind):
+    from fcr_sample import DeepCacheConfig, apply_deep_cache, remove_deep_cache
+
+    pipe, kw, calls = _build(kind)
+    ref = sample_latents(pipe, steps=STEPS, **kw)
+    one, _ = _cached(pipe, DeepCacheConfig(cache_interval=1), apply_deep_cache, remove_deep_cache, **kw)
+    torch.testing.assert_close(one, ref, rtol=0, atol=1e-6)
+    out, stats = _cached(pipe, DeepCacheConfig(cache_interval=3), apply_deep_cache, remove_deep_cache, **kw)
+    full = len(range(0, calls, 3))
+    assert stats.unet_calls == calls
+    assert stats.full_forwards == full and stats.partial_forwards == calls - full
+    assert (out - ref).abs().max() > 1e-4

@@ -82,6 +82,22 @@ def _as_scalar_timestep(timestep) -> float:
     return float(timestep)
 
 
+def _start_index(timesteps: torch.Tensor, first: float, name: str) -> int:
+    """Where a pipeline run starts in the scheduler's timesteps when the scheduler does not say.
+
+    img2img and inpainting start at a later timestep (strength < 1); schedulers with
+    ``set_begin_index`` are told where, others (DDIM, PNDM, DDPM) are not, so the run's first
+    timestep is located once. Every later call is still counted and checked.
+    """
+    hits = (timesteps == first).nonzero().flatten()
+    if hits.numel() == 0:
+        raise RuntimeError(
+            f"{name}: the UNet was called with timestep {first:g}, which is not among the scheduler's "
+            "timesteps; the cache cannot tell which step this is"
+        )
+    return int(hits[0])
+
+
 class RunTracker:
     """Counts UNet calls within sampling runs, for one UNet.
 
@@ -121,7 +137,7 @@ class RunTracker:
         self.runs_started += 1
         return self.run
 
-    def _detect_run(self) -> SamplingRun | None:
+    def _detect_run(self, timestep: float) -> SamplingRun | None:
         sched = self.scheduler
         if self._pending_manual is not None:
             ts, self._pending_manual = self._pending_manual, None
@@ -146,8 +162,11 @@ class RunTracker:
                 "UNet more than once per step; encoder caching is defined for one UNet call per step. "
                 "Use DDIM, DPMSolverMultistep (DPM-Solver++), Euler, Euler-ancestral, PNDM, LMS or UniPC."
             )
-        begin = getattr(sched, "begin_index", None) or 0
-        ts = torch.as_tensor(source).detach().reshape(-1).cpu()[begin:]
+        ts = torch.as_tensor(source).detach().reshape(-1).cpu()
+        begin = getattr(sched, "begin_index", None)
+        if begin is None:
+            begin = _start_index(ts, timestep, self.name)
+        ts = ts[begin:]
         n_sched = getattr(sched, "num_inference_steps", None) or len(ts)
         n_sched = n_sched if begin == 0 else len(ts)
         return self._new_run(ts, int(n_sched), source=source)
@@ -166,14 +185,14 @@ class RunTracker:
 
     def begin_call(self, timestep) -> tuple[SamplingRun, int]:
         """Register one UNet call; returns the run and this call's step index."""
-        run = self._detect_run()
+        t = _as_scalar_timestep(timestep)
+        run = self._detect_run(t)
         if run is None:
             raise RuntimeError(
                 f"{self.name} is applied to a bare UNet, so it cannot see the sampling loop: call "
                 "fcr_sample.start_sampling_run(unet, scheduler.timesteps) before each run, or apply "
                 "the cache to the pipeline instead"
             )
-        t = _as_scalar_timestep(timestep)
         if run.calls >= run.num_steps:
             if t == float(run.timesteps[0]):  # same timesteps sampled again without set_timesteps
                 run = self._new_run(run.timesteps, run.num_schedule_steps, source=run.source)
