@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from diffusers import DDPMScheduler
-from fcr_eval.mechanism import encoder_feature_variance, mean_variance
+from fcr_eval.mechanism import (
+    cache_range_consistency,
+    encoder_feature_consistency,
+    encoder_feature_variance,
+    mean_variance,
+)
 from fcr_sample.features import encoder_features
 from fcr_sample.testing import tiny_unet
 
@@ -49,3 +56,60 @@ def test_conv_in_variance_grows_with_delta_and_bad_timesteps_fail(setup):
     assert mean_variance(rows) > 0
     with pytest.raises(ValueError, match=r"timesteps must be"):
         encoder_feature_variance(unet, z0, ehs, sched, delta_max=3, timesteps=torch.tensor([1, 2, 3, 4]))
+
+
+def test_scaling_a_feature_map_by_c_scales_sigma2_by_c2_but_not_the_scale_free_ratio(setup):
+    unet, z0, ehs, sched = setup
+    scaled = copy.deepcopy(unet)
+    with torch.no_grad():  # conv_in is linear in x (no time input): scaling its weights scales its output
+        scaled.conv_in.weight.mul_(3.0)
+        scaled.conv_in.bias.mul_(3.0)
+    t = torch.tensor([300, 500, 700, 900])
+    kw = dict(deltas=[1, 2], timesteps=t, delta_unit="sampler_steps", sampler_steps=10)
+    base = {(r.block, r.delta): r for r in encoder_feature_consistency(unet, z0, ehs, sched, **kw,
+                                                                        generator=torch.Generator().manual_seed(2))}
+    big = {(r.block, r.delta): r for r in encoder_feature_consistency(scaled, z0, ehs, sched, **kw,
+                                                                       generator=torch.Generator().manual_seed(2))}
+    for d in (1, 2):
+        a, b = base[("conv_in", d)], big[("conv_in", d)]
+        assert b.variance == pytest.approx(9 * a.variance, rel=1e-5)
+        assert b.energy == pytest.approx(9 * a.energy, rel=1e-5)
+        assert b.scale_free == pytest.approx(a.scale_free, rel=1e-5)
+        assert a.scale_free == pytest.approx(a.variance / a.energy)
+
+
+def test_sampler_step_unit_is_k_times_T_over_steps_timesteps(setup):
+    unet, z0, ehs, sched = setup  # T = 1000
+    t = torch.tensor([300, 500, 700, 900])
+    g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    steps = encoder_feature_consistency(unet, z0, ehs, sched, delta_max=3, delta_unit="sampler_steps",
+                                        sampler_steps=10, timesteps=t, generator=g())
+    literal = encoder_feature_consistency(unet, z0, ehs, sched, deltas=[100, 200, 300], timesteps=t, generator=g())
+    assert {(r.delta, r.delta_timesteps, r.unit) for r in steps if r.block == "all"} == {
+        (1, 100, "sampler_steps"), (2, 200, "sampler_steps"), (3, 300, "sampler_steps")}
+    by_t = {(r.block, r.delta_timesteps): r.variance for r in literal}
+    for r in steps:
+        assert r.variance == pytest.approx(by_t[(r.block, r.delta_timesteps)], rel=1e-6)
+    # The store's form: Δ in timesteps, same variances.
+    stats = encoder_feature_variance(unet, z0, ehs, sched, delta_max=3, delta_unit="sampler_steps", sampler_steps=10,
+                                     timesteps=t, generator=g())
+    assert sorted((s.block, s.delta, s.variance) for s in stats) == sorted(
+        (r.block, r.delta_timesteps, r.variance) for r in steps)
+
+
+def test_cache_range_next_to_the_literal_range(setup):
+    unet, z0, ehs, sched = setup
+    rows = cache_range_consistency(unet, z0, ehs, sched, stride=4, sampler_steps=20, literal_delta_max=3,
+                                   generator=torch.Generator().manual_seed(0))
+    alls = [(r.unit, r.delta, r.delta_timesteps) for r in rows if r.block == "all"]
+    assert alls == [("sampler_steps", k, 50 * k) for k in range(1, 5)] + [("timesteps", k, k) for k in range(1, 4)]
+    assert all(r.energy > 0 for r in rows)
+    cache = [r.scale_free for r in rows if r.block == "all" and r.unit == "sampler_steps"]
+    lit = [r.scale_free for r in rows if r.block == "all" and r.unit == "timesteps"]
+    assert min(cache) > max(lit)  # 50–200 timesteps apart is far less consistent than 1–3
+    with pytest.raises(ValueError, match="needs sampler_steps"):
+        encoder_feature_consistency(unet, z0, ehs, sched, delta_unit="sampler_steps")
+    with pytest.raises(ValueError, match="does not fit"):
+        encoder_feature_consistency(unet, z0, ehs, sched, delta_max=20, delta_unit="sampler_steps", sampler_steps=20)
+    with pytest.raises(ValueError, match="do not pass deltas"):
+        cache_range_consistency(unet, z0, ehs, sched, stride=4, sampler_steps=20, deltas=[1])
