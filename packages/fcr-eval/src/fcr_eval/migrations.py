@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Callable, Sequence
@@ -169,8 +170,120 @@ def _migration_2(con: duckdb.DuckDBPyConnection) -> None:
     con.execute("ALTER TABLE timings ADD COLUMN warmup INTEGER")
 
 
+def _effective_schedule(sampler: str | None, stride: int | None, steps: int | None,
+                        parallel_decoding: bool | None, config_json: str | None) -> dict | None:
+    """The cache schedule an old run really ran, rebuilt from its stored settings the way the
+    runner built it (through :func:`fcr_eval.samplers.resolve_sampler`); ``None`` when it cannot
+    be told (no sampler or step count, or settings the sampler config refuses)."""
+    from .samplers import resolve_sampler
+
+    if sampler is None or steps is None:
+        return None
+    try:
+        variation = (json.loads(config_json) if config_json else {}).get("variation") or {}
+    except (json.JSONDecodeError, AttributeError):
+        variation = {}
+    try:
+        settings = resolve_sampler(
+            sampler, steps=int(steps), stride=stride, schedule=variation.get("schedule", "uniform"),
+            parallel_decoding=True if parallel_decoding is None else bool(parallel_decoding),
+            cache_branch_id=int(variation.get("cache_branch_id", 0) or 0),
+        )
+        return settings.describe()
+    except (ValueError, TypeError) as e:
+        logger.warning("migration 3: no effective cache schedule for a %s run with stride %s over %s "
+                       "steps (%s); its cache columns stay NULL", sampler, stride, steps, e)
+        return None
+
+
+def _migration_3(con: duckdb.DuckDBPyConnection) -> None:
+    """The effective cache schedule as columns of ``runs`` (label, key steps, interval), so a
+    plot or a query never re-derives it from ``stride`` (where e.g. FD-published ignores the
+    stride). Rows already stored are back-filled from their stride, sampler, step count and the
+    variation in ``config``; rows whose schedule cannot be rebuilt stay NULL."""
+    con.execute("ALTER TABLE runs ADD COLUMN cache_label VARCHAR")
+    con.execute("ALTER TABLE runs ADD COLUMN cache_key_steps INTEGER[]")
+    con.execute("ALTER TABLE runs ADD COLUMN cache_interval INTEGER")
+    rows = con.execute(
+        "SELECT run_id, sampler, stride, num_inference_steps, parallel_decoding, config FROM runs"
+    ).fetchall()
+    updates = []
+    for run_id, *settings in rows:
+        schedule = _effective_schedule(*settings)
+        if schedule is not None:
+            updates.append([schedule["cache_label"], schedule["cache_key_steps"], schedule["cache_interval"], run_id])
+    if updates:
+        con.executemany(
+            "UPDATE runs SET cache_label = ?, cache_key_steps = ?, cache_interval = ? WHERE run_id = ?", updates
+        )
+        logger.info("migration 3: back-filled the cache schedule of %d of %d runs", len(updates), len(rows))
+
+
+def _migration_4(con: duckdb.DuckDBPyConnection) -> None:
+    """Paired evaluation: per-sample metrics (with their definitions once per run and metric),
+    contrasts, and the CI and verdict of a criterion."""
+    # No index on run_id: a run's rows are inserted together, so DuckDB's per-row-group min/max
+    # already skips the others, and an index would slow the bulk insert of millions of rows.
+    con.execute(
+        """
+        CREATE TABLE sample_metrics (
+            run_id VARCHAR NOT NULL,
+            sample_index INTEGER NOT NULL,
+            prompt_id VARCHAR,
+            seed INTEGER,
+            metric VARCHAR NOT NULL,
+            value DOUBLE,
+            reference VARCHAR
+        )"""
+    )
+    con.execute(
+        """
+        CREATE TABLE sample_metric_definitions (
+            run_id VARCHAR NOT NULL,
+            metric VARCHAR NOT NULL,
+            feature_extractor VARCHAR,
+            preprocessing VARCHAR,
+            n_samples INTEGER,
+            details JSON
+        )"""
+    )
+    con.execute(
+        """
+        CREATE TABLE contrasts (
+            experiment_id VARCHAR NOT NULL,
+            contrast_id VARCHAR NOT NULL,
+            kind VARCHAR NOT NULL,
+            metric VARCHAR NOT NULL,
+            candidate VARCHAR NOT NULL,
+            baseline VARCHAR NOT NULL,
+            target VARCHAR,
+            estimate DOUBLE,
+            ci_low DOUBLE,
+            ci_high DOUBLE,
+            confidence DOUBLE,
+            n_samples INTEGER,
+            n_clusters INTEGER,
+            method VARCHAR,
+            threshold DOUBLE,
+            direction VARCHAR,
+            verdict VARCHAR,
+            details JSON,
+            code_version VARCHAR,
+            computed_at TIMESTAMP
+        )"""
+    )
+    con.execute("ALTER TABLE criteria ADD COLUMN verdict VARCHAR")
+    con.execute("ALTER TABLE criteria ADD COLUMN ci_low DOUBLE")
+    con.execute("ALTER TABLE criteria ADD COLUMN ci_high DOUBLE")
+    # Verdicts stored before this migration: PASS / FAIL from `passed` (NULL stays not evaluated).
+    con.execute("UPDATE criteria SET verdict = CASE WHEN passed THEN 'PASS' ELSE 'FAIL' END "
+                "WHERE passed IS NOT NULL")
+
+
 #: Numbered migrations; ``MIGRATIONS[i]`` brings a store from version ``i`` to ``i + 1``.
-MIGRATIONS: tuple[Callable[[duckdb.DuckDBPyConnection], None], ...] = (_migration_1, _migration_2)
+MIGRATIONS: tuple[Callable[[duckdb.DuckDBPyConnection], None], ...] = (
+    _migration_1, _migration_2, _migration_3, _migration_4,
+)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -18,13 +18,18 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
+
+from .samplers import SAMPLERS
 
 __all__ = [
     "SAMPLERS",
     "MEMORY_KINDS",
+    "VERDICTS",
     "RunRecord",
     "MetricRecord",
     "PerPromptScore",
@@ -32,12 +37,14 @@ __all__ = [
     "FeatureStat",
     "SampleRecord",
     "CriterionResult",
+    "SampleMetrics",
     "RunResult",
     "make_run_id",
 ]
 
-SAMPLERS = ("none", "fd", "deepcache")
 MEMORY_KINDS = ("cuda_peak", "process_rss")
+#: Verdicts of a criterion or a contrast with a threshold (fcr_eval.criteria decides them).
+VERDICTS = ("PASS", "FAIL", "INCONCLUSIVE")
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,13 @@ class RunRecord:
     ``params`` holds every run parameter without a column of its own (robustness protocol,
     prompt set, checkpoint path, ...); ``config`` the full resolved config. ``code_version`` and
     ``device`` say what produced every number of the run (see :func:`fcr_eval.provenance`).
+
+    The effective cache schedule (added by migration 3) is what the sampler really ran, read off
+    the built sampler config (:meth:`fcr_eval.samplers.SamplerSettings.describe`):
+    ``cache_label`` (``"FD-10"``, ``"FD-published"``, ``"DeepCache-N5-b0"``, ``"none"``),
+    ``cache_key_steps`` (the step indices that run the full encoder / full UNet at this run's
+    step count; ``None`` without a cache) and ``cache_interval`` (the uniform stride or DeepCache
+    interval actually used; ``None`` for a non-uniform schedule or no cache).
     """
 
     run_id: str
@@ -73,8 +87,13 @@ class RunRecord:
     finished_at: _dt.datetime | None = None
     status: str = "finished"
     run_dir: str | None = None  # added by migration 2
+    cache_label: str | None = None  # added by migration 3
+    cache_key_steps: Sequence[int] | None = None
+    cache_interval: int | None = None
 
     def __post_init__(self) -> None:
+        if self.cache_key_steps is not None:
+            object.__setattr__(self, "cache_key_steps", tuple(int(s) for s in self.cache_key_steps))
         if not self.run_id:
             raise ValueError("RunRecord.run_id is empty; build it with make_run_id(...)")
         if self.sampler not in SAMPLERS:
@@ -166,9 +185,77 @@ class CriterionResult:
     details: Mapping[str, Any] = field(default_factory=dict)
     code_version: str = ""
     evaluated_at: _dt.datetime | None = None
-    verdict: str | None = None  # PASS / FAIL / INCONCLUSIVE (fcr_eval.criteria.VERDICTS); None = not evaluated
-    ci_low: float | None = None  # the value's confidence interval, when it has one
+    verdict: str | None = None  # PASS / FAIL / INCONCLUSIVE (VERDICTS); None = not evaluated
+    ci_low: float | None = None  # the value's confidence interval, when it has one (migration 4)
     ci_high: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.verdict is not None and self.verdict not in VERDICTS:
+            raise ValueError(f"CriterionResult.verdict is {self.verdict!r}; use one of {VERDICTS} or None")
+
+
+@dataclass(frozen=True)
+class SampleMetrics:
+    """One metric's per-sample values for one run, columnar: rows of ``sample_metrics``.
+
+    Columnar because a run has one value per sample per metric (exp-1 in full: millions of
+    rows); the store inserts them in bulk. The metric's definition (extractor, preprocessing,
+    anything else in ``details``) is stored once per (run, metric) in
+    ``sample_metric_definitions``.
+
+    Attributes:
+        metric: a per-sample metric name (:data:`fcr_eval.paired.SAMPLE_METRICS`).
+        values: ``(N,)`` values (NaN is stored as NULL; ±inf is kept, e.g. PSNR of identical images).
+        prompt_ids: ``N`` prompt ids, as in ``samples.prompt_id``.
+        seeds: the x_T seed of each sample (one int for all, or ``N`` ints).
+        sample_index: each sample's index in the run (default ``0..N-1``); with ``seed`` the
+            key that pairs samples across variations.
+        reference: what each value was compared against, e.g. the run id of the uncached
+            reference sample (one for all, ``N`` values, or ``None``).
+        feature_extractor / preprocessing: as for :class:`MetricRecord` (``"none"`` without features).
+        details: the rest of the definition (e.g. PSNR's data range).
+
+    Example:
+        >>> SampleMetrics("cache_mse", errs["cache_mse"], prompts.ids, seeds=0,
+        ...               reference=reference_run_id)
+    """
+
+    metric: str
+    values: Any
+    prompt_ids: Sequence[str]
+    seeds: Any
+    sample_index: Any = None
+    reference: str | Sequence[str | None] | None = None
+    feature_extractor: str = "none"
+    preprocessing: str = "none"
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.metric:
+            raise ValueError("SampleMetrics.metric is empty; name the per-sample metric")
+        values = np.asarray(self.values, dtype=np.float64).reshape(-1)
+        n = values.shape[0]
+
+        def column(name: str, x: Any, dtype) -> np.ndarray:
+            arr = np.asarray(x, dtype=dtype)
+            if arr.ndim == 0:
+                return np.full(n, arr.item(), dtype=dtype)
+            arr = arr.reshape(-1)
+            if arr.shape[0] != n:
+                raise ValueError(f"SampleMetrics({self.metric!r}).{name} has {arr.shape[0]} entries for "
+                                 f"{n} values; give one per sample")
+            return arr
+
+        object.__setattr__(self, "values", values)
+        object.__setattr__(self, "prompt_ids", column("prompt_ids", [str(p) for p in self.prompt_ids], object))
+        object.__setattr__(self, "seeds", column("seeds", self.seeds, np.int64))
+        index = np.arange(n) if self.sample_index is None else self.sample_index
+        object.__setattr__(self, "sample_index", column("sample_index", index, np.int64))
+        if self.reference is not None and not isinstance(self.reference, str):
+            object.__setattr__(self, "reference", column("reference", list(self.reference), object))
+
+    def __len__(self) -> int:
+        return int(self.values.shape[0])
 
 
 @dataclass
@@ -181,6 +268,7 @@ class RunResult:
     timings: list[TimingRecord] = field(default_factory=list)
     feature_stats: list[FeatureStat] = field(default_factory=list)
     samples: list[SampleRecord] = field(default_factory=list)
+    sample_metrics: list[SampleMetrics] = field(default_factory=list)  # migration 4
 
 
 def make_run_id(experiment_id: str, variation_id: str, seed: int, config: Mapping[str, Any]) -> str:

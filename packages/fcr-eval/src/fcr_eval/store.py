@@ -69,12 +69,14 @@ from .migrations import (
 from .records import (
     MEMORY_KINDS,
     SAMPLERS,
+    VERDICTS,
     CriterionResult,
     FeatureStat,
     MetricRecord,
     PerPromptScore,
     RunRecord,
     RunResult,
+    SampleMetrics,
     SampleRecord,
     TimingRecord,
     make_run_id,
@@ -86,6 +88,7 @@ __all__ = [
     "MIGRATIONS",
     "SAMPLERS",
     "MEMORY_KINDS",
+    "VERDICTS",
     "StoreError",
     "StoreLockedError",
     "StoreSchemaError",
@@ -97,8 +100,10 @@ __all__ = [
     "FeatureStat",
     "SampleRecord",
     "CriterionResult",
+    "SampleMetrics",
     "RunResult",
     "ResultsStore",
+    "RUN_TABLES",
     "make_run_id",
     "migrate",
     "apply_migrations",
@@ -111,12 +116,13 @@ logger = logging.getLogger(__name__)
 DEFAULT_STORE_PATH = Path("results/fcr.duckdb")
 
 #: The tables holding a run's rows, children first (a run is deleted or replaced as a whole).
-RUN_TABLES = ("metrics", "per_prompt_scores", "timings", "feature_stats", "samples", "runs")
+RUN_TABLES = ("metrics", "per_prompt_scores", "timings", "feature_stats", "samples", "sample_metrics",
+              "sample_metric_definitions", "runs")
 
 _POLARS_TYPES = {
     "VARCHAR": pl.String, "JSON": pl.String, "INTEGER": pl.Int64, "BIGINT": pl.Int64,
     "SMALLINT": pl.Int64, "HUGEINT": pl.Int64, "DOUBLE": pl.Float64, "FLOAT": pl.Float64,
-    "BOOLEAN": pl.Boolean, "TIMESTAMP": pl.Datetime("us"),
+    "BOOLEAN": pl.Boolean, "TIMESTAMP": pl.Datetime("us"), "INTEGER[]": pl.List(pl.Int64),
 }
 
 
@@ -280,19 +286,19 @@ class ResultsStore:
                     return False
                 if done is not None:  # a non-finished row from an older writer: replace it
                     self._delete_rows(con, r.run_id)
-                con.execute(
-                    """INSERT INTO runs (run_id, experiment_id, variation_id, seed, status, model,
-                        dataset, sampler, stride, parallel_decoding, lambda_fcr, delta_max, blocks,
-                        scheduler, resolution, num_inference_steps, guidance_scale, params, config,
-                        code_version, device, started_at, finished_at, run_dir)
-                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                self._insert(con, "runs (run_id, experiment_id, variation_id, seed, status, model, dataset, "
+                             "sampler, stride, parallel_decoding, lambda_fcr, delta_max, blocks, scheduler, "
+                             "resolution, num_inference_steps, guidance_scale, params, config, code_version, "
+                             "device, started_at, finished_at, run_dir, cache_label, cache_key_steps, "
+                             "cache_interval)", 27, [
                     [r.run_id, r.experiment_id, r.variation_id, int(r.seed), r.status, r.model,
                      r.dataset, r.sampler, r.stride, r.parallel_decoding, _num(r.lambda_fcr),
                      r.delta_max, r.blocks, r.scheduler, int(r.resolution),
                      int(r.num_inference_steps), _num(r.guidance_scale), _json(r.params),
                      _json(r.config), r.code_version, r.device, r.started_at, finished_at,
-                     r.run_dir],
-                )
+                     r.run_dir, r.cache_label,
+                     None if r.cache_key_steps is None else list(r.cache_key_steps),
+                     r.cache_interval]])
                 self._insert(con, "metrics", 7, [
                     [r.run_id, m.metric, _num(m.value), m.feature_extractor, m.preprocessing,
                      int(m.n_samples), _json(m.details)] for m in result.metrics])
@@ -308,15 +314,52 @@ class ResultsStore:
                 self._insert(con, "feature_stats", 5, [
                     [r.run_id, f.block, int(f.delta), _num(f.variance), int(f.n)] for f in result.feature_stats])
                 self._insert(con, "samples", 8, sample_rows)
+                self._insert_sample_metrics(con, r.run_id, result.sample_metrics)
         except BaseException:
             logger.error("writing run %s failed; nothing of it was stored", r.run_id)
             raise
         logger.info(
-            "stored run %s (%d metrics, %d per-prompt scores, %d timings, %d feature stats, %d samples)",
-            r.run_id, len(result.metrics), len(result.per_prompt_scores), len(result.timings),
-            len(result.feature_stats), len(result.samples),
+            "stored run %s (%d metrics, %d per-prompt scores, %d timings, %d feature stats, %d samples, "
+            "%d per-sample values)", r.run_id, len(result.metrics), len(result.per_prompt_scores),
+            len(result.timings), len(result.feature_stats), len(result.samples),
+            sum(len(m) for m in result.sample_metrics),
         )
         return True
+
+    @staticmethod
+    def _insert_sample_metrics(con: duckdb.DuckDBPyConnection, run_id: str,
+                               batches: Sequence[SampleMetrics]) -> None:
+        """All per-sample values of a run in one bulk insert (an Arrow scan, not row by row)."""
+        if not batches:
+            return
+        seen = [b.metric for b in batches]
+        if len(set(seen)) != len(seen):
+            dup = sorted({m for m in seen if seen.count(m) > 1})
+            raise StoreError(f"run {run_id} has per-sample metrics {dup} more than once; give one "
+                             "SampleMetrics per metric")
+        def columns(b: SampleMetrics) -> pl.DataFrame:
+            shared = b.reference is None or isinstance(b.reference, str)
+            frame = pl.DataFrame({
+                "sample_index": pl.Series(b.sample_index, dtype=pl.Int32),
+                "prompt_id": pl.Series(b.prompt_ids.tolist(), dtype=pl.String),
+                "seed": pl.Series(b.seeds, dtype=pl.Int32),
+                "value": pl.Series(b.values, dtype=pl.Float64).fill_nan(None),
+            })
+            reference = (pl.lit(b.reference, dtype=pl.String) if shared
+                         else pl.Series(b.reference.tolist(), dtype=pl.String))
+            return frame.with_columns(metric=pl.lit(b.metric, dtype=pl.String), reference=reference)
+
+        frame = pl.concat([columns(b) for b in batches])
+        con.register("_fcr_sample_metrics", frame)
+        try:
+            con.execute(
+                "INSERT INTO sample_metrics (run_id, sample_index, prompt_id, seed, metric, value, reference) "
+                "SELECT ?, sample_index, prompt_id, seed, metric, value, reference FROM _fcr_sample_metrics",
+                [run_id])
+        finally:
+            con.unregister("_fcr_sample_metrics")
+        ResultsStore._insert(con, "sample_metric_definitions", 6, [
+            [run_id, b.metric, b.feature_extractor, b.preprocessing, len(b), _json(b.details)] for b in batches])
 
     @staticmethod
     def _delete_rows(con: duckdb.DuckDBPyConnection, run_id: str) -> None:
@@ -352,9 +395,44 @@ class ResultsStore:
             for c in rows:
                 con.execute("DELETE FROM criteria WHERE experiment_id = ? AND criterion = ?",
                             [c.experiment_id, c.criterion])
-            self._insert(con, "criteria", 8, [
+            self._insert(con, "criteria (experiment_id, criterion, passed, value, threshold, details, "
+                         "evaluated_at, code_version, verdict, ci_low, ci_high)", 11, [
                 [c.experiment_id, c.criterion, None if c.passed is None else bool(c.passed), _num(c.value),
-                 _num(c.threshold), _json(c.details), c.evaluated_at or now, c.code_version] for c in rows])
+                 _num(c.threshold), _json(c.details), c.evaluated_at or now, c.code_version, c.verdict,
+                 _num(c.ci_low), _num(c.ci_high)] for c in rows])
+        return len(rows)
+
+    def write_contrasts(self, experiment_id: str, results: Iterable[Any], *, code_version: str = "") -> int:
+        """Store computed contrasts in one transaction, replacing earlier rows of the same
+        (experiment_id, contrast_id). Returns the number of rows written.
+
+        Args:
+            experiment_id: the experiment the contrasts belong to.
+            results: :class:`fcr_eval.contrasts.ContrastResult` objects (anything with its fields:
+                ``contrast_id, kind, metric, candidate, baseline, target, estimate, ci_low, ci_high,
+                confidence, n_samples, n_clusters, method, threshold, direction, verdict, details``).
+            code_version: what computed them (:func:`fcr_eval.provenance.code_version`).
+
+        Example:
+            >>> store.write_contrasts("mini-exp-1", compute_contrasts(specs, store.sample_metrics(
+            ...     experiment_id="mini-exp-1")), code_version=code_version())
+            3
+        """
+        self._require_writer("write_contrasts")
+        rows = list(results)
+        for c in rows:
+            if c.verdict is not None and c.verdict not in VERDICTS:
+                raise StoreError(f"contrast {c.contrast_id!r} has verdict {c.verdict!r}; use one of {VERDICTS} or None")
+        now = utcnow()
+        with self._connect() as con, transaction(con):
+            for c in rows:
+                con.execute("DELETE FROM contrasts WHERE experiment_id = ? AND contrast_id = ?",
+                            [experiment_id, c.contrast_id])
+            self._insert(con, "contrasts", 20, [
+                [experiment_id, c.contrast_id, c.kind, c.metric, c.candidate, c.baseline, c.target,
+                 _num(c.estimate), _num(c.ci_low), _num(c.ci_high), _num(c.confidence), int(c.n_samples),
+                 int(c.n_clusters), c.method, _num(c.threshold), c.direction, c.verdict, _json(c.details),
+                 code_version, now] for c in rows])
         return len(rows)
 
     def delete_run(self, run_id: str) -> bool:
@@ -443,6 +521,40 @@ class ResultsStore:
         """Success-criteria verdicts."""
         w, a = self._where(experiment_id=experiment_id)
         return self.sql(f"SELECT * FROM criteria{w} ORDER BY experiment_id, criterion", a)
+
+    def contrasts(self, experiment_id: str | None = None) -> pl.DataFrame:
+        """Stored contrasts (one row per experiment and contrast id).
+
+        Example:
+            >>> store.contrasts("mini-exp-1").select("contrast_id", "estimate", "ci_low", "ci_high")
+        """
+        w, a = self._where(experiment_id=experiment_id)
+        return self.sql(f"SELECT * FROM contrasts{w} ORDER BY experiment_id, contrast_id", a)
+
+    def sample_metrics(self, experiment_id: str | None = None, metric: str | Sequence[str] | None = None,
+                       variation_id: str | Sequence[str] | None = None,
+                       run_id: str | Sequence[str] | None = None) -> pl.DataFrame:
+        """Per-sample metric values joined with the run's ``experiment_id`` and ``variation_id``.
+
+        Columns: ``experiment_id, variation_id, run_id, seed, sample_index, prompt_id, metric,
+        value, reference`` — the long form :func:`fcr_eval.contrasts.compute_contrasts` pairs
+        by (seed, sample_index). Read through Arrow, so millions of rows come back in seconds.
+
+        Example:
+            >>> store.sample_metrics(experiment_id="mini-exp-1", metric="cache_mse")
+        """
+        w, a = self._where(**{"r.experiment_id": experiment_id, "r.variation_id": variation_id,
+                              "t.run_id": run_id, "t.metric": metric})
+        query = ("SELECT r.experiment_id, r.variation_id, t.run_id, t.seed, t.sample_index, t.prompt_id, "
+                 f"t.metric, t.value, t.reference FROM sample_metrics t JOIN runs r USING (run_id){w} "
+                 "ORDER BY r.experiment_id, r.variation_id, t.seed, t.metric, t.sample_index")
+        with self._connect() as con:
+            return con.sql(query, params=a).pl()
+
+    def sample_metric_definitions(self, experiment_id: str | None = None,
+                                  run_id: str | None = None) -> pl.DataFrame:
+        """What produced each per-sample metric of each run (extractor, preprocessing, details)."""
+        return self._joined("sample_metric_definitions", "t.metric", experiment_id, None, run_id)
 
     @property
     def root(self) -> Path:
