@@ -1,5 +1,7 @@
 """Encoder propagation inside an unmodified StableDiffusionPipeline call."""
 
+import dataclasses
+
 import pytest
 import torch
 from fcr_sample import (
@@ -12,10 +14,11 @@ from fcr_sample import (
     reset_cache_stats,
     start_sampling_run,
 )
+from fcr_sample.testing import (
+    SCHEDULER_NAMES as SCHEDULERS,  # DDIM, DPM++, Euler(-a), PNDM, UniPC, LCM
+)
 from fcr_sample.testing import sample_latents as sample
 from fcr_sample.testing import tiny_sd_pipeline
-
-SCHEDULERS = ["ddim", "dpm++", "euler", "pndm"]
 
 
 def _with_cache(pipe, config, **kw):
@@ -251,3 +254,24 @@ def test_half_precision(make_pipe, dtype):
     par = loop(EncoderCacheConfig(stride=4))
     assert seq.dtype == dtype and torch.isfinite(par).all()
     torch.testing.assert_close(par.float(), seq.float(), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("scheduler", ["lcm", "unipc", "euler-a", "dpm++"])
+@pytest.mark.parametrize(
+    "steps, config",
+    [
+        (4, EncoderCacheConfig(stride=2)),
+        (6, EncoderCacheConfig(key_steps=(0, 1, 3))),
+        (8, EncoderCacheConfig(stride=3, always_key_first=2)),
+    ],
+)
+def test_few_step_schedules(make_pipe, scheduler, steps, config):
+    """The 4–8 step schedules the README recommends, on the few-step schedulers."""
+    pipe = make_pipe(scheduler)
+    ref = sample(pipe, steps=steps)
+    seq, _ = _with_cache(pipe, dataclasses.replace(config, parallel_decoding=False), steps=steps)
+    par, stats = _with_cache(pipe, config, steps=steps)
+    torch.testing.assert_close(par, seq, rtol=1e-4, atol=1e-4)
+    assert (par - ref).abs().max() > 1e-5
+    keys = config.key_steps_for(steps)
+    assert stats.unet_calls == steps and stats.encoder_forwards == len(keys)

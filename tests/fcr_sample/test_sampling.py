@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fcr_sample import EncoderCacheConfig, apply_encoder_cache, denoise, get_cache_stats, remove_encoder_cache
-
+from fcr_sample import (
+    EncoderCacheConfig,
+    apply_encoder_cache,
+    denoise,
+    get_cache_stats,
+    remove_encoder_cache,
+)
 
 
 def test_denoise_equals_the_pipeline(make_pipe, denoise_inputs):
