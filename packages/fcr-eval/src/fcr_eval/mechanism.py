@@ -113,24 +113,8 @@ def _add_noise(scheduler, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
     return ac.sqrt() * z0 + (1 - ac).sqrt() * noise
 
 
-@torch.no_grad()
-def encoder_feature_variance(
-    unet,
-    z0: torch.Tensor,
-    encoder_hidden_states: torch.Tensor | None,
-    noise_scheduler,
-    *,
-    delta_max: int = 10,
-    deltas: Iterable[int] | None = None,
-    blocks: str | Iterable[str] = "all",
-    per_block: bool = True,
-    generator: torch.Generator | None = None,
-    timesteps: torch.Tensor | None = None,
-    batch_size: int = 32,
-    delta_unit: str = "timesteps",
-    sampler_steps: int | None = None,
-    **unet_kwargs,
-) -> list[FeatureStat]:
+def encoder_feature_variance(unet, z0: torch.Tensor, encoder_hidden_states: torch.Tensor | None, noise_scheduler,
+                             **kwargs) -> list[FeatureStat]:
     """σ²_Δ of the UNet's encoder features for Δ in ``deltas`` (default 1…``delta_max``).
 
     The store's form of :func:`encoder_feature_consistency` (same arguments): rows
@@ -142,10 +126,7 @@ def encoder_feature_variance(
         >>> {r.delta for r in rows}
         {1, 2, 3}
     """
-    rows = encoder_feature_consistency(
-        unet, z0, encoder_hidden_states, noise_scheduler, delta_max=delta_max, deltas=deltas, blocks=blocks,
-        per_block=per_block, generator=generator, timesteps=timesteps, batch_size=batch_size, delta_unit=delta_unit,
-        sampler_steps=sampler_steps, **unet_kwargs)
+    rows = encoder_feature_consistency(unet, z0, encoder_hidden_states, noise_scheduler, **kwargs)
     return [r.to_feature_stat() for r in rows]
 
 
