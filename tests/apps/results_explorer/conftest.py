@@ -35,7 +35,7 @@ APP = Path(fcr_results_explorer.__file__).with_name("app.py")
 
 FD = "fd_efficientnet_lite0"
 VARIATIONS = {
-    # variation: (experiment, stride, lambda, FD per seed, sec/img, variance slope)
+    # variation: (experiment, stride, lambda, FD per seed, sec/img, variance slope[, sampler])
     "fd-5": ("exp-a", 5, None, [10.0, 12.0, 14.0], 0.10, 0.04),
     "fd-10": ("exp-a", 10, None, [20.0, 21.0, 22.0], 0.08, 0.04),
     "fcr-10": ("exp-a", 10, 0.1, [13.0, 13.5, 14.0], 0.08, 0.02),
@@ -51,9 +51,10 @@ def _png(path: Path, shade: int) -> None:
     Image.new("RGB", (16, 16), (shade, shade, shade)).save(path)
 
 
-def write_small_store(path: Path) -> Path:
+def write_small_store(path: Path, variations: dict | None = None) -> Path:
     store = ResultsStore(path)
-    for variation, (experiment, stride, lam, fds, sec, slope) in VARIATIONS.items():
+    for variation, (experiment, stride, lam, fds, sec, slope, *kind) in (variations or VARIATIONS).items():
+        sampler = kind[0] if kind else "fd"
         b = experiment == "exp-b"
         for seed, fd in enumerate(fds):
             config = {"variation": variation, "seed": seed}
@@ -62,7 +63,8 @@ def write_small_store(path: Path) -> Path:
                 experiment_id=experiment, variation_id=variation, seed=seed,
                 model="other-unet" if b else "embedded-unet",
                 dataset="other-data" if b else "fashion-mnist",
-                sampler="fd", stride=stride, parallel_decoding=True, lambda_fcr=lam,
+                sampler=sampler, stride=stride, parallel_decoding=True if sampler == "fd" else None,
+                lambda_fcr=lam,
                 delta_max=10 if lam else None, blocks="all" if lam else None,
                 scheduler="dpmsolver++" if b else "ddim", resolution=64 if b else 32,
                 num_inference_steps=50, guidance_scale=3.0, config=config,
@@ -119,6 +121,13 @@ def small_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("store")
     write_human_study(folder / "human-study.duckdb")
     return write_small_store(folder / "fcr.duckdb")
+
+
+@pytest.fixture
+def store_with_deepcache(tmp_path: Path) -> Path:
+    """The small store plus a DeepCache variation in exp-b (interval 5, like fd-5-b's stride)."""
+    return write_small_store(tmp_path / "fcr.duckdb", {
+        **VARIATIONS, "deepcache-5-b": ("exp-b", 5, None, [31.0, 33.0], 0.20, 0.04, "deepcache")})
 
 
 @pytest.fixture

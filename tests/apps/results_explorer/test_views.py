@@ -202,3 +202,14 @@ def test_empty_store_shows_guidance_not_an_error(tmp_path, app_for, view):
     at = _run(app_for(tmp_path / "fcr.duckdb", view=view))
     assert not at.error
     assert "has no finished runs yet" in at.info[0].value
+
+
+def test_stride_axes_say_what_each_cache_kind_plots(store_with_deepcache, app_for):
+    """An FD stride and a DeepCache interval are different quantities: separate charts, each
+    axis titled with its own meaning."""
+    at = _run(app_for(store_with_deepcache, view="quality-speed", exp="exp-b"))
+    specs = [e.proto.spec for e in at.main.children.values() if getattr(e, "type", "") == "vega_lite_chart"]
+    fd = [s for s in specs if "FD stride (steps between encoder passes)" in s]
+    dc = [s for s in specs if "DeepCache interval (steps between full UNet passes)" in s]
+    assert len(fd) == 1 and len(dc) == 1 and fd[0] != dc[0]
+    assert "stride (steps between encoder passes)" not in dc[0]

@@ -230,6 +230,11 @@ def _evaluate(ctx: RunContext, st: _RunState, store: ResultsStore | Path, caches
                       title=f"{ctx.exp.id} {run.variation.id} seed {run.seed}")
 
 
+#: Variation fields that are columns of ``runs`` (or the effective schedule's columns).
+_RUN_COLUMNS = ("id", "sampler", "stride", "parallel_decoding", "lambda_fcr", "delta_max", "blocks", "scheduler",
+                "num_inference_steps", "guidance_scale", "resolution", "description")
+
+
 def _run_result(ctx: RunContext, st: _RunState, ft: dict | None, parts: list[dict], procs: Processes,
                 started: _dt.datetime) -> RunResult:
     """Metrics from the gathered shards, and the run's store record."""
@@ -252,7 +257,10 @@ def _run_result(ctx: RunContext, st: _RunState, ft: dict | None, parts: list[dic
     logger.info("%s s%d: %s", v.id, run.seed, ", ".join(f"{m.metric}={m.value:.4g}" for m in metrics
                                                           if m.metric in shown))
     rob = run.robustness
-    params = {**asdict(v), **RobustnessProtocol(rob.kind, dict(rob.settings)).as_params(),
+    # Each setting is stored once: what has a column of its own is not repeated in ``params``
+    # (``config`` is the full resolved record the run id is hashed from).
+    variation = {k: x for k, x in asdict(v).items() if k not in _RUN_COLUMNS}
+    params = {**variation, **RobustnessProtocol(rob.kind, dict(rob.settings)).as_params(),
               "robustness_id": rob.id, "n_samples": n, "finetune": ft and {k: ft.get(k) for k in
                                                                            ("run_dir", "steps", "final_unet",
                                                                             "stopped_early", "best_metric")},
@@ -269,7 +277,7 @@ def _run_result(ctx: RunContext, st: _RunState, ft: dict | None, parts: list[dic
         delta_max=planned_ft.delta_max if planned_ft else None, blocks=planned_ft.blocks if planned_ft else None,
         params=params, config=run.config, code_version=code_version(), device=describe_device(ctx.device),
         started_at=started, finished_at=_dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None),
-        run_dir=str(run.run_dir))
+        run_dir=str(run.run_dir), **run.sampler.describe())
     samples = [s for p in parts for s in p["samples"]]
     return RunResult(record, metrics=metrics, per_prompt_scores=per_prompt, timings=st.timings,
                      feature_stats=list(st.feature_stats), samples=samples)

@@ -97,6 +97,13 @@ def _pareto(qf: pl.DataFrame, sf: pl.DataFrame, quality: str, speed: str) -> Non
                + ", ".join(f"**{v}**" for v in on_front))
 
 
+#: What the stride column means for each cache kind, as an axis title.
+STRIDE_AXIS = {
+    "fd": "FD stride (steps between encoder passes)",
+    "deepcache": "DeepCache interval (steps between full UNet passes)",
+}
+
+
 def _by_stride(qf: pl.DataFrame, quality: str) -> None:
     st.subheader("Quality against stride, per model")
     data = qf.filter(pl.col("stride").is_not_null())
@@ -107,10 +114,18 @@ def _by_stride(qf: pl.DataFrame, quality: str) -> None:
         (_family(data) + pl.lit(" · ") + pl.col("scheduler").fill_null("?")).alias("series"),
         (pl.col("mean") - pl.col("ci95").fill_null(0)).alias("lo"),
         (pl.col("mean") + pl.col("ci95").fill_null(0)).alias("hi"),
-    ).select("experiment", "variation", "model", "series", "stride", "n", "mean", "ci95", "lo",
+    ).select("experiment", "variation", "model", "sampler", "series", "stride", "n", "mean", "ci95", "lo",
              "hi").sort("stride")
+    # A DeepCache interval and an FD stride are different quantities: one chart per cache kind,
+    # each axis titled with what it plots.
+    for kind in sorted(data["sampler"].unique().to_list(), key=lambda k: (k not in STRIDE_AXIS, k)):
+        _stride_chart(data.filter(pl.col("sampler") == kind), quality,
+                      STRIDE_AXIS.get(kind, f"{kind} stride"), kind)
+
+
+def _stride_chart(data: pl.DataFrame, quality: str, x_title: str, kind: str) -> None:
     base = alt.Chart(data).encode(
-        x=alt.X("stride:Q", title="stride (steps between encoder passes)",
+        x=alt.X("stride:Q", title=x_title,
                 axis=alt.Axis(tickMinStep=1), scale=alt.Scale(zero=False, nice=False,
                                                               padding=20)),
         color=alt.Color("series:N", title="sampler · fine-tuning · scheduler",
@@ -126,4 +141,4 @@ def _by_stride(qf: pl.DataFrame, quality: str) -> None:
     models = data["model"].unique().to_list()
     layered = (err + line).properties(height=300, width=320 if len(models) > 1 else "container")
     ch = layered.facet(column=alt.Column("model:N", title=None)) if len(models) > 1 else layered
-    ui.chart(ch, data, "quality-vs-stride", "stride")
+    ui.chart(ch, data, f"quality-vs-stride-{kind}", f"stride-{kind}")
