@@ -171,6 +171,7 @@ def model_cost(exp: Experiment, model_id: str, resolution: int | None = None) ->
 
 def _count_embedded_cost(cfg: dict, res: int) -> ModelCost:
     import torch
+    from fcr_sample import DeepCacheConfig
     from fcr_sample.benchmark import deepcache_partial_flops, flop_split
     from fcr_train.embedded import build_unet
 
@@ -178,10 +179,8 @@ def _count_embedded_cost(cfg: dict, res: int) -> ModelCost:
     x = torch.randn(1, cfg["in_channels"], res, res)
     text = torch.randn(1, 16, cfg["cross_attention_dim"])
     split = flop_split(unet, x, text)
-    try:
-        partial = deepcache_partial_flops(unet, x, text, branch=0) / split.total
-    except Exception:  # noqa: BLE001 - an estimate only
-        partial = SD_COSTS["deepcache_partial_share"]
+    # the shallow path of DeepCache's default branch (0), which the mini experiments compare
+    partial = deepcache_partial_flops(unet, x, text, DeepCacheConfig(cache_branch_id=0)) / split.total
     return ModelCost(split.total, split.encoder_share, partial, "flop counter")
 
 
