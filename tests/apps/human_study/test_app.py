@@ -271,3 +271,13 @@ def test_a_vote_blocked_by_another_process_is_not_acknowledged_and_can_be_retrie
     res = c.predict(out[TOKEN], api_name="/vote_left")
     assert res[STATUS].startswith("✓")
     assert service.store.query("SELECT count(*) FROM votes")[0][0] == before + 1
+
+
+def test_image_payloads_do_not_show_the_study_folder(app):
+    """The browser gets pixels (Gradio's cache names), never the study folder's server path."""
+    out = client(app["url"]).predict(app["tokens"][26], api_name="/start")
+    folder = str(app["study"].resolve().parent)
+    for img in (out[2], out[3]):
+        assert folder not in str(img) and "human-study/images" not in str(img), img
+    with httpx.Client(base_url=app["url"]) as h:
+        assert h.get(out[2]["url"]).content[:8] == b"\x89PNG\r\n\x1a\n"

@@ -3,8 +3,10 @@
 Everything a browser receives is built from a :class:`~fcr_human_study.rating.Presentation`:
 the prompt, two images from the study's own image folder (random names), an opaque pair id
 inside a signed presentation token, and the rater's progress. The rater's id lives in server-side
-session state (``gr.State`` is never sent to the browser). Files are served from the study's image
-folder only (``allowed_paths`` and Gradio's static paths are set to it).
+session state (``gr.State`` is never sent to the browser). The images go out as pixels (Gradio
+caches them under content-hash names in the server's private temp folder), so no payload carries
+the study folder's path on the server; Gradio's file routes reach the study's image folder only
+(``allowed_paths`` and its static paths are set to it).
 
 An invitation link may carry the token (``http://host:port/?token=...``); the page then starts
 at the first pair. The admin view (progress, CSV export, analysis) is an accordion at the bottom of the page; each of
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from PIL import Image
 
 from .rating import CHOICES, Presentation, RatingService, UnknownRater, VoteRefused
 from .store import StudyStoreError
@@ -89,7 +92,13 @@ def _screen(service: RatingService, rater_id: str | None, status: str = "") -> t
         return (rater_id, hidden, hidden, shown, _progress_html(done, total), "", None, None, "",
                 status)
     return (rater_id, hidden, shown, hidden, _progress_html(p.number - 1, p.total),
-            _prompt_html(p.prompt), str(p.left_image), str(p.right_image), p.token, status)
+            _prompt_html(p.prompt), _pixels(p.left_image), _pixels(p.right_image), p.token, status)
+
+
+def _pixels(path: Path) -> Image.Image:
+    """The image itself, not its path: a file path would reach the browser in the payload."""
+    with Image.open(path) as im:
+        return im.convert("RGB")
 
 
 def build_app(service: RatingService, *, title: str = "Image preference study") -> gr.Blocks:
@@ -135,21 +144,22 @@ def build_app(service: RatingService, *, title: str = "Image preference study") 
             logger.error("next pair for %s: %s", rater_id, e)
             return busy("✓ Saved. The server is busy: reload the page to continue.")
 
-    def admin_guard(secret: str) -> None:
+    def admin_guard(secret: str, what: str) -> None:
         if not service.admin_ok(secret):
-            raise gr.Error("Wrong admin secret.")
+            logger.warning("admin %s refused: wrong admin secret", what)  # one line, no traceback
+            raise gr.Error("Wrong admin secret.", print_exception=False)
 
     def admin_progress(secret: str) -> str:
-        admin_guard(secret)
+        admin_guard(secret, "progress")
         return _progress_markdown(service.admin_progress())
 
     def admin_export(secret: str) -> str:
-        admin_guard(secret)
+        admin_guard(secret, "export")
         folder = Path(tempfile.mkdtemp(prefix=f"votes-{secrets.token_hex(8)}-"))
         return str(service.export_votes_csv(folder / f"{service.study_id}-votes.csv"))
 
     def admin_analyse(secret: str) -> str:
-        admin_guard(secret)
+        admin_guard(secret, "analysis")
         from .analysis import analyse_study, format_table, write_analysis
 
         result = analyse_study(service.store, n_bootstrap=500)
@@ -170,9 +180,9 @@ def build_app(service: RatingService, *, title: str = "Image preference study") 
             progress = gr.HTML()
             prompt = gr.HTML()
             with gr.Row(elem_id="pair-row", equal_height=True):
-                left = gr.Image(label="A", type="filepath", interactive=False, height=420,
+                left = gr.Image(label="A", type="pil", format="png", interactive=False, height=420,
                                 buttons=[], show_label=True)
-                right = gr.Image(label="B", type="filepath", interactive=False, height=420,
+                right = gr.Image(label="B", type="pil", format="png", interactive=False, height=420,
                                  buttons=[], show_label=True)
             with gr.Row():
                 buttons = {c: gr.Button(_LABELS[c], elem_classes="choice",

@@ -273,16 +273,32 @@ def build_study(results_store: str | os.PathLike, study_path: str | os.PathLike,
 
     Returns:
         A :class:`BuildReport`, including the admin secret (shown once; only its hash is stored).
+
+    The study is written to a temporary file beside ``study_path`` and renamed at the end, so a
+    failed build leaves no file at ``study_path`` (and removes the images it copied).
     """
     if n_pairs < 1:
         raise StudyBuildError("--pairs must be at least 1")
     if not 0.0 <= attention_share < 1.0:
         raise StudyBuildError("--attention-share must be in [0, 1)")
-    study = StudyStore(study_path)
-    if study.has_study():
-        raise StudyBuildError(
-            f"{study_path} already holds a study; votes are never overwritten: pass another --out"
-        )
+    if pairs_per_rater < 1:
+        raise StudyBuildError("--pairs-per-rater must be at least 1")
+    study_path = Path(study_path)
+    if not study_path.parent.is_dir():
+        raise StudyBuildError(f"the folder of --out {study_path} ({study_path.parent}) does not exist; "
+                              "create it or pass --out in an existing folder")
+    if study_path.is_dir():
+        raise StudyBuildError(f"--out {study_path} is a directory; pass the study's DuckDB file, e.g. "
+                              f"{study_path / 'human-study.duckdb'}")
+    if study_path.exists():
+        existing = StudyStore(study_path, read_only=True)
+        try:
+            if existing.has_study():
+                raise StudyBuildError(
+                    f"{study_path} already holds a study; votes are never overwritten: pass another --out"
+                )
+        finally:
+            existing.close()
     samples, experiment_id = load_samples(results_store, experiment_id, variations)
     n_attention = int(round(n_pairs * attention_share)) if attention_share > 0 else 0
     if attention_share > 0 and n_pairs >= 2:
@@ -295,7 +311,10 @@ def build_study(results_store: str | os.PathLike, study_path: str | os.PathLike,
 
     rng = random.Random(seed + 1)
     images_dir = images_dir_for(study_path)
+    new_dirs = [d for d in (images_dir.parent, images_dir) if not d.exists()]
     images_dir.mkdir(parents=True, exist_ok=True)
+    building = study_path.with_name(f".{study_path.name}.building-{secrets.token_hex(4)}")
+    study = StudyStore(building)
     created: list[Path] = []
     image_rows: list[list] = []
     image_of: dict[tuple[str, str], str] = {}
@@ -367,12 +386,16 @@ def build_study(results_store: str | os.PathLike, study_path: str | os.PathLike,
                   a.variation, b.variation, a.run_id, b.run_id, ia, ib, att, expected]
                  for pos, (a, b, ia, ib, att, expected) in enumerate(pair_rows)],
             )
-    except BaseException:
-        for f in created:
-            f.unlink(missing_ok=True)
-        raise
-    finally:
         study.close()
+        os.replace(building, study_path)  # the study appears whole or not at all
+    except BaseException:
+        study.close()
+        for f in [*created, building, building.with_name(building.name + ".wal")]:
+            f.unlink(missing_ok=True)
+        for d in reversed(new_dirs):
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+        raise
     logger.info("built %s: %d pairs (%d attention checks) in %s", study_id, len(pair_rows),
                 n_attention, study_path)
     return BuildReport(

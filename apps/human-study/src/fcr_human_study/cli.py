@@ -5,6 +5,10 @@
     fcr-human-study serve   --study results/human-study.duckdb [--share] [--port 7860]
     fcr-human-study analyse --study results/human-study.duckdb
     fcr-human-study export  --study results/human-study.duckdb --csv votes.csv
+
+A bad input (no study, a file that is not one, a busy --port, an option out of range) is one line
+``fcr-human-study: error: ...`` on stderr, exit code 2; ``--debug`` or FCR_DEBUG=1 adds the
+traceback. A failed ``build`` leaves nothing at ``--out``.
 """
 
 from __future__ import annotations
@@ -16,20 +20,55 @@ import sys
 import tempfile
 from pathlib import Path
 
+from fcr_train.cli_errors import (
+    EXIT_USAGE,
+    UserError,
+    add_debug_argument,
+    check_port_free,
+    float_in,
+    int_at_least,
+    port,
+    run_cli,
+)
+
 from .store import DEFAULT_STUDY_PATH
 
 logger = logging.getLogger("fcr_human_study")
 
 
 def _require_study(path: str) -> None:
-    from .store import StudyStoreError
-
+    if Path(path).is_dir():
+        raise UserError(f"--study {path} is a directory; pass the study's DuckDB file (e.g. {Path(path) / 'human-study.duckdb'})")
     if not Path(path).exists():
-        raise StudyStoreError(f"no study at {path}; build one with `fcr-human-study build`")
+        raise UserError(f"no study at {path}; build one with `fcr-human-study build` or pass the right --study")
+
+
+def _require_folder(path: str, flag: str) -> None:
+    parent = Path(path).parent
+    if not parent.is_dir():
+        raise UserError(f"the folder of {flag} {path} ({parent}) does not exist; create it or pass a path in an "
+                        "existing folder")
+
+
+def _check_study(path: str) -> None:
+    """Open the study once, briefly, before anything is served: a file that is not a study fails
+    here with the store's own message (and no connection is left to a background thread)."""
+    from .rating import RatingService
+    from .store import StudyStore
+
+    store = StudyStore(path, read_only=True)
+    try:
+        RatingService(store)
+    finally:
+        store.close()
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
     from .build import add_raters, build_study
+
+    if not Path(args.store).is_file():
+        raise UserError(f"no results store at {args.store}" + (" (it is a directory)" if Path(args.store).is_dir() else "")
+                        + "; run an experiment first (`fcr-eval run`) or pass the right --store")
 
     report = build_study(
         args.store, args.out, n_pairs=args.pairs, attention_share=args.attention_share,
@@ -67,6 +106,10 @@ def _cmd_invite(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    _require_study(args.study)
+    if args.port is not None:
+        check_port_free(args.host, args.port)
+    _check_study(args.study)
     # Gradio serves whatever lies in its upload and example-cache folders (shared by every Gradio
     # app on the machine by default): give this server private, empty ones.
     private = Path(tempfile.mkdtemp(prefix="fcr-human-study-gradio-"))
@@ -76,14 +119,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from .rating import RatingService
     from .store import StudyStore
 
-    _require_study(args.study)
     store = StudyStore(args.study, idle_close_s=args.idle_close)
     service = RatingService(store)
     print(f"serving study {service.study_id} ({service.n_pairs} pairs, {service.per_rater} per "
           f"rater) from {args.study}; images from {store.images_dir}", flush=True)
-    demo = build_app(service, title=args.title)
     try:
+        demo = build_app(service, title=args.title)
         launch_app(demo, service, server_name=args.host, server_port=args.port, share=args.share)
+    except OSError as e:  # the port was taken between the check and the launch
+        raise UserError(f"cannot serve on {args.host}:{args.port or 'the default port'}: {e}. Pass a free port "
+                        "with --port") from None
     finally:
         store.close()
     return 0
@@ -112,6 +157,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .rating import RatingService
     from .store import StudyStore
 
+    _require_study(args.study)
+    _require_folder(args.csv, "--csv")
     store = StudyStore(args.study, read_only=True)
     try:
         path = RatingService(store).export_votes_csv(args.csv)
@@ -125,41 +172,42 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fcr-human-study", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true")
+    add_debug_argument(p)
     sub = p.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("build", help="build a study of A/B pairs from the results store's samples")
     b.add_argument("--store", default="results/fcr.duckdb", help="the fcr-eval results store")
     b.add_argument("--out", default=str(DEFAULT_STUDY_PATH), help="the study's own DuckDB file")
-    b.add_argument("--pairs", type=int, default=1000, help="pairs in the study, attention checks included")
-    b.add_argument("--attention-share", type=float, default=0.1)
-    b.add_argument("--pairs-per-rater", type=int, default=50)
+    b.add_argument("--pairs", type=int_at_least(1), default=1000, help="pairs in the study, attention checks included")
+    b.add_argument("--attention-share", type=float_in(0, 1, high_open=True), default=0.1)
+    b.add_argument("--pairs-per-rater", type=int_at_least(1), default=50)
     b.add_argument("--experiment", help="experiment id (required if the store holds several)")
     b.add_argument("--variations", nargs="+", help="variation ids to compare (default: all)")
-    b.add_argument("--raters", type=int, default=0, help="also create this many invitation tokens")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--raters", type=int_at_least(0), default=0, help="also create this many invitation tokens")
+    b.add_argument("--seed", type=int_at_least(0), default=0)
     b.set_defaults(fn=_cmd_build)
 
     i = sub.add_parser("invite", help="create raters; prints rater_id,token CSV (tokens shown once)")
     i.add_argument("--study", default=str(DEFAULT_STUDY_PATH))
-    i.add_argument("-n", type=int, default=1)
+    i.add_argument("-n", type=int_at_least(1), default=1)
     i.add_argument("--label", default="rater")
     i.set_defaults(fn=_cmd_invite)
 
     s = sub.add_parser("serve", help="serve the rating app")
     s.add_argument("--study", default=str(DEFAULT_STUDY_PATH))
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=None)
+    s.add_argument("--port", type=port, default=None)
     s.add_argument("--share", action="store_true", help="also open a public Gradio share link")
     s.add_argument("--title", default="Image preference study")
-    s.add_argument("--idle-close", type=float, default=1.0,
+    s.add_argument("--idle-close", type=float_in(0), default=1.0,
                    help="seconds without votes after which the study file is released for readers")
     s.set_defaults(fn=_cmd_serve)
 
     a = sub.add_parser("analyse", help="win rates, Bradley-Terry scores, agreement; writes them to the study file")
     a.add_argument("--study", default=str(DEFAULT_STUDY_PATH))
-    a.add_argument("--min-attention-accuracy", type=float, default=0.8)
-    a.add_argument("--bootstrap", type=int, default=1000)
-    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--min-attention-accuracy", type=float_in(0, 1), default=0.8)
+    a.add_argument("--bootstrap", type=int_at_least(1), default=1000)
+    a.add_argument("--seed", type=int_at_least(0), default=0)
     a.add_argument("--dry-run", action="store_true", help="print only, write nothing")
     a.set_defaults(fn=_cmd_analyse)
 
@@ -170,22 +218,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Bad input besides UserError and missing paths (named by module: nothing is imported to check).
+USER_ERRORS = {
+    "fcr_human_study.build:StudyBuildError": EXIT_USAGE,
+    "fcr_human_study.store:StudyStoreError": EXIT_USAGE,
+    "fcr_eval.db:StoreError": EXIT_USAGE,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from .build import StudyBuildError
-    from .store import StudyStoreError
-
-    try:
-        from fcr_eval.store import StoreError
-    except ImportError:  # pragma: no cover
-        StoreError = RuntimeError  # noqa: N806
-    try:
-        return args.fn(args)
-    except (StudyBuildError, StudyStoreError, StoreError) as e:
-        print(f"fcr-human-study {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: args.fn(args), prog="fcr-human-study", debug=args.debug, user_errors=USER_ERRORS)
 
 
 if __name__ == "__main__":
