@@ -6,6 +6,10 @@ shares of one UNet forward. Parallel decoding can beat that bound in wall-clock 
 batched decoders use the hardware better; it cannot beat it in FLOPs. This module measures both
 on a bare UNet + DDIM loop with classifier-free guidance (the text encoder and VAE cost the same
 with or without a cache, so they are left out).
+
+:func:`benchmark_pipelines` compares whole pipeline calls instead — fcr's caches next to peer
+packages (DeepCache, T-GATE) that only exist as pipeline wrappers — interleaved round by round on
+one pipeline, with the same x_T for every variant.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -23,17 +28,21 @@ from .deep_cache import DeepCacheConfig, apply_deep_cache, remove_deep_cache
 from .encoder_cache import EncoderCacheConfig, apply_encoder_cache, remove_encoder_cache
 from .hooks import get_cache_stats, reset_cache_stats
 from .sampling import denoise
-from .unet_parts import (
-    prepare_conditioning,
-    residuals_consumed,
-    run_down_blocks,
-    run_encoder,
-    run_up_blocks,
-)
+from .unet_parts import prepare_conditioning, run_encoder
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FlopSplit", "flop_split", "BenchmarkRow", "benchmark_sampling", "format_table"]
+__all__ = [
+    "FlopSplit",
+    "flop_split",
+    "BenchmarkRow",
+    "benchmark_sampling",
+    "format_table",
+    "PipelineVariant",
+    "PipelineRow",
+    "benchmark_pipelines",
+    "format_pipeline_table",
+]
 
 
 @dataclass(frozen=True)
@@ -68,21 +77,15 @@ def flop_split(unet, sample: torch.Tensor, text: torch.Tensor, timestep: int = 5
 
 
 @torch.no_grad()
-def deepcache_partial_flops(unet, sample, text, branch: int, timestep: int = 500) -> float:
-    """FLOPs of DeepCache's shallow path (its cached steps) at ``branch``."""
-    cut = len(unet.up_blocks) - 1 - branch
-    n_res = residuals_consumed(unet, cut)
-    shape = tuple(sample.shape[-2:])
-    cond = prepare_conditioning(unet, sample, timestep, text)
-    enc = run_encoder(unet, sample, cond)
-    deep = run_up_blocks(unet, enc.mid, enc.down_block_res_samples, cond, shape, stop_block=cut)
-
-    def shallow():
-        c = prepare_conditioning(unet, sample, timestep, text)
-        _, res = run_down_blocks(unet, sample, c, num_blocks=branch + 1)
-        run_up_blocks(unet, deep, res[:n_res], c, shape, start_block=cut)
-
-    return _count(shallow)
+def deepcache_partial_flops(unet, sample, text, config: DeepCacheConfig, timestep: int = 500) -> float:
+    """FLOPs of one DeepCache cached step (the shallow path that still runs) under ``config``."""
+    hook = apply_deep_cache(unet, DeepCacheConfig(cache_interval=2, cache_branch_id=config.cache_branch_id))
+    try:
+        hook.tracker.start([timestep, timestep - 1])
+        unet(sample, timestep, encoder_hidden_states=text)  # the full step stores the deep features
+        return _count(lambda: unet(sample, timestep - 1, encoder_hidden_states=text))
+    finally:
+        remove_deep_cache(unet)
 
 
 @dataclass
@@ -208,8 +211,8 @@ def benchmark_sampling(
             )
     for interval, branch in deepcache:
         cfg = DeepCacheConfig(cache_interval=interval, cache_branch_id=branch)
-        partial = deepcache_partial_flops(unet, torch.cat([latents, latents]), text, branch)
-        n_full = len(range(0, steps, interval))
+        partial = deepcache_partial_flops(unet, torch.cat([latents, latents]), text, cfg)
+        n_full = len(cfg.key_steps_for(steps))
         bound = steps * split.total / (n_full * split.total + (steps - n_full) * partial)
         run_variant(cfg.label, lambda u, c=cfg: apply_deep_cache(u, c), remove_deep_cache, bound)
     return rows, split
@@ -227,4 +230,178 @@ def format_table(rows: list[BenchmarkRow]) -> str:
             f"| {r.method} | {r.sec_per_image:.4f} | {r.speedup:.2f}× | {bound} | {r.unet_calls} | "
             f"{r.encoder_forwards} | {r.decoder_batches} | {r.max_abs_diff:.3g} |"
         )
+    return "\n".join(lines)
+
+
+# -- peers side by side: whole pipeline calls, interleaved rounds ---------------------------------
+
+
+def _no_change(pipe) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class PipelineVariant:
+    """One way of sampling with a pipeline, for :func:`benchmark_pipelines`.
+
+    Attributes:
+        label: the row's name.
+        enable / disable: attach and detach the method (called around every timed call, so
+            variants can be interleaved on one pipeline; ``disable`` must restore it exactly).
+        call: ``call(pipe, **kwargs)`` for methods with their own entry point (T-GATE's
+            ``pipe.tgate``); default ``pipe(**kwargs)``.
+    """
+
+    label: str
+    enable: Callable[[Any], None] = _no_change
+    disable: Callable[[Any], None] = _no_change
+    call: Callable[..., Any] | None = None
+
+
+@dataclass
+class PipelineRow:
+    """Timings of one variant over the timed rounds, and its images from the warm-up round.
+
+    ``speedups[r]`` is the reference variant's time in round ``r`` over this variant's: a ratio
+    within one round, so slow phases of a shared machine hit both sides of it.
+    """
+
+    label: str
+    seconds_per_image: list[float]
+    speedups: list[float]
+    images: torch.Tensor
+    peak_memory_bytes: int | None = None
+
+    @property
+    def median_seconds(self) -> float:
+        return statistics.median(self.seconds_per_image)
+
+    @property
+    def median_speedup(self) -> float:
+        return statistics.median(self.speedups)
+
+
+def _peak_reset(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def benchmark_pipelines(
+    pipe,
+    variants: list[PipelineVariant],
+    call_kwargs: dict[str, Any],
+    *,
+    rounds: int = 3,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> list[PipelineRow]:
+    """Time whole ``pipe(...)`` calls of several variants, interleaved round by round.
+
+    Every call gets a fresh generator seeded with ``seed`` (the same x_T for every variant) and
+    ``output_type="pt"``. One untimed warm-up round provides each variant's images; then each of
+    ``rounds`` timed rounds calls every variant once, starting at a different variant each round
+    so that no variant always runs first. The first variant is the reference of the speed-ups.
+
+    Args:
+        pipe: a diffusers pipeline.
+        variants: what to compare; ``variants[0]`` is the reference (usually no cache).
+        call_kwargs: the pipeline call's arguments (prompt or ``prompt_embeds``, steps, guidance);
+            the batch is read from the images the calls return.
+        rounds: timed rounds (>= 1).
+        seed: seed of every call's generator.
+        progress: called with a short message before each call.
+
+    Example:
+        >>> rows = benchmark_pipelines(pipe, [PipelineVariant("no cache"), PipelineVariant(
+        ...     "FD-10", lambda p: apply_encoder_cache(p, EncoderCacheConfig(stride=10)),
+        ...     remove_encoder_cache)], {"prompt": "a cat", "num_inference_steps": 50})
+    """
+    if not variants:
+        raise ValueError("benchmark_pipelines needs at least one variant")
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    labels = [v.label for v in variants]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"variant labels must be distinct, got {labels}")
+    device = pipe.unet.device
+    say = progress or (lambda _msg: None)
+
+    def call(v: PipelineVariant) -> tuple[float, torch.Tensor, int | None]:
+        v.enable(pipe)
+        try:
+            gen = torch.Generator(device="cpu").manual_seed(seed)
+            kwargs = {**call_kwargs, "generator": gen, "output_type": "pt"}
+            _sync(device)
+            _peak_reset(device)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                out = v.call(pipe, **kwargs) if v.call is not None else pipe(**kwargs)
+            _sync(device)
+            sec = time.perf_counter() - t0
+            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        finally:
+            v.disable(pipe)
+        return sec, out.images.detach().float().cpu(), peak
+
+    images: dict[str, torch.Tensor] = {}
+    for v in variants:
+        say(f"warm-up: {v.label}")
+        images[v.label] = call(v)[1]
+    times: dict[str, list[float]] = {v.label: [] for v in variants}
+    peaks: dict[str, int | None] = {v.label: None for v in variants}
+    for r in range(rounds):
+        order = variants[r % len(variants) :] + variants[: r % len(variants)]
+        for v in order:
+            say(f"round {r + 1}/{rounds}: {v.label}")
+            sec, _, peak = call(v)
+            times[v.label].append(sec / len(images[v.label]))
+            if peak is not None:
+                peaks[v.label] = max(peak, peaks[v.label] or 0)
+    ref = times[variants[0].label]
+    return [
+        PipelineRow(
+            v.label,
+            times[v.label],
+            [a / b for a, b in zip(ref, times[v.label], strict=True)],
+            images[v.label],
+            peaks[v.label],
+        )
+        for v in variants
+    ]
+
+
+def format_pipeline_table(rows: list[PipelineRow], *, same_as: dict[str, str] | None = None) -> str:
+    """A Markdown table: s/img (median, min–max over rounds), speed-up vs the first row (median,
+    min–max of the per-round ratios), max |Δ| of the images against the first row, and peak
+    memory where measured.
+
+    ``same_as`` maps a row to another row whose images it should reproduce (ours → the package's);
+    the max |Δ| between those two is added as a column.
+    """
+    same_as = same_as or {}
+    ref = rows[0]
+    by_label = {r.label: r for r in rows}
+    mem = any(r.peak_memory_bytes is not None for r in rows)
+    head = "| variant | s/img (median, min–max) | speed-up vs " + ref.label + " (median, min–max) | max abs Δ image vs " + ref.label
+    head += " | max abs Δ image vs twin |" if same_as else " |"
+    head += " peak GiB |" if mem else ""
+    lines = [head, "|---|---:|---:|---:|" + ("---|" if same_as else "") + ("---:|" if mem else "")]
+    for r in rows:
+        s = r.seconds_per_image
+        line = (
+            f"| {r.label} | {r.median_seconds:.3f} ({min(s):.3f}–{max(s):.3f}) | "
+            f"{r.median_speedup:.2f}× ({min(r.speedups):.2f}–{max(r.speedups):.2f}) | "
+            f"{float((r.images - ref.images).abs().max()):.3g} |"
+        )
+        if same_as:
+            twin = by_label.get(same_as.get(r.label, ""))
+            line += (
+                f" {float((r.images - twin.images).abs().max()):.2g} vs {twin.label} |"
+                if twin is not None
+                else " – |"
+            )
+        if mem:
+            gib = r.peak_memory_bytes / 2**30 if r.peak_memory_bytes is not None else float("nan")
+            line += f" {gib:.2f} |"
+        lines.append(line)
     return "\n".join(lines)

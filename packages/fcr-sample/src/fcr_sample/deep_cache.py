@@ -1,140 +1,390 @@
-"""A DeepCache-style comparator, on the same terms as the encoder cache.
+"""DeepCache (Ma et al., 2023, https://arxiv.org/abs/2312.00858) as removable hooks on a UNet.
 
-DeepCache (Ma et al., 2023, https://arxiv.org/abs/2312.00858) caches a *deep* decoder feature —
-the hidden state entering a shallow up block — at full steps, and at the steps in between reruns
-only the shallow path: ``conv_in``, the first down blocks and the last up blocks. It is the
-strongest training-free peer of encoder caching. This implementation works at block granularity:
-``cache_branch_id = b`` keeps down blocks ``0..b`` and up blocks ``n-1-b..n-1`` live.
-At ``b = 0`` on SD v1.5 the live path is conv_in, the first down block and the last up block.
+DeepCache runs the whole UNet only at *full* steps. At the steps in between it reruns just a
+shallow path — ``conv_in``, the first layers of the encoder and the last layers of the decoder —
+and takes every deeper feature from the last full step. This module reproduces the reference
+implementation (PyPI ``deepcache``, ``DeepCacheSDHelper``) image for image; it is our own code,
+built on diffusers' hook registry, and the package is used only by the tests and benchmarks
+that check it.
 
-    apply_deep_cache(pipe, DeepCacheConfig(cache_interval=5, cache_branch_id=0))
+**Where the cut lies.** ``cache_branch_id = 3·B + L`` names a block ``B`` and a layer ``L``
+(a layer is one resnet with its attention; a down block's downsampler is the layer after its last
+resnet). Down blocks and up blocks are both numbered from the shallow end: up block ``B`` is
+``unet.up_blocks[-1 - B]``, and its layers are counted from its output side. At a cached step
+
+* blocks deeper than ``B``, and the mid block, return their cached outputs;
+* blocks shallower than ``B`` run;
+* in down block ``B`` layers ``< L`` run (at ``L = 0`` the whole block is cached);
+* in up block ``B`` layers ``<= L`` run, counted from the output side.
+
+So at branch 0 a cached step runs ``conv_in``, the time embedding, the last resnet (and its
+attention) of the last up block, fed by ``conv_in``'s output, and ``conv_out``.
+
+**Which steps are full.** ``skip_mode="uniform"``: steps ``0, N, 2N, ...`` of the run (the
+helper's mode). ``skip_mode="non-uniform"``: the package's ``uniform=False`` schedule, ⌈n/N⌉
+full steps spaced by a power curve around step ``center`` (denser there), found by lowering
+``pow`` from its given value in 0.02 steps until the count fits (:func:`nonuniform_full_steps`).
+
+Example:
+    >>> apply_deep_cache(pipe, DeepCacheConfig(cache_interval=5, cache_branch_id=0))
+    >>> image = pipe("a photo of a cat", num_inference_steps=50).images[0]
+    >>> remove_deep_cache(pipe)  # exactly the original UNet again
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
+from typing import Any
 
-from .hooks import (
-    CacheHook,
-    bind_unet_args,
-    conditioning_kwargs,
-    encode_call,
-    register_cache_hook,
-    remove_cache_hook,
-    unet_output,
-)
-from .schedules import key_steps
-from .unet_parts import (
-    prepare_conditioning,
-    residuals_consumed,
-    run_down_blocks,
-    run_up_blocks,
-)
+import numpy as np
+import torch
+from diffusers.hooks.hooks import HookRegistry, ModelHook
+
+from .hooks import CacheHook, bind_unet_args, register_cache_hook, remove_cache_hook
+from .run_state import HookState
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DeepCacheConfig", "apply_deep_cache", "remove_deep_cache"]
+__all__ = [
+    "SKIP_MODES",
+    "DeepCacheConfig",
+    "apply_deep_cache",
+    "remove_deep_cache",
+    "cached_module_names",
+    "nonuniform_full_steps",
+]
 
 HOOK_NAME = "fcr_deep_cache"
+LAYER_HOOK_NAME = "fcr_deep_cache_layer"
+
+#: How DeepCache picks its full steps: every N-th step, or the package's power curve.
+SKIP_MODES = ("uniform", "non-uniform")
+
+#: Layers per block that ``cache_branch_id = 3·block + layer`` assumes (SD: 2 resnets + 1).
+LAYERS_PER_BRANCH_BLOCK = 3
+
+
+def nonuniform_full_steps(
+    num_steps: int, num_full: int, *, center: int, pow: float
+) -> tuple[list[int], float]:
+    """The DeepCache package's non-uniform full steps and the exponent it settled on.
+
+    ``num_full + 1`` points are spaced evenly between ``(-center)^(1/p)`` and
+    ``(num_steps - center)^(1/p)`` and raised back to the power ``p``, so they crowd around
+    ``center``; the package takes these powers on the principal complex branch (a negative base
+    gives a complex root), keeps the real part truncated toward zero, drops both ends of the
+    distinct values, shifts them by ``center`` and prepends step 0. ``p`` starts at ``pow`` and
+    drops by 0.02 until exactly ``num_full`` steps come out.
+
+    Raises:
+        ValueError: no exponent above 1 gives ``num_full`` distinct steps (fewer full steps, a
+            smaller ``center`` or a larger ``pow`` help).
+
+    Example:
+        >>> nonuniform_full_steps(50, 10, center=15, pow=1.4)[0]
+        [0, 5, 9, 13, 17, 21, 26, 31, 37, 43]
+    """
+    if num_full < 1:
+        raise ValueError(f"num_full must be >= 1, got {num_full}")
+    p = float(pow)
+    while p > 1:
+        lo = complex(-center) ** (1 / p)
+        hi = complex(num_steps - center) ** (1 / p)
+        points = np.linspace(lo, hi, num_full + 1) ** p
+        distinct = np.unique(np.trunc(points.real).astype(np.int64))
+        steps = [0] + [int(v) + center for v in distinct[1:-1]]
+        if len(steps) == num_full:
+            return steps, p
+        p -= 0.02
+    raise ValueError(
+        f"DeepCache's non-uniform schedule finds no exponent in (1, {pow}] giving {num_full} full "
+        f"steps out of {num_steps} around center={center}: lower cache_interval's full-step count, "
+        "move center toward the start, or raise pow"
+    )
 
 
 @dataclass(frozen=True)
 class DeepCacheConfig:
-    """DeepCache settings.
+    """DeepCache settings, with the reference package's meaning.
 
     Attributes:
-        cache_interval: N; steps 0, N, 2N, ... run the full UNet.
-        cache_branch_id: b; the shallow path kept live at cached steps (0 = shallowest).
-        always_key_first: also run the first n steps in full.
+        cache_interval: N. Uniform: steps 0, N, 2N, ... are full. Non-uniform: ⌈n/N⌉ full steps.
+        cache_branch_id: ``3·block + layer``: where the shallow path that still runs at cached
+            steps ends (0 = shallowest; see the module docstring).
+        skip_mode: ``"uniform"`` or ``"non-uniform"`` (:data:`SKIP_MODES`).
+        pow: non-uniform only: the starting exponent of the power curve (the package's ``pow``).
+        center: non-uniform only: the step the full steps crowd around (the package's ``center``).
+
+    Example:
+        >>> DeepCacheConfig(cache_interval=5, cache_branch_id=0).key_steps_for(20)
+        [0, 5, 10, 15]
+        >>> DeepCacheConfig(5, 0, skip_mode="non-uniform", pow=1.4, center=15).label
+        'DeepCache-N5-b0-nonuniform-c15-p1.4'
     """
 
     cache_interval: int = 5
     cache_branch_id: int = 0
-    always_key_first: int = 0
+    skip_mode: str = "uniform"
+    pow: float = 1.4
+    center: int = 15
 
     def __post_init__(self):
         if int(self.cache_interval) != self.cache_interval or self.cache_interval < 1:
             raise ValueError(f"cache_interval must be an integer >= 1, got {self.cache_interval!r}")
-        if self.cache_branch_id < 0:
-            raise ValueError(f"cache_branch_id must be >= 0, got {self.cache_branch_id}")
-        if self.always_key_first < 0:
-            raise ValueError(f"always_key_first must be >= 0, got {self.always_key_first}")
+        if int(self.cache_branch_id) != self.cache_branch_id or self.cache_branch_id < 0:
+            raise ValueError(
+                f"cache_branch_id must be an integer >= 0 (3·block + layer), got {self.cache_branch_id!r}"
+            )
+        if self.skip_mode not in SKIP_MODES:
+            raise ValueError(f"unknown skip_mode {self.skip_mode!r}; allowed are {SKIP_MODES}")
+        if self.skip_mode == "non-uniform":
+            if not self.pow > 1:
+                raise ValueError(f"pow must be > 1 for the non-uniform schedule, got {self.pow}")
+            if int(self.center) != self.center or self.center < 0:
+                raise ValueError(f"center must be an integer step >= 0, got {self.center!r}")
+
+    @property
+    def cache_block_id(self) -> int:
+        return self.cache_branch_id // LAYERS_PER_BRANCH_BLOCK
+
+    @property
+    def cache_layer_id(self) -> int:
+        return self.cache_branch_id % LAYERS_PER_BRANCH_BLOCK
+
+    def key_steps_for(self, num_steps: int) -> list[int]:
+        """The full-step indices of a run of ``num_steps`` UNet calls (the effective schedule)."""
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        n = int(self.cache_interval)
+        if n == 1:
+            return list(range(num_steps))
+        if self.skip_mode == "uniform":
+            return list(range(0, num_steps, n))
+        steps, _ = nonuniform_full_steps(
+            num_steps, math.ceil(num_steps / n), center=int(self.center), pow=self.pow
+        )
+        return sorted(steps)
 
     @property
     def label(self) -> str:
-        return f"DeepCache-N{self.cache_interval}-b{self.cache_branch_id}"
+        """Short name for tables and plots: ``DeepCache-N5-b0`` (uniform), with
+        ``-nonuniform-c{center}-p{pow}`` appended for the power-curve schedule."""
+        base = f"DeepCache-N{self.cache_interval}-b{self.cache_branch_id}"
+        if self.skip_mode == "uniform":
+            return base
+        return f"{base}-nonuniform-c{self.center}-p{self.pow:g}"
+
+
+# -- the cut: which modules return cached outputs at a cached step ---------------------------
+
+
+def _is_cached(kind: str, block: int, layer: int, cut_block: int, cut_layer: int) -> bool:
+    """Whether the module at (kind, block, layer) is reused at a cached step (package semantics)."""
+    if kind == "mid" or block > cut_block:
+        return True
+    if block < cut_block:
+        return False
+    return layer >= cut_layer if kind == "down" else layer > cut_layer
+
+
+def _outermost_cached(unet, cut_block: int, cut_layer: int) -> list[tuple[str, torch.nn.Module]]:
+    """The cached modules whose parent block still runs (what must be stored at full steps)."""
+    out: list[tuple[str, torch.nn.Module]] = []
+    for i, block in enumerate(unet.down_blocks):
+        name = f"down_blocks.{i}"
+        if _is_cached("down", i, 0, cut_block, cut_layer):
+            out.append((name, block))
+            continue
+        n_layers = len(block.resnets)
+        for j in range(n_layers):
+            if _is_cached("down", i, j, cut_block, cut_layer):
+                out += _layer_modules(name, block, j)
+        for j, sampler in enumerate(block.downsamplers or []):
+            if _is_cached("down", i, n_layers, cut_block, cut_layer):
+                out.append((f"{name}.downsamplers.{j}", sampler))
+    if unet.mid_block is not None:
+        out.append(("mid_block", unet.mid_block))
+    n_up = len(unet.up_blocks)
+    for k, block in enumerate(unet.up_blocks):
+        name, depth = f"up_blocks.{k}", n_up - 1 - k
+        if _is_cached("up", depth, 0, cut_block, cut_layer):
+            out.append((name, block))
+            continue
+        n_layers = len(block.resnets)
+        for j in range(n_layers):
+            if _is_cached("up", depth, n_layers - 1 - j, cut_block, cut_layer):
+                out += _layer_modules(name, block, j)
+        for j, sampler in enumerate(block.upsamplers or []):
+            if _is_cached("up", depth, 0, cut_block, cut_layer):
+                out.append((f"{name}.upsamplers.{j}", sampler))
+    return out
+
+
+def _layer_modules(name: str, block, j: int) -> list[tuple[str, torch.nn.Module]]:
+    mods = [(f"{name}.resnets.{j}", block.resnets[j])]
+    attentions = getattr(block, "attentions", None)
+    if attentions is not None and j < len(attentions):
+        mods.append((f"{name}.attentions.{j}", attentions[j]))
+    return mods
+
+
+def _check_branch(unet, config: DeepCacheConfig) -> None:
+    n_blocks = min(len(unet.down_blocks), len(unet.up_blocks))
+    if config.cache_block_id >= n_blocks:
+        raise ValueError(
+            f"cache_branch_id={config.cache_branch_id} names block {config.cache_block_id}, but this "
+            f"UNet has {len(unet.down_blocks)} down / {len(unet.up_blocks)} up blocks: use "
+            f"cache_branch_id < {LAYERS_PER_BRANCH_BLOCK * n_blocks}"
+        )
+
+
+def cached_module_names(unet, config: DeepCacheConfig) -> list[str]:
+    """Names (as in ``unet.named_modules()``) of the modules reused at cached steps.
+
+    Example:
+        >>> cached_module_names(unet, DeepCacheConfig(cache_branch_id=0))[:2]
+        ['down_blocks.0', 'down_blocks.1']
+    """
+    _check_branch(unet, config)
+    return [n for n, _ in _outermost_cached(unet, config.cache_block_id, config.cache_layer_id)]
+
+
+# -- the hooks -----------------------------------------------------------------------------
+
+
+@dataclass
+class DeepCacheState(HookState):
+    """What DeepCache keeps within one sampling run.
+
+    Attributes:
+        full_steps: this run's full-step indices.
+        reusing: inside a UNet call at a cached step (the layer hooks return stored outputs);
+            ``False`` at full steps and outside UNet calls.
+        refreshing: inside a UNet call at a full step (the layer hooks store their outputs).
+        outputs: the stored output of every cached module, by module name.
+        batch: the batch size the outputs were stored at.
+    """
+
+    full_steps: frozenset[int] = frozenset()
+    reusing: bool = False
+    refreshing: bool = False
+    outputs: dict[str, Any] = field(default_factory=dict)
+    batch: int | None = None
+
+
+class _LayerCacheHook(ModelHook):
+    """On one cached module: store its output at full steps, return it at cached steps."""
+
+    _is_stateful = False
+
+    def __init__(self, name: str, state_of):
+        super().__init__()
+        self.name = name
+        self._state_of = state_of  # reads the owning hook's current state object
+
+    def new_forward(self, module, *args, **kwargs):
+        st = self._state_of()
+        if st.reusing:
+            return st.outputs[self.name]
+        out = self.fn_ref.original_forward(*args, **kwargs)
+        if st.refreshing:
+            st.outputs[self.name] = out
+        return out
 
 
 class DeepCacheHook(CacheHook):
+    """The hook on the UNet: counts steps, decides full vs cached, owns the layer hooks."""
+
     hook_name = HOOK_NAME
+    state_cls = DeepCacheState
 
     def __init__(self, config: DeepCacheConfig, unet, pipeline=None):
         super().__init__(pipeline)
-        n_up = len(unet.up_blocks)
-        if config.cache_branch_id >= min(n_up, len(unet.down_blocks)):
-            raise ValueError(
-                f"cache_branch_id must be < {min(n_up, len(unet.down_blocks))} for this UNet "
-                f"({len(unet.down_blocks)} down / {n_up} up blocks), got {config.cache_branch_id}"
-            )
+        _check_branch(unet, config)
         self.config = config
-        self.cut = n_up - 1 - config.cache_branch_id  # first live up block
-        self.n_res = residuals_consumed(unet, self.cut)
+        self._layers = _outermost_cached(unet, config.cache_block_id, config.cache_layer_id)
+
+    def initialize_hook(self, module):
+        for name, sub in self._layers:
+            hook = _LayerCacheHook(name, lambda: self.state)
+            HookRegistry.check_if_exists_or_initialize(sub).register_hook(hook, LAYER_HOOK_NAME)
+        _invalidate_child_cache(module)
+        return module
+
+    def deinitalize_hook(self, module):  # diffusers' spelling; called by remove_hook
+        for _, sub in self._layers:
+            _unregister(sub, LAYER_HOOK_NAME)
+        _invalidate_child_cache(module)
+        return module
 
     def on_new_run(self, run) -> None:
-        run.state["keys"] = set(
-            key_steps(
-                run.num_steps,
-                stride=self.config.cache_interval,
-                always_key_first=self.config.always_key_first,
-            )
-        )
-        run.state["deep"] = None
+        n = run.num_steps if self.config.skip_mode == "uniform" else run.num_schedule_steps
+        self.state.full_steps = frozenset(k for k in self.config.key_steps_for(n) if k < run.num_steps)
 
     def new_forward(self, module, *args, **kwargs):
         a = bind_unet_args(module, args, kwargs)
-        run, step = self.begin_call(a["timestep"])
-        st = run.state
-        sample = a["sample"]
-        cond = prepare_conditioning(
-            module,
-            sample,
-            a["timestep"],
-            a["encoder_hidden_states"],
-            **conditioning_kwargs(a),
-        )
-        shape = tuple(sample.shape[-2:])
-        if step in st["keys"] or st["deep"] is None or st["deep"].shape[0] != sample.shape[0]:
-            enc = encode_call(module, a, cond)
-            res = enc.down_block_res_samples
-            st["deep"] = run_up_blocks(module, enc.mid, res, cond, shape, stop_block=self.cut)
-            out = run_up_blocks(
-                module, st["deep"], res[: self.n_res], cond, shape, start_block=self.cut
-            )
+        _, step = self.begin_call(a["timestep"])
+        st = self.state
+        batch = a["sample"].shape[0]
+        full = step in st.full_steps or st.batch != batch or not st.outputs
+        if full and step not in st.full_steps:
+            logger.debug("DeepCache: step %d runs in full (nothing stored at batch %d)", step, batch)
+        st.reusing, st.refreshing = not full, full
+        try:
+            out = self.fn_ref.original_forward(*args, **kwargs)
+        finally:
+            st.reusing = st.refreshing = False
+        if full:
+            st.batch = batch
             self.stats.full_forwards += 1
             self.stats.encoder_forwards += 1
             self.stats.decoder_forwards += 1
             self.stats.decoder_batches += 1
-            self.stats.decoder_rows += out.shape[0]
+            self.stats.decoder_rows += batch
         else:
-            _, res = run_down_blocks(
-                module, sample, cond, num_blocks=self.config.cache_branch_id + 1
-            )
-            out = run_up_blocks(
-                module, st["deep"], res[: self.n_res], cond, shape, start_block=self.cut
-            )
             self.stats.partial_forwards += 1
-        return unet_output(out, a["return_dict"])
+        return out
+
+
+def _unregister(module: torch.nn.Module, name: str) -> None:
+    """Take hook ``name`` off ``module``; an emptied registry leaves no trace on the module."""
+    registry = getattr(module, "_diffusers_hook", None)
+    if registry is None:
+        return
+    registry.remove_hook(name, recurse=False)
+    if registry.hooks:
+        return
+    del module._diffusers_hook
+    leftover = module.__dict__.get("forward")  # the registry re-sets the bound class method
+    if getattr(leftover, "__func__", None) is type(module).forward:
+        del module.__dict__["forward"]
+
+
+def _invalidate_child_cache(unet) -> None:
+    registry = getattr(unet, "_diffusers_hook", None)
+    if registry is not None and hasattr(registry, "invalidate_child_registries_cache"):
+        registry.invalidate_child_registries_cache()
 
 
 def apply_deep_cache(pipe_or_unet, config: DeepCacheConfig | None = None) -> DeepCacheHook:
-    """Make ``pipe_or_unet`` sample with DeepCache-style feature reuse.
+    """Make ``pipe_or_unet`` sample with DeepCache.
 
-    Same contract as :func:`fcr_sample.apply_encoder_cache`: a pipeline is tracked automatically,
-    a bare UNet needs :func:`fcr_sample.start_sampling_run` before each run.
+    Args:
+        pipe_or_unet: a diffusers pipeline with a ``.unet`` (sampling runs are then detected
+            automatically) or a bare ``UNet2DConditionModel`` (call
+            :func:`fcr_sample.start_sampling_run` before each run, or use :func:`fcr_sample.denoise`).
+        config: a :class:`DeepCacheConfig`; defaults to interval 5, branch 0, uniform.
+
+    Returns:
+        The hook on the UNet (its ``stats`` count full and partial forwards).
+
+    Raises:
+        ValueError: a cache is already applied, or the branch lies deeper than the UNet.
 
     Example:
-        >>> apply_deep_cache(pipe, DeepCacheConfig(cache_interval=5))
+        >>> apply_deep_cache(pipe, DeepCacheConfig(cache_interval=5, cache_branch_id=0))
         >>> images = pipe(prompts, num_inference_steps=50).images
     """
     config = config or DeepCacheConfig()
@@ -142,6 +392,6 @@ def apply_deep_cache(pipe_or_unet, config: DeepCacheConfig | None = None) -> Dee
 
 
 def remove_deep_cache(pipe_or_unet) -> None:
-    """Remove the DeepCache hook, restoring the exact original behaviour."""
+    """Remove DeepCache (the UNet hook and every layer hook), restoring the exact original UNet."""
     if not remove_cache_hook(pipe_or_unet, HOOK_NAME):
         logger.warning("remove_deep_cache: no DeepCache hook was applied")
