@@ -2,6 +2,11 @@
 
     uv run fcr-explorer                      # results/fcr.duckdb
     uv run fcr-explorer --db runs/fcr.duckdb --port 8600
+
+A bad input (a --db that is a directory or not a DuckDB file, a busy or impossible --port) is one
+line ``fcr-explorer: error: ...`` on stderr, exit code 2, before Streamlit starts; ``--debug`` or
+FCR_DEBUG=1 adds the traceback. A --db that does not exist yet is fine: the explorer shows how
+to create one.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+from fcr_train.cli_errors import EXIT_USAGE, add_debug_argument, check_port_free, port, run_cli
 
 from fcr_results_explorer.app_env import ENV_DB, ENV_HUMAN_STUDY
 from fcr_results_explorer.reader import DEFAULT_STORE, StoreLocation
@@ -35,14 +42,30 @@ def main(argv: list[str] | None = None) -> int:
                         help="results store (DuckDB file); default: %(default)s")
     parser.add_argument("--human-study", default=None,
                         help="human-study votes store; default: human-study.duckdb beside --db")
-    parser.add_argument("--port", type=int, default=8501)
+    parser.add_argument("--port", type=port, default=8501)
     parser.add_argument("--address", default="127.0.0.1",
                         help="address to serve on (default: only this machine)")
     parser.add_argument("--headless", action="store_true", help="do not open a browser")
+    add_debug_argument(parser)
     args, extra = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run_cli(lambda: _serve(args, extra), prog="fcr-explorer", debug=args.debug,
+                   user_errors={"fcr_eval.db:StoreError": EXIT_USAGE})
 
+
+def _check_store(path: Path, describe: str) -> None:
+    """A store that exists must open as DuckDB (read-only, nothing created)."""
+    from fcr_eval.db import connect
+
+    if path.exists() or path.is_symlink():
+        connect(path, read_only=True, timeout=5.0, describe=describe).close()
+
+
+def _serve(args: argparse.Namespace, extra: list[str]) -> int:
     location = StoreLocation.resolve(args.db, args.human_study)
+    _check_store(location.path, "results store")
+    _check_store(location.human_study_path, "human-study store")
+    check_port_free(args.address, args.port)
     if not location.path.exists():
         logging.getLogger("fcr-explorer").warning(
             "no store at %s yet: the explorer will show how to create one", location.path)
