@@ -147,3 +147,16 @@ def test_contrast_data_errors():
         compute_contrast(ContrastSpec("x", "difference", "cache_mse", "ctrl-fd-10", "fd-5"), inf)
     with pytest.raises(ContrastSpecError, match="n_resamples"):
         ContrastSpec("x", "difference", "cache_mse", "a", "b", n_resamples=10)
+
+
+def test_computed_contrasts_round_trip_through_the_store(tmp_path):
+    from fcr_eval.store import ResultsStore
+
+    spec = ContrastSpec("recovered", "recovered_fraction", "cache_mse", candidate="fcr-fd-10", baseline="ctrl-fd-10",
+                        target="fd-5", threshold=0.3, direction="at_least")
+    r = compute_contrast(spec, _per_sample())
+    store = ResultsStore(tmp_path / "s.duckdb")
+    assert store.write_contrasts("exp", [r], code_version="test") == 1
+    row = store.contrasts("exp").row(0, named=True)
+    assert (row["contrast_id"], row["target"], row["verdict"], row["n_samples"]) == ("recovered", "fd-5", "PASS", 80)
+    assert (row["estimate"], row["ci_low"], row["ci_high"]) == pytest.approx((r.estimate, r.ci_low, r.ci_high))

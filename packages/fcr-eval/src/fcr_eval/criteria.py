@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass
 import polars as pl
 
 from .stats import PairedBootstrapCI, mean_ci, paired_bootstrap_ci, pearson_r2
-from .store import CriterionResult, ResultsStore
+from .store import VERDICTS, CriterionResult, ResultsStore
 
 __all__ = [
     "CriteriaConfig",
@@ -53,8 +53,6 @@ __all__ = [
     "timing_criteria",
 ]
 
-#: What a criterion with a CI says; ``passed`` is True / False / None for the three.
-VERDICTS = ("PASS", "FAIL", "INCONCLUSIVE")
 #: ``at_least``: the value must be ≥ the threshold (speed-up, ΔCLIPScore); ``at_most``: ≤ (ΔFID, memory).
 DIRECTIONS = ("at_least", "at_most")
 
