@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from .data import BadSampleCounter, collate_skip_bad
+from .locking import ProcessLock
 from .loss import FCRConfig, FCRLossOutput, fcr_loss, sample_timesteps
 from .provenance import run_provenance
 from .sampler import ResumableBatchSampler
@@ -55,6 +56,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: The lock file a training run holds in its output folder (see :mod:`fcr_train.locking`).
+OUTPUT_LOCK_NAME = ".fcr-train.lock"
 
 
 @dataclass
@@ -430,8 +434,15 @@ def train(
         gradient_accumulation_steps=config.grad_accum,
         cpu=config.cpu,
     )
-    handler = _attach_file_log(run_dir) if accelerator.is_main_process else None
+    # One writer per output folder: taken before anything is written into it, so a second run on
+    # the same folder is refused (naming this one) and changes nothing of it.
+    lock = ProcessLock(run_dir / OUTPUT_LOCK_NAME, what=f"training output folder {run_dir}") \
+        if accelerator.is_main_process else None
+    if lock is not None:
+        lock.acquire()
+    handler = None
     try:
+        handler = _attach_file_log(run_dir) if accelerator.is_main_process else None
         set_seed(config.seed)
         unet.train()
         unet.requires_grad_(True)
@@ -592,6 +603,8 @@ def train(
         if handler is not None:
             logging.getLogger("fcr_train").removeHandler(handler)
             handler.close()
+        if lock is not None:
+            lock.release()
 
 
 def _validate(accelerator, objective, state: _TrainState, validation_fn, run_dir: Path) -> bool:
