@@ -49,9 +49,8 @@ logger = logging.getLogger(__name__)
 CLASSIFIER_WEIGHTS = Path(__file__).parent / "weights" / "fashion_mnist_classifier.safetensors"
 FEATURE_EXTRACTOR_NAME = "fashion_mnist_cnn"
 PREPROCESSING = "gray_28x28_[0,1]->[-1,1]"
-#: Per-sample metric names (see :data:`fcr_eval.paired.SAMPLE_METRICS`).
-CLASS_CORRECT = "class_correct"
-CLASS_LOGPROB = "class_logprob"
+# Per-sample metric names, owned by the torch-free vocabulary (:data:`fcr_eval.paired.SAMPLE_METRICS`).
+from .paired import CLASS_CORRECT, CLASS_LOGPROB  # noqa: E402
 
 
 class FashionMNISTClassifier(nn.Module):

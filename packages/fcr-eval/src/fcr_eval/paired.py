@@ -33,8 +33,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .class_agreement import CLASS_CORRECT, CLASS_LOGPROB
-
 __all__ = [
     "SampleMetricSpec",
     "SAMPLE_METRICS",
@@ -52,6 +50,10 @@ logger = logging.getLogger(__name__)
 CACHE_MSE = "cache_mse"
 CACHE_PSNR = "cache_psnr"
 CACHE_FEATURE_L2 = "cache_feature_l2"
+# The classifier's per-sample scores (computed in :mod:`fcr_eval.class_agreement`, which imports
+# these names): defined here so that the vocabulary imports without torch (the explorer uses it).
+CLASS_CORRECT = "class_correct"
+CLASS_LOGPROB = "class_logprob"
 
 
 @dataclass(frozen=True)
