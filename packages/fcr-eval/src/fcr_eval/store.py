@@ -104,6 +104,8 @@ __all__ = [
     "RunResult",
     "ResultsStore",
     "RUN_TABLES",
+    "writer_lock",
+    "writer_lock_path",
     "make_run_id",
     "migrate",
     "apply_migrations",
@@ -145,6 +147,45 @@ def _num(x: float | None) -> float | None:
         return None
     x = float(x)
     return None if math.isnan(x) else x
+
+
+def writer_lock_path(store_path: str | os.PathLike = DEFAULT_STORE_PATH) -> Path:
+    """The lock file of the store's one writer: ``<store>.writer.lock`` beside the store."""
+    path = Path(store_path)
+    return path.with_name(path.name + ".writer.lock")
+
+
+def writer_lock(store_path: str | os.PathLike = DEFAULT_STORE_PATH, *, wait: bool | float = False):
+    """Take the one-writer lock of the results store at ``store_path`` and return it, held.
+
+    One process at a time may *work on* a store: an experiment runner holds this lock from
+    before it creates anything (store, run folders, fine-tune folders) until it has written its
+    last row, so a second runner on the same store never computes the same runs or shares their
+    folders. Readers (the explorer, ``fcr-eval report``) take no lock. A lock left by a process
+    that died on this host is taken over (see :class:`fcr_train.locking.ProcessLock`).
+
+    Args:
+        store_path: the results store (its folder is created if needed, the store itself is not).
+        wait: ``False`` refuses at once; seconds to wait for the holder to finish; ``True`` waits
+            as long as it takes (logging who it waits for).
+
+    Returns:
+        The held :class:`fcr_train.locking.ProcessLock`; ``release()`` it, or use it in ``with``.
+
+    Raises:
+        fcr_train.locking.LockHeldError: another live process holds the store (its pid, host,
+            start time and command are in the message).
+
+    Example:
+        >>> with writer_lock("results/fcr.duckdb", wait=600):
+        ...     run_experiment(...)
+    """
+    # fcr-train owns the lock (its fine-tune folders use it too); imported here, not at the top,
+    # so that readers of the store (the apps) never import fcr-train.
+    from fcr_train.locking import ProcessLock
+
+    path = Path(store_path)
+    return ProcessLock(writer_lock_path(path), what=f"results store {path}").acquire(wait=wait)
 
 
 class ResultsStore:
@@ -311,8 +352,9 @@ class ResultsStore:
                      t.encoder_forwards, t.decoder_forwards, _num(t.flops_per_image),
                      t.peak_memory_bytes, t.memory_kind, t.device or r.device, t.n_images,
                      t.warmup] for t in result.timings])
-                self._insert(con, "feature_stats", 5, [
-                    [r.run_id, f.block, int(f.delta), _num(f.variance), int(f.n)] for f in result.feature_stats])
+                self._insert(con, "feature_stats", 7, [
+                    [r.run_id, f.block, int(f.delta), _num(f.variance), int(f.n), _num(f.energy), f.unit]
+                    for f in result.feature_stats])
                 self._insert(con, "samples", 8, sample_rows)
                 self._insert_sample_metrics(con, r.run_id, result.sample_metrics)
         except BaseException:
