@@ -1,0 +1,145 @@
+"""Quality at speed: FD-k and DeepCache-N on the embedded default's real weights.
+
+    OMP_NUM_THREADS=1 uv run python benchmarks/quality_at_speed.py --threads 1 --out runs/bench/quality.md
+
+Every variant samples the same class labels from the same x_T (one seed per batch) with the
+shipped base UNet (``fcr_train.embedded``), DDIM-20 and CFG 2.0 as mini-exp-1 does. Per variant:
+class agreement (the shipped Fashion-MNIST classifier, ``fcr_eval.class_agreement``) with a 95 %
+t-interval over samples, KID on EfficientNet-Lite0 features at 112² against real Fashion-MNIST
+test images (``fcr_eval.kid``; not Inception), the paired pixel MSE to the uncached sample of
+the same x_T (``fcr_eval.paired``), and s/img on this machine. The batches are interleaved over
+variants, so machine load hits all of them alike. The last column marks the variants on the
+Pareto front of (s/img, class agreement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from fcr_eval.class_agreement import class_agreement, load_fashion_mnist_classifier
+from fcr_eval.extractors import EfficientNetLite0Extractor
+from fcr_eval.kid import kernel_distance
+from fcr_eval.paired import pixel_mse
+from fcr_eval.stats import mean_ci
+from fcr_sample import (
+    DeepCacheConfig,
+    EncoderCacheConfig,
+    apply_deep_cache,
+    apply_encoder_cache,
+    remove_deep_cache,
+    remove_encoder_cache,
+)
+from fcr_train.embedded import load_embedded_base, load_fashion_mnist, sample_images
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).parent))
+from sampler_speed import Report  # noqa: E402  (same folder; one report format)
+
+
+def variants(fd_strides, deepcache) -> dict[str, tuple]:
+    """label → (apply, remove); ``None`` for no cache."""
+    out: dict[str, tuple | None] = {"no cache": None}
+    for k in fd_strides:
+        # Sequential decoding: same images as parallel, and the faster of the two at batch 100 on
+        # one CPU thread (design.md §5); the label says so.
+        cfg = EncoderCacheConfig(stride=k, parallel_decoding=False)
+        out[cfg.label] = (lambda u, c=cfg: apply_encoder_cache(u, c), remove_encoder_cache)
+    for n, b in deepcache:
+        cfg = DeepCacheConfig(cache_interval=n, cache_branch_id=b)
+        out[cfg.label] = (lambda u, c=cfg: apply_deep_cache(u, c), remove_deep_cache)
+    return out
+
+
+def pareto(points: dict[str, tuple[float, float]]) -> set[str]:
+    """Labels not dominated in (lower seconds, higher agreement)."""
+    front = set()
+    for a, (sa, qa) in points.items():
+        if not any((sb <= sa and qb >= qa) and (sb < sa or qb > qa) for b, (sb, qb) in points.items() if b != a):
+            front.add(a)
+    return front
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--samples", type=int, default=500, help="samples per variant (same x_T for all)")
+    ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--guidance", type=float, default=2.0)
+    ap.add_argument("--fd", type=int, nargs="*", default=[5, 10, 20], help="FD strides")
+    ap.add_argument("--deepcache", type=int, nargs=2, action="append", metavar=("N", "BRANCH"),
+                    help="DeepCache interval and branch (default: 3 0, 5 0, 10 0, 5 3)")
+    ap.add_argument("--n-reference", type=int, default=1000, help="real test images for KID")
+    ap.add_argument("--feature-size", type=int, default=112, help="EfficientNet-Lite0 input size")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=None, help="also write the report (Markdown) here")
+    args = ap.parse_args(argv)
+    deepcache = args.deepcache or [(3, 0), (5, 0), (10, 0), (5, 3)]
+    logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.samples % args.batch:
+        raise SystemExit(f"--samples ({args.samples}) must be a multiple of --batch ({args.batch})")
+    report = Report("quality at speed", f"cpu {platform.machine()}, {torch.get_num_threads()} torch thread(s)", argv)
+    emit = report.emit
+    base = load_embedded_base()
+    clf = load_fashion_mnist_classifier()
+    extractor = EfficientNetLite0Extractor(image_size=args.feature_size)
+    real_u8, _ = load_fashion_mnist("test")
+    real = torch.from_numpy(real_u8[: args.n_reference].copy()).float().div(255).unsqueeze(1)
+    real_feats = extractor.extract(real).features
+    emit(f"embedded base {base.weights_path}; DDIM-{args.steps}, CFG {args.guidance}; {args.samples} samples per "
+         f"variant in batches of {args.batch}; KID reference: first {args.n_reference} Fashion-MNIST test images; "
+         f"features {extractor.name} ({extractor.preprocessing})")
+
+    table = variants(args.fd, deepcache)
+    labels = torch.arange(args.samples) % len(base.classes)
+    images: dict[str, list[torch.Tensor]] = {k: [] for k in table}
+    seconds: dict[str, float] = dict.fromkeys(table, 0.0)
+    n_batches = args.samples // args.batch
+    with tqdm(total=n_batches * len(table), desc="sampling") as bar:
+        for b in range(n_batches):
+            sl = slice(b * args.batch, (b + 1) * args.batch)
+            for label, hooks in table.items():  # interleaved: every variant once per batch
+                bar.set_postfix_str(label)
+                if hooks is not None:
+                    hooks[0](base.unet)
+                try:
+                    t0 = time.perf_counter()
+                    x = sample_images(base, labels[sl], steps=args.steps, guidance_scale=args.guidance,
+                                      generator=torch.Generator().manual_seed(1000 + b))
+                    seconds[label] += time.perf_counter() - t0
+                finally:
+                    if hooks is not None:
+                        hooks[1](base.unet)
+                images[label].append(x)
+                bar.update()
+
+    ref = torch.cat(images["no cache"])
+    rows, points = [], {}
+    for label in table:
+        x = torch.cat(images[label])
+        agree, per_image = class_agreement(x, labels, clf)
+        ci = mean_ci(per_image.float().numpy())
+        kid = kernel_distance(real_feats, extractor.extract(x).features, num_subsets=100)
+        mse = pixel_mse(x.numpy(), ref.numpy())
+        s_img = seconds[label] / args.samples
+        points[label] = (s_img, agree)
+        rows.append((label, s_img, seconds["no cache"] / seconds[label], ci, kid, float(np.mean(mse))))
+    front = pareto(points)
+    emit("\n| variant | s/img | speed-up | class agreement (95 % CI) | KID ×10³ (± std over subsets) | "
+         "pixel MSE to no cache | Pareto |")
+    emit("|---|---:|---:|---:|---:|---:|:---:|")
+    for label, s_img, speed, ci, kid, mse in rows:
+        emit(f"| {label} | {s_img:.3f} | {speed:.2f}× | {ci.mean:.3f} ({ci.low:.3f}–{ci.high:.3f}) | "
+             f"{kid.value * 1e3:.2f} ± {kid.std * 1e3:.2f} | {mse:.4f} | {'●' if label in front else ''} |")
+    report.finish(args.out)
+
+if __name__ == "__main__":
+    main()
