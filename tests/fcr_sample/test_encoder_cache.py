@@ -275,3 +275,45 @@ def test_few_step_schedules(make_pipe, scheduler, steps, config):
     assert (par - ref).abs().max() > 1e-5
     keys = config.key_steps_for(steps)
     assert stats.unet_calls == steps and stats.encoder_forwards == len(keys)
+
+
+def test_decoder_batches_are_sized_by_bytes_and_stay_exact(make_pipe):
+    """A size cap splits a group's decoders into smaller batches; the images do not change."""
+    from fcr_sample.encoder_cache import decoder_activation_bytes, parallel_steps_cap
+    from fcr_sample.unet_parts import prepare_conditioning, run_encoder
+
+    pipe = make_pipe()
+    x, text = torch.randn(6, 4, 16, 16), torch.randn(6, 16, 8)  # batch 3 with CFG: 6 rows a step
+    enc = run_encoder(pipe.unet, x, prepare_conditioning(pipe.unet, x, 500, text))
+    per_step = decoder_activation_bytes(enc)
+    assert per_step == 2 * 6 * 8 * 16 * 16 * 4  # conv_in's output, doubled, for 6 float32 rows
+    assert parallel_steps_cap(EncoderCacheConfig(max_parallel_bytes=3 * per_step + 1), enc) == 3
+    assert parallel_steps_cap(EncoderCacheConfig(max_parallel_bytes=1), enc) == 1
+    assert parallel_steps_cap(EncoderCacheConfig(max_parallel_bytes=None, max_parallel_steps=None), enc) is None
+    # "auto" on CPU: a large batch decodes step by step, a small one batches whole groups
+    from fcr_sample.encoder_cache import PARALLEL_BYTES_AUTO
+
+    assert parallel_steps_cap(EncoderCacheConfig(), enc) == min(10, PARALLEL_BYTES_AUTO["cpu"] // per_step)
+
+    seq, _ = _with_cache(pipe, EncoderCacheConfig(stride=10, parallel_decoding=False), steps=12, batch=3)
+    capped, stats = _with_cache(pipe, EncoderCacheConfig(stride=10, max_parallel_bytes=3 * per_step), steps=12,
+                                batch=3)
+    torch.testing.assert_close(capped, seq, rtol=1e-4, atol=1e-4)
+    assert stats.decoder_batches == len(decoder_groups([0, 10], 12, 3)) == 5
+
+
+def test_auto_size_cap_decodes_a_batch_over_the_device_budget_step_by_step(make_pipe, monkeypatch):
+    from fcr_sample import encoder_cache
+
+    per_step = 2 * 2 * 8 * 16 * 16 * 4  # batch 1 with CFG: 2 rows of conv_in's 8 × 16² floats
+    monkeypatch.setitem(encoder_cache.PARALLEL_BYTES_AUTO, "cpu", per_step - 1)  # below one step
+    _, stats = _with_cache(make_pipe(), EncoderCacheConfig(stride=5), steps=10)
+    assert stats.encoder_forwards == 2 and stats.decoder_batches == 10  # sequential, by size
+    monkeypatch.setitem(encoder_cache.PARALLEL_BYTES_AUTO, "cpu", 2 * per_step)
+    _, stats = _with_cache(make_pipe(), EncoderCacheConfig(stride=5), steps=10)
+    assert stats.decoder_batches == len(decoder_groups([0, 5], 10, 2)) == 6
+
+
+def test_bad_max_parallel_bytes_is_refused():
+    with pytest.raises(ValueError, match="max_parallel_bytes must be 'auto', None or a number of bytes"):
+        EncoderCacheConfig(max_parallel_bytes="big")

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .controlnet import attach_controlnet_skip, detach_controlnet_skip
 from .hooks import (
     CacheHook,
     bind_unet_args,
@@ -34,7 +35,6 @@ from .hooks import (
     resolve_target,
     unet_output,
 )
-from .controlnet import attach_controlnet_skip, detach_controlnet_skip
 from .run_state import HookState
 from .schedules import NAMED_SCHEDULES, decoder_groups, key_steps
 from .unet_parts import (
@@ -52,6 +52,9 @@ __all__ = [
     "remove_encoder_cache",
     "inject_prior_noise",
     "prior_noise_callback",
+    "PARALLEL_BYTES_AUTO",
+    "decoder_activation_bytes",
+    "parallel_steps_cap",
 ]
 
 HOOK_NAME = "fcr_encoder_cache"
@@ -69,8 +72,14 @@ class EncoderCacheConfig:
             non-uniform lists for 50 and 20 steps).
         always_key_first: make the first n steps key as well.
         parallel_decoding: run a group's decoders as one batch at its first step.
-        max_parallel_steps: at most this many steps' decoders in one batch (memory; ``None`` for
-            no cap). A longer group continues in further batches.
+        max_parallel_steps: at most this many steps' decoders in one batch (``None`` for no cap).
+            A longer group continues in further batches.
+        max_parallel_bytes: a second cap on a decoder batch, by size: the decoder's largest
+            activation for the whole batch (:func:`decoder_activation_bytes` per step × steps)
+            stays within this many bytes. ``"auto"`` (default): :data:`PARALLEL_BYTES_AUTO` for
+            the device, so that on a CPU a large image batch decodes step by step (batching
+            steps there made FD-10 slower than sequential, and slower than no cache) while a
+            small one still batches; ``None``: no size cap.
         prior_noise_alpha: Faster Diffusion's prior noise injection ``z_t += α·z_T`` for steps
             with ``t / T < prior_noise_tau``; 0 disables it (FD uses 0.003). It changes the
             latents between steps, so it runs as a step callback: :func:`fcr_sample.denoise`
@@ -89,6 +98,7 @@ class EncoderCacheConfig:
     always_key_first: int = 0
     parallel_decoding: bool = True
     max_parallel_steps: int | None = 10
+    max_parallel_bytes: int | str | None = "auto"
     prior_noise_alpha: float = 0.0
     prior_noise_tau: float = 0.5
 
@@ -109,6 +119,13 @@ class EncoderCacheConfig:
         if self.max_parallel_steps is not None and self.max_parallel_steps < 1:
             raise ValueError(
                 f"max_parallel_steps must be >= 1 or None, got {self.max_parallel_steps}"
+            )
+        if not (
+            self.max_parallel_bytes in (None, "auto")
+            or (isinstance(self.max_parallel_bytes, int) and self.max_parallel_bytes >= 1)
+        ):
+            raise ValueError(
+                f"max_parallel_bytes must be 'auto', None or a number of bytes >= 1, got {self.max_parallel_bytes!r}"
             )
         if self.prior_noise_alpha < 0:
             raise ValueError(f"prior_noise_alpha must be >= 0, got {self.prior_noise_alpha}")
@@ -249,7 +266,11 @@ class EncoderCacheHook(CacheHook):
         )
         keys = [k for k in self.config.key_steps_for(n) if k < run.num_steps]
         self.state.keys = frozenset(keys)
-        batches = decoder_groups(keys, run.num_steps, self.config.max_parallel_steps)
+        # batch_of is planned at the run's first call, once the batch and feature sizes are known
+
+    def _plan_batches(self, run, enc: EncoderOutput) -> None:
+        cap = parallel_steps_cap(self.config, enc)
+        batches = decoder_groups(sorted(self.state.keys), run.num_steps, cap)
         self.state.batch_of = {s: b for b in batches for s in b}
 
     def will_encode(self) -> bool:
@@ -347,6 +368,8 @@ class EncoderCacheHook(CacheHook):
             st.enc_batch = sample.shape[0]
             st.enc_ehs = ehs
             st.pending.clear()
+            if not st.batch_of:
+                self._plan_batches(run, st.enc)
             self.stats.encoder_forwards += 1
             self.stats.full_forwards += 1
         elif sample.shape[0] != st.enc_batch:
@@ -402,6 +425,45 @@ class EncoderCacheHook(CacheHook):
         self.stats.decoder_batches += 1
         self.stats.decoder_rows += out.shape[0]
         return dict(zip(batch, out.chunk(m), strict=False))
+
+
+#: The ``max_parallel_bytes="auto"`` budget by device type (bytes of the decoder's largest
+#: activation for one batch). CPU: 16 MiB. A batch beyond a few tens of MiB per activation ran
+#: slower per step than step-by-step decoding on one CPU thread (embedded base, batch 60 with CFG:
+#: 18 MiB per step; batching 10 steps took 18.6 s against 9.7 s sequential), while a batch of
+#: small images gains from batching (benchmarks/parallel_decoding.py, docs/benchmarks.md).
+#: Accelerators: 4 GiB, where batching is what makes parallel decoding pay (Faster Diffusion's
+#: wall-clock gain) and memory, not cache size, is the limit.
+PARALLEL_BYTES_AUTO: dict[str, int] = {"cpu": 16 * 2**20, "default": 4 * 2**30}
+
+
+def decoder_activation_bytes(enc: EncoderOutput) -> int:
+    """Bytes of the decoder's largest activation for one step of ``enc``'s batch.
+
+    Estimated as twice the largest encoder feature (an up block concatenates a skip feature with
+    its hidden state at that resolution), for the whole batch.
+    """
+    feats = (*enc.down_block_res_samples, enc.mid)
+    return 2 * max(t.numel() * t.element_size() for t in feats)
+
+
+def parallel_steps_cap(config: EncoderCacheConfig, enc: EncoderOutput) -> int | None:
+    """How many steps' decoders one parallel batch may hold for ``enc``'s batch and device.
+
+    The smaller of ``config.max_parallel_steps`` and what ``config.max_parallel_bytes`` allows
+    (at least 1: a step always decodes); ``None`` when neither caps.
+
+    Example:
+        >>> parallel_steps_cap(EncoderCacheConfig(max_parallel_bytes=2**20), enc)  # 300 KiB/step
+        3
+    """
+    budget = config.max_parallel_bytes
+    if budget == "auto":
+        device = enc.mid.device.type
+        budget = PARALLEL_BYTES_AUTO.get(device, PARALLEL_BYTES_AUTO["default"])
+    by_size = None if budget is None else max(1, budget // decoder_activation_bytes(enc))
+    caps = [c for c in (config.max_parallel_steps, by_size) if c is not None]
+    return min(caps) if caps else None
 
 
 def _same_tensor(a, b) -> bool:
