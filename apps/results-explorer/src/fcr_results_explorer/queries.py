@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import polars as pl
+from fcr_eval.paired import SAMPLE_METRICS
 
 from fcr_results_explorer.reader import HUMAN_STUDY_ALIAS, StoreReader
-from fcr_results_explorer.stats import with_ci
+from fcr_results_explorer.stats import pool_seeds, with_ci
 
 NONE = "none"
 
@@ -72,7 +73,22 @@ QUALITY_PREFERENCE = (
 
 
 def lower_is_better(metric: str) -> bool:
+    """Whether a smaller value of ``metric`` is better (per-sample metrics say so themselves in
+    :data:`fcr_eval.paired.SAMPLE_METRICS`)."""
+    spec = SAMPLE_METRICS.get(metric)
+    if spec is not None:
+        return not spec.higher_is_better
     return metric.startswith(_LOWER_IS_BETTER_PREFIXES)
+
+
+def table_columns(reader: StoreReader, table: str) -> set[str]:
+    """The columns of a table of the results store (empty when it does not exist): older stores
+    lack columns that later migrations added, and the explorer reads them without migrating."""
+    if not reader.has(table):
+        return set()
+    return set(reader.frame(
+        "SELECT column_name FROM duckdb_columns() WHERE table_name = $t AND schema_name = 'main' "
+        "AND database_name = current_database()", {"t": table})["column_name"].to_list())
 
 
 def _text(col: str) -> str:
@@ -106,7 +122,7 @@ class RunFilter:
 
 def table_counts(reader: StoreReader) -> dict[str, int]:
     tables = [t for t in ("runs", "metrics", "per_prompt_scores", "timings", "feature_stats",
-                          "samples", "criteria") if reader.has(t)]
+                          "samples", "criteria", "sample_metrics", "contrasts") if reader.has(t)]
     if not tables:
         return {}
     sql = " UNION ALL ".join(f"SELECT '{t}' AS t, count(*) AS n FROM {t}" for t in tables)
@@ -367,11 +383,19 @@ def variations_with_feature_stats(reader: StoreReader, flt: RunFilter) -> list[s
 
 
 def latest_criteria(reader: StoreReader, experiments: tuple[str, ...]) -> pl.DataFrame:
-    """The latest evaluation of every (experiment, criterion)."""
+    """The latest evaluation of every (experiment, criterion), with its ``verdict`` (PASS / FAIL
+    / INCONCLUSIVE; from ``passed`` where no verdict is stored) and the value's CI
+    (``ci_low`` / ``ci_high``, NULL where it has none or the store predates them)."""
     where = "list_contains($e, experiment_id)" if experiments else "TRUE"
+    have = table_columns(reader, "criteria")
+    from_passed = "CASE WHEN passed THEN 'PASS' WHEN NOT passed THEN 'FAIL' END"
+    if {"verdict", "ci_low", "ci_high"} <= have:
+        extra = f"coalesce(verdict, {from_passed}) AS verdict, ci_low, ci_high"
+    else:
+        extra = f"{from_passed} AS verdict, CAST(NULL AS DOUBLE) AS ci_low, CAST(NULL AS DOUBLE) AS ci_high"
     return reader.frame(
         f"""
-        SELECT experiment_id AS experiment, criterion, passed, value, threshold,
+        SELECT experiment_id AS experiment, criterion, passed, {extra}, value, threshold,
                CAST(details AS VARCHAR) AS details, evaluated_at, code_version
         FROM criteria WHERE {where}
         QUALIFY row_number() OVER (PARTITION BY experiment_id, criterion
@@ -386,18 +410,24 @@ def latest_criteria(reader: StoreReader, experiments: tuple[str, ...]) -> pl.Dat
 
 
 def sample_prompts(
-    reader: StoreReader, flt: RunFilter, search: str = "", limit: int = 200
+    reader: StoreReader, flt: RunFilter, search: str = "", limit: int = 200,
+    variations: list[str] | None = None,
 ) -> pl.DataFrame:
+    """A page of prompts with samples, those shared by most runs first (``k``: runs with the
+    prompt). With ``variations`` only their runs are read: a prompt of the side-by-side grid must
+    be in them, and a store with millions of samples stays fast."""
     cte, params = flt.runs_cte()
+    only = "AND list_contains($v, variation_id)" if variations else ""
     return reader.frame(
         f"""
         WITH {cte}
-        SELECT s.prompt_id, any_value(s.prompt) AS prompt, count(DISTINCT r.variation_id) AS k
-        FROM r JOIN samples s USING (run_id)
-        WHERE $q = '' OR s.prompt ILIKE '%' || $q || '%' OR s.prompt_id = $q
+        SELECT s.prompt_id, min(s.prompt) AS prompt, count(*) AS k
+        FROM samples s
+        WHERE s.run_id IN (SELECT run_id FROM r WHERE TRUE {only})
+          AND ($q = '' OR s.prompt ILIKE '%' || $q || '%' OR s.prompt_id = $q)
         GROUP BY s.prompt_id ORDER BY k DESC, s.prompt_id LIMIT {int(limit)}
         """,
-        {**params, "q": search},
+        {**params, "q": search, **({"v": variations} if variations else {})},
     )
 
 
@@ -438,6 +468,141 @@ def variations_with_samples(reader: StoreReader, flt: RunFilter) -> list[str]:
         params,
     )
     return frame["v"].to_list()
+
+
+# -- contrasts and per-sample metrics ------------------------------------------------------
+
+
+def contrasts(reader: StoreReader, experiments: tuple[str, ...]) -> pl.DataFrame:
+    """The stored contrasts of ``experiments`` (all when empty), the latest of each id.
+
+    Columns: ``experiment, contrast, kind, metric, candidate, baseline, target, estimate,
+    ci_low, ci_high, confidence, n_samples`` (pairs), ``n_clusters`` (seeds), ``method,
+    threshold, direction, verdict, details, code_version, computed_at``."""
+    if not reader.has("contrasts"):
+        return pl.DataFrame()
+    where = "list_contains($e, experiment_id)" if experiments else "TRUE"
+    return reader.frame(
+        f"""
+        SELECT experiment_id AS experiment, contrast_id AS contrast, kind, metric, candidate,
+               baseline, target, estimate, ci_low, ci_high, confidence, n_samples, n_clusters,
+               method, threshold, direction, verdict, CAST(details AS VARCHAR) AS details,
+               code_version, computed_at
+        FROM contrasts WHERE {where}
+        QUALIFY row_number() OVER (PARTITION BY experiment_id, contrast_id
+                                   ORDER BY computed_at DESC) = 1
+        ORDER BY experiment, contrast
+        """,
+        {"e": list(experiments)} if experiments else None,
+    )
+
+
+def sample_metric_names(reader: StoreReader) -> list[str]:
+    """The per-sample metrics stored (from ``sample_metric_definitions``: one row per run and
+    metric, so this never scans the per-sample rows)."""
+    if not reader.has("sample_metric_definitions"):
+        return []
+    names = reader.frame("SELECT DISTINCT metric FROM sample_metric_definitions")["metric"].to_list()
+    order = {m: i for i, m in enumerate(SAMPLE_METRICS)}
+    return sorted(names, key=lambda m: (order.get(m, len(order)), m))
+
+
+def sample_metric_provenance(reader: StoreReader, metric: str) -> str:
+    """What produced a per-sample metric: extractor, preprocessing (``'none'`` left out)."""
+    frame = reader.frame(
+        """SELECT DISTINCT feature_extractor, preprocessing FROM sample_metric_definitions
+           WHERE metric = $m ORDER BY ALL LIMIT 5""", {"m": metric})
+    parts = [", ".join(b for b in (fe not in (None, "none") and f"features: {fe}",
+                                    pre not in (None, "none") and f"preprocessing: {pre}") if b)
+             for fe, pre in frame.iter_rows()]
+    return "; ".join(p for p in parts if p)
+
+
+def _sample_values_cte(flt: RunFilter, experiment: str) -> tuple[str, dict[str, Any]]:
+    """``r`` (the filtered runs of one experiment) and ``v`` (their finite values of ``$metric``)."""
+    cte, params = flt.runs_cte()
+    return (
+        f"""{cte}, re AS (SELECT * FROM r WHERE experiment_id = $experiment),
+        v AS (SELECT run_id, seed, sample_index, value FROM sample_metrics
+              WHERE metric = $metric AND isfinite(value)
+                AND run_id IN (SELECT run_id FROM re))""",
+        {**params, "experiment": experiment},
+    )
+
+
+def sample_metric_by_variation(
+    reader: StoreReader, flt: RunFilter, metric: str, experiment: str
+) -> pl.DataFrame:
+    """One row per variation of ``experiment``: a per-sample metric's mean over all its samples
+    with a 95% normal interval (:func:`~fcr_results_explorer.stats.pool_seeds`), the spread of
+    the per-seed means, and the variation's parameters.
+
+    DuckDB reduces the millions of per-sample rows to one row per (run, seed) (count, mean,
+    variance); only those reach Python. Non-finite values (PSNR of identical images) are left
+    out and counted in ``n_nonfinite``."""
+    cte, params = flt.runs_cte()
+    cols = ",\n".join(f"any_value(re.{c}) AS {c}" for c in PARAM_COLUMNS)
+    finite = "FILTER (WHERE isfinite(value))"
+    per_seed = reader.frame(
+        f"""
+        WITH {cte}, re AS (SELECT * FROM r WHERE experiment_id = $experiment),
+        a AS (SELECT run_id, seed, count(value) {finite} AS n, avg(value) {finite} AS mean,
+                     var_samp(value) {finite} AS var,
+                     count(*) FILTER (WHERE value IS NULL OR NOT isfinite(value)) AS n_nonfinite
+              FROM sample_metrics
+              WHERE metric = $metric AND run_id IN (SELECT run_id FROM re) GROUP BY ALL)
+        SELECT re.experiment_id AS experiment, re.variation_id AS variation, a.seed,
+               CAST(sum(a.n) AS BIGINT) AS n, sum(a.n * a.mean) / sum(a.n) AS mean,
+               -- one run per (variation, seed) in practice; pool exactly if there are more
+               (sum((a.n - 1) * coalesce(a.var, 0)) + sum(a.n * a.mean * a.mean)
+                 - sum(a.n * a.mean) * sum(a.n * a.mean) / sum(a.n)) / greatest(sum(a.n) - 1, 1) AS var,
+               CAST(sum(a.n_nonfinite) AS BIGINT) AS n_nonfinite, {cols}
+        FROM a JOIN re USING (run_id)
+        GROUP BY ALL ORDER BY variation, a.seed
+        """,
+        {**params, "experiment": experiment, "metric": metric},
+    )
+    return pool_seeds(per_seed, PARAM_COLUMNS).with_columns(pl.lit(metric).alias("metric"))
+
+
+def sample_metric_paired_difference(
+    reader: StoreReader, flt: RunFilter, metric: str, experiment: str, reference: str
+) -> pl.DataFrame:
+    """Per variation of ``experiment``: the mean paired difference ``variation − reference`` of
+    a per-sample metric over the samples both have (same seed and sample index, so the same x_T
+    and prompt), with a 95% normal interval and ``n`` pairs. The reference's rows are read
+    whatever the run filter says (it may filter the reference out)."""
+    vcte, params = _sample_values_cte(flt, experiment)
+    per_seed = reader.frame(
+        f"""
+        WITH {vcte},
+        ref AS (SELECT seed, sample_index, value AS ref_value FROM sample_metrics
+                WHERE metric = $metric AND isfinite(value)
+                  AND run_id IN (SELECT run_id FROM runs WHERE experiment_id = $experiment
+                                                          AND variation_id = $reference)),
+        d AS (SELECT v.run_id, v.seed, v.value - ref.ref_value AS diff
+              FROM v JOIN ref USING (seed, sample_index))
+        SELECT re.experiment_id AS experiment, re.variation_id AS variation, d.seed,
+               count(*) AS n, avg(d.diff) AS mean, var_samp(d.diff) AS var
+        FROM d JOIN re USING (run_id)
+        WHERE re.variation_id <> $reference
+        GROUP BY ALL ORDER BY variation, d.seed
+        """,
+        {**params, "metric": metric, "reference": reference},
+    )
+    return pool_seeds(per_seed)
+
+
+def sample_metric_experiments(reader: StoreReader, flt: RunFilter) -> list[str]:
+    """Experiments among the filtered runs that have per-sample metrics."""
+    if not reader.has("sample_metric_definitions"):
+        return []
+    cte, params = flt.runs_cte()
+    return reader.frame(
+        f"""WITH {cte} SELECT DISTINCT r.experiment_id AS e FROM r
+            WHERE r.run_id IN (SELECT run_id FROM sample_metric_definitions) ORDER BY 1""",
+        params,
+    )["e"].to_list()
 
 
 # -- human study ----------------------------------------------------------------------------

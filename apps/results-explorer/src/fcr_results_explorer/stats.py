@@ -37,6 +37,56 @@ def with_ci(frame: pl.DataFrame, n: str = "n", sd: str = "sd", out: str = "ci95"
     return frame.with_columns(pl.Series(out, values, dtype=pl.Float64))
 
 
+#: z_{0.975}: the 95% two-sided normal quantile.
+Z95 = float(sps.norm.ppf(0.975))
+
+
+def pool_seeds(per_seed: pl.DataFrame, keep: tuple[str, ...] | list[str] = ()) -> pl.DataFrame:
+    """Pool per-seed summaries of per-sample values into one row per (experiment, variation).
+
+    ``per_seed`` has one row per (experiment, variation, seed) with ``n`` values, their
+    ``mean`` and sample variance ``var`` (as DuckDB's ``count``, ``avg``, ``var_samp``; NULL
+    for one value). The result has ``n`` (samples), ``n_seeds``, the pooled ``mean`` and ``sd``
+    of all samples, ``se = sd / √n``, ``ci95 = z₀.₉₇₅ · se`` (a normal interval that treats the
+    samples as independent), ``seed_min`` / ``seed_max`` (the range of the per-seed means, which
+    shows a seed-level effect that interval does not), ``n_nonfinite`` when given, and the
+    columns of ``keep`` (constant within a variation).
+
+    Example:
+        >>> f = pl.DataFrame({"experiment": ["e", "e"], "variation": ["v", "v"], "seed": [0, 1],
+        ...                   "n": [2, 2], "mean": [1.0, 3.0], "var": [0.0, 0.0]})
+        >>> pool_seeds(f).select("n", "n_seeds", "mean", "sd", "seed_min", "seed_max").row(0)
+        (4, 2, 2.0, 1.1547005383792515, 1.0, 3.0)
+    """
+    keys = ["experiment", "variation"]
+    if per_seed.is_empty():
+        return pl.DataFrame(schema={**{k: pl.String for k in keys}, "n": pl.Int64, "n_seeds": pl.Int64,
+                                    "mean": pl.Float64, "sd": pl.Float64, "se": pl.Float64,
+                                    "ci95": pl.Float64, "seed_min": pl.Float64, "seed_max": pl.Float64})
+    f = per_seed.filter(pl.col("n") > 0).with_columns(pl.col("var").fill_null(0.0))
+    n_total = pl.col("n").sum()
+    pooled = (pl.col("n") * pl.col("mean")).sum() / n_total
+    extra = [pl.col("n_nonfinite").sum()] if "n_nonfinite" in f.columns else []
+    out = f.group_by(keys, maintain_order=True).agg(
+        n_total.alias("n"),
+        pl.len().alias("n_seeds"),
+        pooled.alias("mean"),
+        # total sum of squares = within-seed + between-seed parts
+        (((pl.col("n") - 1) * pl.col("var")).sum()
+         + (pl.col("n") * (pl.col("mean") - pooled) ** 2).sum()).alias("_ss"),
+        pl.col("mean").min().alias("seed_min"),
+        pl.col("mean").max().alias("seed_max"),
+        *extra,
+        *[pl.col(c).first() for c in keep if c in f.columns],
+    )
+    sd = (pl.col("_ss") / (pl.col("n") - 1)).sqrt()
+    out = out.with_columns(pl.when(pl.col("n") > 1).then(sd).otherwise(None).alias("sd")).with_columns(
+        (pl.col("sd") / pl.col("n").sqrt()).alias("se")).with_columns(
+        (pl.col("se") * Z95).alias("ci95")).drop("_ss")
+    first = [*keys, "n", "n_seeds", "mean", "sd", "se", "ci95", "seed_min", "seed_max"]
+    return out.select(*first, *[c for c in out.columns if c not in first])
+
+
 def format_mean_ci(mean: float | None, ci: float | None, digits: int = 4) -> str:
     """``"12.34 ± 0.56"``, or the mean alone where no interval exists (one seed)."""
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
