@@ -14,10 +14,10 @@ import torch
 from .contexts import Prompts, RunContext
 from .experiment import Experiment
 from .planner import PlannedRun
-from .store import MetricRecord, PerPromptScore, SampleRecord
+from .store import MetricRecord, PerPromptScore, SampleMetrics, SampleRecord
 
 __all__ = ["QUALITY_METRICS", "quality_metric_names", "evaluate_shard", "alignment_metrics", "run_metrics",
-           "save_samples", "shard_prompts"]
+           "sample_metrics", "save_samples", "shard_prompts"]
 
 #: Set-level quality metrics computed from extracted features (the Fréchet distance is "fd"; an
 #: experiment asking for "fid" gets it under its extractor's name).
@@ -64,10 +64,15 @@ def save_samples(root: Path, exp: Experiment, run: PlannedRun, prompts: Prompts,
 
 
 def evaluate_shard(ctx: RunContext, run: PlannedRun, prompts: Prompts, images: torch.Tensor, mine: range,
-                   reference: torch.Tensor | None) -> dict:
-    """Per-image values of this process's shard ``mine``: quality features and logits, prompt–class
-    hits, CLIPScores, and CLIP drift against ``reference`` — the same weights' uncached samples
-    of the shard's first images, from the same x_T (``None`` for an uncached run)."""
+                   reference: torch.Tensor, reference_features=None) -> dict:
+    """Per-image values of this process's shard ``mine``: quality features and logits, the
+    prompted class's correctness and log-probability, CLIPScores, and the paired values against
+    ``reference`` — the same weights' uncached samples of the shard from the same x_T and prompts
+    (an uncached run passes its own images): cache error (pixel MSE, PSNR, distance in the quality
+    extractor's space given ``reference_features``) and, for cached runs, CLIP drift of the first
+    ``clip_drift_samples``."""
+    from .paired import CACHE_FEATURE_L2, cache_error
+
     ev = ctx.exp.evaluation
     out: dict = {}
     if not len(mine):
@@ -78,21 +83,31 @@ def evaluate_shard(ctx: RunContext, run: PlannedRun, prompts: Prompts, images: t
         out["features"], out["logits"] = f.features, f.logits
     sl = slice(mine.start, mine.stop)
     if ctx.classifier is not None and prompts.labels is not None:
-        from .class_agreement import class_agreement
+        from .class_agreement import CLASS_CORRECT, CLASS_LOGPROB, class_scores
 
-        out["class_hits"] = class_agreement(eval_imgs, prompts.labels[sl], ctx.classifier)[1].numpy()
+        scores = class_scores(eval_imgs, prompts.labels[sl], ctx.classifier)
+        out["class_hits"] = scores[CLASS_CORRECT].numpy()
+        out[_PER_SAMPLE + CLASS_LOGPROB] = scores[CLASS_LOGPROB].numpy()
     if ctx.clip is not None and "clip_score" in ev.metrics:
         out["clip_scores"] = ctx.clip.score(images, prompts.texts[sl])[1].numpy()
-    if reference is not None and "clip_drift" in ev.metrics and ctx.clip is not None:
+    errors = cache_error(images.numpy(), reference.numpy(), cached_features=out.get("features"),
+                         reference_features=reference_features if out.get("features") is not None else None)
+    out.update({_PER_SAMPLE + k: v for k, v in errors.items() if k != CACHE_FEATURE_L2 or "features" in out})
+    drift = clip_drift_range(run, mine, ev.clip_drift_samples)
+    if run.sampler.cached and len(drift) and "clip_drift" in ev.metrics and ctx.clip is not None:
         from .clip_score import clip_embedding_drift
 
-        out["clip_drift"] = clip_embedding_drift(ctx.clip, images[: len(reference)], reference)[1].numpy()
+        out["clip_drift"] = clip_embedding_drift(ctx.clip, images[: len(drift)], reference[: len(drift)])[1].numpy()
     return out
 
 
-def clip_drift_range(run: PlannedRun, mine: range) -> range:
+#: Key prefix of the per-sample arrays a shard hands back for ``sample_metrics``.
+_PER_SAMPLE = "per_sample:"
+
+
+def clip_drift_range(run: PlannedRun, mine: range, clip_drift_samples: int) -> range:
     """The images of shard ``mine`` that CLIP drift compares: the run's first ``clip_drift_samples``."""
-    k = min(run.n_samples, int(run.config["evaluation"]["clip_drift_samples"]))
+    k = min(run.n_samples, int(clip_drift_samples))
     return range(mine.start, min(mine.stop, k))
 
 
@@ -157,3 +172,42 @@ def run_metrics(ctx: RunContext, run: PlannedRun, prompts: Prompts, parts: list[
                                     {"protocol": run.robustness.id, "fgsm_images": fg["k"], "epsilon": fg["epsilon"],
                                      "steps": fg["steps"], "random_start": True}))
     return metrics, per_prompt
+
+
+def sample_metrics(ctx: RunContext, run: PlannedRun, prompts: Prompts, parts: list[dict], reference: str
+                   ) -> list[SampleMetrics]:
+    """The run's per-sample values (``sample_metrics`` rows) from the gathered shards: cache error
+    against ``reference`` (what the uncached twins were), the prompted class's correctness and
+    log-probability, CLIPScore and CLIP drift. Rows pair across variations by (seed, sample index):
+    every variation of one seed starts sample i from the same x_T and prompt."""
+    from .class_agreement import CLASS_CORRECT
+    from .paired import CACHE_FEATURE_L2, SAMPLE_METRICS
+
+    def joined(key: str):
+        vals = [p[key] for p in parts if p.get(key) is not None and len(p[key])]
+        return np.concatenate(vals) if vals else None
+
+    per_sample: dict[str, np.ndarray] = {}
+    for key in sorted({k for p in parts for k in p if k.startswith(_PER_SAMPLE)}):
+        per_sample[key[len(_PER_SAMPLE):]] = joined(key)
+    for name, key in ((CLASS_CORRECT, "class_hits"), ("clip_score", "clip_scores"), ("clip_drift", "clip_drift")):
+        if joined(key) is not None:
+            per_sample[name] = joined(key)
+    out = []
+    for name, values in per_sample.items():
+        spec = SAMPLE_METRICS[name]
+        if name == CACHE_FEATURE_L2:
+            ext, prep = ctx.extractor.name, ctx.extractor.preprocessing
+        elif name in ("clip_score", "clip_drift"):
+            ext, prep = ctx.clip.name, ctx.clip.preprocessing
+        elif name.startswith("class_"):
+            from .class_agreement import FEATURE_EXTRACTOR_NAME, PREPROCESSING
+
+            ext, prep = FEATURE_EXTRACTOR_NAME, PREPROCESSING
+        else:
+            ext, prep = "none", "none"
+        n = len(values)
+        out.append(SampleMetrics(name, values, prompts.ids[:n], seeds=run.seed, sample_index=np.arange(n),
+                                 reference=reference if spec.needs_reference else None, feature_extractor=ext,
+                                 preprocessing=prep, details={"definition": spec.description}))
+    return out

@@ -35,6 +35,7 @@ from typing import Any
 from fcr_sample.features import BLOCK_GROUPS as BLOCKS
 from fcr_sample.schedules import NAMED_SCHEDULES
 from fcr_train.embedded import EMBEDDED_MODELS
+from fcr_train.loss import DELTA_UNITS, DISTANCES
 
 from .contrasts import ContrastSpec, ContrastSpecError, check_contrast
 from .criteria import CriteriaConfig
@@ -74,7 +75,8 @@ METRICS = (
 DATASET_KINDS = ("fashion-mnist", "laion", "webdataset", "artbench", "coco", "flickr30k", "imagenet-classes")
 DATASET_ROLES = ("finetune", "eval", "mini_val", "reference")
 EXTRACTORS = ("efficientnet_lite0", "inception")
-EXPANDABLE = ("model", "stride", "lambda_fcr", "delta_max", "blocks", "scheduler", "robustness", "eval_prompts")
+EXPANDABLE = ("model", "stride", "lambda_fcr", "delta_max", "delta_unit", "distance", "blocks", "scheduler", "robustness",
+              "eval_prompts")
 # Dataset kinds that ship with a package: the runner reads the installed files, never `path`.
 PACKAGED_DATASET_KINDS = ("fashion-mnist", "imagenet-classes")
 
@@ -164,6 +166,8 @@ class FinetuneSpec:
     weight_decay: float = 1e-2
     warmup_steps: int = 0
     delta_max: int = 10
+    delta_unit: str = "timesteps"  # "sampler_steps": Δ counts steps of this experiment's sampler
+    distance: str = "mse"  # fcr_train.loss.DISTANCES
     blocks: str = "all"
     ema_decay: float | None = None
     checkpoint_every: int = 500
@@ -222,6 +226,8 @@ class VariationSpec:
     cache_branch_id: int = 0
     lambda_fcr: float | None = None
     delta_max: int | None = None
+    delta_unit: str | None = None
+    distance: str | None = None
     blocks: str | None = None
     finetune_data: str | None = None
     scheduler: str | None = None
@@ -441,9 +447,14 @@ def load_experiment(path: str | Path, profile: str | None = None) -> Experiment:
         (0, 1)
     """
     path = Path(path)
+    if path.is_dir():
+        raise ExperimentFileError(f"{path} is a directory; pass an experiment .toml file, e.g. {path / 'mini-exp-1.toml'}")
     if not path.is_file():
         raise FileNotFoundError(f"experiment file {path} does not exist")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ExperimentFileError(f"{path} is not UTF-8 text (byte {e.start}); an experiment file is TOML") from None
     loc = _Locator(path, text)
     try:
         raw = tomllib.loads(text)
@@ -520,6 +531,8 @@ def load_experiment(path: str | Path, profile: str | None = None) -> Experiment:
 
     finetune = chk.build(FinetuneSpec, raw.get("finetune", {}), "finetune")
     chk.one_of(finetune.blocks, BLOCKS, "finetune.blocks", "finetune", "blocks")
+    chk.one_of(finetune.delta_unit, DELTA_UNITS, "finetune.delta_unit", "finetune", "delta_unit")
+    chk.one_of(finetune.distance, DISTANCES, "finetune.distance", "finetune", "distance")
     chk.one_of(finetune.optimizer, ("adamw",), "finetune.optimizer", "finetune", "optimizer")
     chk.one_of(finetune.mixed_precision, ("no", "fp16", "bf16"), "finetune.mixed_precision", "finetune",
                "mixed_precision")
@@ -715,7 +728,12 @@ def _check_variation(chk: _Checker, v: VariationSpec, i: int, models, datasets, 
                  sec, "lambda_fcr", i)
     if v.blocks is not None:
         chk.one_of(v.blocks, BLOCKS, f"variations[{i}] ({v.id}).blocks", sec, "blocks", i)
-    if v.lambda_fcr is None and (v.delta_max is not None or v.blocks is not None or v.finetune_data is not None):
+    if v.delta_unit is not None:
+        chk.one_of(v.delta_unit, DELTA_UNITS, f"variations[{i}] ({v.id}).delta_unit", sec, "delta_unit", i)
+    if v.distance is not None:
+        chk.one_of(v.distance, DISTANCES, f"variations[{i}] ({v.id}).distance", sec, "distance", i)
+    if v.lambda_fcr is None and any(x is not None for x in (v.delta_max, v.blocks, v.finetune_data, v.delta_unit,
+                                                            v.distance)):
         chk.fail(f"variations[{i}] ({v.id}) sets fine-tune options but no lambda_fcr (no fine-tune)", sec, None, i)
     chk.one_of(v.robustness, list(robustness), f"variations[{i}] ({v.id}).robustness", sec, "robustness", i)
     for k, roles in (("eval_prompts", ("eval",)), ("finetune_data", ("finetune",))):

@@ -32,7 +32,6 @@ def run_finetune(ctx: RunContext, ft: PlannedFinetune, exp: Experiment, progress
     """Fine-tune (or resume, or reuse a finished fine-tune); returns the run's summary dict. With
     several processes every one of them calls this (the trainer runs data-parallel on accelerate)."""
     from fcr_train.api import FinetuneConfig, finetune
-    from fcr_train.loss import FCRConfig
     from fcr_train.trainer import TrainConfig
 
     out = Path(ft.output_dir)
@@ -55,10 +54,10 @@ def run_finetune(ctx: RunContext, ft: PlannedFinetune, exp: Experiment, progress
             validate_every=es.every if es else None, early_stopping_patience=es.patience if es else None,
             seed=ft.seed, hflip=hflip, cond_dropout=spec.cond_dropout, resume=True,
             progress=progress, cpu=ctx.device.type == "cpu",
-            fcr=FCRConfig(lam=ft.lambda_fcr, delta_max=ft.delta_max, blocks=ft.blocks)),
+            fcr=ft.fcr_config()),
     )
-    logger.info("fine-tuning %s: λ=%g Δmax=%d blocks=%s, %d steps × batch %d (folder %s)", ft.key, ft.lambda_fcr,
-                ft.delta_max, ft.blocks, ft.steps, ft.batch_size, out)
+    logger.info("fine-tuning %s: λ=%g Δmax=%d %s blocks=%s distance=%s, %d steps × batch %d (folder %s)", ft.key,
+                ft.lambda_fcr, ft.delta_max, ft.delta_unit, ft.blocks, ft.distance, ft.steps, ft.batch_size, out)
     t0 = time.perf_counter()
     result = finetune(cfg, validation_fn=validation_fn)
     s = result.to_dict()

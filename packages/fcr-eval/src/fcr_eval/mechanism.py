@@ -103,7 +103,7 @@ class FeatureConsistency:
 
     def to_feature_stat(self) -> FeatureStat:
         """The store's ``feature_stats`` row; its ``delta`` is in DDPM timesteps (unambiguous)."""
-        return FeatureStat(self.block, self.delta_timesteps, self.variance, self.n)
+        return FeatureStat(self.block, self.delta_timesteps, self.variance, self.n, self.energy, self.unit)
 
 
 def _add_noise(scheduler, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -280,9 +280,19 @@ def _migration_4(con: duckdb.DuckDBPyConnection) -> None:
                 "WHERE passed IS NOT NULL")
 
 
+def _migration_5(con: duckdb.DuckDBPyConnection) -> None:
+    """σ²_Δ next to the feature's energy, and the unit the Δ range was drawn in: ``delta`` stays in
+    DDPM timesteps (unambiguous); ``delta_unit`` says whether the measurement spanned the cache's
+    range in sampler steps or the paper's literal range in timesteps. Old rows are the literal
+    range (``'timesteps'``) with unknown energy (NULL)."""
+    con.execute("ALTER TABLE feature_stats ADD COLUMN energy DOUBLE")
+    con.execute("ALTER TABLE feature_stats ADD COLUMN delta_unit VARCHAR DEFAULT 'timesteps'")
+    con.execute("UPDATE feature_stats SET delta_unit = 'timesteps' WHERE delta_unit IS NULL")
+
+
 #: Numbered migrations; ``MIGRATIONS[i]`` brings a store from version ``i`` to ``i + 1``.
 MIGRATIONS: tuple[Callable[[duckdb.DuckDBPyConnection], None], ...] = (
-    _migration_1, _migration_2, _migration_3, _migration_4,
+    _migration_1, _migration_2, _migration_3, _migration_4, _migration_5,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .experiment import Experiment, RobustnessSpec, VariationSpec
+from .experiment import Experiment, ExperimentFileError, RobustnessSpec, VariationSpec
 from .samplers import SamplerSettings, resolve_sampler
 
 __all__ = [
@@ -78,14 +78,41 @@ class PlannedFinetune:
     seed: int
     output_dir: str
     cost: ModelCost | None = None  # of one forward at the model's own resolution (training images)
+    delta_unit: str = "timesteps"  # "sampler_steps": Δ counts steps of a `sampler_steps`-step sampler
+    sampler_steps: int | None = None
+    distance: str = "mse"
     variations: list[str] = field(default_factory=list)
     est_flops: float = 0.0
     est_seconds: float = 0.0
 
     def config(self) -> dict:
-        """The settings that define the weights (hashed into run ids; no estimates, no folder)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("variations", "est_flops", "est_seconds",
-                                                                  "output_dir", "cost")}
+        """The settings that define the weights (hashed into run ids; no estimates, no folder). The
+        FCR options added later appear only when they differ from their defaults, so the run ids of
+        earlier experiments stay the same."""
+        out = {k: v for k, v in asdict(self).items() if k not in ("variations", "est_flops", "est_seconds",
+                                                                 "output_dir", "cost", *_LATER_FCR_OPTIONS)}
+        out.update({k: getattr(self, k) for k, default in _LATER_FCR_OPTIONS.items() if getattr(self, k) != default})
+        return out
+
+    def fcr_config(self):
+        """The fine-tune's :class:`fcr_train.loss.FCRConfig`."""
+        from fcr_train.loss import FCRConfig
+
+        return FCRConfig(lam=self.lambda_fcr, delta_max=self.delta_max, blocks=self.blocks, distance=self.distance,
+                         delta_unit=self.delta_unit, sampler_steps=self.sampler_steps)
+
+
+#: Variation fields added after the first release: recorded only when set, so that the config
+#: records (and run ids) of earlier experiment files stay the same.
+_LATER_VARIATION_FIELDS = ("delta_unit", "distance")
+
+
+def _variation_record(v: VariationSpec) -> dict:
+    return {k: x for k, x in asdict(v).items() if not (k in _LATER_VARIATION_FIELDS and x is None)}
+
+
+#: FCR options a fine-tune's identity gained after the first release, with their defaults.
+_LATER_FCR_OPTIONS = {"delta_unit": "timesteps", "sampler_steps": None, "distance": "mse"}
 
 
 @dataclass
@@ -111,6 +138,9 @@ class PlannedRun:
     scheduler: str
     resolution: int
     cost: ModelCost
+    #: σ²_Δ is also measured over Δ = 1…this many sampler steps: the largest stride any cached
+    #: variation of the experiment reuses features over at this step count (below the step count).
+    sigma2_sampler_range: int = 0
     unet_calls: int = 0
     full_forwards: int = 0
     encoder_forwards: int = 0
@@ -256,12 +286,25 @@ def make_plan(exp: Experiment, *, results_dir: str | Path = "results", calibrate
             if v.finetuned:
                 lam = float(v.lambda_fcr)
                 ft_seed = seed if ft.per_seed else exp.seeds[0]
-                ftc = {"model": v.model, "lambda_fcr": lam, "delta_max": v.delta_max or ft.delta_max,
+                unit = v.delta_unit or ft.delta_unit
+                distance = v.distance or ft.distance
+                # In sampler steps Δ_max defaults to the stride the fine-tune serves; in timesteps
+                # to the experiment's finetune.delta_max (the paper's 10).
+                delta_max = v.delta_max or (v.stride if unit == "sampler_steps" and v.stride else ft.delta_max)
+                if unit == "sampler_steps" and delta_max >= steps:
+                    raise ExperimentFileError(
+                        f"{exp.path}: variation {v.id!r}: Δ_max = {delta_max} sampler steps must be below the "
+                        f"{steps} steps it counts (Δ·T/steps must stay inside the schedule); set delta_max")
+                later = {k: x for k, x in (("delta_unit", unit), ("sampler_steps", steps if unit == "sampler_steps"
+                                                                  else None), ("distance", distance))
+                         if x != _LATER_FCR_OPTIONS[k]}
+                ftc = {"model": v.model, "lambda_fcr": lam, "delta_max": delta_max,
                        "blocks": v.blocks or ft.blocks, "data": v.finetune_data or ft.data, "steps": ft.steps,
                        "batch_size": ft.batch_size, "lr": ft.lr, "seed": ft_seed,
                        "train": {k: getattr(ft, k) for k in ("weight_decay", "warmup_steps", "ema_decay",
-                                                             "mixed_precision")}}
-                ft_key = f"ft-lam{lam:.2f}-d{ftc['delta_max']}-{ftc['blocks']}-s{ft_seed}-{_short_hash(ftc)}"
+                                                             "mixed_precision")}, **later}
+                tags = ("-ss" if unit == "sampler_steps" else "") + ("" if distance == "mse" else f"-{distance}")
+                ft_key = f"ft-lam{lam:.2f}-d{ftc['delta_max']}{tags}-{ftc['blocks']}-s{ft_seed}-{_short_hash(ftc)}"
                 if ft_key not in finetunes:
                     # forward + backward (×3) of the denoising branch + FCR's encoder-only second
                     # branch (only when λ > 0), per training image.
@@ -272,11 +315,12 @@ def make_plan(exp: Experiment, *, results_dir: str | Path = "results", calibrate
                         delta_max=ftc["delta_max"], blocks=ftc["blocks"], data=ftc["data"], steps=ft.steps,
                         batch_size=ft.batch_size, lr=ft.lr, seed=ft_seed,
                         output_dir=str(exp_dir / "finetune" / ft_key), cost=model_cost(exp, v.model),
+                        delta_unit=unit, sampler_steps=later.get("sampler_steps"), distance=distance,
                         est_flops=flops,
                         est_seconds=flops / (gflops_per_s * 1e9))
                 finetunes[ft_key].variations.append(f"{v.id}/s{seed}")
             config = {
-                "experiment_id": exp.id, "variation": asdict(v), "seed": seed, "model": asdict(model),
+                "experiment_id": exp.id, "variation": _variation_record(v), "seed": seed, "model": asdict(model),
                 "sampling": {"scheduler": scheduler, "steps": steps, "guidance_scale": guidance,
                              "resolution": resolution, "n_samples": n,
                              "eval_prompts": eval_prompts,
@@ -300,6 +344,15 @@ def make_plan(exp: Experiment, *, results_dir: str | Path = "results", calibrate
                 eval_prompts=eval_prompts, n_samples=n, steps=steps, guidance_scale=guidance, scheduler=scheduler,
                 resolution=resolution, cost=cost, **counts, est_flops=flops,
                 est_seconds=(flops + timing_flops) / (gflops_per_s * 1e9)))
+    # σ²_Δ over the cache's range: the largest interval reused at each step count (Δ < steps).
+    widest: dict[int, int] = {}
+    for r in runs:
+        if r.sampler.cached:
+            reach = r.sampler.interval or max(b - a for a, b in zip(r.sampler.key_steps, [*r.sampler.key_steps[1:],
+                                                                                        r.steps], strict=True))
+            widest[r.steps] = max(widest.get(r.steps, 0), min(reach, r.steps - 1))
+    for r in runs:
+        r.sigma2_sampler_range = widest.get(r.steps, 0)
     # Feature extraction of samples + reference, σ²_Δ passes: a rough add-on.
     feat_flops = EFFICIENTNET_LITE0_FLOPS_224 * (ev.feature_image_size / 224) ** 2
     n_feat = sum(r.n_samples for r in runs) + ev.n_reference

@@ -151,12 +151,18 @@ class TimingRecord:
 
 @dataclass(frozen=True)
 class FeatureStat:
-    """One row of ``feature_stats``: σ²_Δ of one encoder feature (or ``'all'``) at one Δ."""
+    """One row of ``feature_stats``: σ²_Δ of one encoder feature (or ``'all'``) at one Δ.
+
+    ``delta`` is in DDPM timesteps; ``unit`` says which range the measurement drew Δ from
+    (``"timesteps"``: the paper's literal 1…Δ_max; ``"sampler_steps"``: the cache's range, k·T/steps);
+    ``energy`` is the feature's mean square (σ²_Δ / energy is scale-free)."""
 
     block: str
     delta: int
     variance: float
     n: int
+    energy: float | None = None  # migration 5
+    unit: str = "timesteps"
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,128 @@ from .experiment import Experiment
 from .planner import Plan
 from .store import ResultsStore
 
-__all__ = ["Report", "summary_table", "criteria_table", "report"]
+__all__ = ["Report", "summary_table", "paired_table", "contrasts_report", "criteria_table", "report"]
+
+
+def _mean_ci(values: np.ndarray, seeds: np.ndarray, n_resamples: int = 2000) -> tuple[float, float, float]:
+    """Mean of per-sample values and its 95 % CI, bootstrapped over samples clustered by seed."""
+    from .stats import paired_bootstrap_ci
+
+    finite = np.isfinite(values)
+    values, seeds = values[finite], seeds[finite]
+    if len(values) == 0:
+        return float("nan"), float("nan"), float("nan")
+    if len(values) < 2 or np.all(values == values[0]):
+        return float(values.mean()), float(values.mean()), float(values.mean())
+    r = paired_bootstrap_ci(values, np.zeros_like(values), clusters=seeds, n_resamples=n_resamples)
+    return r.estimate, r.ci_low, r.ci_high
+
+
+def _fmt_ci(mean: float, lo: float, hi: float) -> str:
+    if not np.isfinite(mean):
+        return "–"
+    if lo == hi:
+        return f"{mean:.4g}"
+    return f"{mean:.4g} [{lo:.3g}, {hi:.3g}]"
+
+
+#: Per-sample metrics of the paired table, in the order shown, with their column titles.
+PAIRED_COLUMNS = (("cache_mse", "cache MSE"), ("cache_psnr", "cache PSNR dB"), ("cache_feature_l2", "cache feat. L2"),
+                  ("class_correct", "class correct"), ("class_logprob", "class log-prob"),
+                  ("clip_score", "CLIPScore"), ("clip_drift", "CLIP drift"))
+
+
+def paired_table(exp: Experiment, per_sample) -> str:
+    """Markdown table: one row per variation, each per-sample metric's mean with a bootstrap CI over
+    samples clustered by seed (every variation of a seed starts from the same x_T and prompts).
+    PSNR is the median over finite values (identical images have infinite PSNR)."""
+    import polars as pl
+
+    if per_sample is None or per_sample.height == 0:
+        return ""
+    present = [(m, t) for m, t in PAIRED_COLUMNS if m in set(per_sample["metric"].unique().to_list())]
+    head = ["variation", "n (seeds)"] + [t for _, t in present]
+    rows = []
+    for v in exp.variations:
+        d = per_sample.filter(pl.col("variation_id") == v.id)
+        if d.height == 0:
+            continue
+        n = d.filter(pl.col("metric") == present[0][0]).height if present else 0
+        row = [v.id, f"{n} ({d['seed'].n_unique()})"]
+        for m, _ in present:
+            dm = d.filter(pl.col("metric") == m)
+            vals = dm["value"].to_numpy().astype(float)
+            if m == "cache_psnr":
+                fin = vals[np.isfinite(vals)]
+                row.append("∞ (identical)" if len(vals) and not len(fin) else
+                           (f"median {np.median(fin):.3g}" if len(fin) else "–"))
+            else:
+                row.append(_fmt_ci(*_mean_ci(vals, dm["seed"].to_numpy())) if dm.height else "–")
+        rows.append(row)
+    return _markdown(head, rows)
+
+
+def _paired_notes() -> str:
+    return ("cache MSE / PSNR / feat. L2: distance of each sample to the same weights' uncached sample from the "
+            "same x_T and prompt (0 / ∞ for the uncached sampler itself); class correct / log-prob: the shipped "
+            "classifier on the prompted class; CIs: two-stage bootstrap (seeds, then samples within a seed).")
+
+
+def _markdown(head: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(head, widths, strict=False)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def contrasts_report(exp: Experiment, store: ResultsStore, per_sample, *, write: bool = True) -> str:
+    """Compute the experiment's ``[[contrasts]]`` from the stored per-sample metrics, store them
+    (replacing earlier values) and return them as a markdown table. A contrast whose variations
+    have no stored samples yet is listed as not computed."""
+    import polars as pl
+
+    from .contrasts import compute_contrast
+    from .provenance import code_version
+
+    specs = list(getattr(exp, "contrasts", ()) or ())
+    if not specs:
+        return ""
+    have = set(per_sample["variation_id"].unique().to_list()) if per_sample.height else set()
+    results, rows = [], []
+    for spec in specs:
+        needed = {spec.candidate, spec.baseline} | ({spec.target} if spec.target else set())
+        missing = sorted(needed - have)
+        if missing:
+            rows.append([spec.id, spec.kind, spec.metric, "–", "–", "–", f"not computed: no samples of {missing}"])
+            continue
+        r = compute_contrast(spec, per_sample.filter(pl.col("variation_id").is_in(list(needed))))
+        results.append(r)
+        sides = f"{r.candidate} vs {r.baseline}" + (f" (target {r.target})" if r.target else "")
+        crit = f"{r.verdict} ({r.direction} {r.threshold:g})" if r.verdict else ""
+        rows.append([r.contrast_id, r.kind, r.metric, f"{r.estimate:.4g} [{r.ci_low:.3g}, {r.ci_high:.3g}]",
+                     f"{r.n_samples} ({r.n_clusters})", crit, sides])
+    if write and results and not store.read_only:
+        store.write_contrasts(exp.id, results, code_version=code_version())
+    return _markdown(["contrast", "kind", "metric", "estimate [95% CI]", "pairs (seeds)", "criterion", "compares"],
+                     rows)
+
+
+def _set_size_note(exp: Experiment, store: ResultsStore) -> str:
+    """Says when a Fréchet distance was computed from fewer samples than feature dimensions (its
+    covariance is then singular and the number is only indicative; KID is unbiased)."""
+    from .extractors import metric_name
+
+    dims = {"efficientnet_lite0": 1280, "inception": 2048}
+    ext = exp.evaluation.feature_extractor
+    m = store.metrics(experiment_id=exp.id, metric=metric_name("fd", ext))
+    if m.height == 0 or ext not in dims:
+        return ""
+    n = int(m["n_samples"].min())
+    if n > dims[ext]:
+        return ""
+    return (f" **FD is indicative only:** each run's FD comes from {n} samples in {dims[ext]} feature dimensions "
+            "(singular covariance, biased upwards); read KID and the paired metrics above instead.")
 
 
 def _ci_text(values: list[float], digits: int = 3) -> str:
@@ -140,10 +261,21 @@ def report(exp: Experiment, store_path: Path, *, plots: bool = True, plan: Plan 
     from .criteria import evaluate_store_criteria
 
     store = ResultsStore(store_path)
+    title = f"{exp.id}{f' (profile {exp.profile})' if exp.profile else ''}"
+    per_sample = store.sample_metrics(experiment_id=exp.id)
+    paired = paired_table(exp, per_sample)
+    if paired:
+        print(f"\n## {title}: paired per-sample metrics, mean [95% CI, bootstrap over samples clustered by seed]\n")
+        print(paired)
+        print("\n" + _paired_notes())
+    contrasts = contrasts_report(exp, store, per_sample)
+    if contrasts:
+        print(f"\n### contrasts (paired over samples sharing seed and x_T; [[contrasts]] of {exp.path})\n")
+        print(contrasts)
     table = summary_table(exp, store)
-    print(f"\n## {exp.id}{f' (profile {exp.profile})' if exp.profile else ''}: mean ± 95% CI half-width over seeds\n")
+    print(f"\n## {title}: set-level metrics, mean ± 95% t-interval half-width over seeds\n")
     print(table)
-    print("\n" + _table_notes(exp))
+    print("\n" + _table_notes(exp) + _set_size_note(exp, store))
     crit = []
     if exp.criteria is not None:
         crit = evaluate_store_criteria(store, exp.id, exp.criteria)

@@ -39,7 +39,7 @@ import torch
 
 from .contexts import Prompts, RunContext, make_context
 from .distributed import Processes
-from .evaluation import clip_drift_range, evaluate_shard, run_metrics, save_samples, shard_prompts
+from .evaluation import evaluate_shard, run_metrics, sample_metrics, save_samples, shard_prompts
 from .experiment import Experiment
 from .finetuning import finetune_fraction, run_finetune
 from .planner import PlannedRun, make_plan
@@ -177,13 +177,21 @@ def _feature_variance(ctx: RunContext, st: _RunState, caches: dict, procs: Proce
     ev = ctx.exp.evaluation
     if "sigma2_delta" not in ev.metrics or not procs.is_main:
         return
-    key = ("sigma2", st.weights_key, st.run.seed)
+    run = st.run
+    key = ("sigma2", st.weights_key, run.seed, run.steps, run.sigma2_sampler_range)
     if key not in caches:
-        z0, states = ctx.sigma2_inputs(ev.sigma2_samples, st.run.seed, ctx.sampling_resolution(),
-                                       st.prompts.template)
-        caches[key] = encoder_feature_variance(
+        z0, states = ctx.sigma2_inputs(ev.sigma2_samples, run.seed, ctx.sampling_resolution(), st.prompts.template)
+        # the paper's literal range, Δ = 1…Δ_max DDPM timesteps (unchanged draws), then the range
+        # the cache reuses features over, Δ = 1…stride sampler steps (its own seeded draws)
+        rows = encoder_feature_variance(
             st.unet, z0, states, ctx.noise_scheduler, delta_max=ev.sigma2_delta_max,
-            blocks=ev.sigma2_blocks, generator=torch.Generator().manual_seed(st.run.seed))
+            blocks=ev.sigma2_blocks, generator=torch.Generator().manual_seed(run.seed))
+        if run.sigma2_sampler_range:
+            rows += encoder_feature_variance(
+                st.unet, z0, states, ctx.noise_scheduler, delta_max=run.sigma2_sampler_range,
+                delta_unit="sampler_steps", sampler_steps=run.steps, blocks=ev.sigma2_blocks,
+                generator=torch.Generator().manual_seed(run.seed + 7919))
+        caches[key] = rows
     st.feature_stats = caches[key]
 
 
@@ -212,15 +220,19 @@ def _sample(ctx: RunContext, st: _RunState, procs: Processes, progress: bool) ->
 
 def _evaluate(ctx: RunContext, st: _RunState, store: ResultsStore | Path, caches: dict, procs: Processes,
               progress: bool) -> None:
-    """Per-image values of this shard, against the same weights' uncached samples from the run's
-    own x_T (the attacked one under FGSM), and the shard's PNGs."""
+    """Per-image values of this shard, paired with the same weights' uncached samples from the
+    run's own x_T (the attacked one under FGSM; an uncached run is its own reference), and the
+    shard's PNGs."""
     run, ev = st.run, ctx.exp.evaluation
-    reference = None
-    drift_idx = clip_drift_range(run, st.mine)
-    if run.sampler.cached and "clip_drift" in ev.metrics and ctx.clip is not None and len(drift_idx):
-        reference = uncached_reference(ctx, st.unet, run, st.prompts, st.x_T, drift_idx, st.weights_key, caches,
-                                       progress)
-    st.local.update(evaluate_shard(ctx, run, st.prompts, st.images, st.mine, reference))
+    reference = uncached_reference(ctx, st.unet, run, st.prompts, st.x_T, st.mine, st.weights_key, caches,
+                                   progress, images=None if run.sampler.cached else st.images)
+    ref_features = None
+    if ctx.reference is not None and ctx.extractor is not None and len(st.mine):
+        key = ("features", id(reference))  # the reference tensor lives in `caches` for the experiment
+        if key not in caches:
+            caches[key] = (reference, ctx.extractor.extract(ctx.evaluation_images(reference)).features)
+        ref_features = caches[key][1]
+    st.local.update(evaluate_shard(ctx, run, st.prompts, st.images, st.mine, reference, ref_features))
     st.local["samples"] = []
     if len(st.mine) and ev.save_samples:
         root = store.root if isinstance(store, ResultsStore) else Path(store).resolve()
@@ -279,8 +291,10 @@ def _run_result(ctx: RunContext, st: _RunState, ft: dict | None, parts: list[dic
         started_at=started, finished_at=_dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None),
         run_dir=str(run.run_dir), **run.sampler.describe())
     samples = [s for p in parts for s in p["samples"]]
+    reference = run.run_id if not run.sampler.cached else f"uncached:{st.weights_key}"
     return RunResult(record, metrics=metrics, per_prompt_scores=per_prompt, timings=st.timings,
-                     feature_stats=list(st.feature_stats), samples=samples)
+                     feature_stats=list(st.feature_stats), samples=samples,
+                     sample_metrics=sample_metrics(ctx, run, st.prompts, parts, reference))
 
 
 # --------------------------------------------------------------------------------------------

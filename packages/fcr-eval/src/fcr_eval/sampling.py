@@ -105,17 +105,22 @@ def attack_initial_noise(ctx: RunContext, unet, scheduler, run: PlannedRun, prom
 
 
 def uncached_reference(ctx: RunContext, unet, run: PlannedRun, prompts: Prompts, x_T: torch.Tensor, idx: range,
-                       weights_key: str, caches: dict, progress: bool = False) -> torch.Tensor:
+                       weights_key: str, caches: dict, progress: bool = False,
+                       images: torch.Tensor | None = None) -> torch.Tensor:
     """The same weights' samples *without* a cache from the same x_T and prompts (images
-    ``idx``), which a cached run's paired metrics compare against. Computed once per weights ×
-    seed × sampling setting and reused by every cached run that shares them; an FGSM run's x_T
-    is its own (the attack goes through its sampler), so its reference is its own too.
+    ``idx``), which paired metrics compare a run against. Sampled once per weights × seed ×
+    sampling setting and reused by every run that shares them; an uncached run hands its own
+    ``images`` in, so the cached runs after it reuse them instead of sampling again. An FGSM
+    run's x_T is its own (the attack goes through its sampler), so its reference is its own too.
 
-    ``unet`` must have no cache attached while this runs."""
+    ``unet`` must have no cache attached while this runs. The reference is held on the CPU for
+    the rest of the experiment's runs on this model (n images per weights × seed)."""
     x_key = run.run_id if run.robustness.kind == "fgsm_latent" else "seed"
     key = ("uncached", weights_key, run.seed, x_key, run.scheduler, run.steps, run.guidance_scale, run.resolution,
            run.variation.robustness, prompts.source, idx.start, idx.stop)
-    if key not in caches:
+    if images is not None:
+        caches.setdefault(key, images)
+    elif key not in caches:
         caches[key] = sample_prompts(ctx, unet, new_scheduler(ctx, run), prompts, x_T, idx, run.steps,
                                      run.guidance_scale, ctx.exp.sampling.batch_size,
                                      desc=f"{run.variation.id} no-cache ref", progress=progress)

@@ -549,10 +549,13 @@ class ResultsStore:
         return self._joined("timings", "t.batch_size", experiment_id, variation_id, run_id)
 
     def feature_stats(self, experiment_id: str | None = None, variation_id: str | None = None,
-                      run_id: str | None = None, block: str | None = None) -> pl.DataFrame:
-        """σ²_Δ rows joined with ``experiment_id``, ``variation_id``, ``seed``."""
+                      run_id: str | None = None, block: str | None = None,
+                      unit: str | None = "timesteps") -> pl.DataFrame:
+        """σ²_Δ rows joined with ``experiment_id``, ``variation_id``, ``seed``. ``unit`` picks the Δ
+        range: ``"timesteps"`` (default: the paper's literal 1…Δ_max, what earlier stores hold),
+        ``"sampler_steps"`` (the cache's range), or ``None`` for both."""
         return self._joined("feature_stats", "t.block, t.delta", experiment_id, variation_id,
-                            run_id, block=block)
+                            run_id, block=block, delta_unit=unit)
 
     def samples(self, experiment_id: str | None = None, variation_id: str | None = None,
                 run_id: str | None = None) -> pl.DataFrame:
