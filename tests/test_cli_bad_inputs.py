@@ -1,0 +1,323 @@
+"""Bad inputs across the four CLIs (fcr-eval, fcr-train, fcr-human-study, fcr-explorer), each run
+as a real process of the installed console script.
+
+Every case asserts: the exit code, a key phrase of the one-line message on stderr, no
+"Traceback" (nor nanobind leak noise), and that the process created nothing in its (empty)
+working directory. Every shared input — a results store with a run, a built study, the
+experiment files — is byte-compared before and after the whole table, and the store's rows are
+counted. The cases run two at a time. Most processes import torch (the experiment loader's
+vocabularies live in torch-importing modules), ~5 s each on an idle 2-core machine, so the table
+takes 2-3 min there (10 min with five engineers on the same cores): marked ``slow``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+TINY = Path(__file__).parent / "fcr_eval" / "experiments" / "tiny.toml"
+HAS_CUDA = Path("/dev/nvidia0").exists()
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    cli: str
+    args: tuple[str, ...]
+    code: int
+    phrase: str
+
+
+def _variant(name: str, *edits: tuple[str, str]) -> tuple[str, str]:
+    return name, edits
+
+
+# Experiment files made from tiny.toml by text edits: (file name, [(old, new), ...]).
+VARIANTS = dict([
+    _variant("fm-path.toml", ('split = "test"', 'split = "test"\npath = "/no/such/fashion-mnist"')),
+    _variant("variation-steps-0.toml", ("stride = 2\n\n[[variations]]\nid = \"deepcache-2\"",
+                                        "stride = 2\nnum_inference_steps = 0\n\n[[variations]]\nid = \"deepcache-2\"")),
+    _variant("guidance-neg.toml", ("guidance_scale = 2.0", "guidance_scale = -5.0")),
+    _variant("variation-guidance-neg.toml", ('id = "no-cache"', 'id = "no-cache"\nguidance_scale = -5.0')),
+    _variant("stride-over-steps.toml", ("stride = [2, 4]", "stride = [2, 40]"), ("fcr-0.10-fd-4", "fcr-0.10-fd-40")),
+    _variant("offline-hub.toml", ('source = "embedded-tiny"', 'source = "no-such-org/no-such-model"')),
+    _variant("wrong-type.toml", ("num_inference_steps = 4", 'num_inference_steps = "four"')),
+    _variant("unknown-key.toml", ("num_inference_steps = 4", "num_inference_stepz = 4")),
+    _variant("negative-seed.toml", ("seeds = [0, 1]", "seeds = [-1, 1]")),
+    _variant("batch-0.toml", ("batch_size = 8", "batch_size = 0")),
+    _variant("prior-noise-neg.toml", ('id = "deepcache-2"', 'id = "deepcache-2"\nprior_noise_alpha = -0.1')),
+    _variant("lr-0.toml", ("lr = 1e-4", "lr = 0.0")),
+    _variant("split-bad.toml", ('split = "train"', 'split = "validation"')),
+    _variant("not-toml.toml", ("[sampling]", "[sampling")),
+])
+
+
+def _cases(w: dict[str, str]) -> list[Case]:
+    """The table. ``w`` holds the shared inputs' paths (see the ``world`` fixture)."""
+    tiny, rand, folder, store, study = w["tiny"], w["rand"], w["dir"], w["store"], w["study"]
+    ex = {name: w[name] for name in VARIANTS}
+    busy = w["busy_port"]
+    E, T, H, X = "fcr-eval", "fcr-train", "fcr-human-study", "fcr-explorer"  # noqa: N806
+    plan = ("plan", "--no-calibrate")
+    ft = ("finetune", "--model", "embedded-tiny", "--output-dir", "run")
+    return [
+        # --- fcr-eval: experiment files (all from the issue, then ones found by trying) ---------
+        Case("eval-fashion-mnist-path", E, (*plan, ex["fm-path.toml"]), 2, "is not read for kind 'fashion-mnist'"),
+        Case("eval-variation-steps-0", E, (*plan, ex["variation-steps-0.toml"]), 2, "num_inference_steps = 0 must be >= 1"),
+        Case("eval-unknown-profile", E, (*plan, tiny, "--profile", "quik"), 2, "no profile 'quik'; the file defines ['one-seed']"),
+        Case("eval-plan-offline-hub-id", E, (*plan, ex["offline-hub.toml"]), 3, "is not available"),
+        Case("eval-plan-random-bytes-store", E, (*plan, tiny, "--store", rand), 2, "is not a DuckDB database"),
+        Case("eval-plan-store-directory", E, (*plan, tiny, "--store", folder), 2, "is a directory"),
+        Case("eval-report-missing-store", E, ("report", tiny, "--store", "results/fcr.duckdb"), 2, "no results store"),
+        Case("eval-guidance-negative", E, (*plan, ex["guidance-neg.toml"]), 2, "guidance_scale = -5.0 must be >= 0"),
+        Case("eval-variation-guidance-negative", E, (*plan, ex["variation-guidance-neg.toml"]), 2,
+             "guidance_scale = -5.0 must be >= 0"),
+        Case("eval-stride-over-steps", E, (*plan, ex["stride-over-steps.toml"]), 2, "is larger than its 4 sampling steps"),
+        Case("eval-threads-0", E, ("run", tiny, "--threads", "0"), 2, "--threads: 0 is out of range"),
+        Case("eval-threads-not-int", E, ("run", tiny, "--threads", "two"), 2, "'two' is not an integer"),
+        Case("eval-run-random-bytes-store", E, ("run", tiny, "--store", rand), 2, "is not a DuckDB database"),
+        Case("eval-run-store-directory", E, ("run", tiny, "--store", folder), 2, "is a directory"),
+        Case("eval-report-random-bytes-store", E, ("report", tiny, "--store", rand), 2, "is not a DuckDB database"),
+        Case("eval-report-store-directory", E, ("report", tiny, "--store", folder), 2, "is a directory"),
+        *([] if HAS_CUDA else [
+            Case("eval-device-cuda-without-gpu", E, ("run", tiny, "--device", "cuda", "--store", "results/fcr.duckdb"),
+                 2, "has no CUDA GPU")]),
+        Case("eval-device-unknown", E, ("run", tiny, "--device", "tpu", "--store", "results/fcr.duckdb"), 2,
+             "is not a device name"),
+        Case("eval-missing-experiment-file", E, (*plan, "no-such.toml"), 2, "does not exist"),
+        Case("eval-experiment-is-directory", E, (*plan, folder), 2, "is a directory"),
+        Case("eval-experiment-binary", E, (*plan, w["binary"]), 2, "is not UTF-8 text"),
+        Case("eval-not-toml", E, (*plan, ex["not-toml.toml"]), 2, "not valid TOML"),
+        Case("eval-wrong-type", E, (*plan, ex["wrong-type.toml"]), 2, "is not an integer"),
+        Case("eval-unknown-key", E, (*plan, ex["unknown-key.toml"]), 2, "did you mean 'num_inference_steps'"),
+        Case("eval-negative-seed", E, (*plan, ex["negative-seed.toml"]), 2, "every seed must be in [0, 2**63)"),
+        Case("eval-batch-size-0", E, (*plan, ex["batch-0.toml"]), 2, "batch_size = 0 must be >= 1"),
+        Case("eval-prior-noise-negative", E, (*plan, ex["prior-noise-neg.toml"]), 2, "prior_noise_alpha = -0.1 must be >= 0"),
+        Case("eval-finetune-lr-0", E, (*plan, ex["lr-0.toml"]), 2, "finetune.lr = 0.0 must be > 0"),
+        Case("eval-fashion-mnist-split", E, (*plan, ex["split-bad.toml"]), 2, "'validation' is not allowed"),
+        # --- fcr-train ----------------------------------------------------------------------
+        Case("train-lam-negative", T, (*ft, "--lam", "-1"), 2, "--lam: -1 is out of range: it must be >= 0"),
+        Case("train-batch-size-0", T, (*ft, "--batch-size", "0"), 2, "--batch-size: 0 is out of range"),
+        Case("train-max-steps-0", T, (*ft, "--max-steps", "0"), 2, "--max-steps: 0 is out of range"),
+        Case("train-lr-0", T, (*ft, "--lr", "0"), 2, "--lr: 0 is out of range: it must be > 0"),
+        Case("train-cond-dropout-1.5", T, (*ft, "--cond-dropout", "1.5"), 2, "it must be >= 0 and <= 1"),
+        Case("train-seed-negative", T, (*ft, "--seed", "-3"), 2, "--seed: -3 is out of range"),
+        Case("train-threads-0", T, ("--threads", "0", *ft), 2, "--threads: 0 is out of range"),
+        Case("train-data-path-missing", T, (*ft, "--data-path", "/no/such/fashion-mnist"), 2, "does not exist"),
+        Case("train-resume-from-missing", T, (*ft, "--resume-from", "no-such-checkpoint"), 2,
+             "--resume-from no-such-checkpoint does not exist"),
+        Case("train-output-dir-is-file", T, ("finetune", "--model", "embedded-tiny", "--output-dir", tiny), 2,
+             "is a file, not a folder"),
+        Case("train-embedded-with-coco", T, (*ft, "--data", "coco", "--data-path", tiny), 2,
+             "trains on data.kind='fashion-mnist'"),
+        Case("train-model-folder-missing", T, ("finetune", "--model", "/no/such/model", "--data", "coco",
+                                               "--data-path", tiny, "--output-dir", "run"), 3, "does not exist"),
+        Case("train-laion-images-missing", T, ("finetune", "--model", w["sd"], "--data", "laion", "--data-path",
+                                               w["laion_missing"], "--output-dir", "run", "--max-steps", "1"), 2,
+             "none of the first 3 images could be read"),
+        Case("train-laion-images-corrupt", T, ("finetune", "--model", w["sd"], "--data", "laion", "--data-path",
+                                               w["laion_corrupt"], "--images-dir", w["corrupt_dir"], "--output-dir",
+                                               "run", "--max-steps", "1"), 2, "none of the first 3 images could be read"),
+        # --- fcr-human-study ----------------------------------------------------------------
+        Case("study-serve-empty-study-file", H, ("serve", "--study", w["empty_study"]), 2, "holds no study"),
+        Case("study-serve-random-bytes", H, ("serve", "--study", rand), 2, "is not a DuckDB database"),
+        Case("study-serve-busy-port", H, ("serve", "--study", study, "--port", str(busy)), 2,
+             f"port {busy} on 127.0.0.1 is already in use (another server is listening there). Pass a free port with --port"),
+        Case("study-serve-bad-port", H, ("serve", "--study", study, "--port", "99999"), 2, "not a port number"),
+        Case("study-serve-missing", H, ("serve", "--study", "no-such.duckdb"), 2, "no study at no-such.duckdb"),
+        Case("study-build-fails-leaves-nothing", H, ("build", "--store", store, "--out", "study.duckdb",
+                                                     "--variations", "NOPE"), 2, "no samples of variation(s) NOPE"),
+        Case("study-build-missing-store", H, ("build", "--store", "no-such.duckdb", "--out", "study.duckdb"), 2,
+             "no results store at no-such.duckdb"),
+        Case("study-build-out-folder-missing", H, ("build", "--store", store, "--out", "no/such/study.duckdb"), 2,
+             "does not exist; create it"),
+        Case("study-build-pairs-0", H, ("build", "--store", store, "--out", "study.duckdb", "--pairs", "0"), 2,
+             "--pairs: 0 is out of range"),
+        Case("study-build-attention-share-1", H, ("build", "--store", store, "--out", "study.duckdb",
+                                                  "--attention-share", "1"), 2, "it must be >= 0 and < 1"),
+        Case("study-build-over-existing-study", H, ("build", "--store", store, "--out", study), 2,
+             "already holds a study"),
+        Case("study-invite-n-0", H, ("invite", "--study", study, "-n", "0"), 2, "-n: 0 is out of range"),
+        Case("study-export-csv-folder-missing", H, ("export", "--study", study, "--csv", "no/such/votes.csv"), 2,
+             "does not exist; create it"),
+        Case("study-analyse-random-bytes", H, ("analyse", "--study", rand, "--dry-run"), 2, "is not a DuckDB database"),
+        # --- fcr-explorer -------------------------------------------------------------------
+        Case("explorer-db-random-bytes", X, ("--db", rand, "--headless"), 2, "is not a DuckDB database"),
+        Case("explorer-db-directory", X, ("--db", folder, "--headless"), 2, "is a directory"),
+        Case("explorer-human-study-random-bytes", X, ("--db", store, "--human-study", rand, "--headless"), 2,
+             "human-study store"),
+        Case("explorer-port-0", X, ("--db", store, "--port", "0", "--headless"), 2, "not a port number"),
+        Case("explorer-busy-port", X, ("--db", store, "--port", str(busy), "--headless"), 2, "is already in use"),
+    ]
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _write_results_store(root: Path) -> Path:
+    """A results store with one run of two samples, written through fcr-eval's own writer."""
+    import numpy as np
+    from fcr_eval.store import ResultsStore, RunRecord, RunResult, SampleRecord, make_run_id
+    from PIL import Image
+
+    path = root / "results" / "fcr.duckdb"
+    store = ResultsStore(path)
+    samples = []
+    for variation in ("fd-2", "no-cache"):
+        run_id = make_run_id("bad-inputs", variation, 0, {"variation": variation})
+        folder = root / "results" / "samples" / variation
+        folder.mkdir(parents=True)
+        samples = []
+        for p in range(3):
+            img = folder / f"p{p}.png"
+            Image.fromarray(np.full((16, 16, 3), 40 * p, dtype=np.uint8)).save(img)
+            samples.append(SampleRecord(prompt_id=f"p{p}", prompt=f"prompt {p}", seed=0, image_path=str(img),
+                                        width=16, height=16))
+        store.write_run(RunResult(
+            RunRecord(run_id=run_id, experiment_id="bad-inputs", variation_id=variation, seed=0, model="embedded",
+                      dataset="fashion-mnist", sampler="fd", scheduler="ddim", resolution=16, num_inference_steps=4,
+                      guidance_scale=1.0, config={"variation": variation}),
+            samples=samples))
+    return path
+
+
+def _row_counts(store: Path) -> dict[str, int]:
+    import duckdb
+
+    with duckdb.connect(str(store), read_only=True) as con:
+        return {t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("runs", "samples")}
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "FCR_DEBUG"}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", NO_COLOR="1")
+    return env
+
+
+def _run(cli: str, args, cwd: Path, env=None, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / cli), *args], cwd=cwd, env=env or _env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Shared inputs (under ``inputs/``) and a listening socket for the busy-port cases."""
+    from fcr_human_study.build import build_study
+    from fcr_human_study.store import StudyStore
+
+    root = tmp_path_factory.mktemp("bad-inputs")
+    inputs = root / "inputs"
+    inputs.mkdir()
+    w: dict[str, str] = {}
+    w["tiny"] = str(shutil.copy(TINY, inputs / "tiny.toml"))
+    text = TINY.read_text()
+    for name, edits in VARIANTS.items():
+        t = text
+        for old, new in edits:
+            assert old in t, (name, old)
+            t = t.replace(old, new)
+        (inputs / name).write_text(t)
+        w[name] = str(inputs / name)
+    (inputs / "random.duckdb").write_bytes(os.urandom(1 << 14))
+    w["rand"] = str(inputs / "random.duckdb")
+    (inputs / "binary.toml").write_bytes(b"\xff\xfe\x00" + os.urandom(256))
+    w["binary"] = str(inputs / "binary.toml")
+    (inputs / "a-folder").mkdir()
+    w["dir"] = str(inputs / "a-folder")
+    w["store"] = str(_write_results_store(inputs))
+    study = inputs / "study.duckdb"
+    build_study(w["store"], study, n_pairs=4, attention_share=0.0, pairs_per_rater=2)
+    w["study"] = str(study)
+    StudyStore(inputs / "empty-study.duckdb").close()  # a DuckDB file with the schema but no study
+    w["empty_study"] = str(inputs / "empty-study.duckdb")
+    # LAION tables: images that are not there, and images that are not images.
+    (inputs / "laion-missing.csv").write_text("image,caption\nnope-1.png,a cat\nnope-2.png,a dog\nnope-3.png,a hat\n")
+    w["laion_missing"] = str(inputs / "laion-missing.csv")
+    corrupt = inputs / "corrupt-images"
+    corrupt.mkdir()
+    for k in range(3):
+        (corrupt / f"c{k}.png").write_bytes(os.urandom(300))
+    (inputs / "laion-corrupt.csv").write_text("image,caption\n" + "".join(f"c{k}.png,item {k}\n" for k in range(3)))
+    w["laion_corrupt"], w["corrupt_dir"] = str(inputs / "laion-corrupt.csv"), str(corrupt)
+    from fcr_sample.testing import tiny_sd_pipeline
+
+    tiny_sd_pipeline().save_pretrained(inputs / "tiny-sd")
+    w["sd"] = str(inputs / "tiny-sd")
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    w["busy_port"] = busy.getsockname()[1]
+    before, rows = _digest(inputs), _row_counts(Path(w["store"]))
+    yield {"root": root, "inputs": inputs, "paths": w, "digest": before, "rows": rows}
+    busy.close()
+
+
+@pytest.fixture(scope="module")
+def results(world):
+    """Run the whole table, two processes at a time: {case id: (case, completed process, cwd)}."""
+    cases = _cases(world["paths"])
+    assert len(cases) >= 40
+
+    def one(case: Case):
+        cwd = world["root"] / "cwd" / case.id
+        cwd.mkdir(parents=True)
+        return case.id, (case, _run(case.cli, case.args, cwd), cwd)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(pool.map(one, cases))
+
+
+def _case_ids() -> list[str]:
+    dummy = {k: f"<{k}>" for k in ("tiny", "rand", "dir", "store", "study", "binary", "empty_study", "laion_missing",
+                                   "laion_corrupt", "corrupt_dir", "sd", *VARIANTS)}
+    return [c.id for c in _cases({**dummy, "busy_port": 1})]
+
+
+@pytest.mark.parametrize("case_id", _case_ids())
+def test_bad_input_is_one_clear_error(results, case_id):
+    case, proc, cwd = results[case_id]
+    where = f"{case.cli} {' '.join(case.args)}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    assert proc.returncode == case.code, where
+    assert case.phrase in proc.stderr, where
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, where
+    assert "nanobind" not in proc.stderr, where
+    last = [ln for ln in proc.stderr.splitlines() if ln.strip()][-1]
+    assert re.match(rf"{re.escape(case.cli)}( \w+)?: error: ", last), where
+    assert not any(cwd.iterdir()), f"{case.id} left {sorted(p.name for p in cwd.rglob('*'))}"
+
+
+def test_existing_inputs_unchanged(results, world):
+    """After the whole table: the store, the study, the experiment files are byte-identical."""
+    assert _digest(world["inputs"]) == world["digest"]
+    assert _row_counts(Path(world["paths"]["store"])) == world["rows"]
+
+
+@pytest.mark.parametrize("how", ["--debug", "FCR_DEBUG=1"])
+def test_debug_shows_the_traceback(world, tmp_path, how):
+    w = world["paths"]
+    args = ["report", w["tiny"], "--store", w["rand"]]
+    env = _env()
+    if how == "--debug":
+        args.append("--debug")
+    else:
+        env["FCR_DEBUG"] = "1"
+    proc = _run("fcr-eval", args, tmp_path, env=env)
+    assert proc.returncode == 2
+    assert "Traceback (most recent call last)" in proc.stderr
+    assert "StoreUnreadableError" in proc.stderr
+    assert proc.stderr.rstrip().splitlines()[-1].startswith("fcr-eval: error: results store")
