@@ -9,11 +9,13 @@ Public API: the encoder cache (:class:`EncoderCacheConfig`, :func:`apply_encoder
 :func:`remove_encoder_cache`), the DeepCache comparator (:class:`DeepCacheConfig`,
 :func:`apply_deep_cache`, :func:`remove_deep_cache`), forward counters
 (:func:`get_cache_stats`, :func:`reset_cache_stats`), key-step schedules (:func:`key_steps`),
+regional ``torch.compile`` of a cached UNet (:func:`compile_unet_regions`),
 bare-UNet loops (:func:`denoise` with its step ``callback``, :func:`start_sampling_run`,
 :func:`prior_noise_callback`, :func:`inject_prior_noise`), and the definition of
 encoder features (:func:`encoder_features`).
 """
 
+from .compilation import compile_unet_regions, uncompile_unet_regions
 from .deep_cache import DeepCacheConfig, apply_deep_cache, remove_deep_cache
 from .encoder_cache import (
     EncoderCacheConfig,
@@ -47,6 +49,8 @@ __all__ = [
     "key_steps",
     "decoder_groups",
     "FASTER_DIFFUSION_KEY_STEPS",
+    "compile_unet_regions",
+    "uncompile_unet_regions",
     "encoder_features",
     "encoder_feature_names",
     "select_feature_names",
