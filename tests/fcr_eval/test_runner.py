@@ -15,7 +15,7 @@ import pytest
 from fcr_eval.cli import main
 from fcr_eval.experiment import load_experiment
 from fcr_eval.planner import make_plan
-from fcr_eval.store import ResultsStore
+from fcr_eval.store import ResultsStore, writer_lock_path
 
 TINY = Path(__file__).parent / "experiments" / "tiny.toml"
 QUALITY = {"fd_efficientnet_lite0", "kid_efficientnet_lite0", "precision", "recall", "class_agreement",
@@ -87,10 +87,14 @@ def killed_then_resumed(tmp_path_factory):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     before = _check_complete(store_path, one_seed)
+    # the killed runner could not release its writer lock: the resumed one must take it over
+    lock = writer_lock_path(store_path)
+    assert lock.is_file() and f'"pid": {proc.pid}' in lock.read_text().replace("'", '"')
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         rc = main(["run", str(TINY), "--store", str(store_path)])
     assert rc == 0
+    assert not lock.exists(), "the finished runner released its lock"
     return store_path, before, buf.getvalue()
 
 

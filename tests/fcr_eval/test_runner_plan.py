@@ -116,7 +116,8 @@ def test_a_failing_run_is_reported_and_makes_run_exit_non_zero(tmp_path, monkeyp
     out = capsys.readouterr()
     assert rc == 1
     text = out.out + out.err
-    assert "FAILED fd-2-prior seed 0" in text and "simulated sampler failure" in text
+    assert "1 FAILED" in out.out and "1 run(s) failed" in out.err
+    assert "fd-2-prior seed 0" in out.err and "simulated sampler failure" in out.err
     stored = set(ResultsStore.open_readonly(store_path).runs()["variation_id"].to_list())
     assert stored == {"fd-2", "fd-published"}  # the others went on and were stored
     err_files = list((tmp_path / "results" / "runs").rglob("error.txt"))

@@ -39,6 +39,7 @@ USER_ERRORS = {
     "fcr_eval.db:StoreError": EXIT_USAGE,
     "fcr_sample.loading:ModelNotAvailableError": EXIT_MODEL_NOT_AVAILABLE,
     "fcr_train.models:ModelNotAvailableError": EXIT_MODEL_NOT_AVAILABLE,
+    "fcr_train.locking:LockHeldError": EXIT_USAGE,
 }
 
 
@@ -68,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+                   help="when another runner holds the store, wait up to this long for it (default: refuse at "
+                        "once, naming it)")
 
     p = sub.add_parser("report", help="summary table, criteria and plots from the store (no compute)")
     p.add_argument("file", help="experiment .toml file")
@@ -122,7 +126,8 @@ def _run(args) -> int:
     check_device(args.device)
     from .runner import RunnerOptions, run_experiment
 
-    opts = RunnerOptions(store=Path(args.store), threads=args.threads, plots=not args.no_plots, device=args.device)
+    opts = RunnerOptions(store=Path(args.store), threads=args.threads, plots=not args.no_plots, device=args.device,
+                         wait=args.wait)
     outcome = run_experiment(exp, opts)
     failed = getattr(outcome, "failed", [])
     if failed:

@@ -52,7 +52,7 @@ from .sampling import (
     sample_prompts,
     uncached_reference,
 )
-from .store import FeatureStat, MetricRecord, ResultsStore, RunRecord, RunResult
+from .store import FeatureStat, MetricRecord, ResultsStore, RunRecord, RunResult, writer_lock
 from .validation import check_inputs, check_models
 
 __all__ = ["RunnerOptions", "Outcome", "FailedRun", "run_experiment", "execute_run"]
@@ -70,6 +70,8 @@ class RunnerOptions:
         plots: write the PNG plots at the end.
         device: ``cpu`` / ``cuda`` (``None`` = CUDA when present).
         progress: tqdm bars.
+        wait: when another runner holds the store: ``False`` refuses at once (naming it), seconds
+            to wait for it, ``True`` to wait as long as it takes.
     """
 
     store: Path = Path("results/fcr.duckdb")
@@ -77,6 +79,7 @@ class RunnerOptions:
     plots: bool = True
     device: str | None = None
     progress: bool = True
+    wait: bool | float = False
 
 
 @dataclass(frozen=True)
@@ -326,19 +329,41 @@ def run_experiment(exp: Experiment, opts: RunnerOptions | None = None) -> Outcom
     Example:
         >>> run_experiment(load_experiment("experiments/mini-exp-1.toml", "quick"))
     """
-    from tqdm.auto import tqdm
+    from fcr_train.locking import LockHeldError
 
     opts = opts or RunnerOptions()
     t0 = time.perf_counter()
     if opts.threads:
         torch.set_num_threads(opts.threads)
     device, procs = _select_device(opts)
-    show = opts.progress and procs.is_main
     store_path = Path(opts.store)
-    results_dir = store_path.parent
-    plan = make_plan(exp, results_dir=results_dir, calibrate=False)
+    plan = make_plan(exp, results_dir=store_path.parent, calibrate=False)
     check_models(exp)  # real models and local files: fail before any work
     check_inputs(exp, plan)
+    # One runner per store: the lock is taken before the store, run or fine-tune folders exist, and
+    # held until the last row is written, so a second runner never repeats or shares this work.
+    # The main process takes it; the others learn whether it did (or they would wait forever).
+    lock, refused = None, None
+    if procs.is_main:
+        try:
+            lock = writer_lock(store_path, wait=opts.wait)
+        except LockHeldError as err:
+            refused = err
+    if procs.broadcast(str(refused) if refused is not None else None) is not None:
+        raise refused if refused is not None else RuntimeError("the main process could not lock the store")
+    try:
+        return _run_locked(exp, opts, plan, procs, device, store_path, t0)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(exp: Experiment, opts: RunnerOptions, plan, procs: Processes, device: torch.device,
+                store_path: Path, t0: float) -> Outcome:
+    from tqdm.auto import tqdm
+
+    show = opts.progress and procs.is_main
+    results_dir = store_path.parent
     store = ResultsStore(store_path) if procs.is_main else None  # the only writer
     done = procs.broadcast(store.finished_run_ids(exp.id) if store is not None else None)
     todo = [r for r in plan.runs if r.run_id not in done]
@@ -404,7 +429,4 @@ def run_experiment(exp: Experiment, opts: RunnerOptions | None = None) -> Outcom
     print(f"\nwall time {outcome.wall_s / 60:.1f} min ({outcome.runs_done} runs executed, {skipped} skipped"
           f"{f', {len(failed)} FAILED' if failed else ''}); device {describe_device(device)}"
           + (f" × {procs.count} processes" if procs.count > 1 else ""), flush=True)
-    for f in failed:
-        print(f"  FAILED {f.variation_id} seed {f.seed} ({f.run_id}): {f.error} — see {f.run_dir}/error.txt",
-              flush=True)
     return outcome
