@@ -28,7 +28,8 @@ REPO = Path(__file__).resolve().parents[3]
 # must be on the page, viewport height
 VIEWS = (
     ("overview", "view=overview", "Variations", 1250),
-    ("compare", "view=compare&experiment_id={exp}", "Comparison table", 1500),
+    ("compare", "view=compare&experiment_id={exp}", "Comparison and contrasts", 1700),
+    ("paired", "view=paired&experiment_id={exp}", "against stride", 1700),
     ("quality-speed", "view=quality-speed&experiment_id={exp}", "Pareto front", 1450),
     ("mechanism", "view=mechanism&experiment_id={exp}", "σ²_Δ against the quality", 1500),
     ("criteria", "view=criteria&experiment_id={exp}", "criteria", 1250),

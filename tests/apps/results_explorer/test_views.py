@@ -107,7 +107,7 @@ def test_filters_change_what_is_shown_and_live_in_the_url(small_store, app_for):
 def test_a_shared_url_restores_view_and_filters(small_store, app_for):
     at = _run(app_for(small_store, view="compare", metrics="fd_efficientnet_lite0",
                       scheduler="dpmsolver++", resolution="64"))
-    assert at.title[0].value == "Comparison table"
+    assert at.title[0].value == "Comparison and contrasts"
     assert at.multiselect(key="scheduler").value == ["dpmsolver++"]
     assert list(at.dataframe[0].value["variation"]) == ["fd-5-b"]
     assert "2 runs match" in "\n".join(c.value for c in at.sidebar.get("caption"))

@@ -23,13 +23,15 @@ from fcr_results_explorer.views import (
     human_study,
     mechanism,
     overview,
+    paired,
     quality_speed,
     samples,
 )
 
 VIEWS = {
     "overview": ("Overview", overview.render),
-    "compare": ("Comparison table", comparison.render),
+    "compare": ("Comparison and contrasts", comparison.render),
+    "paired": ("Paired per-sample metrics", paired.render),
     "quality-speed": ("Quality vs speed", quality_speed.render),
     "mechanism": ("Mechanism (σ²_Δ)", mechanism.render),
     "criteria": ("Success criteria", criteria.render),

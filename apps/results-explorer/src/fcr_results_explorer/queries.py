@@ -9,7 +9,7 @@ for a baseline).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import polars as pl
 from fcr_eval.paired import SAMPLE_METRICS
@@ -518,79 +518,82 @@ def sample_metric_provenance(reader: StoreReader, metric: str) -> str:
     return "; ".join(p for p in parts if p)
 
 
-def _sample_values_cte(flt: RunFilter, experiment: str) -> tuple[str, dict[str, Any]]:
-    """``r`` (the filtered runs of one experiment) and ``v`` (their finite values of ``$metric``)."""
+class SampleMetricSummary(NamedTuple):
+    """A per-sample metric of one experiment, per variation (see :func:`sample_metric_summary`)."""
+
+    by_variation: pl.DataFrame
+    paired: pl.DataFrame | None  # variation − reference, when a reference was given
+
+
+def sample_metric_summary(
+    reader: StoreReader, flt: RunFilter, metric: str, experiment: str, reference: str | None = None
+) -> SampleMetricSummary:
+    """A per-sample metric of ``experiment``'s filtered variations, aggregated in DuckDB.
+
+    ``by_variation``: one row per variation with its mean over all samples, a 95% normal
+    interval, the range of the per-seed means (:func:`~fcr_results_explorer.stats.pool_seeds`),
+    ``n_nonfinite`` (values left out, e.g. PSNR of identical images) and the parameters.
+
+    ``paired`` (with ``reference``): per variation the mean paired difference ``variation −
+    reference`` over the samples both have (same seed and sample index: the same x_T and
+    prompt), with its interval and ``n`` pairs. The reference's rows are read whatever the run
+    filter says (it may filter the reference out).
+
+    One query: DuckDB reduces the millions of per-sample rows to one row per (run, seed) and
+    kind (count, mean, variance); only those reach Python.
+
+    Example:
+        >>> s = sample_metric_summary(reader, RunFilter(), "cache_mse", "mini-exp-1", "fd-5-baseline")
+        >>> s.by_variation.select("variation", "n", "mean", "ci95")
+    """
     cte, params = flt.runs_cte()
-    return (
-        f"""{cte}, re AS (SELECT * FROM r WHERE experiment_id = $experiment),
-        v AS (SELECT run_id, seed, sample_index, value FROM sample_metrics
-              WHERE metric = $metric AND isfinite(value)
-                AND run_id IN (SELECT run_id FROM re))""",
-        {**params, "experiment": experiment},
-    )
-
-
-def sample_metric_by_variation(
-    reader: StoreReader, flt: RunFilter, metric: str, experiment: str
-) -> pl.DataFrame:
-    """One row per variation of ``experiment``: a per-sample metric's mean over all its samples
-    with a 95% normal interval (:func:`~fcr_results_explorer.stats.pool_seeds`), the spread of
-    the per-seed means, and the variation's parameters.
-
-    DuckDB reduces the millions of per-sample rows to one row per (run, seed) (count, mean,
-    variance); only those reach Python. Non-finite values (PSNR of identical images) are left
-    out and counted in ``n_nonfinite``."""
-    cte, params = flt.runs_cte()
-    cols = ",\n".join(f"any_value(re.{c}) AS {c}" for c in PARAM_COLUMNS)
-    finite = "FILTER (WHERE isfinite(value))"
-    per_seed = reader.frame(
+    cols = ", ".join(f"re.{c}" for c in PARAM_COLUMNS)
+    ok = "FILTER (WHERE isfinite(value))"
+    # With a reference: one pass over the rows, each joined (LEFT) to its reference sample.
+    if reference is None:
+        source, pair_cols = "v", ""
+    else:
+        source = """v LEFT JOIN (
+                 SELECT seed, sample_index, value AS ref_value FROM sample_metrics
+                 WHERE metric = $metric AND isfinite(value)
+                   AND run_id IN (SELECT run_id FROM runs WHERE experiment_id = $experiment
+                                                            AND variation_id = $reference)) ref
+               USING (seed, sample_index)"""
+        pair = "FILTER (WHERE isfinite(value) AND ref_value IS NOT NULL)"
+        pair_cols = f""",
+                     count(*) {pair} AS d_n, avg(value - ref_value) {pair} AS d_mean,
+                     var_samp(value - ref_value) {pair} AS d_var"""
+    per_run = reader.frame(
         f"""
         WITH {cte}, re AS (SELECT * FROM r WHERE experiment_id = $experiment),
-        a AS (SELECT run_id, seed, count(value) {finite} AS n, avg(value) {finite} AS mean,
-                     var_samp(value) {finite} AS var,
-                     count(*) FILTER (WHERE value IS NULL OR NOT isfinite(value)) AS n_nonfinite
-              FROM sample_metrics
-              WHERE metric = $metric AND run_id IN (SELECT run_id FROM re) GROUP BY ALL)
-        SELECT re.experiment_id AS experiment, re.variation_id AS variation, a.seed,
-               CAST(sum(a.n) AS BIGINT) AS n, sum(a.n * a.mean) / sum(a.n) AS mean,
-               -- one run per (variation, seed) in practice; pool exactly if there are more
-               (sum((a.n - 1) * coalesce(a.var, 0)) + sum(a.n * a.mean * a.mean)
-                 - sum(a.n * a.mean) * sum(a.n * a.mean) / sum(a.n)) / greatest(sum(a.n) - 1, 1) AS var,
-               CAST(sum(a.n_nonfinite) AS BIGINT) AS n_nonfinite, {cols}
+        v AS (SELECT run_id, seed, sample_index, value FROM sample_metrics
+              WHERE metric = $metric AND run_id IN (SELECT run_id FROM re)),
+        a AS (SELECT run_id, seed, count(value) {ok} AS n, avg(value) {ok} AS mean,
+                     var_samp(value) {ok} AS var,
+                     count(*) FILTER (WHERE value IS NULL OR NOT isfinite(value)) AS n_nonfinite{pair_cols}
+              FROM {source} GROUP BY ALL)
+        SELECT re.experiment_id AS experiment, re.variation_id AS variation, a.* EXCLUDE (run_id),
+               {cols}
         FROM a JOIN re USING (run_id)
-        GROUP BY ALL ORDER BY variation, a.seed
+        ORDER BY variation, a.seed
         """,
-        {**params, "experiment": experiment, "metric": metric},
+        {**params, "experiment": experiment, "metric": metric,
+         **({"reference": reference} if reference is not None else {})},
     )
-    return pool_seeds(per_seed, PARAM_COLUMNS).with_columns(pl.lit(metric).alias("metric"))
+    values = per_run.select(pl.exclude("^d_.*$"))
+    by_variation = pool_seeds(values, PARAM_COLUMNS).with_columns(pl.lit(metric).alias("metric"))
+    if reference is None:
+        return SampleMetricSummary(by_variation, None)
+    diff = per_run.filter(pl.col("variation") != reference).select(
+        "experiment", "variation", "seed", pl.col("d_n").alias("n"), pl.col("d_mean").alias("mean"),
+        pl.col("d_var").alias("var"))
+    return SampleMetricSummary(by_variation, pool_seeds(diff))
 
 
-def sample_metric_paired_difference(
-    reader: StoreReader, flt: RunFilter, metric: str, experiment: str, reference: str
-) -> pl.DataFrame:
-    """Per variation of ``experiment``: the mean paired difference ``variation − reference`` of
-    a per-sample metric over the samples both have (same seed and sample index, so the same x_T
-    and prompt), with a 95% normal interval and ``n`` pairs. The reference's rows are read
-    whatever the run filter says (it may filter the reference out)."""
-    vcte, params = _sample_values_cte(flt, experiment)
-    per_seed = reader.frame(
-        f"""
-        WITH {vcte},
-        ref AS (SELECT seed, sample_index, value AS ref_value FROM sample_metrics
-                WHERE metric = $metric AND isfinite(value)
-                  AND run_id IN (SELECT run_id FROM runs WHERE experiment_id = $experiment
-                                                          AND variation_id = $reference)),
-        d AS (SELECT v.run_id, v.seed, v.value - ref.ref_value AS diff
-              FROM v JOIN ref USING (seed, sample_index))
-        SELECT re.experiment_id AS experiment, re.variation_id AS variation, d.seed,
-               count(*) AS n, avg(d.diff) AS mean, var_samp(d.diff) AS var
-        FROM d JOIN re USING (run_id)
-        WHERE re.variation_id <> $reference
-        GROUP BY ALL ORDER BY variation, d.seed
-        """,
-        {**params, "metric": metric, "reference": reference},
-    )
-    return pool_seeds(per_seed)
+def experiment_variations(reader: StoreReader, experiment: str) -> list[str]:
+    """Every variation id of an experiment (whatever the filters), sorted."""
+    return reader.frame("SELECT DISTINCT variation_id AS v FROM runs WHERE experiment_id = $e ORDER BY 1",
+                        {"e": experiment})["v"].to_list()
 
 
 def sample_metric_experiments(reader: StoreReader, flt: RunFilter) -> list[str]:

@@ -28,7 +28,29 @@ METRIC_LABELS = {
     "encoder_forwards": "encoder forwards",
     "decoder_forwards": "decoder forwards",
     "feature_variance": "σ²_Δ (mean over Δ)",
+    # per-sample metrics (fcr_eval.paired.SAMPLE_METRICS)
+    "cache_mse": "cache error (pixel MSE to the uncached sample)",
+    "cache_psnr": "cache PSNR (dB, to the uncached sample)",
+    "cache_feature_l2": "cache error in feature space (L2 to the uncached sample)",
+    "class_correct": "prompted class recognised (per sample)",
+    "class_logprob": "log p(prompted class)",
 }
+
+#: Colours of a verdict, in charts and badges.
+VERDICT_COLOURS = {"PASS": "green", "FAIL": "red", "INCONCLUSIVE": "orange", "no criterion": "gray"}
+VERDICT_HEX = {"PASS": "#2ca02c", "FAIL": "#d62728", "INCONCLUSIVE": "#ff7f0e", "no criterion": "#7f7f7f"}
+
+
+def verdict_badge(verdict: str | None) -> None:
+    """A coloured badge: PASS, FAIL, INCONCLUSIVE (the CI straddles the threshold) or not evaluated."""
+    if verdict == "PASS":
+        st.badge("PASS", icon=":material/check_circle:", color="green")
+    elif verdict == "FAIL":
+        st.badge("FAIL", icon=":material/cancel:", color="red")
+    elif verdict == "INCONCLUSIVE":
+        st.badge("INCONCLUSIVE", icon=":material/help:", color="orange")
+    else:
+        st.badge("not evaluated", color="gray")
 
 PARAM_LABELS = {
     "lambda_fcr": "λ",

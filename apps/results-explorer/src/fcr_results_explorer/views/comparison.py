@@ -10,10 +10,13 @@ from fcr_results_explorer import queries as q
 from fcr_results_explorer import ui
 from fcr_results_explorer.context import ViewContext
 from fcr_results_explorer.stats import format_mean_ci
+from fcr_results_explorer.views.contrasts import render_contrasts
 
 
 def render(ctx: ViewContext) -> None:
     reader, flt, state = ctx.reader, ctx.run_filter, ctx.state
+    if render_contrasts(ctx):
+        st.subheader("Metrics per variation")
     if not ctx.metrics:
         st.info("No metrics in the store yet for these runs.")
         return
@@ -85,14 +88,15 @@ def render(ctx: ViewContext) -> None:
     frame = per_metric[first]
     if frame.height:
         st.subheader(ui.metric_label(first))
-        _bar_with_ci(frame, first)
+        bar_with_ci(frame, first, "comparison-bar")
         _param_vs_metric(ctx, frame, first, varying)
         with st.expander("Values per run (seed)"):
             ui.table(q.metric_per_run(reader, flt, first, block), f"{first}-per-run",
                      "comparison-runs")
 
 
-def _bar_with_ci(frame: pl.DataFrame, metric: str) -> None:
+def bar_with_ci(frame: pl.DataFrame, metric: str, key: str, x_title: str | None = None) -> None:
+    """Point and 95% CI bar per variation (``mean``, ``ci95`` of a per-variation frame)."""
     single = frame["experiment"].n_unique() == 1
     data = frame.with_columns(
         (pl.col("mean") - pl.col("ci95").fill_null(0)).alias("lo"),
@@ -103,15 +107,14 @@ def _bar_with_ci(frame: pl.DataFrame, metric: str) -> None:
     base = alt.Chart(data).encode(
         y=alt.Y("label:N", sort=None, title=None, axis=alt.Axis(labelLimit=400)))
     points = base.mark_point(filled=True, size=90).encode(
-        x=alt.X("mean:Q", title=ui.metric_label(metric), scale=alt.Scale(zero=False)),
+        x=alt.X("mean:Q", title=x_title or ui.metric_label(metric), scale=alt.Scale(zero=False)),
         color=alt.Color("experiment:N",
                         legend=None if single else alt.Legend(orient="bottom")),
         tooltip=["experiment", "variation", "n", alt.Tooltip("mean:Q", format=".4g"),
                  alt.Tooltip("ci95:Q", format=".3g")],
     )
     bars = base.mark_rule(strokeWidth=2).encode(x="lo:Q", x2="hi:Q", color="experiment:N")
-    ui.chart((bars + points).properties(height=alt.Step(26)), data, f"{metric}-by-variation",
-             "comparison-bar")
+    ui.chart((bars + points).properties(height=alt.Step(26)), data, f"{metric}-by-variation", key)
 
 
 def _param_vs_metric(ctx: ViewContext, frame: pl.DataFrame, metric: str, varying: list[str]) -> None:

@@ -69,15 +69,17 @@ def render(ctx: ViewContext) -> None:
             "runner writes them to the `criteria` table when an experiment's runs are complete."
         )
         return
-    passed = int(frame["passed"].fill_null(False).sum())
-    missing = int(frame["passed"].is_null().sum())
+    passed = int((frame["verdict"] == "PASS").sum())
+    inconclusive = int((frame["verdict"] == "INCONCLUSIVE").sum())
+    missing = int(frame["verdict"].is_null().sum())
+    notes = ([f"{inconclusive} inconclusive (the CI straddles the threshold)"] if inconclusive else []) \
+        + ([f"{missing} could not be evaluated"] if missing else [])
     st.markdown(f"**{passed} of {frame.height}** criteria pass (latest evaluation of each)"
-                + (f"; {missing} could not be evaluated." if missing else "."))
+                + ("; " + "; ".join(notes) if notes else "") + ".")
     shown = frame.with_columns(
-        pl.when(pl.col("passed").is_null()).then(pl.lit("not evaluated"))
-        .when(pl.col("passed")).then(pl.lit("pass")).otherwise(pl.lit("fail")).alias("result")
-    ).select("experiment", "criterion", "result", "value", "threshold", "details",
-             "evaluated_at", "code_version")
+        pl.col("verdict").fill_null("not evaluated").alias("result")
+    ).select("experiment", "criterion", "result", "value", "ci_low", "ci_high", "threshold",
+             "details", "evaluated_at", "code_version")
     order = {name: i for i, name in enumerate(DESCRIPTIONS)}
     for (experiment,), group in frame.group_by("experiment", maintain_order=True):
         st.subheader(experiment)
@@ -88,18 +90,14 @@ def render(ctx: ViewContext) -> None:
             cols = st.columns(per_row)
             for col, row in zip(cols, rows[start:start + per_row], strict=False):
                 with col.container(border=True):
-                    ok = row["passed"]
-                    if ok:
-                        st.badge("PASS", icon=":material/check_circle:", color="green")
-                    elif ok is False:
-                        st.badge("FAIL", icon=":material/cancel:", color="red")
-                    else:
-                        st.badge("not evaluated", color="gray")
+                    ui.verdict_badge(row["verdict"])
                     what, op = DESCRIPTIONS.get(row["criterion"], ("", ""))
                     st.markdown(f"**{row['criterion']}**")
                     if what:
                         st.caption(what)
-                    st.markdown(f"value **{_fmt(row['value'])}** · threshold "
+                    ci = (f" (CI [{_fmt(row['ci_low'])}, {_fmt(row['ci_high'])}])"
+                          if row["ci_low"] is not None and row["ci_high"] is not None else "")
+                    st.markdown(f"value **{_fmt(row['value'])}**{ci} · threshold "
                                 f"{op + ' ' if op else ''}**{_fmt(row['threshold'])}**")
                     text = _details_text(row["details"])
                     if text:

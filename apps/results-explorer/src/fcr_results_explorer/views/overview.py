@@ -15,12 +15,15 @@ def render(ctx: ViewContext) -> None:
     counts = q.table_counts(reader)
     exps = q.experiments_overview(reader, flt)
 
-    cols = st.columns(5)
+    cols = st.columns(7)
     cols[0].metric("Experiments", exps.height)
     cols[1].metric("Variations", int(exps["variations"].sum()) if exps.height else 0)
     cols[2].metric("Runs", int(exps["runs"].sum()) if exps.height else 0)
     cols[3].metric("Metric values", f"{counts.get('metrics', 0):,}")
     cols[4].metric("Samples", f"{counts.get('samples', 0):,}")
+    cols[5].metric("Per-sample values", f"{counts.get('sample_metrics', 0):,}",
+                   help="rows of `sample_metrics`: one value per sample per metric")
+    cols[6].metric("Contrasts", f"{counts.get('contrasts', 0):,}")
 
     st.subheader("Experiments")
     ui.table(
@@ -65,10 +68,8 @@ def render(ctx: ViewContext) -> None:
 
 def _metric_coverage(ctx: ViewContext) -> None:
     """Which metrics exist for how many runs: tells at a glance what is still missing."""
-    if not ctx.reader.has("metrics"):
-        return
     cte, params = ctx.run_filter.runs_cte()
-    frame = ctx.reader.frame(
+    frame = pl.DataFrame() if not ctx.reader.has("metrics") else ctx.reader.frame(
         f"""
         WITH {cte}
         SELECT m.metric, count(DISTINCT m.run_id) AS runs,
@@ -79,8 +80,23 @@ def _metric_coverage(ctx: ViewContext) -> None:
         """,
         params,
     )
-    if frame.is_empty():
-        return
-    with st.expander(f"Metrics recorded ({frame.height})"):
-        ui.table(frame.with_columns(pl.col("runs").cast(pl.Int64)), "metric-coverage",
-                 "overview-metrics")
+    if not frame.is_empty():
+        with st.expander(f"Metrics recorded ({frame.height})"):
+            ui.table(frame.with_columns(pl.col("runs").cast(pl.Int64)), "metric-coverage",
+                     "overview-metrics")
+    if ctx.reader.has("sample_metric_definitions"):
+        # one row per run and metric: cheap however many per-sample rows there are
+        per_sample = ctx.reader.frame(
+            f"""
+            WITH {cte}
+            SELECT d.metric, count(DISTINCT d.run_id) AS runs, sum(d.n_samples) AS samples,
+                   string_agg(DISTINCT d.feature_extractor, ', ') AS feature_extractor
+            FROM r JOIN sample_metric_definitions d USING (run_id) GROUP BY d.metric ORDER BY d.metric
+            """,
+            params,
+        )
+        if not per_sample.is_empty():
+            with st.expander(f"Per-sample metrics recorded ({per_sample.height})"):
+                ui.table(per_sample.with_columns(pl.col("runs").cast(pl.Int64),
+                                                 pl.col("samples").cast(pl.Int64)),
+                         "per-sample-metric-coverage", "overview-sample-metrics")

@@ -38,14 +38,17 @@ def render(ctx: ViewContext) -> None:
         if experiment is not None:
             _pareto(qf.filter(pl.col("experiment") == experiment),
                     sf.filter(pl.col("experiment") == experiment), quality, speed)
-    _by_stride(qf, quality)
+    by_stride(qf, quality, "Quality against stride, per model")
 
 
 def _family(frame: pl.DataFrame) -> pl.Expr:
     """Sampler and fine-tuning of a variation, e.g. ``fd · FCR λ=0.1`` or ``deepcache``."""
+    delta = (pl.when(pl.col("delta_max").is_null()).then(pl.lit(""))
+             .otherwise(pl.lit(", Δ_max=") + pl.col("delta_max").cast(pl.String))
+             if "delta_max" in frame.columns else pl.lit(""))
     training = (
         pl.when(pl.col("lambda_fcr").is_null()).then(pl.lit("no fine-tune"))
-        .otherwise(pl.lit("FCR λ=") + pl.col("lambda_fcr").cast(pl.String))
+        .otherwise(pl.lit("FCR λ=") + pl.col("lambda_fcr").cast(pl.String) + delta)
     )
     return (pl.col("sampler").fill_null("?") + pl.lit(" · ") + training)
 
@@ -104,8 +107,11 @@ STRIDE_AXIS = {
 }
 
 
-def _by_stride(qf: pl.DataFrame, quality: str) -> None:
-    st.subheader("Quality against stride, per model")
+def by_stride(qf: pl.DataFrame, quality: str, title: str, key: str = "stride") -> None:
+    """``quality`` (a per-variation frame: ``mean``, ``ci95``, ``n`` and the parameters) against
+    the stride: one chart per cache kind, one line per sampler · fine-tuning · scheduler, one
+    panel per model."""
+    st.subheader(title)
     data = qf.filter(pl.col("stride").is_not_null())
     if data.is_empty():
         st.info("No run with an encoder-caching stride among the filtered runs.")
@@ -120,10 +126,10 @@ def _by_stride(qf: pl.DataFrame, quality: str) -> None:
     # each axis titled with what it plots.
     for kind in sorted(data["sampler"].unique().to_list(), key=lambda k: (k not in STRIDE_AXIS, k)):
         _stride_chart(data.filter(pl.col("sampler") == kind), quality,
-                      STRIDE_AXIS.get(kind, f"{kind} stride"), kind)
+                      STRIDE_AXIS.get(kind, f"{kind} stride"), kind, key)
 
 
-def _stride_chart(data: pl.DataFrame, quality: str, x_title: str, kind: str) -> None:
+def _stride_chart(data: pl.DataFrame, quality: str, x_title: str, kind: str, key: str) -> None:
     base = alt.Chart(data).encode(
         x=alt.X("stride:Q", title=x_title,
                 axis=alt.Axis(tickMinStep=1), scale=alt.Scale(zero=False, nice=False,
@@ -141,4 +147,4 @@ def _stride_chart(data: pl.DataFrame, quality: str, x_title: str, kind: str) -> 
     models = data["model"].unique().to_list()
     layered = (err + line).properties(height=300, width=320 if len(models) > 1 else "container")
     ch = layered.facet(column=alt.Column("model:N", title=None)) if len(models) > 1 else layered
-    ui.chart(ch, data, f"quality-vs-stride-{kind}", f"stride-{kind}")
+    ui.chart(ch, data, f"{quality}-vs-stride-{kind}", f"{key}-{kind}")

@@ -40,7 +40,7 @@ def render(ctx: ViewContext) -> None:
     c1, c2, c3 = st.columns([2, 3, 1])
     search = state.text_input("Search prompts", key="q", container=c1,
                               placeholder="text or prompt id")
-    prompts = q.sample_prompts(reader, flt, search)
+    prompts = q.sample_prompts(reader, flt, search, variations=chosen or None)
     if prompts.is_empty():
         st.info("No prompt matches the search.")
         return

@@ -1,0 +1,127 @@
+"""Contrasts: the paired comparisons that carry an experiment's claims, as the runner stored them.
+
+Shown at the top of the comparison view: one row per stored contrast of the filtered experiments
+(estimate, 95% CI, pairs, seeds, method, criterion and verdict) and a forest chart per scale
+(kind and metric): a point and CI bar per contrast, the criterion's threshold as a tick, the
+value of "no effect" as a rule. The numbers are the stored ones; nothing is recomputed here.
+"""
+
+from __future__ import annotations
+
+import altair as alt
+import polars as pl
+import streamlit as st
+
+from fcr_results_explorer import queries as q
+from fcr_results_explorer import ui
+from fcr_results_explorer.context import ViewContext
+
+#: How each kind of contrast (fcr_eval.contrasts.CONTRAST_KINDS) reads, and its "no effect" value.
+KIND_TEXT = {
+    "difference": ("candidate − baseline", 0.0),
+    "relative_difference": ("(candidate − baseline) / |baseline|", 0.0),
+    "recovered_fraction": ("fraction of the gap baseline → target recovered by the candidate", 0.0),
+}
+DIRECTION_OP = {"at_least": "≥", "at_most": "≤"}
+
+
+def _comparison(row: dict) -> str:
+    if row["kind"] == "recovered_fraction":
+        return f"{row['candidate']} on the gap {row['baseline']} → {row['target']}"
+    sign = "−" if row["kind"] == "difference" else "rel. −"
+    return f"{row['candidate']} {sign} {row['baseline']}"
+
+
+def _criterion(row: dict) -> str | None:
+    if row["threshold"] is None or row["direction"] is None:
+        return None
+    return f"{DIRECTION_OP.get(row['direction'], row['direction'])} {row['threshold']:g}"
+
+
+def contrast_table(frame: pl.DataFrame) -> pl.DataFrame:
+    """The stored contrasts as shown: numbers untouched, the comparison and criterion as text."""
+    rows = frame.to_dicts()
+    return frame.with_columns(
+        pl.Series("comparison", [_comparison(r) for r in rows], dtype=pl.String),
+        pl.Series("criterion", [_criterion(r) for r in rows], dtype=pl.String),
+        pl.col("verdict").fill_null("—"),
+    ).select("experiment", "contrast", "metric", "comparison", "estimate", "ci_low", "ci_high",
+             "n_samples", "n_clusters", "method", "criterion", "verdict", "confidence")
+
+
+def render_contrasts(ctx: ViewContext) -> bool:
+    """Draw the contrasts section; ``False`` (and nothing drawn) when there are none."""
+    frame = q.contrasts(ctx.reader, ctx.experiments)
+    if frame.is_empty():
+        return False
+    st.subheader("Contrasts")
+    levels = sorted({f"{c:.0%}" for c in frame["confidence"].drop_nulls().to_list()}) or ["95%"]
+    st.caption(
+        "The paired comparisons named in each experiment file, as the runner computed and stored "
+        f"them: estimate and {' / '.join(levels)} bootstrap CI over samples paired by seed and "
+        "sample (same x_T and prompt), clustered by seed. A criterion's verdict is PASS when the "
+        "whole CI is on the right side of its threshold, FAIL when it is wholly on the wrong "
+        "side, INCONCLUSIVE when the CI straddles it."
+    )
+    shown = contrast_table(frame)
+    single = shown["experiment"].n_unique() == 1
+    table = shown.drop("experiment") if single else shown
+    if set(frame["confidence"].drop_nulls().to_list()) <= {0.95}:
+        table = table.drop("confidence")
+    ui.table(
+        table, "contrasts", "contrasts", export=frame,
+        column_config={
+            "estimate": st.column_config.NumberColumn("estimate", format="%.4g"),
+            "ci_low": st.column_config.NumberColumn("CI low", format="%.4g"),
+            "ci_high": st.column_config.NumberColumn("CI high", format="%.4g"),
+            "n_samples": st.column_config.NumberColumn("pairs", format="%d"),
+            "n_clusters": st.column_config.NumberColumn("seeds", format="%d"),
+        },
+    )
+    counts = frame["verdict"].drop_nulls().value_counts(sort=True)
+    if counts.height:
+        st.caption("Verdicts: " + ", ".join(f"{n} {v}" for v, n in counts.iter_rows()))
+    _forest(frame, single)
+    return True
+
+
+def _forest(frame: pl.DataFrame, single: bool) -> None:
+    """One forest chart per (kind, metric): contrasts on one scale share an axis."""
+    data = frame.with_columns(
+        (pl.col("contrast") if single else pl.col("experiment") + " · " + pl.col("contrast")).alias("label"),
+        pl.col("verdict").fill_null("no criterion").alias("result"),
+    )
+    colours = alt.Scale(domain=list(ui.VERDICT_HEX), range=list(ui.VERDICT_HEX.values()))
+    for (kind, metric), group in data.group_by(["kind", "metric"], maintain_order=True):
+        what, null_value = KIND_TEXT.get(kind, (kind, 0.0))
+        title = f"{kind.replace('_', ' ')} of {ui.metric_label(metric)}: {what}"
+        group = group.select("label", "experiment", "contrast", "candidate", "baseline", "target",
+                             "estimate", "ci_low", "ci_high", "n_samples", "n_clusters", "threshold",
+                             "direction", "result")
+        base = alt.Chart(group).encode(
+            y=alt.Y("label:N", sort=None, title=None, axis=alt.Axis(labelLimit=400)))
+        x = alt.X("estimate:Q", title=title, scale=alt.Scale(zero=False))
+        bars = base.mark_rule(strokeWidth=2).encode(
+            x=alt.X("ci_low:Q", title=title), x2="ci_high:Q",
+            color=alt.Color("result:N", scale=colours, legend=None))
+        points = base.mark_point(filled=True, size=100).encode(
+            x=x, color=alt.Color("result:N", scale=colours, title="verdict",
+                                 legend=alt.Legend(orient="bottom")),
+            tooltip=["experiment", "contrast", "candidate", "baseline", "target",
+                     alt.Tooltip("estimate:Q", format=".4g"), alt.Tooltip("ci_low:Q", format=".4g"),
+                     alt.Tooltip("ci_high:Q", format=".4g"), "n_samples", "n_clusters",
+                     "threshold", "direction", "result"],
+        )
+        null_rule = alt.Chart(pl.DataFrame({"x": [null_value]})).mark_rule(
+            color="#999", strokeDash=[4, 4]).encode(x="x:Q")
+        layers = [null_rule, bars, points]
+        with_threshold = group.filter(pl.col("threshold").is_not_null())
+        if with_threshold.height:
+            layers.append(alt.Chart(with_threshold).mark_tick(
+                color="#444", thickness=2, size=22).encode(
+                x="threshold:Q", y=alt.Y("label:N", sort=None),
+                tooltip=["contrast", "direction", "threshold"]))
+        chart = alt.layer(*layers).properties(height=alt.Step(34))
+        ui.chart(chart, group, f"contrasts-{kind}-{metric}", f"forest-{kind}-{metric}")
+    st.caption("Point: the estimate; bar: its CI; dark tick: the criterion's threshold; dashed "
+               "line: no effect.")
