@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import polars as pl
 import pytest
 from fcr_eval.cli import main
 from fcr_eval.experiment import load_experiment
@@ -42,7 +43,8 @@ def _check_complete(store_path: Path, exp) -> set[str]:
                   "peak_memory_bytes FROM timings WHERE run_id = ? ORDER BY batch_size", [rid])
         assert t["batch_size"].to_list() == list(exp.evaluation.timing_batch_sizes)
         assert all(v and v > 0 for v in t["flops_per_image"].to_list() + t["peak_memory_bytes"].to_list())
-        f = s.sql("SELECT DISTINCT delta FROM feature_stats WHERE run_id = ? AND block = 'all'", [rid])
+        f = s.sql("SELECT DISTINCT delta FROM feature_stats WHERE run_id = ? AND block = 'all' "
+                  "AND delta_unit = 'timesteps'", [rid])
         assert sorted(f["delta"].to_list()) == list(range(1, exp.evaluation.sigma2_delta_max + 1))
         smp = s.sql("SELECT image_path FROM samples WHERE run_id = ?", [rid])
         assert smp.height == n and all(s.image_file(p).is_file() for p in smp["image_path"].to_list())
@@ -159,3 +161,44 @@ def test_tiny_experiment_end_to_end(killed_then_resumed, capsys):
     assert _check_complete(store_path, exp) == ids
 
 
+
+
+def test_tiny_experiment_paired_metrics_contrasts_and_interleaved_timing(killed_then_resumed):
+    """Every run stores per-sample paired values (cache error exactly 0 for the uncached sampler,
+    positive for a cache), the experiment's contrast is computed from them with a CI, the
+    interleaved timing session gives the speed-up a CI, and σ²_Δ is stored over the cache's range
+    in sampler steps next to the literal one, with feature energy."""
+    import numpy as np
+
+    store_path, _, out = killed_then_resumed
+    exp = load_experiment(TINY)
+    s = ResultsStore.open_readonly(store_path)
+    sm = s.sample_metrics(experiment_id=exp.id)
+    n = exp.sampling.n_samples
+    per_run = sm.group_by("run_id", "metric").len()
+    assert set(per_run["len"].to_list()) == {n}
+    assert {"cache_mse", "cache_psnr", "cache_feature_l2", "class_correct", "class_logprob"} <= set(sm["metric"])
+    mse = {v: g["value"].to_numpy() for (v,), g in sm.filter(sm["metric"] == "cache_mse").group_by("variation_id")}
+    assert np.all(mse["no-cache"] == 0.0)
+    assert np.all(mse["fd-2"] > 0) and mse["fcr-0.10-fd-4"].mean() > mse["fcr-0.10-fd-2"].mean()
+    # the contrast of tiny.toml, as the runner printed and stored it
+    c = s.contrasts("tiny-exp").row(0, named=True)
+    assert c["contrast_id"] == "stride-gap" and c["ci_low"] < c["estimate"] < c["ci_high"]
+    pairs = sm.filter(sm["metric"] == "cache_mse")
+    by_v = {v: g.sort("seed", "sample_index")["value"].to_numpy() for (v,), g in pairs.group_by("variation_id")}
+    assert c["estimate"] == pytest.approx(float((by_v["fcr-0.10-fd-4"] - by_v["fcr-0.10-fd-2"]).mean()))
+    assert "stride-gap" in out and "paired per-sample metrics" in out
+    # interleaved timing: every unstressed variation × batch size × round, alternating order
+    tr = s.timing_rounds("tiny-exp")
+    assert tr.height == len(exp.variations) * len(exp.evaluation.timing_batch_sizes) * exp.evaluation.timing_rounds
+    first = tr.filter((tr["round"] == 0) & (tr["batch_size"] == 1)).sort("position")["variation_id"].to_list()
+    second = tr.filter((tr["round"] == 1) & (tr["batch_size"] == 1)).sort("position")["variation_id"].to_list()
+    assert first == second[::-1]
+    speed = s.criteria("tiny-exp").filter(pl.col("criterion") == "speedup").row(0, named=True)
+    assert speed["ci_low"] is not None and speed["ci_low"] <= speed["value"] <= speed["ci_high"]
+    # σ²_Δ over the literal 1…3 timesteps and over the cache's range (1…3 sampler steps of 4)
+    fs = s.feature_stats(experiment_id=exp.id, unit=None)
+    run0 = fs.filter((fs["variation_id"] == "fd-2") & (fs["seed"] == 0) & (fs["block"] == "all"))
+    assert sorted(run0.filter(run0["delta_unit"] == "timesteps")["delta"].to_list()) == [1, 2, 3]
+    assert sorted(run0.filter(run0["delta_unit"] == "sampler_steps")["delta"].to_list()) == [250, 500, 750]
+    assert run0["energy"].min() > 0

@@ -115,7 +115,6 @@ def test_a_failing_run_is_reported_and_makes_run_exit_non_zero(tmp_path, monkeyp
     rc = main(["run", str(path), "--store", str(store_path), "--no-plots", "--threads", "1", "--device", "cpu"])
     out = capsys.readouterr()
     assert rc == 1
-    text = out.out + out.err
     assert "1 FAILED" in out.out and "1 run(s) failed" in out.err
     assert "fd-2-prior seed 0" in out.err and "simulated sampler failure" in out.err
     stored = set(ResultsStore.open_readonly(store_path).runs()["variation_id"].to_list())

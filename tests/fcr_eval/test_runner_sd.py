@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import torch
 from fcr_eval.contexts import Prompts, StableDiffusionContext
-from fcr_eval.schedulers import make_sampling_scheduler
 from fcr_eval.experiment import load_experiment
 from fcr_eval.planner import make_plan
 from fcr_eval.runner import RunnerOptions, run_experiment
 from fcr_eval.sampling import sample_batch
+from fcr_eval.schedulers import make_sampling_scheduler
 from fcr_eval.store import ResultsStore
 from fcr_eval.testing import save_stand_in_inception, save_tiny_clip
 from fcr_eval.validation import check_inputs
@@ -258,7 +258,8 @@ def test_sd_experiment_stores_every_run_with_its_metrics(sd_run):
         assert r["dataset"] == ("ood:ood" if r["variation_id"] == "fd-3-ood" else "coco-eval")
         params = json.loads(r["params"]) if isinstance(r["params"], str) else r["params"]
         assert params["model_family"] == "stable-diffusion"
-        f = s.sql("SELECT DISTINCT delta FROM feature_stats WHERE run_id = ? AND block = 'all'", [r["run_id"]])
+        f = s.sql("SELECT DISTINCT delta FROM feature_stats WHERE run_id = ? AND block = 'all' "
+                  "AND delta_unit = 'timesteps'", [r["run_id"]])
         assert sorted(f["delta"].to_list()) == [1, 2, 3]
         t = s.sql("SELECT batch_size, encoder_forwards, decoder_forwards FROM timings WHERE run_id = ? "
                   "ORDER BY batch_size", [r["run_id"]])
@@ -425,7 +426,7 @@ def test_half_precision_sampling_runs_end_to_end(tmp_path):
     m = s.sql("SELECT metric, value FROM metrics")
     fd = m.filter(m["metric"] == "fd_efficientnet_lite0")["value"][0]
     assert np.isfinite(fd) and fd > 0
-    var = s.sql("SELECT variance FROM feature_stats WHERE block = 'all'")["variance"].to_list()
+    var = s.sql("SELECT variance FROM feature_stats WHERE block = 'all' AND delta_unit = 'timesteps'")["variance"].to_list()
     assert len(var) == 2 and all(np.isfinite(v) and v > 0 for v in var)
     run = s.runs(experiment_id=exp.id).row(0, named=True)
     params = json.loads(run["params"]) if isinstance(run["params"], str) else run["params"]

@@ -190,6 +190,9 @@ class EvaluationSpec:
     timing_batch_sizes: tuple[int, ...] = (1, 8)
     timing_repeats: int = 3
     timing_seeds: str = "all"
+    # Rounds of the experiment's interleaved timing session (every variation timed back to back in
+    # each round; speed-up criteria with a CI). 0 = none. An experiment-level setting, not a run's.
+    timing_rounds: int = 0
     sigma2_delta_max: int = 10
     sigma2_samples: int = 256
     sigma2_blocks: str = "all"
@@ -575,6 +578,9 @@ def load_experiment(path: str | Path, profile: str | None = None) -> Experiment:
     if clip_metrics and not evaluation.clip_model:
         chk.fail(f"evaluation.metrics has {clip_metrics}, which need evaluation.clip_model = a local CLIP folder "
                  "(transformers layout, e.g. a copy of openai/clip-vit-large-patch14)", "evaluation", "metrics")
+    if evaluation.timing_rounds < 0:
+        chk.fail(f"evaluation.timing_rounds = {evaluation.timing_rounds} must be >= 0 (0 = no interleaved timing)",
+                 "evaluation", "timing_rounds")
     if evaluation.clip_drift_samples < 1:
         chk.fail("evaluation.clip_drift_samples must be >= 1", "evaluation", "clip_drift_samples")
     dataset_ref(evaluation.reference, "evaluation.reference", "evaluation", "reference", roles=("reference", "eval"))

@@ -29,6 +29,7 @@ import torch
 from torch.nn import functional as F
 
 __all__ = [
+    "feature_dim",
     "ExtractedFeatures",
     "FeatureExtractor",
     "EfficientNetLite0Extractor",
@@ -261,3 +262,12 @@ def get_extractor(name: str, *, device: str | torch.device = "cpu", weights_path
     if name == "inception":
         return InceptionExtractor(weights_path, device=device)
     raise ValueError(f"unknown feature extractor {name!r}; use 'efficientnet_lite0' or 'inception'")
+
+
+def feature_dim(extractor: str) -> int | None:
+    """Feature dimension of a named extractor (``None`` if unknown). A Fréchet distance needs more
+    samples than this to have a non-singular covariance."""
+    for cls in (EfficientNetLite0Extractor, InceptionExtractor):
+        if cls.name == extractor:
+            return int(cls.feature_dim)
+    return None

@@ -290,9 +290,32 @@ def _migration_5(con: duckdb.DuckDBPyConnection) -> None:
     con.execute("UPDATE feature_stats SET delta_unit = 'timesteps' WHERE delta_unit IS NULL")
 
 
+def _migration_6(con: duckdb.DuckDBPyConnection) -> None:
+    """Interleaved timing rounds: one row per variation, batch size and round of an experiment's
+    timing session, in which every variation is timed back to back in each round (alternating
+    order), so speed-ups pair by round and carry a CI (:func:`fcr_eval.criteria.timing_criteria`)."""
+    con.execute(
+        """
+        CREATE TABLE timing_rounds (
+            experiment_id VARCHAR NOT NULL,
+            variation_id VARCHAR NOT NULL,
+            run_id VARCHAR,
+            batch_size INTEGER NOT NULL,
+            round INTEGER NOT NULL,
+            position INTEGER,
+            sec_per_image DOUBLE,
+            peak_memory_bytes BIGINT,
+            memory_kind VARCHAR,
+            device VARCHAR,
+            code_version VARCHAR,
+            measured_at TIMESTAMP
+        )"""
+    )
+
+
 #: Numbered migrations; ``MIGRATIONS[i]`` brings a store from version ``i`` to ``i + 1``.
 MIGRATIONS: tuple[Callable[[duckdb.DuckDBPyConnection], None], ...] = (
-    _migration_1, _migration_2, _migration_3, _migration_4, _migration_5,
+    _migration_1, _migration_2, _migration_3, _migration_4, _migration_5, _migration_6,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -107,6 +107,14 @@ class PlannedFinetune:
 _LATER_VARIATION_FIELDS = ("delta_unit", "distance")
 
 
+#: Evaluation settings of the whole experiment, not of a run: kept out of the run's record.
+_EXPERIMENT_LEVEL_EVALUATION = ("timing_rounds",)
+
+
+def _evaluation_record(ev) -> dict:
+    return {k: x for k, x in asdict(ev).items() if k not in _EXPERIMENT_LEVEL_EVALUATION}
+
+
 def _variation_record(v: VariationSpec) -> dict:
     return {k: x for k, x in asdict(v).items() if not (k in _LATER_VARIATION_FIELDS and x is None)}
 
@@ -326,7 +334,7 @@ def make_plan(exp: Experiment, *, results_dir: str | Path = "results", calibrate
                              "eval_prompts": eval_prompts,
                              # float32 is implied (keeps the run ids of float32 runs stable)
                              **({"dtype": exp.sampling.dtype} if exp.sampling.dtype != "float32" else {})},
-                "robustness": asdict(rob), "evaluation": asdict(ev),
+                "robustness": asdict(rob), "evaluation": _evaluation_record(ev),
                 "finetune": finetunes[ft_key].config() if ft_key else None,
             }
             run_id = make_run_id(exp.id, v.id, seed, config)

@@ -123,17 +123,17 @@ def contrasts_report(exp: Experiment, store: ResultsStore, per_sample, *, write:
 def _set_size_note(exp: Experiment, store: ResultsStore) -> str:
     """Says when a Fréchet distance was computed from fewer samples than feature dimensions (its
     covariance is then singular and the number is only indicative; KID is unbiased)."""
-    from .extractors import metric_name
+    from .extractors import feature_dim, metric_name
 
-    dims = {"efficientnet_lite0": 1280, "inception": 2048}
     ext = exp.evaluation.feature_extractor
+    dim = feature_dim(ext)
     m = store.metrics(experiment_id=exp.id, metric=metric_name("fd", ext))
-    if m.height == 0 or ext not in dims:
+    if m.height == 0 or dim is None:
         return ""
     n = int(m["n_samples"].min())
-    if n > dims[ext]:
+    if n > dim:
         return ""
-    return (f" **FD is indicative only:** each run's FD comes from {n} samples in {dims[ext]} feature dimensions "
+    return (f" **FD is indicative only:** each run's FD comes from {n} samples in {dim} feature dimensions "
             "(singular covariance, biased upwards); read KID and the paired metrics above instead.")
 
 
@@ -234,10 +234,13 @@ def _table_notes(exp: Experiment) -> str:
 
 
 def criteria_table(results) -> str:
-    lines = ["| criterion | verdict | value | threshold | note |", "|---|---|---|---|---|"]
+    lines = ["| criterion | verdict | value [95% CI] | threshold | note |", "|---|---|---|---|---|"]
     for r in results:
-        verdict = {True: "PASS", False: "FAIL", None: "n/a"}[r.passed]
+        verdict = getattr(r, "verdict", None) or {True: "PASS", False: "FAIL", None: "n/a"}[r.passed]
         value = "–" if r.value is None else f"{r.value:.4g}"
+        lo, hi = getattr(r, "ci_low", None), getattr(r, "ci_high", None)
+        if r.value is not None and lo is not None and hi is not None:
+            value += f" [{lo:.3g}, {hi:.3g}]"
         note = r.details.get("reason", "") if isinstance(r.details, dict) else ""
         if not note and isinstance(r.details, dict):
             b, c = r.details.get("baseline_variation"), r.details.get("candidate_variation")

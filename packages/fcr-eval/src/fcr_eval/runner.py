@@ -313,6 +313,20 @@ def _select_device(opts: RunnerOptions) -> tuple[torch.device, Processes]:
     return torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu")), procs
 
 
+def _timing_session(ctx: RunContext, plan, model_id: str, store: ResultsStore, progress: bool) -> None:
+    """Time every unstressed variation of ``model_id`` interleaved, round by round, and store the
+    session (replacing an earlier one): the speed criteria read it and carry a CI."""
+    from .sampling import interleaved_timings
+
+    exp = ctx.exp
+    timed = [r for r in plan.runs if r.variation.model == model_id and r.seed == exp.seeds[0]
+             and r.robustness.kind == "none"]
+    rows = interleaved_timings(ctx, timed, exp.evaluation.timing_rounds, progress=progress)
+    store.write_timing_rounds(exp.id, rows)
+    logger.info("interleaved timing: %d variations × %d rounds × batch sizes %s stored", len(timed),
+                exp.evaluation.timing_rounds, list(exp.evaluation.timing_batch_sizes))
+
+
 def _record_failure(run: PlannedRun, err: BaseException) -> FailedRun:
     """Log a failed run and keep its traceback in its folder."""
     run_dir = Path(run.run_dir)
@@ -416,6 +430,8 @@ def _run_locked(exp: Experiment, opts: RunnerOptions, plan, procs: Processes, de
                             time.perf_counter() - t_run)
             procs.barrier()
             bar.update(1)
+        if procs.is_main and procs.count == 1 and exp.evaluation.timing_rounds:
+            _timing_session(ctx, plan, model_id, store, show)
         del ctx, caches
     bar.close()
     if not procs.is_main:

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
 import torch
 
 from .contexts import Prompts, RunContext
 from .planner import PlannedRun
+from .samplers import apply_sampler, remove_sampler
 from .schedulers import make_sampling_scheduler
 from .store import TimingRecord
 
 __all__ = ["sample_batch", "sample_prompts", "new_scheduler", "attack_initial_noise", "uncached_reference",
-           "measure_cost"]
+           "measure_cost", "interleaved_timings"]
 
 logger = logging.getLogger(__name__)
 
@@ -167,3 +169,65 @@ def measure_cost(ctx: RunContext, unet, scheduler, run: PlannedRun, prompts: Pro
         timings.append(to_timing_record(timing, flops_per_image=flops_per_image, peak_memory=peak,
                                         forward_counts=counts))
     return timings
+
+
+def interleaved_timings(ctx: RunContext, runs: list[PlannedRun], rounds: int, progress: bool = False
+                        ) -> list[dict]:
+    """The experiment's timing session: in each of ``rounds`` rounds every run's sampler is timed
+    back to back (one sampling call per batch size, order reversed every other round), so a slow
+    spell of a shared machine hits every variation alike and speed-ups pair by round.
+
+    All samplers run on the base weights: speed does not depend on weight values (design.md §3),
+    and one UNet keeps the session's memory flat. Each call is device-synchronised; peak memory
+    is measured around the same call. One warm-up call per sampler and batch size precedes the
+    rounds. Returns one row per (run, batch size, round) for
+    :meth:`~fcr_eval.store.ResultsStore.write_timing_rounds`.
+    """
+    from tqdm.auto import tqdm
+
+    from .cost import describe_device, measure_peak_memory, synchronize
+    from .provenance import code_version
+
+    if not runs or rounds < 1:
+        return []
+    ev = ctx.exp.evaluation
+    unet = ctx.unet(None)
+    first = runs[0]
+    prompts = ctx.prompts(first.eval_prompts, first.n_samples, robustness=first.robustness)
+    x_T = ctx.initial_noise(first.n_samples, first.resolution, first.seed)
+    device, version = describe_device(ctx.device), code_version()
+    rows = []
+    total = len(ev.timing_batch_sizes) * (rounds + 1) * len(runs)
+    bar = tqdm(total=total, desc=f"{ctx.exp.id} interleaved timing", disable=not progress, leave=False)
+    for b in ev.timing_batch_sizes:
+        reps = -(-b // min(b, first.n_samples))
+        c, nl = ctx.encode(prompts, slice(0, min(b, first.n_samples)))
+        z = x_T[: min(b, first.n_samples)].repeat(reps, *([1] * (x_T.ndim - 1)))[:b].to(ctx.device)
+        c, nl = c.repeat(reps, 1, 1)[:b], nl.repeat(reps, 1, 1)[:b]
+        for r in range(-1, rounds):  # round -1 is the warm-up
+            order = list(enumerate(runs)) if r % 2 == 0 else list(enumerate(runs))[::-1]
+            for position, (_, run) in enumerate(order):
+                scheduler = new_scheduler(ctx, run)
+                apply_sampler(unet, run.sampler)
+                try:
+                    elapsed = {}
+
+                    def call(run=run, scheduler=scheduler, elapsed=elapsed, z=z, c=c, nl=nl):
+                        synchronize(ctx.device)
+                        t0 = time.perf_counter()
+                        with torch.no_grad():
+                            sample_batch(unet, scheduler, z, c, nl, run.steps, run.guidance_scale, ctx.decode)
+                        synchronize(ctx.device)
+                        elapsed["s"] = time.perf_counter() - t0
+
+                    peak, kind = measure_peak_memory(call, ctx.device)
+                finally:
+                    remove_sampler(unet, run.sampler)
+                bar.update(1)
+                if r < 0:
+                    continue
+                rows.append({"variation_id": run.variation.id, "run_id": run.run_id, "batch_size": b, "round": r,
+                             "position": position, "sec_per_image": elapsed["s"] / b, "peak_memory_bytes": peak,
+                             "memory_kind": kind, "device": device, "code_version": version})
+    bar.close()
+    return rows

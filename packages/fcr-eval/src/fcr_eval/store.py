@@ -562,6 +562,27 @@ class ResultsStore:
         """Sample references; ``image_path`` is relative to :attr:`root` (use :meth:`image_file`)."""
         return self._joined("samples", "t.prompt_id", experiment_id, variation_id, run_id)
 
+    def write_timing_rounds(self, experiment_id: str, rows: Sequence[Mapping[str, Any]]) -> int:
+        """Store an experiment's interleaved timing session in one transaction, replacing the
+        earlier rows of the same variations. Each row: ``variation_id, run_id, batch_size, round, position,
+        sec_per_image, peak_memory_bytes, memory_kind, device, code_version``."""
+        self._require_writer("write_timing_rounds")
+        cols = ("variation_id", "run_id", "batch_size", "round", "position", "sec_per_image", "peak_memory_bytes",
+                "memory_kind", "device", "code_version")
+        now = utcnow()
+        variations = sorted({r["variation_id"] for r in rows})
+        with self._connect() as con, transaction(con):
+            if variations:
+                con.execute(f"DELETE FROM timing_rounds WHERE experiment_id = ? AND variation_id IN "
+                            f"({', '.join('?' * len(variations))})", [experiment_id, *variations])
+            self._insert(con, "timing_rounds", 12, [[experiment_id, *(r.get(c) for c in cols), now] for r in rows])
+        return len(rows)
+
+    def timing_rounds(self, experiment_id: str | None = None) -> pl.DataFrame:
+        """The interleaved timing session(s): one row per variation, batch size and round."""
+        w, a = self._where(experiment_id=experiment_id)
+        return self.sql(f"SELECT * FROM timing_rounds{w} ORDER BY experiment_id, batch_size, round, position", a)
+
     def criteria(self, experiment_id: str | None = None) -> pl.DataFrame:
         """Success-criteria verdicts."""
         w, a = self._where(experiment_id=experiment_id)
