@@ -27,6 +27,7 @@ from fcr_train.cli_errors import (
     add_debug_argument,
     int_at_least,
     run_cli,
+    user_error_code,
 )
 
 __all__ = ["main", "USER_ERRORS"]
@@ -62,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the experiments in the design's JSON form")
     p.add_argument("--no-calibrate", action="store_true",
                    help="estimate wall time with a stated throughput instead of timing this machine")
+    p.add_argument("--skip-checks", action="store_true",
+                   help="plan even when a model or local file `run` needs is not on this machine (each is a "
+                        "logged warning; by default plan fails as run would)")
 
     p = sub.add_parser("run", help="fine-tune, sample, evaluate and store every variation × seed (resumes)")
     p.add_argument("file", help="experiment .toml file")
@@ -90,8 +94,13 @@ def _plan(args) -> int:
     results_dir = Path(args.store).parent
     plans = [make_plan(e, results_dir=results_dir, calibrate=False) for e in exps]
     for e, plan in zip(exps, plans, strict=True):  # what `run` checks before any work
-        check_models(e)
-        check_inputs(e, plan)
+        for check in (lambda: check_models(e), lambda: check_inputs(e, plan)):  # noqa: B023 - called at once
+            try:
+                check()
+            except Exception as exc:  # noqa: BLE001 - with --skip-checks every bad-input check is a warning
+                if not args.skip_checks or user_error_code(exc, USER_ERRORS) is None:
+                    raise
+                logger.warning("%s (--skip-checks: planned anyway; `run` would stop here)", exc)
     if args.json:
         print(json.dumps(plan_json(plans), indent=2))
         return 0
