@@ -115,9 +115,13 @@ def _charts(at) -> list[tuple[str, list]]:
     """(spec as JSON text, its datasets as pandas frames) of every chart on the page."""
     from streamlit import dataframe_util
 
-    return [(e.proto.spec, [dataframe_util.convert_arrow_bytes_to_pandas_df(d.data.data)
-                            for d in e.proto.datasets])
-            for e in at.main.children.values() if getattr(e, "type", "") == "vega_lite_chart"]
+    out = []
+    for e in at.main.children.values():
+        if getattr(e, "type", "") != "vega_lite_chart":
+            continue
+        data = [d.data.data for d in e.proto.datasets] + ([e.proto.data.data] if e.proto.data.data else [])
+        out.append((e.proto.spec, [dataframe_util.convert_arrow_bytes_to_pandas_df(b) for b in data]))
+    return out
 
 
 def _texts(at) -> str:

@@ -155,10 +155,10 @@ def _fill(con: duckdb.DuckDBPyConnection, experiments: int, seeds: int, per_run:
     metrics = "[" + ", ".join(f"'{m}'" for m in SAMPLE_METRICS) + "]"
     n_m = len(SAMPLE_METRICS)
     n_vs = len(VARIATIONS) * seeds
-    con.execute(f"CREATE TEMP TABLE ids AS SELECT list(run_id ORDER BY ri) AS ids, "
-                f"list(mse ORDER BY ri) AS mse, list(seed ORDER BY ri) AS seeds, "
-                f"list(CASE WHEN sampler = 'none' THEN NULL ELSE 'scale-exp-' || e || '/none/s' || seed END "
-                f"ORDER BY ri) AS refs FROM rr")
+    con.execute("CREATE TEMP TABLE ids AS SELECT list(run_id ORDER BY ri) AS ids, "
+                "list(mse ORDER BY ri) AS mse, list(seed ORDER BY ri) AS seeds, "
+                "list(CASE WHEN sampler = 'none' THEN NULL ELSE 'scale-exp-' || e || '/none/s' || seed END "
+                "ORDER BY ri) AS refs FROM rr")
     total = con.execute("SELECT count(*) FROM rr").fetchall()[0][0] * n_m * per_run
     con.execute(
         f"""

@@ -104,17 +104,19 @@ def bar_with_ci(frame: pl.DataFrame, metric: str, key: str, x_title: str | None 
         (pl.col("variation") if single
          else pl.col("experiment") + " / " + pl.col("variation")).alias("label"),
     ).select("label", "experiment", "variation", "n", "mean", "ci95", "lo", "hi")
-    base = alt.Chart(data).encode(
-        y=alt.Y("label:N", sort=None, title=None, axis=alt.Axis(labelLimit=400)))
-    points = base.mark_point(filled=True, size=90).encode(
-        x=alt.X("mean:Q", title=x_title or ui.metric_label(metric), scale=alt.Scale(zero=False)),
-        color=alt.Color("experiment:N",
-                        legend=None if single else alt.Legend(orient="bottom")),
-        tooltip=["experiment", "variation", "n", alt.Tooltip("mean:Q", format=".4g"),
-                 alt.Tooltip("ci95:Q", format=".3g")],
-    )
-    bars = base.mark_rule(strokeWidth=2).encode(x="lo:Q", x2="hi:Q", color="experiment:N")
-    ui.chart((bars + points).properties(height=alt.Step(26)), data, f"{metric}-by-variation", key)
+    y = {"field": "label", "type": "nominal", "sort": None, "title": None, "axis": {"labelLimit": 400}}
+    colour = {"field": "experiment", "type": "nominal", "legend": None if single else {"orient": "bottom"}}
+    x = {"type": "quantitative", "title": x_title or ui.metric_label(metric), "scale": {"zero": False}}
+    spec = {"height": {"step": 26}, "layer": [
+        {"mark": {"type": "rule", "strokeWidth": 2},
+         "encoding": {"y": y, "x": {"field": "lo", **x}, "x2": {"field": "hi"}, "color": colour}},
+        {"mark": {"type": "point", "filled": True, "size": 90},
+         "encoding": {"y": y, "x": {"field": "mean", **x}, "color": colour, "tooltip": [
+             {"field": "experiment"}, {"field": "variation"}, {"field": "n", "type": "quantitative"},
+             {"field": "mean", "type": "quantitative", "format": ".4g"},
+             {"field": "ci95", "type": "quantitative", "format": ".3g"}]}},
+    ]}
+    ui.vega_chart(spec, data, f"{metric}-by-variation", key)
 
 
 def _param_vs_metric(ctx: ViewContext, frame: pl.DataFrame, metric: str, varying: list[str]) -> None:

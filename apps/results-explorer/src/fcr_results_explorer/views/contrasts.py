@@ -8,7 +8,6 @@ value of "no effect" as a rule. The numbers are the stored ones; nothing is reco
 
 from __future__ import annotations
 
-import altair as alt
 import polars as pl
 import streamlit as st
 
@@ -91,37 +90,37 @@ def _forest(frame: pl.DataFrame, single: bool) -> None:
         (pl.col("contrast") if single else pl.col("experiment") + " · " + pl.col("contrast")).alias("label"),
         pl.col("verdict").fill_null("no criterion").alias("result"),
     )
-    colours = alt.Scale(domain=list(ui.VERDICT_HEX), range=list(ui.VERDICT_HEX.values()))
+    colour = {"field": "result", "type": "nominal", "title": "verdict",
+              "scale": {"domain": list(ui.VERDICT_HEX), "range": list(ui.VERDICT_HEX.values())},
+              "legend": {"orient": "bottom"}}
+    y = {"field": "label", "type": "nominal", "sort": None, "title": None, "axis": {"labelLimit": 400}}
+    tooltip = [{"field": f, "type": "nominal"} for f in ("experiment", "contrast", "candidate", "baseline",
+                                                          "target", "result")] + [
+        {"field": f, "type": "quantitative", "format": ".4g"} for f in ("estimate", "ci_low", "ci_high",
+                                                                         "threshold")] + [
+        {"field": f, "type": "quantitative"} for f in ("n_samples", "n_clusters")]
     for (kind, metric), group in data.group_by(["kind", "metric"], maintain_order=True):
         what, null_value = KIND_TEXT.get(kind, (kind, 0.0))
         title = f"{kind.replace('_', ' ')} of {ui.metric_label(metric)}: {what}"
         group = group.select("label", "experiment", "contrast", "candidate", "baseline", "target",
                              "estimate", "ci_low", "ci_high", "n_samples", "n_clusters", "threshold",
                              "direction", "result")
-        base = alt.Chart(group).encode(
-            y=alt.Y("label:N", sort=None, title=None, axis=alt.Axis(labelLimit=400)))
-        x = alt.X("estimate:Q", title=title, scale=alt.Scale(zero=False))
-        bars = base.mark_rule(strokeWidth=2).encode(
-            x=alt.X("ci_low:Q", title=title), x2="ci_high:Q",
-            color=alt.Color("result:N", scale=colours, legend=None))
-        points = base.mark_point(filled=True, size=100).encode(
-            x=x, color=alt.Color("result:N", scale=colours, title="verdict",
-                                 legend=alt.Legend(orient="bottom")),
-            tooltip=["experiment", "contrast", "candidate", "baseline", "target",
-                     alt.Tooltip("estimate:Q", format=".4g"), alt.Tooltip("ci_low:Q", format=".4g"),
-                     alt.Tooltip("ci_high:Q", format=".4g"), "n_samples", "n_clusters",
-                     "threshold", "direction", "result"],
-        )
-        null_rule = alt.Chart(pl.DataFrame({"x": [null_value]})).mark_rule(
-            color="#999", strokeDash=[4, 4]).encode(x="x:Q")
-        layers = [null_rule, bars, points]
-        with_threshold = group.filter(pl.col("threshold").is_not_null())
-        if with_threshold.height:
-            layers.append(alt.Chart(with_threshold).mark_tick(
-                color="#444", thickness=2, size=22).encode(
-                x="threshold:Q", y=alt.Y("label:N", sort=None),
-                tooltip=["contrast", "direction", "threshold"]))
-        chart = alt.layer(*layers).properties(height=alt.Step(34))
-        ui.chart(chart, group, f"contrasts-{kind}-{metric}", f"forest-{kind}-{metric}")
+        x = {"type": "quantitative", "title": title, "scale": {"zero": False}}
+        spec = {
+            "height": {"step": 34},
+            "layer": [
+                {"mark": {"type": "rule", "color": "#999", "strokeDash": [4, 4]},
+                 "encoding": {"x": {"datum": null_value, **x}}},
+                {"mark": {"type": "rule", "strokeWidth": 2},
+                 "encoding": {"y": y, "x": {"field": "ci_low", **x}, "x2": {"field": "ci_high"},
+                              "color": {**colour, "legend": None}}},
+                {"mark": {"type": "point", "filled": True, "size": 100},
+                 "encoding": {"y": y, "x": {"field": "estimate", **x}, "color": colour, "tooltip": tooltip}},
+                {"transform": [{"filter": "isValid(datum.threshold)"}],
+                 "mark": {"type": "tick", "color": "#444", "thickness": 2, "size": 22},
+                 "encoding": {"y": y, "x": {"field": "threshold", **x}, "tooltip": tooltip}},
+            ],
+        }
+        ui.vega_chart(spec, group, f"contrasts-{kind}-{metric}", f"forest-{kind}-{metric}")
     st.caption("Point: the estimate; bar: its CI; dark tick: the criterion's threshold; dashed "
                "line: no effect.")

@@ -13,7 +13,6 @@ DuckDB reduces the per-sample rows to one row per run and seed; Python pools tho
 
 from __future__ import annotations
 
-import altair as alt
 import polars as pl
 import streamlit as st
 
@@ -103,14 +102,16 @@ def _difference_chart(diff: pl.DataFrame, metric: str, reference: str) -> None:
         (pl.col("mean") - pl.col("ci95").fill_null(0)).alias("lo"),
         (pl.col("mean") + pl.col("ci95").fill_null(0)).alias("hi"),
     ).select("variation", "n", "mean", "ci95", "lo", "hi")
-    base = alt.Chart(data).encode(y=alt.Y("variation:N", sort=None, title=None,
-                                          axis=alt.Axis(labelLimit=400)))
-    zero = alt.Chart(pl.DataFrame({"x": [0.0]})).mark_rule(color="#999", strokeDash=[4, 4]) \
-        .encode(x="x:Q")
-    bars = base.mark_rule(strokeWidth=2).encode(x="lo:Q", x2="hi:Q")
-    points = base.mark_point(filled=True, size=90).encode(
-        x=alt.X("mean:Q", title=f"{ui.metric_label(metric)}: variation − {reference}, paired"),
-        tooltip=["variation", "n", alt.Tooltip("mean:Q", format=".4g"),
-                 alt.Tooltip("ci95:Q", format=".3g")])
-    ui.chart((zero + bars + points).properties(height=alt.Step(26)), data,
-             f"{metric}-paired-difference-{reference}", "paired-diff")
+    y = {"field": "variation", "type": "nominal", "sort": None, "title": None, "axis": {"labelLimit": 400}}
+    x = {"type": "quantitative", "title": f"{ui.metric_label(metric)}: variation − {reference}, paired"}
+    spec = {"height": {"step": 26}, "layer": [
+        {"mark": {"type": "rule", "color": "#999", "strokeDash": [4, 4]}, "encoding": {"x": {"datum": 0, **x}}},
+        {"mark": {"type": "rule", "strokeWidth": 2},
+         "encoding": {"y": y, "x": {"field": "lo", **x}, "x2": {"field": "hi"}}},
+        {"mark": {"type": "point", "filled": True, "size": 90},
+         "encoding": {"y": y, "x": {"field": "mean", **x}, "tooltip": [
+             {"field": "variation"}, {"field": "n", "type": "quantitative"},
+             {"field": "mean", "type": "quantitative", "format": ".4g"},
+             {"field": "ci95", "type": "quantitative", "format": ".3g"}]}},
+    ]}
+    ui.vega_chart(spec, data, f"{metric}-paired-difference-{reference}", "paired-diff")

@@ -130,21 +130,26 @@ def by_stride(qf: pl.DataFrame, quality: str, title: str, key: str = "stride") -
 
 
 def _stride_chart(data: pl.DataFrame, quality: str, x_title: str, kind: str, key: str) -> None:
-    base = alt.Chart(data).encode(
-        x=alt.X("stride:Q", title=x_title,
-                axis=alt.Axis(tickMinStep=1), scale=alt.Scale(zero=False, nice=False,
-                                                              padding=20)),
-        color=alt.Color("series:N", title="sampler · fine-tuning · scheduler",
-                        legend=alt.Legend(labelLimit=320)),
-    )
-    line = base.mark_line(point=alt.OverlayMarkDef(filled=True, size=70)).encode(
-        y=alt.Y("mean:Q", title=ui.metric_label(quality), scale=alt.Scale(zero=False)),
-        tooltip=["variation", "series", "stride", "n",
-                 alt.Tooltip("mean:Q", format=".4g"), alt.Tooltip("ci95:Q", format=".3g")],
-    )
-    err = base.mark_errorbar(ticks=True).encode(
-        y=alt.Y("lo:Q", title=ui.metric_label(quality)), y2="hi:Q")
-    models = data["model"].unique().to_list()
-    layered = (err + line).properties(height=300, width=320 if len(models) > 1 else "container")
-    ch = layered.facet(column=alt.Column("model:N", title=None)) if len(models) > 1 else layered
-    ui.chart(ch, data, f"{quality}-vs-stride-{kind}", f"{key}-{kind}")
+    x = {"field": "stride", "type": "quantitative", "title": x_title, "axis": {"tickMinStep": 1},
+         "scale": {"zero": False, "nice": False, "padding": 20}}
+    colour = {"field": "series", "type": "nominal", "title": "sampler · fine-tuning · scheduler",
+              "legend": {"labelLimit": 320}}
+    y_title = ui.metric_label(quality)
+    layered = {"layer": [
+        {"mark": {"type": "errorbar", "ticks": True},
+         "encoding": {"x": x, "color": colour, "y": {"field": "lo", "type": "quantitative", "title": y_title},
+                      "y2": {"field": "hi"}}},
+        {"mark": {"type": "line", "point": {"filled": True, "size": 70}},
+         "encoding": {"x": x, "color": colour,
+                      "y": {"field": "mean", "type": "quantitative", "title": y_title, "scale": {"zero": False}},
+                      "tooltip": [{"field": "variation"}, {"field": "series"},
+                                  {"field": "stride", "type": "quantitative"}, {"field": "n", "type": "quantitative"},
+                                  {"field": "mean", "type": "quantitative", "format": ".4g"},
+                                  {"field": "ci95", "type": "quantitative", "format": ".3g"}]}},
+    ]}
+    if data["model"].n_unique() > 1:
+        spec = {"facet": {"column": {"field": "model", "type": "nominal", "title": None}},
+                "spec": {**layered, "height": 300, "width": 320}}
+    else:
+        spec = {**layered, "height": 300}
+    ui.vega_chart(spec, data, f"{quality}-vs-stride-{kind}", f"{key}-{kind}")
