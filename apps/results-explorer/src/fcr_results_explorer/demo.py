@@ -3,7 +3,8 @@
 It stands in for mini-exp-1 (and a small mini-exp-2) until the experiment runner's real results
 exist: the numbers are *made up* to look like the embedded default's (EfficientNet-Lite0 FD on
 Fashion-MNIST), and every run's ``params`` says ``"demo": true``. The screenshots script and
-the browser test use it.
+the browser test use it. It has per-sample metrics (cache error, PSNR, class log-probability)
+and mini-exp-1's contrasts, computed from them by fcr-eval's own contrast code.
 
     uv run python -m fcr_results_explorer.demo /tmp/demo/fcr.duckdb
 """
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
+from fcr_eval.contrasts import ContrastSpec, compute_contrasts
 from fcr_eval.criteria import CriteriaConfig, evaluate_store_criteria
 from fcr_eval.store import (
     FeatureStat,
@@ -29,6 +31,7 @@ from fcr_eval.store import (
     ResultsStore,
     RunRecord,
     RunResult,
+    SampleMetrics,
     SampleRecord,
     TimingRecord,
     make_run_id,
@@ -87,6 +90,37 @@ MINI_EXP_2 = (
                   resolution=64, model="embedded-unet-emoji", dataset="noto-emoji"),
 )
 BLOCKS = ("down_blocks.0", "down_blocks.1", "mid_block")
+#: The paired claims of the demo's mini-exp-1, as an experiment file's [[contrasts]] name them.
+CONTRASTS = (
+    ContrastSpec("stride-gap", "difference", "cache_mse", candidate="fd-10-baseline",
+                 baseline="fd-5-baseline", n_resamples=2000),
+    ContrastSpec("fcr-effect", "difference", "cache_mse", candidate="fcr-l0.10-fd-10",
+                 baseline="fcr-l0.00-fd-10", threshold=0.0, direction="at_most", n_resamples=2000),
+    ContrastSpec("fcr-recovers-gap", "recovered_fraction", "cache_mse", candidate="fcr-l0.10-fd-10",
+                 baseline="fcr-l0.00-fd-10", target="fd-5-baseline", threshold=0.3,
+                 direction="at_least", n_resamples=2000),
+    ContrastSpec("fcr-class-logprob", "difference", "class_logprob", candidate="fcr-l0.10-fd-10",
+                 baseline="fd-5-baseline", threshold=-0.02, direction="at_least", n_resamples=2000),
+)
+
+
+def _sample_metrics(v: DemoVariation, seed: int, n: int, reference: str) -> list[SampleMetrics]:
+    """Made-up per-sample values: cache error grows with the stride and shrinks with λ; every
+    variation of a seed shares the per-sample difficulty (the same x_T and prompt)."""
+    hard = np.random.default_rng(1000 + seed).random(n)  # shared by the variations of a seed
+    own = np.random.default_rng(zlib.crc32(f"{v.variation_id}/{seed}".encode())).random(n)
+    if v.stride is None:
+        mse = np.zeros(n)
+    else:
+        scale = 0.0009 * v.stride * (1.6 if v.sampler == "deepcache" else 1.0) / (1 + 4 * (v.lambda_fcr or 0))
+        mse = scale * (0.4 + hard + 0.3 * own)
+    with np.errstate(divide="ignore"):
+        psnr = -10 * np.log10(mse)
+    logprob = np.log(np.clip(v.agreement * (0.6 + 0.8 * hard) - 0.1 * own, 1e-3, 1))
+    prompts = [f"p{k:04d}" for k in range(n)]
+    return [SampleMetrics("cache_mse", mse, prompts, seeds=seed, reference=reference),
+            SampleMetrics("cache_psnr", psnr, prompts, seeds=seed, reference=reference),
+            SampleMetrics("class_logprob", logprob, prompts, seeds=seed, feature_extractor="fashion_mnist_cnn")]
 
 
 def _fashion_images(n: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -216,7 +250,13 @@ def build_demo_store(
                             samples.append(SampleRecord(pid, prompt, sseed,
                                                         str(file.relative_to(path.parent)),
                                                         img.width, img.height, CLASSES[label]))
-                store.write_run(RunResult(run, metrics, per_prompt_rows, timings, feats, samples))
+                reference = make_run_id(experiment, variations[0].variation_id, seed, {
+                    "experiment": experiment, "variation": variations[0].variation_id, "seed": seed,
+                    "stride": variations[0].stride, "lambda": variations[0].lambda_fcr, "demo": True})
+                store.write_run(RunResult(run, metrics, per_prompt_rows, timings, feats, samples,
+                                          _sample_metrics(v, seed, per_prompt, reference)))
+    store.write_contrasts("mini-exp-1", compute_contrasts(
+        CONTRASTS, store.sample_metrics(experiment_id="mini-exp-1")), code_version=CODE_VERSION)
     _write_criteria(store)
     if human_study:
         write_demo_human_study(path.parent / "human-study.duckdb")
