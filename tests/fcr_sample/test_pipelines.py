@@ -177,3 +177,20 @@ def test_deep_cache_in_sdxl_img2img_and_inpainting(kind):
     assert stats.unet_calls == calls
     assert stats.full_forwards == full and stats.partial_forwards == calls - full
     assert (out - ref).abs().max() > 1e-4
+
+
+def test_t2i_adapter_residuals_enter_the_cached_encoder():
+    """The adapter runs once per call (diffusers runs it before the loop); its residuals enter the
+    encoder at key steps, so stride 1 is exact and parallel equals sequential decoding."""
+    from fcr_sample.testing import tiny_t2i_adapter_pipeline
+
+    pipe = tiny_t2i_adapter_pipeline()
+    kw = {"image": _image(pipe), "height": 32, "width": 32}
+    ref = sample_latents(pipe, steps=STEPS, **kw)
+    assert (ref - sample_latents(pipe, steps=STEPS, adapter_conditioning_scale=0.0, **kw)).abs().max() > 1e-3
+    one, _ = _fd(pipe, EncoderCacheConfig(stride=1), **kw)
+    torch.testing.assert_close(one, ref, rtol=0, atol=1e-6)
+    seq, _ = _fd(pipe, EncoderCacheConfig(stride=5, parallel_decoding=False), **kw)
+    par, stats = _fd(pipe, EncoderCacheConfig(stride=5), **kw)
+    torch.testing.assert_close(par, seq, rtol=1e-4, atol=1e-4)
+    assert (seq - ref).abs().max() > 1e-4 and stats.encoder_forwards == 2

@@ -24,6 +24,7 @@ __all__ = [
     "tiny_sd_pipeline",
     "tiny_controlnet",
     "tiny_controlnet_pipeline",
+    "tiny_t2i_adapter_pipeline",
     "tiny_sdxl_pipeline",
     "sample_latents",
     "write_tiny_clip_vocab",
@@ -280,6 +281,23 @@ def tiny_controlnet_pipeline(seed: int = 0, scheduler: str = "ddim", *, num_cont
     nets = [tiny_controlnet(comps["unet"], seed + 10 + k) for k in range(num_controlnets)]
     controlnet = nets[0] if num_controlnets == 1 else MultiControlNetModel(nets)
     return _quiet(StableDiffusionControlNetPipeline(controlnet=controlnet, **comps))
+
+
+def tiny_t2i_adapter_pipeline(seed: int = 0, scheduler: str = "ddim"):
+    """A real ``StableDiffusionAdapterPipeline`` on :func:`tiny_sd_components` with a random
+    ``T2IAdapter`` whose features match the tiny UNet's down blocks (images 2× the latent)."""
+    from diffusers import StableDiffusionAdapterPipeline, T2IAdapter
+
+    comps = tiny_sd_components(seed, scheduler)
+    torch.manual_seed(seed + 20)
+    adapter = T2IAdapter(
+        in_channels=3,
+        channels=list(tiny_unet_config()["block_out_channels"]),
+        num_res_blocks=1,
+        downscale_factor=2,
+        adapter_type="full_adapter",
+    ).eval()
+    return _quiet(StableDiffusionAdapterPipeline(adapter=adapter, **comps))
 
 
 def tiny_sdxl_pipeline(seed: int = 0, scheduler: str = "ddim", *, pipeline_class=None,
