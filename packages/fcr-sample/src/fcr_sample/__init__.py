@@ -20,13 +20,12 @@ from .deep_cache import DeepCacheConfig, apply_deep_cache, remove_deep_cache
 from .encoder_cache import (
     EncoderCacheConfig,
     apply_encoder_cache,
-    inject_prior_noise,
-    prior_noise_callback,
     remove_encoder_cache,
 )
 from .features import encoder_feature_names, encoder_features, select_feature_names
 from .hooks import CacheStats, get_cache_stats, reset_cache_stats, start_sampling_run
 from .loading import MODEL_IDS, ModelNotAvailableError, default_device, load_pipeline, load_unet
+from .prior_noise import inject_prior_noise, prior_noise_callback
 from .sampling import denoise
 from .schedules import FASTER_DIFFUSION_KEY_STEPS, decoder_groups, key_steps
 
