@@ -12,8 +12,6 @@ from __future__ import annotations
 import time
 
 import pytest
-from fcr_results_explorer.reader import StoreReader
-from fcr_results_explorer.synthetic_store import SAMPLE_METRICS, VARIATIONS, build_synthetic_store
 from fcr_eval.store import (
     FeatureStat,
     MetricRecord,
@@ -25,6 +23,8 @@ from fcr_eval.store import (
     TimingRecord,
     make_run_id,
 )
+from fcr_results_explorer.reader import StoreReader
+from fcr_results_explorer.synthetic_store import SAMPLE_METRICS, VARIATIONS, build_synthetic_store
 
 PROMPTS_PER_RUN = 17_000  # 6 runs × (samples + per-prompt scores) ≈ 204k rows
 

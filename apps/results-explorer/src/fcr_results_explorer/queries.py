@@ -255,8 +255,35 @@ def feature_blocks(reader: StoreReader) -> list[str]:
     return sorted(blocks, key=lambda b: (b != "all", b))
 
 
-def _run_values_sql(metric: str, block: str = "all") -> tuple[str, dict[str, Any]]:
-    """``SELECT run_id, value`` for one metric, one row per run."""
+def feature_delta_units(reader: StoreReader) -> list[str]:
+    """The Δ ranges ``feature_stats`` holds (``delta_unit``: ``'timesteps'``, the paper's literal
+    1…Δ_max, or ``'sampler_steps'``, the cache's range); empty for a store before migration 5."""
+    if "delta_unit" not in table_columns(reader, "feature_stats"):
+        return []
+    return reader.frame("SELECT DISTINCT delta_unit AS u FROM feature_stats WHERE delta_unit IS NOT NULL "
+                        "ORDER BY 1")["u"].to_list()
+
+
+def has_feature_energy(reader: StoreReader) -> bool:
+    """Whether any ``feature_stats`` row has the feature's energy (σ²_Δ / energy is scale-free)."""
+    if "energy" not in table_columns(reader, "feature_stats"):
+        return False
+    return bool(reader.frame("SELECT count(*) AS n FROM (SELECT 1 FROM feature_stats "
+                             "WHERE energy IS NOT NULL LIMIT 1)")["n"][0])
+
+
+def _variance_sql(delta_unit: str | None, scale_free: bool) -> tuple[str, str, dict[str, Any]]:
+    """(value expression, extra WHERE clause, params) for σ²_Δ rows of one Δ range."""
+    value = "variance / nullif(energy, 0)" if scale_free else "variance"
+    if delta_unit is None:
+        return value, "", {}
+    return value, " AND delta_unit = $unit", {"unit": delta_unit}
+
+
+def _run_values_sql(metric: str, block: str = "all", delta_unit: str | None = None,
+                    scale_free: bool = False) -> tuple[str, dict[str, Any]]:
+    """``SELECT run_id, value`` for one metric, one row per run (σ²_Δ: of one Δ range when
+    ``delta_unit`` is given, divided by the feature's energy when ``scale_free``)."""
     base = metric.split("@bs")[0]
     if base in TIMING_COLUMNS:
         if "@bs" in metric:
@@ -267,10 +294,11 @@ def _run_values_sql(metric: str, block: str = "all") -> tuple[str, dict[str, Any
             )
         return f"SELECT run_id, avg({base}) AS value FROM timings GROUP BY run_id", {}
     if metric == FEATURE_VARIANCE:
+        value, unit, params = _variance_sql(delta_unit, scale_free)
         return (
-            "SELECT run_id, avg(variance) AS value FROM feature_stats WHERE block = $block "
+            f"SELECT run_id, avg({value}) AS value FROM feature_stats WHERE block = $block{unit} "
             "GROUP BY run_id",
-            {"block": block},
+            {"block": block, **params},
         )
     return (
         "SELECT run_id, avg(value) AS value FROM metrics WHERE metric = $metric GROUP BY run_id",
@@ -296,11 +324,13 @@ def metric_provenance(reader: StoreReader, metric: str) -> str:
 
 
 def metric_by_variation(
-    reader: StoreReader, flt: RunFilter, metric: str, block: str = "all"
+    reader: StoreReader, flt: RunFilter, metric: str, block: str = "all",
+    delta_unit: str | None = None, scale_free: bool = False,
 ) -> pl.DataFrame:
-    """One row per (experiment, variation): n seeds, mean, sd, 95% t-CI half-width, params."""
+    """One row per (experiment, variation): n seeds, mean, sd, 95% t-CI half-width, params.
+    ``delta_unit`` / ``scale_free`` choose the Δ range and scale of σ²_Δ (:data:`FEATURE_VARIANCE`)."""
     cte, params = flt.runs_cte()
-    vsql, vparams = _run_values_sql(metric, block)
+    vsql, vparams = _run_values_sql(metric, block, delta_unit, scale_free)
     cols = ",\n".join(f"any_value(r.{c}) AS {c}" for c in PARAM_COLUMNS)
     frame = reader.frame(
         f"""
@@ -353,18 +383,22 @@ def varying_params(frame: pl.DataFrame) -> tuple[list[str], dict[str, Any]]:
 # -- mechanism ------------------------------------------------------------------------------
 
 
-def variance_by_delta(reader: StoreReader, flt: RunFilter, block: str) -> pl.DataFrame:
+def variance_by_delta(reader: StoreReader, flt: RunFilter, block: str, delta_unit: str | None = None,
+                      scale_free: bool = False) -> pl.DataFrame:
+    """σ²_Δ per (experiment, variation, Δ in timesteps) over seeds, of one Δ range when
+    ``delta_unit`` is given, divided by the feature's energy when ``scale_free``."""
     cte, params = flt.runs_cte()
+    value, unit, uparams = _variance_sql(delta_unit, scale_free)
     frame = reader.frame(
         f"""
-        WITH {cte}
+        WITH {cte}, f AS (SELECT run_id, delta, {value} AS v FROM feature_stats
+                          WHERE block = $block{unit})
         SELECT r.experiment_id AS experiment, r.variation_id AS variation, f.delta,
-               count(*) AS n, avg(f.variance) AS mean, stddev_samp(f.variance) AS sd
-        FROM r JOIN feature_stats f USING (run_id)
-        WHERE f.block = $block
+               count(f.v) AS n, avg(f.v) AS mean, stddev_samp(f.v) AS sd
+        FROM r JOIN f USING (run_id)
         GROUP BY ALL ORDER BY experiment, variation, f.delta
         """,
-        {**params, "block": block},
+        {**params, "block": block, **uparams},
     )
     return with_ci(frame)
 

@@ -1,4 +1,8 @@
-"""Mechanism: encoder-feature variance σ²_Δ against Δ, and σ²_Δ against the FID difference."""
+"""Mechanism: encoder-feature variance σ²_Δ against Δ, and σ²_Δ against the FID difference.
+
+Where the store holds both Δ ranges (``feature_stats.delta_unit``: the cache's range in sampler
+steps and the paper's literal 1…Δ_max timesteps) one is chosen, never averaged into the other;
+where it holds the features' energy, σ²_Δ / energy (scale-free) can be shown instead."""
 
 from __future__ import annotations
 
@@ -31,14 +35,27 @@ def render(ctx: ViewContext) -> None:
     if not blocks:
         st.info("No encoder-feature statistics (`feature_stats`) in the store yet.")
         return
-    c1, c2 = st.columns([1, 1])
+    c1, c2, c3, c4 = st.columns([2, 3, 2, 1])
     # one colour per variation in both charts
     colours = alt.Scale(domain=sorted(set(q.variations_with_feature_stats(reader, flt))))
     block = state.selectbox("Feature block", blocks, key="block", default="all", container=c1)
-    log_y = state.checkbox("log scale", key="logy", default=False, container=c2)
+    units = q.feature_delta_units(reader)
+    unit = None
+    if len(units) > 1:  # both ranges measured: never average one into the other
+        unit = state.selectbox("Δ range", units, key="dunit",
+                               default="sampler_steps" if "sampler_steps" in units else units[0],
+                               container=c2, format_func=lambda u: DELTA_RANGES.get(u, u))
+    elif units:
+        c2.caption(f"Δ range: {DELTA_RANGES.get(units[0], units[0])}")
+    scale_free = q.has_feature_energy(reader) and state.checkbox(
+        "scale-free (σ²_Δ / energy)", key="scalefree", default=False, container=c3,
+        help="σ²_Δ divided by the feature's mean square: shrinking features cannot pass for "
+             "consistent ones")
+    log_y = state.checkbox("log scale", key="logy", default=False, container=c4)
+    what = "σ²_Δ / energy" if scale_free else "σ²_Δ"
 
-    st.subheader("σ²_Δ against Δ")
-    frame = q.variance_by_delta(reader, flt, block)
+    st.subheader(f"{what} against Δ")
+    frame = q.variance_by_delta(reader, flt, block, unit, scale_free)
     if frame.is_empty():
         st.info("No feature statistics for the filtered runs.")
     else:
@@ -56,24 +73,33 @@ def render(ctx: ViewContext) -> None:
         line = base.mark_line(point=True).encode(
             color=alt.Color("variation:N", legend=alt.Legend(symbolLimit=0, labelLimit=260),
                             scale=colours),
-            y=alt.Y("mean:Q", title=f"σ²_Δ (block {block})", scale=scale),
+            y=alt.Y("mean:Q", title=f"{what} (block {block})", scale=scale),
             tooltip=["experiment", "variation", "delta", "n",
                      alt.Tooltip("mean:Q", format=".4g"), alt.Tooltip("ci95:Q", format=".3g")],
         )
         ui.chart((line + band).properties(height=360), data, f"variance-vs-delta-{block}",
                  "var-delta")
-    _variance_vs_fid(ctx, block, colours)
+    _variance_vs_fid(ctx, block, colours, unit, scale_free)
 
 
-def _variance_vs_fid(ctx: ViewContext, block: str, colours: alt.Scale) -> None:
-    st.subheader("σ²_Δ against the quality difference")
+#: What each ``feature_stats.delta_unit`` measured.
+DELTA_RANGES = {
+    "sampler_steps": "the cache's range (k sampler steps, k = 1…stride)",
+    "timesteps": "the paper's literal range (1…Δ_max DDPM timesteps)",
+}
+
+
+def _variance_vs_fid(ctx: ViewContext, block: str, colours: alt.Scale, unit: str | None,
+                     scale_free: bool) -> None:
+    what = "σ²_Δ / energy" if scale_free else "σ²_Δ"
+    st.subheader(f"{what} against the quality difference")
     qualities = [m for m in ctx.metrics if m not in q.TIMING_COLUMNS and "@bs" not in m
                  and m != q.FEATURE_VARIANCE]
     if not qualities:
         st.info("No quality metrics in the store yet.")
         return
     reader, flt, state = ctx.reader, ctx.run_filter, ctx.state
-    var = q.metric_by_variation(reader, flt, q.FEATURE_VARIANCE, block)
+    var = q.metric_by_variation(reader, flt, q.FEATURE_VARIANCE, block, unit, scale_free)
     c1, c2, c3 = st.columns([2, 2, 1])
     quality = state.selectbox("Quality metric", qualities, key="quality",
                               default=q.default_quality_metric(qualities), container=c1,
@@ -115,7 +141,7 @@ def _variance_vs_fid(ctx: ViewContext, block: str, colours: alt.Scale) -> None:
     fit = linear_fit(data["variance"].to_list(), data["delta_quality"].to_list())
     label = f"Δ {ui.metric_label(quality).split(' (')[0]} vs {ref}"
     pts = alt.Chart(data).mark_point(filled=True, size=110).encode(
-        x=alt.X("variance:Q", title=f"σ²_Δ, mean over Δ (block {block})",
+        x=alt.X("variance:Q", title=f"{what}, mean over Δ (block {block})",
                 scale=alt.Scale(zero=False)),
         y=alt.Y("delta_quality:Q", title=label),
         color=alt.Color("variation:N", legend=None, scale=colours),
