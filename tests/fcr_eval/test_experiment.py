@@ -68,7 +68,7 @@ def test_plan_shares_one_finetune_across_strides_and_seeds():
     plan = make_plan(exp, calibrate=False)
     assert len(plan.runs) == len(exp.variations) * len(exp.seeds)
     lam = {f.lambda_fcr: f for f in plan.finetunes.values()}
-    assert set(lam) == {0.0, 0.1}
+    assert set(lam) == {0.0, 0.1, 0.15}  # control, the paper's literal FCR, FCR at the sampler's scale
     fcr_runs = [r for r in plan.runs if r.variation.lambda_fcr == 0.1]
     assert {r.finetune.key for r in fcr_runs} == {lam[0.1].key}
     assert len(lam[0.1].variations) == len(fcr_runs)

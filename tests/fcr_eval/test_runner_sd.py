@@ -264,7 +264,8 @@ def test_sd_experiment_stores_every_run_with_its_metrics(sd_run):
         t = s.sql("SELECT batch_size, encoder_forwards, decoder_forwards FROM timings WHERE run_id = ? "
                   "ORDER BY batch_size", [r["run_id"]])
         assert t["batch_size"].to_list() == [1, 2]
-        expect_enc = 2 if r["sampler"] == "fd" else 6  # 6 steps, key steps 0 and 3
+        # 6 steps: FD-3 encodes at key steps 0 and 3; FD-1 and no cache at every step
+        expect_enc = 2 if r["sampler"] == "fd" and r["stride"] == 3 else 6
         assert t["encoder_forwards"].to_list() == [expect_enc, expect_enc]
     per_prompt = s.sql("SELECT r.variation_id, count(*) AS n FROM per_prompt_scores p JOIN runs r USING (run_id) "
                        "WHERE p.metric = 'clip_score' GROUP BY r.variation_id")

@@ -116,7 +116,11 @@ def _evaluation_record(ev) -> dict:
 
 
 def _variation_record(v: VariationSpec) -> dict:
-    return {k: x for k, x in asdict(v).items() if not (k in _LATER_VARIATION_FIELDS and x is None)}
+    rec = {k: x for k, x in asdict(v).items() if not (k in _LATER_VARIATION_FIELDS and x is None)}
+    # Which profiles a variation belongs to says nothing about how its numbers were produced:
+    # recorded as unset (as it was for every variation that did not restrict its profiles).
+    rec["profiles"] = None
+    return rec
 
 
 #: FCR options a fine-tune's identity gained after the first release, with their defaults.
@@ -312,7 +316,8 @@ def make_plan(exp: Experiment, *, results_dir: str | Path = "results", calibrate
                        "train": {k: getattr(ft, k) for k in ("weight_decay", "warmup_steps", "ema_decay",
                                                              "mixed_precision")}, **later}
                 tags = ("-ss" if unit == "sampler_steps" else "") + ("" if distance == "mse" else f"-{distance}")
-                ft_key = f"ft-lam{lam:.2f}-d{ftc['delta_max']}{tags}-{ftc['blocks']}-s{ft_seed}-{_short_hash(ftc)}"
+                lam_text = f"{lam:.2f}" if round(lam, 2) == lam else f"{lam:g}"  # 0.0015 must not read 0.00
+                ft_key = f"ft-lam{lam_text}-d{ftc['delta_max']}{tags}-{ftc['blocks']}-s{ft_seed}-{_short_hash(ftc)}"
                 if ft_key not in finetunes:
                     # forward + backward (×3) of the denoising branch + FCR's encoder-only second
                     # branch (only when λ > 0), per training image.
