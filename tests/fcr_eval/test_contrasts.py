@@ -7,7 +7,13 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from fcr_eval.contrasts import ContrastSpec, ContrastSpecError, compute_contrast, compute_contrasts, pair_samples
+from fcr_eval.contrasts import (
+    ContrastSpec,
+    ContrastSpecError,
+    compute_contrast,
+    compute_contrasts,
+    pair_samples,
+)
 from fcr_eval.experiment import ExperimentFileError, load_experiment
 from fcr_eval.stats import paired_bootstrap_ci, recovered_fraction_ci
 
@@ -43,8 +49,9 @@ profiles = ["one-seed"]
 
 
 def _file(tmp_path, extra: str) -> Path:
+    """The tiny experiment with ``extra`` contrasts instead of its own."""
     p = tmp_path / "exp.toml"
-    p.write_text(TINY.read_text() + extra)
+    p.write_text(TINY.read_text().split("[[contrasts]]")[0] + extra)
     return p
 
 
@@ -56,7 +63,7 @@ def test_contrasts_load_typed_and_per_profile(tmp_path):
     assert (rec.kind, rec.target, rec.threshold, rec.direction) == ("recovered_fraction", "no-cache", 0.3, "at_least")
     assert rec.variations == ("fcr-0.10-fd-2", "ft-0.00-fd-2", "no-cache")
     assert [c.id for c in load_experiment(path, "one-seed").contrasts] == ["stride-gap", "fcr-recovers", "full-only"]
-    assert load_experiment(TINY).contrasts == ()
+    assert [c.id for c in load_experiment(TINY).contrasts] == ["tiny-stride-gap"]
 
 
 def test_unknown_variation_is_a_load_time_error_naming_file_contrast_and_known_ids(tmp_path):

@@ -183,11 +183,11 @@ def test_tiny_experiment_paired_metrics_contrasts_and_interleaved_timing(killed_
     assert np.all(mse["fd-2"] > 0) and mse["fcr-0.10-fd-4"].mean() > mse["fcr-0.10-fd-2"].mean()
     # the contrast of tiny.toml, as the runner printed and stored it
     c = s.contrasts("tiny-exp").row(0, named=True)
-    assert c["contrast_id"] == "stride-gap" and c["ci_low"] < c["estimate"] < c["ci_high"]
+    assert c["contrast_id"] == "tiny-stride-gap" and c["ci_low"] < c["estimate"] < c["ci_high"]
     pairs = sm.filter(sm["metric"] == "cache_mse")
     by_v = {v: g.sort("seed", "sample_index")["value"].to_numpy() for (v,), g in pairs.group_by("variation_id")}
     assert c["estimate"] == pytest.approx(float((by_v["fcr-0.10-fd-4"] - by_v["fcr-0.10-fd-2"]).mean()))
-    assert "stride-gap" in out and "paired per-sample metrics" in out
+    assert "tiny-stride-gap" in out and "paired per-sample metrics" in out
     # interleaved timing: every unstressed variation × batch size × round, alternating order
     tr = s.timing_rounds("tiny-exp")
     assert tr.height == len(exp.variations) * len(exp.evaluation.timing_batch_sizes) * exp.evaluation.timing_rounds
