@@ -21,12 +21,15 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+# The timing and FLOP-counting primitives are fcr-sample's (its benchmarks use the same ones);
+# re-exported here as the runner's cost API.
+from fcr_sample.measure import count_flops, synchronize, time_calls
 
 __all__ = [
     "TimingResult",
@@ -62,15 +65,6 @@ def describe_device(device: str | torch.device = "cpu") -> str:
     return f"cpu: {cores} cores (torch threads {torch.get_num_threads()})"
 
 
-def synchronize(device: str | torch.device) -> None:
-    """Wait for queued kernels on ``device`` (a no-op on CPU)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
 @dataclass(frozen=True)
 class TimingResult:
     """Seconds per image (mean over ``repeats`` timed calls) and how it was measured."""
@@ -100,32 +94,10 @@ def time_per_image(fn: Callable[[], Any], images_per_call: int, *, warmup: int =
     """
     if images_per_call < 1 or repeats < 1 or warmup < 0:
         raise ValueError("images_per_call and repeats must be >= 1, warmup >= 0")
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    per_image = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        synchronize(device)
-        per_image.append((time.perf_counter() - t0) / images_per_call)
+    per_image = [s / images_per_call for s in time_calls(fn, repeats=repeats, device=device, warmup=warmup)]
     t = torch.tensor(per_image, dtype=torch.float64)
     return TimingResult(float(t.mean()), float(t.std()) if repeats > 1 else 0.0, images_per_call, repeats,
                         warmup, describe_device(device))
-
-
-def count_flops(fn: Callable[[], Any]) -> int:
-    """Total FLOPs of one call of ``fn`` (``torch.utils.flop_counter``; multiply-add = 2 FLOPs).
-
-    Example:
-        >>> count_flops(lambda: torch.nn.Linear(4, 3)(torch.ones(2, 4)))
-        48
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        fn()
-    return int(counter.get_total_flops())
 
 
 class _RssSampler(threading.Thread):

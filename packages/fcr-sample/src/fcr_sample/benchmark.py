@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from .deep_cache import DeepCacheConfig, apply_deep_cache, remove_deep_cache
 from .encoder_cache import EncoderCacheConfig, apply_encoder_cache, remove_encoder_cache
 from .hooks import get_cache_stats, reset_cache_stats
+from .measure import count_flops, synchronize, time_calls
 from .sampling import denoise
 from .unet_parts import prepare_conditioning, run_encoder
 
@@ -61,9 +61,7 @@ class FlopSplit:
 
 
 def _count(fn: Callable[[], object]) -> float:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return float(counter.get_total_flops())
+    return float(count_flops(fn))
 
 
 @torch.no_grad()
@@ -100,9 +98,7 @@ class BenchmarkRow:
     max_abs_diff: float = 0.0  # final latents vs no cache (a sanity check, not a quality metric)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+_sync = synchronize
 
 
 @torch.no_grad()
@@ -112,15 +108,8 @@ def _sample(unet, scheduler, latents, text, steps, guidance) -> torch.Tensor:
 
 
 def _time(fn, device, repeats: int) -> float:
-    fn()  # warm-up (allocator, cuDNN autotune, lazy init)
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    # one warm-up call (allocator, cuDNN autotune, lazy init), then the median of the timed ones
+    return statistics.median(time_calls(fn, repeats=repeats, device=device, warmup=1))
 
 
 def benchmark_sampling(
