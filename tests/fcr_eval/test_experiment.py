@@ -33,8 +33,12 @@ def test_committed_experiments_load_in_every_profile(name):
 
 def test_exp1_states_the_designed_study():
     exp = load_experiment(EXPERIMENTS / "exp-1-main-ablation.toml")
+    # the design's five, the λ = 0 fine-tune control and FCR at the sampler's scale (issue: paired, powered)
     assert [v.id for v in exp.variations] == ["fd-5-baseline", "fd-10-baseline", "fcr-0.05-fd-10",
-                                              "fcr-0.10-fd-10", "fcr-0.20-fd-10"]
+                                              "fcr-0.10-fd-10", "fcr-0.20-fd-10", "ft-0.00-fd-10", "fcr-ss-0.10-fd-10"]
+    ss = exp.variation("fcr-ss-0.10-fd-10")
+    assert (ss.delta_unit, ss.delta_max, ss.distance) == ("sampler_steps", 10, "relative_mse")
+    assert {c.id for c in exp.contrasts} >= {"stride-gap", "fcr-ss-recovers-gap"}
     assert exp.seeds == (0, 1, 2)
     ft = exp.finetune
     assert (ft.steps, ft.batch_size, ft.lr, ft.delta_max) == (10_000, 128, 1e-5, 10)
@@ -102,8 +106,8 @@ def test_plan_json_has_the_design_output_form(capsys):
 def test_plan_text_shows_runs_finetunes_and_compute(capsys):
     assert main(["plan", str(EXPERIMENTS / "exp-1-main-ablation.toml"), "--no-calibrate", "--skip-checks"]) == 0
     out = capsys.readouterr().out
-    assert "15 = 5 variations × 3 seeds" in out
-    assert "fine-tunes (9" in out  # 3 λ × 3 seeds (per-seed fine-tunes)
+    assert "21 = 7 variations × 3 seeds" in out
+    assert "fine-tunes (15" in out  # (3 λ + the λ = 0 control + FCR in sampler steps) × 3 seeds (per seed)
     assert "803 GFLOPs/forward" in out and "estimated compute" in out
 
 
