@@ -4,6 +4,9 @@ Each function takes a :class:`~fcr_results_explorer.reader.StoreReader` and retu
 frame. Run filters are a :class:`RunFilter`; a filter on a column matches its values as text
 (``'0.1'`` for λ = 0.1) and ``NONE`` stands for SQL NULL (no stride for a plain sampler, no λ
 for a baseline).
+
+Why one module of this size: every SQL the explorer runs is here, so the scale benchmark and the
+indexes-or-not decisions look at one file; the views only render what these return.
 """
 
 from __future__ import annotations

@@ -19,6 +19,9 @@ fine-tune data      Fashion-MNIST                                    the experim
 ==================  ===============================================  =================================================
 
 Both produce images in [0, 1], ``(N, C, H, W)``; a context never writes to the store.
+
+Why one module of this size: it is one interface and its two implementations (embedded default,
+Stable Diffusion) side by side, so the two model families stay in step method by method.
 """
 
 from __future__ import annotations

@@ -15,6 +15,10 @@ Example::
 Variation expansion: ``stride = [5, 10, 20]`` with ``id = "fcr-{lambda_fcr:.2f}-fd-{stride}"``
 gives three variations; every list-valued expandable field must appear in the id as ``{field}``.
 A variation with ``profiles = ["full"]`` exists only in those profiles.
+
+Why one module of this size: it is the experiment-file schema — each spec dataclass, its
+fields and the check of each field sit together, so a new setting is added (and validated) in one
+place; the generic checker (`_Checker`, `_Locator`) is small and serves only this schema.
 """
 
 from __future__ import annotations

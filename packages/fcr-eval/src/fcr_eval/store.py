@@ -31,6 +31,9 @@ Example:
     ...                 "efficientnet_lite0", "resize_bilinear_224_imagenet_norm", 500)]))
     True
     >>> ResultsStore.open_readonly("results/fcr.duckdb").metrics(experiment_id="exp")
+
+Why one module of this size: it is one class, the store's whole API (one transactional writer
+and its typed readers); records and migrations live in ``records.py`` and ``migrations.py``.
 """
 
 from __future__ import annotations

@@ -21,6 +21,10 @@ Run folder layout (``TrainConfig.output_dir``)::
     summary.json        what the run produced (also returned as RunResult)
 
 Multi-GPU / multi-node: launch the CLI with ``accelerate launch -m fcr_train.cli finetune ...``.
+
+Why one module of this size: the training loop is written out in one place on purpose (read it
+top to bottom: data, FCR loss, accumulation, EMA, validation, checkpoint, resume); splitting it
+would scatter the order-dependent steps that exact resume relies on.
 """
 
 from __future__ import annotations
