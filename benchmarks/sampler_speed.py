@@ -177,6 +177,32 @@ def compiled_variant() -> PipelineVariant:
     return PipelineVariant("no cache, torch.compile(unet)", enable, disable)
 
 
+def compiled_region_variants(strides, backend: str | None) -> list[PipelineVariant]:
+    """fcr-sample's documented recipe: the UNet's blocks compiled (``compile_unet_regions``), the
+    cache hook eager; no cache and FD-k. The compiled blocks are kept and swapped in and out, so
+    each round reuses the graphs of the warm-up round."""
+    from fcr_sample import compile_unet_regions, uncompile_unet_regions
+    from fcr_sample.compilation import unet_regions
+
+    saved: dict = {}
+    kwargs = {"backend": backend} if backend else {}
+
+    def on(pipe):
+        if not saved:
+            compile_unet_regions(pipe, dynamic=False, **kwargs)
+            saved.update({n: b._compiled_call_impl for n, b in unet_regions(pipe.unet)})
+        for n, b in unet_regions(pipe.unet):
+            b._compiled_call_impl = saved[n]
+
+    out = [PipelineVariant("no cache, compiled regions", on, uncompile_unet_regions)]
+    for k in strides:
+        cfg = EncoderCacheConfig(stride=k)
+        out.append(PipelineVariant(f"fcr {cfg.label}, compiled regions",
+                                   lambda p, c=cfg: (on(p), apply_encoder_cache(p, c)),
+                                   lambda p: (remove_encoder_cache(p), uncompile_unet_regions(p))))
+    return out
+
+
 def fcr_variants(strides, fd_modes, deepcache, max_parallel_steps) -> list[PipelineVariant]:
     out = []
     for k in strides:
@@ -204,6 +230,7 @@ def run_pipeline_mode(args, device, dtype, emit) -> None:
     variants = [PipelineVariant("no cache")]
     if args.compile:
         variants.append(compiled_variant())
+        variants += compiled_region_variants(args.strides, args.compile_backend)
     variants += fcr_variants(args.strides, modes, args.deepcache, args.max_parallel_steps)
     twins = {}
     if not args.no_peers:
@@ -262,7 +289,10 @@ def main(argv=None) -> None:
     ap.add_argument("--deepcache", type=int, nargs=2, action="append", metavar=("N", "BRANCH"),
                     help="DeepCache interval and branch, ours and the package's (default: 5 0)")
     ap.add_argument("--no-peers", action="store_true", help="leave out the DeepCache package and T-GATE")
-    ap.add_argument("--compile", action="store_true", help="add no cache under torch.compile(unet)")
+    ap.add_argument("--compile", action="store_true",
+                    help="add no cache under torch.compile(unet), and no cache / FD-k with the UNet's blocks compiled")
+    ap.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; "
+                    "'eager' checks the path quickly on CPU)")
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds per variant")
     ap.add_argument("--out", default=None, help="also write the report (Markdown) to this file")
     args = ap.parse_args(argv)
