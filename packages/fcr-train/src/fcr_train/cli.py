@@ -215,6 +215,7 @@ USER_ERRORS = {
     "fcr_train.data:TooManyBadSamples": EXIT_USAGE,
     "fcr_train.models:ModelNotAvailableError": EXIT_MODEL_NOT_AVAILABLE,
     "fcr_sample.loading:ModelNotAvailableError": EXIT_MODEL_NOT_AVAILABLE,
+    "fcr_train.locking:LockHeldError": EXIT_USAGE,  # another fine-tune writes into that folder
 }
 
 
