@@ -160,9 +160,12 @@ def summary_table(exp: Experiment, store: ResultsStore) -> str:
     fstats = store.feature_stats(experiment_id=exp.id)
     ext = exp.evaluation.feature_extractor
     ms = exp.evaluation.metrics
+    # KID first: unbiased at any sample size, where a Fréchet distance from fewer samples than
+    # feature dimensions is not estimable (the notes under the table say when that is the case).
     cols = [
+        ("KID", metric_name("kid", ext)),
         ("FID" if ext == "inception" else "FD (" + ext + ")", metric_name("fd", ext)),
-        ("KID", metric_name("kid", ext)), ("precision", "precision"), ("recall", "recall"),
+        ("precision", "precision"), ("recall", "recall"),
     ]
     if "class_agreement" in ms:
         cols.append(("class agr.", "class_agreement"))
