@@ -391,6 +391,10 @@ def _run_locked(exp: Experiment, opts: RunnerOptions, plan, procs: Processes, de
     by_model: dict[str, list[PlannedRun]] = {}
     for r in todo:
         by_model.setdefault(r.variation.model, []).append(r)
+    # Within a model, a weights' uncached runs go first: their samples are the reference the cached
+    # runs of the same weights and seed are paired with, so nothing is sampled twice.
+    for runs in by_model.values():
+        runs.sort(key=lambda r: r.sampler.cached)
     bar = tqdm(total=len(todo), desc=f"{exp.id} runs", disable=not show)
     for model_id, runs in by_model.items():
         # The main process extracts and caches the reference features; the others then read them.
