@@ -112,12 +112,31 @@ def contrasts_report(exp: Experiment, store: ResultsStore, per_sample, *, write:
         results.append(r)
         sides = f"{r.candidate} vs {r.baseline}" + (f" (target {r.target})" if r.target else "")
         crit = f"{r.verdict} ({r.direction} {r.threshold:g})" if r.verdict else ""
+        if r.kind == "recovered_fraction":
+            sides += "; " + _precision_note(r)
         rows.append([r.contrast_id, r.kind, r.metric, f"{r.estimate:.4g} [{r.ci_low:.3g}, {r.ci_high:.3g}]",
                      f"{r.n_samples} ({r.n_clusters})", crit, sides])
     if write and results and not store.read_only:
         store.write_contrasts(exp.id, results, code_version=code_version())
     return _markdown(["contrast", "kind", "metric", "estimate [95% CI]", "pairs (seeds)", "criterion", "compares"],
                      rows)
+
+
+#: The CI half-width a recovered fraction should reach to answer the study's question (issue target).
+RECOVERED_FRACTION_HALF_WIDTH = 0.15
+
+
+def _precision_note(r) -> str:
+    """Whether a recovered fraction's CI is as narrow as the study needs, and if not, about how many
+    paired samples would make it so (half-width shrinks as 1/√n at a fixed design)."""
+    half = (r.ci_high - r.ci_low) / 2
+    target = RECOVERED_FRACTION_HALF_WIDTH
+    if not np.isfinite(half):
+        return "CI undefined"
+    if half <= target:
+        return f"CI half-width {half:.2f} ≤ {target:g}"
+    need = int(np.ceil(r.n_samples * (half / target) ** 2))
+    return f"CI half-width {half:.2f} > {target:g}: ≈ {need} pairs would reach ±{target:g}"
 
 
 def _set_size_note(exp: Experiment, store: ResultsStore) -> str:
