@@ -35,12 +35,14 @@ SCENARIOS = {
 CFG = CriteriaConfig(baseline="fd-5", candidate="fcr-fd-10", no_fcr_reference="fd-10")
 
 
-def _fill(store: ResultsStore, scenarios=SCENARIOS, seeds=(0, 1)):
+def _fill(store: ResultsStore, scenarios=SCENARIOS, seeds=(0, 1), n_fd: int = 2000):
+    """Runs as the runner stores them; the FD comes from ``n_fd`` samples (above the extractor's
+    1280 dimensions by default, so that the FD-based verdict is decisive)."""
     for v, (q, a, sec, mem, s2, ft) in scenarios.items():
         for seed in seeds:
             jitter = 0.01 * seed
             run = RunRecord(make_run_id("exp", v, seed, {}), "exp", v, seed, "m", "d", "fd", "ddim", 28, 20, 1.0)
-            metrics = [MetricRecord("fd_efficientnet_lite0", q + jitter, "efficientnet_lite0", "p", 100),
+            metrics = [MetricRecord("fd_efficientnet_lite0", q + jitter, "efficientnet_lite0", "p", n_fd),
                        MetricRecord("class_agreement", a, "fashion_mnist_cnn", "p", 100)]
             if ft is not None:
                 metrics.append(MetricRecord("finetune_compute_fraction", ft, "none", "none", 1))
@@ -79,6 +81,21 @@ def test_failing_and_missing_criteria(tmp_path):
     assert res["finetune_compute"].passed is None and "no finetune_compute_fraction" in res["finetune_compute"].details["reason"]
     stored = store.criteria("exp")
     assert stored.filter(stored["criterion"] == "finetune_compute")["passed"].to_list() == [None]
+
+
+def test_unsound_verdicts_become_inconclusive(tmp_path):
+    """A quality delta from FDs of fewer samples than feature dimensions, and an R² whose
+    correlation is not significant, cannot PASS or FAIL: INCONCLUSIVE with the reason."""
+    store = ResultsStore(tmp_path / "s.duckdb")
+    _fill(store, n_fd=100)
+    res = {r.criterion: r for r in evaluate_store_criteria(store, "exp", CFG)}
+    q = res["quality_delta"]
+    assert (q.verdict, q.passed) == ("INCONCLUSIVE", None)
+    assert "100 samples per run in 1280 dimensions" in q.details["reason"]
+    assert q.value == pytest.approx((10.405 - 10.005) / 10.005)  # the number is still reported
+    r2 = res["variance_quality_r2"]  # 4 points of SCENARIOS: p ≈ 0.2
+    assert r2.details["p_value"] > 0.05
+    assert (r2.verdict, r2.passed) == ("INCONCLUSIVE", None) and "not significant" in r2.details["reason"]
 
 
 def test_r2_needs_three_variations():
