@@ -164,6 +164,8 @@ def _ci_text(values: list[float], digits: int = 3) -> str:
         return "–"
     if len(vals) < 2:
         return f"{vals[0]:.{digits}g}"
+    if len(vals) == 2:  # a t-interval from two values says little: show both
+        return f"{np.mean(vals):.{digits}g} ({min(vals):.{digits}g}–{max(vals):.{digits}g})"
     ci = mean_ci(vals)
     return f"{ci.mean:.{digits}g} ± {ci.half_width:.2g}"
 
@@ -298,7 +300,8 @@ def report(exp: Experiment, store_path: Path, *, plots: bool = True, plan: Plan 
         print(f"\n### contrasts (paired over samples sharing seed and x_T; [[contrasts]] of {exp.path})\n")
         print(contrasts)
     table = summary_table(exp, store)
-    print(f"\n## {title}: set-level metrics, mean ± 95% t-interval half-width over seeds\n")
+    spread = ("mean (the two seeds' values)" if len(exp.seeds) == 2 else "mean ± 95% t-interval half-width over seeds")
+    print(f"\n## {title}: set-level metrics, {spread}\n")
     print(table)
     print("\n" + _table_notes(exp) + _set_size_note(exp, store))
     crit = []
