@@ -145,5 +145,7 @@ def test_pipeline_injection_through_callback_on_step_end_matches_denoise(make_pi
         via_denoise = _denoise(pipe, x_T, cond, null)  # the same hook, now through denoise
     finally:
         remove_encoder_cache(pipe)
-    torch.testing.assert_close(via_pipe, via_denoise, rtol=0, atol=1e-5)
+    # The pipeline and denoise batch the CFG rows differently, so float32 sums differ in order:
+    # latents of magnitude ~50 then differ by ~1e-5 absolute (2e-7 relative) on some machines.
+    torch.testing.assert_close(via_pipe, via_denoise, rtol=1e-6, atol=1e-5)
     _assert_unpatched(pipe.scheduler)
