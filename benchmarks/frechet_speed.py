@@ -17,7 +17,7 @@ import statistics
 import time
 
 import numpy as np
-from fcr_eval.frechet import feature_statistics, frechet_distance
+from fcr_eval.metrics.frechet import feature_statistics, frechet_distance
 from fcr_train.provenance import code_version, hardware
 
 

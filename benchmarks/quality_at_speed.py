@@ -4,10 +4,10 @@
 
 Every variant samples the same class labels from the same x_T (one seed per batch) with the
 shipped base UNet (``fcr_train.embedded``), DDIM-20 and CFG 2.0 as mini-exp-1 does. Per variant:
-class agreement (the shipped Fashion-MNIST classifier, ``fcr_eval.class_agreement``) with a 95 %
+class agreement (the shipped Fashion-MNIST classifier, ``fcr_eval.metrics.class_agreement``) with a 95 %
 t-interval over samples, KID on EfficientNet-Lite0 features at 112² against real Fashion-MNIST
-test images (``fcr_eval.kid``; not Inception), the paired pixel MSE to the uncached sample of
-the same x_T (``fcr_eval.paired``), and s/img on this machine. The batches are interleaved over
+test images (``fcr_eval.metrics.kid``; not Inception), the paired pixel MSE to the uncached sample of
+the same x_T (``fcr_eval.metrics.paired``), and s/img on this machine. The batches are interleaved over
 variants, so machine load hits all of them alike. The last column marks the variants on the
 Pareto front of (s/img, class agreement).
 """
@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fcr_eval.class_agreement import class_agreement, load_fashion_mnist_classifier
-from fcr_eval.extractors import EfficientNetLite0Extractor
-from fcr_eval.kid import kernel_distance
-from fcr_eval.paired import pixel_mse
-from fcr_eval.stats import mean_ci
+from fcr_eval.metrics.class_agreement import class_agreement, load_fashion_mnist_classifier
+from fcr_eval.metrics.extractors import EfficientNetLite0Extractor
+from fcr_eval.metrics.kid import kernel_distance
+from fcr_eval.metrics.paired import pixel_mse
+from fcr_eval.analysis.stats import mean_ci
 from fcr_sample import (
     DeepCacheConfig,
     EncoderCacheConfig,

@@ -1,7 +1,7 @@
 """Why did fcr-0.10-dpmsolver-fd-10 score 0.235 class agreement in mini-exp-2? (see results.md)
 
 Samples the same prompts from the same initial noise with the runner's own sampling loop
-(``fcr_eval.runner.sample_batch``) and scheduler factory (``fcr_eval.contexts.
+(``fcr_eval.run.runner.sample_batch``) and scheduler factory (``fcr_eval.run.contexts.
 make_sampling_scheduler``) and varies one thing at a time: weights (base / FCR fine-tune),
 scheduler (DDIM-20 / DPM-Solver++-20 as the runner builds it / DPM-Solver++-20 with x̂0 clipped
 to [-1, 1]), cache (none / FD-1 / FD-5 / FD-10, parallel and sequential decoding).
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 from diffusers import DPMSolverMultistepScheduler, UNet2DConditionModel
-from fcr_eval.class_agreement import class_agreement, load_fashion_mnist_classifier
-from fcr_eval.contexts import make_sampling_scheduler
-from fcr_eval.runner import sample_batch
+from fcr_eval.metrics.class_agreement import class_agreement, load_fashion_mnist_classifier
+from fcr_eval.run.contexts import make_sampling_scheduler
+from fcr_eval.run.runner import sample_batch
 from fcr_sample import (
     EncoderCacheConfig,
     apply_encoder_cache,

@@ -1,10 +1,10 @@
-"""Both apps open their DuckDB files through fcr_eval.db: a path that is not a store is the same
+"""Both apps open their DuckDB files through fcr_eval.store.db: a path that is not a store is the same
 clear StoreUnreadableError there as in the results store, and reading creates nothing."""
 
 from __future__ import annotations
 
 import pytest
-from fcr_eval.db import StoreUnreadableError
+from fcr_eval.store.db import StoreUnreadableError
 from fcr_human_study.store import StudyStore, StudyStoreError
 from fcr_results_explorer.reader import StoreLocation, StoreReader, StoreUnavailable
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from fcr_eval.class_agreement import (
+from fcr_eval.metrics.class_agreement import (
     CLASS_CORRECT,
     CLASS_LOGPROB,
     CLASSIFIER_WEIGHTS,
@@ -32,7 +32,7 @@ def test_agreement_counts_hits():
 def test_shape_errors_and_missing_weights(tmp_path):
     with pytest.raises(ValueError, match=r"\(N, 1, 28, 28\)"):
         FashionMNISTClassifier()(torch.rand(2, 3, 28, 28))
-    with pytest.raises(FileNotFoundError, match="fcr_eval.class_agreement train"):
+    with pytest.raises(FileNotFoundError, match="fcr_eval.metrics.class_agreement train"):
         load_fashion_mnist_classifier(tmp_path / "none.safetensors")
 
 
@@ -40,7 +40,7 @@ def test_shipped_weights_are_small_and_accurate():
     assert CLASSIFIER_WEIGHTS.stat().st_size <= 2 * 1024 * 1024
     clf = load_fashion_mnist_classifier()
     assert float(clf.metadata["test_accuracy"]) >= 0.85
-    assert "fcr_eval.class_agreement train" in clf.metadata["command"]
+    assert "fcr_eval.metrics.class_agreement train" in clf.metadata["command"]
     assert len(clf.classes) == 10
     try:
         from fcr_train.embedded import load_fashion_mnist

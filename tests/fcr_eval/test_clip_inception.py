@@ -9,8 +9,8 @@ import torch
 from cleanfid.fid import get_folder_features
 from cleanfid.inception_torchscript import InceptionV3W
 from cleanfid.resize import build_resizer
-from fcr_eval.clip_score import CLIPScorer, clip_embedding_drift, embedding_drift
-from fcr_eval.extractors import InceptionExtractor, metric_name
+from fcr_eval.metrics.clip_score import CLIPScorer, clip_embedding_drift, embedding_drift
+from fcr_eval.metrics.extractors import InceptionExtractor, metric_name
 from fcr_eval.testing import save_stand_in_inception, save_tiny_clip
 from PIL import Image
 from torch.nn import functional as F

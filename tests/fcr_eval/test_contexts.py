@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from fcr_eval.sampling import sample_batch
-from fcr_eval.schedulers import make_sampling_scheduler
+from fcr_eval.run.sampling import sample_batch
+from fcr_eval.run.schedulers import make_sampling_scheduler
 from fcr_sample.testing import tiny_sd_pipeline
 from fcr_train.embedded import load_embedded_base, make_scheduler
 

@@ -7,15 +7,15 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from fcr_eval.contrasts import (
+from fcr_eval.analysis.contrasts import (
     ContrastSpec,
     ContrastSpecError,
     compute_contrast,
     compute_contrasts,
     pair_samples,
 )
-from fcr_eval.experiment import ExperimentFileError, load_experiment
-from fcr_eval.stats import paired_bootstrap_ci, recovered_fraction_ci
+from fcr_eval.spec.experiment import ExperimentFileError, load_experiment
+from fcr_eval.analysis.stats import paired_bootstrap_ci, recovered_fraction_ci
 
 TINY = Path(__file__).parent / "experiments" / "tiny.toml"
 

@@ -6,7 +6,7 @@ import time
 
 import pytest
 import torch
-from fcr_eval.cost import (
+from fcr_eval.metrics.cost import (
     count_flops,
     describe_device,
     finetune_compute_fraction,
@@ -56,7 +56,7 @@ def test_describe_device_cpu():
 
 
 def test_to_timing_record_takes_cache_counters():
-    from fcr_eval.cost import TimingResult, to_timing_record
+    from fcr_eval.metrics.cost import TimingResult, to_timing_record
 
     t = TimingResult(0.5, 0.01, 8, 3, 1, "cpu: 2 cores")
     rec = to_timing_record(t, flops_per_image=1e9, peak_memory=(123, "process_rss"),

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import polars as pl
 import pytest
-from fcr_eval.criteria import (
+from fcr_eval.analysis.criteria import (
     CriteriaConfig,
     evaluate_criteria,
     evaluate_store_criteria,

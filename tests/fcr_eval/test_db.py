@@ -10,7 +10,7 @@ import time
 
 import duckdb
 import pytest
-from fcr_eval.db import StoreError, StoreLockedError, StoreUnreadableError, connect, transaction
+from fcr_eval.store.db import StoreError, StoreLockedError, StoreUnreadableError, connect, transaction
 from fcr_eval.store import ResultsStore
 
 

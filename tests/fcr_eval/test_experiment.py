@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 from fcr_eval.cli import main
-from fcr_eval.experiment import ExperimentFileError, load_experiment
-from fcr_eval.planner import make_plan
+from fcr_eval.spec.experiment import ExperimentFileError, load_experiment
+from fcr_eval.plan.planner import make_plan
 
 ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENTS = ROOT / "experiments"

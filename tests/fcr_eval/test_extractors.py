@@ -7,8 +7,8 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
-from fcr_eval.clip_score import CLIPScorer
-from fcr_eval.extractors import (
+from fcr_eval.metrics.clip_score import CLIPScorer
+from fcr_eval.metrics.extractors import (
     EfficientNetLite0Extractor,
     InceptionExtractor,
     get_extractor,

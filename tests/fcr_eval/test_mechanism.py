@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from diffusers import DDPMScheduler
-from fcr_eval.mechanism import (
+from fcr_eval.metrics.mechanism import (
     cache_range_consistency,
     encoder_feature_consistency,
     encoder_feature_variance,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler
-from fcr_eval.paired import (
+from fcr_eval.metrics.paired import (
     CACHE_FEATURE_L2,
     CACHE_MSE,
     CACHE_PSNR,

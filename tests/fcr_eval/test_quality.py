@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from fcr_eval.extractors import ExtractedFeatures
-from fcr_eval.frechet import frechet_distance_from_features
-from fcr_eval.quality import load_features, quality_metrics, save_features
+from fcr_eval.metrics.extractors import ExtractedFeatures
+from fcr_eval.metrics.frechet import frechet_distance_from_features
+from fcr_eval.metrics.quality import load_features, quality_metrics, save_features
 
 
 def _feats(seed, shift=0.0, name="efficientnet_lite0", prep="p224", logits=True):

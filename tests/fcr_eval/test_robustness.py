@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
-from fcr_eval.robustness import (
+from fcr_eval.metrics.robustness import (
     RobustnessProtocol,
     fgsm_initial_latent,
     perturb_scheduler,

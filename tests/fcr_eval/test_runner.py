@@ -14,8 +14,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 from fcr_eval.cli import main
-from fcr_eval.experiment import load_experiment
-from fcr_eval.planner import make_plan
+from fcr_eval.spec.experiment import load_experiment
+from fcr_eval.plan.planner import make_plan
 from fcr_eval.store import ResultsStore, writer_lock_path
 
 TINY = Path(__file__).parent / "experiments" / "tiny.toml"

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fcr_eval.cli import main
-from fcr_eval.experiment import load_experiment
-from fcr_eval.planner import make_plan
+from fcr_eval.spec.experiment import load_experiment
+from fcr_eval.plan.planner import make_plan
 from fcr_eval.store import ResultsStore
 from fcr_sample import DeepCacheConfig, EncoderCacheConfig
 
@@ -100,7 +100,7 @@ def test_prior_noise_alpha_runs_end_to_end_and_changes_the_samples(tmp_path):
 
 
 def test_a_failing_run_is_reported_and_makes_run_exit_non_zero(tmp_path, monkeypatch, capsys):
-    import fcr_eval.runner as runner
+    import fcr_eval.run.runner as runner
 
     real = runner._sample
 
@@ -125,7 +125,7 @@ def test_a_failing_run_is_reported_and_makes_run_exit_non_zero(tmp_path, monkeyp
 
 @pytest.mark.parametrize("field", ["stride", "cache_interval"])
 def test_sampler_settings_interval_is_the_stored_stride(field):
-    from fcr_eval.samplers import resolve_sampler
+    from fcr_eval.plan.samplers import resolve_sampler
 
     kind = "fd" if field == "stride" else "deepcache"
     s = resolve_sampler(kind, steps=10, stride=5)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from fcr_eval.stats import (
+from fcr_eval.analysis.stats import (
     align_paired,
     bootstrap_paired_ci,
     mean_ci,

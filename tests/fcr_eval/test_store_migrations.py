@@ -9,8 +9,8 @@ from dataclasses import asdict
 
 import duckdb
 import pytest
-from fcr_eval.experiment import VariationSpec
-from fcr_eval.migrations import migrate
+from fcr_eval.spec.experiment import VariationSpec
+from fcr_eval.store.migrations import migrate
 from fcr_eval.store import SCHEMA_VERSION, ResultsStore, StoreSchemaError, make_run_id
 
 V2 = 2  # the schema version stores were written at before migrations 3 and 4
@@ -119,7 +119,7 @@ def test_migration_gives_old_criteria_their_verdict(tmp_path):
 
 
 def test_new_rows_carry_the_schedule_they_are_given(tmp_path):
-    from fcr_eval.samplers import resolve_sampler
+    from fcr_eval.plan.samplers import resolve_sampler
     from fcr_eval.store import RunRecord, RunResult
 
     store = ResultsStore(tmp_path / "s.duckdb")

@@ -119,7 +119,7 @@ def test_many_sample_metrics_in_one_run(tmp_path):
 
 
 @dataclass(frozen=True)
-class _Contrast:  # the fields of fcr_eval.contrasts.ContrastResult
+class _Contrast:  # the fields of fcr_eval.analysis.contrasts.ContrastResult
     contrast_id: str
     estimate: float
     verdict: str | None = None
@@ -162,7 +162,7 @@ def test_contrasts_are_stored_and_replaced(tmp_path):
 
 
 def test_the_real_contrast_result_is_stored(tmp_path):
-    from fcr_eval.contrasts import ContrastSpec, compute_contrasts
+    from fcr_eval.analysis.contrasts import ContrastSpec, compute_contrasts
 
     s = ResultsStore(tmp_path / "s.duckdb")
     for seed in (0, 1):

@@ -87,7 +87,7 @@ def write_small_store(path: Path, variations: dict | None = None) -> Path:
                 feature_stats=[FeatureStat("all", d, slope * d, 64) for d in (1, 2, 3)],
                 samples=samples,
             ))
-    # as fcr_eval.criteria writes them: names, fractions, both sides with their intervals
+    # as fcr_eval.analysis.criteria writes them: names, fractions, both sides with their intervals
     store.write_criteria([
         CriterionResult("exp-a", "quality_delta", False, 0.125, 0.05,
                         {"baseline": {"mean": 12.0, "ci_low": 7.03, "ci_high": 16.97, "n_seeds": 3},

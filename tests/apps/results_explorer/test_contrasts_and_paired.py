@@ -7,7 +7,7 @@ pair-exp (embedded-unet, ddim), seeds 0 and 1, 6 samples per run; cache_mse of s
     fd-10       0.010 + 0.001·k + 0.0004·s + 0.0003·(k % 2)
     ctrl-fd-10  fd-10's values + 0.0002    (λ = 0 control)
     fcr-fd-10   0.006 + 0.0012·k + 0.0004·s (λ = 0.1); sample 5 of seed 1 missing
-Contrasts are computed from these rows by fcr_eval.contrasts and stored by write_contrasts; one
+Contrasts are computed from these rows by fcr_eval.analysis.contrasts and stored by write_contrasts; one
 more is stored for another experiment (other-exp), which the experiment filter must hide.
 """
 
@@ -20,8 +20,8 @@ import duckdb
 import numpy as np
 import polars as pl
 import pytest
-from fcr_eval.contrasts import ContrastSpec, compute_contrasts
-from fcr_eval.migrations import migrate
+from fcr_eval.analysis.contrasts import ContrastSpec, compute_contrasts
+from fcr_eval.store.migrations import migrate
 from fcr_eval.store import (
     CriterionResult,
     MetricRecord,

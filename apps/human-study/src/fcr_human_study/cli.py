@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 USER_ERRORS = {
     "fcr_human_study.build:StudyBuildError": EXIT_USAGE,
     "fcr_human_study.store:StudyStoreError": EXIT_USAGE,
-    "fcr_eval.db:StoreError": EXIT_USAGE,
+    "fcr_eval.store.db:StoreError": EXIT_USAGE,
 }
 
 

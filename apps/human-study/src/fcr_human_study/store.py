@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-from fcr_eval.db import (
+from fcr_eval.store.db import (
     StoreError,
     StoreLockedError,
     StoreUnreadableError,
@@ -42,7 +42,7 @@ from fcr_eval.db import (
     transaction,
     utcnow,
 )
-from fcr_eval.migrations import apply_migrations, read_schema_version
+from fcr_eval.store.migrations import apply_migrations, read_schema_version
 
 __all__ = [
     "DEFAULT_STUDY_PATH",
@@ -61,7 +61,7 @@ DEFAULT_STUDY_PATH = Path("results/human-study.duckdb")
 
 
 class StudyStoreError(StoreError):
-    """Base class of the errors of the study store (a :class:`fcr_eval.db.StoreError`)."""
+    """Base class of the errors of the study store (a :class:`fcr_eval.store.db.StoreError`)."""
 
 
 class StudyStoreLockedError(StudyStoreError, StoreLockedError):

@@ -50,12 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return run_cli(lambda: _serve(args, extra), prog="fcr-explorer", debug=args.debug,
-                   user_errors={"fcr_eval.db:StoreError": EXIT_USAGE})
+                   user_errors={"fcr_eval.store.db:StoreError": EXIT_USAGE})
 
 
 def _check_store(path: Path, describe: str) -> None:
     """A store that exists must open as DuckDB (read-only, nothing created)."""
-    from fcr_eval.db import connect
+    from fcr_eval.store.db import connect
 
     if path.exists() or path.is_symlink():
         connect(path, read_only=True, timeout=5.0, describe=describe).close()

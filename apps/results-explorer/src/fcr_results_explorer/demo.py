@@ -22,8 +22,9 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
-from fcr_eval.contrasts import ContrastSpec, compute_contrasts
-from fcr_eval.criteria import CriteriaConfig, evaluate_store_criteria
+from fcr_eval.analysis.contrasts import ContrastSpec, compute_contrasts
+from fcr_eval.report.board import evaluate_store_criteria
+from fcr_eval.spec.criteria import CriteriaConfig
 from fcr_eval.store import (
     FeatureStat,
     MetricRecord,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import polars as pl
-from fcr_eval.paired import SAMPLE_METRICS
+from fcr_eval.spec.vocabulary import SAMPLE_METRICS
 
 from fcr_results_explorer.reader import HUMAN_STUDY_ALIAS, StoreReader
 from fcr_results_explorer.stats import pool_seeds, with_ci
@@ -77,7 +77,7 @@ QUALITY_PREFERENCE = (
 
 def lower_is_better(metric: str) -> bool:
     """Whether a smaller value of ``metric`` is better (per-sample metrics say so themselves in
-    :data:`fcr_eval.paired.SAMPLE_METRICS`)."""
+    :data:`fcr_eval.metrics.paired.SAMPLE_METRICS`)."""
     spec = SAMPLE_METRICS.get(metric)
     if spec is not None:
         return not spec.higher_is_better

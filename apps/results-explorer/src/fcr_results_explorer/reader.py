@@ -35,7 +35,7 @@ from typing import Any
 
 import duckdb
 import polars as pl
-from fcr_eval.db import StoreLockedError, StoreUnreadableError, connect, retry_while_locked
+from fcr_eval.store.db import StoreLockedError, StoreUnreadableError, connect, retry_while_locked
 
 logger = logging.getLogger(__name__)
 

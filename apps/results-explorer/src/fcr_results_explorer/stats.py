@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
-from fcr_eval.stats import pearson_r2
+from fcr_eval.analysis.stats import pearson_r2
 from scipy import stats as sps
 
 
@@ -133,7 +133,7 @@ class LinearFit:
 
 def linear_fit(x: list[float], y: list[float]) -> LinearFit | None:
     """Least-squares line of ``y`` on ``x`` with Pearson r and R² (fcr-eval's
-    :func:`~fcr_eval.stats.pearson_r2`); ``None`` with fewer than 3 points or a constant axis."""
+    :func:`~fcr_eval.analysis.stats.pearson_r2`); ``None`` with fewer than 3 points or a constant axis."""
     pairs = [(a, b) for a, b in zip(x, y, strict=False) if a is not None and b is not None]
     xs = np.array([p[0] for p in pairs], dtype=float)
     ys = np.array([p[1] for p in pairs], dtype=float)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
-from fcr_eval.migrations import SCHEMA_VERSION
+from fcr_eval.store.migrations import SCHEMA_VERSION
 from fcr_eval.store import ResultsStore
 
 logger = logging.getLogger(__name__)

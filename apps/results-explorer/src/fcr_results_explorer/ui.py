@@ -28,7 +28,7 @@ METRIC_LABELS = {
     "encoder_forwards": "encoder forwards",
     "decoder_forwards": "decoder forwards",
     "feature_variance": "σ²_Δ (mean over Δ)",
-    # per-sample metrics (fcr_eval.paired.SAMPLE_METRICS)
+    # per-sample metrics (fcr_eval.metrics.paired.SAMPLE_METRICS)
     "cache_mse": "cache error (pixel MSE to the uncached sample)",
     "cache_psnr": "cache PSNR (dB, to the uncached sample)",
     "cache_feature_l2": "cache error in feature space (L2 to the uncached sample)",

@@ -36,8 +36,8 @@ logger = logging.getLogger("fcr_eval.cli")
 
 # Bad input besides UserError and missing paths (named by module: nothing heavy is imported).
 USER_ERRORS = {
-    "fcr_eval.experiment:ExperimentFileError": EXIT_USAGE,
-    "fcr_eval.db:StoreError": EXIT_USAGE,
+    "fcr_eval.spec.experiment:ExperimentFileError": EXIT_USAGE,
+    "fcr_eval.store.db:StoreError": EXIT_USAGE,
     "fcr_sample.loading:ModelNotAvailableError": EXIT_MODEL_NOT_AVAILABLE,
     "fcr_train.models:ModelNotAvailableError": EXIT_MODEL_NOT_AVAILABLE,
     "fcr_train.locking:LockHeldError": EXIT_USAGE,
@@ -85,9 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _plan(args) -> int:
-    from .experiment import load_experiment
-    from .planner import format_plan, make_plan, plan_json
-    from .validation import check_inputs, check_models, check_store
+    from fcr_eval.spec.experiment import load_experiment
+    from fcr_eval.plan.planner import format_plan, make_plan, plan_json
+    from fcr_eval.plan.validation import check_inputs, check_models, check_store
 
     exps = [load_experiment(f, args.profile) for f in args.files]  # an unknown profile lists the file's
     check_store(args.store, must_exist=False)
@@ -106,7 +106,7 @@ def _plan(args) -> int:
         return 0
     gflops = None
     if not args.no_calibrate:
-        from .planner import calibrate_throughput
+        from fcr_eval.plan.planner import calibrate_throughput
 
         gflops = calibrate_throughput()
     for e in exps:
@@ -119,13 +119,13 @@ def _plan(args) -> int:
 
 
 def _run(args) -> int:
-    from .experiment import load_experiment
-    from .validation import check_device, check_store
+    from fcr_eval.spec.experiment import load_experiment
+    from fcr_eval.plan.validation import check_device, check_store
 
     exp = load_experiment(args.file, args.profile)
     check_store(args.store, must_exist=args.command == "report")
     if args.command == "report":
-        from .reporting import report
+        from fcr_eval.report.report import report
 
         report(exp, Path(args.store), plots=not args.no_plots)
         return 0
@@ -133,7 +133,7 @@ def _run(args) -> int:
         logger.warning("--threads %d is more than this machine's %d CPU(s); torch will oversubscribe them",
                        args.threads, os.cpu_count() or 1)
     check_device(args.device)
-    from .runner import RunnerOptions, run_experiment
+    from fcr_eval.run.runner import RunnerOptions, run_experiment
 
     opts = RunnerOptions(store=Path(args.store), threads=args.threads, plots=not args.no_plots, device=args.device,
                          wait=args.wait)
@@ -166,8 +166,8 @@ def _finished(store: str, experiment_id: str) -> set[str]:
     schema is read after the next ``run`` or ``report`` migrates it."""
     if not Path(store).is_file():
         return set()
-    from .db import StoreSchemaError
-    from .store import ResultsStore
+    from fcr_eval.store.db import StoreSchemaError
+    from fcr_eval.store import ResultsStore
 
     try:
         return ResultsStore.open_readonly(store).finished_run_ids(experiment_id)

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .samplers import SAMPLERS
+from fcr_eval.spec.vocabulary import SAMPLERS
 
 __all__ = [
     "SAMPLERS",
@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 MEMORY_KINDS = ("cuda_peak", "process_rss")
-#: Verdicts of a criterion or a contrast with a threshold (fcr_eval.criteria decides them).
+#: Verdicts of a criterion or a contrast with a threshold (fcr_eval.analysis.criteria decides them).
 VERDICTS = ("PASS", "FAIL", "INCONCLUSIVE")
 
 
@@ -56,7 +56,7 @@ class RunRecord:
     ``device`` say what produced every number of the run (see :func:`fcr_eval.provenance`).
 
     The effective cache schedule (added by migration 3) is what the sampler really ran, read off
-    the built sampler config (:meth:`fcr_eval.samplers.SamplerSettings.describe`):
+    the built sampler config (:meth:`fcr_eval.plan.samplers.SamplerSettings.describe`):
     ``cache_label`` (``"FD-10"``, ``"FD-published"``, ``"DeepCache-N5-b0"``, ``"none"``),
     ``cache_key_steps`` (the step indices that run the full encoder / full UNet at this run's
     step count; ``None`` without a cache) and ``cache_interval`` (the uniform stride or DeepCache
@@ -210,7 +210,7 @@ class SampleMetrics:
     ``sample_metric_definitions``.
 
     Attributes:
-        metric: a per-sample metric name (:data:`fcr_eval.paired.SAMPLE_METRICS`).
+        metric: a per-sample metric name (:data:`fcr_eval.metrics.paired.SAMPLE_METRICS`).
         values: ``(N,)`` values (NaN is stored as NULL; ±inf is kept, e.g. PSNR of identical images).
         prompt_ids: ``N`` prompt ids, as in ``samples.prompt_id``.
         seeds: the x_T seed of each sample (one int for all, or ``N`` ints).

@@ -2,8 +2,8 @@
 
 The real CLIP and Inception weights cannot be downloaded on the machines this project runs on.
 These helpers write stand-ins that the real loaders accept unchanged, so the loading and
-preprocessing plumbing of :class:`fcr_eval.clip_score.CLIPScorer` and
-:class:`fcr_eval.extractors.InceptionExtractor` can run end to end:
+preprocessing plumbing of :class:`fcr_eval.metrics.clip_score.CLIPScorer` and
+:class:`fcr_eval.metrics.extractors.InceptionExtractor` can run end to end:
 
 - :func:`save_tiny_clip`: a ``transformers`` CLIP checkpoint folder (``CLIPModel`` +
   ``CLIPProcessor``) that ``CLIPModel.from_pretrained`` and ``CLIPScorer`` load offline.
@@ -14,8 +14,8 @@ Both networks have random weights: numbers computed with them test code paths, n
 quality. Nothing here downloads anything.
 
 Example:
-    >>> from fcr_eval.clip_score import CLIPScorer
-    >>> from fcr_eval.extractors import InceptionExtractor
+    >>> from fcr_eval.metrics.clip_score import CLIPScorer
+    >>> from fcr_eval.metrics.extractors import InceptionExtractor
     >>> scorer = CLIPScorer(save_tiny_clip(tmp_path / "clip"))
     >>> ext = InceptionExtractor(save_stand_in_inception(tmp_path / "inception"))
 """
@@ -133,7 +133,7 @@ class StandInInception(nn.Module):
 def save_stand_in_inception(folder: str | Path, *, seed: int = 0) -> Path:
     """Write a :class:`StandInInception` as TorchScript ``folder/inception-2015-12-05.pt``.
 
-    Returns the file's path, which :class:`fcr_eval.extractors.InceptionExtractor` and
+    Returns the file's path, which :class:`fcr_eval.metrics.extractors.InceptionExtractor` and
     ``cleanfid.inception_torchscript.InceptionV3W(folder, download=False)`` load. Random
     weights of a different, much smaller network: for testing the plumbing only; never
     report numbers computed with it as FID.

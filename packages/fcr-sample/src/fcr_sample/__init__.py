@@ -15,19 +15,41 @@ bare-UNet loops (:func:`denoise` with its step ``callback``, :func:`start_sampli
 encoder features (:func:`encoder_features`).
 """
 
-from .compilation import compile_unet_regions, uncompile_unet_regions
-from .deep_cache import DeepCacheConfig, apply_deep_cache, remove_deep_cache
-from .encoder_cache import (
-    EncoderCacheConfig,
-    apply_encoder_cache,
-    remove_encoder_cache,
-)
-from .features import encoder_feature_names, encoder_features, select_feature_names
-from .hooks import CacheStats, get_cache_stats, reset_cache_stats, start_sampling_run
-from .loading import MODEL_IDS, ModelNotAvailableError, default_device, load_pipeline, load_unet
-from .prior_noise import inject_prior_noise, prior_noise_callback
-from .sampling import denoise
-from .schedules import FASTER_DIFFUSION_KEY_STEPS, decoder_groups, key_steps
+# Names resolve on first use (PEP 562), as in fcr_train: light modules (``fcr_sample.schedules``,
+# ``fcr_sample.vocabulary``) import without torch, so an experiment schema that checks their names
+# loads in a fraction of a second.
+_EXPORTS = {
+    "compilation": ["compile_unet_regions", "uncompile_unet_regions"],
+    "deep_cache": ["DeepCacheConfig", "apply_deep_cache", "remove_deep_cache"],
+    "encoder_cache": ["EncoderCacheConfig", "apply_encoder_cache", "remove_encoder_cache"],
+    "features": ["encoder_feature_names", "encoder_features", "select_feature_names"],
+    "hooks": ["CacheStats", "get_cache_stats", "reset_cache_stats", "start_sampling_run"],
+    "loading": ["MODEL_IDS", "ModelNotAvailableError", "default_device", "load_pipeline", "load_unet"],
+    "prior_noise": ["inject_prior_noise", "prior_noise_callback"],
+    "sampling": ["denoise"],
+    "schedules": ["FASTER_DIFFUSION_KEY_STEPS", "decoder_groups", "key_steps"],
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+
+def __getattr__(name: str):
+    import importlib
+
+    if name in _MODULE_OF:
+        value = getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    try:  # ``fcr_sample.hooks`` after a bare ``import fcr_sample``
+        return importlib.import_module(f".{name}", __name__)
+    except ModuleNotFoundError as e:
+        if e.name != f"{__name__}.{name}":
+            raise
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_MODULE_OF])
+
 
 __version__ = "0.1.0"
 

@@ -21,10 +21,10 @@ from typing import Any
 import torch
 
 from .unet_parts import prepare_conditioning, run_encoder
+from .vocabulary import BLOCK_GROUPS
 
 __all__ = ["BLOCK_GROUPS", "encoder_feature_names", "select_feature_names", "encoder_features"]
 
-BLOCK_GROUPS = ("all", "early", "mid", "late")
 
 
 def encoder_feature_names(unet) -> list[str]:

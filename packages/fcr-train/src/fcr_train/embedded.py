@@ -67,9 +67,7 @@ PROMPT_TEMPLATES = ("a photo of a {}", "a {}", "a product photo of a {}", "a bla
 # 1.34M parameters, 0.278 GFLOPs per 28x28 image forward (torch.utils.flop_counter.FlopCounterMode,
 # asserted in tests/fcr_train/test_embedded.py); resolutions 28 -> 14 -> 7, text cross-attention at
 # 7x7 and in the mid block, which is where class identity is decided.
-#: Model names of the embedded default: the shipped base weights, the same UNet untrained, and a
-#: tiny UNet for tests.
-EMBEDDED_MODELS = ("embedded", "embedded-random", "embedded-tiny")
+from .vocabulary import EMBEDDED_MODELS  # noqa: E402  (defined torch-free, re-exported)
 
 EMBEDDED_UNET_CONFIG: dict = {
     "sample_size": 28,

@@ -50,9 +50,7 @@ __all__ = [
     "fcr_loss",
 ]
 
-DISTANCES = ("mse", "relative_mse", "cosine")
-#: What one unit of Δ is: a DDPM training timestep, or one step of the sampler the fine-tune serves.
-DELTA_UNITS = ("timesteps", "sampler_steps")
+from .vocabulary import DELTA_UNITS, DISTANCES  # noqa: E402  (defined torch-free, re-exported)
 
 
 def sampler_step_timesteps(num_train_timesteps: int, num_inference_steps: int) -> int:

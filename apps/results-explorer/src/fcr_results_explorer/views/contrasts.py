@@ -15,7 +15,7 @@ from fcr_results_explorer import queries as q
 from fcr_results_explorer import ui
 from fcr_results_explorer.context import ViewContext
 
-#: How each kind of contrast (fcr_eval.contrasts.CONTRAST_KINDS) reads, and its "no effect" value.
+#: How each kind of contrast (fcr_eval.analysis.contrasts.CONTRAST_KINDS) reads, and its "no effect" value.
 KIND_TEXT = {
     "difference": ("candidate − baseline", 0.0),
     "relative_difference": ("(candidate − baseline) / |baseline|", 0.0),

@@ -11,7 +11,7 @@ from fcr_results_explorer import queries as q
 from fcr_results_explorer import ui
 from fcr_results_explorer.context import ViewContext
 
-# The criteria fcr-eval evaluates (fcr_eval.criteria): what the value is, and how it passes.
+# The criteria fcr-eval evaluates (fcr_eval.analysis.criteria): what the value is, and how it passes.
 DESCRIPTIONS = {
     "quality_delta": ("relative quality change of FCR-10 vs FD-5 (lower is better)", "≤"),
     "alignment_delta": ("relative text–image alignment change vs FD-5", "≥"),

@@ -1,0 +1,456 @@
+"""The plan of an experiment: which fine-tunes and which runs (variation × seed), their run ids
+and folders, and the estimated compute (UNet forwards, FLOPs, wall time on this machine).
+
+Fine-tunes are shared: every variation that needs the same weights (model, λ, Δ_max, blocks,
+data, steps, and the seed when ``finetune.per_seed``) points at one :class:`PlannedFinetune`, so
+a stride sweep fine-tunes once.
+
+Example::
+
+    plan = make_plan(load_experiment("experiments/mini-exp-1.toml", "quick"))
+    print(format_plan(plan))
+    json.dumps(plan_json([plan]))     # the design's output form
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from fcr_eval.spec.experiment import Experiment, ExperimentFileError, RobustnessSpec, VariationSpec
+from fcr_eval.plan.samplers import SamplerSettings, resolve_sampler
+
+__all__ = [
+    "PlannedFinetune",
+    "PlannedRun",
+    "ModelCost",
+    "Plan",
+    "make_plan",
+    "model_cost",
+    "calibrate_throughput",
+    "format_plan",
+    "plan_json",
+    "DEFAULT_CPU_GFLOPS",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Effective throughput assumed when the plan is not calibrated (``--no-calibrate``): the embedded
+#: UNet at batch 64 measured 96 GFLOP/s on a 2-core dev machine at low load and ~25 under load;
+#: the mini-exp-1 quick run took 1.6× the calibrated estimate (per-step overheads), hence 60.
+DEFAULT_CPU_GFLOPS = 60.0
+#: For real models: one A100-class GPU at ~40 % of its 312 TFLOP/s bf16 peak (a stated assumption).
+ASSUMED_GPU_TFLOPS = 125.0
+
+#: design.md §2: SD v1.5 UNet at 512² (64×64 latent): ~803 GFLOPs per forward, encoder ~33 %.
+#: DeepCache's shallow path at branch 0 costs roughly a tenth of a forward (its 2.1× at N=5).
+SD_COSTS = {"flops_per_forward": 803e9, "encoder_flop_share": 0.33, "deepcache_partial_share": 0.10}
+#: EfficientNet-Lite0 at 224²: ~0.39 GFLOPs per image (scales with the square of the input size).
+EFFICIENTNET_LITE0_FLOPS_224 = 0.39e9
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    """FLOPs of one UNet forward for one image (no CFG doubling) and its split."""
+
+    flops_per_forward: float
+    encoder_share: float
+    deepcache_partial_share: float
+    source: str  # "flop counter" or "design.md §2 constants"
+
+
+@dataclass
+class PlannedFinetune:
+    key: str
+    model: str
+    model_source: str
+    lambda_fcr: float
+    delta_max: int
+    blocks: str
+    data: str | None
+    steps: int
+    batch_size: int
+    lr: float
+    seed: int
+    output_dir: str
+    cost: ModelCost | None = None  # of one forward at the model's own resolution (training images)
+    delta_unit: str = "timesteps"  # "sampler_steps": Δ counts steps of a `sampler_steps`-step sampler
+    sampler_steps: int | None = None
+    distance: str = "mse"
+    variations: list[str] = field(default_factory=list)
+    est_flops: float = 0.0
+    est_seconds: float = 0.0
+
+    def config(self) -> dict:
+        """The settings that define the weights (hashed into run ids; no estimates, no folder). The
+        FCR options added later appear only when they differ from their defaults, so the run ids of
+        earlier experiments stay the same."""
+        out = {k: v for k, v in asdict(self).items() if k not in ("variations", "est_flops", "est_seconds",
+                                                                 "output_dir", "cost", *_LATER_FCR_OPTIONS)}
+        out.update({k: getattr(self, k) for k, default in _LATER_FCR_OPTIONS.items() if getattr(self, k) != default})
+        return out
+
+    def fcr_config(self):
+        """The fine-tune's :class:`fcr_train.loss.FCRConfig`."""
+        from fcr_train.loss import FCRConfig
+
+        return FCRConfig(lam=self.lambda_fcr, delta_max=self.delta_max, blocks=self.blocks, distance=self.distance,
+                         delta_unit=self.delta_unit, sampler_steps=self.sampler_steps)
+
+
+#: Variation fields added after the first release: recorded only when set, so that the config
+#: records (and run ids) of earlier experiment files stay the same.
+_LATER_VARIATION_FIELDS = ("delta_unit", "distance")
+
+
+#: Evaluation settings of the whole experiment, not of a run: kept out of the run's record.
+_EXPERIMENT_LEVEL_EVALUATION = ("timing_rounds",)
+
+
+def _evaluation_record(ev) -> dict:
+    return {k: x for k, x in asdict(ev).items() if k not in _EXPERIMENT_LEVEL_EVALUATION}
+
+
+def _variation_record(v: VariationSpec) -> dict:
+    rec = {k: x for k, x in asdict(v).items() if not (k in _LATER_VARIATION_FIELDS and x is None)}
+    # Which profiles a variation belongs to says nothing about how its numbers were produced:
+    # recorded as unset (as it was for every variation that did not restrict its profiles).
+    rec["profiles"] = None
+    return rec
+
+
+#: FCR options a fine-tune's identity gained after the first release, with their defaults.
+_LATER_FCR_OPTIONS = {"delta_unit": "timesteps", "sampler_steps": None, "distance": "mse"}
+
+
+@dataclass
+class PlannedRun:
+    """One variation × seed, resolved: every setting the runner needs, as the object it uses.
+
+    ``config`` is the run's resolved settings as a plain record: it is hashed into ``run_id`` and
+    stored with the run for provenance; the runner reads the typed fields, never ``config``.
+    """
+
+    variation: VariationSpec
+    seed: int
+    run_id: str
+    run_dir: str
+    config: dict
+    finetune: PlannedFinetune | None
+    sampler: SamplerSettings
+    robustness: RobustnessSpec
+    eval_prompts: str | None
+    n_samples: int
+    steps: int
+    guidance_scale: float
+    scheduler: str
+    resolution: int
+    cost: ModelCost
+    #: σ²_Δ is also measured over Δ = 1…this many sampler steps: the largest stride any cached
+    #: variation of the experiment reuses features over at this step count (below the step count).
+    sigma2_sampler_range: int = 0
+    unet_calls: int = 0
+    full_forwards: int = 0
+    encoder_forwards: int = 0
+    decoder_forwards: int = 0
+    partial_forwards: int = 0
+    est_flops: float = 0.0
+    est_seconds: float = 0.0
+
+
+@dataclass
+class Plan:
+    experiment: Experiment
+    runs: list[PlannedRun]
+    finetunes: dict[str, PlannedFinetune]
+    results_dir: Path
+    costs: dict[str, ModelCost]
+    gflops_per_s: float
+    calibration: str
+    est_eval_seconds: float = 0.0
+
+    @property
+    def total_seconds(self) -> float:
+        return (sum(r.est_seconds for r in self.runs) + sum(f.est_seconds for f in self.finetunes.values())
+                + self.est_eval_seconds)
+
+    @property
+    def total_flops(self) -> float:
+        return sum(r.est_flops for r in self.runs) + sum(f.est_flops for f in self.finetunes.values())
+
+
+def _short_hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+_COST_CACHE: dict[tuple, ModelCost] = {}
+
+
+def model_cost(exp: Experiment, model_id: str, resolution: int | None = None) -> ModelCost:
+    """FLOPs per forward of ``model_id`` at ``resolution`` (default: the model's own): counted on the
+    embedded UNet (exact; memoised per UNet and resolution), from the experiment file or design.md
+    §2 constants for Stable Diffusion (not instantiated here)."""
+    spec = exp.models[model_id]
+    if spec.embedded:
+        from fcr_train.api import TINY_EMBEDDED_UNET_CONFIG
+        from fcr_train.embedded import EMBEDDED_UNET_CONFIG
+
+        cfg = TINY_EMBEDDED_UNET_CONFIG if spec.source == "embedded-tiny" else EMBEDDED_UNET_CONFIG
+        key = (spec.source, int(resolution or cfg["sample_size"]))
+        if key not in _COST_CACHE:
+            _COST_CACHE[key] = _count_embedded_cost(cfg, key[1])
+        return _COST_CACHE[key]
+    flops = spec.flops_per_forward or SD_COSTS["flops_per_forward"]
+    if resolution and spec.resolution and resolution != spec.resolution:
+        flops *= (resolution / spec.resolution) ** 2
+    return ModelCost(flops, spec.encoder_flop_share or SD_COSTS["encoder_flop_share"],
+                     SD_COSTS["deepcache_partial_share"], "experiment file / design.md §2 constants")
+
+
+def _count_embedded_cost(cfg: dict, res: int) -> ModelCost:
+    import torch
+    from fcr_sample import DeepCacheConfig
+    from fcr_sample.benchmark import deepcache_partial_flops, flop_split
+    from fcr_train.embedded import build_unet
+
+    unet = build_unet(cfg).eval()
+    x = torch.randn(1, cfg["in_channels"], res, res)
+    text = torch.randn(1, 16, cfg["cross_attention_dim"])
+    split = flop_split(unet, x, text)
+    # the shallow path of DeepCache's default branch (0), which the mini experiments compare
+    partial = deepcache_partial_flops(unet, x, text, DeepCacheConfig(cache_branch_id=0)) / split.total
+    return ModelCost(split.total, split.encoder_share, partial, "flop counter")
+
+
+def calibrate_throughput(seconds: float = 2.0) -> float:
+    """Effective GFLOP/s of this machine on the embedded UNet (batched CFG forwards, the
+    runner's dominant work). Takes about ``seconds``."""
+    import torch
+    from fcr_train.embedded import EMBEDDED_UNET_CONFIG, build_unet
+
+    unet = build_unet(EMBEDDED_UNET_CONFIG).eval()
+    x = torch.randn(64, 1, 28, 28)
+    text = torch.randn(64, 16, 384)
+    from fcr_eval.metrics.cost import count_flops
+
+    flops = count_flops(lambda: unet(x, 500, text))
+    with torch.no_grad():
+        unet(x, 500, text)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            unet(x, 500, text)
+            n += 1
+    return flops * n / (time.perf_counter() - t0) / 1e9
+
+
+def make_plan(exp: Experiment, *, results_dir: str | Path = "results", calibrate: bool = True,
+              gflops_per_s: float | None = None) -> Plan:
+    """Resolve every run (variation × seed) and fine-tune of ``exp`` and estimate its compute.
+
+    Args:
+        results_dir: the store's folder; run folders go to ``results_dir/runs/<experiment>/``.
+        calibrate: time the embedded UNet for a few seconds to turn FLOPs into seconds;
+            otherwise use ``gflops_per_s`` or :data:`DEFAULT_CPU_GFLOPS`.
+    """
+    from fcr_eval.store import make_run_id
+
+    results_dir = Path(results_dir)
+    exp_dir = results_dir / "runs" / exp.id
+    if gflops_per_s is None:
+        gflops_per_s = calibrate_throughput() if calibrate else DEFAULT_CPU_GFLOPS
+        how = "measured on this machine (embedded UNet, batch 64)" if calibrate else "stated constant"
+    else:
+        how = "given"
+    costs: dict[str, ModelCost] = {}
+    drift_refs: set[tuple] = set()
+    finetunes: dict[str, PlannedFinetune] = {}
+    runs: list[PlannedRun] = []
+    ft = exp.finetune
+    ev = exp.evaluation
+    for v in exp.variations:
+        model = exp.models[v.model]
+        steps = v.num_inference_steps if v.num_inference_steps is not None else exp.sampling.num_inference_steps
+        guidance = v.guidance_scale if v.guidance_scale is not None else exp.sampling.guidance_scale
+        scheduler = v.scheduler or exp.sampling.scheduler
+        rob = exp.robustness[v.robustness]
+        base_res = v.resolution or exp.sampling.resolution or model.resolution or (28 if model.embedded else 512)
+        resolution = int(rob.settings.get("resolution", base_res)) if rob.kind == "resolution" else base_res
+        ckey = f"{v.model}@{resolution}"
+        if ckey not in costs:
+            costs[ckey] = model_cost(exp, v.model, resolution)
+        cost = costs[ckey]
+        sampler = resolve_sampler(v.sampler, steps=steps, stride=v.stride, schedule=v.schedule,
+                                  parallel_decoding=v.parallel_decoding, prior_noise_alpha=v.prior_noise_alpha,
+                                  cache_branch_id=v.cache_branch_id)
+        counts = sampler.forward_counts()
+        eval_prompts = v.eval_prompts or exp.sampling.eval_prompts
+        cfg_mult = 2 if guidance != 1.0 else 1
+        fwd_equiv = (counts["full_forwards"] + (counts["decoder_forwards"] - counts["full_forwards"])
+                     * (1 - cost.encoder_share) + counts["partial_forwards"] * cost.deepcache_partial_share)
+        n = exp.sampling.n_samples
+        timing_imgs = sum(ev.timing_batch_sizes) * (ev.timing_repeats + 1)
+        for seed in exp.seeds:
+            ft_key = None
+            if v.finetuned:
+                lam = float(v.lambda_fcr)
+                ft_seed = seed if ft.per_seed else exp.seeds[0]
+                unit = v.delta_unit or ft.delta_unit
+                distance = v.distance or ft.distance
+                # In sampler steps Δ_max defaults to the stride the fine-tune serves; in timesteps
+                # to the experiment's finetune.delta_max (the paper's 10).
+                delta_max = v.delta_max or (v.stride if unit == "sampler_steps" and v.stride else ft.delta_max)
+                if unit == "sampler_steps" and delta_max >= steps:
+                    raise ExperimentFileError(
+                        f"{exp.path}: variation {v.id!r}: Δ_max = {delta_max} sampler steps must be below the "
+                        f"{steps} steps it counts (Δ·T/steps must stay inside the schedule); set delta_max")
+                later = {k: x for k, x in (("delta_unit", unit), ("sampler_steps", steps if unit == "sampler_steps"
+                                                                  else None), ("distance", distance))
+                         if x != _LATER_FCR_OPTIONS[k]}
+                ftc = {"model": v.model, "lambda_fcr": lam, "delta_max": delta_max,
+                       "blocks": v.blocks or ft.blocks, "data": v.finetune_data or ft.data, "steps": ft.steps,
+                       "batch_size": ft.batch_size, "lr": ft.lr, "seed": ft_seed,
+                       "train": {k: getattr(ft, k) for k in ("weight_decay", "warmup_steps", "ema_decay",
+                                                             "mixed_precision")}, **later}
+                tags = ("-ss" if unit == "sampler_steps" else "") + ("" if distance == "mse" else f"-{distance}")
+                lam_text = f"{lam:.2f}" if round(lam, 2) == lam else f"{lam:g}"  # 0.0015 must not read 0.00
+                ft_key = f"ft-lam{lam_text}-d{ftc['delta_max']}{tags}-{ftc['blocks']}-s{ft_seed}-{_short_hash(ftc)}"
+                if ft_key not in finetunes:
+                    # forward + backward (×3) of the denoising branch + FCR's encoder-only second
+                    # branch (only when λ > 0), per training image.
+                    per_img = cost.flops_per_forward * (1 + (cost.encoder_share if lam > 0 else 0.0)) * 3
+                    flops = per_img * ft.steps * ft.batch_size
+                    finetunes[ft_key] = PlannedFinetune(
+                        key=ft_key, model=v.model, model_source=model.source, lambda_fcr=lam,
+                        delta_max=ftc["delta_max"], blocks=ftc["blocks"], data=ftc["data"], steps=ft.steps,
+                        batch_size=ft.batch_size, lr=ft.lr, seed=ft_seed,
+                        output_dir=str(exp_dir / "finetune" / ft_key), cost=model_cost(exp, v.model),
+                        delta_unit=unit, sampler_steps=later.get("sampler_steps"), distance=distance,
+                        est_flops=flops,
+                        est_seconds=flops / (gflops_per_s * 1e9))
+                finetunes[ft_key].variations.append(f"{v.id}/s{seed}")
+            config = {
+                "experiment_id": exp.id, "variation": _variation_record(v), "seed": seed, "model": asdict(model),
+                "sampling": {"scheduler": scheduler, "steps": steps, "guidance_scale": guidance,
+                             "resolution": resolution, "n_samples": n,
+                             "eval_prompts": eval_prompts,
+                             # float32 is implied (keeps the run ids of float32 runs stable)
+                             **({"dtype": exp.sampling.dtype} if exp.sampling.dtype != "float32" else {})},
+                "robustness": asdict(rob), "evaluation": _evaluation_record(ev),
+                "finetune": finetunes[ft_key].config() if ft_key else None,
+            }
+            run_id = make_run_id(exp.id, v.id, seed, config)
+            flops = n * cfg_mult * fwd_equiv * cost.flops_per_forward
+            if "clip_drift" in ev.metrics and v.sampler != "none":
+                # CLIP drift samples the same prompts without a cache once per weights × seed × setting
+                key = (v.model, ft_key, seed, scheduler, steps, guidance, resolution, v.robustness, eval_prompts)
+                if key not in drift_refs:
+                    drift_refs.add(key)
+                    flops += min(n, ev.clip_drift_samples) * cfg_mult * steps * cost.flops_per_forward
+            timing_flops = timing_imgs * cfg_mult * fwd_equiv * cost.flops_per_forward
+            runs.append(PlannedRun(
+                variation=v, seed=seed, run_id=run_id, run_dir=str(exp_dir / v.id / f"s{seed}"), config=config,
+                finetune=finetunes[ft_key] if ft_key else None, sampler=sampler, robustness=rob,
+                eval_prompts=eval_prompts, n_samples=n, steps=steps, guidance_scale=guidance, scheduler=scheduler,
+                resolution=resolution, cost=cost, **counts, est_flops=flops,
+                est_seconds=(flops + timing_flops) / (gflops_per_s * 1e9)))
+    # σ²_Δ over the cache's range: the largest interval reused at each step count (Δ < steps).
+    widest: dict[int, int] = {}
+    for r in runs:
+        if r.sampler.cached:
+            reach = r.sampler.interval or max(b - a for a, b in zip(r.sampler.key_steps, [*r.sampler.key_steps[1:],
+                                                                                        r.steps], strict=True))
+            widest[r.steps] = max(widest.get(r.steps, 0), min(reach, r.steps - 1))
+    for r in runs:
+        r.sigma2_sampler_range = widest.get(r.steps, 0)
+    # Feature extraction of samples + reference, σ²_Δ passes: a rough add-on.
+    feat_flops = EFFICIENTNET_LITE0_FLOPS_224 * (ev.feature_image_size / 224) ** 2
+    n_feat = sum(r.n_samples for r in runs) + ev.n_reference
+    any_cost = next(iter(costs.values()))
+    sigma_flops = len(runs) * ev.sigma2_samples * (ev.sigma2_delta_max + 1) * any_cost.encoder_share \
+        * any_cost.flops_per_forward
+    est_eval = (n_feat * feat_flops + sigma_flops) / (gflops_per_s * 1e9)
+    return Plan(exp, runs, finetunes, results_dir, costs, gflops_per_s, how, est_eval)
+
+
+def _fmt_flops(x: float) -> str:
+    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)):
+        if x >= scale:
+            return f"{x / scale:.1f} {unit}"
+    return f"{x / 1e6:.1f} MFLOP"
+
+
+def _fmt_s(s: float) -> str:
+    if s >= 86400:
+        return f"{s / 86400:.1f} d"
+    if s >= 3600:
+        return f"{s / 3600:.1f} h"
+    if s >= 60:
+        return f"{s / 60:.1f} min"
+    return f"{s:.0f} s"
+
+
+def format_plan(plan: Plan, done: set[str] | None = None) -> str:
+    """The plan as text: fine-tunes, runs with forward counts, and totals."""
+    exp = plan.experiment
+    done = done or set()
+    lines = [f"experiment {exp.id}" + (f" (profile {exp.profile})" if exp.profile else "") + f" — {exp.path}",
+             f"  {exp.description}".rstrip(), ""]
+    lines.append(f"fine-tunes ({len(plan.finetunes)}, shared by the variations listed):")
+    if not plan.finetunes:
+        lines.append("  none")
+    for f in plan.finetunes.values():
+        lines.append(f"  {f.key}: {f.model} λ={f.lambda_fcr:g} Δmax={f.delta_max} blocks={f.blocks} "
+                     f"{f.steps} steps × batch {f.batch_size}, ≈{_fmt_flops(f.est_flops)}, ≈{_fmt_s(f.est_seconds)}")
+        lines.append(f"      used by {', '.join(f.variations)}; folder {f.output_dir}")
+    lines.append("")
+    lines.append(f"runs ({len(plan.runs)} = {len(exp.variations)} variations × {len(exp.seeds)} seeds"
+                 f"{f', {len(done)} already in the store' if done else ''}):")
+    hdr = f"  {'variation':<26} {'seed':>4} {'model':<10} {'cache schedule':<16} {'λ':>5} {'robust':<14} " \
+          f"{'steps':>5} {'imgs':>5} {'full/enc/dec/part fwd':>22} {'FLOPs':>11} {'time':>8}"
+    lines.append(hdr)
+    for r in plan.runs:
+        v = r.variation
+        fwd = f"{r.full_forwards}/{r.encoder_forwards}/{r.decoder_forwards}/{r.partial_forwards}"
+        mark = " ✓" if r.run_id in done else ""
+        lines.append(f"  {v.id:<26} {r.seed:>4} {v.model:<10} {r.sampler.label:<16} "
+                     f"{'-' if v.lambda_fcr is None else f'{v.lambda_fcr:g}':>5} {v.robustness:<14} {r.steps:>5} "
+                     f"{r.n_samples:>5} {fwd:>22} {_fmt_flops(r.est_flops):>11} {_fmt_s(r.est_seconds):>8}{mark}")
+    lines.append("")
+    lines.append("  forward counts are per sampling run (one batch); ×2 rows with classifier-free guidance")
+    costs = ", ".join(f"{k}: {c.flops_per_forward / 1e9:.3g} GFLOPs/forward, encoder {c.encoder_share:.0%} "
+                      f"({c.source})" for k, c in plan.costs.items())
+    lines.append(f"  model cost: {costs}")
+    lines.append(f"estimated compute: {_fmt_flops(plan.total_flops)} (sampling + fine-tuning); "
+                 f"wall time ≈ {_fmt_s(plan.total_seconds)} at {plan.gflops_per_s:.1f} GFLOP/s ({plan.calibration};"
+                 " includes timing repeats, feature extraction and σ²_Δ)")
+    if not exp.embedded:
+        lines.append(f"  on one A100-class GPU at an assumed {ASSUMED_GPU_TFLOPS:g} TFLOP/s effective: "
+                     f"≈{_fmt_s(plan.total_flops / (ASSUMED_GPU_TFLOPS * 1e12))} (CPU figure above is for scale only)")
+    if exp.human_study:
+        lines.append(f"human study: {exp.human_study.pairs} A/B pairs over {len(exp.human_study.comparisons)} "
+                     "comparison(s) (run with fcr-human-study on the stored samples)")
+    return "\n".join(lines)
+
+
+def plan_json(plans: list[Plan]) -> dict:
+    """The design's output form: experiments (experiment_id, run_variations, description),
+    expected_models, expected_datasets."""
+    experiments, models, datasets = [], [], []
+    for plan in plans:
+        exp = plan.experiment
+        experiments.append({
+            "experiment_id": exp.id,
+            "run_variations": [v.id for v in exp.variations],
+            "description": exp.description,
+        })
+        for m in exp.models.values():
+            if m.source not in models:
+                models.append(m.source)
+        for d in exp.datasets.values():
+            if d.id not in datasets:
+                datasets.append(d.id)
+    return {"experiments": experiments, "expected_models": models, "expected_datasets": datasets}

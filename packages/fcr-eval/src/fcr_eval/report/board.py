@@ -1,0 +1,108 @@
+"""The success-criteria board of a stored experiment: reads the store, evaluates the design's
+criteria (:mod:`fcr_eval.analysis.criteria`), replaces paired alignment where per-sample values
+exist, turns verdicts the data cannot carry into INCONCLUSIVE, and writes them back.
+
+Example:
+    >>> cfg = CriteriaConfig(baseline="fd-5", candidate="fcr-0.10-fd-10", no_fcr_reference="fd-10")
+    >>> rows = evaluate_store_criteria(ResultsStore("results/fcr.duckdb"), "mini-exp-1", cfg)
+"""
+
+from __future__ import annotations
+
+import logging
+
+import polars as pl
+
+from fcr_eval.analysis.criteria import evaluate_criteria, paired_criterion
+from fcr_eval.records import CriterionResult
+from fcr_eval.spec.criteria import CriteriaConfig
+from fcr_eval.store import ResultsStore
+
+__all__ = ["evaluate_store_criteria", "PER_SAMPLE_ALIGNMENT"]
+
+logger = logging.getLogger(__name__)
+
+
+#: The per-sample form of each set-level alignment metric (pairs across variations by seed and sample).
+PER_SAMPLE_ALIGNMENT = {"class_agreement": "class_correct", "clip_score": "clip_score"}
+
+
+def _paired_alignment(store: ResultsStore, experiment_id: str, cfg: CriteriaConfig, version: str):
+    """ΔCLIPScore / Δclass agreement as a paired relative difference with a seed-clustered
+    bootstrap CI, from the per-sample values both variations stored; ``None`` without them."""
+    from fcr_eval.analysis.contrasts import pair_samples
+
+    metric = PER_SAMPLE_ALIGNMENT.get(cfg.alignment_metric)
+    if metric is None:
+        return None
+    per_sample = store.sample_metrics(experiment_id=experiment_id, metric=metric,
+                                      variation_id=[cfg.baseline, cfg.candidate])
+    if per_sample.height == 0 or per_sample["variation_id"].n_unique() < 2:
+        return None
+    pairs = pair_samples(per_sample, metric, [cfg.candidate, cfg.baseline])
+    cand, base = pairs[cfg.candidate].to_numpy(), pairs[cfg.baseline].to_numpy()
+    if len(cand) < 2 or float(base.mean()) == 0.0:
+        return None
+    return paired_criterion(experiment_id, "alignment_delta", cand, base, threshold=-cfg.max_alignment_drop,
+                            direction="at_least", statistic="relative_difference", clusters=pairs["seed"].to_numpy(),
+                            code_version=version, metric=metric, baseline_variation=cfg.baseline,
+                            candidate_variation=cfg.candidate, pairs=len(cand))
+
+
+def _undecided_when_unsound(r: CriterionResult, store: ResultsStore, experiment_id: str) -> CriterionResult:
+    """A verdict the data cannot carry becomes INCONCLUSIVE, with the reason: a quality delta from
+    Fréchet distances of fewer samples than feature dimensions (singular covariance), and an R²
+    whose correlation is not significant at 5 % (e.g. three points)."""
+    import dataclasses
+
+    from fcr_eval.metrics.extractors import feature_dim
+
+    reason = None
+    if r.criterion == "quality_delta" and r.value is not None:
+        metric = str(r.details.get("metric", ""))
+        ext = metric.split("_", 1)[-1]
+        m = store.metrics(experiment_id=experiment_id, metric=metric)
+        dim = feature_dim(ext) if metric.startswith(("fd_", "fid_")) else None
+        if dim is not None and m.height and int(m["n_samples"].min()) <= dim:
+            reason = (f"{metric} from {int(m['n_samples'].min())} samples per run in {dim} dimensions is not "
+                      "estimable (singular covariance); judge quality by the paired contrasts")
+    elif r.criterion == "variance_quality_r2" and r.value is not None:
+        p = r.details.get("p_value")
+        if p is None or not p < 0.05:
+            reason = f"the correlation is not significant (p = {p:.2g}, {len(r.details.get('variations', []))} points)"
+    if reason is None:
+        return r
+    details = {**r.details, "reason": reason, "verdict_without_uncertainty": r.verdict}
+    return dataclasses.replace(r, passed=None, verdict="INCONCLUSIVE", details=details)
+
+
+def evaluate_store_criteria(store: ResultsStore, experiment_id: str, config: CriteriaConfig, *,
+                            write: bool = True) -> list[CriterionResult]:
+    """Evaluate the criteria of ``experiment_id`` from ``store`` and (by default) write them to its
+    ``criteria`` table, replacing earlier verdicts.
+
+    Example:
+        >>> evaluate_store_criteria(ResultsStore("results/fcr.duckdb"), "mini-exp-1", cfg)
+    """
+    from fcr_eval.provenance import code_version
+
+    version = code_version()
+    rounds = store.timing_rounds(experiment_id)
+    # An interleaved timing session (rounds of back-to-back timings) gives the speed criteria a CI;
+    # without one they fall back to the per-run timings' seed means.
+    timings = (rounds.with_columns(pl.lit(0).alias("seed"), pl.col("round").alias("repeat"))
+               if rounds.height and rounds["round"].n_unique() > 1 else store.timings(experiment_id=experiment_id))
+    rows = evaluate_criteria(
+        experiment_id, config, metrics=store.metrics(experiment_id=experiment_id),
+        timings=timings, feature_stats=store.feature_stats(experiment_id=experiment_id), code_version=version,
+    )
+    paired = _paired_alignment(store, experiment_id, config, version)
+    if paired is not None:
+        rows = [paired if r.criterion == "alignment_delta" else r for r in rows]
+    rows = [_undecided_when_unsound(r, store, experiment_id) for r in rows]
+    if write:
+        store.write_criteria(rows)
+    for r in rows:
+        logger.info("criterion %-20s %s value=%s threshold=%s", r.criterion,
+                    {True: "PASS", False: "FAIL", None: "n/a"}[r.passed], r.value, r.threshold)
+    return rows

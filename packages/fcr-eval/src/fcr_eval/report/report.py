@@ -1,0 +1,310 @@
+"""Reporting an experiment from the store: the summary table (mean ± 95 % CI over seeds), the
+notes that say what produced its numbers, the success-criteria board and the plots. No sampling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fcr_eval.spec.experiment import Experiment
+from fcr_eval.plan.planner import Plan
+from fcr_eval.store import ResultsStore
+
+from fcr_eval.analysis.stats import clustered_mean_ci
+
+__all__ = ["Report", "summary_table", "paired_table", "contrasts_report", "criteria_table", "report"]
+
+
+def _fmt_ci(mean: float, lo: float, hi: float) -> str:
+    if not np.isfinite(mean):
+        return "–"
+    if lo == hi:
+        return f"{mean:.4g}"
+    return f"{mean:.4g} [{lo:.3g}, {hi:.3g}]"
+
+
+#: Per-sample metrics of the paired table, in the order shown, with their column titles.
+PAIRED_COLUMNS = (("cache_mse", "cache MSE"), ("cache_psnr", "cache PSNR dB"), ("cache_feature_l2", "cache feat. L2"),
+                  ("class_correct", "class correct"), ("class_logprob", "class log-prob"),
+                  ("clip_score", "CLIPScore"), ("clip_drift", "CLIP drift"))
+
+
+def paired_table(exp: Experiment, per_sample) -> str:
+    """Markdown table: one row per variation, each per-sample metric's mean with a bootstrap CI over
+    samples clustered by seed (every variation of a seed starts from the same x_T and prompts).
+    PSNR is the median over finite values (identical images have infinite PSNR)."""
+    import polars as pl
+
+    if per_sample is None or per_sample.height == 0:
+        return ""
+    present = [(m, t) for m, t in PAIRED_COLUMNS if m in set(per_sample["metric"].unique().to_list())]
+    head = ["variation", "n (seeds)"] + [t for _, t in present]
+    rows = []
+    for v in exp.variations:
+        d = per_sample.filter(pl.col("variation_id") == v.id)
+        if d.height == 0:
+            continue
+        n = d.filter(pl.col("metric") == present[0][0]).height if present else 0
+        row = [v.id, f"{n} ({d['seed'].n_unique()})"]
+        for m, _ in present:
+            dm = d.filter(pl.col("metric") == m)
+            vals = dm["value"].to_numpy().astype(float)
+            if m == "cache_psnr":
+                fin = vals[np.isfinite(vals)]
+                row.append("∞ (identical)" if len(vals) and not len(fin) else
+                           (f"median {np.median(fin):.3g}" if len(fin) else "–"))
+            else:
+                row.append(_fmt_ci(*clustered_mean_ci(vals, dm["seed"].to_numpy())) if dm.height else "–")
+        rows.append(row)
+    return _markdown(head, rows)
+
+
+def _paired_notes() -> str:
+    return ("cache MSE / PSNR / feat. L2: distance of each sample to the same weights' uncached sample from the "
+            "same x_T and prompt (0 / ∞ for the uncached sampler itself); class correct / log-prob: the shipped "
+            "classifier on the prompted class; CIs: two-stage bootstrap (seeds, then samples within a seed).")
+
+
+def _markdown(head: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(head, widths, strict=False)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def contrasts_report(exp: Experiment, store: ResultsStore, per_sample, *, write: bool = True) -> str:
+    """Compute the experiment's ``[[contrasts]]`` from the stored per-sample metrics, store them
+    (replacing earlier values) and return them as a markdown table. A contrast whose variations
+    have no stored samples yet is listed as not computed."""
+    import polars as pl
+
+    from fcr_eval.analysis.contrasts import compute_contrast
+    from fcr_eval.provenance import code_version
+
+    specs = list(getattr(exp, "contrasts", ()) or ())
+    if not specs:
+        return ""
+    have = set(per_sample["variation_id"].unique().to_list()) if per_sample.height else set()
+    results, rows = [], []
+    for spec in specs:
+        needed = {spec.candidate, spec.baseline} | ({spec.target} if spec.target else set())
+        missing = sorted(needed - have)
+        if missing:
+            rows.append([spec.id, spec.kind, spec.metric, "–", "–", "–", f"not computed: no samples of {missing}"])
+            continue
+        r = compute_contrast(spec, per_sample.filter(pl.col("variation_id").is_in(list(needed))))
+        results.append(r)
+        sides = f"{r.candidate} vs {r.baseline}" + (f" (target {r.target})" if r.target else "")
+        crit = f"{r.verdict} ({r.direction} {r.threshold:g})" if r.verdict else ""
+        if r.kind == "recovered_fraction":
+            sides += "; " + _precision_note(r)
+        rows.append([r.contrast_id, r.kind, r.metric, f"{r.estimate:.4g} [{r.ci_low:.3g}, {r.ci_high:.3g}]",
+                     f"{r.n_samples} ({r.n_clusters})", crit, sides])
+    if write and results and not store.read_only:
+        store.write_contrasts(exp.id, results, code_version=code_version())
+    return _markdown(["contrast", "kind", "metric", "estimate [95% CI]", "pairs (seeds)", "criterion", "compares"],
+                     rows)
+
+
+#: The CI half-width a recovered fraction should reach to answer the study's question (issue target).
+RECOVERED_FRACTION_HALF_WIDTH = 0.15
+
+
+def _precision_note(r) -> str:
+    """Whether a recovered fraction's CI is as narrow as the study needs, and if not, about how many
+    paired samples would make it so (half-width shrinks as 1/√n at a fixed design)."""
+    half = (r.ci_high - r.ci_low) / 2
+    target = RECOVERED_FRACTION_HALF_WIDTH
+    if not np.isfinite(half):
+        return "CI undefined"
+    if half <= target:
+        return f"CI half-width {half:.2f} ≤ {target:g}"
+    need = int(np.ceil(r.n_samples * (half / target) ** 2))
+    return f"CI half-width {half:.2f} > {target:g}: ≈ {need} pairs would reach ±{target:g}"
+
+
+def _set_size_note(exp: Experiment, store: ResultsStore) -> str:
+    """Says when a Fréchet distance was computed from fewer samples than feature dimensions (its
+    covariance is then singular and the number is only indicative; KID is unbiased)."""
+    from fcr_eval.metrics.extractors import feature_dim, metric_name
+
+    ext = exp.evaluation.feature_extractor
+    dim = feature_dim(ext)
+    m = store.metrics(experiment_id=exp.id, metric=metric_name("fd", ext))
+    if m.height == 0 or dim is None:
+        return ""
+    n = int(m["n_samples"].min())
+    if n > dim:
+        return ""
+    return (f" **FD is indicative only:** each run's FD comes from {n} samples in {dim} feature dimensions "
+            "(singular covariance, biased upwards); read KID and the paired metrics above instead.")
+
+
+def _ci_text(values: list[float], digits: int = 3) -> str:
+    from fcr_eval.analysis.stats import mean_ci
+
+    vals = [float(x) for x in values if x is not None and np.isfinite(x)]
+    if not vals:
+        return "–"
+    if len(vals) < 2:
+        return f"{vals[0]:.{digits}g}"
+    if len(vals) == 2:  # a t-interval from two values says little: show both
+        return f"{np.mean(vals):.{digits}g} ({min(vals):.{digits}g}–{max(vals):.{digits}g})"
+    ci = mean_ci(vals)
+    return f"{ci.mean:.{digits}g} ± {ci.half_width:.2g}"
+
+
+def summary_table(exp: Experiment, store: ResultsStore) -> str:
+    """Markdown table: one row per variation, mean ± 95 % CI half-width over seeds."""
+    import polars as pl
+
+    from fcr_eval.metrics.extractors import metric_name
+
+    metrics = store.metrics(experiment_id=exp.id)
+    timings = store.timings(experiment_id=exp.id)
+    fstats = store.feature_stats(experiment_id=exp.id)
+    ext = exp.evaluation.feature_extractor
+    ms = exp.evaluation.metrics
+    # KID first: unbiased at any sample size, where a Fréchet distance from fewer samples than
+    # feature dimensions is not estimable (the notes under the table say when that is the case).
+    cols = [
+        ("KID", metric_name("kid", ext)),
+        ("FID" if ext == "inception" else "FD (" + ext + ")", metric_name("fd", ext)),
+        ("precision", "precision"), ("recall", "recall"),
+    ]
+    if "class_agreement" in ms:
+        cols.append(("class agr.", "class_agreement"))
+    if "clip_score" in ms:
+        cols.append(("CLIPScore", "clip_score"))
+    if "clip_drift" in ms:
+        cols.append(("CLIP drift", "clip_drift"))
+    tb_sizes = list(exp.evaluation.timing_batch_sizes)
+    head = ["variation", "seeds"] + [c for c, _ in cols] + [f"s/img b{b}" for b in tb_sizes] + [
+        "UNet calls/enc/dec", "GFLOPs/img", "peak MB", "σ²_Δ mean"]
+    rows = []
+    for v in exp.variations:
+        m = metrics.filter(pl.col("variation_id") == v.id) if metrics.height else metrics
+        if m.height == 0:
+            rows.append([v.id, "0"] + ["–"] * (len(head) - 2))
+            continue
+        seeds = sorted(set(m["seed"].to_list()))
+        row = [v.id, str(len(seeds))]
+        for _, name in cols:
+            row.append(_ci_text(m.filter(pl.col("metric") == name)["value"].to_list()))
+        t = timings.filter(pl.col("variation_id") == v.id) if timings.height else timings
+        for b in tb_sizes:
+            tb = t.filter(pl.col("batch_size") == b) if t.height else t
+            row.append(_ci_text(tb["sec_per_image"].to_list()) if tb.height else "–")
+        t1 = t.filter(pl.col("batch_size") == min(exp.evaluation.timing_batch_sizes)) if t.height else t
+        if t1.height:
+            r0 = t1.row(0, named=True)
+            full = r0["encoder_forwards"]
+            row.append(f"{r0['unet_calls']}/{full}/{r0['decoder_forwards']}")
+            row.append(f"{r0['flops_per_image'] / 1e9:.2f}" if r0["flops_per_image"] else "–")
+            row.append(f"{r0['peak_memory_bytes'] / 2**20:.0f}" if r0["peak_memory_bytes"] else "–")
+        else:
+            row += ["–", "–", "–"]
+        f = fstats.filter((pl.col("variation_id") == v.id) & (pl.col("block") == "all")) if fstats.height else fstats
+        if f.height:
+            per_seed = f.group_by("seed").agg(pl.col("variance").mean())["variance"].to_list()
+            row.append(_ci_text(per_seed))
+        else:
+            row.append("–")
+        rows.append(row)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(head, widths, strict=False)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _table_notes(exp: Experiment) -> str:
+    """What produced the table's numbers, in one paragraph under it."""
+    ev = exp.evaluation
+    ref = exp.datasets.get(ev.reference) if ev.reference else None
+    ref_text = ref.description or ref.id if ref else ("real Fashion-MNIST test images" if exp.embedded else "–")
+    if ev.feature_extractor == "inception":
+        q = f"FID/KID/precision/recall: clean-fid Inception features ({ev.inception_weights}) vs {ref_text}"
+    else:
+        q = (f"FD/KID/precision/recall: EfficientNet-Lite0 features ({ev.feature_extractor}, "
+             f"{ev.feature_image_size}²) vs {ref_text} — not Inception FID")
+    parts = [q]
+    if "class_agreement" in ev.metrics:
+        parts.append("class agr.: shipped Fashion-MNIST classifier")
+    if "clip_score" in ev.metrics:
+        parts.append(f"CLIPScore: torchmetrics with the local CLIP {ev.clip_model}")
+    if "clip_drift" in ev.metrics:
+        parts.append("CLIP drift: mean 1 − cos of CLIP image embeddings, cached sampler vs no cache on the same "
+                     "weights, prompts and noise")
+    parts.append("s/img: device-synchronised after warm-up")
+    parts.append("peak MB: CUDA peak allocated on GPU, process RSS on CPU")
+    return "; ".join(parts) + "."
+
+
+def criteria_table(results) -> str:
+    lines = ["| criterion | verdict | value [95% CI] | threshold | note |", "|---|---|---|---|---|"]
+    for r in results:
+        verdict = getattr(r, "verdict", None) or {True: "PASS", False: "FAIL", None: "n/a"}[r.passed]
+        value = "–" if r.value is None else f"{r.value:.4g}"
+        lo, hi = getattr(r, "ci_low", None), getattr(r, "ci_high", None)
+        if r.value is not None and lo is not None and hi is not None:
+            value += f" [{lo:.3g}, {hi:.3g}]"
+        note = r.details.get("reason", "") if isinstance(r.details, dict) else ""
+        if not note and isinstance(r.details, dict):
+            b, c = r.details.get("baseline_variation"), r.details.get("candidate_variation")
+            note = f"{c} vs {b}" if b and c else ", ".join(r.details.get("variations", []) or [])
+        lines.append(f"| {r.criterion} | {verdict} | {value} | {r.threshold:g} | {note} |")
+    return "\n".join(lines)
+
+
+@dataclass
+class Report:
+    """What :func:`report` printed and wrote."""
+
+    store: Path
+    plots: list[Path] = field(default_factory=list)
+    table: str = ""
+    criteria: list = field(default_factory=list)
+
+
+def report(exp: Experiment, store_path: Path, *, plots: bool = True, plan: Plan | None = None) -> Report:
+    """Print the summary table and the success criteria, write the plots; no sampling."""
+    from fcr_eval.report.board import evaluate_store_criteria
+
+    store = ResultsStore(store_path)
+    title = f"{exp.id}{f' (profile {exp.profile})' if exp.profile else ''}"
+    per_sample = store.sample_metrics(experiment_id=exp.id)
+    paired = paired_table(exp, per_sample)
+    if paired:
+        print(f"\n## {title}: paired per-sample metrics, mean [95% CI, bootstrap over samples clustered by seed]\n")
+        print(paired)
+        print("\n" + _paired_notes())
+    contrasts = contrasts_report(exp, store, per_sample)
+    if contrasts:
+        print(f"\n### contrasts (paired over samples sharing seed and x_T; [[contrasts]] of {exp.path})\n")
+        print(contrasts)
+    table = summary_table(exp, store)
+    spread = ("mean (the two seeds' values)" if len(exp.seeds) == 2 else "mean ± 95% t-interval half-width over seeds")
+    print(f"\n## {title}: set-level metrics, {spread}\n")
+    print(table)
+    print("\n" + _table_notes(exp) + _set_size_note(exp, store))
+    crit = []
+    if exp.criteria is not None:
+        crit = evaluate_store_criteria(store, exp.id, exp.criteria)
+        print("\n### success criteria (design.md §1)\n")
+        print(criteria_table(crit))
+    files: list[Path] = []
+    if plots:
+        from fcr_eval.report.plots import make_plots
+
+        files = make_plots(exp, store, store.root / "plots" / exp.id)
+    print(f"\nstore: {store_path}")
+    if files:
+        print(f"plots ({store.root / 'plots' / exp.id}):")
+        for f in files:
+            print(f"  {f}")
+    return Report(store=store_path, plots=files, table=table, criteria=crit)

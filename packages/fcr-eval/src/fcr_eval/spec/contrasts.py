@@ -1,0 +1,113 @@
+"""The ``[[contrasts]]`` of an experiment file: what each paired comparison compares.
+
+:class:`ContrastSpec` is the schema of one entry (checked when it is built) and
+:func:`check_contrast` checks it against the experiment's variations; computing a contrast from
+stored per-sample values is :mod:`fcr_eval.analysis.contrasts`.
+
+Example:
+    >>> spec = ContrastSpec("stride-gap", "difference", "cache_mse", candidate="fd-10", baseline="fd-5")
+    >>> check_contrast(spec, ["fd-5", "fd-10"])
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from fcr_eval.spec.vocabulary import DIRECTIONS, SAMPLE_METRICS
+
+__all__ = ["CONTRAST_KINDS", "ContrastSpec", "ContrastSpecError", "check_contrast"]
+
+
+#: Contrast kind → the statistic of :mod:`fcr_eval.analysis.stats` that computes it.
+CONTRAST_KINDS = {
+    "difference": "mean_difference",
+    "relative_difference": "relative_difference",
+    "recovered_fraction": "recovered_fraction",
+}
+
+
+class ContrastSpecError(ValueError):
+    """A contrast is malformed; ``key`` names the offending field (for file:line reporting)."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+@dataclass(frozen=True)
+class ContrastSpec:
+    """One paired comparison of an experiment (a ``[[contrasts]]`` entry).
+
+    Attributes:
+        id: its name (letters, digits, ``.``, ``_``, ``-``).
+        kind: a key of :data:`CONTRAST_KINDS`.
+        metric: a per-sample metric of :data:`fcr_eval.metrics.paired.SAMPLE_METRICS`.
+        candidate, baseline: variation ids.
+        target: ``recovered_fraction`` only — the variation whose value marks a closed gap.
+        threshold, direction: optional criterion: ``direction`` ``"at_least"`` / ``"at_most"``.
+        description: free text shown with the number.
+        confidence, n_resamples: the bootstrap interval's level and size.
+        profiles: the contrast exists only in these profiles (like a variation's ``profiles``).
+    """
+
+    id: str
+    kind: str
+    metric: str
+    candidate: str
+    baseline: str
+    target: str | None = None
+    threshold: float | None = None
+    direction: str | None = None
+    description: str = ""
+    confidence: float = 0.95
+    n_resamples: int = 10_000
+    profiles: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.id, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.id):
+            raise ContrastSpecError(f"id = {self.id!r} must be letters, digits, '.', '_' or '-'", "id")
+        if self.kind not in CONTRAST_KINDS:
+            raise ContrastSpecError(f"kind = {self.kind!r} is not one of {list(CONTRAST_KINDS)}", "kind")
+        if (self.kind == "recovered_fraction") != (self.target is not None):
+            raise ContrastSpecError(
+                "a recovered_fraction contrast needs target = the small-stride variation (a closed gap)"
+                if self.target is None else f"target is only used by kind 'recovered_fraction', not {self.kind!r}",
+                "target")
+        if (self.threshold is None) != (self.direction is None):
+            raise ContrastSpecError("threshold and direction come together (direction = 'at_least' or 'at_most')",
+                                    "direction" if self.direction is None else "threshold")
+        if self.direction is not None and self.direction not in DIRECTIONS:
+            raise ContrastSpecError(f"direction = {self.direction!r} is not one of {list(DIRECTIONS)}", "direction")
+        if self.candidate == self.baseline:
+            raise ContrastSpecError(f"candidate and baseline are both {self.candidate!r}", "baseline")
+        if not 0 < self.confidence < 1:
+            raise ContrastSpecError(f"confidence = {self.confidence} must be in (0, 1)", "confidence")
+        if self.n_resamples < 1000:
+            raise ContrastSpecError(f"n_resamples = {self.n_resamples} is too few for a 95 % interval; use >= 1000",
+                                    "n_resamples")
+
+    @property
+    def variations(self) -> tuple[str, ...]:
+        """The variations it needs: candidate, baseline (and target)."""
+        return (self.candidate, self.baseline) + ((self.target,) if self.target else ())
+
+
+def check_contrast(spec: ContrastSpec, variation_ids: Sequence[str]) -> None:
+    """Check that ``spec`` names known variations and a known per-sample metric.
+
+    Raises:
+        ContrastSpecError: naming the unknown id and listing the known ones.
+
+    Example:
+        >>> check_contrast(spec, [v.id for v in experiment.variations])
+    """
+    if spec.metric not in SAMPLE_METRICS:
+        raise ContrastSpecError(f"metric = {spec.metric!r} is not a per-sample metric; known: {sorted(SAMPLE_METRICS)}",
+                                "metric")
+    for role in ("candidate", "baseline", "target"):
+        v = getattr(spec, role)
+        if v is not None and v not in variation_ids:
+            raise ContrastSpecError(f"{role} = {v!r} is not a variation of this experiment (profile); known variation "
+                                    f"ids: {list(variation_ids)}", role)

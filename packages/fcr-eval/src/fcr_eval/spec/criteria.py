@@ -1,0 +1,35 @@
+"""The ``[criteria]`` table of an experiment file: which variations play which role in the
+design's success criteria, which metrics they use, and the thresholds (design.md §1).
+
+Evaluating them is :mod:`fcr_eval.analysis.criteria` (from frames) and
+:mod:`fcr_eval.report.board` (from a store).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = ["CriteriaConfig"]
+
+
+@dataclass(frozen=True)
+class CriteriaConfig:
+    """Which variations play which role, which metrics to use, and the thresholds."""
+
+    baseline: str
+    candidate: str
+    no_fcr_reference: str | None = None
+    quality_metric: str = "fd_efficientnet_lite0"
+    alignment_metric: str = "class_agreement"
+    finetune_metric: str = "finetune_compute_fraction"
+    timing_batch_size: int = 1
+    variance_block: str = "all"
+    r2_variations: Sequence[str] | None = None
+    max_quality_increase: float = 0.05
+    max_alignment_drop: float = 0.02
+    min_speedup: float = 1.4
+    max_extra_memory: float = 0.02
+    min_variance_reduction: float = 0.30
+    min_r2: float = 0.6
+    max_finetune_fraction: float = 0.03

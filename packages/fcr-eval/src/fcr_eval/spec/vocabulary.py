@@ -1,0 +1,69 @@
+"""The words an experiment file may use: sampler kinds, scheduler names, robustness protocols and
+their settings, the directions of a threshold, and the per-sample metrics a contrast may name.
+
+Each vocabulary is defined here once; the modules that act on a word (``plan.samplers`` builds a
+sampler, ``run.schedulers`` a scheduler, ``metrics.robustness`` a perturbation) import it. This
+module imports nothing, so the experiment schema loads without torch or DuckDB. Vocabularies owned
+by the lower packages (fcr-sample's block groups and schedule names, fcr-train's distances, Δ
+units and embedded model names) stay with them, in their torch-free ``vocabulary`` modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["SAMPLERS", "CACHED_SAMPLERS", "SCHEDULERS", "ROBUSTNESS_PROTOCOLS", "PROTOCOL_SETTINGS",
+           "DIRECTIONS",
+           "SampleMetricSpec", "SAMPLE_METRICS", "CACHE_MSE", "CACHE_PSNR", "CACHE_FEATURE_L2", "CLASS_CORRECT",
+           "CLASS_LOGPROB"]
+
+#: Sampler kinds of an experiment variation: no cache, encoder caching (Faster Diffusion), DeepCache.
+SAMPLERS = ("none", "fd", "deepcache")
+#: The kinds that attach a cache hook to the UNet.
+CACHED_SAMPLERS = ("fd", "deepcache")
+
+#: Scheduler names of experiment files: DDIM (η = 0) and DPM-Solver++ (2nd-order multistep).
+SCHEDULERS = ("ddim", "dpm-solver++")
+
+#: Robustness protocols of exp-2 (``[variations.robustness] kind = ...``).
+ROBUSTNESS_PROTOCOLS = ("none", "resolution", "schedule_perturbation", "fgsm_latent", "ood_prompts")
+#: The settings each protocol takes in an experiment file.
+PROTOCOL_SETTINGS: dict[str, frozenset[str]] = {
+    "none": frozenset(), "resolution": frozenset({"resolution"}), "schedule_perturbation": frozenset({"std"}),
+    "fgsm_latent": frozenset({"epsilon", "steps", "n_images"}), "ood_prompts": frozenset({"prompts"}),
+}
+
+#: ``at_least``: the value must be ≥ the threshold (speed-up, ΔCLIPScore); ``at_most``: ≤ (ΔFID, memory).
+DIRECTIONS = ("at_least", "at_most")
+
+#: Per-sample metric names (computed in :mod:`fcr_eval.metrics.paired` and
+#: :mod:`fcr_eval.metrics.class_agreement`, stored in ``sample_metrics``).
+CACHE_MSE = "cache_mse"
+CACHE_PSNR = "cache_psnr"
+CACHE_FEATURE_L2 = "cache_feature_l2"
+# The classifier's per-sample scores (computed in :mod:`fcr_eval.metrics.class_agreement`).
+CLASS_CORRECT = "class_correct"
+CLASS_LOGPROB = "class_logprob"
+
+
+@dataclass(frozen=True)
+class SampleMetricSpec:
+    """A per-sample metric: its name, what it is, and which way is better."""
+
+    name: str
+    description: str
+    higher_is_better: bool
+    needs_reference: bool = False  # compared against the same weights' uncached sample
+
+
+#: The per-sample metric vocabulary (the names a ``[[contrasts]]`` entry may use).
+SAMPLE_METRICS: dict[str, SampleMetricSpec] = {s.name: s for s in (
+    SampleMetricSpec(CACHE_MSE, "pixel MSE to the same weights' uncached sample (images in [0, 1])", False, True),
+    SampleMetricSpec(CACHE_PSNR, "PSNR in dB to the same weights' uncached sample (+inf when identical)", True, True),
+    SampleMetricSpec(CACHE_FEATURE_L2, "L2 distance to the same weights' uncached sample in the quality "
+                     "extractor's feature space", False, True),
+    SampleMetricSpec(CLASS_CORRECT, "1 if the Fashion-MNIST classifier assigns the prompted class", True),
+    SampleMetricSpec(CLASS_LOGPROB, "log-probability of the prompted class under the Fashion-MNIST classifier", True),
+    SampleMetricSpec("clip_score", "CLIPScore of the sample against its prompt", True),
+    SampleMetricSpec("clip_drift", "CLIP-embedding distance to the same weights' uncached sample", False, True),
+)}
