@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fcr_eval.analysis.stats import mean_ci
 from fcr_eval.metrics.class_agreement import class_agreement, load_fashion_mnist_classifier
 from fcr_eval.metrics.extractors import EfficientNetLite0Extractor
 from fcr_eval.metrics.kid import kernel_distance
 from fcr_eval.metrics.paired import pixel_mse
-from fcr_eval.analysis.stats import mean_ci
 from fcr_sample import (
     DeepCacheConfig,
     EncoderCacheConfig,

@@ -21,7 +21,6 @@ import numpy as np
 import polars as pl
 import pytest
 from fcr_eval.analysis.contrasts import ContrastSpec, compute_contrasts
-from fcr_eval.store.migrations import migrate
 from fcr_eval.store import (
     CriterionResult,
     MetricRecord,
@@ -31,6 +30,7 @@ from fcr_eval.store import (
     SampleMetrics,
     make_run_id,
 )
+from fcr_eval.store.migrations import migrate
 from fcr_results_explorer.stats import Z95
 
 EXP = "pair-exp"

@@ -8,8 +8,8 @@ import json
 
 import duckdb
 import pytest
-from fcr_eval.store.migrations import migrate
 from fcr_eval.store import SCHEMA_VERSION, ResultsStore
+from fcr_eval.store.migrations import migrate
 from fcr_results_explorer import queries as q
 from fcr_results_explorer.reader import StoreLocation, StoreReader
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
-from fcr_eval.store.migrations import SCHEMA_VERSION
 from fcr_eval.store import ResultsStore
+from fcr_eval.store.migrations import SCHEMA_VERSION
 
 logger = logging.getLogger(__name__)
 

@@ -85,14 +85,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _plan(args) -> int:
-    from fcr_eval.spec.experiment import load_experiment
     from fcr_eval.plan.planner import format_plan, make_plan, plan_json
     from fcr_eval.plan.validation import check_inputs, check_models, check_store
+    from fcr_eval.spec.experiment import load_experiment
 
     exps = [load_experiment(f, args.profile) for f in args.files]  # an unknown profile lists the file's
     check_store(args.store, must_exist=False)
     results_dir = Path(args.store).parent
-    plans = [make_plan(e, results_dir=results_dir, calibrate=False) for e in exps]
+    gflops = None
+    if not args.json and not args.no_calibrate:
+        from fcr_eval.plan.planner import calibrate_throughput
+
+        gflops = calibrate_throughput()
+    # One plan per experiment, built once: the checks, the JSON and the printed plan read the same object.
+    plans = [make_plan(e, results_dir=results_dir, calibrate=False, gflops_per_s=gflops) for e in exps]
+    if gflops is not None:
+        for plan in plans:
+            plan.calibration = "measured on this machine just now (embedded UNet, batch 64)"
     for e, plan in zip(exps, plans, strict=True):  # what `run` checks before any work
         for check in (lambda: check_models(e), lambda: check_inputs(e, plan)):  # noqa: B023 - called at once
             try:
@@ -104,23 +113,15 @@ def _plan(args) -> int:
     if args.json:
         print(json.dumps(plan_json(plans), indent=2))
         return 0
-    gflops = None
-    if not args.no_calibrate:
-        from fcr_eval.plan.planner import calibrate_throughput
-
-        gflops = calibrate_throughput()
-    for e in exps:
-        plan = make_plan(e, results_dir=results_dir, calibrate=False, gflops_per_s=gflops)
-        if gflops is not None:
-            plan.calibration = "measured on this machine just now (embedded UNet, batch 64)"
+    for e, plan in zip(exps, plans, strict=True):
         print(format_plan(plan, _finished(args.store, e.id)))
         print()
     return 0
 
 
 def _run(args) -> int:
-    from fcr_eval.spec.experiment import load_experiment
     from fcr_eval.plan.validation import check_device, check_store
+    from fcr_eval.spec.experiment import load_experiment
 
     exp = load_experiment(args.file, args.profile)
     check_store(args.store, must_exist=args.command == "report")
@@ -166,8 +167,8 @@ def _finished(store: str, experiment_id: str) -> set[str]:
     schema is read after the next ``run`` or ``report`` migrates it."""
     if not Path(store).is_file():
         return set()
-    from fcr_eval.store.db import StoreSchemaError
     from fcr_eval.store import ResultsStore
+    from fcr_eval.store.db import StoreSchemaError
 
     try:
         return ResultsStore.open_readonly(store).finished_run_ids(experiment_id)

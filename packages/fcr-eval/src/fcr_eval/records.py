@@ -40,6 +40,7 @@ __all__ = [
     "SampleMetrics",
     "RunResult",
     "make_run_id",
+    "unestimable_fd",
 ]
 
 MEMORY_KINDS = ("cuda_peak", "process_rss")
@@ -130,10 +131,11 @@ class PerPromptScore:
 @dataclass(frozen=True)
 class TimingRecord:
     """One row of ``timings``. ``sec_per_image`` is device-synchronised, after ``warmup``
-    untimed calls, averaged over ``n_images`` images."""
+    untimed calls, averaged over ``n_images`` images; ``None`` when the experiment's interleaved
+    timing session timed the sampler instead (``timing_rounds``)."""
 
     batch_size: int
-    sec_per_image: float
+    sec_per_image: float | None
     unet_calls: int | None = None
     encoder_forwards: int | None = None
     decoder_forwards: int | None = None
@@ -275,6 +277,25 @@ class RunResult:
     feature_stats: list[FeatureStat] = field(default_factory=list)
     samples: list[SampleRecord] = field(default_factory=list)
     sample_metrics: list[SampleMetrics] = field(default_factory=list)  # migration 4
+
+
+def unestimable_fd(metrics) -> tuple[int, int] | None:
+    """Read the stored estimability of Fréchet-distance rows (``details["estimable"]``, written
+    with each FD record by :func:`fcr_eval.metrics.quality.quality_metrics`): ``(fewest samples,
+    feature dimension)`` when any row is not estimable, else ``None``. Rows stored before the flag
+    existed carry no answer and are not judged here.
+
+    Args:
+        metrics: a frame of FD rows as :meth:`fcr_eval.store.ResultsStore.metrics` returns it
+            (columns ``n_samples`` and ``details``, the latter a JSON string or a dict).
+    """
+    worst = None
+    for n, details in zip(metrics["n_samples"].to_list(), metrics["details"].to_list(), strict=True):
+        d = json.loads(details) if isinstance(details, str) else (details or {})
+        if d.get("estimable") is False:
+            dim = int(d.get("feature_dim", 0))
+            worst = (int(n), dim) if worst is None or int(n) < worst[0] else worst
+    return worst
 
 
 def make_run_id(experiment_id: str, variation_id: str, seed: int, config: Mapping[str, Any]) -> str:

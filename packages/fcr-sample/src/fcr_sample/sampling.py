@@ -65,13 +65,15 @@ def denoise(unet, scheduler, x_T: torch.Tensor, cond: torch.Tensor, null: torch.
     x = x_T * scheduler.init_noise_sigma
     x_init = x
     timesteps = scheduler.timesteps
+    guided = guidance_scale != 1.0
+    states = torch.cat([null, cond]) if guided else cond  # the same every step: built once
     for i, t in enumerate(timesteps):
         inp = scheduler.scale_model_input(x, t)
-        if guidance_scale != 1.0:
-            u, c = unet(torch.cat([inp, inp]), t, torch.cat([null, cond])).sample.chunk(2)
+        if guided:
+            u, c = unet(torch.cat([inp, inp]), t, states).sample.chunk(2)
             eps = u + guidance_scale * (c - u)
         else:
-            eps = unet(inp, t, cond).sample
+            eps = unet(inp, t, states).sample
         out = scheduler.step(eps, t, x, generator=generator)
         x = out.prev_sample
         if callbacks:

@@ -42,7 +42,6 @@ Example:
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,10 +49,9 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from fcr_eval.analysis.verdicts import verdict
-from fcr_eval.spec.vocabulary import SAMPLE_METRICS
-from fcr_eval.spec.contrasts import CONTRAST_KINDS, ContrastSpec, ContrastSpecError, check_contrast  # noqa: F401
 from fcr_eval.analysis.stats import paired_bootstrap_ci, recovered_fraction_ci
+from fcr_eval.analysis.verdicts import verdict
+from fcr_eval.spec.contrasts import CONTRAST_KINDS, ContrastSpec, ContrastSpecError, check_contrast  # noqa: F401
 
 __all__ = [
     "CONTRAST_KINDS",

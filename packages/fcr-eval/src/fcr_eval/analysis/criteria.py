@@ -33,16 +33,14 @@ Example:
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import polars as pl
 
 from fcr_eval.analysis.stats import PairedBootstrapCI, mean_ci, paired_bootstrap_ci, pearson_r2
 from fcr_eval.analysis.verdicts import verdict
-from fcr_eval.records import VERDICTS, CriterionResult
+from fcr_eval.records import CriterionResult
 from fcr_eval.spec.criteria import CriteriaConfig
-from fcr_eval.spec.vocabulary import DIRECTIONS
 
 __all__ = [
     "evaluate_criteria",

@@ -177,9 +177,12 @@ def finetune_compute_fraction(finetune_compute: float, pretrain_compute: float) 
     return float(finetune_compute / pretrain_compute)
 
 
-def to_timing_record(timing: TimingResult, *, flops_per_image: float | None = None,
-                     peak_memory: tuple[int, str] | None = None, forward_counts: Any = None):
-    """Build the store's :class:`~fcr_eval.store.TimingRecord` from a :class:`TimingResult`.
+def to_timing_record(timing: TimingResult | None, *, flops_per_image: float | None = None,
+                     peak_memory: tuple[int, str] | None = None, forward_counts: Any = None,
+                     batch_size: int | None = None, device=None):
+    """Build the store's :class:`~fcr_eval.records.TimingRecord` from a :class:`TimingResult`, or,
+    with ``timing=None``, a record of counts, FLOPs and memory only (``batch_size`` and ``device``
+    then given; ``sec_per_image`` stays empty because an interleaved session times the sampler).
 
     Args:
         flops_per_image: from :func:`count_flops` of one sampling run ÷ its images.
@@ -196,6 +199,12 @@ def to_timing_record(timing: TimingResult, *, flops_per_image: float | None = No
 
     counts = forward_counts.as_dict() if hasattr(forward_counts, "as_dict") else dict(forward_counts or {})
     nbytes, kind = peak_memory if peak_memory is not None else (None, None)
+    if timing is None:
+        return TimingRecord(
+            batch_size=int(batch_size), sec_per_image=None, unet_calls=counts.get("unet_calls"),
+            encoder_forwards=counts.get("encoder_forwards"), decoder_forwards=counts.get("decoder_forwards"),
+            flops_per_image=flops_per_image, peak_memory_bytes=nbytes, memory_kind=kind,
+            device=describe_device(device), n_images=int(batch_size), warmup=1)
     return TimingRecord(
         batch_size=timing.images_per_call, sec_per_image=timing.sec_per_image,
         unet_calls=counts.get("unet_calls"), encoder_forwards=counts.get("encoder_forwards"),

@@ -20,7 +20,7 @@ import logging
 import numpy as np
 from scipy import linalg
 
-__all__ = ["feature_statistics", "frechet_distance", "frechet_distance_from_features"]
+__all__ = ["feature_statistics", "frechet_distance", "frechet_distance_from_features", "fd_estimable"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,20 @@ def _features(x, name: str) -> np.ndarray:
     if not np.isfinite(a).all():
         raise ValueError(f"{name} contains NaN or inf; check the images fed to the extractor")
     return a
+
+
+def fd_estimable(n_samples: int, feature_dim: int) -> bool:
+    """Whether a Fréchet distance from ``n_samples`` per set in ``feature_dim`` dimensions is an
+    estimate at all: with ``n_samples <= feature_dim`` the sample covariance is singular and the
+    distance is dominated by that rank deficiency (biased upwards, not comparable across sample
+    sizes). The one place this rule is decided; the FD record stores the answer
+    (``details["estimable"]``) and reports and verdicts read it.
+
+    Example:
+        >>> fd_estimable(100, 1280), fd_estimable(10_000, 1280)
+        (False, True)
+    """
+    return int(n_samples) > int(feature_dim)
 
 
 def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:

@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import logging
+
 import numpy as np
 
 from fcr_eval.spec.vocabulary import CACHE_FEATURE_L2, CACHE_MSE, CACHE_PSNR

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from fcr_eval.metrics.extractors import ExtractedFeatures, FeatureExtractor, metric_name
-from fcr_eval.metrics.frechet import frechet_distance_from_features
+from fcr_eval.metrics.frechet import fd_estimable, frechet_distance_from_features
 from fcr_eval.metrics.inception_score import inception_score
 from fcr_eval.metrics.kid import kernel_distance
 from fcr_eval.metrics.precision_recall import precision_recall
@@ -56,8 +56,10 @@ def quality_metrics(real: ExtractedFeatures, fake: ExtractedFeatures, *, referen
     base = {"reference": reference, "n_reference": real.n}
     out: list[MetricRecord] = []
     if "fd" in include:
+        dim = int(fake.features.shape[1])
         out.append(MetricRecord(metric_name("fd", ext), frechet_distance_from_features(real.features, fake.features),
-                                ext, prep, n, dict(base)))
+                                ext, prep, n, {**base, "feature_dim": dim,
+                                               "estimable": fd_estimable(min(n, real.n), dim)}))
     if "kid" in include:
         k = kernel_distance(real.features, fake.features, num_subsets=kid_subsets, max_subset_size=kid_subset_size,
                             seed=seed)

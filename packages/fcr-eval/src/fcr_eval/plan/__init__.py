@@ -1,0 +1,5 @@
+"""Planning: an experiment resolved once into typed runs and fine-tunes
+(:mod:`~fcr_eval.plan.planner`: :class:`Plan`, :class:`PlannedRun`, :class:`PlannedFinetune`),
+the samplers built into fcr-sample's configs (:mod:`~fcr_eval.plan.samplers`), and the checks
+``run`` makes before any work (:mod:`~fcr_eval.plan.validation`).
+"""

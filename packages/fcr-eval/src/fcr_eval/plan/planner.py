@@ -21,8 +21,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fcr_eval.spec.experiment import Experiment, ExperimentFileError, RobustnessSpec, VariationSpec
 from fcr_eval.plan.samplers import SamplerSettings, resolve_sampler
+from fcr_eval.spec.experiment import EarlyStoppingSpec, Experiment, RobustnessSpec, VariationSpec
 
 __all__ = [
     "PlannedFinetune",
@@ -81,6 +81,15 @@ class PlannedFinetune:
     delta_unit: str = "timesteps"  # "sampler_steps": Δ counts steps of a `sampler_steps`-step sampler
     sampler_steps: int | None = None
     distance: str = "mse"
+    # How the trainer runs (hashed into ``key`` through the ``train`` record; not repeated in
+    # :meth:`config`, so run ids stay what they were).
+    weight_decay: float = 1e-2
+    warmup_steps: int = 0
+    ema_decay: float | None = None
+    mixed_precision: str = "no"
+    checkpoint_every: int = 500
+    cond_dropout: float = 0.1
+    early_stopping: EarlyStoppingSpec | None = None
     variations: list[str] = field(default_factory=list)
     est_flops: float = 0.0
     est_seconds: float = 0.0
@@ -90,7 +99,8 @@ class PlannedFinetune:
         FCR options added later appear only when they differ from their defaults, so the run ids of
         earlier experiments stay the same."""
         out = {k: v for k, v in asdict(self).items() if k not in ("variations", "est_flops", "est_seconds",
-                                                                 "output_dir", "cost", *_LATER_FCR_OPTIONS)}
+                                                                 "output_dir", "cost", *_TRAINER_FIELDS,
+                                                                 *_LATER_FCR_OPTIONS)}
         out.update({k: getattr(self, k) for k, default in _LATER_FCR_OPTIONS.items() if getattr(self, k) != default})
         return out
 
@@ -100,6 +110,11 @@ class PlannedFinetune:
 
         return FCRConfig(lam=self.lambda_fcr, delta_max=self.delta_max, blocks=self.blocks, distance=self.distance,
                          delta_unit=self.delta_unit, sampler_steps=self.sampler_steps)
+
+
+#: How the trainer runs: part of the fine-tune's key (its hash), not of :meth:`PlannedFinetune.config`.
+_TRAINER_FIELDS = ("weight_decay", "warmup_steps", "ema_decay", "mixed_precision", "checkpoint_every",
+                   "cond_dropout", "early_stopping")
 
 
 #: Variation fields added after the first release: recorded only when set, so that the config
@@ -273,9 +288,8 @@ def make_plan(exp: Experiment, *, results_dir: str | Path = "results", calibrate
     ev = exp.evaluation
     for v in exp.variations:
         model = exp.models[v.model]
-        steps = v.num_inference_steps if v.num_inference_steps is not None else exp.sampling.num_inference_steps
-        guidance = v.guidance_scale if v.guidance_scale is not None else exp.sampling.guidance_scale
-        scheduler = v.scheduler or exp.sampling.scheduler
+        vs = exp.settings(v)  # defaults filled in once, by the spec that validated them
+        steps, guidance, scheduler = vs.steps, vs.guidance_scale, vs.scheduler
         rob = exp.robustness[v.robustness]
         base_res = v.resolution or exp.sampling.resolution or model.resolution or (28 if model.embedded else 512)
         resolution = int(rob.settings.get("resolution", base_res)) if rob.kind == "resolution" else base_res
@@ -298,20 +312,12 @@ def make_plan(exp: Experiment, *, results_dir: str | Path = "results", calibrate
             if v.finetuned:
                 lam = float(v.lambda_fcr)
                 ft_seed = seed if ft.per_seed else exp.seeds[0]
-                unit = v.delta_unit or ft.delta_unit
-                distance = v.distance or ft.distance
-                # In sampler steps Δ_max defaults to the stride the fine-tune serves; in timesteps
-                # to the experiment's finetune.delta_max (the paper's 10).
-                delta_max = v.delta_max or (v.stride if unit == "sampler_steps" and v.stride else ft.delta_max)
-                if unit == "sampler_steps" and delta_max >= steps:
-                    raise ExperimentFileError(
-                        f"{exp.path}: variation {v.id!r}: Δ_max = {delta_max} sampler steps must be below the "
-                        f"{steps} steps it counts (Δ·T/steps must stay inside the schedule); set delta_max")
+                unit, distance, delta_max = vs.delta_unit, vs.distance, vs.delta_max
                 later = {k: x for k, x in (("delta_unit", unit), ("sampler_steps", steps if unit == "sampler_steps"
                                                                   else None), ("distance", distance))
                          if x != _LATER_FCR_OPTIONS[k]}
                 ftc = {"model": v.model, "lambda_fcr": lam, "delta_max": delta_max,
-                       "blocks": v.blocks or ft.blocks, "data": v.finetune_data or ft.data, "steps": ft.steps,
+                       "blocks": vs.blocks, "data": vs.finetune_data, "steps": ft.steps,
                        "batch_size": ft.batch_size, "lr": ft.lr, "seed": ft_seed,
                        "train": {k: getattr(ft, k) for k in ("weight_decay", "warmup_steps", "ema_decay",
                                                              "mixed_precision")}, **later}
@@ -329,7 +335,9 @@ def make_plan(exp: Experiment, *, results_dir: str | Path = "results", calibrate
                         batch_size=ft.batch_size, lr=ft.lr, seed=ft_seed,
                         output_dir=str(exp_dir / "finetune" / ft_key), cost=model_cost(exp, v.model),
                         delta_unit=unit, sampler_steps=later.get("sampler_steps"), distance=distance,
-                        est_flops=flops,
+                        weight_decay=ft.weight_decay, warmup_steps=ft.warmup_steps, ema_decay=ft.ema_decay,
+                        mixed_precision=ft.mixed_precision, checkpoint_every=ft.checkpoint_every,
+                        cond_dropout=ft.cond_dropout, early_stopping=ft.early_stopping, est_flops=flops,
                         est_seconds=flops / (gflops_per_s * 1e9))
                 finetunes[ft_key].variations.append(f"{v.id}/s{seed}")
             config = {

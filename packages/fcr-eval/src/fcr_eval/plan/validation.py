@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fcr_eval.spec.experiment import Experiment
 from fcr_eval.plan.planner import Plan
+from fcr_eval.spec.experiment import Experiment
 
 __all__ = ["check_models", "check_inputs", "check_store", "check_device"]
 

@@ -55,16 +55,15 @@ def _undecided_when_unsound(r: CriterionResult, store: ResultsStore, experiment_
     whose correlation is not significant at 5 % (e.g. three points)."""
     import dataclasses
 
-    from fcr_eval.metrics.extractors import feature_dim
+    from fcr_eval.records import unestimable_fd
 
     reason = None
     if r.criterion == "quality_delta" and r.value is not None:
         metric = str(r.details.get("metric", ""))
-        ext = metric.split("_", 1)[-1]
         m = store.metrics(experiment_id=experiment_id, metric=metric)
-        dim = feature_dim(ext) if metric.startswith(("fd_", "fid_")) else None
-        if dim is not None and m.height and int(m["n_samples"].min()) <= dim:
-            reason = (f"{metric} from {int(m['n_samples'].min())} samples per run in {dim} dimensions is not "
+        worst = unestimable_fd(m) if m.height else None
+        if worst is not None:
+            reason = (f"{metric} from {worst[0]} samples per run in {worst[1]} dimensions is not "
                       "estimable (singular covariance); judge quality by the paired contrasts")
     elif r.criterion == "variance_quality_r2" and r.value is not None:
         p = r.details.get("p_value")

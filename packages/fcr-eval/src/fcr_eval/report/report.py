@@ -9,13 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
-from fcr_eval.spec.experiment import Experiment
+from fcr_eval.analysis.stats import clustered_mean_ci
 from fcr_eval.plan.planner import Plan
+from fcr_eval.spec.experiment import Experiment
 from fcr_eval.store import ResultsStore
 
-from fcr_eval.analysis.stats import clustered_mean_ci
-
-__all__ = ["Report", "summary_table", "paired_table", "contrasts_report", "criteria_table", "report"]
+__all__ = ["Report", "markdown_table", "summary_table", "paired_table", "contrasts_report", "criteria_table", "report"]
 
 
 def _fmt_ci(mean: float, lo: float, hi: float) -> str:
@@ -59,7 +58,7 @@ def paired_table(exp: Experiment, per_sample) -> str:
             else:
                 row.append(_fmt_ci(*clustered_mean_ci(vals, dm["seed"].to_numpy())) if dm.height else "–")
         rows.append(row)
-    return _markdown(head, rows)
+    return markdown_table(head, rows)
 
 
 def _paired_notes() -> str:
@@ -68,7 +67,8 @@ def _paired_notes() -> str:
             "classifier on the prompted class; CIs: two-stage bootstrap (seeds, then samples within a seed).")
 
 
-def _markdown(head: list[str], rows: list[list[str]]) -> str:
+def markdown_table(head: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table with padded columns: the one table builder of every report."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
     lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(head, widths, strict=False)) + " |",
              "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
@@ -106,7 +106,7 @@ def contrasts_report(exp: Experiment, store: ResultsStore, per_sample, *, write:
                      f"{r.n_samples} ({r.n_clusters})", crit, sides])
     if write and results and not store.read_only:
         store.write_contrasts(exp.id, results, code_version=code_version())
-    return _markdown(["contrast", "kind", "metric", "estimate [95% CI]", "pairs (seeds)", "criterion", "compares"],
+    return markdown_table(["contrast", "kind", "metric", "estimate [95% CI]", "pairs (seeds)", "criterion", "compares"],
                      rows)
 
 
@@ -130,16 +130,14 @@ def _precision_note(r) -> str:
 def _set_size_note(exp: Experiment, store: ResultsStore) -> str:
     """Says when a Fréchet distance was computed from fewer samples than feature dimensions (its
     covariance is then singular and the number is only indicative; KID is unbiased)."""
-    from fcr_eval.metrics.extractors import feature_dim, metric_name
+    from fcr_eval.metrics.extractors import metric_name
+    from fcr_eval.records import unestimable_fd
 
-    ext = exp.evaluation.feature_extractor
-    dim = feature_dim(ext)
-    m = store.metrics(experiment_id=exp.id, metric=metric_name("fd", ext))
-    if m.height == 0 or dim is None:
+    m = store.metrics(experiment_id=exp.id, metric=metric_name("fd", exp.evaluation.feature_extractor))
+    worst = unestimable_fd(m) if m.height else None
+    if worst is None:
         return ""
-    n = int(m["n_samples"].min())
-    if n > dim:
-        return ""
+    n, dim = worst
     return (f" **FD is indicative only:** each run's FD comes from {n} samples in {dim} feature dimensions "
             "(singular covariance, biased upwards); read KID and the paired metrics above instead.")
 
@@ -166,6 +164,9 @@ def summary_table(exp: Experiment, store: ResultsStore) -> str:
 
     metrics = store.metrics(experiment_id=exp.id)
     timings = store.timings(experiment_id=exp.id)
+    # s/img from the interleaved timing session where it ran (every sampler timed side by side,
+    # round by round); per-run timings otherwise.
+    rounds = store.timing_rounds(exp.id)
     fstats = store.feature_stats(experiment_id=exp.id)
     ext = exp.evaluation.feature_extractor
     ms = exp.evaluation.metrics
@@ -197,7 +198,8 @@ def summary_table(exp: Experiment, store: ResultsStore) -> str:
             row.append(_ci_text(m.filter(pl.col("metric") == name)["value"].to_list()))
         t = timings.filter(pl.col("variation_id") == v.id) if timings.height else timings
         for b in tb_sizes:
-            tb = t.filter(pl.col("batch_size") == b) if t.height else t
+            src = rounds.filter(pl.col("variation_id") == v.id) if rounds.height else t
+            tb = src.filter(pl.col("batch_size") == b) if src.height else src
             row.append(_ci_text(tb["sec_per_image"].to_list()) if tb.height else "–")
         t1 = t.filter(pl.col("batch_size") == min(exp.evaluation.timing_batch_sizes)) if t.height else t
         if t1.height:
@@ -215,14 +217,18 @@ def summary_table(exp: Experiment, store: ResultsStore) -> str:
         else:
             row.append("–")
         rows.append(row)
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(head, widths, strict=False)) + " |",
-             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + " |" for r in rows]
-    return "\n".join(lines)
+    return markdown_table(head, rows)
 
 
-def _table_notes(exp: Experiment) -> str:
+def _timing_note(store: ResultsStore, exp: Experiment) -> str:
+    rounds = store.timing_rounds(exp.id)
+    if rounds.height:
+        return (f"s/img: the interleaved timing session, {rounds['round'].n_unique()} rounds (every sampler timed "
+                "back to back in each round), mean ± 95% t half-width over rounds")
+    return "s/img: device-synchronised after warm-up, per run"
+
+
+def _table_notes(exp: Experiment, store: ResultsStore | None = None) -> str:
     """What produced the table's numbers, in one paragraph under it."""
     ev = exp.evaluation
     ref = exp.datasets.get(ev.reference) if ev.reference else None
@@ -240,13 +246,13 @@ def _table_notes(exp: Experiment) -> str:
     if "clip_drift" in ev.metrics:
         parts.append("CLIP drift: mean 1 − cos of CLIP image embeddings, cached sampler vs no cache on the same "
                      "weights, prompts and noise")
-    parts.append("s/img: device-synchronised after warm-up")
+    parts.append(_timing_note(store, exp) if store is not None else "s/img: device-synchronised after warm-up")
     parts.append("peak MB: CUDA peak allocated on GPU, process RSS on CPU")
     return "; ".join(parts) + "."
 
 
 def criteria_table(results) -> str:
-    lines = ["| criterion | verdict | value [95% CI] | threshold | note |", "|---|---|---|---|---|"]
+    rows = []
     for r in results:
         verdict = getattr(r, "verdict", None) or {True: "PASS", False: "FAIL", None: "n/a"}[r.passed]
         value = "–" if r.value is None else f"{r.value:.4g}"
@@ -257,8 +263,8 @@ def criteria_table(results) -> str:
         if not note and isinstance(r.details, dict):
             b, c = r.details.get("baseline_variation"), r.details.get("candidate_variation")
             note = f"{c} vs {b}" if b and c else ", ".join(r.details.get("variations", []) or [])
-        lines.append(f"| {r.criterion} | {verdict} | {value} | {r.threshold:g} | {note} |")
-    return "\n".join(lines)
+        rows.append([r.criterion, verdict, value, f"{r.threshold:g}", note])
+    return markdown_table(["criterion", "verdict", "value [95% CI]", "threshold", "note"], rows)
 
 
 @dataclass
@@ -291,7 +297,7 @@ def report(exp: Experiment, store_path: Path, *, plots: bool = True, plan: Plan 
     spread = ("mean (the two seeds' values)" if len(exp.seeds) == 2 else "mean ± 95% t-interval half-width over seeds")
     print(f"\n## {title}: set-level metrics, {spread}\n")
     print(table)
-    print("\n" + _table_notes(exp) + _set_size_note(exp, store))
+    print("\n" + _table_notes(exp, store) + _set_size_note(exp, store))
     crit = []
     if exp.criteria is not None:
         crit = evaluate_store_criteria(store, exp.id, exp.criteria)

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fcr_eval.plan.planner import PlannedRun
 from fcr_eval.run.contexts import Prompts, RunContext
 from fcr_eval.spec.experiment import Experiment
-from fcr_eval.plan.planner import PlannedRun
 from fcr_eval.store import MetricRecord, PerPromptScore, SampleMetrics, SampleRecord
 
 __all__ = ["QUALITY_METRICS", "quality_metric_names", "evaluate_shard", "alignment_metrics", "run_metrics",
@@ -82,6 +82,8 @@ def evaluate_shard(ctx: RunContext, run: PlannedRun, prompts: Prompts, images: t
     if quality_metric_names(ev.metrics) and ctx.reference is not None:
         f = ctx.extractor.extract(eval_imgs)
         out["features"], out["logits"] = f.features, f.logits
+        if reference_features is None and reference is images:  # an uncached run: its own reference
+            reference_features = f.features
     sl = slice(mine.start, mine.stop)
     if ctx.classifier is not None and prompts.labels is not None:
         from fcr_eval.metrics.class_agreement import CLASS_CORRECT, CLASS_LOGPROB, class_scores

@@ -14,12 +14,12 @@ import logging
 import time
 from pathlib import Path
 
+from fcr_eval.plan.planner import PlannedFinetune, PlannedRun
 from fcr_eval.run.contexts import RunContext
 from fcr_eval.run.distributed import Processes
-from fcr_eval.spec.experiment import Experiment
-from fcr_eval.plan.planner import PlannedFinetune, PlannedRun
 from fcr_eval.run.sampling import sample_prompts
 from fcr_eval.run.schedulers import make_sampling_scheduler
+from fcr_eval.spec.experiment import Experiment
 from fcr_eval.store import MetricRecord
 
 __all__ = ["run_finetune", "finetune_fraction"]
@@ -41,18 +41,17 @@ def run_finetune(ctx: RunContext, ft: PlannedFinetune, exp: Experiment, progress
         if s.get("final_unet") and Path(s["final_unet"]).is_dir():
             logger.info("fine-tune %s already finished (%d steps), reusing %s", ft.key, s["steps"], s["final_unet"])
             return s
-    spec = exp.finetune
-    es = spec.early_stopping
+    es = ft.early_stopping
     validation_fn = _moving_fd_validation(ctx, exp, es, out) if es is not None else None
     model, data, hflip = ctx.finetune_inputs(ft.data)
     cfg = FinetuneConfig(
         model=model, data=data,
         train=TrainConfig(
             output_dir=str(out), max_steps=ft.steps, batch_size=ft.batch_size, lr=ft.lr,
-            weight_decay=spec.weight_decay, warmup_steps=spec.warmup_steps, ema_decay=spec.ema_decay,
-            mixed_precision=spec.mixed_precision, checkpoint_every=spec.checkpoint_every, keep_checkpoints=2,
+            weight_decay=ft.weight_decay, warmup_steps=ft.warmup_steps, ema_decay=ft.ema_decay,
+            mixed_precision=ft.mixed_precision, checkpoint_every=ft.checkpoint_every, keep_checkpoints=2,
             validate_every=es.every if es else None, early_stopping_patience=es.patience if es else None,
-            seed=ft.seed, hflip=hflip, cond_dropout=spec.cond_dropout, resume=True,
+            seed=ft.seed, hflip=hflip, cond_dropout=ft.cond_dropout, resume=True,
             progress=progress, cpu=ctx.device.type == "cpu",
             fcr=ft.fcr_config()),
     )
@@ -81,8 +80,8 @@ def _moving_fd_validation(ctx: RunContext, exp: Experiment, es, output_dir: Path
     """``fn(unet, step)`` → moving mean (over ``window`` validations) of the Fréchet distance of
     ``mini_val_size`` samples (no cache) against the reference features. The history lives in the
     fine-tune's folder, so a resumed fine-tune continues the same window."""
-    from fcr_eval.run.early_stopping import MovingValidation
     from fcr_eval.metrics.frechet import frechet_distance_from_features
+    from fcr_eval.run.early_stopping import MovingValidation
 
     n = es.mini_val_size
     prompts = ctx.prompts(es.mini_val or exp.sampling.eval_prompts, n)

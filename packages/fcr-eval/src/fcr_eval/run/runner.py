@@ -37,14 +37,20 @@ from pathlib import Path
 
 import torch
 
+from fcr_eval.plan.planner import PlannedRun, make_plan
+from fcr_eval.plan.samplers import apply_sampler, remove_sampler
+from fcr_eval.plan.validation import check_inputs, check_models
+from fcr_eval.report.report import report
 from fcr_eval.run.contexts import Prompts, RunContext, make_context
 from fcr_eval.run.distributed import Processes
-from fcr_eval.run.evaluation import evaluate_shard, run_metrics, sample_metrics, save_samples, shard_prompts
-from fcr_eval.spec.experiment import Experiment
+from fcr_eval.run.evaluation import (
+    evaluate_shard,
+    run_metrics,
+    sample_metrics,
+    save_samples,
+    shard_prompts,
+)
 from fcr_eval.run.finetuning import finetune_fraction, run_finetune
-from fcr_eval.plan.planner import PlannedRun, make_plan
-from fcr_eval.report.report import report
-from fcr_eval.plan.samplers import apply_sampler, remove_sampler
 from fcr_eval.run.sampling import (
     attack_initial_noise,
     measure_cost,
@@ -52,8 +58,15 @@ from fcr_eval.run.sampling import (
     sample_prompts,
     uncached_reference,
 )
-from fcr_eval.store import FeatureStat, MetricRecord, ResultsStore, RunRecord, RunResult, writer_lock
-from fcr_eval.plan.validation import check_inputs, check_models
+from fcr_eval.spec.experiment import Experiment
+from fcr_eval.store import (
+    FeatureStat,
+    MetricRecord,
+    ResultsStore,
+    RunRecord,
+    RunResult,
+    writer_lock,
+)
 
 __all__ = ["RunnerOptions", "Outcome", "FailedRun", "run_experiment", "execute_run"]
 
@@ -216,7 +229,8 @@ def _sample(ctx: RunContext, st: _RunState, procs: Processes, progress: bool) ->
         cost_metrics = ("sec_per_image", "flops", "peak_memory", "unet_forwards")
         timed_seed = ev.timing_seeds == "all" or run.seed == ctx.exp.seeds[0]
         if timed_seed and procs.is_main and any(m in ev.metrics for m in cost_metrics):
-            st.timings = measure_cost(ctx, st.unet, scheduler, run, st.prompts, st.x_T)
+            st.timings = measure_cost(ctx, st.unet, scheduler, run, st.prompts, st.x_T,
+                                      time_calls=not _session_times(ctx.exp, procs))
     finally:
         remove_sampler(st.unet, run.sampler)
 
@@ -230,12 +244,19 @@ def _evaluate(ctx: RunContext, st: _RunState, store: ResultsStore | Path, caches
     reference = uncached_reference(ctx, st.unet, run, st.prompts, st.x_T, st.mine, st.weights_key, caches,
                                    progress, images=None if run.sampler.cached else st.images)
     ref_features = None
-    if ctx.reference is not None and ctx.extractor is not None and len(st.mine):
-        key = ("features", id(reference))  # the reference tensor lives in `caches` for the experiment
-        if key not in caches:
-            caches[key] = (reference, ctx.extractor.extract(ctx.evaluation_images(reference)).features)
+    key = ("features", id(reference))  # the reference tensor lives in `caches` for the experiment
+    extracts = ctx.reference is not None and ctx.extractor is not None and len(st.mine)
+    own = reference is st.images  # an uncached run whose samples became the reference
+    if extracts and key in caches:
         ref_features = caches[key][1]
+    elif extracts and not own:
+        caches[key] = (reference, ctx.extractor.extract(ctx.evaluation_images(reference)).features)
+        ref_features = caches[key][1]
+    # An uncached run is its own reference: evaluate_shard extracts its features once and they
+    # serve as the reference features of the cached runs that follow.
     st.local.update(evaluate_shard(ctx, run, st.prompts, st.images, st.mine, reference, ref_features))
+    if extracts and own and key not in caches and st.local.get("features") is not None:
+        caches[key] = (reference, st.local["features"])
     st.local["samples"] = []
     if len(st.mine) and ev.save_samples:
         root = store.root if isinstance(store, ResultsStore) else Path(store).resolve()
@@ -255,8 +276,8 @@ def _run_result(ctx: RunContext, st: _RunState, ft: dict | None, parts: list[dic
     """Metrics from the gathered shards, and the run's store record."""
     from fcr_eval.metrics.cost import describe_device
     from fcr_eval.metrics.extractors import metric_name
-    from fcr_eval.provenance import code_version
     from fcr_eval.metrics.robustness import RobustnessProtocol
+    from fcr_eval.provenance import code_version
 
     run, ev = st.run, ctx.exp.evaluation
     n, v = run.n_samples, run.variation
@@ -311,6 +332,14 @@ def _select_device(opts: RunnerOptions) -> tuple[torch.device, Processes]:
     if procs.count > 1 and opts.device in (None, "cuda"):
         return procs.device, procs  # one device per process (accelerate / torchrun)
     return torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu")), procs
+
+
+def _session_times(exp: Experiment, procs: Processes) -> bool:
+    """Whether the interleaved timing session times this experiment's samplers (one process,
+    ``timing_rounds > 0``). Then the runs themselves only count forwards, FLOPs and memory: their
+    own s/img would be one machine state each, and the session's rounds are what the table and the
+    speed criteria read."""
+    return procs.count == 1 and bool(exp.evaluation.timing_rounds)
 
 
 def _timing_session(ctx: RunContext, plan, model_id: str, store: ResultsStore, progress: bool) -> None:
@@ -434,7 +463,7 @@ def _run_locked(exp: Experiment, opts: RunnerOptions, plan, procs: Processes, de
                             time.perf_counter() - t_run)
             procs.barrier()
             bar.update(1)
-        if procs.is_main and procs.count == 1 and exp.evaluation.timing_rounds:
+        if procs.is_main and _session_times(exp, procs):
             _timing_session(ctx, plan, model_id, store, show)
         del ctx, caches
     bar.close()

@@ -14,9 +14,9 @@ import time
 
 import torch
 
-from fcr_eval.run.contexts import Prompts, RunContext
 from fcr_eval.plan.planner import PlannedRun
 from fcr_eval.plan.samplers import apply_sampler, remove_sampler
+from fcr_eval.run.contexts import Prompts, RunContext
 from fcr_eval.run.schedulers import make_sampling_scheduler
 from fcr_eval.store import TimingRecord
 
@@ -129,14 +129,20 @@ def uncached_reference(ctx: RunContext, unet, run: PlannedRun, prompts: Prompts,
     return caches[key]
 
 
-def measure_cost(ctx: RunContext, unet, scheduler, run: PlannedRun, prompts: Prompts, x_T: torch.Tensor
-                 ) -> list[TimingRecord]:
+def measure_cost(ctx: RunContext, unet, scheduler, run: PlannedRun, prompts: Prompts, x_T: torch.Tensor,
+                 *, time_calls: bool = True) -> list[TimingRecord]:
     """Timing at each of the experiment's batch sizes after warm-up, forward counters, FLOPs and
     peak memory of ONE sampling run of that batch size, on the context's device. The cache hook
-    (if any) must be attached."""
+    (if any) must be attached. With ``time_calls=False`` (an interleaved timing session times the
+    samplers instead) the record has no ``sec_per_image`` and no timed repeats run."""
     from fcr_sample import get_cache_stats, reset_cache_stats
 
-    from fcr_eval.metrics.cost import count_flops, measure_peak_memory, time_per_image, to_timing_record
+    from fcr_eval.metrics.cost import (
+        count_flops,
+        measure_peak_memory,
+        time_per_image,
+        to_timing_record,
+    )
 
     ev = ctx.exp.evaluation
     n = run.n_samples
@@ -162,12 +168,17 @@ def measure_cost(ctx: RunContext, unet, scheduler, run: PlannedRun, prompts: Pro
             fn()
         counts = get_cache_stats(unet) if run.sampler.cached else {
             "unet_calls": run.steps, "encoder_forwards": run.steps, "decoder_forwards": run.steps}
-        timing = time_per_image(fn, b, warmup=0, repeats=ev.timing_repeats, device=ctx.device)
-        timing = dataclasses.replace(timing, warmup=1)
         if "flops" in ev.metrics and flops_per_image is None:  # per image: the same at every batch size
             flops_per_image = count_flops(fn) / b
-        timings.append(to_timing_record(timing, flops_per_image=flops_per_image, peak_memory=peak,
-                                        forward_counts=counts))
+        if time_calls:
+            timing = time_per_image(fn, b, warmup=0, repeats=ev.timing_repeats, device=ctx.device)
+            timing = dataclasses.replace(timing, warmup=1)
+            timings.append(to_timing_record(timing, flops_per_image=flops_per_image, peak_memory=peak,
+                                            forward_counts=counts))
+        else:
+            record = to_timing_record(None, batch_size=b, device=ctx.device, flops_per_image=flops_per_image,
+                                      peak_memory=peak, forward_counts=counts)
+            timings.append(record)
     return timings
 
 

@@ -61,6 +61,8 @@ __all__ = [
     "EvaluationSpec",
     "RobustnessSpec",
     "VariationSpec",
+    "VariationSettings",
+    "resolve_variation",
     "HumanStudySpec",
     "Experiment",
     "load_experiment",
@@ -249,6 +251,45 @@ class VariationSpec:
 
 
 @dataclass(frozen=True)
+class VariationSettings:
+    """A variation's settings with the experiment's defaults filled in: the one place a
+    variation's effective step count, guidance, scheduler and FCR options are derived (the spec
+    checks them, the planner carries them). FCR fields are ``None`` for a variation that samples
+    the model's own weights."""
+
+    steps: int
+    guidance_scale: float
+    scheduler: str
+    delta_unit: str | None = None
+    distance: str | None = None
+    delta_max: int | None = None
+    blocks: str | None = None
+    finetune_data: str | None = None
+
+
+def resolve_variation(v: VariationSpec, sampling: SamplingSpec, finetune: FinetuneSpec) -> VariationSettings:
+    """Fill ``v``'s unset settings from the experiment's ``[sampling]`` and ``[finetune]`` tables.
+
+    In sampler steps Δ_max defaults to the stride the fine-tune serves; in timesteps to
+    ``finetune.delta_max`` (the paper's 10).
+
+    Example:
+        >>> resolve_variation(exp.variation("fcr-ss-fd-10"), exp.sampling, exp.finetune).delta_max
+        10
+    """
+    steps = v.num_inference_steps if v.num_inference_steps is not None else sampling.num_inference_steps
+    guidance = v.guidance_scale if v.guidance_scale is not None else sampling.guidance_scale
+    scheduler = v.scheduler or sampling.scheduler
+    if not v.finetuned:
+        return VariationSettings(steps, guidance, scheduler)
+    unit = v.delta_unit or finetune.delta_unit
+    delta_max = v.delta_max or (v.stride if unit == "sampler_steps" and v.stride else finetune.delta_max)
+    return VariationSettings(steps, guidance, scheduler, delta_unit=unit, distance=v.distance or finetune.distance,
+                             delta_max=delta_max, blocks=v.blocks or finetune.blocks,
+                             finetune_data=v.finetune_data or finetune.data)
+
+
+@dataclass(frozen=True)
 class HumanStudySpec:
     pairs: int = 1000
     comparisons: tuple[tuple[str, str], ...] = ()
@@ -279,6 +320,10 @@ class Experiment:
     notes: str = ""
     resolved: dict = field(default_factory=dict, repr=False)
     contrasts: tuple[ContrastSpec, ...] = ()  # the [[contrasts]] of this profile (fcr_eval.analysis.contrasts)
+
+    def settings(self, v: VariationSpec) -> VariationSettings:
+        """``v``'s effective settings (:func:`resolve_variation`)."""
+        return resolve_variation(v, self.sampling, self.finetune)
 
     def variation(self, variation_id: str) -> VariationSpec:
         for v in self.variations:
@@ -632,7 +677,7 @@ def load_experiment(path: str | Path, profile: str | None = None) -> Experiment:
             spec = chk.build(VariationSpec, one, "variations", i, label=f"variations[{i}] ({one['id']})")
             if spec.profiles is not None and profile not in spec.profiles:
                 continue
-            _check_variation(chk, spec, i, models, datasets, robustness, sampling)
+            _check_variation(chk, spec, i, models, datasets, robustness, sampling, finetune)
             variations.append(spec)
     if not variations:
         chk.fail("no [[variations]] (in this profile)", "variations")
@@ -698,7 +743,7 @@ def _check_guidance(chk: _Checker, g: float, name: str, section: str, index: int
 
 
 def _check_variation(chk: _Checker, v: VariationSpec, i: int, models, datasets, robustness,
-                     sampling: SamplingSpec) -> None:
+                     sampling: SamplingSpec, finetune: FinetuneSpec) -> None:
     sec = "variations"
     for k in ("num_inference_steps", "resolution"):
         val = getattr(v, k)
@@ -707,7 +752,11 @@ def _check_variation(chk: _Checker, v: VariationSpec, i: int, models, datasets, 
                      f"(or left out: sampling.{k})", sec, k, i)
     if v.guidance_scale is not None:
         _check_guidance(chk, v.guidance_scale, f"variations[{i}] ({v.id}).guidance_scale", sec, i)
-    steps = v.num_inference_steps or sampling.num_inference_steps
+    settings = resolve_variation(v, sampling, finetune)
+    steps = settings.steps
+    if settings.delta_unit == "sampler_steps" and settings.delta_max is not None and settings.delta_max >= steps:
+        chk.fail(f"variations[{i}] ({v.id}): Δ_max = {settings.delta_max} sampler steps must be below the {steps} "
+                 "steps it counts (Δ·T/steps must stay inside the schedule); set delta_max", sec, "delta_max", i)
     if v.sampler in ("fd", "deepcache") and v.schedule == "uniform" and v.stride is not None:
         if v.stride > steps:
             chk.fail(f"variations[{i}] ({v.id}).stride = {v.stride} is larger than its {steps} sampling steps, so "

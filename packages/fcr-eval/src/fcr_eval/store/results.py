@@ -52,6 +52,21 @@ from typing import Any
 import duckdb
 import polars as pl
 
+from fcr_eval.records import (
+    MEMORY_KINDS,
+    SAMPLERS,
+    VERDICTS,
+    CriterionResult,
+    FeatureStat,
+    MetricRecord,
+    PerPromptScore,
+    RunRecord,
+    RunResult,
+    SampleMetrics,
+    SampleRecord,
+    TimingRecord,
+    make_run_id,
+)
 from fcr_eval.store.db import (
     StoreError,
     StoreLockedError,
@@ -68,21 +83,6 @@ from fcr_eval.store.migrations import (
     apply_migrations,
     migrate,
     read_schema_version,
-)
-from fcr_eval.records import (
-    MEMORY_KINDS,
-    SAMPLERS,
-    VERDICTS,
-    CriterionResult,
-    FeatureStat,
-    MetricRecord,
-    PerPromptScore,
-    RunRecord,
-    RunResult,
-    SampleMetrics,
-    SampleRecord,
-    TimingRecord,
-    make_run_id,
 )
 
 __all__ = [

@@ -16,15 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fcr_eval.run.contexts import Prompts, StableDiffusionContext
-from fcr_eval.spec.experiment import load_experiment
 from fcr_eval.plan.planner import make_plan
+from fcr_eval.plan.validation import check_inputs
+from fcr_eval.run.contexts import Prompts, StableDiffusionContext
 from fcr_eval.run.runner import RunnerOptions, run_experiment
 from fcr_eval.run.sampling import sample_batch
 from fcr_eval.run.schedulers import make_sampling_scheduler
+from fcr_eval.spec.experiment import load_experiment
 from fcr_eval.store import ResultsStore
 from fcr_eval.testing import save_stand_in_inception, save_tiny_clip
-from fcr_eval.plan.validation import check_inputs
 from fcr_sample.testing import tiny_sd_pipeline
 
 CAPTIONS = ["a red square on a white wall", "a blue circle in the sky", "a green field with a tree",

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 from fcr_eval.cli import main
-from fcr_eval.spec.experiment import ExperimentFileError, load_experiment
 from fcr_eval.plan.planner import make_plan
+from fcr_eval.spec.experiment import ExperimentFileError, load_experiment
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 EXPERIMENTS = ROOT / "experiments"
-TINY = Path(__file__).parent / "experiments" / "tiny.toml"
+TINY = Path(__file__).parents[1] / "experiments" / "tiny.toml"
 FILES = ["exp-1-main-ablation.toml", "exp-2-generalisation-robustness.toml", "mini-exp-1.toml", "mini-exp-2.toml"]
 
 
@@ -204,7 +204,7 @@ def test_cli_reports_validation_error_with_exit_code_2(tmp_path, capsys):
 def test_plan_counts_clip_drift_reference_sampling_once_per_weights_and_seed():
     import dataclasses
 
-    exp = load_experiment(Path(__file__).parents[2] / "experiments" / "exp-1-main-ablation.toml")
+    exp = load_experiment(Path(__file__).parents[3] / "experiments" / "exp-1-main-ablation.toml")
     assert "clip_drift" in exp.evaluation.metrics
     without = dataclasses.replace(exp, evaluation=dataclasses.replace(
         exp.evaluation, metrics=tuple(m for m in exp.evaluation.metrics if m != "clip_drift")))

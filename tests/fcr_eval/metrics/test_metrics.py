@@ -6,7 +6,11 @@ import itertools
 
 import numpy as np
 import pytest
-from fcr_eval.metrics.frechet import feature_statistics, frechet_distance, frechet_distance_from_features
+from fcr_eval.metrics.frechet import (
+    feature_statistics,
+    frechet_distance,
+    frechet_distance_from_features,
+)
 from fcr_eval.metrics.inception_score import inception_score
 from fcr_eval.metrics.kid import kernel_distance, polynomial_mmd2_unbiased
 from fcr_eval.metrics.precision_recall import precision_recall

@@ -10,8 +10,8 @@ from dataclasses import asdict
 import duckdb
 import pytest
 from fcr_eval.spec.experiment import VariationSpec
-from fcr_eval.store.migrations import migrate
 from fcr_eval.store import SCHEMA_VERSION, ResultsStore, StoreSchemaError, make_run_id
+from fcr_eval.store.migrations import migrate
 
 V2 = 2  # the schema version stores were written at before migrations 3 and 4
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fcr_eval.cli import main
-from fcr_eval.spec.experiment import load_experiment
 from fcr_eval.plan.planner import make_plan
+from fcr_eval.spec.experiment import load_experiment
 from fcr_eval.store import ResultsStore
 from fcr_sample import DeepCacheConfig, EncoderCacheConfig
 
-TINY = Path(__file__).parent / "experiments" / "tiny.toml"
+TINY = Path(__file__).parents[1] / "experiments" / "tiny.toml"
 
 PRIOR_NOISE = """
 [sampling]

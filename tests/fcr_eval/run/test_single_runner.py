@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fcr_eval.store import ResultsStore, writer_lock_path
 
-TINY = Path(__file__).parent / "experiments" / "tiny.toml"
+TINY = Path(__file__).parents[1] / "experiments" / "tiny.toml"
 
 
 def _cli(store: Path, *extra: str) -> list[str]:

@@ -14,10 +14,10 @@ from fcr_eval.analysis.contrasts import (
     compute_contrasts,
     pair_samples,
 )
-from fcr_eval.spec.experiment import ExperimentFileError, load_experiment
 from fcr_eval.analysis.stats import paired_bootstrap_ci, recovered_fraction_ci
+from fcr_eval.spec.experiment import ExperimentFileError, load_experiment
 
-TINY = Path(__file__).parent / "experiments" / "tiny.toml"
+TINY = Path(__file__).parents[1] / "experiments" / "tiny.toml"
 
 CONTRASTS = '''
 [[contrasts]]

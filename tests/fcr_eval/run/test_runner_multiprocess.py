@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fcr_eval.spec.experiment import load_experiment
 from fcr_eval.run.runner import RunnerOptions, run_experiment
+from fcr_eval.spec.experiment import load_experiment
 from fcr_eval.store import ResultsStore
 from PIL import Image
 

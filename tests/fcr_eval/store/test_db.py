@@ -10,8 +10,14 @@ import time
 
 import duckdb
 import pytest
-from fcr_eval.store.db import StoreError, StoreLockedError, StoreUnreadableError, connect, transaction
 from fcr_eval.store import ResultsStore
+from fcr_eval.store.db import (
+    StoreError,
+    StoreLockedError,
+    StoreUnreadableError,
+    connect,
+    transaction,
+)
 
 
 def _random_bytes_file(path):

@@ -14,11 +14,11 @@ from pathlib import Path
 import polars as pl
 import pytest
 from fcr_eval.cli import main
-from fcr_eval.spec.experiment import load_experiment
 from fcr_eval.plan.planner import make_plan
+from fcr_eval.spec.experiment import load_experiment
 from fcr_eval.store import ResultsStore, writer_lock_path
 
-TINY = Path(__file__).parent / "experiments" / "tiny.toml"
+TINY = Path(__file__).parents[1] / "experiments" / "tiny.toml"
 QUALITY = {"fd_efficientnet_lite0", "kid_efficientnet_lite0", "precision", "recall", "class_agreement",
            "sample_wall_s_per_image"}
 CHILD_TABLES = ("metrics", "timings", "feature_stats", "samples", "per_prompt_scores")
