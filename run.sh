@@ -3,7 +3,9 @@
 # workspace from uv.lock, then runs a job.
 #
 #   ./run.sh main     run the main job: mini-exp-1 (quick profile) on the embedded default
-#   ./run.sh test     run the test-suite (all packages, then fcr-sample alone)
+#   ./run.sh test     check the layer contract, run the test-suite in parallel (all packages,
+#                     then fcr-sample alone); extra arguments go to the first pytest
+#   ./run.sh test --fast   the fast lane: the workspace's tests not marked slow
 #   ./run.sh sync     only install
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -64,13 +66,21 @@ case "$cmd" in
     test)
         ensure_apt "${APT_PACKAGES[@]}" "${APT_TEST_PACKAGES[@]}"
         sync_workspace
-        log "tests: whole workspace"
-        uv run --no-sync pytest -m "not gpu and not checkpoint" "$@"
+        log "layer contract (.importlinter)"
+        uv run --no-sync lint-imports
+        log "tests: whole workspace, in parallel on every core"
+        markers="not gpu and not checkpoint"
+        if [ "${1:-}" = "--fast" ]; then
+            shift
+            log "fast lane: tests marked slow are left out; fcr-sample alone is not re-run"
+            exec uv run --no-sync pytest -n auto -m "$markers and not slow" "$@"
+        fi
+        uv run --no-sync pytest -n auto -m "$markers" "$@"
         log "tests: fcr-sample installed alone (torch, diffusers, tqdm + its test group)"
         UV_PROJECT_ENVIRONMENT=.venv-fcr-sample uv sync --locked --package fcr-sample \
             --no-default-groups --group test --quiet
         UV_PROJECT_ENVIRONMENT=.venv-fcr-sample uv run --no-sync --package fcr-sample \
-            python -m pytest tests/fcr_sample -m "not gpu and not checkpoint" -q -p no:cacheprovider
+            python -m pytest tests/fcr_sample -n auto -m "not gpu and not checkpoint" -q -p no:cacheprovider
         ;;
     *)
         sed -n '2,9p' "$0"

@@ -7,14 +7,11 @@ import json
 import numpy as np
 import polars as pl
 import pytest
-from fcr_eval.analysis.criteria import (
-    CriteriaConfig,
-    evaluate_criteria,
-    evaluate_store_criteria,
-    paired_criterion,
-    timing_criteria,
-    verdict,
-)
+from fcr_eval.analysis.criteria import evaluate_criteria, paired_criterion, timing_criteria
+from fcr_eval.analysis.verdicts import verdict
+from fcr_eval.metrics.frechet import fd_estimable
+from fcr_eval.report.board import evaluate_store_criteria
+from fcr_eval.spec.criteria import CriteriaConfig
 from fcr_eval.store import (
     FeatureStat,
     MetricRecord,
@@ -42,7 +39,9 @@ def _fill(store: ResultsStore, scenarios=SCENARIOS, seeds=(0, 1), n_fd: int = 20
         for seed in seeds:
             jitter = 0.01 * seed
             run = RunRecord(make_run_id("exp", v, seed, {}), "exp", v, seed, "m", "d", "fd", "ddim", 28, 20, 1.0)
-            metrics = [MetricRecord("fd_efficientnet_lite0", q + jitter, "efficientnet_lite0", "p", n_fd),
+            # as metrics.quality writes an FD record: with its estimability decided by fd_estimable
+            fd_details = {"feature_dim": 1280, "estimable": fd_estimable(n_fd, 1280)}
+            metrics = [MetricRecord("fd_efficientnet_lite0", q + jitter, "efficientnet_lite0", "p", n_fd, fd_details),
                        MetricRecord("class_agreement", a, "fashion_mnist_cnn", "p", 100)]
             if ft is not None:
                 metrics.append(MetricRecord("finetune_compute_fraction", ft, "none", "none", 1))

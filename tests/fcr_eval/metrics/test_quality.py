@@ -26,6 +26,20 @@ def test_records_carry_provenance_and_values():
     assert recs["precision"].details == {"reference": "ref", "n_reference": 60, "k": 3}
 
 
+def _sized(n, d, seed):
+    rng = np.random.default_rng(seed)
+    return ExtractedFeatures(rng.normal(size=(n, d)), None, "efficientnet_lite0", "p")
+
+
+@pytest.mark.parametrize(("n_fake", "n_real", "dim", "estimable"),
+                         [(40, 200, 16, True), (16, 200, 16, False), (200, 12, 16, False)])
+def test_fd_record_stores_whether_it_is_estimable(n_fake, n_real, dim, estimable):
+    """FD from no more samples (of either set) than feature dimensions is flagged with the record,
+    the one place the rule is applied; reports and verdicts read the flag."""
+    (fd,) = quality_metrics(_sized(n_real, dim, 0), _sized(n_fake, dim, 1), include=("fd",))
+    assert fd.details["estimable"] is estimable and fd.details["feature_dim"] == dim
+
+
 def test_mismatched_extractors_are_refused():
     with pytest.raises(ValueError, match="same extractor"):
         quality_metrics(_feats(0), _feats(1, prep="p96"))

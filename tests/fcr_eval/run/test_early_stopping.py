@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from fcr_eval import early_stopping
+from fcr_eval.run import early_stopping
 from fcr_eval.run.early_stopping import MovingValidation
 from fcr_train.api import DataConfig, FinetuneConfig, finetune
 from fcr_train.loss import FCRConfig

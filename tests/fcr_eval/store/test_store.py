@@ -6,7 +6,6 @@ import json
 
 import duckdb
 import pytest
-from fcr_eval import migrations as migrations_mod
 from fcr_eval.store import (
     SCHEMA_VERSION,
     CriterionResult,
@@ -26,6 +25,7 @@ from fcr_eval.store import (
     migrate,
     read_schema_version,
 )
+from fcr_eval.store import migrations as migrations_mod
 
 CONTRACT_COLUMNS = {
     "runs": ["run_id", "experiment_id", "variation_id", "seed", "status", "model", "dataset",

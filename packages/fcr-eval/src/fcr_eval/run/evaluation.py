@@ -123,7 +123,7 @@ def alignment_metrics(ctx: RunContext, hits, clip_scores, prompts: Prompts, n: i
         from fcr_eval.metrics.class_agreement import FEATURE_EXTRACTOR_NAME, PREPROCESSING
 
         metrics.append(MetricRecord("class_agreement", float(hits.mean()), FEATURE_EXTRACTOR_NAME, PREPROCESSING, n,
-                                    {"classifier": "shipped Fashion-MNIST CNN (fcr_eval/weights)",
+                                    {"classifier": "shipped Fashion-MNIST CNN (fcr_eval/metrics/weights)",
                                      "classifier_metadata": dict(getattr(ctx.classifier, "metadata", {}))}))
         per_prompt += [PerPromptScore("class_agreement", pid, float(h)) for pid, h in zip(prompts.ids, hits.tolist(),
                                                                                         strict=True)]
