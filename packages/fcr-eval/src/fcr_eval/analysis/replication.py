@@ -79,30 +79,21 @@ def _t_interval(x: np.ndarray, confidence: float):
     return est, est - half, est + half, np.zeros(est.shape, bool)
 
 
-def _delta_interval(num: np.ndarray, den: np.ndarray, confidence: float):
-    k = num.shape[-1]
-    d_bar = den.mean(-1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r = num.mean(-1) / d_bar
-        se = (num - r[..., None] * den).std(-1, ddof=1) / (np.abs(d_bar) * math.sqrt(k))
-    half = _tq(confidence, k - 1) * se
-    return r, r - half, r + half, ~np.isfinite(half)
-
-
-def _fieller_interval(num: np.ndarray, den: np.ndarray, confidence: float):
+def _ratio_interval(num: np.ndarray, den: np.ndarray, confidence: float, fieller: bool):
+    """Delta or Fieller interval of N̄/D̄ from unit values (N_k, D_k) (module docstring)."""
     k = num.shape[-1]
     q = _tq(confidence, k - 1) ** 2 / k
     n_bar, d_bar = num.mean(-1), den.mean(-1)
     dn, dd = num - n_bar[..., None], den - d_bar[..., None]
-    v_nn, v_dd, v_nd = ((dn * dn).sum(-1), (dd * dd).sum(-1), (dn * dd).sum(-1))
-    v_nn, v_dd, v_nd = v_nn / (k - 1), v_dd / (k - 1), v_nd / (k - 1)
-    a = d_bar**2 - q * v_dd
-    b = n_bar * d_bar - q * v_nd
-    c = n_bar**2 - q * v_nn
-    bounded = a > 0  # then R̂ = N̄/D̄ lies in the set, so the discriminant is >= 0
-    root = np.sqrt(np.maximum(b * b - a * c, 0.0))
+    v_nn, v_dd, v_nd = ((x * y).sum(-1) / (k - 1) for x, y in ((dn, dn), (dd, dd), (dn, dd)))
     with np.errstate(divide="ignore", invalid="ignore"):
         r = n_bar / d_bar
+        if not fieller:  # s²(N − R̂D) = v_NN − 2R̂ v_ND + R̂² v_DD
+            half = np.sqrt(q * np.maximum(v_nn - 2 * r * v_nd + r * r * v_dd, 0.0)) / np.abs(d_bar)
+            return r, r - half, r + half, ~np.isfinite(half)
+        a, b, c = d_bar**2 - q * v_dd, n_bar * d_bar - q * v_nd, n_bar**2 - q * v_nn
+        bounded = a > 0  # then R̂ lies in the set, so the discriminant is >= 0
+        root = np.sqrt(np.maximum(b * b - a * c, 0.0))
         low, high = (b - root) / a, (b + root) / a
     return r, np.where(bounded, low, -np.inf), np.where(bounded, high, np.inf), ~bounded
 
@@ -128,8 +119,7 @@ def _interval(statistic: str, kind: str, c, b, t, confidence: float):
         return _t_interval(c - b, confidence)
     if kind == "ratio-t":
         return _t_interval(_per_unit(statistic, c, b, t), confidence)
-    num, den = _num_den(statistic, c, b, t)
-    return (_fieller_interval if kind == "fieller" else _delta_interval)(num, den, confidence)
+    return _ratio_interval(*_num_den(statistic, c, b, t), confidence, fieller=kind == "fieller")
 
 
 # --- step 2: variance components --------------------------------------------------------------
@@ -184,15 +174,13 @@ def _prepare(candidate, baseline, target, clusters, statistic: str):
     if (target is None) == (statistic == "recovered_fraction"):
         raise ValueError("give target exactly when statistic is 'recovered_fraction' (the small-stride arm)")
     named = {"candidate": candidate, "baseline": baseline} | ({} if target is None else {"target": target})
-    arrays = {}
-    for name, v in named.items():
-        a = np.asarray(v, dtype=np.float64).ravel()
+    arrays = {k: np.asarray(v, dtype=np.float64).ravel() for k, v in named.items()}
+    for name, a in arrays.items():
         if a.size == 0 or not np.all(np.isfinite(a)):
             raise ValueError(f"{name} is empty or holds NaN/inf; give finite per-sample values")
-        arrays[name] = a
-    sizes = {k: a.size for k, a in arrays.items()}
-    if len(set(sizes.values())) > 1:
-        raise ValueError(f"paired samples differ in length: {sizes}; pair the rows first (same seed and sample)")
+    if len({a.size for a in arrays.values()}) > 1:
+        raise ValueError(f"paired samples differ in length: { {k: a.size for k, a in arrays.items()} }; "
+                         "pair the rows first (same seed and sample)")
     labels = np.asarray(clusters).ravel()
     if labels.size != arrays["candidate"].size:
         raise ValueError(f"clusters has {labels.size} labels for {arrays['candidate'].size} samples; "
@@ -449,6 +437,8 @@ class MethodCoverage:
 
 @dataclass(frozen=True)
 class CoverageResult:
+    """One cell's truth and the coverage of every method (:meth:`get` by stored name)."""
+
     config: CoverageConfig
     truth: float
     methods: tuple[MethodCoverage, ...]
