@@ -187,8 +187,10 @@ def test_shared_fine_tune_is_labelled_sampling_noise_only():
     assert r.method == "paired-t (n-1 df); sampling noise only" and NOISE_SAMPLING in r.as_text()
     assert (r.low, r.high) == pytest.approx((ref.low, ref.high), rel=1e-12)
     assert math.isnan(r.components.between)
-    plan = r.plan(0.001)
+    plan = r.plan(r.half_width / 2)  # halving a sampling-noise half-width takes ~4x the samples
     assert plan.clusters_needed is None and NOISE_SAMPLING in plan.describe()
+    assert plan.current_half_width == pytest.approx(r.half_width, rel=0.02)
+    assert 3.9 * 300 <= plan.samples_needed <= 4.1 * 300
     with pytest.raises(ValueError, match="needs >= 2 independent fine-tunes"):
         replication_interval(c, b, clusters=np.zeros(300))
 

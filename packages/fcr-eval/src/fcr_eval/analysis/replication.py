@@ -223,6 +223,9 @@ class ReplicationInterval:
 
     def plan(self, target_half_width: float) -> PrecisionPlan:
         """:func:`plan_precision` from this interval's components, cluster count and size."""
+        if self.sampling_noise_only:  # one fine-tune: all samples are one cluster
+            return plan_precision(self.components, target_half_width, confidence=self.confidence,
+                                  n_clusters=1, n_per_cluster=sum(self.n_per_cluster))
         return plan_precision(self.components, target_half_width, confidence=self.confidence,
                               n_clusters=self.n_clusters, n_per_cluster=round(float(np.mean(self.n_per_cluster))))
 
