@@ -25,8 +25,12 @@ import time
 
 from fcr_eval.analysis.replication import CoverageConfig, CoverageResult, simulate_coverage
 from fcr_eval.provenance import code_version
-from fcr_eval.stats import paired_bootstrap_ci, recovered_fraction_ci
 from tqdm import tqdm
+
+try:  # the layout move ("fcr-eval laid out by concern") puts stats under analysis/; this branch predates it
+    from fcr_eval.analysis.stats import paired_bootstrap_ci, recovered_fraction_ci
+except ImportError:
+    from fcr_eval.stats import paired_bootstrap_ci, recovered_fraction_ci
 
 BOOT = "two-stage bootstrap (fcr_eval.stats)"
 
