@@ -4,7 +4,7 @@
     uv run python benchmarks/explorer_scale.py --rows 1000000 --repeats 7
     uv run python benchmarks/explorer_scale.py --store /tmp/s10m/fcr.duckdb   # reuse a built store
 
-Builds the store with ``fcr_results_explorer.synthetic_store.build_synthetic_store`` (DuckDB
+Builds the store with ``tests/apps/results_explorer/synthetic_store.py`` (DuckDB
 ``INSERT ... SELECT`` over ``range()``; 2 experiments × 10 variations × 3 seeds, 5 per-sample
 metrics, plus proportional samples, per-prompt scores, metrics, timings, σ²_Δ, contrasts and
 criteria), then runs each view through Streamlit's AppTest: one untimed run (imports, first
@@ -21,9 +21,13 @@ import json
 import logging
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+# The synthetic store is test support (tests/apps/results_explorer/), not shipped in the app.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 #: (case, query parameters): every view, the paired view with and without a reference.
 CASES: tuple[tuple[str, dict[str, str]], ...] = (
@@ -85,8 +89,9 @@ def main() -> None:
     import duckdb
     import fcr_results_explorer
     from fcr_results_explorer.app_env import ENV_DB, ENV_HUMAN_STUDY
-    from fcr_results_explorer.synthetic_store import build_synthetic_store
     from fcr_train.provenance import code_version, hardware
+
+    from tests.apps.results_explorer.synthetic_store import build_synthetic_store
 
     tmp = None
     build = None

@@ -2,7 +2,8 @@
 
 Builds a throw-away results store from Fashion-MNIST test images (two pretend variations: the
 image and a lightly smoothed copy, as two samplers would give for one prompt and seed), builds a
-study from it, starts the app on 127.0.0.1 and opens an invitation link in Chromium.
+study from it, starts the app on a free 127.0.0.1 port and opens an invitation link in the
+Debian `chromium`, driven by Playwright (tests/apps/browser.py, shared with the browser tests).
 
     apt-get install -y chromium
     uv run python apps/human-study/scripts/screenshot_rating_page.py docs/human-study-rating.png
@@ -10,8 +11,6 @@ study from it, starts the app on 127.0.0.1 and opens an invitation link in Chrom
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -22,6 +21,9 @@ from fcr_human_study.build import add_raters, build_study
 from fcr_human_study.rating import RatingService
 from fcr_human_study.store import StudyStore
 from PIL import Image, ImageFilter
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the browser helper: test support
+from tests.apps.browser import ChromiumMissing, find_chromium, free_port, open_chromium  # noqa: E402
 
 
 def demo_results_store(root: Path) -> Path:
@@ -52,29 +54,39 @@ def demo_results_store(root: Path) -> Path:
 
 
 def main(out: str = "docs/human-study-rating.png") -> None:
+    try:
+        find_chromium()  # before building anything
+    except ChromiumMissing as error:
+        sys.exit(str(error))
     root = Path(tempfile.mkdtemp())
     study = root / "human-study.duckdb"
     build_study(demo_results_store(root), study, n_pairs=8, attention_share=0.0, pairs_per_rater=8)
     (_, token), = add_raters(study, 1)
     service = RatingService(StudyStore(study, idle_close_s=1.0))
     demo = build_app(service)
-    _, url, _ = launch_app(demo, service, prevent_thread_lock=True, quiet=True)
+    _, url, _ = launch_app(demo, service, server_name="127.0.0.1", server_port=free_port(),
+                           prevent_thread_lock=True, quiet=True)
     # Two votes first, so the progress bar shows some progress.
     rater = service.rater_for_token(token)
     for _ in range(2):
         service.vote(rater, service.current(rater).token, "left")
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        sys.exit("chromium is not installed (apt-get install -y chromium)")
-    subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--hide-scrollbars", f"--user-data-dir={tempfile.mkdtemp()}", "--virtual-time-budget=15000",
-         f"--screenshot={Path(out).resolve()}", "--window-size=1280,1000", f"{url}?token={token}"],
-        check=True, timeout=120,
-    )
-    demo.close()
-    service.store.close()
+    try:
+        with open_chromium() as browser:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.set_default_timeout(60_000)
+            page.goto(f"{url}?token={token}")
+            # the invitation link lands on pair 3; wait for both images to have loaded
+            page.locator("#progress-wrap", has_text="Pair 3 of 8").wait_for()
+            page.wait_for_function("""() => {
+              const imgs = [...document.querySelectorAll('#pair-row img')];
+              return imgs.length === 2 && imgs.every(i => i.complete && i.naturalWidth > 0);
+            }""")
+            page.wait_for_timeout(1000)  # let the layout settle
+            Path(out).resolve().parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=Path(out).resolve())
+    finally:
+        demo.close()
+        service.store.close()
     print(f"wrote {out}")
 
 

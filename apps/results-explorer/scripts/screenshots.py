@@ -1,13 +1,15 @@
 """Screenshots of the explorer's main views: docs/explorer-<view>.png.
 
 Serves the app with `streamlit run` on a free local port and captures each view in headless
-Chromium (Debian `chromium`). Re-run it on the real store when the experiment runner's results
-exist:
+Chromium (the Debian package `chromium`, driven by Playwright: tests/apps/browser.py and
+tests/apps/results_explorer/served.py, shared with the end-to-end test). Re-run it on the real
+store when the experiment runner's results exist:
 
     uv run python apps/results-explorer/scripts/screenshots.py --db results/fcr.duckdb
     uv run python apps/results-explorer/scripts/screenshots.py --demo /tmp/fcr-demo/fcr.duckdb
 
-``--demo PATH`` first writes the demo store (made-up numbers, through fcr-eval's writer) at PATH.
+``--demo PATH`` first writes the demo store (``demo_store.py`` beside this script: made-up
+numbers, through fcr-eval's writer) at PATH.
 """
 
 from __future__ import annotations
@@ -20,9 +22,12 @@ from pathlib import Path
 from urllib.parse import quote
 
 import duckdb
-from fcr_results_explorer.browser import Page, serve
 
 REPO = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(REPO))  # the browser helpers are test support, not shipped in the app
+
+from tests.apps.browser import open_chromium  # noqa: E402
+from tests.apps.results_explorer.served import open_view, serve  # noqa: E402
 
 # view, query string ({exp}: the experiment, {vars}: variations for the samples grid), text that
 # must be on the page, viewport height
@@ -72,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
     db = args.db
     if args.demo:
-        from fcr_results_explorer.demo import build_demo_store
+        from demo_store import build_demo_store  # beside this script (on sys.path[0])
 
         log.info("writing the demo store at %s", args.demo)
         db = build_demo_store(args.demo)
@@ -82,15 +87,19 @@ def main(argv: list[str] | None = None) -> int:
     experiment, variations = pick(db, args.experiment)
     fill = {"exp": quote(experiment), "vars": "".join(f"&vars={quote(v)}" for v in variations)}
     written = []
-    with serve(db) as url:
+    with serve(db) as url, open_chromium() as browser:
         for name, query, expect, height in VIEWS:
             if name not in args.views:
                 continue
             query = query.format(**fill)
             t0 = time.monotonic()
-            with Page(width=args.width, height=height) as page:
-                page.open(f"{url}/?{query}", expect=expect, timeout_s=180, settle_s=2.0)
-                out = page.screenshot(args.out / f"explorer-{name}.png")
+            # a fresh page (own context) per view, sized to the view
+            page = browser.new_page(viewport={"width": args.width, "height": height})
+            open_view(page, f"{url}/?{query}", expect=expect, timeout_s=180, settle_s=2.0)
+            out = (args.out / f"explorer-{name}.png").resolve()
+            out.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=out)
+            page.close()
             written.append((out, time.monotonic() - t0))
     width = max(len(str(p)) for p, _ in written)
     print(f"{'screenshot':<{width}}  seconds")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import socket
 import subprocess
 import sys
 import threading
@@ -20,18 +19,13 @@ from fcr_human_study.rating import RatingService
 from fcr_human_study.store import StudyStore
 from gradio_client import Client
 
+from ..browser import free_port
 from .conftest import VARIATIONS, make_results_store
 
 PER_RATER = 25
 
 # gradio's queue uses pandas options that pandas 3 deprecates; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword).*")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -1,74 +1,30 @@
-"""A real browser (headless Chromium over the DevTools protocol) rates pairs on the page.
+"""A real browser (headless Chromium under Playwright) rates pairs on the page.
 
-Skipped where Chromium is not installed (Debian: ``apt-get install chromium``).
+Needs the Debian package `chromium` (`apt-get install chromium`); without it this test fails
+and says so rather than being skipped (the `browser` fixture of tests/apps/conftest.py).
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
-import shutil
-import subprocess
-import tempfile
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 from fcr_human_study.app import build_app, launch_app
 from fcr_human_study.build import add_raters, build_study
 from fcr_human_study.rating import RatingService
 from fcr_human_study.store import StudyStore
 
+from ..browser import free_port
 from .conftest import VARIATIONS, make_results_store
-from .test_app import free_port
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed"),
     pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword).*"),
 ]
-websockets = pytest.importorskip("websockets")
+TIMEOUT_MS = 30_000
 
 
-class Page:
-    """The smallest DevTools client: evaluate JavaScript, wait for a condition."""
-
-    def __init__(self, ws):
-        self.ws, self.n = ws, 0
-
-    async def call(self, method: str, **params):
-        self.n += 1
-        await self.ws.send(json.dumps({"id": self.n, "method": method, "params": params}))
-        while True:
-            msg = json.loads(await self.ws.recv())
-            if msg.get("id") == self.n:
-                return msg
-
-    async def js(self, expr: str):
-        r = await self.call("Runtime.evaluate", expression=expr, returnByValue=True, awaitPromise=True)
-        return r["result"]["result"].get("value")
-
-    async def wait_for(self, expr: str, timeout: float = 30.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = await self.js(expr)
-            if value:
-                return value
-            await asyncio.sleep(0.2)
-        raise TimeoutError(expr)
-
-
-def click(label: str) -> str:
-    return (f"(() => {{ const b = [...document.querySelectorAll('button')]"
-            f".find(b => b.innerText.includes({json.dumps(label)})); if (b) b.click(); return !!b; }})()")
-
-
-PROGRESS = "(document.querySelector('#progress-wrap') || {}).innerText || ''"
-
-
-def test_a_browser_rates_pairs_through_the_page(tmp_path: Path):
+def test_a_browser_rates_pairs_through_the_page(tmp_path: Path, browser):
     results = make_results_store(tmp_path)
     study = tmp_path / "results" / "human-study.duckdb"
     build_study(results, study, n_pairs=20, attention_share=0.1, pairs_per_rater=10)
@@ -77,41 +33,19 @@ def test_a_browser_rates_pairs_through_the_page(tmp_path: Path):
     demo = build_app(service)
     _, url, _ = launch_app(demo, service, server_name="127.0.0.1", server_port=free_port(),
                            prevent_thread_lock=True, quiet=True)
-    port = free_port()
-    browser = subprocess.Popen(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={tempfile.mkdtemp()}", f"--remote-debugging-port={port}", "about:blank"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    async def rate() -> str:
-        for _ in range(150):
-            try:
-                targets = httpx.get(f"http://127.0.0.1:{port}/json").json()
-                break
-            except httpx.HTTPError:
-                await asyncio.sleep(0.2)
-        ws_url = next(t for t in targets if t["type"] == "page")["webSocketDebuggerUrl"]
-        async with websockets.connect(ws_url, max_size=None) as ws:
-            page = Page(ws)
-            await page.call("Page.navigate", url=url)
-            await page.wait_for("!!document.querySelector('input[type=password]')")
-            await page.js(
-                "(() => { const i = document.querySelector('input[type=password]'); "
-                f"i.value = {json.dumps(token)}; i.dispatchEvent(new Event('input', {{bubbles: true}})); }})()")
-            await asyncio.sleep(0.3)
-            assert await page.js(click("Start"))
-            await page.wait_for(f"({PROGRESS}).includes('Pair 1 of 10')")
-            for k, label in enumerate(["A is better", "B is better", "About the same", "Both are bad"]):
-                assert await page.js(click(label))
-                await page.wait_for(f"({PROGRESS}).includes('Pair {k + 2} of 10')")
-            return await page.js("document.documentElement.outerHTML")
-
     try:
-        dom = asyncio.run(asyncio.wait_for(rate(), timeout=120))
+        page = browser.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(url)
+        page.locator("input[type=password]").first.fill(token)
+        page.locator("button", has_text="Start").first.click()
+        progress = page.locator("#progress-wrap")
+        progress.filter(has_text="Pair 1 of 10").wait_for()
+        for k, label in enumerate(["A is better", "B is better", "About the same", "Both are bad"]):
+            page.locator("button", has_text=label).first.click()
+            progress.filter(has_text=f"Pair {k + 2} of 10").wait_for()
+        dom = page.content()
     finally:
-        browser.kill()
-        browser.wait()
         demo.close()
     votes = service.store.query("SELECT clicked, choice, left_side FROM votes ORDER BY voted_at")
     service.store.close()

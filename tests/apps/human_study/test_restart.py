@@ -16,8 +16,9 @@ from fcr_human_study.build import add_raters, build_study
 from fcr_human_study.store import StudyStore
 from gradio_client import Client
 
+from ..browser import free_port
 from .conftest import make_results_store
-from .test_app import STATUS, TOKEN, free_port
+from .test_app import STATUS, TOKEN
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword).*")]

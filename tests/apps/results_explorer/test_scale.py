@@ -2,7 +2,7 @@
 are capped.
 
 Two stores: ~200k rows written run by run through fcr-eval's writer, and a synthetic store of
-1M per-sample rows (``fcr_results_explorer.synthetic_store``, built in DuckDB) on which every
+1M per-sample rows (``synthetic_store.py`` beside this test, built in DuckDB) on which every
 view, contrasts and the paired view included, must hand Python only aggregated frames. The
 10M-row timings are a benchmark (``benchmarks/explorer_scale.py``, figures in
 docs/benchmarks.md), not a test: the bound here is generous, for a shared CI machine."""
@@ -24,7 +24,8 @@ from fcr_eval.store import (
     make_run_id,
 )
 from fcr_results_explorer.reader import StoreReader
-from fcr_results_explorer.synthetic_store import SAMPLE_METRICS, VARIATIONS, build_synthetic_store
+
+from .synthetic_store import SAMPLE_METRICS, VARIATIONS, build_synthetic_store
 
 PROMPTS_PER_RUN = 17_000  # 6 runs × (samples + per-prompt scores) ≈ 204k rows
 

@@ -129,7 +129,8 @@ def main() -> None:
         )["n"][0]
         if demo:
             st.sidebar.warning(f"{demo} runs in this store are demo runs with made-up numbers "
-                               "(`fcr_results_explorer.demo`).", icon=":material/science:")
+                               "(`apps/results-explorer/scripts/demo_store.py`).",
+                               icon=":material/science:")
         flt = _sidebar_filters(reader, state)
         ctx = ViewContext(reader, flt, state, q.metric_catalogue(reader))
         render(ctx)

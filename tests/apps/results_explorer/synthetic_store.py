@@ -10,6 +10,9 @@ together, one metric after another), plus proportional samples, per-prompt score
 metrics, timings, feature statistics, contrasts and criteria. The values are made up
 (deterministic hashes); every run's ``params`` says ``"synthetic": true``.
 
+Test support, not shipped: ``test_scale.py`` and ``benchmarks/explorer_scale.py`` (which puts the
+repository root on ``sys.path``) import it as ``tests.apps.results_explorer.synthetic_store``.
+
 Example:
     >>> info = build_synthetic_store("/tmp/scale/fcr.duckdb", sample_metric_rows=1_000_000)
     >>> info.sample_metric_rows, info.runs

@@ -1,12 +1,14 @@
 """A realistic demo results store, written through fcr-eval's own writer.
 
-It stands in for mini-exp-1 (and a small mini-exp-2) until the experiment runner's real results
-exist: the numbers are *made up* to look like the embedded default's (EfficientNet-Lite0 FD on
-Fashion-MNIST), and every run's ``params`` says ``"demo": true``. The screenshots script and
-the browser test use it. It has per-sample metrics (cache error, PSNR, class log-probability)
-and mini-exp-1's contrasts, computed from them by fcr-eval's own contrast code.
+It stands in for mini-exp-1 (and a small mini-exp-2) where the experiment runner's real results
+are not at hand: the numbers are *made up* to look like the embedded default's
+(EfficientNet-Lite0 FD on Fashion-MNIST), and every run's ``params`` says ``"demo": true`` (the
+app marks such runs in its sidebar). ``screenshots.py --demo`` uses it. It has per-sample metrics
+(cache error, PSNR, class log-probability) and mini-exp-1's contrasts, computed from them by
+fcr-eval's own contrast code. A dev tool: it lives beside the screenshots script, not in the
+shipped package.
 
-    uv run python -m fcr_results_explorer.demo /tmp/demo/fcr.duckdb
+    uv run python apps/results-explorer/scripts/demo_store.py /tmp/demo/fcr.duckdb
 """
 
 from __future__ import annotations
