@@ -65,6 +65,7 @@ __all__ = [
     "check_output_consistency",
     "output_consistency_loss",
     "sample_oc_timesteps",
+    "stale_output",
     "trainable_parameter_names",
 ]
 
@@ -170,7 +171,7 @@ class OutputConsistencyLossOutput:
     stale: torch.Tensor | None = None
 
 
-def cached_parameter_modules(unet, config: OutputConsistencyConfig) -> list[str]:
+def _reused_modules(unet, config: OutputConsistencyConfig) -> list[str]:
     """Names of the modules whose outputs the cache reuses (their parameters are what
     ``trainable="recomputed"`` keeps the term's gradient away from)."""
     if config.cache == "fd":
@@ -193,7 +194,7 @@ def trainable_parameter_names(unet, config: OutputConsistencyConfig) -> list[str
     names = [n for n, _ in unet.named_parameters()]
     if config.trainable == "all":
         return names
-    cached = cached_parameter_modules(unet, config)
+    cached = _reused_modules(unet, config)
     return [n for n in names if not any(n.startswith(m + ".") for m in cached)]
 
 
