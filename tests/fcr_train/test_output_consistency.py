@@ -15,7 +15,7 @@ from fcr_sample import (
     remove_encoder_cache,
     start_sampling_run,
 )
-from fcr_sample.deep_cache import cached_module_names
+from fcr_sample.deep_cache import cached_module_names, deep_cache_layers
 from fcr_train.cli import main
 from fcr_train.data import FashionMNISTDataset
 from fcr_train.loss import FCRConfig, feature_distance
@@ -125,6 +125,16 @@ def test_stale_path_is_what_the_real_cache_computes_at_a_reused_step(tiny_unet, 
     assert torch.equal(mine, real)
     assert torch.equal(out.target, fresh)
     assert (mine - fresh).abs().max() > 1e-3  # the comparison is not between two fresh outputs
+
+
+def test_deep_cache_layers_refuse_a_cached_unet_and_leave_no_hooks(tiny_unet):
+    apply_encoder_cache(tiny_unet, EncoderCacheConfig(stride=2))
+    with pytest.raises(ValueError, match="already applied"), deep_cache_layers(tiny_unet, DeepCacheConfig()):
+        pass
+    remove_encoder_cache(tiny_unet)
+    with deep_cache_layers(tiny_unet, DeepCacheConfig()) as st:
+        assert _hooked(tiny_unet) and not st.outputs
+    assert not _hooked(tiny_unet)
 
 
 def test_timesteps_pair_a_reused_step_with_a_noisier_key_step_in_sampler_steps():

@@ -433,7 +433,7 @@ def train(
     step_callback: Callable[[int, dict], None] | None = None,
     run_metadata: dict | None = None,
 ) -> RunResult:
-    """Train ``unet`` with L_denoise + λ·FCR on ``dataset``.
+    """Train ``unet`` with L_denoise + λ·FCR (or + λ·L_oc, ``config.output_consistency``) on ``dataset``.
 
     Args:
         unet: the diffusers UNet to train (the only trained module; VAE/text encoder live in ``conditioner``).
