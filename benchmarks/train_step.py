@@ -1,11 +1,14 @@
-"""Step time of FCR fine-tuning versus plain fine-tuning (λ = 0), as a ratio.
+"""Step time of FCR and output-consistency fine-tuning versus plain fine-tuning (λ = 0), as a ratio.
 
-One "step" = FCR loss forward + backward + AdamW update, as in ``fcr_train.trainer``. The
+One "step" = loss forward + backward + AdamW update, as in ``fcr_train.trainer``. The
 variants are timed interleaved (A, B, C, A, B, C, ...) so that load from other processes on a
-shared machine hits them alike; the median per variant is reported.
+shared machine hits them alike; the median per variant is reported. The output-consistency
+variants (``fcr_train.output_consistency``, FD and DeepCache stale paths) aim at ≤ 2× a plain
+step: one extra encoder (DeepCache: full, no-grad) pass and one stale-path decoder pass at most.
 
     uv run python benchmarks/train_step.py                 # CPU, embedded UNet (28x28, batch 32)
     uv run python benchmarks/train_step.py --device cuda   # + SD-v1.5-architecture UNet at 512^2 (64^2 latents), random weights
+    uv run python benchmarks/train_step.py --batch-size 4 --repeats 2 --tiny   # smoke run (tiny UNet)
 
 Prints a table and a JSON record (config, hardware, code version) for docs/benchmarks.md.
 """
@@ -20,8 +23,9 @@ import time
 
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
-from fcr_train.embedded import EMBEDDED_UNET_CONFIG, SCHEDULER_CONFIG
+from fcr_train.embedded import EMBEDDED_UNET_CONFIG, SCHEDULER_CONFIG, TINY_UNET_CONFIG
 from fcr_train.loss import FCRConfig, fcr_loss
+from fcr_train.output_consistency import OutputConsistencyConfig, output_consistency_loss
 from fcr_train.provenance import code_version, hardware
 
 # SD v1.5 UNet architecture (859.5M parameters); random weights are valid for timing.
@@ -42,7 +46,18 @@ VARIANTS = {
     "FCR lam=0.1, batched encoders": FCRConfig(lam=0.1, batched=True),
     "FCR lam=0.1, two encoder passes": FCRConfig(lam=0.1, batched=False),
     "FCR lam=0.1, stop-grad (no_grad pass)": FCRConfig(lam=0.1, stop_grad=True),
+    # Δ in DDIM-20 steps over T = 1000; the stale pass runs under no_grad ("recomputed")
+    "OC lam=0.1, FD, recomputed": OutputConsistencyConfig(lam=0.1, cache="fd"),
+    "OC lam=0.1, FD, all": OutputConsistencyConfig(lam=0.1, cache="fd", trainable="all"),
+    "OC lam=0.1, DeepCache b0, recomputed": OutputConsistencyConfig(lam=0.1, cache="deepcache"),
 }
+PLAIN = "plain (lam=0)"
+
+
+def _loss(unet, scheduler, x0, text, cfg, g):
+    if isinstance(cfg, OutputConsistencyConfig):
+        return output_consistency_loss(unet, scheduler, x0, text, cfg, generator=g)
+    return fcr_loss(unet, scheduler, x0, text, cfg, generator=g)
 
 
 def time_variants(unet, scheduler, x0, text, repeats: int, warmup: int, device, autocast_dtype=None) -> dict[str, list[float]]:
@@ -52,7 +67,7 @@ def time_variants(unet, scheduler, x0, text, repeats: int, warmup: int, device, 
 
     def step(cfg):
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            out = fcr_loss(unet, scheduler, x0, text, cfg, generator=g)
+            out = _loss(unet, scheduler, x0, text, cfg, g)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -71,14 +86,22 @@ def time_variants(unet, scheduler, x0, text, repeats: int, warmup: int, device, 
 
 
 def report(title: str, times: dict[str, list[float]], meta: dict) -> dict:
-    base = statistics.median(times["plain (lam=0)"])
+    base = statistics.median(times[PLAIN])
     print(f"\n{title}")
-    print(f"{'variant':<36} {'median s/step':>14} {'ratio vs lam=0':>15}")
+    print(f"{'variant':<40} {'median s/step':>14} {'ratio vs lam=0':>15} {'ratio min-max':>15}")
     rows = {}
     for name, ts in times.items():
         med = statistics.median(ts)
-        rows[name] = {"median_s": round(med, 4), "ratio": round(med / base, 3), "n": len(ts)}
-        print(f"{name:<36} {med:>14.4f} {med / base:>15.3f}")
+        # per-round ratios against the plain step of the same round (interleaved): their spread
+        # shows how much the machine's load moved the comparison
+        per_round = [a / b for a, b in zip(ts, times[PLAIN], strict=True)]
+        rows[name] = {"median_s": round(med, 4), "ratio": round(med / base, 3), "n": len(ts),
+                      "ratio_min": round(min(per_round), 3), "ratio_max": round(max(per_round), 3)}
+        print(f"{name:<40} {med:>14.4f} {med / base:>15.3f} {min(per_round):>7.2f}-{max(per_round):<7.2f}")
+    oc = {k: v["ratio"] for k, v in rows.items() if k.startswith("OC ")}
+    if oc:
+        worst = max(oc, key=oc.get)
+        print(f"output consistency vs plain step: worst median ratio {oc[worst]:.2f} ({worst}); target <= 2")
     return {"title": title, **meta, "results": rows}
 
 
@@ -90,6 +113,7 @@ def main(argv=None) -> None:
     p.add_argument("--sd-batch-size", type=int, default=4, help="SD-v1.5-architecture batch on GPU [%(default)s]")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", default=None, help="also write the records to this file")
+    p.add_argument("--tiny", action="store_true", help="the tiny test UNet at 8x8 instead of the embedded one (smoke runs)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -98,13 +122,15 @@ def main(argv=None) -> None:
     meta = {"code": code_version(), "hardware": hardware(device), "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**EMBEDDED_UNET_CONFIG).to(device).train()
+    ucfg, size, text_shape, model = (TINY_UNET_CONFIG, 8, (4, 8), "tiny") if args.tiny else \
+        (EMBEDDED_UNET_CONFIG, 28, (16, 384), "embedded")
+    unet = UNet2DConditionModel(**ucfg).to(device).train()
     sched = DDPMScheduler(**SCHEDULER_CONFIG)
-    x0 = torch.rand(args.batch_size, 1, 28, 28, device=device) * 2 - 1
-    text = torch.randn(args.batch_size, 16, 384, device=device)
+    x0 = torch.rand(args.batch_size, 1, size, size, device=device) * 2 - 1
+    text = torch.randn(args.batch_size, *text_shape, device=device)
     times = time_variants(unet, sched, x0, text, args.repeats, warmup=2, device=device)
-    records.append(report(f"embedded UNet (28x28, batch {args.batch_size}) on {device.type}", times,
-                          {"model": "embedded", "batch_size": args.batch_size, "device": str(device), **meta}))
+    records.append(report(f"{model} UNet ({size}x{size}, batch {args.batch_size}) on {device.type}", times,
+                          {"model": model, "batch_size": args.batch_size, "device": str(device), **meta}))
 
     if device.type == "cuda":
         torch.manual_seed(0)

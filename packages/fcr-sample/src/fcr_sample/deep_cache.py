@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +44,13 @@ import numpy as np
 import torch
 from diffusers.hooks.hooks import HookRegistry, ModelHook
 
-from .hooks import CacheHook, bind_unet_args, register_cache_hook, remove_cache_hook
+from .hooks import (
+    CacheHook,
+    bind_unet_args,
+    find_cache_hooks,
+    register_cache_hook,
+    remove_cache_hook,
+)
 from .run_state import HookState
 
 logger = logging.getLogger(__name__)
@@ -53,6 +61,7 @@ __all__ = [
     "apply_deep_cache",
     "remove_deep_cache",
     "cached_module_names",
+    "deep_cache_layers",
     "nonuniform_full_steps",
 ]
 
@@ -307,16 +316,11 @@ class DeepCacheHook(CacheHook):
         self._layers = _outermost_cached(unet, config.cache_block_id, config.cache_layer_id)
 
     def initialize_hook(self, module):
-        for name, sub in self._layers:
-            hook = _LayerCacheHook(name, lambda: self.state)
-            HookRegistry.check_if_exists_or_initialize(sub).register_hook(hook, LAYER_HOOK_NAME)
-        _invalidate_child_cache(module)
+        _install_layer_hooks(module, self._layers, lambda: self.state)
         return module
 
     def deinitalize_hook(self, module):  # diffusers' spelling; called by remove_hook
-        for _, sub in self._layers:
-            _unregister(sub, LAYER_HOOK_NAME)
-        _invalidate_child_cache(module)
+        _remove_layer_hooks(module, self._layers)
         return module
 
     def on_new_run(self, run) -> None:
@@ -346,6 +350,60 @@ class DeepCacheHook(CacheHook):
         else:
             self.stats.partial_forwards += 1
         return out
+
+
+def _install_layer_hooks(unet, layers, state_of) -> None:
+    """Put a store/reuse hook on every module of ``layers``, all reading ``state_of()``."""
+    for name, sub in layers:
+        hook = _LayerCacheHook(name, state_of)
+        HookRegistry.check_if_exists_or_initialize(sub).register_hook(hook, LAYER_HOOK_NAME)
+    _invalidate_child_cache(unet)
+
+
+def _remove_layer_hooks(unet, layers) -> None:
+    for _, sub in layers:
+        _unregister(sub, LAYER_HOOK_NAME)
+    _invalidate_child_cache(unet)
+
+
+@contextmanager
+def deep_cache_layers(unet, config: DeepCacheConfig) -> Iterator[DeepCacheState]:
+    """DeepCache's cut on a bare UNet, driven by hand: the layer hooks the cache itself uses.
+
+    Inside the block every module that DeepCache reuses at a cached step (the ones
+    :func:`cached_module_names` lists) carries the same store/reuse hook as under
+    :func:`apply_deep_cache`, controlled by the yielded :class:`DeepCacheState`: with
+    ``state.refreshing = True`` a ``unet(...)`` call stores those modules' outputs (a full step),
+    with ``state.reusing = True`` it returns the stored outputs and runs only the shallow path (a
+    cached step), with both ``False`` the UNet runs as usual. No sampling run is tracked, so rows
+    may have different timesteps — what a training objective on DeepCache's situation needs
+    (``fcr_train.output_consistency``). The hooks are gone when the block ends.
+
+    Args:
+        unet: a ``UNet2DConditionModel`` with no fcr-sample cache applied.
+        config: where the cut lies (``cache_branch_id``; the interval is not used).
+
+    Raises:
+        ValueError: a cache is applied to ``unet``, or the branch lies deeper than the UNet.
+
+    Example:
+        >>> with deep_cache_layers(unet, DeepCacheConfig(cache_branch_id=0)) as st:
+        ...     st.refreshing = True
+        ...     unet(x_key, t_key, text)          # full step: stores the deep features
+        ...     st.refreshing, st.reusing = False, True
+        ...     eps = unet(x, t, text).sample     # cached step: shallow path only
+    """
+    if find_cache_hooks(unet):
+        raise ValueError("deep_cache_layers: a cache is already applied to this UNet; remove it first")
+    _check_branch(unet, config)
+    layers = _outermost_cached(unet, config.cache_block_id, config.cache_layer_id)
+    state = DeepCacheState()
+    _install_layer_hooks(unet, layers, lambda: state)
+    try:
+        yield state
+    finally:
+        _remove_layer_hooks(unet, layers)
+        state.reset()
 
 
 def _unregister(module: torch.nn.Module, name: str) -> None:

@@ -3,6 +3,8 @@
 Public API (see each object's docstring):
 
 * loss: :class:`FCRConfig`, :func:`fcr_loss`, :func:`feature_distance`
+* output consistency (the second objective): :class:`OutputConsistencyConfig`,
+  :func:`output_consistency_loss`
 * training: :class:`TrainConfig`, :func:`train`, :class:`RunResult`, :func:`latest_checkpoint`
 * runs: :class:`FinetuneConfig`, :class:`DataConfig`, :func:`finetune`, :class:`PretrainConfig`, :func:`pretrain`
 * embedded default: :func:`load_embedded_base`, :class:`EmbeddedBase`, :func:`sample_images`,
@@ -18,6 +20,7 @@ _EXPORTS = {
                  "load_embedded_base", "make_scheduler", "sample_images"),
     "loss": ("FCRConfig", "FCRLossOutput", "fcr_loss", "feature_distance"),
     "models": ("ModelNotAvailableError", "load_sd_components"),
+    "output_consistency": ("OutputConsistencyConfig", "OutputConsistencyLossOutput", "output_consistency_loss"),
     "trainer": ("RunResult", "TrainConfig", "latest_checkpoint", "train"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
@@ -63,6 +66,9 @@ __all__ = [
     "FCRLossOutput",
     "fcr_loss",
     "feature_distance",
+    "OutputConsistencyConfig",
+    "OutputConsistencyLossOutput",
+    "output_consistency_loss",
     "ModelNotAvailableError",
     "load_sd_components",
     "RunResult",

@@ -85,7 +85,9 @@ class FinetuneConfig:
         base_weights: UNet folder for ``model="embedded"`` (default: the shipped weights).
         revision / variant: passed to ``from_pretrained`` for SD models.
         data: :class:`DataConfig`.
-        train: :class:`TrainConfig` (holds the :class:`FCRConfig`).
+        train: :class:`TrainConfig` (holds the :class:`FCRConfig`, or instead an
+            :class:`~fcr_train.output_consistency.OutputConsistencyConfig` in
+            ``train.output_consistency`` with ``fcr.lam = 0``).
     """
 
     model: str = "embedded"

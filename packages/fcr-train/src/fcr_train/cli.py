@@ -1,6 +1,7 @@
 """``fcr-train``: FCR fine-tuning and base-model pretraining from the command line.
 
     fcr-train finetune --model embedded --lam 0.1 --blocks late --max-steps 500 --output-dir runs/fcr
+    fcr-train finetune --model embedded --oc-lam 0.1 --oc-cache fd --oc-delta-max 10 --output-dir runs/oc
     fcr-train finetune --model sd15 --data laion --data-path laion.parquet --images-dir imgs/ ...
     fcr-train pretrain --output-dir runs/pretrain --export-dir packages/fcr-train/src/fcr_train/weights
     accelerate launch -m fcr_train.cli finetune ...      # multi-GPU / multi-node
@@ -30,7 +31,8 @@ from .cli_errors import (
     int_at_least,
     run_cli,
 )
-from .loss import DISTANCES, FCRConfig
+from .loss import DELTA_UNITS, DISTANCES, FCRConfig
+from .output_consistency import OC_CACHES, OC_TRAINABLE, OutputConsistencyConfig
 from .trainer import RunResult, TrainConfig
 
 __all__ = ["main", "build_parser"]
@@ -68,7 +70,11 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     g.add_argument("--cpu", action="store_true", help="train on CPU even if a GPU is present")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bar")
     f = p.add_argument_group("FCR loss")
-    f.add_argument("--lam", type=float_in(0), default=defaults.fcr.lam, help="weight of the feature-consistency term; 0 = plain fine-tuning [%(default)s]")
+    # None = not given: the default is the config's, or 0 when the output-consistency term is on
+    # (the two are exclusive), so `--oc-lam` alone does not collide with FCR's default λ.
+    p.set_defaults(fcr_lam_default=defaults.fcr.lam)
+    f.add_argument("--lam", type=float_in(0), default=None,
+                   help=f"weight of the feature-consistency term; 0 = plain fine-tuning [{defaults.fcr.lam}; 0 with --oc-lam]")
     f.add_argument("--delta-max", type=int_at_least(1), default=defaults.fcr.delta_max, help="Delta ~ U(1, delta_max) timesteps between branches [%(default)s]")
     f.add_argument("--delta-scale", type=int_at_least(1), default=defaults.fcr.delta_scale,
                    help="training timesteps per unit of Delta: 1 = DDPM timesteps (paper); 20 = DDIM-50 sampler steps (cache-stride units) [%(default)s]")
@@ -78,8 +84,52 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     f.add_argument("--no-batched-encoders", dest="batched", action="store_false", help="run the two encoder passes separately (default: one 2B batch)")
 
 
+#: The output-consistency options besides --oc-lam, with their OutputConsistencyConfig field.
+_OC_OPTIONS = {"oc_delta_max": "delta_max", "oc_delta_unit": "delta_unit", "oc_sampler_steps": "sampler_steps",
+               "oc_stride": "stride", "oc_distance": "distance", "oc_cache": "cache",
+               "oc_cache_branch_id": "cache_branch_id", "oc_trainable": "trainable"}
+
+
+def _add_output_consistency_args(p: argparse.ArgumentParser) -> None:
+    d = OutputConsistencyConfig()
+    o = p.add_argument_group("output consistency (instead of FCR): lambda * d(UNet output with stale cached "
+                             "features from x_{t+Delta}, sg[UNet output at x_t])")
+    o.add_argument("--oc-lam", type=float_in(0, low_open=True), default=None,
+                   help="weight of the output-consistency term; turns it on (and FCR's --lam default to 0)")
+    o.add_argument("--oc-delta-max", type=int_at_least(1), default=None,
+                   help=f"Delta ~ U(1, max) between the cache's key step and the reused step [{d.delta_max}]")
+    o.add_argument("--oc-delta-unit", choices=DELTA_UNITS, default=None, help=f"unit of Delta [{d.delta_unit}]")
+    o.add_argument("--oc-sampler-steps", type=int_at_least(1), default=None,
+                   help=f"the sampler's step count, for --oc-delta-unit sampler_steps [{d.sampler_steps}]")
+    o.add_argument("--oc-stride", type=int_at_least(1), default=None,
+                   help="the cache stride the fine-tune serves (recorded; the default of --oc-delta-max)")
+    o.add_argument("--oc-distance", choices=DISTANCES, default=None, help=f"output distance [{d.distance}]")
+    o.add_argument("--oc-cache", choices=OC_CACHES, default=None,
+                   help=f"whose stale features: fd (encoder cache) or deepcache [{d.cache}]")
+    o.add_argument("--oc-cache-branch-id", type=int_at_least(0), default=None,
+                   help=f"DeepCache's cut, 3*block + layer (with --oc-cache deepcache) [{d.cache_branch_id}]")
+    o.add_argument("--oc-trainable", choices=OC_TRAINABLE, default=None,
+                   help="parameters the term's gradient may reach: recomputed (what the cache re-runs at a reused "
+                        f"step) or all (also through the stale features) [{d.trainable}]")
+
+
+def _output_consistency(args) -> OutputConsistencyConfig | None:
+    given = {field: getattr(args, opt) for opt, field in _OC_OPTIONS.items() if getattr(args, opt, None) is not None}
+    if getattr(args, "oc_lam", None) is None:
+        if given:
+            flags = ", ".join("--" + opt.replace("_", "-") for opt in _OC_OPTIONS if getattr(args, opt, None) is not None)
+            raise UserError(f"{flags} set without --oc-lam. Add --oc-lam (e.g. 0.1) to turn the "
+                            "output-consistency term on, or drop those options")
+        return None
+    if given.get("stride") is not None and "delta_max" not in given:
+        given["delta_max"] = None  # Δ_max = the stride it serves
+    return OutputConsistencyConfig(lam=args.oc_lam, **given)
+
+
 def _train_config(args) -> TrainConfig:
     blocks = args.blocks if args.blocks in ("all", "early", "mid", "late") else tuple(s.strip() for s in args.blocks.split(",") if s.strip())
+    oc = _output_consistency(args)
+    lam = args.lam if args.lam is not None else (0.0 if oc is not None else args.fcr_lam_default)
     return TrainConfig(
         output_dir=args.output_dir, max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
         lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
@@ -89,7 +139,8 @@ def _train_config(args) -> TrainConfig:
         num_workers=args.num_workers, max_bad_fraction=args.max_bad_fraction, max_bad_count=args.max_bad_count,
         max_time_s=None if args.max_minutes is None else 60 * args.max_minutes,
         resume=args.resume_from or args.resume, cpu=args.cpu, progress=args.progress,
-        fcr=FCRConfig(lam=args.lam, delta_max=args.delta_max, delta_scale=args.delta_scale, blocks=blocks, distance=args.distance,
+        output_consistency=oc,
+        fcr=FCRConfig(lam=lam, delta_max=args.delta_max, delta_scale=args.delta_scale, blocks=blocks, distance=args.distance,
                       stop_grad=args.stop_grad, batched=args.batched),
     )
 
@@ -121,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--image-column", default=None, help="LAION table column with image paths (auto-detected)")
     m.add_argument("--caption-column", default=None, help="LAION table column with captions (auto-detected)")
     _add_train_args(ft, FinetuneConfig().train)
+    _add_output_consistency_args(ft)
 
     pt = sub.add_parser("pretrain", help="train the embedded Fashion-MNIST base UNet from scratch",
                         description="Train the embedded base UNet (pixel space, MiniLM text states) from scratch on Fashion-MNIST.")
@@ -144,6 +196,7 @@ def _summary(result: RunResult) -> str:
         ("final loss", f"{result.last_logs.get('loss', float('nan')):.5f}"),
         ("L_denoise", f"{result.last_logs.get('l_denoise', float('nan')):.5f}"),
         ("L_fcr", f"{result.last_logs.get('l_fcr', float('nan')):.5f}"),
+        *([("L_oc", f"{result.last_logs['l_oc']:.5f}")] if "l_oc" in result.last_logs else []),
         ("step time (last)", f"{result.last_logs.get('step_time_s', float('nan')):.3f} s"),
         ("wall time", f"{result.wall_time_s:.1f} s"),
         ("last checkpoint", str(result.last_checkpoint)),

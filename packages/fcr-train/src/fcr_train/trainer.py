@@ -10,7 +10,8 @@ Run folder layout (``TrainConfig.output_dir``)::
 
     config.json         full config + code version + hardware (written at start, updated at end)
     metrics.jsonl       one line per optimizer step: loss, l_denoise, l_fcr, l_fcr_weighted (λ·l_fcr),
-                        fcr_to_denoise (λ·l_fcr / l_denoise), d/<block>, step_time_s, lr
+                        fcr_to_denoise (λ·l_fcr / l_denoise), d/<block>, step_time_s, lr; with the
+                        output-consistency term also l_oc, l_oc_weighted, oc_to_denoise
     validation.jsonl    one line per validation call (step, metric)
     train.log           the log
     checkpoints/step_0000500/
@@ -45,6 +46,13 @@ import torch
 from .data import BadSampleCounter, collate_skip_bad
 from .locking import ProcessLock
 from .loss import FCRConfig, FCRLossOutput, fcr_loss, sample_timesteps
+from .output_consistency import (
+    OutputConsistencyConfig,
+    OutputConsistencyLossOutput,
+    check_output_consistency,
+    output_consistency_loss,
+    sample_oc_timesteps,
+)
 from .provenance import run_provenance
 from .sampler import ResumableBatchSampler
 
@@ -55,6 +63,7 @@ __all__ = [
     "EarlyStopping",
     "EmbeddedConditioner",
     "FCRObjective",
+    "OutputConsistencyObjective",
     "train",
     "latest_checkpoint",
 ]
@@ -98,6 +107,9 @@ class TrainConfig:
         log_every: write a step line (losses and λ·L_FCR / L_denoise) to train.log every N steps
             (and at the first and last step); every step is always in metrics.jsonl.
         fcr: :class:`FCRConfig`.
+        output_consistency: :class:`~fcr_train.output_consistency.OutputConsistencyConfig`, or
+            ``None`` (default) for no output-consistency term. Exclusive with FCR (``fcr.lam``
+            must be 0): see ``__post_init__``.
     """
 
     output_dir: str = "runs/fcr"
@@ -131,10 +143,22 @@ class TrainConfig:
     progress: bool = True
     log_every: int = 50
     fcr: FCRConfig = field(default_factory=FCRConfig)
+    output_consistency: OutputConsistencyConfig | None = None
+
+    def __post_init__(self):
+        # Exclusive rather than summed: the two terms draw (t, Δ) on opposite sides of t (FCR pairs
+        # t with the less noisy t − Δ, t ~ U(Δ, T−1); output consistency pairs it with the key step
+        # t + Δ, t ~ U(0, T−1−Δ)), so one draw cannot serve both without changing the timestep
+        # distribution that existing FCR runs were trained with; and issue 18 compares them as
+        # separate arms, where a sum would leave no clean λ·L / L_denoise share for either.
+        if self.output_consistency is not None and self.fcr.lam > 0:
+            raise ValueError(f"the output-consistency term and FCR are exclusive: set fcr.lam = 0 (got "
+                             f"{self.fcr.lam}) or leave output_consistency unset")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["fcr"] = self.fcr.to_dict()
+        d["output_consistency"] = None if self.output_consistency is None else self.output_consistency.to_dict()
         return d
 
 
@@ -153,6 +177,8 @@ class RunResult:
         losses: per-step total loss of this process (resumed runs: only the steps run here).
         fcr_to_denoise: per-step λ·L_FCR / L_denoise, the same steps as ``losses`` (the share of
             the loss the FCR term carries; 0 for λ = 0).
+        oc_to_denoise: per-step λ·L_oc / L_denoise of the output-consistency term, the same
+            steps as ``losses`` (empty when the run has no such term).
         last_logs: the final step's log record.
         wall_time_s: seconds spent in this call.
     """
@@ -168,6 +194,7 @@ class RunResult:
     stopped_by_time: bool = False
     losses: list[float] = field(default_factory=list)
     fcr_to_denoise: list[float] = field(default_factory=list)
+    oc_to_denoise: list[float] = field(default_factory=list)
     last_logs: dict = field(default_factory=dict)
     wall_time_s: float = 0.0
 
@@ -279,6 +306,15 @@ class FCRObjective(torch.nn.Module):
     def forward(self, x0, encoder_hidden_states, noise, timesteps, deltas) -> FCRLossOutput:
         return fcr_loss(self.unet, self.scheduler, x0, encoder_hidden_states, self.config,
                         noise=noise, timesteps=timesteps, deltas=deltas)
+
+
+class OutputConsistencyObjective(FCRObjective):
+    """The UNet plus the output-consistency loss (``config``: an
+    :class:`~fcr_train.output_consistency.OutputConsistencyConfig`), one module for DDP."""
+
+    def forward(self, x0, encoder_hidden_states, noise, timesteps, deltas) -> OutputConsistencyLossOutput:
+        return output_consistency_loss(self.unet, self.scheduler, x0, encoder_hidden_states, self.config,
+                                       noise=noise, timesteps=timesteps, deltas=deltas)
 
 
 class _TrainState:
@@ -397,7 +433,7 @@ def train(
     step_callback: Callable[[int, dict], None] | None = None,
     run_metadata: dict | None = None,
 ) -> RunResult:
-    """Train ``unet`` with L_denoise + λ·FCR on ``dataset``.
+    """Train ``unet`` with L_denoise + λ·FCR (or + λ·L_oc, ``config.output_consistency``) on ``dataset``.
 
     Args:
         unet: the diffusers UNet to train (the only trained module; VAE/text encoder live in ``conditioner``).
@@ -424,6 +460,10 @@ def train(
     from tqdm.auto import tqdm
 
     t_start = time.time()
+    oc = config.output_consistency
+    if oc is not None:  # before the run folder exists: a bad setting leaves nothing behind
+        check_output_consistency(unet, scheduler.config.num_train_timesteps, oc,
+                                 grad_checkpointing=config.grad_checkpointing)
     run_dir = Path(config.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     # accelerate keeps process-wide singletons; the experiment runner calls train() many times in
@@ -452,7 +492,8 @@ def train(
         unet.requires_grad_(True)
         if config.grad_checkpointing:
             unet.enable_gradient_checkpointing()
-        objective = FCRObjective(unet, scheduler, config.fcr)
+        objective = FCRObjective(unet, scheduler, config.fcr) if oc is None else \
+            OutputConsistencyObjective(unet, scheduler, oc)
         params = [p for p in unet.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.adam_betas),
                                       eps=config.adam_eps, weight_decay=config.weight_decay)
@@ -504,6 +545,7 @@ def train(
                    desc="fcr-train", dynamic_ncols=True)
         losses: list[float] = []
         fcr_to_denoise: list[float] = []
+        oc_to_denoise: list[float] = []
         checkpoints_written: list[Path] = []
         last_logs: dict = {}
         stopped_early = stopped_by_time = False
@@ -529,9 +571,12 @@ def train(
                     drop = (torch.rand(n, generator=g) < config.cond_dropout).to(device)
                     null = conditioner.null_states.to(device, text.dtype).expand_as(text)
                     text = torch.where(drop[:, None, None], null, text)
-                t, delta = sample_timesteps(n, scheduler.config.num_train_timesteps, config.fcr.delta_max,
-                                            generator=g, device=device, fcr=config.fcr.lam > 0,
-                                            delta_scale=config.fcr.timesteps_per_delta(scheduler.config.num_train_timesteps))
+                if oc is None:
+                    t, delta = sample_timesteps(n, scheduler.config.num_train_timesteps, config.fcr.delta_max,
+                                                generator=g, device=device, fcr=config.fcr.lam > 0,
+                                                delta_scale=config.fcr.timesteps_per_delta(scheduler.config.num_train_timesteps))
+                else:
+                    t, delta = sample_oc_timesteps(n, scheduler.config.num_train_timesteps, oc, generator=g, device=device)
                 noise = torch.randn(x0.shape, generator=g).to(device, x0.dtype)
                 with accelerator.autocast():
                     out = objective(x0, text, noise, t, delta)
@@ -552,11 +597,18 @@ def train(
             logs.update(step=state.step, lr=lr_schedule.get_last_lr()[0],
                         step_time_s=time.perf_counter() - step_t0, bad_samples=state.bad.bad,
                         **_fcr_share(config.fcr.lam, logs))
+            if oc is not None:
+                logs.update(_oc_share(oc.lam, logs))
+                oc_to_denoise.append(logs["oc_to_denoise"])
             losses.append(logs["loss"])
             fcr_to_denoise.append(logs["fcr_to_denoise"])
             if state.step == 1 or state.step % max(1, config.log_every) == 0 or state.step == config.max_steps:
-                logger.info("step %d: loss %.5g  l_denoise %.5g  l_fcr %.5g  λ·l_fcr/l_denoise %.4g", state.step,
-                            logs["loss"], logs["l_denoise"], logs["l_fcr"], logs["fcr_to_denoise"])
+                if oc is None:
+                    logger.info("step %d: loss %.5g  l_denoise %.5g  l_fcr %.5g  λ·l_fcr/l_denoise %.4g", state.step,
+                                logs["loss"], logs["l_denoise"], logs["l_fcr"], logs["fcr_to_denoise"])
+                else:
+                    logger.info("step %d: loss %.5g  l_denoise %.5g  l_oc %.5g  λ·l_oc/l_denoise %.4g", state.step,
+                                logs["loss"], logs["l_denoise"], logs["l_oc"], logs["oc_to_denoise"])
             last_logs = logs
             if accelerator.is_main_process:
                 _write_jsonl(run_dir / "metrics.jsonl", logs)
@@ -597,7 +649,7 @@ def train(
             run_dir=run_dir, steps=state.step, checkpoints=ckpts, last_checkpoint=last, final_unet=final_unet,
             best_checkpoint=Path(state.best_checkpoint) if state.best_checkpoint else None,
             best_metric=state.stopper.best, stopped_early=stopped_early, stopped_by_time=stopped_by_time, losses=losses,
-            fcr_to_denoise=fcr_to_denoise, last_logs=last_logs,
+            fcr_to_denoise=fcr_to_denoise, oc_to_denoise=oc_to_denoise, last_logs=last_logs,
             wall_time_s=time.time() - t_start,
         )
         if accelerator.is_main_process:
@@ -641,6 +693,13 @@ def _fcr_share(lam: float, logs: dict) -> dict:
             "fcr_to_denoise": weighted / logs["l_denoise"] if logs["l_denoise"] > 0 else float("nan")}
 
 
+def _oc_share(lam: float, logs: dict) -> dict:
+    """λ·L_oc and its ratio to L_denoise for one step (the output-consistency term's share)."""
+    weighted = lam * logs["l_oc"]
+    return {"l_oc_weighted": weighted,
+            "oc_to_denoise": weighted / logs["l_denoise"] if logs["l_denoise"] > 0 else float("nan")}
+
+
 class _StepAccumulator:
     """Means of the loss terms over the micro-batches of one optimizer step (kept as floats,
     so no autograd graph outlives its backward)."""
@@ -648,9 +707,13 @@ class _StepAccumulator:
     def __init__(self):
         self.items: list[dict[str, float]] = []
 
-    def add(self, out: FCRLossOutput) -> None:
-        rec = {"loss": float(out.loss.detach()), "l_denoise": float(out.denoise.detach()), "l_fcr": float(out.fcr.detach())}
-        rec.update({f"d/{name}": float(v) for name, v in out.per_block.items()})
+    def add(self, out: FCRLossOutput | OutputConsistencyLossOutput) -> None:
+        rec = {"loss": float(out.loss.detach()), "l_denoise": float(out.denoise.detach())}
+        if isinstance(out, OutputConsistencyLossOutput):
+            rec.update(l_fcr=0.0, l_oc=float(out.oc.detach()))  # l_fcr kept: readers of metrics.jsonl expect it
+        else:
+            rec["l_fcr"] = float(out.fcr.detach())
+            rec.update({f"d/{name}": float(v) for name, v in out.per_block.items()})
         self.items.append(rec)
 
     def pop(self) -> dict:
