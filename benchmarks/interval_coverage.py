@@ -8,7 +8,7 @@ samples (``fcr_eval.analysis.replication.CoverageConfig``: with and without a cl
 effect, normal and skewed log-normal values like cache MSE) and counts how often each interval
 method contains the truth. The cluster-level methods and the sampling-noise-only one are
 vectorised over all replications; the project's two-stage percentile bootstrap
-(``fcr_eval.stats.paired_bootstrap_ci`` / ``recovered_fraction_ci``) is not, so it runs on the
+(``fcr_eval.analysis.stats.paired_bootstrap_ci`` / ``recovered_fraction_ci``) is not, so it runs on the
 first ``--boot-reps`` replications with ``--boot-resamples`` resamples each. A last table stresses
 the ratio methods with a gap that varies 50 % between clusters. Prints Markdown (and a JSON record
 of the settings) for docs/benchmarks.md.
@@ -24,15 +24,11 @@ import platform
 import time
 
 from fcr_eval.analysis.replication import CoverageConfig, CoverageResult, simulate_coverage
+from fcr_eval.analysis.stats import paired_bootstrap_ci, recovered_fraction_ci
 from fcr_eval.provenance import code_version
 from tqdm import tqdm
 
-try:  # the layout move ("fcr-eval laid out by concern") puts stats under analysis/; this branch predates it
-    from fcr_eval.analysis.stats import paired_bootstrap_ci, recovered_fraction_ci
-except ImportError:
-    from fcr_eval.stats import paired_bootstrap_ci, recovered_fraction_ci
-
-BOOT = "two-stage bootstrap (fcr_eval.stats)"
+BOOT = "two-stage bootstrap (fcr_eval.analysis.stats)"
 
 
 def _bootstrap(statistic: str, n_resamples: int):

@@ -18,16 +18,12 @@ from fcr_eval.analysis.replication import (
     simulate_coverage,
     variance_components,
 )
-
-try:  # the layout move ("fcr-eval laid out by concern") puts stats under analysis/; this branch predates it
-    from fcr_eval.analysis.stats import (
-        mean_ci,
-        paired_t_test,
-        recovered_fraction,
-        recovered_fraction_ci,
-    )
-except ImportError:
-    from fcr_eval.stats import mean_ci, paired_t_test, recovered_fraction, recovered_fraction_ci
+from fcr_eval.analysis.stats import (
+    mean_ci,
+    paired_t_test,
+    recovered_fraction,
+    recovered_fraction_ci,
+)
 
 # --- (a) coverage is a tested property ------------------------------------------------------------
 # 2000 replications: the Monte Carlo SE of a 0.95 coverage is sqrt(.95 * .05 / 2000) = 0.0049. The

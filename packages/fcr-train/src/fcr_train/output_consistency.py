@@ -69,10 +69,8 @@ __all__ = [
     "trainable_parameter_names",
 ]
 
-#: The caches whose reused-step situation the term can train.
-OC_CACHES = ("fd", "deepcache")
-#: Which parameters the term's gradient may reach (see the module docstring).
-OC_TRAINABLE = ("recomputed", "all")
+from .vocabulary import OC_CACHES, OC_TRAINABLE  # noqa: E402  (defined torch-free, re-exported)
+
 #: The modules Faster Diffusion's encoder cache reuses (their outputs) at a non-key step.
 _FD_CACHED_MODULES = ("conv_in", "down_blocks", "mid_block")
 
