@@ -149,7 +149,8 @@ def test_checkpoint_of_another_model_is_refused_before_any_folder(tmp_path, fmni
     with pytest.raises(CheckpointError) as e:
         train(_unet(), scheduler_module, fmnist, _conditioner(), _cfg(new, resume=str(ckpt)))
     msg = str(e.value)
-    assert str(ckpt) in msg and "conv_in.weight is [8, 1, 3, 3] in the checkpoint but [4, 1, 3, 3]" in msg
+    assert f"cannot resume from {ckpt}: it is a checkpoint of another model" in msg
+    assert "conv_in.weight is [8, 1, 3, 3] in the checkpoint but [4, 1, 3, 3] in this model" in msg
     assert not new.exists()
     # --resume in the other model's own folder: refused too, and its files are left as they were
     before = _digest(other.run_dir)

@@ -368,7 +368,9 @@ def _resume_candidates(config: TrainConfig, run_dir: Path, unet: torch.nn.Module
         return [], []
     if not isinstance(config.resume, bool):
         path = Path(config.resume)
-        problem = unreadable_reason(path) or model_mismatch(path, unet)
+        problem = unreadable_reason(path)
+        if problem is None and (mismatch := model_mismatch(path, unet)):
+            problem = f"it is a checkpoint of another model: {mismatch}"
         if problem:
             raise CheckpointError(f"cannot resume from {path}: {problem}. Pass a complete checkpoint of this "
                                   f"model, or start without resuming")
