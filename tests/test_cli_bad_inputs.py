@@ -227,7 +227,7 @@ def _write_other_model_run(out: Path) -> Path:
 
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(5)
-    conditioner = EmbeddedConditioner(torch.randn(10, 4, 8, generator=g), torch.zeros(1, 4, 8))
+    conditioner = EmbeddedConditioner(torch.randn(40, 4, 8, generator=g), torch.zeros(1, 4, 8))
     train(UNet2DConditionModel(**TINY_UNET_CONFIG), DDPMScheduler(num_train_timesteps=100),
           FashionMNISTDataset("train", limit=32), conditioner,
           TrainConfig(output_dir=str(out), max_steps=4, batch_size=4, checkpoint_every=2, progress=False,
