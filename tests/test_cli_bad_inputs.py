@@ -1,5 +1,5 @@
-"""Bad inputs across the four CLIs (fcr-eval, fcr-train, fcr-human-study, fcr-explorer), each run
-as a real process of the installed console script.
+"""Bad inputs across the CLIs (fcr-eval, fcr-train, fcr-human-study, fcr-explorer, fcr-sample-demo),
+each run as a real process of the installed console script (``-k`` runs only the selected rows).
 
 Every case asserts: the exit code, a key phrase of the one-line message on stderr, no
 "Traceback" (nor nanobind leak noise), and that the process created nothing in its (empty)
@@ -70,7 +70,7 @@ def _cases(w: dict[str, str]) -> list[Case]:
     tiny, rand, folder, store, study = w["tiny"], w["rand"], w["dir"], w["store"], w["study"]
     ex = {name: w[name] for name in VARIANTS}
     busy = w["busy_port"]
-    E, T, H, X = "fcr-eval", "fcr-train", "fcr-human-study", "fcr-explorer"  # noqa: N806
+    E, T, H, X, S = "fcr-eval", "fcr-train", "fcr-human-study", "fcr-explorer", "fcr-sample-demo"  # noqa: N806
     plan = ("plan", "--no-calibrate")
     ft = ("finetune", "--model", "embedded-tiny", "--output-dir", "run")
     return [
@@ -131,6 +131,16 @@ def _cases(w: dict[str, str]) -> list[Case]:
         Case("train-laion-images-corrupt", T, ("finetune", "--model", w["sd"], "--data", "laion", "--data-path",
                                                w["laion_corrupt"], "--images-dir", w["corrupt_dir"], "--output-dir",
                                                "run", "--max-steps", "1"), 2, "none of the first 3 images could be read"),
+        # resumes and feature names: refused before the run folder (cwd/run) exists
+        Case("train-resume-from-other-model", T, (*ft, "--resume-from", w["other_ckpt"]), 2,
+             f"cannot resume from {w['other_ckpt']}: it is a checkpoint of another model: "),
+        Case("train-resume-from-torn", T, (*ft, "--resume-from", w["torn_ckpt"]), 2,
+             f"cannot resume from {w['torn_ckpt']}: optimizer.bin is cut off"),
+        Case("train-resume-all-checkpoints-torn", T, ("finetune", "--model", "embedded-tiny", "--output-dir",
+                                                      w["torn_run"], "--resume"), 2,
+             f"cannot resume in {w['torn_run']}: no checkpoint can be loaded ({w['torn_run']}/checkpoints/step_0000004: "),
+        Case("train-blocks-unknown", T, (*ft, "--blocks", "99,foo"), 2,
+             "FCRConfig.blocks = '99,foo': no encoder feature matches ['99', 'foo']"),
         # --- fcr-human-study ----------------------------------------------------------------
         Case("study-serve-empty-study-file", H, ("serve", "--study", w["empty_study"]), 2, "holds no study"),
         Case("study-serve-random-bytes", H, ("serve", "--study", rand), 2, "is not a DuckDB database"),
@@ -154,6 +164,13 @@ def _cases(w: dict[str, str]) -> list[Case]:
         Case("study-export-csv-folder-missing", H, ("export", "--study", study, "--csv", "no/such/votes.csv"), 2,
              "does not exist; create it"),
         Case("study-analyse-random-bytes", H, ("analyse", "--study", rand, "--dry-run"), 2, "is not a DuckDB database"),
+        Case("study-analyse-results-store", H, ("analyse", "--study", store), 2,
+             f"{store} is not a study file: it is a results store"),
+        Case("study-analyse-text-file", H, ("analyse", "--study", tiny), 2,
+             f"{tiny} is not a study file: it is not a DuckDB database"),
+        Case("study-serve-results-store", H, ("serve", "--study", store), 2, f"{store} is not a study file"),
+        Case("study-analyse-no-votes", H, ("analyse", "--study", study), 1,
+             "has no votes yet ("),
         # --- fcr-explorer -------------------------------------------------------------------
         Case("explorer-db-random-bytes", X, ("--db", rand, "--headless"), 2, "is not a DuckDB database"),
         Case("explorer-db-directory", X, ("--db", folder, "--headless"), 2, "is a directory"),
@@ -161,6 +178,9 @@ def _cases(w: dict[str, str]) -> list[Case]:
              "human-study store"),
         Case("explorer-port-0", X, ("--db", store, "--port", "0", "--headless"), 2, "not a port number"),
         Case("explorer-busy-port", X, ("--db", store, "--port", str(busy), "--headless"), 2, "is already in use"),
+        # --- fcr-sample-demo ----------------------------------------------------------------
+        Case("sample-demo-steps-below-stride", S, ("--steps", "5"), 2,
+             "--steps 5 is smaller than the largest FD stride shown (10)"),
     ]
 
 
@@ -194,6 +214,25 @@ def _write_results_store(root: Path) -> Path:
                       guidance_scale=1.0, config={"variation": variation}),
             samples=samples))
     return path
+
+
+def _write_other_model_run(out: Path) -> Path:
+    """A 4-step run (checkpoints at steps 2 and 4) of a UNet that is not ``embedded-tiny``."""
+    import torch
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from fcr_train.data import FashionMNISTDataset
+    from fcr_train.embedded import TINY_UNET_CONFIG
+    from fcr_train.loss import FCRConfig
+    from fcr_train.trainer import EmbeddedConditioner, TrainConfig, train
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(5)
+    conditioner = EmbeddedConditioner(torch.randn(40, 4, 8, generator=g), torch.zeros(1, 4, 8))
+    train(UNet2DConditionModel(**TINY_UNET_CONFIG), DDPMScheduler(num_train_timesteps=100),
+          FashionMNISTDataset("train", limit=32), conditioner,
+          TrainConfig(output_dir=str(out), max_steps=4, batch_size=4, checkpoint_every=2, progress=False,
+                      fcr=FCRConfig(lam=0.1, delta_max=5)))
+    return out
 
 
 def _row_counts(store: Path) -> dict[str, int]:
@@ -258,6 +297,14 @@ def world(tmp_path_factory):
 
     tiny_sd_pipeline().save_pretrained(inputs / "tiny-sd")
     w["sd"] = str(inputs / "tiny-sd")
+    other = _write_other_model_run(inputs / "other-model-run")
+    w["other_ckpt"] = str(other / "checkpoints" / "step_0000004")
+    torn = shutil.copytree(other, inputs / "torn-run")
+    for ckpt in sorted((torn / "checkpoints").iterdir()):  # every checkpoint cut off
+        opt = ckpt / "optimizer.bin"
+        with opt.open("r+b") as f:
+            f.truncate(opt.stat().st_size // 2)
+    w["torn_run"], w["torn_ckpt"] = str(torn), str(torn / "checkpoints" / "step_0000004")
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen()
@@ -268,10 +315,14 @@ def world(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def results(world):
-    """Run the whole table, two processes at a time: {case id: (case, completed process, cwd)}."""
+def results(world, request):
+    """Run the table, two processes at a time: {case id: (case, completed process, cwd)}. Only the
+    cases this session selected run (``-k train-`` runs the fcr-train rows); all by default."""
     cases = _cases(world["paths"])
     assert len(cases) >= 40
+    selected = {item.callspec.params["case_id"] for item in request.session.items
+                if "case_id" in getattr(getattr(item, "callspec", None), "params", {})}
+    cases = [c for c in cases if c.id in selected] or cases
 
     def one(case: Case):
         cwd = world["root"] / "cwd" / case.id
@@ -284,7 +335,8 @@ def results(world):
 
 def _case_ids() -> list[str]:
     dummy = {k: f"<{k}>" for k in ("tiny", "rand", "dir", "store", "study", "binary", "empty_study", "laion_missing",
-                                   "laion_corrupt", "corrupt_dir", "sd", *VARIANTS)}
+                                   "laion_corrupt", "corrupt_dir", "sd", "other_ckpt", "torn_ckpt", "torn_run",
+                                   *VARIANTS)}
     return [c.id for c in _cases({**dummy, "busy_port": 1})]
 
 

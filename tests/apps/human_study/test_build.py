@@ -139,8 +139,11 @@ def test_cli_build_invite_analyse_export(results_store: Path, tmp_path: Path, ca
     assert secret in out and (tmp_path / "hs-admin-secret.txt").stat().st_mode & 0o077 == 0
     assert main(["invite", "--study", str(study), "-n", "3"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 4
-    assert main(["analyse", "--study", str(study), "--bootstrap", "10"]) == 0  # no votes yet
-    assert "0 of 0 votes used" in capsys.readouterr().out
+    before = study.read_bytes()
+    assert main(["analyse", "--study", str(study), "--bootstrap", "10"]) == 1  # no votes yet: says so
+    io = capsys.readouterr()
+    assert "has no votes yet (20 pairs, 5 raters invited)" in io.err and "variation A" not in io.out
+    assert study.read_bytes() == before  # and writes no empty analysis
     assert main(["export", "--study", str(study), "--csv", str(tmp_path / "v.csv")]) == 0
     assert (tmp_path / "v.csv").read_text().startswith("rater_id,")
     assert main(["analyse", "--study", str(tmp_path / "missing.duckdb")]) == 2

@@ -8,7 +8,9 @@
 
 A bad input (no study, a file that is not one, a busy --port, an option out of range) is one line
 ``fcr-human-study: error: ...`` on stderr, exit code 2; ``--debug`` or FCR_DEBUG=1 adds the
-traceback. A failed ``build`` leaves nothing at ``--out``.
+traceback. A failed ``build`` leaves nothing at ``--out``. ``analyse`` of a study nobody has voted
+in yet says "no votes yet", writes nothing and exits with 1 (:data:`EXIT_NO_VOTES`): the input is
+right, there is just nothing to analyse yet, and a script can tell that apart from a wrong input.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ from fcr_train.cli_errors import (
 from .store import DEFAULT_STUDY_PATH
 
 logger = logging.getLogger("fcr_human_study")
+
+#: ``analyse`` of a study without votes: nothing to analyse yet (a valid study, so not EXIT_USAGE).
+EXIT_NO_VOTES = 1
 
 
 def _require_study(path: str) -> None:
@@ -139,10 +144,17 @@ def _cmd_analyse(args: argparse.Namespace) -> int:
     from .store import StudyStore
 
     _require_study(args.study)
-    store = StudyStore(args.study)
+    store = StudyStore(args.study, read_only=args.dry_run)
     try:
         result = analyse_study(store, min_attention_accuracy=args.min_attention_accuracy,
                                n_bootstrap=args.bootstrap, seed=args.seed)
+        if result.n_votes == 0:  # empty tables would read as a result; say what there is instead
+            n_pairs, n_raters = store.query("SELECT (SELECT count(*) FROM pairs), (SELECT count(*) FROM raters)")[0]
+            raise UserError(
+                f"study {result.study_id} in {args.study} has no votes yet ({n_pairs} pairs, {n_raters} raters "
+                "invited): nothing to analyse, nothing was written. Invite raters (`fcr-human-study invite`), "
+                "serve the study (`fcr-human-study serve`) and analyse once they have voted",
+                exit_code=EXIT_NO_VOTES)
         if not args.dry_run:
             write_analysis(store, result)
     finally:

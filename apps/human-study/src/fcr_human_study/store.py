@@ -50,6 +50,8 @@ __all__ = [
     "StudyStoreError",
     "StudyStoreLockedError",
     "StudyStoreUnreadableError",
+    "NotAStudyFileError",
+    "STUDY_TABLES",
     "StudyStore",
     "images_dir_for",
     "utcnow",
@@ -70,6 +72,45 @@ class StudyStoreLockedError(StudyStoreError, StoreLockedError):
 
 class StudyStoreUnreadableError(StudyStoreError, StoreUnreadableError):
     """The study path is a directory, not a DuckDB file, or missing when opened for reading."""
+
+
+class NotAStudyFileError(StudyStoreUnreadableError):
+    """The path is a file but not a study file: not a DuckDB database at all, or a DuckDB database
+    without the study's tables (the results store, say). Nothing is written to it."""
+
+
+#: Tables every study file has (migration 1): a DuckDB file without them is not a study file.
+STUDY_TABLES = ("study", "pairs", "votes")
+# Bytes 8-12 of every DuckDB database file (after an 8-byte checksum).
+_DUCKDB_MAGIC = b"DUCK"
+
+
+def _not_a_study(path: Path, why: str) -> NotAStudyFileError:
+    return NotAStudyFileError(
+        f"{path} is not a study file: {why}. A study file is the DuckDB file `fcr-human-study build --out` "
+        f"writes (tables {', '.join(STUDY_TABLES)}, ...); point to one, or build one")
+
+
+def _is_duckdb_file(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return f.read(12)[8:12] == _DUCKDB_MAGIC
+    except OSError:
+        return False
+
+
+def _why_not_a_study(con: duckdb.DuckDBPyConnection, *, empty_is_ok: bool) -> str | None:
+    """Why the open database is not a study file, or ``None`` when it has the study's tables (or
+    has no table at all and ``empty_is_ok``: a writer makes it a study)."""
+    tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    if set(STUDY_TABLES) <= tables:
+        return None
+    if not tables:
+        return None if empty_is_ok else "it is an empty DuckDB database"
+    if "runs" in tables:  # the results store's main table (fcr_eval.migrations)
+        return "it is a results store (fcr-eval's runs and metrics), not the human study's own file"
+    shown = ", ".join(sorted(tables)[:6]) + (", ..." if len(tables) > 6 else "")
+    return f"it is a DuckDB database with other tables ({shown})"
 
 
 def images_dir_for(path: str | os.PathLike) -> Path:
@@ -227,8 +268,18 @@ class StudyStore:
         self._last_use = 0.0
         self._closer: threading.Thread | None = None
         self._closed = False
-        if read_only:
+        try:
+            self._check_and_migrate()
+        except BaseException:
+            self.close()  # a refused file keeps no connection (nor an idle-close thread)
+            raise
+
+    def _check_and_migrate(self) -> None:
+        if self.read_only:
             with self.connection() as con:
+                why = _why_not_a_study(con, empty_is_ok=False)
+                if why:
+                    raise _not_a_study(self.path, why)
                 v = read_schema_version(con)
             if v != SCHEMA_VERSION:
                 raise StudyStoreError(
@@ -238,6 +289,10 @@ class StudyStore:
             if not self.path.is_dir():  # a directory is refused by _open() with a clear error
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.connection() as con:
+                # before the migrations: they would write the study's tables into a foreign file
+                why = _why_not_a_study(con, empty_is_ok=True)
+                if why:
+                    raise _not_a_study(self.path, why)
                 _migrate(con)
 
     def __repr__(self) -> str:
@@ -262,6 +317,9 @@ class StudyStore:
         except StoreLockedError as e:
             raise StudyStoreLockedError(str(e)) from None
         except StoreUnreadableError as e:
+            if self.path.is_file() and not _is_duckdb_file(self.path):
+                raise _not_a_study(self.path, "it is not a DuckDB database (its bytes are something else, "
+                                              "or it is damaged)") from None
             raise StudyStoreUnreadableError(str(e)) from None
 
     @contextlib.contextmanager

@@ -176,6 +176,35 @@ class DeepCacheConfig:
         )
         return sorted(steps)
 
+    def full_steps_for_run(self, num_steps: int, num_schedule_steps: int | None = None) -> list[int]:
+        """The full steps of one sampling run, after checking the config against that run.
+
+        Args:
+            num_steps: the run's UNet calls (img2img: only the steps its strength runs).
+            num_schedule_steps: the step count the scheduler was set to (the non-uniform curve is
+                laid over it); default ``num_steps``.
+
+        Raises:
+            ValueError: ``cache_interval`` larger than ``num_steps`` (step 0 would be the only full
+                step whatever the interval; ``cache_interval == num_steps`` is that schedule), or a
+                non-uniform curve that finds no exponent for the run. The message names the value
+                and the step count.
+
+        Example:
+            >>> DeepCacheConfig(cache_interval=5).full_steps_for_run(12)
+            [0, 5, 10]
+        """
+        if num_steps < 1:
+            raise ValueError(f"a sampling run needs at least one step, got {num_steps}")
+        if self.cache_interval > num_steps:
+            raise ValueError(
+                f"DeepCacheConfig.cache_interval = {self.cache_interval} is larger than this sampling run's "
+                f"{num_steps} steps, so step 0 would be its only full step and the interval would mean "
+                f"nothing; use cache_interval <= {num_steps}, or sample with more steps"
+            )
+        n = num_steps if self.skip_mode == "uniform" else (num_schedule_steps or num_steps)
+        return [k for k in self.key_steps_for(n) if k < num_steps]
+
     @property
     def label(self) -> str:
         """Short name for tables and plots: ``DeepCache-N5-b0`` (uniform), with
@@ -323,9 +352,11 @@ class DeepCacheHook(CacheHook):
         _remove_layer_hooks(module, self._layers)
         return module
 
+    def check_run(self, num_steps: int, num_schedule_steps: int) -> None:
+        self.config.full_steps_for_run(num_steps, num_schedule_steps)
+
     def on_new_run(self, run) -> None:
-        n = run.num_steps if self.config.skip_mode == "uniform" else run.num_schedule_steps
-        self.state.full_steps = frozenset(k for k in self.config.key_steps_for(n) if k < run.num_steps)
+        self.state.full_steps = frozenset(self.config.full_steps_for_run(run.num_steps, run.num_schedule_steps))
 
     def new_forward(self, module, *args, **kwargs):
         a = bind_unet_args(module, args, kwargs)

@@ -17,12 +17,21 @@ from tqdm import tqdm
 from .benchmark import benchmark_sampling, format_table
 from .testing import small_unet_config
 
+#: The FD strides the demo compares; every run needs at least as many steps as the largest.
+STRIDES = (5, 10)
+
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="fcr-sample-demo", description=__doc__)
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=50, help=f"DDIM steps, >= {max(STRIDES)} [%(default)s]")
+    ap.add_argument("--repeats", type=int, default=2, help="timed repeats per variant, >= 1 [%(default)s]")
     args = ap.parse_args(argv)
+    # the configs would refuse these at the first UNet call; say it before the models are built
+    if args.steps < max(STRIDES):
+        ap.error(f"--steps {args.steps} is smaller than the largest FD stride shown ({max(STRIDES)}); "
+                 f"pass --steps {max(STRIDES)} or more")
+    if args.repeats < 1:
+        ap.error(f"--repeats {args.repeats} must be at least 1")
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**small_unet_config(sample_size=16)).eval()
@@ -39,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
             unet,
             scheduler,
             steps=args.steps,
-            strides=(5, 10),
+            strides=STRIDES,
             repeats=args.repeats,
             progress=lambda m: (bar.set_postfix_str(m), bar.update()),
         )

@@ -151,6 +151,45 @@ class EncoderCacheConfig:
             always_key_first=self.always_key_first,
         )
 
+    def key_steps_for_run(self, num_steps: int, num_schedule_steps: int | None = None) -> list[int]:
+        """The key steps of one sampling run, after checking the config against that run.
+
+        The config alone cannot know the run's length; this is where a value that does not fit
+        it is refused, at the run's start (its first UNet call, or
+        :func:`fcr_sample.start_sampling_run`), as ``fcr-eval plan`` refuses it in an experiment.
+
+        Args:
+            num_steps: the run's UNet calls (img2img: only the steps its strength runs).
+            num_schedule_steps: the step count the scheduler was set to (the published
+                Faster Diffusion lists are defined per count); default ``num_steps``.
+
+        Raises:
+            ValueError: a uniform ``stride`` larger than ``num_steps`` (step 0 would be the only key
+                step whatever the stride; ``stride == num_steps`` is that schedule, spelt
+                exactly), explicit ``key_steps`` past the run, or the published schedule for a
+                step count it has no list for. The message names the value and the step count.
+
+        Example:
+            >>> EncoderCacheConfig(stride=4).key_steps_for_run(10)
+            [0, 4, 8]
+            >>> EncoderCacheConfig(stride=50).key_steps_for_run(5)
+            ValueError: EncoderCacheConfig.stride = 50 is larger than this sampling run's 5 steps ...
+        """
+        if num_steps < 1:
+            raise ValueError(f"a sampling run needs at least one step, got {num_steps}")
+        stride = self.effective_stride
+        if stride is not None and stride > num_steps:
+            raise ValueError(
+                f"EncoderCacheConfig.stride = {stride} is larger than this sampling run's {num_steps} steps, "
+                "so step 0 would be its only key step and the stride would mean nothing; use a stride "
+                f"<= {num_steps} (stride = {num_steps}: one key step), or sample with more steps"
+            )
+        # Uniform and explicit schedules count UNet calls (PNDM makes one more call than it has
+        # steps); the published FD lists are defined per number of inference steps.
+        published = self.schedule == "faster-diffusion" and self.key_steps is None
+        n = (num_schedule_steps or num_steps) if published else num_steps
+        return [k for k in self.key_steps_for(n) if k < num_steps]
+
     @property
     def effective_stride(self) -> int | None:
         """The uniform stride the schedule uses, or ``None`` when it is not uniform (explicit
@@ -196,16 +235,11 @@ class EncoderCacheHook(CacheHook):
         self.config = config
 
     # -- run bookkeeping -------------------------------------------------------------------
+    def check_run(self, num_steps: int, num_schedule_steps: int) -> None:
+        self.config.key_steps_for_run(num_steps, num_schedule_steps)
+
     def on_new_run(self, run) -> None:
-        # Uniform and explicit schedules count UNet calls (PNDM makes one more call than it has
-        # steps); the published FD lists are defined per number of inference steps.
-        n = (
-            run.num_schedule_steps
-            if self.config.schedule == "faster-diffusion" and self.config.key_steps is None
-            else run.num_steps
-        )
-        keys = [k for k in self.config.key_steps_for(n) if k < run.num_steps]
-        self.state.keys = frozenset(keys)
+        self.state.keys = frozenset(self.config.key_steps_for_run(run.num_steps, run.num_schedule_steps))
         # batch_of is planned at the run's first call, once the batch and feature sizes are known
 
     def _plan_batches(self, run, enc: EncoderOutput) -> None:

@@ -157,15 +157,25 @@ class CacheHook(ModelHook):
 
     def begin_call(self, timestep):
         run, step = self.tracker.begin_call(timestep)
-        self.stats.unet_calls += 1
         if self.tracker.runs_started != self._runs_seen:
             self._runs_seen = self.tracker.runs_started
-            self.stats.runs += 1
             self.state.reset()
-            self.on_new_run(run)
+            try:
+                self.on_new_run(run)
+            except BaseException:
+                # A run the config refuses (on_new_run checks it) is not continued by the next call
+                # and is not counted: the UNet did not run.
+                self.tracker.run = None
+                raise
+            self.stats.runs += 1
+        self.stats.unet_calls += 1
         return run, step
 
-    def on_new_run(self, run) -> None:  # overridden
+    def check_run(self, num_steps: int, num_schedule_steps: int) -> None:  # overridden
+        """Raise ``ValueError`` when the config cannot serve a run of ``num_steps`` UNet calls
+        (e.g. a stride larger than the run). :meth:`on_new_run` checks the same."""
+
+    def on_new_run(self, run) -> None:  # overridden; raises ValueError for a run the config refuses
         pass
 
     def loop_callback(self, scheduler) -> Callable[[dict[str, Any]], Any] | None:
@@ -249,6 +259,10 @@ def start_sampling_run(module, timesteps: Sequence[float] | torch.Tensor) -> Non
     Only needed when a cache was applied to a UNet rather than a pipeline and you write the
     sampling loop yourself (:func:`fcr_sample.denoise` does it for you).
 
+    Raises:
+        ValueError: no cache is applied, or a cache's config does not fit a run of
+            ``len(timesteps)`` steps (e.g. ``EncoderCacheConfig(stride=50)`` for 5 steps).
+
     Example:
         >>> scheduler.set_timesteps(50)
         >>> start_sampling_run(unet, scheduler.timesteps)
@@ -259,5 +273,8 @@ def start_sampling_run(module, timesteps: Sequence[float] | torch.Tensor) -> Non
     hooks = find_cache_hooks(module)
     if not hooks:
         raise ValueError("no fcr-sample cache is applied to this module")
+    n = int(torch.as_tensor(timesteps).numel())
+    for hook in hooks:  # a config that does not fit the run fails here, before the loop starts
+        hook.check_run(n, n)
     for hook in hooks:
         hook.tracker.start(timesteps)

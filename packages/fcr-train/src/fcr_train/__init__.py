@@ -5,7 +5,8 @@ Public API (see each object's docstring):
 * loss: :class:`FCRConfig`, :func:`fcr_loss`, :func:`feature_distance`
 * output consistency (the second objective): :class:`OutputConsistencyConfig`,
   :func:`output_consistency_loss`
-* training: :class:`TrainConfig`, :func:`train`, :class:`RunResult`, :func:`latest_checkpoint`
+* training: :class:`TrainConfig`, :func:`train`, :class:`RunResult`, :func:`latest_checkpoint`,
+  :class:`CheckpointError` (a resume checkpoint that is cut off or of another model)
 * runs: :class:`FinetuneConfig`, :class:`DataConfig`, :func:`finetune`, :class:`PretrainConfig`, :func:`pretrain`
 * embedded default: :func:`load_embedded_base`, :class:`EmbeddedBase`, :func:`sample_images`,
   :func:`make_scheduler`, :func:`build_unet`, :data:`EMBEDDED_UNET_CONFIG`, :data:`TINY_UNET_CONFIG`
@@ -22,6 +23,7 @@ _EXPORTS = {
     "models": ("ModelNotAvailableError", "load_sd_components"),
     "output_consistency": ("OutputConsistencyConfig", "OutputConsistencyLossOutput", "output_consistency_loss"),
     "trainer": ("RunResult", "TrainConfig", "latest_checkpoint", "train"),
+    "checkpoints": ("CheckpointError",),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
@@ -75,4 +77,5 @@ __all__ = [
     "TrainConfig",
     "latest_checkpoint",
     "train",
+    "CheckpointError",
 ]

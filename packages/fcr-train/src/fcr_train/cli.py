@@ -6,7 +6,10 @@
     fcr-train pretrain --output-dir runs/pretrain --export-dir packages/fcr-train/src/fcr_train/weights
     accelerate launch -m fcr_train.cli finetune ...      # multi-GPU / multi-node
 
-Add ``--resume`` to continue an interrupted run from its newest checkpoint in ``--output-dir``.
+Add ``--resume`` to continue an interrupted run from its newest checkpoint in ``--output-dir``
+(one whose files are cut off is reported and the previous complete one is used);
+``--resume-from`` a checkpoint of another model, or ``--blocks`` naming no feature of the model, is
+refused before the run folder is created.
 
 A bad argument or input (a value out of range, a missing data file, a model that is not here, data
 whose images cannot be read) stops before the run folder is created, with one line
@@ -269,6 +272,7 @@ USER_ERRORS = {
     "fcr_train.models:ModelNotAvailableError": EXIT_MODEL_NOT_AVAILABLE,
     "fcr_sample.loading:ModelNotAvailableError": EXIT_MODEL_NOT_AVAILABLE,
     "fcr_train.locking:LockHeldError": EXIT_USAGE,  # another fine-tune writes into that folder
+    "fcr_train.checkpoints:CheckpointError": EXIT_USAGE,  # resume checkpoint cut off or of another model
 }
 
 

@@ -42,7 +42,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from fcr_sample.features import BLOCK_GROUPS, select_feature_names
 
+from .checkpoints import STATE_FILE, CheckpointError, model_mismatch, unreadable_reason
 from .data import BadSampleCounter, collate_skip_bad
 from .locking import ProcessLock
 from .loss import FCRConfig, FCRLossOutput, fcr_loss, sample_timesteps
@@ -102,6 +104,9 @@ class TrainConfig:
         max_time_s: stop (with a checkpoint) once this call has run this long; the steps done
             are in the result, so the run can be reproduced with ``max_steps`` set to them.
         resume: ``True`` = continue from the newest checkpoint in output_dir (if any), or a path.
+            With ``True``, a checkpoint whose files are cut off is reported and the previous
+            complete one is used; a path is used as given. Either way a checkpoint of another
+            model (other weight names or shapes) is refused before anything is written.
         cpu: force CPU even when a GPU exists.
         progress: show a tqdm bar.
         log_every: write a step line (losses and λ·L_FCR / L_denoise) to train.log every N steps
@@ -360,10 +365,96 @@ class _TrainState:
         self.best_checkpoint = state.get("best_checkpoint")
 
 
+def _complete_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Checkpoints with ``trainer_state.json`` (written last), oldest first; a ``.tmp`` folder is
+    one whose save was cut before its rename, never a checkpoint."""
+    return sorted(p for p in (Path(run_dir) / "checkpoints").glob("step_*")
+                  if not p.name.endswith(".tmp") and (p / STATE_FILE).is_file())
+
+
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """Newest complete checkpoint (one with ``trainer_state.json``) in ``run_dir/checkpoints``."""
-    ckpts = sorted(p for p in (Path(run_dir) / "checkpoints").glob("step_*") if (p / "trainer_state.json").is_file())
+    ckpts = _complete_checkpoints(run_dir)
     return ckpts[-1] if ckpts else None
+
+
+def _check_blocks(unet: torch.nn.Module, fcr: FCRConfig) -> None:
+    """Resolve ``fcr.blocks`` on ``unet`` now, so a name that is not a feature of this UNet stops
+    the run before its folder exists (the loss resolves it only at the first step, and only with
+    lam > 0: with lam = 0 the blocks are not used)."""
+    if fcr.lam <= 0:
+        return
+    try:
+        select_feature_names(unet, fcr.blocks)
+    except ValueError as exc:
+        shown = fcr.blocks if isinstance(fcr.blocks, str) else ",".join(fcr.blocks)
+        raise ValueError(f"FCRConfig.blocks = {shown!r}: {exc}. Pass one of {', '.join(BLOCK_GROUPS)} or "
+                         "comma-separated feature-name prefixes of this UNet") from None
+
+
+def _resume_candidates(config: TrainConfig, run_dir: Path, unet: torch.nn.Module) -> tuple[list[Path], list[str]]:
+    """The checkpoints a resume may load, newest first, and one line per newer one skipped.
+
+    Read-only, run before anything is written. A ``resume`` path must itself be whole and of this
+    model. With ``resume=True`` a checkpoint whose files are cut off is skipped for the previous
+    complete one (the error names them all when none is whole); a checkpoint of another model is
+    refused at once, since the older ones of that folder come from the same run.
+    """
+    if not config.resume:
+        return [], []
+    if not isinstance(config.resume, bool):
+        path = Path(config.resume)
+        problem = unreadable_reason(path)
+        if problem is None and (mismatch := model_mismatch(path, unet)):
+            problem = f"it is a checkpoint of another model: {mismatch}"
+        if problem:
+            raise CheckpointError(f"cannot resume from {path}: {problem}. Pass a complete checkpoint of this "
+                                  f"model, or start without resuming")
+        return [path], []
+    usable, skipped = [], []
+    for ckpt in reversed(_complete_checkpoints(run_dir)):
+        problem = unreadable_reason(ckpt)
+        if problem:
+            skipped.append(f"{ckpt}: {problem}")
+            continue
+        mismatch = model_mismatch(ckpt, unet)
+        if mismatch:
+            raise CheckpointError(f"cannot resume from {ckpt}: it is a checkpoint of another model: {mismatch}. "
+                                  f"Resume with the model that wrote {run_dir}, or use another output folder")
+        usable.append(ckpt)
+    if skipped and not usable:
+        raise CheckpointError(f"cannot resume in {run_dir}: no checkpoint can be loaded ({'; '.join(skipped)}). "
+                              "Delete the broken checkpoint folders to start over, or use another output folder")
+    return usable, skipped
+
+
+def _load_resume_checkpoint(accelerator, candidates: list[Path], skipped: list[str], explicit: bool) -> Path | None:
+    """Load the newest candidate that loads; report each one that does not.
+
+    The header checks of :func:`_resume_candidates` catch files that are cut off; a file whose
+    content is damaged inside (or of a format accelerate does not expect) fails only here. A
+    failed load may leave part of its state applied, which the next, complete load overwrites
+    whole (model, optimizer, LR schedule, RNG and train counters are all in every checkpoint).
+    """
+    for line in skipped:
+        logger.warning("checkpoint %s; resuming from the previous complete one", line)
+    failed = list(skipped)
+    for ckpt in candidates:
+        try:
+            accelerator.load_state(str(ckpt))
+        except Exception as exc:  # noqa: BLE001 - any failure to load means: try the previous checkpoint
+            reason = f"{ckpt}: it does not load ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+            if explicit:
+                raise CheckpointError(f"cannot resume from {reason}. Pass a complete checkpoint of this model, "
+                                      "or start without resuming") from exc
+            failed.append(reason)
+            logger.warning("checkpoint %s; trying the previous complete one", reason)
+            continue
+        return ckpt
+    if candidates:
+        raise CheckpointError(f"cannot resume: no checkpoint can be loaded ({'; '.join(failed)}). Delete the broken "
+                              "checkpoint folders to start over, or use another output folder")
+    return None
 
 
 def _unwrap_unet(accelerator, objective) -> torch.nn.Module:
@@ -465,6 +556,9 @@ def train(
         check_output_consistency(unet, scheduler.config.num_train_timesteps, oc,
                                  grad_checkpointing=config.grad_checkpointing)
     run_dir = Path(config.output_dir)
+    # Everything a bad input can fail is checked before the run folder is created or written.
+    _check_blocks(unet, config.fcr)
+    resume_candidates, resume_skipped = _resume_candidates(config, run_dir, unet)
     run_dir.mkdir(parents=True, exist_ok=True)
     # accelerate keeps process-wide singletons; the experiment runner calls train() many times in
     # one process with different precision / accumulation, so start each run from a clean state
@@ -511,13 +605,9 @@ def train(
         )
         accelerator.register_for_checkpointing(lr_schedule, state)
 
-        resume_from = None
-        if config.resume:
-            resume_from = Path(config.resume) if isinstance(config.resume, str) else latest_checkpoint(run_dir)
-            if isinstance(config.resume, str) and not (resume_from / "trainer_state.json").is_file():
-                raise FileNotFoundError(f"--resume {resume_from}: not a complete checkpoint (no trainer_state.json)")
+        resume_from = _load_resume_checkpoint(accelerator, resume_candidates, resume_skipped,
+                                              explicit=not isinstance(config.resume, bool))
         if resume_from is not None:
-            accelerator.load_state(str(resume_from))
             _truncate_jsonl(run_dir / "metrics.jsonl", state.step)
             _truncate_jsonl(run_dir / "validation.jsonl", state.step)
             logger.info("resumed from %s at step %d (micro-batch %d)", resume_from, state.step, state.micro)
@@ -642,7 +732,7 @@ def train(
         if last_saved_step != state.step:
             checkpoints_written.append(_save_checkpoint(accelerator, objective, state, run_dir, config.keep_checkpoints))
 
-        ckpts = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if (p / "trainer_state.json").is_file())
+        ckpts = _complete_checkpoints(run_dir)
         last = ckpts[-1] if ckpts else None
         final_unet = None if last is None else last / ("unet_ema" if ema is not None else "unet")
         result = RunResult(
