@@ -27,6 +27,7 @@ import numpy as np
 from fcr_eval.analysis.contrasts import ContrastSpec, compute_contrasts
 from fcr_eval.report.board import evaluate_store_criteria
 from fcr_eval.spec.criteria import CriteriaConfig
+from fcr_eval.spec.vocabulary import INDEPENDENT_FINETUNES
 from fcr_eval.store import (
     FeatureStat,
     MetricRecord,
@@ -258,8 +259,10 @@ def build_demo_store(
                     "stride": variations[0].stride, "lambda": variations[0].lambda_fcr, "demo": True})
                 store.write_run(RunResult(run, metrics, per_prompt_rows, timings, feats, samples,
                                           _sample_metrics(v, seed, per_prompt, reference)))
+    # The demo's seeds stand for independent fine-tunes (one per seed), so its contrasts are decided.
     store.write_contrasts("mini-exp-1", compute_contrasts(
-        CONTRASTS, store.sample_metrics(experiment_id="mini-exp-1")), code_version=CODE_VERSION)
+        CONTRASTS, store.sample_metrics(experiment_id="mini-exp-1"),
+        replication={c.id: INDEPENDENT_FINETUNES for c in CONTRASTS}), code_version=CODE_VERSION)
     _write_criteria(store)
     if human_study:
         write_demo_human_study(path.parent / "human-study.duckdb")

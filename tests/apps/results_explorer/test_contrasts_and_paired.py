@@ -21,6 +21,7 @@ import numpy as np
 import polars as pl
 import pytest
 from fcr_eval.analysis.contrasts import ContrastSpec, compute_contrasts
+from fcr_eval.spec.vocabulary import INDEPENDENT_FINETUNES
 from fcr_eval.store import (
     CriterionResult,
     MetricRecord,
@@ -87,7 +88,7 @@ def paired_store(tmp_path_factory):
     path = tmp_path_factory.mktemp("paired") / "fcr.duckdb"
     store = _write(path)
     rows = store.sample_metrics(experiment_id=EXP)
-    results = compute_contrasts(SPECS, rows)
+    results = compute_contrasts(SPECS, rows, replication={c.id: INDEPENDENT_FINETUNES for c in SPECS})
     store.write_contrasts(EXP, results, code_version="test")
     store.write_contrasts("other-exp", [dataclasses.replace(results[0], contrast_id="other-gap")])
     store.write_criteria([

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -173,3 +174,44 @@ def test_speedup_from_repeated_interleaved_timings_gets_a_ci():
     assert via["speedup"].ci_low is not None and via["speedup"].verdict == "PASS"
     with pytest.raises(ValueError, match="missing \\['repeat'\\]"):
         timing_criteria("exp", CFG, t.drop("repeat"))
+
+
+def test_holm_with_one_criterion_is_the_plain_verdict_and_controls_the_family():
+    from fcr_eval.analysis.verdicts import holm_verdicts
+
+    for est, lo, hi, thr, d in [(1.6, 1.5, 1.7, 1.4, "at_least"), (1.3, 1.2, 1.35, 1.4, "at_least"),
+                                (0.01, -0.01, 0.03, 0.02, "at_most"), (0.05, 0.03, 0.07, 0.02, "at_most")]:
+        assert holm_verdicts([(est, lo, hi, thr, d)]) == [verdict(lo, hi, thr, d)]
+    # Ten criteria whose true value sits on the threshold: every PASS or FAIL is wrong. Unadjusted,
+    # some verdict of the ten is wrong ~40 % of the time (1 − 0.95^10); Holm keeps it near ≤ 5 %.
+    rng = np.random.default_rng(0)
+    wrong_plain = wrong_holm = 0
+    reps = 2000
+    for _ in range(reps):
+        est = rng.normal(0.0, 1.0, 10)
+        family = [(e, e - 1.96, e + 1.96, 0.0, "at_least") for e in est]
+        wrong_plain += any(verdict(lo, hi, t, d) != "INCONCLUSIVE" for _, lo, hi, t, d in family)
+        wrong_holm += any(v != "INCONCLUSIVE" for v in holm_verdicts(family))
+    assert 0.33 < wrong_plain / reps < 0.47
+    assert wrong_holm / reps <= 0.05 + 3 * (0.05 * 0.95 / reps) ** 0.5
+
+
+def test_board_marks_method_claims_from_a_shared_finetune_inconclusive_and_records_the_family(tmp_path):
+    from fcr_eval.spec.vocabulary import INDEPENDENT_FINETUNES, SHARED_FINETUNE
+
+    store = ResultsStore(tmp_path / "s.duckdb")
+    _fill(store)
+    independent = {r.criterion: r for r in evaluate_store_criteria(store, "exp", CFG, write=False,
+                                                                   replication=lambda s: INDEPENDENT_FINETUNES)}
+    shared = {r.criterion: r for r in evaluate_store_criteria(store, "exp", CFG, write=False,
+                                                              replication=lambda s: SHARED_FINETUNE)}
+    for name in ("quality_delta", "alignment_delta", "variance_reduction"):
+        assert independent[name].verdict in ("PASS", "FAIL")
+        assert shared[name].verdict == "INCONCLUSIVE" and "shared by every seed" in shared[name].details["reason"]
+    assert shared["speedup"].verdict == independent["speedup"].verdict  # timing is not about the weights
+    assert all("family_size" in r.details and r.details["family_adjustment"] == "none" for r in shared.values())
+    holm = dataclasses.replace(CFG, family_adjustment="holm")
+    adjusted = evaluate_store_criteria(store, "exp", holm, write=False)
+    assert any(r.details.get("family_adjustment") == "holm" for r in adjusted)
+    with pytest.raises(ValueError, match="family_adjustment"):
+        dataclasses.replace(CFG, family_adjustment="bonferroni-ish")

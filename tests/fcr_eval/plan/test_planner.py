@@ -130,3 +130,26 @@ def test_sampler_settings_interval_is_the_stored_stride(field):
     kind = "fd" if field == "stride" else "deepcache"
     s = resolve_sampler(kind, steps=10, stride=5)
     assert s.interval == 5 and s.describe()["cache_key_steps"] == [0, 5]
+
+
+def test_the_plan_decides_how_each_contrast_was_replicated():
+    """Base weights on both sides → same weights; fine-tunes shared by the seeds (mini-exp-1,
+    per_seed = false) → shared; one fine-tune pair per seed (mini-exp-1-decide) → independent."""
+    from fcr_eval.plan.planner import contrast_replication
+    from fcr_eval.spec.vocabulary import FIXED_WEIGHTS, INDEPENDENT_FINETUNES, SAME_WEIGHTS, SHARED_FINETUNE
+
+    root = Path(__file__).parents[3] / "experiments"
+    quick = make_plan(load_experiment(root / "mini-exp-1.toml", "quick"), calibrate=False)
+    assert quick.replication["stride-gap"] == SAME_WEIGHTS
+    assert quick.replication["fcr-ss-recovers-gap"] == SHARED_FINETUNE
+    seeds = make_plan(load_experiment(root / "mini-exp-1.toml", "seeds"), calibrate=False)
+    assert seeds.replication["seeds-recovered-fd-10-ss-0.15"] == INDEPENDENT_FINETUNES
+    decide = make_plan(load_experiment(root / "mini-exp-1-decide.toml"), calibrate=False)
+    assert decide.replication["recovered-fd-10-ss-0.15"] == INDEPENDENT_FINETUNES
+    assert decide.replication["stride-gap"] == SAME_WEIGHTS
+    # two base models, neither fine-tuned: fixed weights (a claim about the models, sampling noise)
+    exp2 = make_plan(load_experiment(root / "exp-2-generalisation-robustness.toml"), calibrate=False)
+    runs = [r for r in exp2.runs if r.finetune is None]
+    a, b = sorted({r.variation.id for r in runs if r.variation.model != runs[0].variation.model})[:1] + \
+        [runs[0].variation.id]
+    assert contrast_replication(exp2.runs, (a, b)) == FIXED_WEIGHTS

@@ -170,7 +170,7 @@ def test_the_real_contrast_result_is_stored(tmp_path):
         s.write_run(RunResult(_run("fd-5", seed), sample_metrics=_metrics(40, seed, offset=-0.25)))
     spec = ContrastSpec("stride-gap", "difference", "cache_mse", candidate="fd-10", baseline="fd-5",
                         n_resamples=1000)
-    results = compute_contrasts([spec], s.sample_metrics(experiment_id="exp"))
+    results = compute_contrasts([spec], s.sample_metrics(experiment_id="exp"), replication={"stride-gap": "same weights"})
     s.write_contrasts("exp", results)
     row = s.contrasts("exp").row(0, named=True)
     assert row["estimate"] == pytest.approx(0.25) and row["n_samples"] == 80 and row["n_clusters"] == 2

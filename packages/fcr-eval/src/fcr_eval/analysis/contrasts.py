@@ -1,7 +1,8 @@
-"""Contrasts: the paired comparisons that carry an experiment's claims, with bootstrap CIs.
+"""Contrasts: the paired comparisons that carry an experiment's claims, with intervals at the unit
+of replication.
 
 An experiment file names them in ``[[contrasts]]``; each compares per-sample values of one
-metric (:data:`fcr_eval.metrics.paired.SAMPLE_METRICS`) between variations, pairing the rows that share
+metric (:data:`fcr_eval.spec.vocabulary.SAMPLE_METRICS`) between variations, pairing the rows that share
 a seed and a sample (every variation of one seed starts from the same x_T and prompt)::
 
     [[contrasts]]
@@ -28,30 +29,34 @@ the paired rows:
 * ``relative_difference``: (c̄ − b̄) / |b̄| (e.g. FCR's cost to uncached quality);
 * ``recovered_fraction``: (b̄ − c̄) / (b̄ − t̄), see :func:`fcr_eval.analysis.stats.recovered_fraction`.
 
-The CI is the two-stage bootstrap of :func:`fcr_eval.analysis.stats.paired_bootstrap_ci`, clustered by
-seed. A contrast with ``threshold`` and ``direction`` also gets a verdict
-(:func:`fcr_eval.analysis.criteria.verdict`).
+The interval is taken at the unit of replication the plan decided for the contrast
+(:func:`compute_contrast`): over the seeds when each seed has its own fine-tune, over the pairs
+when no fine-tune varies between seeds; a contrast between a shared fine-tune and anything else
+holds sampling noise only and gets no PASS / FAIL. A contrast with ``threshold`` and
+``direction`` also gets a verdict (:func:`fcr_eval.analysis.verdicts.verdict`).
 
 Example:
     >>> spec = ContrastSpec("stride-gap", "difference", "cache_mse", candidate="fd-10", baseline="fd-5")
-    >>> r = compute_contrast(spec, per_sample)   # columns variation_id, seed, sample_index, metric, value
+    >>> r = compute_contrast(spec, per_sample, replication="same weights")  # variation_id, seed, sample_index, metric, value
     >>> r.as_text()
-    'stride-gap: cache_mse fd-10 − fd-5 = 0.012 [0.009, 0.015] (95% CI, 300 pairs, 2 seeds)'
+    'stride-gap: cache_mse fd-10 − fd-5 = 0.012 [0.009, 0.015] (95% CI, 300 pairs, 2 seeds; sampling noise only)'
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import polars as pl
 
-from fcr_eval.analysis.stats import paired_bootstrap_ci, recovered_fraction_ci
+from fcr_eval.analysis.replication import replication_interval
+from fcr_eval.analysis.stats import paired_bootstrap_ci
 from fcr_eval.analysis.verdicts import verdict
 from fcr_eval.spec.contrasts import CONTRAST_KINDS, ContrastSpec, ContrastSpecError, check_contrast  # noqa: F401
+from fcr_eval.spec.vocabulary import INDEPENDENT_FINETUNES, REPLICATIONS, SHARED_FINETUNE
 
 __all__ = [
     "CONTRAST_KINDS",
@@ -97,8 +102,13 @@ class ContrastResult:
         rhs = f"{self.baseline} → {self.target}" if self.kind == "recovered_fraction" else self.baseline
         text = (f"{self.contrast_id}: {self.metric} {self.candidate} {op} {rhs} = {self.estimate:.{digits}f} "
                 f"[{self.ci_low:.{digits}f}, {self.ci_high:.{digits}f}] ({self.confidence:.0%} CI, "
-                f"{self.n_samples} pairs, {self.n_clusters} seeds)")
+                f"{self.n_samples} pairs, {self.n_clusters} seeds; {self.noise})")
         return text + (f" {self.direction} {self.threshold:g}: {self.verdict}" if self.verdict else "")
+
+    @property
+    def noise(self) -> str:
+        """What the interval holds: fine-tune and sampling noise, or sampling noise only."""
+        return str(self.details.get("noise", ""))
 
 
 def _auto_pair_on(per_sample: pl.DataFrame) -> tuple[str, ...]:
@@ -154,20 +164,39 @@ def pair_samples(per_sample: pl.DataFrame, metric: str, variations: Sequence[str
     return joined.sort(keys)
 
 
-def compute_contrast(spec: ContrastSpec, per_sample: pl.DataFrame, *, pair_on: Sequence[str] | None = None,
-                     seed: int = 0) -> ContrastResult:
-    """Compute ``spec`` from per-sample rows: paired estimate, clustered bootstrap CI, verdict.
+def compute_contrast(spec: ContrastSpec, per_sample: pl.DataFrame, *, replication: str,
+                     pair_on: Sequence[str] | None = None, seed: int = 0) -> ContrastResult:
+    """Compute ``spec`` from per-sample rows: paired estimate, an interval at the unit of
+    replication, a precision plan and (optional) verdict.
+
+    The interval follows ``replication`` (decided by the plan, :data:`fcr_eval.spec.vocabulary.REPLICATIONS`):
+
+    * ``"independent fine-tunes"`` — every seed has its own fine-tune, so the seeds are the
+      replicates: a t-interval over the per-seed estimates with G − 1 df (Fieller's for a ratio),
+      :func:`fcr_eval.analysis.replication.replication_interval`; its coverage at 3, 6 and 10
+      clusters is checked by simulation (tests, docs/benchmarks.md).
+    * ``"same weights"`` / ``"fixed weights"`` — no fine-tune varies between the seeds: the pairs
+      are the units (paired t / Fieller with n − 1 df), and the interval holds sampling noise,
+      which is all there is.
+    * ``"shared fine-tune"`` — one fine-tune per side serves every seed: the same sampling-noise
+      interval, and no PASS / FAIL: a claim about a training method from one fine-tune is
+      INCONCLUSIVE, with the reason in ``details["verdict_reason"]``.
 
     Args:
         spec: a :class:`ContrastSpec`.
         per_sample: long rows ``variation_id, seed, sample_index (or prompt_id), metric, value``
             (e.g. the store's ``sample_metrics`` joined with ``runs`` for ``variation_id``).
+        replication: how the sides were replicated (one of ``REPLICATIONS``).
         pair_on: the pairing key (see :func:`pair_samples`); the first key is the cluster (seed).
-        seed: the bootstrap's RNG seed.
+        seed: the RNG seed of the set-level gap's bootstrap (recovered fractions only).
 
     Example:
-        >>> compute_contrast(ContrastSpec("gap", "difference", "cache_mse", "fd-10", "fd-5"), df).estimate
+        >>> spec = ContrastSpec("gap", "difference", "cache_mse", "fd-10", "fd-5")
+        >>> compute_contrast(spec, df, replication="same weights").method
+        'paired-t (n-1 df); sampling noise only'
     """
+    if replication not in REPLICATIONS:
+        raise ValueError(f"replication {replication!r} is not one of {list(REPLICATIONS)}")
     keys = list(pair_on or _auto_pair_on(per_sample))
     paired = pair_samples(per_sample, spec.metric, spec.variations, keys)
     values = {v: paired[v].to_numpy() for v in spec.variations}
@@ -176,34 +205,65 @@ def compute_contrast(spec: ContrastSpec, per_sample: pl.DataFrame, *, pair_on: S
         raise ValueError(f"contrast {spec.id!r}: {spec.metric!r} has non-finite values for {bad} (PSNR is +inf for "
                          "identical samples); contrast a finite metric such as cache_mse")
     clusters = paired[keys[0]].to_numpy()
-    kw = dict(clusters=clusters, n_resamples=spec.n_resamples, confidence=spec.confidence, seed=seed)
-    details: dict[str, Any] = {"pair_on": keys, "statistic": CONTRAST_KINDS[spec.kind],
-                               **{f"{role}_mean": float(values[v].mean()) for role, v in
-                                  zip(("candidate", "baseline", "target"), spec.variations, strict=False)}}
+    statistic = CONTRAST_KINDS[spec.kind]
+    independent = replication == INDEPENDENT_FINETUNES
+    if independent and len(np.unique(clusters)) < 2:
+        independent = False  # one seed: no replicate to compare it with
+    r = replication_interval(values[spec.candidate], values[spec.baseline],
+                             values[spec.target] if spec.target else None, clusters=clusters,
+                             statistic=statistic, independent_finetunes=independent, confidence=spec.confidence)
+    details: dict[str, Any] = {
+        "pair_on": keys, "statistic": statistic, "replication": replication, "noise": r.noise,
+        **{f"{role}_mean": float(values[v].mean()) for role, v in
+           zip(("candidate", "baseline", "target"), spec.variations, strict=False)},
+        "clusters": {"labels": list(r.cluster_labels), "estimates": list(r.cluster_estimates),
+                     "n_per_cluster": list(r.n_per_cluster)},
+        "variance_components": {"between": r.components.between, "within": r.components.within},
+        "unbounded": r.unbounded,
+    }
     if spec.kind == "recovered_fraction":
-        ci = recovered_fraction_ci(values[spec.candidate], values[spec.baseline], values[spec.target], **kw)
-        gap = paired_bootstrap_ci(values[spec.baseline], values[spec.target], **kw)
+        gap = paired_bootstrap_ci(values[spec.baseline], values[spec.target], clusters=clusters,
+                                  n_resamples=spec.n_resamples, confidence=spec.confidence, seed=seed)
         details["gap"] = {"estimate": gap.estimate, "ci_low": gap.ci_low, "ci_high": gap.ci_high}
         if gap.ci_low <= 0 <= gap.ci_high:
             logger.warning("contrast %s: the gap %s − %s has a CI that includes 0 [%.4g, %.4g]; the recovered "
                            "fraction is not meaningful", spec.id, spec.baseline, spec.target, gap.ci_low, gap.ci_high)
-    else:
-        ci = paired_bootstrap_ci(values[spec.candidate], values[spec.baseline], statistic=CONTRAST_KINDS[spec.kind],
-                                 **kw)
-    details["n_undefined"] = ci.n_undefined
-    v = verdict(ci.ci_low, ci.ci_high, spec.threshold, spec.direction) if spec.threshold is not None else None
-    result = ContrastResult(spec.id, spec.kind, spec.metric, spec.candidate, spec.baseline, spec.target, ci.estimate,
-                            ci.ci_low, ci.ci_high, ci.confidence, ci.n, ci.n_clusters, ci.method, spec.threshold,
-                            spec.direction, v, details)
+    target = spec.precision_target
+    if target is None and np.isfinite(r.half_width) and r.half_width > 0:
+        target = r.half_width / 2
+    if target is not None and np.isfinite(r.half_width):
+        plan = r.plan(target)
+        details["precision"] = {"target_half_width": target, "clusters_needed": plan.clusters_needed,
+                                "samples_needed": plan.samples_needed, "floor": plan.floor,
+                                "text": plan.describe()}
+    v = None
+    if spec.threshold is not None:
+        if replication == SHARED_FINETUNE:
+            v = "INCONCLUSIVE"
+            details["verdict_reason"] = (
+                "one fine-tune per side serves every seed: the interval holds sampling noise only, not "
+                "fine-tune-to-fine-tune variation, so it cannot decide a claim about the training method "
+                "(decide it with one fine-tune per seed, e.g. experiments/mini-exp-1-decide.toml)")
+        elif r.unbounded:
+            v = "INCONCLUSIVE"
+            details["verdict_reason"] = "the gap is not significantly non-zero: the ratio's interval is unbounded"
+        else:
+            v = verdict(r.low, r.high, spec.threshold, spec.direction)
+    result = ContrastResult(spec.id, spec.kind, spec.metric, spec.candidate, spec.baseline, spec.target, r.estimate,
+                            r.low, r.high, r.confidence, int(sum(r.n_per_cluster)), r.n_clusters, r.method,
+                            spec.threshold, spec.direction, v, details)
     logger.info("contrast %s", result.as_text())
     return result
 
 
 def compute_contrasts(specs: Iterable[ContrastSpec], per_sample: pl.DataFrame, *,
-                      pair_on: Sequence[str] | None = None, seed: int = 0) -> list[ContrastResult]:
-    """:func:`compute_contrast` for each spec (one bootstrap seed for all, so reruns repeat).
+                      replication: Mapping[str, str], pair_on: Sequence[str] | None = None,
+                      seed: int = 0) -> list[ContrastResult]:
+    """:func:`compute_contrast` for each spec, ``replication`` mapping each contrast id to how its
+    sides were replicated (:func:`fcr_eval.plan.planner.contrast_replication` decides it).
 
     Example:
-        >>> results = compute_contrasts(experiment.contrasts, per_sample)
+        >>> results = compute_contrasts(experiment.contrasts, per_sample, replication=plan.replication)
     """
-    return [compute_contrast(s, per_sample, pair_on=pair_on, seed=seed) for s in specs]
+    return [compute_contrast(s, per_sample, replication=replication[s.id], pair_on=pair_on, seed=seed)
+            for s in specs]

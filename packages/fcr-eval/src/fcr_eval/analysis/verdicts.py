@@ -3,9 +3,14 @@ contrast and criterion verdict uses."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
+from scipy import stats as _st
+
 from fcr_eval.spec.vocabulary import DIRECTIONS
 
-__all__ = ["verdict"]
+__all__ = ["verdict", "holm_verdicts"]
 
 
 def verdict(ci_low: float, ci_high: float, threshold: float, direction: str) -> str:
@@ -28,3 +33,44 @@ def verdict(ci_low: float, ci_high: float, threshold: float, direction: str) -> 
     if direction == "at_least":
         return "PASS" if ci_low >= threshold else "FAIL" if ci_high < threshold else "INCONCLUSIVE"
     return "PASS" if ci_high <= threshold else "FAIL" if ci_low > threshold else "INCONCLUSIVE"
+
+
+def holm_verdicts(intervals: Sequence[tuple[float, float, float, float, str]], *, confidence: float = 0.95
+                  ) -> list[str]:
+    """Verdicts of a family of criteria, Holm-adjusted (Holm 1979, "A simple sequentially rejective
+    multiple test procedure", Scand. J. Statist. 6, 65–70).
+
+    Each entry is ``(estimate, ci_low, ci_high, threshold, direction)`` with a two-sided
+    ``confidence`` interval. Every criterion carries two one-sided claims — PASS (the value is on the
+    passing side of the threshold) and FAIL (on the failing side) — each at level α/2 unadjusted,
+    which is what :func:`verdict` reads off the interval. Their p-values come from the interval's
+    normal approximation (se = width / (2 z)); Holm's step-down then rejects across all 2·m claims
+    at family level α = 1 − ``confidence``. A criterion is PASS / FAIL when its claim is rejected,
+    INCONCLUSIVE otherwise; Holm keeps the chance that any claim of the family is wrong at ≤ α.
+    With one criterion it gives the unadjusted verdict.
+
+    Example:
+        >>> holm_verdicts([(1.6, 1.5, 1.7, 1.4, "at_least"), (0.01, -0.01, 0.03, 0.02, "at_most")])
+        ['PASS', 'INCONCLUSIVE']
+    """
+    alpha = 1 - confidence
+    z = _st.norm.ppf(1 - alpha / 2)
+    claims = []  # (p, index, verdict if rejected)
+    for i, (est, lo, hi, thr, direction) in enumerate(intervals):
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction {direction!r} is not one of {DIRECTIONS}")
+        se = (hi - lo) / (2 * z)
+        sign = 1.0 if direction == "at_least" else -1.0
+        if se > 0 and math.isfinite(se):
+            zs = sign * (est - thr) / se
+            claims += [(float(_st.norm.sf(zs)), i, "PASS"), (float(_st.norm.cdf(zs)), i, "FAIL")]
+        else:  # a zero-width interval: decided without uncertainty
+            claims.append((0.0 if sign * (est - thr) != 0 else 1.0, i, "PASS" if sign * (est - thr) >= 0 else "FAIL"))
+    out = ["INCONCLUSIVE"] * len(intervals)
+    claims.sort(key=lambda c: c[0])
+    # One-sided claims at α/2 each reproduce the unadjusted verdicts; Holm spreads α over 2m claims.
+    for k, (p, i, v) in enumerate(claims):
+        if p > alpha / (len(claims) - k):
+            break
+        out[i] = v
+    return out

@@ -23,6 +23,12 @@ from pathlib import Path
 
 from fcr_eval.plan.samplers import SamplerSettings, resolve_sampler
 from fcr_eval.spec.experiment import EarlyStoppingSpec, Experiment, RobustnessSpec, VariationSpec
+from fcr_eval.spec.vocabulary import (
+    FIXED_WEIGHTS,
+    INDEPENDENT_FINETUNES,
+    SAME_WEIGHTS,
+    SHARED_FINETUNE,
+)
 
 __all__ = [
     "PlannedFinetune",
@@ -34,6 +40,7 @@ __all__ = [
     "calibrate_throughput",
     "format_plan",
     "plan_json",
+    "contrast_replication",
     "DEFAULT_CPU_GFLOPS",
 ]
 
@@ -187,6 +194,8 @@ class Plan:
     gflops_per_s: float
     calibration: str
     est_eval_seconds: float = 0.0
+    #: contrast id → how its sides were replicated (:func:`contrast_replication`).
+    replication: dict[str, str] = field(default_factory=dict)
 
     @property
     def total_seconds(self) -> float:
@@ -381,7 +390,39 @@ def make_plan(exp: Experiment, *, results_dir: str | Path = "results", calibrate
     sigma_flops = len(runs) * ev.sigma2_samples * (ev.sigma2_delta_max + 1) * any_cost.encoder_share \
         * any_cost.flops_per_forward
     est_eval = (n_feat * feat_flops + sigma_flops) / (gflops_per_s * 1e9)
-    return Plan(exp, runs, finetunes, results_dir, costs, gflops_per_s, how, est_eval)
+    replication = {c.id: contrast_replication(runs, c.variations) for c in exp.contrasts}
+    return Plan(exp, runs, finetunes, results_dir, costs, gflops_per_s, how, est_eval, replication)
+
+
+def contrast_replication(runs: list[PlannedRun], variations: tuple[str, ...]) -> str:
+    """How the sides of a contrast over ``variations`` were replicated, from the weights each
+    planned run samples (one of :data:`fcr_eval.spec.vocabulary.REPLICATIONS`):
+
+    * the same weights on every side in every seed → ``SAME_WEIGHTS``;
+    * different weights, none fine-tuned (e.g. two base models) → ``FIXED_WEIGHTS``;
+    * different weights, every fine-tuned side with its own fine-tune in each seed (and ≥ 2
+      seeds) → ``INDEPENDENT_FINETUNES``: the seeds are independent replicates of the method;
+    * otherwise (a fine-tune serves several seeds) → ``SHARED_FINETUNE``.
+
+    Example:
+        >>> contrast_replication(plan.runs, ("fcr-ss-0.15-fd-10", "ft-0.00-fd-10"))
+        'independent fine-tunes'
+    """
+    weights: dict[str, dict[int, str]] = {}
+    tuned: set[str] = set()
+    for r in runs:
+        if r.variation.id in variations:
+            key = r.finetune.key if r.finetune is not None else f"base:{r.variation.model}"
+            weights.setdefault(r.variation.id, {})[r.seed] = key
+            if r.finetune is not None:
+                tuned.add(r.variation.id)
+    seeds = sorted({s for per in weights.values() for s in per})
+    if all(len({weights[v].get(s) for v in variations if v in weights}) == 1 for s in seeds):
+        return SAME_WEIGHTS
+    if not tuned:
+        return FIXED_WEIGHTS
+    own = all(len({weights[v][s] for s in seeds if s in weights[v]}) == len(weights[v]) for v in tuned)
+    return INDEPENDENT_FINETUNES if own and len(seeds) >= 2 else SHARED_FINETUNE
 
 
 def _fmt_flops(x: float) -> str:
@@ -429,6 +470,14 @@ def format_plan(plan: Plan, done: set[str] | None = None) -> str:
                      f"{r.n_samples:>5} {fwd:>22} {_fmt_flops(r.est_flops):>11} {_fmt_s(r.est_seconds):>8}{mark}")
     lines.append("")
     lines.append("  forward counts are per sampling run (one batch); ×2 rows with classifier-free guidance")
+    if plan.replication:
+        lines.append("contrasts (the noise each interval will hold):")
+        for c in exp.contrasts:
+            rep = plan.replication[c.id]
+            note = {SHARED_FINETUNE: "sampling noise only; no PASS/FAIL about the method",
+                    INDEPENDENT_FINETUNES: f"fine-tune + sampling noise over {len(exp.seeds)} fine-tunes",
+                    }.get(rep, "sampling noise (no fine-tune varies)")
+            lines.append(f"  {c.id}: {rep} — {note}")
     costs = ", ".join(f"{k}: {c.flops_per_forward / 1e9:.3g} GFLOPs/forward, encoder {c.encoder_share:.0%} "
                       f"({c.source})" for k, c in plan.costs.items())
     lines.append(f"  model cost: {costs}")

@@ -9,13 +9,17 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Callable
 
 import polars as pl
 
 from fcr_eval.analysis.criteria import evaluate_criteria, paired_criterion
+from fcr_eval.analysis.verdicts import holm_verdicts
 from fcr_eval.records import CriterionResult
 from fcr_eval.spec.criteria import CriteriaConfig
+from fcr_eval.spec.vocabulary import SHARED_FINETUNE
 from fcr_eval.store import ResultsStore
 
 __all__ = ["evaluate_store_criteria", "PER_SAMPLE_ALIGNMENT"]
@@ -53,8 +57,6 @@ def _undecided_when_unsound(r: CriterionResult, store: ResultsStore, experiment_
     """A verdict the data cannot carry becomes INCONCLUSIVE, with the reason: a quality delta from
     Fréchet distances of fewer samples than feature dimensions (singular covariance), and an R²
     whose correlation is not significant at 5 % (e.g. three points)."""
-    import dataclasses
-
     from fcr_eval.records import unestimable_fd
 
     reason = None
@@ -75,10 +77,56 @@ def _undecided_when_unsound(r: CriterionResult, store: ResultsStore, experiment_
     return dataclasses.replace(r, passed=None, verdict="INCONCLUSIVE", details=details)
 
 
+#: Criteria about the training method, with the two variations whose weights they compare.
+_METHOD_CRITERIA = {"quality_delta": ("candidate", "baseline"), "alignment_delta": ("candidate", "baseline"),
+                    "variance_reduction": ("candidate", "no_fcr_reference")}
+
+
+def _undecided_when_shared(r: CriterionResult, cfg: CriteriaConfig,
+                           replication: Callable[[tuple[str, ...]], str]) -> CriterionResult:
+    roles = _METHOD_CRITERIA.get(r.criterion)
+    if roles is None or r.verdict not in ("PASS", "FAIL"):
+        return r
+    sides = tuple(getattr(cfg, role) for role in roles if getattr(cfg, role))
+    if len(sides) < 2 or replication(sides) != SHARED_FINETUNE:
+        return r
+    reason = (f"{sides[0]} is one fine-tune shared by every seed: the value holds sampling noise only, not "
+              "fine-tune-to-fine-tune variation, so it cannot decide a claim about the training method")
+    return dataclasses.replace(r, passed=None, verdict="INCONCLUSIVE",
+                               details={**r.details, "reason": reason, "verdict_without_uncertainty": r.verdict})
+
+
+def _family_adjusted(rows: list[CriterionResult], adjustment: str) -> list[CriterionResult]:
+    """Holm over the criteria whose verdict comes from an interval (the others keep theirs); every
+    row records the adjustment and the family size."""
+    decided = [i for i, r in enumerate(rows) if r.verdict in ("PASS", "FAIL", "INCONCLUSIVE")
+               and r.ci_low is not None and r.ci_high is not None and r.value is not None
+               and r.details.get("direction") in ("at_least", "at_most") and "reason" not in r.details]
+    note = {"family_adjustment": adjustment, "family_size": len(decided)}
+    if adjustment != "holm" or not decided:
+        return [dataclasses.replace(r, details={**r.details, **note}) for r in rows]
+    adjusted = holm_verdicts([(rows[i].value, rows[i].ci_low, rows[i].ci_high, rows[i].threshold, rows[i].details["direction"])
+                              for i in decided])
+    out = list(rows)
+    for i, v in zip(decided, adjusted, strict=True):
+        r = rows[i]
+        out[i] = dataclasses.replace(r, verdict=v, passed={"PASS": True, "FAIL": False}.get(v),
+                                     details={**r.details, **note, "verdict_unadjusted": r.verdict})
+    return [dataclasses.replace(r, details={**r.details, **note}) if i not in decided else r
+            for i, r in enumerate(out)]
+
+
 def evaluate_store_criteria(store: ResultsStore, experiment_id: str, config: CriteriaConfig, *,
+                            replication: Callable[[tuple[str, ...]], str] | None = None,
                             write: bool = True) -> list[CriterionResult]:
     """Evaluate the criteria of ``experiment_id`` from ``store`` and (by default) write them to its
     ``criteria`` table, replacing earlier verdicts.
+
+    ``replication`` (from the plan: :func:`fcr_eval.plan.planner.contrast_replication` over the
+    planned runs) says how two variations' weights were replicated; a criterion about the training
+    method whose FCR side is one fine-tune shared by every seed is INCONCLUSIVE, with the reason.
+    ``config.family_adjustment = "holm"`` adjusts the verdicts of the criteria with an interval as
+    one family (recorded in each verdict's details).
 
     Example:
         >>> evaluate_store_criteria(ResultsStore("results/fcr.duckdb"), "mini-exp-1", cfg)
@@ -99,6 +147,9 @@ def evaluate_store_criteria(store: ResultsStore, experiment_id: str, config: Cri
     if paired is not None:
         rows = [paired if r.criterion == "alignment_delta" else r for r in rows]
     rows = [_undecided_when_unsound(r, store, experiment_id) for r in rows]
+    if replication is not None:
+        rows = [_undecided_when_shared(r, config, replication) for r in rows]
+    rows = _family_adjusted(rows, config.family_adjustment)
     if write:
         store.write_criteria(rows)
     for r in rows:

@@ -12,6 +12,7 @@ import numpy as np
 from fcr_eval.analysis.stats import clustered_mean_ci
 from fcr_eval.plan.planner import Plan
 from fcr_eval.spec.experiment import Experiment
+from fcr_eval.spec.vocabulary import SHARED_FINETUNE
 from fcr_eval.store import ResultsStore
 
 __all__ = ["Report", "markdown_table", "summary_table", "paired_table", "contrasts_report", "criteria_table", "report"]
@@ -76,10 +77,13 @@ def markdown_table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def contrasts_report(exp: Experiment, store: ResultsStore, per_sample, *, write: bool = True) -> str:
-    """Compute the experiment's ``[[contrasts]]`` from the stored per-sample metrics, store them
-    (replacing earlier values) and return them as a markdown table. A contrast whose variations
-    have no stored samples yet is listed as not computed."""
+def contrasts_report(exp: Experiment, store: ResultsStore, per_sample, replication: dict[str, str], *,
+                     write: bool = True) -> str:
+    """Compute the experiment's ``[[contrasts]]`` from the stored per-sample metrics with the
+    interval ``replication`` (from the plan) calls for, store them (replacing earlier values) and
+    return them as a markdown table: estimate, interval, what noise it holds, verdict and the
+    precision plan in fine-tunes. A contrast whose variations have no stored samples yet is listed
+    as not computed."""
     import polars as pl
 
     from fcr_eval.analysis.contrasts import compute_contrast
@@ -94,37 +98,47 @@ def contrasts_report(exp: Experiment, store: ResultsStore, per_sample, *, write:
         needed = {spec.candidate, spec.baseline} | ({spec.target} if spec.target else set())
         missing = sorted(needed - have)
         if missing:
-            rows.append([spec.id, spec.kind, spec.metric, "–", "–", "–", f"not computed: no samples of {missing}"])
+            rows.append([spec.id, spec.kind, spec.metric, "–", "–", "–", "–", f"not computed: no samples of {missing}"])
             continue
-        r = compute_contrast(spec, per_sample.filter(pl.col("variation_id").is_in(list(needed))))
+        r = compute_contrast(spec, per_sample.filter(pl.col("variation_id").is_in(list(needed))),
+                             replication=replication[spec.id])
         results.append(r)
         sides = f"{r.candidate} vs {r.baseline}" + (f" (target {r.target})" if r.target else "")
         crit = f"{r.verdict} ({r.direction} {r.threshold:g})" if r.verdict else ""
-        if r.kind == "recovered_fraction":
-            sides += "; " + _precision_note(r)
+        if r.details.get("verdict_reason"):
+            crit += f": {r.details['verdict_reason']}"
+        precision = r.details.get("precision", {}).get("text", "")
+        noise = f"{r.details['replication']}: {r.noise} ({r.method})"
         rows.append([r.contrast_id, r.kind, r.metric, f"{r.estimate:.4g} [{r.ci_low:.3g}, {r.ci_high:.3g}]",
-                     f"{r.n_samples} ({r.n_clusters})", crit, sides])
+                     f"{r.n_samples} ({r.n_clusters})", noise, crit, sides + (f"; {precision}" if precision else "")])
     if write and results and not store.read_only:
         store.write_contrasts(exp.id, results, code_version=code_version())
-    return markdown_table(["contrast", "kind", "metric", "estimate [95% CI]", "pairs (seeds)", "criterion", "compares"],
-                     rows)
+    return markdown_table(["contrast", "kind", "metric", "estimate [95% CI]", "pairs (seeds)", "interval holds",
+                           "criterion", "compares; precision plan"], rows)
 
 
-#: The CI half-width a recovered fraction should reach to answer the study's question (issue target).
-RECOVERED_FRACTION_HALF_WIDTH = 0.15
+def _contrast_notes(plan: Plan | None) -> str:
+    """What the contrasts' intervals hold, in one paragraph under the table."""
+    text = ("Intervals at the unit of replication: with one fine-tune per seed the seeds are the replicates "
+            "(t over per-seed estimates, G − 1 df; Fieller's interval for a ratio; coverage checked by simulation, "
+            "docs/benchmarks.md); where no fine-tune varies the pairs are (sampling noise is all there is).")
+    if plan is not None and SHARED_FINETUNE in plan.replication.values():
+        text += (" A contrast between weights of one fine-tune shared by all seeds holds **sampling noise only**: it "
+                 "says nothing about fine-tune-to-fine-tune variation and gets no PASS/FAIL about the method — the "
+                 "decided answer with one fine-tune per seed is experiments/mini-exp-1-decide.toml "
+                 "(docs/mini-exp-1-study/results.md).")
+    return text
 
 
-def _precision_note(r) -> str:
-    """Whether a recovered fraction's CI is as narrow as the study needs, and if not, about how many
-    paired samples would make it so (half-width shrinks as 1/√n at a fixed design)."""
-    half = (r.ci_high - r.ci_low) / 2
-    target = RECOVERED_FRACTION_HALF_WIDTH
-    if not np.isfinite(half):
-        return "CI undefined"
-    if half <= target:
-        return f"CI half-width {half:.2f} ≤ {target:g}"
-    need = int(np.ceil(r.n_samples * (half / target) ** 2))
-    return f"CI half-width {half:.2f} > {target:g}: ≈ {need} pairs would reach ±{target:g}"
+def _verdict_count_note(exp: Experiment, crit: list) -> str:
+    """How many verdicts this store's report draws, and whether they are adjusted as a family."""
+    n_contrasts = sum(1 for c in exp.contrasts if c.threshold is not None)
+    n_crit = sum(1 for r in crit if r.verdict is not None)
+    adj = exp.criteria.family_adjustment if exp.criteria is not None else "none"
+    how = ("criteria Holm-adjusted as one family" if adj == "holm" else
+           "each at its own 95 % (criteria.family_adjustment = \"holm\" adjusts the criteria as one family)")
+    return (f"{n_crit + n_contrasts} verdicts drawn from this store ({n_crit} criteria, {n_contrasts} contrasts "
+            f"with a threshold): {how}.")
 
 
 def _set_size_note(exp: Experiment, store: ResultsStore) -> str:
@@ -289,10 +303,15 @@ def report(exp: Experiment, store_path: Path, *, plots: bool = True, plan: Plan 
         print(f"\n## {title}: paired per-sample metrics, mean [95% CI, bootstrap over samples clustered by seed]\n")
         print(paired)
         print("\n" + _paired_notes())
-    contrasts = contrasts_report(exp, store, per_sample)
+    if plan is None and exp.contrasts:
+        from fcr_eval.plan.planner import make_plan
+
+        plan = make_plan(exp, results_dir=store.root, calibrate=False)
+    contrasts = contrasts_report(exp, store, per_sample, plan.replication if plan is not None else {})
     if contrasts:
         print(f"\n### contrasts (paired over samples sharing seed and x_T; [[contrasts]] of {exp.path})\n")
         print(contrasts)
+        print("\n" + _contrast_notes(plan))
     table = summary_table(exp, store)
     spread = ("mean (the two seeds' values)" if len(exp.seeds) == 2 else "mean ± 95% t-interval half-width over seeds")
     print(f"\n## {title}: set-level metrics, {spread}\n")
@@ -300,9 +319,18 @@ def report(exp: Experiment, store_path: Path, *, plots: bool = True, plan: Plan 
     print("\n" + _table_notes(exp, store) + _set_size_note(exp, store))
     crit = []
     if exp.criteria is not None:
-        crit = evaluate_store_criteria(store, exp.id, exp.criteria)
+        if plan is None:
+            from fcr_eval.plan.planner import make_plan
+
+            plan = make_plan(exp, results_dir=store.root, calibrate=False)
+        from fcr_eval.plan.planner import contrast_replication
+
+        runs = plan.runs
+        crit = evaluate_store_criteria(store, exp.id, exp.criteria,
+                                       replication=lambda sides: contrast_replication(runs, sides))
         print("\n### success criteria (design.md §1)\n")
         print(criteria_table(crit))
+        print("\n" + _verdict_count_note(exp, crit))
     files: list[Path] = []
     if plots:
         from fcr_eval.report.plots import make_plots

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from fcr_eval.spec.vocabulary import DIRECTIONS, SAMPLE_METRICS
 
-__all__ = ["CONTRAST_KINDS", "ContrastSpec", "ContrastSpecError", "check_contrast"]
+__all__ = ["CONTRAST_KINDS", "ContrastSpec", "ContrastSpecError", "check_contrast", "RECOVERED_FRACTION_HALF_WIDTH"]
 
 
 #: Contrast kind → the statistic of :mod:`fcr_eval.analysis.stats` that computes it.
@@ -26,6 +26,10 @@ CONTRAST_KINDS = {
     "relative_difference": "relative_difference",
     "recovered_fraction": "recovered_fraction",
 }
+
+
+#: The CI half-width a recovered fraction should reach to answer the study's question.
+RECOVERED_FRACTION_HALF_WIDTH = 0.15
 
 
 class ContrastSpecError(ValueError):
@@ -48,7 +52,10 @@ class ContrastSpec:
         target: ``recovered_fraction`` only — the variation whose value marks a closed gap.
         threshold, direction: optional criterion: ``direction`` ``"at_least"`` / ``"at_most"``.
         description: free text shown with the number.
-        confidence, n_resamples: the bootstrap interval's level and size.
+        confidence: the interval's level.
+        n_resamples: size of the bootstrap of the set-level gap (a recovered fraction's warning).
+        target_half_width: the half-width the precision plan aims at (default: 0.15 for a
+            recovered fraction, the study's target; half the current half-width otherwise).
         profiles: the contrast exists only in these profiles (like a variation's ``profiles``).
     """
 
@@ -64,6 +71,7 @@ class ContrastSpec:
     confidence: float = 0.95
     n_resamples: int = 10_000
     profiles: tuple[str, ...] | None = None
+    target_half_width: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.id):
@@ -84,9 +92,18 @@ class ContrastSpec:
             raise ContrastSpecError(f"candidate and baseline are both {self.candidate!r}", "baseline")
         if not 0 < self.confidence < 1:
             raise ContrastSpecError(f"confidence = {self.confidence} must be in (0, 1)", "confidence")
+        if self.target_half_width is not None and not self.target_half_width > 0:
+            raise ContrastSpecError(f"target_half_width = {self.target_half_width} must be > 0", "target_half_width")
         if self.n_resamples < 1000:
             raise ContrastSpecError(f"n_resamples = {self.n_resamples} is too few for a 95 % interval; use >= 1000",
                                     "n_resamples")
+
+    @property
+    def precision_target(self) -> float | None:
+        """The half-width the precision plan aims at; ``None``: half the current one."""
+        if self.target_half_width is not None:
+            return self.target_half_width
+        return RECOVERED_FRACTION_HALF_WIDTH if self.kind == "recovered_fraction" else None
 
     @property
     def variations(self) -> tuple[str, ...]:

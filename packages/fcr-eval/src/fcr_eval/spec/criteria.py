@@ -10,7 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["CriteriaConfig"]
+__all__ = ["CriteriaConfig", "FAMILY_ADJUSTMENTS"]
+
+#: Family-wise adjustments the criteria board offers.
+FAMILY_ADJUSTMENTS = ("none", "holm")
 
 
 @dataclass(frozen=True)
@@ -33,3 +36,10 @@ class CriteriaConfig:
     min_variance_reduction: float = 0.30
     min_r2: float = 0.6
     max_finetune_fraction: float = 0.03
+    #: ``"holm"``: verdicts of the criteria with an interval are Holm-adjusted as one family (the
+    #: adjustment is recorded with each verdict); ``"none"``: each at its own 95 %.
+    family_adjustment: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.family_adjustment not in FAMILY_ADJUSTMENTS:
+            raise ValueError(f"family_adjustment = {self.family_adjustment!r} is not one of {list(FAMILY_ADJUSTMENTS)}")

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 __all__ = ["SAMPLERS", "CACHED_SAMPLERS", "SCHEDULERS", "ROBUSTNESS_PROTOCOLS", "PROTOCOL_SETTINGS",
            "DIRECTIONS",
            "SampleMetricSpec", "SAMPLE_METRICS", "CACHE_MSE", "CACHE_PSNR", "CACHE_FEATURE_L2", "CLASS_CORRECT",
-           "CLASS_LOGPROB"]
+           "CLASS_LOGPROB", "SAME_WEIGHTS", "FIXED_WEIGHTS", "INDEPENDENT_FINETUNES", "SHARED_FINETUNE",
+           "REPLICATIONS"]
 
 #: Sampler kinds of an experiment variation: no cache, encoder caching (Faster Diffusion), DeepCache.
 SAMPLERS = ("none", "fd", "deepcache")
@@ -67,3 +68,14 @@ SAMPLE_METRICS: dict[str, SampleMetricSpec] = {s.name: s for s in (
     SampleMetricSpec("clip_score", "CLIPScore of the sample against its prompt", True),
     SampleMetricSpec("clip_drift", "CLIP-embedding distance to the same weights' uncached sample", False, True),
 )}
+
+#: How the two sides of a contrast were replicated (decided by the plan, read by the analysis):
+#: the same weights on both sides (a claim about the cache); different weights none of which were
+#: fine-tuned (fixed models); fine-tuned weights with one independent fine-tune per seed (the seeds
+#: are the unit of replication); or a fine-tune shared by every seed (its interval holds sampling
+#: noise only and cannot decide a claim about the training method).
+SAME_WEIGHTS = "same weights"
+FIXED_WEIGHTS = "fixed weights"
+INDEPENDENT_FINETUNES = "independent fine-tunes"
+SHARED_FINETUNE = "shared fine-tune"
+REPLICATIONS = (SAME_WEIGHTS, FIXED_WEIGHTS, INDEPENDENT_FINETUNES, SHARED_FINETUNE)
