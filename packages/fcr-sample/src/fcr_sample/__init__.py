@@ -11,10 +11,18 @@ Public API: the encoder cache (:class:`EncoderCacheConfig`, :func:`apply_encoder
 (:func:`get_cache_stats`, :func:`reset_cache_stats`), key-step schedules (:func:`key_steps`),
 regional ``torch.compile`` of a cached UNet (:func:`compile_unet_regions`),
 bare-UNet loops (:func:`denoise` with its step ``callback``, :func:`start_sampling_run`,
-:func:`prior_noise_callback`, :func:`inject_prior_noise`), and the definition of
-encoder features (:func:`encoder_features`).
+:func:`prior_noise_callback`, :func:`inject_prior_noise`), the definition of
+encoder features (:func:`encoder_features`), and the cache-error diagnostic
+(:func:`attribute_cache_error`: where along the trajectory, and through which cached feature, a
+cache's error enters).
 """
 
+from .attribution import (
+    CacheAttribution,
+    FeatureAttribution,
+    StepAttribution,
+    attribute_cache_error,
+)
 from .compilation import compile_unet_regions, uncompile_unet_regions
 from .deep_cache import DeepCacheConfig, apply_deep_cache, remove_deep_cache
 from .encoder_cache import (
@@ -51,6 +59,10 @@ __all__ = [
     "compile_unet_regions",
     "uncompile_unet_regions",
     "encoder_features",
+    "attribute_cache_error",
+    "CacheAttribution",
+    "StepAttribution",
+    "FeatureAttribution",
     "encoder_feature_names",
     "select_feature_names",
     "MODEL_IDS",

@@ -217,8 +217,8 @@ class _DeepCachePath:
         return _Fresh(eps, seen[-1], (sample, t, ehs))
 
     def decode(self, fresh: _Fresh, stale: _Fresh, stale_features) -> torch.Tensor:
-        if not stale_features:
-            return self._forward(fresh.inputs, lambda m, args, out: None)
+        if not stale_features:  # a forward without the replacement is the fresh one
+            return fresh.eps
         return self._forward(fresh.inputs, lambda m, args, out: stale.state)
 
     def tensors(self, state: Any, feature: str) -> list[torch.Tensor]:
