@@ -40,10 +40,10 @@ def setup():
     return _unet(), x_T, cond, null
 
 
-def _attribute(setup, cache, steps=STEPS, **kwargs):
+def _attribute(setup, cache, steps=STEPS, guidance_scale=GUIDANCE, **kwargs):
     unet, x_T, cond, null = setup
     return attribute_cache_error(unet, tiny_scheduler("ddim"), x_T, cond, null, cache=cache,
-                                 steps=steps, guidance_scale=GUIDANCE, **kwargs)
+                                 steps=steps, guidance_scale=guidance_scale, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -181,9 +181,10 @@ def test_the_unet_is_left_exactly_as_it_was(setup):
     unet, x_T, cond, _ = setup
     with torch.no_grad():
         before = unet(x_T, 500, cond).sample
-        for config in (FD3, DC3):
-            result = _attribute(setup, config, steps=3)
+        for config, guidance in ((FD3, GUIDANCE), (DC3, 1.0)):  # with CFG and without
+            result = _attribute(setup, config, steps=3, guidance_scale=guidance)
             assert [s.step for s in result.steps] == [1, 2]
+            assert all(s.eps_error > 0 for s in result.steps)
             assert not [r for r in result.to_rows() if r["quantity"] == "final_error"]
             assert not hasattr(unet, "_diffusers_hook") and "forward" not in unet.__dict__
             assert not any(m._forward_hooks or m._forward_pre_hooks for m in unet.modules())

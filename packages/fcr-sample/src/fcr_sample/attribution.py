@@ -22,9 +22,10 @@ shallow path reads.
 
 Example:
     >>> res = attribute_cache_error(unet, DDIMScheduler(), x_T, cond, null, steps=20,
-    ...                             guidance_scale=2.0, cache=EncoderCacheConfig(stride=10))
-    >>> [(s.step, round(s.eps_error, 3)) for s in res.steps][:2]
-    [(1, 0.004), (2, 0.011)]
+    ...                             guidance_scale=2.0, cache=EncoderCacheConfig(stride=10),
+    ...                             propagation=True)
+    >>> [(s.step, s.eps_error, s.final_error) for s in res.steps]  # steps 1-9, 11-19
+    >>> res.to_rows()[0]  # {"step": 1, "timestep": ..., "feature": "all", "quantity": ...}
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from tqdm import tqdm
 
 from .deep_cache import DeepCacheConfig, cached_module_names
 from .encoder_cache import EncoderCacheConfig
-from .features import encoder_feature_names, select_feature_names
+from .features import select_feature_names
 from .hooks import find_cache_hooks
 from .unet_parts import EncoderOutput, prepare_conditioning, run_decoder, run_encoder
 
@@ -47,6 +48,11 @@ __all__ = ["FeatureAttribution", "StepAttribution", "CacheAttribution", "attribu
 
 #: The ``feature`` of rows that describe a step as a whole (all cached features stale together).
 ALL_FEATURES = "all"
+#: The quantities :meth:`CacheAttribution.to_rows` writes, per step and per feature.
+STEP_QUANTITIES = ("key_step", "eps_error", "x0_error", "change", "energy", "relative_change",
+                   "decoder_gain", "final_error")
+FEATURE_QUANTITIES = ("only_stale_error", "only_fresh_error", "change", "energy",
+                      "relative_change", "decoder_gain")
 
 
 # -- the typed result ------------------------------------------------------------------------
@@ -128,18 +134,12 @@ class CacheAttribution:
         """
         rows: list[dict[str, Any]] = []
         for s in self.steps:
-            def add(feature: str, quantity: str, value, s=s) -> None:
-                if value is not None:
-                    rows.append({"step": s.step, "timestep": s.timestep, "feature": feature,
-                                 "quantity": quantity, "value": float(value)})
-
-            for q in ("key_step", "eps_error", "x0_error", "change", "energy", "relative_change",
-                      "decoder_gain", "final_error"):
-                add(ALL_FEATURES, q, getattr(s, q))
-            for f in s.features:
-                for q in ("only_stale_error", "only_fresh_error", "change", "energy",
-                          "relative_change", "decoder_gain"):
-                    add(f.feature, q, getattr(f, q))
+            parts = [(ALL_FEATURES, s, STEP_QUANTITIES)] + [(f.feature, f, FEATURE_QUANTITIES)
+                                                           for f in s.features]
+            rows += [{"step": s.step, "timestep": s.timestep, "feature": name, "quantity": q,
+                      "value": float(getattr(obj, q))}
+                     for name, obj, quantities in parts for q in quantities
+                     if getattr(obj, q) is not None]
         return rows
 
 
@@ -161,10 +161,12 @@ class _EncoderCachePath:
 
     def __init__(self, unet):
         self.unet = unet
-        groups = ["conv_in"] + [f"down_blocks.{i}" for i in range(len(unet.down_blocks))]
-        groups += ["mid_block"] if "mid_block" in encoder_feature_names(unet) else []
-        self.members = {g: frozenset(select_feature_names(unet, g)) for g in groups}
-        self.features = tuple(groups)
+        downs = ["conv_in"] + [f"down_blocks.{i}" for i in range(len(unet.down_blocks))]
+        self.members = {g: frozenset(select_feature_names(unet, g)) for g in downs}
+        # the cache reuses EncoderOutput.mid, the mid block's output (the last down block's
+        # hidden state where a UNet has no mid block), under the name "mid_block"
+        self.members["mid_block"] = frozenset({"mid_block"})
+        self.features = tuple(self.members)
 
     def run(self, sample, t, ehs) -> _Fresh:
         cond = prepare_conditioning(self.unet, sample, t, ehs)
@@ -406,15 +408,13 @@ def _walk(path, scheduler, x, timesteps, ehs, guidance_scale, keys, propagation,
         while True:
             if i in key_set:
                 stale = (i, fresh)
-            served = i not in key_set or measure_key_steps
-            if served:
-                # The cached branch steps a copy of the scheduler (multistep schedulers keep
-                # state), which the propagation then continues from.
-                probe = copy.deepcopy(scheduler)
+            # the cached branch steps a copy of the scheduler as it is before this step
+            # (multistep schedulers keep state); the propagation continues from that copy
+            probe = copy.deepcopy(scheduler) if i not in key_set or measure_key_steps else None
+            out = scheduler.step(eps, t, x)
+            if probe is not None:
                 eps_cached = _guided(path.decode(fresh, stale[1], path.features), guidance_scale)
                 cached_out = probe.step(eps_cached, t, x)
-            out = scheduler.step(eps, t, x)
-            if served:
                 measured.append(_measure_step(
                     path, fresh, stale[1], eps_cached, step=i, timestep=float(t),
                     key_step=stale[0], eps_fresh=eps, guidance_scale=guidance_scale,
