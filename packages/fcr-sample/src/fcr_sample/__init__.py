@@ -11,14 +11,17 @@ Public API: the encoder cache (:class:`EncoderCacheConfig`, :func:`apply_encoder
 (:func:`get_cache_stats`, :func:`reset_cache_stats`), key-step schedules (:func:`key_steps`),
 regional ``torch.compile`` of a cached UNet (:func:`compile_unet_regions`),
 bare-UNet loops (:func:`denoise` with its step ``callback``, :func:`start_sampling_run`,
-:func:`prior_noise_callback`, :func:`inject_prior_noise`), and the definition of
-encoder features (:func:`encoder_features`).
+:func:`prior_noise_callback`, :func:`inject_prior_noise`), the definition of
+encoder features (:func:`encoder_features`), and the cache-error diagnostic
+(:func:`attribute_cache_error`: where along the trajectory, and through which cached feature, a
+cache's error enters).
 """
 
 # Names resolve on first use (PEP 562), as in fcr_train: light modules (``fcr_sample.schedules``,
 # ``fcr_sample.vocabulary``) import without torch, so an experiment schema that checks their names
 # loads in a fraction of a second.
 _EXPORTS = {
+    "attribution": ["CacheAttribution", "FeatureAttribution", "StepAttribution", "attribute_cache_error"],
     "compilation": ["compile_unet_regions", "uncompile_unet_regions"],
     "deep_cache": ["DeepCacheConfig", "apply_deep_cache", "remove_deep_cache"],
     "encoder_cache": ["EncoderCacheConfig", "apply_encoder_cache", "remove_encoder_cache"],
@@ -73,6 +76,10 @@ __all__ = [
     "compile_unet_regions",
     "uncompile_unet_regions",
     "encoder_features",
+    "attribute_cache_error",
+    "CacheAttribution",
+    "StepAttribution",
+    "FeatureAttribution",
     "encoder_feature_names",
     "select_feature_names",
     "MODEL_IDS",
