@@ -21,7 +21,7 @@ import numpy as np
 import polars as pl
 import pytest
 from fcr_eval.analysis.contrasts import ContrastSpec, compute_contrasts
-from fcr_eval.spec.vocabulary import INDEPENDENT_FINETUNES
+from fcr_eval.spec.vocabulary import INDEPENDENT_FINETUNES, SAME_WEIGHTS, SHARED_FINETUNE
 from fcr_eval.store import (
     CriterionResult,
     MetricRecord,
@@ -77,9 +77,11 @@ def _write(path, with_sample_metrics: bool = True):
             k, values = cache_mse(variation, seed)
             per_sample = [SampleMetrics("cache_mse", values, [f"p{i}" for i in k], seeds=seed, sample_index=k,
                                         reference=f"{EXP}/none/s{seed}")] if with_sample_metrics else []
-            store.write_run(RunResult(run, metrics=[MetricRecord("fd_efficientnet_lite0", 10.0 + seed,
-                                                                 "efficientnet_lite0", "resize", 6)],
-                                      sample_metrics=per_sample))
+            # the FD record as fcr-eval writes it: 6 samples in 1280 dimensions, flagged not estimable
+            fd = MetricRecord("fd_efficientnet_lite0", 10.0 + seed, "efficientnet_lite0", "resize", 6,
+                              {"feature_dim": 1280, "estimable": False})
+            kid = MetricRecord("kid_efficientnet_lite0", 0.01 + 0.001 * seed, "efficientnet_lite0", "resize", 6)
+            store.write_run(RunResult(run, metrics=[fd, kid], sample_metrics=per_sample))
     return store
 
 
@@ -88,7 +90,14 @@ def paired_store(tmp_path_factory):
     path = tmp_path_factory.mktemp("paired") / "fcr.duckdb"
     store = _write(path)
     rows = store.sample_metrics(experiment_id=EXP)
-    results = compute_contrasts(SPECS, rows, replication={c.id: INDEPENDENT_FINETUNES for c in SPECS})
+    results = compute_contrasts(SPECS, rows, replication={"stride-gap": SAME_WEIGHTS, "fcr-effect": SHARED_FINETUNE,
+                                                          "fcr-recovers-gap": INDEPENDENT_FINETUNES})
+    runs = store.runs(experiment_id=EXP)
+    store.write_timing_rounds(EXP, [
+        {"variation_id": v, "run_id": runs.filter((pl.col("variation_id") == v) & (pl.col("seed") == 0))["run_id"][0],
+         "batch_size": 1, "round": rnd, "position": i, "sec_per_image": sec + 0.01 * rnd, "peak_memory_bytes": None,
+         "memory_kind": None, "device": "cpu", "code_version": "test"}
+        for rnd in range(3) for i, (v, sec) in enumerate((("none", 0.5), ("fd-10", 0.3)))])
     store.write_contrasts(EXP, results, code_version="test")
     store.write_contrasts("other-exp", [dataclasses.replace(results[0], contrast_id="other-gap")])
     store.write_criteria([
@@ -163,7 +172,7 @@ def test_contrasts_forest_chart_has_points_intervals_and_threshold(paired_store,
     assert '"tick"' in spec and '"threshold"' in spec
     rows = next(d for d in data if "contrast" in d.columns)
     assert rows["contrast"].tolist() == ["fcr-recovers-gap"] and rows["threshold"].tolist() == [0.45]
-    assert "INCONCLUSIVE when the CI straddles it" in _texts(at)
+    assert "INCONCLUSIVE when it straddles it" in _texts(at)
 
 
 def test_contrasts_follow_the_experiment_filter(paired_store, small_store, app_for):
@@ -262,3 +271,22 @@ def test_overview_counts_per_sample_values_and_contrasts(paired_store, app_for):
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Per-sample values"] == f"{5 * 12 - 1}"
     assert metrics["Contrasts"] == "4"
+
+
+def test_comparison_opens_on_what_can_be_read_and_flags_the_rest(paired_store, app_for):
+    """KID and the interleaved session's s/img by default; an FD stored as not estimable is flagged;
+    each contrast says which noise its interval holds."""
+    at = _run(app_for(paired_store, view="compare", experiment_id=EXP))
+    chosen = [m for m in at.multiselect if m.label == "Metrics"][0].value
+    assert chosen == ["kid_efficientnet_lite0", "sec_per_image_interleaved"]
+    shown = _frame_with(at, "contrast").set_index("contrast")
+    assert shown.loc["stride-gap", "interval holds"].startswith("same weights: sampling noise only")
+    assert shown.loc["fcr-effect", "interval holds"].startswith("shared fine-tune: sampling noise only")
+    assert "cannot decide a claim about the training method" in shown.loc["fcr-effect", "interval holds"]
+    assert shown.loc["fcr-effect", "verdict"] == "INCONCLUSIVE"
+    assert shown.loc["fcr-recovers-gap", "interval holds"] == "independent fine-tunes: fine-tunes + sampling"
+    speed = _frame_with(at, "variation")
+    assert "interleaved" in " ".join(speed.columns)
+    at = _run(app_for(paired_store, view="compare", experiment_id=EXP, metrics="fd_efficientnet_lite0"))
+    warnings = " ".join(str(w.value) for w in at.warning)
+    assert "not estimable" in warnings and "6 samples in 1280 feature dimensions" in warnings

@@ -61,17 +61,21 @@ TIMING_COLUMNS: tuple[str, ...] = (
     "decoder_forwards",
 )
 FEATURE_VARIANCE = "feature_variance"  # σ²_Δ averaged over Δ, one block
+#: s/img from the experiment's interleaved timing session (every sampler timed back to back in each
+#: round; the speed criteria read it), the mean over its rounds.
+INTERLEAVED_SPEED = "sec_per_image_interleaved"
 
 # Metrics where a smaller number is better; everything else is larger-is-better.
 _LOWER_IS_BETTER_PREFIXES = ("fd_", "fid", "kid", "feature_variance", "sample_wall",
-                             "finetune_compute", "clip_drift") + TIMING_COLUMNS
-# Preferred quality metric, first one present wins.
+                             "finetune_compute", "clip_drift", INTERLEAVED_SPEED) + TIMING_COLUMNS
+# Preferred quality metric, first one present wins: KID is unbiased at any sample size, where a
+# Fréchet distance from fewer samples than feature dimensions is not estimable.
 QUALITY_PREFERENCE = (
-    "fid_inception",
-    "fd_efficientnet_lite0",
     "kid_inception",
     "kid_efficientnet_lite0",
     "clip_score",
+    "fid_inception",
+    "fd_efficientnet_lite0",
 )
 
 
@@ -220,6 +224,26 @@ def timing_batch_sizes(reader: StoreReader) -> list[int]:
     ]
 
 
+def interleaved_batch_sizes(reader: StoreReader) -> list[int]:
+    """Batch sizes of the interleaved timing sessions in the store (none: no session ran)."""
+    if not reader.has("timing_rounds"):
+        return []
+    return [int(b) for b in reader.frame(
+        "SELECT DISTINCT batch_size FROM timing_rounds WHERE sec_per_image IS NOT NULL ORDER BY 1")["batch_size"]]
+
+
+def unestimable(reader: StoreReader, metric: str) -> tuple[int, int] | None:
+    """``(fewest samples, feature dimension)`` when stored rows of a Fréchet-distance ``metric``
+    carry the flag that they are not estimable (decided once, with the record, by fcr-eval)."""
+    from fcr_eval.records import unestimable_fd
+
+    if not reader.has("metrics") or not metric.startswith(("fd_", "fid_")):
+        return None
+    rows = reader.frame("SELECT n_samples, CAST(details AS VARCHAR) AS details FROM metrics WHERE metric = $m",
+                        {"m": metric})
+    return unestimable_fd(rows) if rows.height else None
+
+
 def metric_catalogue(reader: StoreReader) -> list[str]:
     """Every metric a run can be compared on: stored metrics, timings, σ²_Δ."""
     names: list[str] = []
@@ -231,6 +255,8 @@ def metric_catalogue(reader: StoreReader) -> list[str]:
             names += [col] if sizes else []
         else:
             names += [f"{col}@bs{b}" for b in sizes]
+    rounds = interleaved_batch_sizes(reader)
+    names += ([INTERLEAVED_SPEED] if len(rounds) == 1 else [f"{INTERLEAVED_SPEED}@bs{b}" for b in rounds])
     if reader.has("feature_stats") and reader.frame(
         "SELECT count(*) AS n FROM (SELECT 1 FROM feature_stats LIMIT 1)"
     )["n"][0]:
@@ -247,7 +273,10 @@ def default_quality_metric(catalogue: list[str]) -> str | None:
 
 
 def speed_metric(catalogue: list[str]) -> str | None:
-    speed = [m for m in catalogue if m.startswith("sec_per_image")]
+    """The interleaved session's s/img where one ran (the figures the speed criteria read), else the
+    per-run timings; the smallest batch size first (latency per image)."""
+    speed = [m for m in catalogue if m.startswith(INTERLEAVED_SPEED)] or \
+        [m for m in catalogue if m.startswith("sec_per_image")]
     return speed[0] if speed else None  # the smallest batch size: latency per image
 
 
@@ -288,6 +317,10 @@ def _run_values_sql(metric: str, block: str = "all", delta_unit: str | None = No
     """``SELECT run_id, value`` for one metric, one row per run (σ²_Δ: of one Δ range when
     ``delta_unit`` is given, divided by the feature's energy when ``scale_free``)."""
     base = metric.split("@bs")[0]
+    if base == INTERLEAVED_SPEED:
+        bs = " WHERE batch_size = $bs" if "@bs" in metric else ""
+        return (f"SELECT run_id, avg(sec_per_image) AS value FROM timing_rounds{bs} GROUP BY run_id",
+                {"bs": int(metric.split("@bs")[1])} if bs else {})
     if base in TIMING_COLUMNS:
         if "@bs" in metric:
             return (

@@ -22,6 +22,7 @@ METRIC_LABELS = {
     "clip_drift": "CLIP drift (1 − cos, cached vs no cache)",
     "fgsm_image_mse": "FGSM image MSE vs clean",
     "sec_per_image": "seconds / image",
+    "sec_per_image_interleaved": "seconds / image (interleaved session)",
     "peak_memory_bytes": "peak memory (bytes)",
     "flops_per_image": "FLOPs / image",
     "unet_calls": "UNet calls",

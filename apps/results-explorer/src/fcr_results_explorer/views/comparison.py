@@ -83,6 +83,14 @@ def render(ctx: ViewContext) -> None:
         prov = q.metric_provenance(reader, metric)
         if prov:
             st.caption(f"`{metric}` — {prov}")
+        flagged = q.unestimable(reader, metric)
+        if flagged:
+            st.warning(f"`{metric}` is not estimable here: each run's value comes from {flagged[0]} samples in "
+                       f"{flagged[1]} feature dimensions (singular covariance, biased upwards). Read KID and the "
+                       "paired per-sample metrics instead.")
+        if metric.startswith(q.INTERLEAVED_SPEED):
+            st.caption(f"`{metric}` — the interleaved timing session: mean over its rounds, every sampler timed "
+                       "back to back in each round (one timed run per variation).")
 
     first = chosen[0]
     frame = per_metric[first]

@@ -8,6 +8,8 @@ value of "no effect" as a rule. The numbers are the stored ones; nothing is reco
 
 from __future__ import annotations
 
+import json
+
 import polars as pl
 import streamlit as st
 
@@ -37,15 +39,30 @@ def _criterion(row: dict) -> str | None:
     return f"{DIRECTION_OP.get(row['direction'], row['direction'])} {row['threshold']:g}"
 
 
+def _holds(row: dict) -> str:
+    """Which noise the stored interval holds (``details.replication`` / ``details.noise``, written
+    by fcr-eval); contrasts stored before the replication rule say so."""
+    try:
+        d = json.loads(row.get("details") or "{}")
+    except (TypeError, ValueError):
+        d = {}
+    if "noise" not in d:
+        return "not recorded (stored before the replication rule)"
+    text = f"{d.get('replication', '?')}: {d['noise']}"
+    return text + (f" — {d['verdict_reason']}" if d.get("verdict_reason") else "")
+
+
 def contrast_table(frame: pl.DataFrame) -> pl.DataFrame:
-    """The stored contrasts as shown: numbers untouched, the comparison and criterion as text."""
+    """The stored contrasts as shown: numbers untouched, the comparison, criterion and the noise
+    each interval holds as text."""
     rows = frame.to_dicts()
     return frame.with_columns(
         pl.Series("comparison", [_comparison(r) for r in rows], dtype=pl.String),
         pl.Series("criterion", [_criterion(r) for r in rows], dtype=pl.String),
+        pl.Series("interval holds", [_holds(r) for r in rows], dtype=pl.String),
         pl.col("verdict").fill_null("—"),
     ).select("experiment", "contrast", "metric", "comparison", "estimate", "ci_low", "ci_high",
-             "n_samples", "n_clusters", "method", "criterion", "verdict", "confidence")
+             "n_samples", "n_clusters", "method", "interval holds", "criterion", "verdict", "confidence")
 
 
 def render_contrasts(ctx: ViewContext) -> bool:
@@ -57,10 +74,13 @@ def render_contrasts(ctx: ViewContext) -> bool:
     levels = sorted({f"{c:.0%}" for c in frame["confidence"].drop_nulls().to_list()}) or ["95%"]
     st.caption(
         "The paired comparisons named in each experiment file, as the runner computed and stored "
-        f"them: estimate and {' / '.join(levels)} bootstrap CI over samples paired by seed and "
-        "sample (same x_T and prompt), clustered by seed. A criterion's verdict is PASS when the "
-        "whole CI is on the right side of its threshold, FAIL when it is wholly on the wrong "
-        "side, INCONCLUSIVE when the CI straddles it."
+        f"them: estimate and {' / '.join(levels)} interval over samples paired by seed and sample (same "
+        "x_T and prompt), taken at the unit of replication — over the seeds when each seed has its own "
+        "fine-tune (t with G − 1 df, Fieller for a ratio), over the pairs when no fine-tune varies. "
+        "**interval holds** says which noise it covers: a contrast between weights of one fine-tune "
+        "shared by every seed holds sampling noise only and gets no PASS/FAIL about the training "
+        "method. A verdict is PASS when the whole interval is on the right side of its threshold, "
+        "FAIL when it is wholly on the wrong side, INCONCLUSIVE when it straddles it."
     )
     shown = contrast_table(frame)
     single = shown["experiment"].n_unique() == 1
