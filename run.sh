@@ -73,14 +73,16 @@ case "$cmd" in
         if [ "${1:-}" = "--fast" ]; then
             shift
             log "fast lane: tests marked slow are left out; fcr-sample alone is not re-run"
-            exec uv run --no-sync pytest -n auto -m "$markers and not slow" "$@"
+            exec uv run --no-sync pytest -n auto --dist loadfile -m "$markers and not slow" "$@"
         fi
-        uv run --no-sync pytest -n auto -m "$markers" "$@"
+        # --dist loadfile: a module's tests share one worker, so a module-scoped fixture (a whole
+        # experiment run) runs once, not once per worker.
+        uv run --no-sync pytest -n auto --dist loadfile -m "$markers" "$@"
         log "tests: fcr-sample installed alone (torch, diffusers, tqdm + its test group)"
         UV_PROJECT_ENVIRONMENT=.venv-fcr-sample uv sync --locked --package fcr-sample \
             --no-default-groups --group test --quiet
         UV_PROJECT_ENVIRONMENT=.venv-fcr-sample uv run --no-sync --package fcr-sample \
-            python -m pytest tests/fcr_sample -n auto -m "not gpu and not checkpoint" -q -p no:cacheprovider
+            python -m pytest tests/fcr_sample -n auto --dist loadfile -m "not gpu and not checkpoint" -q -p no:cacheprovider
         ;;
     *)
         sed -n '2,9p' "$0"

@@ -9,6 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+# slow: lint-imports on copies of the packages
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = {  # import name → source folder
     "fcr_sample": ROOT / "packages/fcr-sample/src/fcr_sample",

@@ -15,6 +15,9 @@ from fcr_sample import (
 )
 from fcr_sample.testing import tiny_scheduler, tiny_unet
 
+# slow: one trajectory per served step (propagation) on several caches
+pytestmark = pytest.mark.slow
+
 STEPS, GUIDANCE = 6, 2.0
 FD3 = EncoderCacheConfig(stride=3)
 DC3 = DeepCacheConfig(cache_interval=3, cache_branch_id=0)

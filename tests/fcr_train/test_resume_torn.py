@@ -27,6 +27,9 @@ from fcr_train.trainer import EmbeddedConditioner, TrainConfig, train
 
 from .conftest import TINY
 
+# slow: real fine-tunes killed, torn and resumed
+pytestmark = pytest.mark.slow
+
 # Same layout as TINY, other widths: every conv and attention weight has another shape.
 OTHER = {**TINY, "block_out_channels": (8, 16)}
 

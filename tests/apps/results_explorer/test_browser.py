@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from .served import open_view, serve
+
+# slow: a served app in a real browser
+pytestmark = pytest.mark.slow
 
 
 def _number_after(label: str, text: str) -> str:

@@ -27,6 +27,9 @@ from fcr_results_explorer.reader import StoreReader
 
 from .synthetic_store import SAMPLE_METRICS, VARIATIONS, build_synthetic_store
 
+# slow: views timed on a synthetic store of a million rows
+pytestmark = pytest.mark.slow
+
 PROMPTS_PER_RUN = 17_000  # 6 runs × (samples + per-prompt scores) ≈ 204k rows
 
 

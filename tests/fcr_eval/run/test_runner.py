@@ -18,6 +18,9 @@ from fcr_eval.plan.planner import make_plan
 from fcr_eval.spec.experiment import load_experiment
 from fcr_eval.store import ResultsStore, writer_lock_path
 
+# slow: the tiny experiment is run, killed and resumed by real processes
+pytestmark = pytest.mark.slow
+
 TINY = Path(__file__).parents[1] / "experiments" / "tiny.toml"
 QUALITY = {"fd_efficientnet_lite0", "kid_efficientnet_lite0", "precision", "recall", "class_agreement",
            "sample_wall_s_per_image"}

@@ -27,6 +27,9 @@ from fcr_eval.store import ResultsStore
 from fcr_eval.testing import save_stand_in_inception, save_tiny_clip
 from fcr_sample.testing import tiny_sd_pipeline
 
+# slow: a whole SD experiment (tiny parts) fine-tunes, samples and evaluates end to end
+pytestmark = pytest.mark.slow
+
 CAPTIONS = ["a red square on a white wall", "a blue circle in the sky", "a green field with a tree",
             "a yellow car on a road", "a black cat on a mat", "a white boat on the sea"]
 

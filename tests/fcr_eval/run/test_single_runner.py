@@ -11,7 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from fcr_eval.store import ResultsStore, writer_lock_path
+
+# slow: two real runners on one store
+pytestmark = pytest.mark.slow
 
 TINY = Path(__file__).parents[1] / "experiments" / "tiny.toml"
 
