@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from fcr_eval.spec.experiment import Experiment
+from fcr_eval.spec.vocabulary import INDEPENDENT_FINETUNES
 from fcr_eval.store import ResultsStore
 
 __all__ = ["make_plots"]
@@ -212,7 +214,6 @@ def make_plots(exp: Experiment, store: ResultsStore, out_dir: Path) -> list[Path
 def _paired_plots(exp: Experiment, store: ResultsStore, out_dir: Path, plt) -> list[Path]:
     """Plots of the paired evaluation: cache error against stride per weights, scale-free σ²_Δ over
     the cache's range, the stored recovered-fraction contrasts, and each fine-tune's FCR term."""
-    import json
 
     import polars as pl
 
@@ -269,22 +270,13 @@ def _paired_plots(exp: Experiment, store: ResultsStore, out_dir: Path, plt) -> l
 
     c = store.contrasts(exp.id)
     if c.height:
-        rf = c.filter(pl.col("kind") == "recovered_fraction").sort("contrast_id")
-        if rf.height:
-            fig, ax = plt.subplots(figsize=(7.5, 0.45 * rf.height + 1.8))
-            ys = np.arange(rf.height)
-            est, lo, hi = rf["estimate"].to_numpy(), rf["ci_low"].to_numpy(), rf["ci_high"].to_numpy()
-            ax.errorbar(est, ys, xerr=[est - lo, hi - est], fmt="o", capsize=3)
-            ax.set_yticks(ys, [f"{r['candidate']} vs {r['baseline']}" for r in rf.iter_rows(named=True)], fontsize=8)
-            ax.axvline(0, color="gray", lw=1)
-            ax.axvline(1, color="gray", lw=1, ls=":")
-            thr = [t for t in rf["threshold"].to_list() if t is not None]
-            if thr:
-                ax.axvline(thr[0], color="tab:red", lw=1, ls="--", label=f"criterion ≥ {thr[0]:g}")
-                ax.legend(fontsize=8)
-            ax.set_xlabel("fraction of the stride gap recovered (cache MSE; 0 = control, 1 = small stride)")
-            ax.set_title(f"{exp.id}: recovered fraction with 95% CI", fontsize=11)
-            files.append(_save(fig, out_dir / "recovered_fraction.png", plt))
+        for kind, title, fname in (
+                ("recovered_fraction", "fraction of the stride gap recovered (cache MSE; 0 = control, 1 = small "
+                 "stride)", "recovered_fraction.png"),
+                ("difference", "difference, candidate − baseline", "contrast_differences.png")):
+            rows = c.filter(pl.col("kind") == kind).sort("contrast_id")
+            if rows.height:
+                files.append(_contrast_forest(exp, rows, kind, title, out_dir / fname, plt))
 
     runs = store.runs(experiment_id=exp.id)
     curves = {}
@@ -313,6 +305,40 @@ def _paired_plots(exp: Experiment, store: ResultsStore, out_dir: Path, plt) -> l
         ax.legend(fontsize=8)
         files.append(_save(fig, out_dir / "fcr_term_curve.png", plt))
     return files
+
+
+def _details(row) -> dict:
+    d = row["details"]
+    return json.loads(d) if isinstance(d, str) else (d or {})
+
+
+def _contrast_forest(exp: Experiment, rows, kind: str, xlabel: str, path: Path, plt) -> Path:
+    """Each contrast's estimate and 95 % interval, with one dot per fine-tune (cluster) where the
+    seeds carry independent fine-tunes, so the interval can be read against the spread it holds."""
+    fig, ax = plt.subplots(figsize=(8, 0.55 * rows.height + 1.9))
+    ys = np.arange(rows.height)
+    for y, r in zip(ys, rows.iter_rows(named=True), strict=True):
+        details = _details(r)
+        independent = details.get("replication") == INDEPENDENT_FINETUNES
+        colour = "tab:blue" if independent else "tab:gray"
+        lo, hi = r["ci_low"], r["ci_high"]
+        if np.isfinite(lo) and np.isfinite(hi):
+            ax.plot([lo, hi], [y, y], color=colour, lw=2)
+        ax.plot(r["estimate"], y, "o", color=colour, ms=7)
+        dots = (details.get("clusters") or {}).get("estimates") or []
+        if independent and dots:
+            ax.plot(dots, [y + 0.28] * len(dots), "|", color="black", ms=9, alpha=0.6)
+        if r["threshold"] is not None:
+            ax.plot([r["threshold"]] * 2, [y - 0.3, y + 0.3], color="tab:red", lw=1.5)
+    labels = [f"{r['contrast_id']}\n({_details(r).get('noise', 'noise not recorded')})" for r in rows.iter_rows(named=True)]
+    ax.set_yticks(ys, labels, fontsize=7)
+    ax.axvline(0, color="gray", lw=1)
+    if kind == "recovered_fraction":
+        ax.axvline(1, color="gray", lw=1, ls=":")
+    ax.set_xlabel(xlabel)
+    ax.set_title(f"{exp.id}: {kind.replace('_', ' ')} contrasts, 95% interval; ticks above a bar: one per "
+                 "fine-tune; red: threshold; grey: sampling noise only", fontsize=9)
+    return _save(fig, path, plt)
 
 
 def _save(fig, path: Path, plt) -> Path:
