@@ -78,7 +78,9 @@ def _cases(w: dict[str, str]) -> list[Case]:
         Case("eval-fashion-mnist-path", E, (*plan, ex["fm-path.toml"]), 2, "is not read for kind 'fashion-mnist'"),
         Case("eval-variation-steps-0", E, (*plan, ex["variation-steps-0.toml"]), 2, "num_inference_steps = 0 must be >= 1"),
         Case("eval-unknown-profile", E, (*plan, tiny, "--profile", "quik"), 2, "no profile 'quik'; the file defines ['one-seed']"),
-        Case("eval-plan-offline-hub-id", E, (*plan, ex["offline-hub.toml"]), 3, "is not available"),
+        # A plan warns about a missing model (issue 19); `--strict` fails as `run` would. (offline-hub.toml
+        # is now refused while loading: a Stable Diffusion model cannot read Fashion-MNIST prompts.)
+        Case("eval-plan-offline-hub-id", E, (*plan, "--strict", w["exp1"]), 3, "is not available"),
         Case("eval-plan-random-bytes-store", E, (*plan, tiny, "--store", rand), 2, "is not a DuckDB database"),
         Case("eval-plan-store-directory", E, (*plan, tiny, "--store", folder), 2, "is a directory"),
         Case("eval-report-missing-store", E, ("report", tiny, "--store", "results/fcr.duckdb"), 2, "no results store"),
@@ -264,6 +266,8 @@ def world(tmp_path_factory):
     inputs.mkdir()
     w: dict[str, str] = {}
     w["tiny"] = str(shutil.copy(TINY, inputs / "tiny.toml"))
+    w["exp1"] = str(shutil.copy(Path(__file__).parents[1] / "experiments" / "exp-1-main-ablation.toml",
+                                inputs / "exp-1-main-ablation.toml"))
     text = TINY.read_text()
     for name, edits in VARIANTS.items():
         t = text
@@ -334,7 +338,7 @@ def results(world, request):
 
 
 def _case_ids() -> list[str]:
-    dummy = {k: f"<{k}>" for k in ("tiny", "rand", "dir", "store", "study", "binary", "empty_study", "laion_missing",
+    dummy = {k: f"<{k}>" for k in ("tiny", "exp1", "rand", "dir", "store", "study", "binary", "empty_study", "laion_missing",
                                    "laion_corrupt", "corrupt_dir", "sd", "other_ckpt", "torn_ckpt", "torn_run",
                                    *VARIANTS)}
     return [c.id for c in _cases({**dummy, "busy_port": 1})]
@@ -373,3 +377,214 @@ def test_debug_shows_the_traceback(world, tmp_path, how):
     assert "Traceback (most recent call last)" in proc.stderr
     assert "StoreUnreadableError" in proc.stderr
     assert proc.stderr.rstrip().splitlines()[-1].startswith("fcr-eval: error: results store")
+
+
+# ==============================================================================================
+# Issue 19 items 1-4 (fcr-eval): ids are names, numbers are finite, no hidden defaults or dangling
+# names, plans work offline. A separate table with its own inputs: every case fails while loading
+# the experiment file or parsing the command line, so no process imports torch: ~0.3 s a case
+# on an idle 2-core machine, ~1 s under load (the whole table ~15 s; the module's `slow` mark
+# covers it too). The two tests after the table plan the designed studies and a week-long one.
+# ==============================================================================================
+
+#: Text edits of tiny.toml: (file name, [(old, new), ...]).
+LOAD_VARIANTS = dict([
+    _variant("id-escape.toml", ('id = "no-cache"', 'id = "../../../escape"')),
+    _variant("id-empty.toml", ('id = "no-cache"', 'id = ""')),
+    _variant("id-nul.toml", ('id = "no-cache"', 'id = "a\\u0000b"')),
+    _variant("id-300.toml", ('id = "no-cache"', 'id = "' + "x" * 300 + '"')),
+    _variant("id-expanded-slash.toml", ('id = "fcr-0.10-fd-{stride}"', 'id = "fcr/{stride}"')),
+    _variant("experiment-id-path.toml", ('id = "tiny-exp"', 'id = "tiny/../../exp"')),
+    _variant("contrast-id-path.toml", ('id = "tiny-stride-gap"', 'id = "../gap"')),
+    _variant("profile-name-path.toml", ("[profiles.one-seed]", '[profiles."../p"]')),
+    _variant("guidance-nan.toml", ("guidance_scale = 2.0", "guidance_scale = nan")),
+    _variant("guidance-inf.toml", ("guidance_scale = 2.0", "guidance_scale = inf")),
+    _variant("variation-guidance-nan.toml", ('id = "no-cache"', 'id = "no-cache"\nguidance_scale = nan')),
+    _variant("steps-huge.toml", ("num_inference_steps = 4", "num_inference_steps = 99999999999999999999")),
+    _variant("finetune-steps-2-31.toml", ("steps = 2\n", "steps = 2147483648\n")),
+    _variant("lr-inf.toml", ("lr = 1e-4", "lr = inf")),
+    _variant("n-reference-past-test.toml", ("n_reference = 24", "n_reference = 20000")),
+    _variant("limit-past-train.toml", ("limit = 64", "limit = 70000")),
+    _variant("finetune-table-missing.toml", ("[finetune]\ndata = \"train\"\nsteps = 2\nbatch_size = 4\nlr = 1e-4\n"
+                                             "checkpoint_every = 1\nper_seed = false\n", "")),
+    _variant("variation-profile-nope.toml", ('id = "no-cache"', 'id = "no-cache"\nprofiles = ["nope"]')),
+    _variant("contrast-profile-nope.toml", ('baseline = "fcr-0.10-fd-2"', 'baseline = "fcr-0.10-fd-2"\nprofiles = ["nope"]')),
+    _variant("profile-sampling-typo.toml", ("[profiles.one-seed]\nseeds = [0]",
+                                            "[profiles.one-seed]\nseeds = [0]\n\n[profiles.one-seed.sampling]\n"
+                                            "num_inference_stepz = 3")),
+    _variant("prompt-template-no-placeholder.toml", ('prompt_template = "a photo of a {}"',
+                                                     'prompt_template = "a photo"')),
+    _variant("prompt-template-no-states.toml", ('prompt_template = "a photo of a {}"',
+                                                'prompt_template = "a drawing of a {}"')),
+])
+
+
+@dataclass(frozen=True)
+class LoadCase:
+    id: str
+    args: tuple[str, ...]
+    code: int
+    phrases: tuple[str, ...]  # each must be in stderr; "{file}:{line of TEXT}" is filled in from the file
+
+
+def _load_cases(f: dict[str, str]) -> list[LoadCase]:
+    """The table; ``f`` maps a LOAD_VARIANTS name to its path."""
+    plan, run = ("plan", "--no-calibrate"), ("run", "--store", "results/fcr.duckdb")
+    rule = "an id is 1-64 characters"
+    return [
+        # --- 1. ids are names, never paths (plan and run refuse before anything exists) -----------
+        LoadCase("ids-variation-escape-plan", (*plan, f["id-escape.toml"]), 2,
+                 ("'../../../escape' is not a name", rule, "{file}:{line of ../../../escape}")),
+        LoadCase("ids-variation-escape-run", (*run, f["id-escape.toml"]), 2, ("'../../../escape' is not a name",)),
+        LoadCase("ids-variation-empty", (*plan, f["id-empty.toml"]), 2, ("variations[0].id = '' is empty", rule)),
+        LoadCase("ids-variation-nul", (*plan, f["id-nul.toml"]), 2, ("'a\\x00b' is not a name",)),
+        LoadCase("ids-variation-300-run", (*run, f["id-300.toml"]), 2, ("(300 characters) is too long",)),
+        LoadCase("ids-variation-expanded", (*plan, f["id-expanded-slash.toml"]), 2,
+                 ("variations[4].id (from 'fcr/{stride}') = 'fcr/2' is not a name",)),
+        LoadCase("ids-experiment-path", (*plan, f["experiment-id-path.toml"]), 2, ("experiment.id = 'tiny/../../exp'",)),
+        LoadCase("ids-contrast-path", (*plan, f["contrast-id-path.toml"]), 2, ("id = '../gap' is not a name",)),
+        LoadCase("ids-profile-name-path", (*plan, f["profile-name-path.toml"]), 2,
+                 ("profile name = '../p' is not a name", "{file}:{line of [profiles.}")),
+        # --- 2. every number finite and in range -------------------------------------------------
+        LoadCase("numbers-guidance-nan", (*plan, f["guidance-nan.toml"]), 2,
+                 ("sampling.guidance_scale = nan is not a finite number", "{file}:{line of guidance_scale = nan}")),
+        LoadCase("numbers-guidance-inf-run", (*run, f["guidance-inf.toml"]), 2,
+                 ("sampling.guidance_scale = inf is not a finite number",)),
+        LoadCase("numbers-variation-guidance-nan", (*plan, f["variation-guidance-nan.toml"]), 2,
+                 ("guidance_scale = nan is not a finite number",)),
+        LoadCase("numbers-steps-huge", (*plan, f["steps-huge.toml"]), 2,
+                 ("num_inference_steps = 99999999999999999999 is past what the toolkit can represent",)),
+        LoadCase("numbers-finetune-steps-2-31", (*plan, f["finetune-steps-2-31.toml"]), 2,
+                 ("finetune.steps = 2147483648 is past what the toolkit can represent",)),
+        LoadCase("numbers-lr-inf", (*plan, f["lr-inf.toml"]), 2, ("finetune.lr = inf is not a finite number",)),
+        LoadCase("numbers-n-reference-past-test-split", (*plan, f["n-reference-past-test.toml"]), 2,
+                 ("n_reference = 20000 is more than the 10000 reference images",)),
+        LoadCase("numbers-limit-past-train-split", (*plan, f["limit-past-train.toml"]), 2,
+                 ("limit = 70000 is more than the 60000 images",)),
+        # --- 3. no hidden defaults, no dangling names --------------------------------------------
+        LoadCase("defaults-lambda-without-finetune", (*plan, f["finetune-table-missing.toml"]), 2,
+                 ("has no [finetune] table", "10,000 steps × batch 128", "Add a [finetune] table")),
+        LoadCase("names-variation-profile-nope", (*plan, f["variation-profile-nope.toml"]), 2,
+                 ("names 'nope'", "its profiles are ['one-seed']")),
+        LoadCase("names-variation-profile-nope-with-profile", (*plan, f["variation-profile-nope.toml"], "--profile",
+                                                               "one-seed"), 2, ("names 'nope'",)),
+        LoadCase("names-contrast-profile-nope", (*plan, f["contrast-profile-nope.toml"]), 2,
+                 ("contrast 'tiny-stride-gap'", "names 'nope'", "its profiles are ['one-seed']")),
+        LoadCase("names-profile-typo-without-profile", (*plan, f["profile-sampling-typo.toml"]), 2,
+                 ("did you mean 'num_inference_steps'", "(profile 'one-seed')", "{file}:{line of num_inference_stepz}")),
+        LoadCase("names-profile-typo-other-profile-run", (*run, f["profile-sampling-typo.toml"]), 2,
+                 ("{file}:{line of num_inference_stepz}",)),
+        LoadCase("runnable-prompt-template-no-placeholder", (*plan, f["prompt-template-no-placeholder.toml"]), 2,
+                 ("prompt_template = 'a photo' needs exactly the placeholder {}",)),
+        LoadCase("runnable-prompt-template-no-text-states", (*plan, f["prompt-template-no-states.toml"]), 2,
+                 ("has no text states in the embedded model",)),
+        LoadCase("run-wait-negative", ("run", str(TINY), "--wait", "-5"), 2, ("--wait: -5 is out of range",)),
+        LoadCase("run-wait-nan", ("run", str(TINY), "--wait", "nan"), 2, ("--wait: nan is out of range",)),
+    ]
+
+
+@pytest.fixture(scope="module")
+def load_inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad-loads")
+    inputs = root / "inputs"
+    inputs.mkdir()
+    text = TINY.read_text()
+    files = {}
+    for name, edits in LOAD_VARIANTS.items():
+        t = text
+        for old, new in edits:
+            assert old in t, (name, old)
+            t = t.replace(old, new)
+        (inputs / name).write_text(t)
+        files[name] = str(inputs / name)
+    return {"root": root, "inputs": inputs, "files": files, "digest": _digest(inputs)}
+
+
+@pytest.fixture(scope="module")
+def load_results(load_inputs):
+    """Run the table two processes at a time: {case id: (case, process, cwd, seconds)}."""
+    import time
+
+    def one(case: LoadCase):
+        cwd = load_inputs["root"] / "cwd" / case.id
+        cwd.mkdir(parents=True)
+        t0 = time.perf_counter()
+        proc = _run("fcr-eval", case.args, cwd, timeout=120)
+        return case.id, (case, proc, cwd, time.perf_counter() - t0)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(pool.map(one, _load_cases(load_inputs["files"])))
+
+
+def _expected(phrase: str, args: tuple[str, ...]) -> str:
+    """Fill in ``{file}:{line of TEXT}``: the experiment file of ``args`` and the line holding TEXT."""
+    m = re.fullmatch(r"\{file\}:\{line of (.+)\}", phrase)
+    if not m:
+        return phrase
+    path = next(a for a in args if a.endswith(".toml"))
+    line = next(i for i, ln in enumerate(Path(path).read_text().splitlines(), 1) if m.group(1) in ln)
+    return f"{path}:{line}:"
+
+
+@pytest.mark.parametrize("case_id", [c.id for c in _load_cases({k: f"/x/{k}" for k in LOAD_VARIANTS})])
+def test_bad_experiment_is_refused_while_loading(load_results, case_id):
+    case, proc, cwd, seconds = load_results[case_id]
+    where = f"fcr-eval {' '.join(case.args)}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    assert proc.returncode == case.code, where
+    for phrase in case.phrases:
+        assert _expected(phrase, case.args) in proc.stderr, (phrase, where)
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, where
+    last = [ln for ln in proc.stderr.splitlines() if ln.strip()][-1]
+    assert re.match(r"fcr-eval( \w+)?: error: ", last), where
+    assert not any(cwd.iterdir()), f"{case.id} left {sorted(p.name for p in cwd.rglob('*'))}"
+    # refused while loading: no torch import (which alone takes seconds here)
+    assert seconds < 15, f"{case.id} took {seconds:.1f} s"
+
+
+def test_bad_experiments_unchanged(load_results, load_inputs):
+    assert _digest(load_inputs["inputs"]) == load_inputs["digest"]
+
+
+def test_refusals_while_loading_import_no_torch(load_inputs):
+    """The property behind the fast table: a file refused while loading never imports torch."""
+    code = ("import sys\nfrom fcr_eval.cli import main\n"
+            f"rc = main(['plan', '--no-calibrate', {load_inputs['files']['guidance-nan.toml']!r}])\n"
+            "print(rc, 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)
+    assert proc.stdout.split() == ["2", "False"], proc.stderr
+
+
+def test_plan_of_a_week_long_experiment_says_so_first(load_inputs, tmp_path):
+    path = tmp_path / "huge.toml"
+    path.write_text(TINY.read_text().replace("n_samples = 10", "n_samples = 1000000000"))
+    proc = _run("fcr-eval", ("plan", "--no-calibrate", str(path)), tmp_path / "..", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0].startswith("WARNING: experiment tiny-exp is estimated at"), proc.stdout[:500]
+    assert "far past a week" in proc.stdout.splitlines()[0]
+
+
+def test_plan_of_the_designed_studies_is_offline_and_fast(tmp_path):
+    """`plan --json` of exp-1 and exp-2 with no flags: no hub, no torch, a missing model is a
+    warning naming `source` (never a flag fcr-eval lacks); `--strict` and `run` refuse as before."""
+    import time
+
+    root = Path(__file__).resolve().parents[1] / "experiments"
+    files = [str(root / "exp-1-main-ablation.toml"), str(root / "exp-2-generalisation-robustness.toml")]
+    env = {**_env(), "HF_HOME": str(tmp_path / "hf")}  # an empty cache: the models are not here
+    env.pop("HF_HUB_OFFLINE")  # the plan itself must not touch the network
+    t0 = time.perf_counter()
+    proc = _run("fcr-eval", ("plan", "--json", *files), tmp_path, env=env, timeout=120)
+    seconds = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    out = json.loads(proc.stdout)
+    assert [e["experiment_id"] for e in out["experiments"]] == ["exp-1-main-ablation", "exp-2-generalisation-robustness"]
+    assert "model 'sd15' (stable-diffusion-v1-5/stable-diffusion-v1-5) is not available here" in proc.stderr
+    assert 'set `source = "/path/to/folder"`' in proc.stderr and "--model" not in proc.stderr
+    assert "(`fcr-eval run` stops here)" in proc.stderr
+    assert seconds < 10, f"plan took {seconds:.1f} s"
+    assert not any(tmp_path.glob("results*"))
+    strict = _run("fcr-eval", ("plan", "--strict", "--no-calibrate", files[0]), tmp_path, env=env, timeout=120)
+    assert strict.returncode == 3 and "is not available here" in strict.stderr, strict.stderr
+    assert "Traceback" not in strict.stderr

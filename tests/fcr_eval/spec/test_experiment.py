@@ -211,7 +211,8 @@ def test_plan_counts_clip_drift_reference_sampling_once_per_weights_and_seed():
     a = {(r.variation.id, r.seed): r.est_flops for r in make_plan(exp, calibrate=False).runs}
     b = {(r.variation.id, r.seed): r.est_flops for r in make_plan(without, calibrate=False).runs}
     k, steps = exp.evaluation.clip_drift_samples, exp.sampling.num_inference_steps
-    one_ref = k * 2 * steps * exp.models["sd15"].flops_per_forward  # CFG doubles the batch
+    # the plan's cost of one forward (counted from the UNet config, issue 19); CFG doubles the batch
+    one_ref = k * 2 * steps * make_plan(exp, calibrate=False).costs["sd15@512"].flops_per_forward
     # fd-5 and fd-10 baselines share base weights: one uncached reference per seed, charged to the first
     assert a[("fd-5-baseline", 0)] - b[("fd-5-baseline", 0)] == pytest.approx(one_ref)
     assert a[("fd-10-baseline", 0)] == pytest.approx(b[("fd-10-baseline", 0)])

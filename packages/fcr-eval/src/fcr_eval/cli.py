@@ -25,9 +25,9 @@ from fcr_train.cli_errors import (
     EXIT_MODEL_NOT_AVAILABLE,
     EXIT_USAGE,
     add_debug_argument,
+    float_in,
     int_at_least,
     run_cli,
-    user_error_code,
 )
 
 __all__ = ["main", "USER_ERRORS"]
@@ -63,9 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the experiments in the design's JSON form")
     p.add_argument("--no-calibrate", action="store_true",
                    help="estimate wall time with a stated throughput instead of timing this machine")
-    p.add_argument("--skip-checks", action="store_true",
-                   help="plan even when a model or local file `run` needs is not on this machine (each is a "
-                        "logged warning; by default plan fails as run would)")
+    p.add_argument("--strict", action="store_true",
+                   help="fail as `run` would when a model or local file it needs is not on this machine (by "
+                        "default each is a warning in the plan; the plan itself never needs the network)")
+    # The default since plans became offline; kept so that older scripts still run.
+    p.add_argument("--skip-checks", action="store_true", help=argparse.SUPPRESS)
 
     p = sub.add_parser("run", help="fine-tune, sample, evaluate and store every variation × seed (resumes)")
     p.add_argument("file", help="experiment .toml file")
@@ -73,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    p.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+    p.add_argument("--wait", type=float_in(0), default=0, metavar="SECONDS",
                    help="when another runner holds the store, wait up to this long for it (default: refuse at "
                         "once, naming it)")
 
@@ -85,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _plan(args) -> int:
-    from fcr_eval.plan.planner import format_plan, make_plan, plan_json
-    from fcr_eval.plan.validation import check_inputs, check_models, check_store
+    from fcr_eval.plan.planner import format_plan, long_plan_line, make_plan, plan_json
+    from fcr_eval.plan.validation import check_inputs, check_store, model_problems
     from fcr_eval.spec.experiment import load_experiment
 
     exps = [load_experiment(f, args.profile) for f in args.files]  # an unknown profile lists the file's
@@ -102,14 +104,21 @@ def _plan(args) -> int:
     if gflops is not None:
         for plan in plans:
             plan.calibration = "measured on this machine just now (embedded UNet, batch 64)"
-    for e, plan in zip(exps, plans, strict=True):  # what `run` checks before any work
-        for check in (lambda: check_models(e), lambda: check_inputs(e, plan)):  # noqa: B023 - called at once
-            try:
-                check()
-            except Exception as exc:  # noqa: BLE001 - with --skip-checks every bad-input check is a warning
-                if not args.skip_checks or user_error_code(exc, USER_ERRORS) is None:
-                    raise
-                logger.warning("%s (--skip-checks: planned anyway; `run` would stop here)", exc)
+    for e, plan in zip(exps, plans, strict=True):  # what `run` checks before any work, offline
+        found = [f"experiment {e.id}: {p}" for p in model_problems(e)]
+        try:
+            check_inputs(e, plan)
+        except FileNotFoundError as exc:
+            found.append(str(exc).replace(" Nothing has been run.", ""))
+        if found and args.strict:
+            from fcr_sample.loading import ModelNotAvailableError
+
+            raise (ModelNotAvailableError if model_problems(e) else FileNotFoundError)(found[0])
+        plan.warnings[:0] = [f"{w} (`fcr-eval run` stops here)" for w in found]
+        if args.json:  # the printed plan shows them at its top; the JSON form has no place for them
+            for w in [long_plan_line(plan), *plan.warnings]:
+                if w:
+                    logger.warning("%s", w)
     if args.json:
         print(json.dumps(plan_json(plans), indent=2))
         return 0

@@ -18,13 +18,15 @@ cache's error enters).
 """
 
 # Names resolve on first use (PEP 562), as in fcr_train: light modules (``fcr_sample.schedules``,
-# ``fcr_sample.vocabulary``) import without torch, so an experiment schema that checks their names
+# ``fcr_sample.vocabulary``, ``fcr_sample.cache_configs``) import without torch, so an experiment
+# schema that checks their names (and a plan that builds the cache configs)
 # loads in a fraction of a second.
 _EXPORTS = {
     "attribution": ["CacheAttribution", "FeatureAttribution", "StepAttribution", "attribute_cache_error"],
     "compilation": ["compile_unet_regions", "uncompile_unet_regions"],
-    "deep_cache": ["DeepCacheConfig", "apply_deep_cache", "remove_deep_cache"],
-    "encoder_cache": ["EncoderCacheConfig", "apply_encoder_cache", "remove_encoder_cache"],
+    "cache_configs": ["EncoderCacheConfig", "DeepCacheConfig"],  # torch-free
+    "deep_cache": ["apply_deep_cache", "remove_deep_cache"],
+    "encoder_cache": ["apply_encoder_cache", "remove_encoder_cache"],
     "features": ["encoder_feature_names", "encoder_features", "select_feature_names"],
     "hooks": ["CacheStats", "get_cache_stats", "reset_cache_stats", "start_sampling_run"],
     "loading": ["MODEL_IDS", "ModelNotAvailableError", "default_device", "load_pipeline", "load_unet"],

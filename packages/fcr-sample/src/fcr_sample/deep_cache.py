@@ -34,16 +34,20 @@ Example:
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from diffusers.hooks.hooks import HookRegistry, ModelHook
 
+from .cache_configs import (  # torch-free; re-exported
+    LAYERS_PER_BRANCH_BLOCK,
+    SKIP_MODES,
+    DeepCacheConfig,
+    nonuniform_full_steps,
+)
 from .hooks import (
     CacheHook,
     bind_unet_args,
@@ -67,153 +71,6 @@ __all__ = [
 
 HOOK_NAME = "fcr_deep_cache"
 LAYER_HOOK_NAME = "fcr_deep_cache_layer"
-
-#: How DeepCache picks its full steps: every N-th step, or the package's power curve.
-SKIP_MODES = ("uniform", "non-uniform")
-
-#: Layers per block that ``cache_branch_id = 3·block + layer`` assumes (SD: 2 resnets + 1).
-LAYERS_PER_BRANCH_BLOCK = 3
-
-
-def nonuniform_full_steps(
-    num_steps: int, num_full: int, *, center: int, pow: float
-) -> tuple[list[int], float]:
-    """The DeepCache package's non-uniform full steps and the exponent it settled on.
-
-    ``num_full + 1`` points are spaced evenly between ``(-center)^(1/p)`` and
-    ``(num_steps - center)^(1/p)`` and raised back to the power ``p``, so they crowd around
-    ``center``; the package takes these powers on the principal complex branch (a negative base
-    gives a complex root), keeps the real part truncated toward zero, drops both ends of the
-    distinct values, shifts them by ``center`` and prepends step 0. ``p`` starts at ``pow`` and
-    drops by 0.02 until exactly ``num_full`` steps come out.
-
-    Raises:
-        ValueError: no exponent above 1 gives ``num_full`` distinct steps (fewer full steps, a
-            smaller ``center`` or a larger ``pow`` help).
-
-    Example:
-        >>> nonuniform_full_steps(50, 10, center=15, pow=1.4)[0]
-        [0, 5, 9, 13, 17, 21, 26, 31, 37, 43]
-    """
-    if num_full < 1:
-        raise ValueError(f"num_full must be >= 1, got {num_full}")
-    p = float(pow)
-    while p > 1:
-        lo = complex(-center) ** (1 / p)
-        hi = complex(num_steps - center) ** (1 / p)
-        points = np.linspace(lo, hi, num_full + 1) ** p
-        distinct = np.unique(np.trunc(points.real).astype(np.int64))
-        steps = [0] + [int(v) + center for v in distinct[1:-1]]
-        if len(steps) == num_full:
-            return steps, p
-        p -= 0.02
-    raise ValueError(
-        f"DeepCache's non-uniform schedule finds no exponent in (1, {pow}] giving {num_full} full "
-        f"steps out of {num_steps} around center={center}: lower cache_interval's full-step count, "
-        "move center toward the start, or raise pow"
-    )
-
-
-@dataclass(frozen=True)
-class DeepCacheConfig:
-    """DeepCache settings, with the reference package's meaning.
-
-    Attributes:
-        cache_interval: N. Uniform: steps 0, N, 2N, ... are full. Non-uniform: ⌈n/N⌉ full steps.
-        cache_branch_id: ``3·block + layer``: where the shallow path that still runs at cached
-            steps ends (0 = shallowest; see the module docstring).
-        skip_mode: ``"uniform"`` or ``"non-uniform"`` (:data:`SKIP_MODES`).
-        pow: non-uniform only: the starting exponent of the power curve (the package's ``pow``).
-        center: non-uniform only: the step the full steps crowd around (the package's ``center``).
-
-    Example:
-        >>> DeepCacheConfig(cache_interval=5, cache_branch_id=0).key_steps_for(20)
-        [0, 5, 10, 15]
-        >>> DeepCacheConfig(5, 0, skip_mode="non-uniform", pow=1.4, center=15).label
-        'DeepCache-N5-b0-nonuniform-c15-p1.4'
-    """
-
-    cache_interval: int = 5
-    cache_branch_id: int = 0
-    skip_mode: str = "uniform"
-    pow: float = 1.4
-    center: int = 15
-
-    def __post_init__(self):
-        if int(self.cache_interval) != self.cache_interval or self.cache_interval < 1:
-            raise ValueError(f"cache_interval must be an integer >= 1, got {self.cache_interval!r}")
-        if int(self.cache_branch_id) != self.cache_branch_id or self.cache_branch_id < 0:
-            raise ValueError(
-                f"cache_branch_id must be an integer >= 0 (3·block + layer), got {self.cache_branch_id!r}"
-            )
-        if self.skip_mode not in SKIP_MODES:
-            raise ValueError(f"unknown skip_mode {self.skip_mode!r}; allowed are {SKIP_MODES}")
-        if self.skip_mode == "non-uniform":
-            if not self.pow > 1:
-                raise ValueError(f"pow must be > 1 for the non-uniform schedule, got {self.pow}")
-            if int(self.center) != self.center or self.center < 0:
-                raise ValueError(f"center must be an integer step >= 0, got {self.center!r}")
-
-    @property
-    def cache_block_id(self) -> int:
-        return self.cache_branch_id // LAYERS_PER_BRANCH_BLOCK
-
-    @property
-    def cache_layer_id(self) -> int:
-        return self.cache_branch_id % LAYERS_PER_BRANCH_BLOCK
-
-    def key_steps_for(self, num_steps: int) -> list[int]:
-        """The full-step indices of a run of ``num_steps`` UNet calls (the effective schedule)."""
-        if num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-        n = int(self.cache_interval)
-        if n == 1:
-            return list(range(num_steps))
-        if self.skip_mode == "uniform":
-            return list(range(0, num_steps, n))
-        steps, _ = nonuniform_full_steps(
-            num_steps, math.ceil(num_steps / n), center=int(self.center), pow=self.pow
-        )
-        return sorted(steps)
-
-    def full_steps_for_run(self, num_steps: int, num_schedule_steps: int | None = None) -> list[int]:
-        """The full steps of one sampling run, after checking the config against that run.
-
-        Args:
-            num_steps: the run's UNet calls (img2img: only the steps its strength runs).
-            num_schedule_steps: the step count the scheduler was set to (the non-uniform curve is
-                laid over it); default ``num_steps``.
-
-        Raises:
-            ValueError: ``cache_interval`` larger than ``num_steps`` (step 0 would be the only full
-                step whatever the interval; ``cache_interval == num_steps`` is that schedule), or a
-                non-uniform curve that finds no exponent for the run. The message names the value
-                and the step count.
-
-        Example:
-            >>> DeepCacheConfig(cache_interval=5).full_steps_for_run(12)
-            [0, 5, 10]
-        """
-        if num_steps < 1:
-            raise ValueError(f"a sampling run needs at least one step, got {num_steps}")
-        if self.cache_interval > num_steps:
-            raise ValueError(
-                f"DeepCacheConfig.cache_interval = {self.cache_interval} is larger than this sampling run's "
-                f"{num_steps} steps, so step 0 would be its only full step and the interval would mean "
-                f"nothing; use cache_interval <= {num_steps}, or sample with more steps"
-            )
-        n = num_steps if self.skip_mode == "uniform" else (num_schedule_steps or num_steps)
-        return [k for k in self.key_steps_for(n) if k < num_steps]
-
-    @property
-    def label(self) -> str:
-        """Short name for tables and plots: ``DeepCache-N5-b0`` (uniform), with
-        ``-nonuniform-c{center}-p{pow}`` appended for the power-curve schedule."""
-        base = f"DeepCache-N{self.cache_interval}-b{self.cache_branch_id}"
-        if self.skip_mode == "uniform":
-            return base
-        return f"{base}-nonuniform-c{self.center}-p{self.pow:g}"
-
 
 # -- the cut: which modules return cached outputs at a cached step ---------------------------
 

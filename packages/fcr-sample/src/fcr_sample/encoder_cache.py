@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .cache_configs import EncoderCacheConfig  # torch-free; re-exported
 from .controlnet import attach_controlnet_skip, detach_controlnet_skip
 from .hooks import (
     CacheHook,
@@ -35,7 +36,7 @@ from .hooks import (
 )
 from .prior_noise import inject_prior_noise, prior_noise_callback
 from .run_state import HookState
-from .schedules import NAMED_SCHEDULES, decoder_groups, key_steps
+from .schedules import decoder_groups
 from .unet_parts import (
     EncoderOutput,
     expand_for_steps,
@@ -55,159 +56,6 @@ __all__ = [
 ]
 
 HOOK_NAME = "fcr_encoder_cache"
-
-
-@dataclass(frozen=True)
-class EncoderCacheConfig:
-    """How encoder features are reused.
-
-    Attributes:
-        stride: uniform key-step stride k ("FD-k"): steps 0, k, 2k, ... are key. Ignored when
-            ``key_steps`` or ``schedule="faster-diffusion"`` is given.
-        key_steps: explicit key-step indices; must start at 0.
-        schedule: ``"uniform"`` (use ``stride``) or ``"faster-diffusion"`` (the published
-            non-uniform lists for 50 and 20 steps).
-        always_key_first: make the first n steps key as well.
-        parallel_decoding: run a group's decoders as one batch at its first step.
-        max_parallel_steps: at most this many steps' decoders in one batch (``None`` for no cap).
-            A longer group continues in further batches.
-        max_parallel_bytes: a second cap on a decoder batch, by size: the decoder's largest
-            activation for the whole batch (:func:`decoder_activation_bytes` per step × steps)
-            stays within this many bytes. ``"auto"`` (default): :data:`PARALLEL_BYTES_AUTO` for
-            the device, so that on a CPU a large image batch decodes step by step (batching
-            steps there made FD-10 slower than sequential, and slower than no cache) while a
-            small one still batches; ``None``: no size cap.
-        prior_noise_alpha: Faster Diffusion's prior noise injection ``z_t += α·z_T`` for steps
-            with ``t / T < prior_noise_tau``; 0 disables it (FD uses 0.003). It changes the
-            latents between steps, so it runs as a step callback: :func:`fcr_sample.denoise`
-            runs it by itself; a pipeline call needs
-            ``callback_on_step_end=hook.prior_noise_step_end`` (a clear error says so otherwise).
-        prior_noise_tau: threshold on ``t / num_train_timesteps`` (FD: 0.5).
-
-    Example:
-        >>> EncoderCacheConfig(stride=10)
-        >>> EncoderCacheConfig(schedule="faster-diffusion", prior_noise_alpha=0.003)
-    """
-
-    stride: int | None = 10
-    key_steps: tuple[int, ...] | None = None
-    schedule: str = "uniform"
-    always_key_first: int = 0
-    parallel_decoding: bool = True
-    max_parallel_steps: int | None = 10
-    max_parallel_bytes: int | str | None = "auto"
-    prior_noise_alpha: float = 0.0
-    prior_noise_tau: float = 0.5
-
-    def __post_init__(self):
-        if self.schedule not in NAMED_SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r}; allowed are {NAMED_SCHEDULES}")
-        if self.key_steps is not None:
-            object.__setattr__(self, "key_steps", tuple(int(s) for s in self.key_steps))
-            if not self.key_steps or min(self.key_steps) != 0:
-                raise ValueError(f"key_steps must include step 0, got {list(self.key_steps)}")
-            if min(self.key_steps) < 0:
-                raise ValueError("key_steps must be >= 0")
-        elif self.schedule == "uniform":
-            if self.stride is None or int(self.stride) != self.stride or self.stride < 1:
-                raise ValueError(f"stride must be an integer >= 1, got {self.stride!r}")
-        if self.always_key_first < 0:
-            raise ValueError(f"always_key_first must be >= 0, got {self.always_key_first}")
-        if self.max_parallel_steps is not None and self.max_parallel_steps < 1:
-            raise ValueError(
-                f"max_parallel_steps must be >= 1 or None, got {self.max_parallel_steps}"
-            )
-        if not (
-            self.max_parallel_bytes in (None, "auto")
-            or (isinstance(self.max_parallel_bytes, int) and self.max_parallel_bytes >= 1)
-        ):
-            raise ValueError(
-                f"max_parallel_bytes must be 'auto', None or a number of bytes >= 1, got {self.max_parallel_bytes!r}"
-            )
-        if self.prior_noise_alpha < 0:
-            raise ValueError(f"prior_noise_alpha must be >= 0, got {self.prior_noise_alpha}")
-        if not 0.0 <= self.prior_noise_tau <= 1.0:
-            raise ValueError(
-                f"prior_noise_tau is a fraction of the training timesteps in [0, 1], got {self.prior_noise_tau}"
-            )
-
-    def key_steps_for(self, num_steps: int) -> list[int]:
-        """The effective key-step indices for a run of ``num_steps`` UNet calls.
-
-        This is the schedule the hook uses (explicit ``key_steps`` first, then the published
-        list, then the uniform ``stride``), so a planner can record it without re-deriving it.
-
-        Example:
-            >>> EncoderCacheConfig(stride=4).key_steps_for(10)
-            [0, 4, 8]
-            >>> EncoderCacheConfig(schedule="faster-diffusion").key_steps_for(20)  # stride ignored
-            [0, 1, 2, 3, 5, 10, 15]
-        """
-        return key_steps(
-            num_steps,
-            stride=self.stride,
-            steps=self.key_steps,
-            schedule=self.schedule,
-            always_key_first=self.always_key_first,
-        )
-
-    def key_steps_for_run(self, num_steps: int, num_schedule_steps: int | None = None) -> list[int]:
-        """The key steps of one sampling run, after checking the config against that run.
-
-        The config alone cannot know the run's length; this is where a value that does not fit
-        it is refused, at the run's start (its first UNet call, or
-        :func:`fcr_sample.start_sampling_run`), as ``fcr-eval plan`` refuses it in an experiment.
-
-        Args:
-            num_steps: the run's UNet calls (img2img: only the steps its strength runs).
-            num_schedule_steps: the step count the scheduler was set to (the published
-                Faster Diffusion lists are defined per count); default ``num_steps``.
-
-        Raises:
-            ValueError: a uniform ``stride`` larger than ``num_steps`` (step 0 would be the only key
-                step whatever the stride; ``stride == num_steps`` is that schedule, spelt
-                exactly), explicit ``key_steps`` past the run, or the published schedule for a
-                step count it has no list for. The message names the value and the step count.
-
-        Example:
-            >>> EncoderCacheConfig(stride=4).key_steps_for_run(10)
-            [0, 4, 8]
-            >>> EncoderCacheConfig(stride=50).key_steps_for_run(5)
-            ValueError: EncoderCacheConfig.stride = 50 is larger than this sampling run's 5 steps ...
-        """
-        if num_steps < 1:
-            raise ValueError(f"a sampling run needs at least one step, got {num_steps}")
-        stride = self.effective_stride
-        if stride is not None and stride > num_steps:
-            raise ValueError(
-                f"EncoderCacheConfig.stride = {stride} is larger than this sampling run's {num_steps} steps, "
-                "so step 0 would be its only key step and the stride would mean nothing; use a stride "
-                f"<= {num_steps} (stride = {num_steps}: one key step), or sample with more steps"
-            )
-        # Uniform and explicit schedules count UNet calls (PNDM makes one more call than it has
-        # steps); the published FD lists are defined per number of inference steps.
-        published = self.schedule == "faster-diffusion" and self.key_steps is None
-        n = (num_schedule_steps or num_steps) if published else num_steps
-        return [k for k in self.key_steps_for(n) if k < num_steps]
-
-    @property
-    def effective_stride(self) -> int | None:
-        """The uniform stride the schedule uses, or ``None`` when it is not uniform (explicit
-        ``key_steps`` or the published schedule, where ``stride`` is ignored)."""
-        if self.key_steps is not None or self.schedule != "uniform":
-            return None
-        return int(self.stride)
-
-    @property
-    def label(self) -> str:
-        """Short name for tables and plots, e.g. ``FD-10``, ``FD-10-seq``, ``FD-published``."""
-        if self.key_steps is not None:
-            base = "FD-custom"
-        elif self.schedule == "faster-diffusion":
-            base = "FD-published"
-        else:
-            base = f"FD-{self.stride}"
-        return base if self.parallel_decoding else base + "-seq"
 
 
 @dataclass

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import torch
 
+# The short model names (sd15, sd21, openjourney), defined torch-free; re-exported here.
+from .vocabulary import MODEL_IDS
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -19,12 +22,6 @@ __all__ = [
     "load_unet",
 ]
 
-#: Short names for the models the FCR experiments use.
-MODEL_IDS = {
-    "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-    "sd21": "stabilityai/stable-diffusion-2-1",
-    "openjourney": "prompthero/openjourney",
-}
 
 
 class ModelNotAvailableError(OSError):

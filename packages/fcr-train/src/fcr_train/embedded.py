@@ -61,13 +61,11 @@ FASHION_MNIST_CLASSES = (
     "bag",
     "ankle boot",
 )
-# Captions are class names through templates, as exp-2 turns ImageNet labels into prompts.
-PROMPT_TEMPLATES = ("a photo of a {}", "a {}", "a product photo of a {}", "a black and white photo of a {}")
-
 # 1.34M parameters, 0.278 GFLOPs per 28x28 image forward (torch.utils.flop_counter.FlopCounterMode,
 # asserted in tests/fcr_train/test_embedded.py); resolutions 28 -> 14 -> 7, text cross-attention at
 # 7x7 and in the mid block, which is where class identity is decided.
-from .vocabulary import EMBEDDED_MODELS  # noqa: E402  (defined torch-free, re-exported)
+# Captions are class names through PROMPT_TEMPLATES, as exp-2 turns ImageNet labels into prompts.
+from .vocabulary import EMBEDDED_MODELS, PROMPT_TEMPLATES  # noqa: E402  (defined torch-free, re-exported)
 
 EMBEDDED_UNET_CONFIG: dict = {
     "sample_size": 28,

@@ -120,7 +120,8 @@ class LockHeldError(RuntimeError):
         holder: the :class:`LockHolder` it records (``None`` if the file is unreadable).
     """
 
-    def __init__(self, path: Path, holder: LockHolder | None, what: str, waited_s: float) -> None:
+    def __init__(self, path: Path, holder: LockHolder | None, what: str, waited_s: float,
+                 wait_hint: str | None = None) -> None:
         self.path, self.holder = path, holder
         waited = f" after waiting {waited_s:.0f} s" if waited_s > 0 else ""
         if holder is None:
@@ -131,8 +132,9 @@ class LockHeldError(RuntimeError):
                        f"host, so this one cannot tell whether it still runs: wait for it to finish, or, "
                        f"once it is known to be gone, delete {path} and try again.")
         else:
+            wait = f", wait for it ({wait_hint})" if wait_hint else ""
             message = (f"{what} is in use by {holder.describe()}{waited}. Wait for it to finish (or stop "
-                       f"it: kill {holder.pid}), wait for it (e.g. wait=seconds), or use another place; "
+                       f"it: kill {holder.pid}){wait}, or use another place; "
                        "a lock left by a process that died is taken over automatically.")
         super().__init__(message)
 
@@ -144,6 +146,8 @@ class ProcessLock:
         path: the lock file; its folder is created if needed.
         what: what the lock guards, for messages (e.g. ``"results store results/fcr.duckdb"``).
         command: recorded as the holder's command (default: this process's ``sys.argv``).
+        wait_hint: how the caller's user waits for the holder (e.g. ``"pass --wait SECONDS"``),
+            named in the refusal; ``None``: not offered.
 
     Example:
         >>> lock = ProcessLock("results/fcr.duckdb.writer.lock", what="results store results/fcr.duckdb")
@@ -151,8 +155,10 @@ class ProcessLock:
         >>> lock.release()
     """
 
-    def __init__(self, path: str | os.PathLike, *, what: str | None = None, command: str | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, *, what: str | None = None, command: str | None = None,
+                 wait_hint: str | None = None) -> None:
         self.path = Path(path)
+        self.wait_hint = wait_hint
         self.what = what or f"the lock {self.path}"
         self.command = command
         self._mine: LockHolder | None = None
@@ -197,7 +203,7 @@ class ProcessLock:
                 return self
             waited = time.monotonic() - t0
             if not readable or (limit is not None and waited >= limit):
-                raise LockHeldError(self.path, holder, self.what, waited)
+                raise LockHeldError(self.path, holder, self.what, waited, self.wait_hint)
             if not told:
                 logger.warning("%s is in use by %s; waiting%s", self.what, holder.describe(),
                                "" if limit is None else f" up to {limit:.0f} s")

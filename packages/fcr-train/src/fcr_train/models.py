@@ -20,11 +20,13 @@ import torch
 # deploys); fine-tuning loads more parts of the same checkpoints and reports the same error.
 from fcr_sample.loading import MODEL_IDS, ModelNotAvailableError, resolve_model_id
 
+# torch-free, so fcr-eval's plan can check a model folder without torch
+from fcr_train.vocabulary import SD_PARTS
+
 __all__ = ["SD_PARTS", "ModelNotAvailableError", "SDComponents", "load_sd_components", "SDConditioner"]
 
 logger = logging.getLogger(__name__)
 
-SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
 @dataclass

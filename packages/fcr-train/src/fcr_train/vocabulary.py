@@ -4,7 +4,8 @@ the output-consistency objective's options. Their meaning lives in :mod:`fcr_tra
 :mod:`fcr_train.embedded` and :mod:`fcr_train.output_consistency`.
 """
 
-__all__ = ["DISTANCES", "DELTA_UNITS", "EMBEDDED_MODELS", "OC_CACHES", "OC_TRAINABLE"]
+__all__ = ["DISTANCES", "DELTA_UNITS", "EMBEDDED_MODELS", "OC_CACHES", "OC_TRAINABLE", "PROMPT_TEMPLATES",
+           "FASHION_MNIST_SPLITS", "SD_PARTS"]
 
 #: Distances between two encoder feature maps (or two UNet outputs) a consistency loss can use.
 DISTANCES = ("mse", "relative_mse", "cosine")
@@ -18,3 +19,10 @@ OC_CACHES = ("fd", "deepcache")
 #: Which parameters the output-consistency term's gradient may reach: what the cache recomputes at
 #: a reused step, or everything (also through the stale features).
 OC_TRAINABLE = ("recomputed", "all")
+#: The embedded default's caption templates: its shipped text states cover exactly these (a class
+#: name goes into ``{}``), so an experiment's ``prompt_template`` for it must be one of them.
+PROMPT_TEMPLATES = ("a photo of a {}", "a {}", "a product photo of a {}", "a black and white photo of a {}")
+#: Images per split of Fashion-MNIST (Debian dataset-fashion-mnist, the embedded default's data).
+FASHION_MNIST_SPLITS = {"train": 60_000, "test": 10_000}
+#: The subfolders of a Stable Diffusion checkpoint (diffusers layout) that fine-tuning and the runner load.
+SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")

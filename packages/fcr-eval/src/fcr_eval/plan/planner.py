@@ -22,7 +22,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fcr_eval.plan.samplers import SamplerSettings, resolve_sampler
+from fcr_eval.plan.unet_flops import LATENT_FACTOR, unet_config_for, unet_flops
 from fcr_eval.spec.experiment import EarlyStoppingSpec, Experiment, RobustnessSpec, VariationSpec
+from fcr_eval.spec.names import safe_child
 from fcr_eval.spec.vocabulary import (
     FIXED_WEIGHTS,
     INDEPENDENT_FINETUNES,
@@ -42,6 +44,7 @@ __all__ = [
     "plan_json",
     "contrast_replication",
     "DEFAULT_CPU_GFLOPS",
+    "LONG_PLAN_SECONDS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -56,6 +59,11 @@ ASSUMED_GPU_TFLOPS = 125.0
 #: design.md §2: SD v1.5 UNet at 512² (64×64 latent): ~803 GFLOPs per forward, encoder ~33 %.
 #: DeepCache's shallow path at branch 0 costs roughly a tenth of a forward (its 2.1× at N=5).
 SD_COSTS = {"flops_per_forward": 803e9, "encoder_flop_share": 0.33, "deepcache_partial_share": 0.10}
+#: A plan whose wall-time estimate is past this (a week) says so in its first line.
+LONG_PLAN_SECONDS = 7 * 86400
+#: A stated ``flops_per_forward`` this far (relative) from the architecture's count is reported.
+_STATED_FLOPS_TOLERANCE = 0.15
+
 #: EfficientNet-Lite0 at 224²: ~0.39 GFLOPs per image (scales with the square of the input size).
 EFFICIENTNET_LITE0_FLOPS_224 = 0.39e9
 
@@ -196,6 +204,9 @@ class Plan:
     est_eval_seconds: float = 0.0
     #: contrast id → how its sides were replicated (:func:`contrast_replication`).
     replication: dict[str, str] = field(default_factory=dict)
+    #: What `run` would stop at on this machine (a model or local file that is not here) and other
+    #: notes; shown at the top of the plan, and logged.
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def total_seconds(self) -> float:
@@ -228,11 +239,34 @@ def model_cost(exp: Experiment, model_id: str, resolution: int | None = None) ->
         if key not in _COST_CACHE:
             _COST_CACHE[key] = _count_embedded_cost(cfg, key[1])
         return _COST_CACHE[key]
+    arch = unet_config_for(spec.source)
+    if arch is not None:
+        cfg, where = arch
+        res = resolution or spec.resolution or int(cfg.get("sample_size", 64)) * LATENT_FACTOR
+        split = unet_flops(cfg, max(1, res // LATENT_FACTOR))
+        if split is not None:
+            return ModelCost(split.total, split.encoder_share, SD_COSTS["deepcache_partial_share"],
+                             f"counted from the UNet config ({where})")
     flops = spec.flops_per_forward or SD_COSTS["flops_per_forward"]
     if resolution and spec.resolution and resolution != spec.resolution:
         flops *= (resolution / spec.resolution) ** 2
     return ModelCost(flops, spec.encoder_flop_share or SD_COSTS["encoder_flop_share"],
                      SD_COSTS["deepcache_partial_share"], "experiment file / design.md §2 constants")
+
+
+def _stated_cost_notes(exp: Experiment) -> list[str]:
+    """Where a model's stated ``flops_per_forward`` disagrees with its architecture's count."""
+    notes = []
+    for m in exp.models.values():
+        if m.embedded or not m.flops_per_forward:
+            continue
+        counted = model_cost(exp, m.id, m.resolution)
+        if counted.source.startswith("counted") and abs(m.flops_per_forward / counted.flops_per_forward - 1) \
+                > _STATED_FLOPS_TOLERANCE:
+            notes.append(f"model {m.id!r}: flops_per_forward = {m.flops_per_forward:.3g} in {exp.path} differs from "
+                         f"{counted.flops_per_forward:.3g} counted from its UNet config at {m.resolution or 'its'}px; "
+                         "the plan uses the count")
+    return notes
 
 
 def _count_embedded_cost(cfg: dict, res: int) -> ModelCost:
@@ -283,7 +317,7 @@ def make_plan(exp: Experiment, *, results_dir: str | Path = "results", calibrate
     from fcr_eval.store import make_run_id
 
     results_dir = Path(results_dir)
-    exp_dir = results_dir / "runs" / exp.id
+    exp_dir = safe_child(results_dir, "runs", exp.id)
     if gflops_per_s is None:
         gflops_per_s = calibrate_throughput() if calibrate else DEFAULT_CPU_GFLOPS
         how = "measured on this machine (embedded UNet, batch 64)" if calibrate else "stated constant"
@@ -342,7 +376,7 @@ def make_plan(exp: Experiment, *, results_dir: str | Path = "results", calibrate
                         key=ft_key, model=v.model, model_source=model.source, lambda_fcr=lam,
                         delta_max=ftc["delta_max"], blocks=ftc["blocks"], data=ftc["data"], steps=ft.steps,
                         batch_size=ft.batch_size, lr=ft.lr, seed=ft_seed,
-                        output_dir=str(exp_dir / "finetune" / ft_key), cost=model_cost(exp, v.model),
+                        output_dir=str(safe_child(exp_dir, "finetune", ft_key)), cost=model_cost(exp, v.model),
                         delta_unit=unit, sampler_steps=later.get("sampler_steps"), distance=distance,
                         weight_decay=ft.weight_decay, warmup_steps=ft.warmup_steps, ema_decay=ft.ema_decay,
                         mixed_precision=ft.mixed_precision, checkpoint_every=ft.checkpoint_every,
@@ -369,7 +403,7 @@ def make_plan(exp: Experiment, *, results_dir: str | Path = "results", calibrate
                     flops += min(n, ev.clip_drift_samples) * cfg_mult * steps * cost.flops_per_forward
             timing_flops = timing_imgs * cfg_mult * fwd_equiv * cost.flops_per_forward
             runs.append(PlannedRun(
-                variation=v, seed=seed, run_id=run_id, run_dir=str(exp_dir / v.id / f"s{seed}"), config=config,
+                variation=v, seed=seed, run_id=run_id, run_dir=str(safe_child(exp_dir, v.id, f"s{seed}")), config=config,
                 finetune=finetunes[ft_key] if ft_key else None, sampler=sampler, robustness=rob,
                 eval_prompts=eval_prompts, n_samples=n, steps=steps, guidance_scale=guidance, scheduler=scheduler,
                 resolution=resolution, cost=cost, **counts, est_flops=flops,
@@ -391,7 +425,8 @@ def make_plan(exp: Experiment, *, results_dir: str | Path = "results", calibrate
         * any_cost.flops_per_forward
     est_eval = (n_feat * feat_flops + sigma_flops) / (gflops_per_s * 1e9)
     replication = {c.id: contrast_replication(runs, c.variations) for c in exp.contrasts}
-    return Plan(exp, runs, finetunes, results_dir, costs, gflops_per_s, how, est_eval, replication)
+    return Plan(exp, runs, finetunes, results_dir, costs, gflops_per_s, how, est_eval, replication,
+                warnings=_stated_cost_notes(exp))
 
 
 def contrast_replication(runs: list[PlannedRun], variations: tuple[str, ...]) -> str:
@@ -425,6 +460,19 @@ def contrast_replication(runs: list[PlannedRun], variations: tuple[str, ...]) ->
     return INDEPENDENT_FINETUNES if own and len(seeds) >= 2 else SHARED_FINETUNE
 
 
+def long_plan_line(plan: Plan) -> str | None:
+    """The plan's first line when its wall-time estimate is past a week on this machine, else ``None``."""
+    if plan.total_seconds <= LONG_PLAN_SECONDS:
+        return None
+    gpu = ""
+    if not plan.experiment.embedded:
+        gpu = (f"; on one A100-class GPU at an assumed {ASSUMED_GPU_TFLOPS:g} TFLOP/s ≈"
+               f"{_fmt_s(plan.total_flops / (ASSUMED_GPU_TFLOPS * 1e12))}")
+    return (f"WARNING: experiment {plan.experiment.id} is estimated at ≈{_fmt_s(plan.total_seconds)} of compute on "
+            f"this machine (at {plan.gflops_per_s:.1f} GFLOP/s, {plan.calibration}), far past a week{gpu}. Check n_samples, seeds and "
+            "finetune.steps, or use a smaller profile")
+
+
 def _fmt_flops(x: float) -> str:
     for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)):
         if x >= scale:
@@ -433,6 +481,8 @@ def _fmt_flops(x: float) -> str:
 
 
 def _fmt_s(s: float) -> str:
+    if s >= 365 * 86400:
+        return f"{s / (365 * 86400):.1f} years"
     if s >= 86400:
         return f"{s / 86400:.1f} d"
     if s >= 3600:
@@ -446,8 +496,11 @@ def format_plan(plan: Plan, done: set[str] | None = None) -> str:
     """The plan as text: fine-tunes, runs with forward counts, and totals."""
     exp = plan.experiment
     done = done or set()
-    lines = [f"experiment {exp.id}" + (f" (profile {exp.profile})" if exp.profile else "") + f" — {exp.path}",
-             f"  {exp.description}".rstrip(), ""]
+    lines = [line for line in (long_plan_line(plan),) if line]
+    lines += [f"experiment {exp.id}" + (f" (profile {exp.profile})" if exp.profile else "") + f" — {exp.path}",
+              f"  {exp.description}".rstrip()]
+    lines += [f"  warning: {w}" for w in plan.warnings]
+    lines.append("")
     lines.append(f"fine-tunes ({len(plan.finetunes)}, shared by the variations listed):")
     if not plan.finetunes:
         lines.append("  none")

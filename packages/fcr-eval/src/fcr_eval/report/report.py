@@ -12,6 +12,7 @@ import numpy as np
 from fcr_eval.analysis.stats import clustered_mean_ci
 from fcr_eval.plan.planner import Plan
 from fcr_eval.spec.experiment import Experiment
+from fcr_eval.spec.names import safe_child
 from fcr_eval.spec.vocabulary import SHARED_FINETUNE
 from fcr_eval.store import ResultsStore
 
@@ -335,7 +336,7 @@ def report(exp: Experiment, store_path: Path, *, plots: bool = True, plan: Plan 
     if plots:
         from fcr_eval.report.plots import make_plots
 
-        files = make_plots(exp, store, store.root / "plots" / exp.id)
+        files = make_plots(exp, store, safe_child(store.root, "plots", exp.id))
     print(f"\nstore: {store_path}")
     if files:
         print(f"plots ({store.root / 'plots' / exp.id}):")

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from fcr_eval.spec.experiment import Experiment
+from fcr_eval.spec.names import safe_child
 
 __all__ = ["Prompts", "RunContext", "EmbeddedContext", "StableDiffusionContext", "make_context",
            "save_class_grid", "save_prompt_grid"]
@@ -165,7 +166,8 @@ class RunContext(ABC):
         """Reference features from ``results/reference/<name>.npz`` or ``images_fn()`` (extracted once)."""
         from fcr_eval.metrics.quality import load_features, save_features
 
-        path = self.results_dir / "reference" / f"{name}-n{n}-{self.extractor.name}-{self.extractor.preprocessing}.npz"
+        path = safe_child(self.results_dir, "reference",
+                          f"{name}-n{n}-{self.extractor.name}-{self.extractor.preprocessing}.npz")
         feats = load_features(path, self.extractor)
         if feats is None:
             logger.info("extracting %s features of %s (cached at %s)", self.extractor.name, description, path)

@@ -14,6 +14,7 @@ import torch
 from fcr_eval.plan.planner import PlannedRun
 from fcr_eval.run.contexts import Prompts, RunContext
 from fcr_eval.spec.experiment import Experiment
+from fcr_eval.spec.names import safe_child
 from fcr_eval.store import MetricRecord, PerPromptScore, SampleMetrics, SampleRecord
 
 __all__ = ["QUALITY_METRICS", "quality_metric_names", "evaluate_shard", "alignment_metrics", "run_metrics",
@@ -49,7 +50,7 @@ def save_samples(root: Path, exp: Experiment, run: PlannedRun, prompts: Prompts,
     """PNGs under results/samples/<experiment>/<variation>/s<seed>/, paths relative to the store."""
     from PIL import Image
 
-    sdir = root / "samples" / exp.id / run.variation.id / f"s{run.seed}"
+    sdir = safe_child(root, "samples", exp.id, run.variation.id, f"s{run.seed}")  # ids never leave the root
     sdir.mkdir(parents=True, exist_ok=True)
     arr = _to_png_arrays(images)
     out = []

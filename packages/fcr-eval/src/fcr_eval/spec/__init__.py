@@ -6,4 +6,6 @@ DuckDB (checked by the import contract).
 * :mod:`fcr_eval.spec.vocabulary` — sampler kinds, schedulers, robustness protocols, directions,
   per-sample metric names;
 * :mod:`fcr_eval.spec.contrasts`, :mod:`fcr_eval.spec.criteria` — ``[[contrasts]]`` and ``[criteria]``.
+* :mod:`fcr_eval.spec.names` — the one rule for ids and :func:`~fcr_eval.spec.names.safe_child`, the
+  check that a path built from ids stays under its folder (plan, run and report use it).
 """

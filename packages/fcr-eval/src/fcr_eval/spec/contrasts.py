@@ -11,10 +11,10 @@ Example:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from fcr_eval.spec.names import NAME_RULE, name_problem
 from fcr_eval.spec.vocabulary import DIRECTIONS, SAMPLE_METRICS
 
 __all__ = ["CONTRAST_KINDS", "ContrastSpec", "ContrastSpecError", "check_contrast", "RECOVERED_FRACTION_HALF_WIDTH"]
@@ -45,7 +45,7 @@ class ContrastSpec:
     """One paired comparison of an experiment (a ``[[contrasts]]`` entry).
 
     Attributes:
-        id: its name (letters, digits, ``.``, ``_``, ``-``).
+        id: its name (:data:`fcr_eval.spec.names.NAME_PATTERN`).
         kind: a key of :data:`CONTRAST_KINDS`.
         metric: a per-sample metric of :data:`fcr_eval.metrics.paired.SAMPLE_METRICS`.
         candidate, baseline: variation ids.
@@ -74,8 +74,9 @@ class ContrastSpec:
     target_half_width: float | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.id, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.id):
-            raise ContrastSpecError(f"id = {self.id!r} must be letters, digits, '.', '_' or '-'", "id")
+        problem = name_problem(self.id)
+        if problem:
+            raise ContrastSpecError(f"id = {problem}; an id is {NAME_RULE}", "id")
         if self.kind not in CONTRAST_KINDS:
             raise ContrastSpecError(f"kind = {self.kind!r} is not one of {list(CONTRAST_KINDS)}", "kind")
         if (self.kind == "recovered_fraction") != (self.target is not None):

