@@ -333,9 +333,11 @@ def report(exp: Experiment, store_path: Path, *, plots: bool = True, plan: Plan 
         print("\n" + _verdict_count_note(exp, crit))
     files: list[Path] = []
     if plots:
+        from fcr_eval.report.attribution import attribution_plots
         from fcr_eval.report.plots import make_plots
 
         files = make_plots(exp, store, store.root / "plots" / exp.id)
+        files += attribution_plots(exp, store, store.root / "plots" / exp.id)
     print(f"\nstore: {store_path}")
     if files:
         print(f"plots ({store.root / 'plots' / exp.id}):")
