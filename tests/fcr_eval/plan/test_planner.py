@@ -136,7 +136,12 @@ def test_the_plan_decides_how_each_contrast_was_replicated():
     """Base weights on both sides → same weights; fine-tunes shared by the seeds (mini-exp-1,
     per_seed = false) → shared; one fine-tune pair per seed (mini-exp-1-decide) → independent."""
     from fcr_eval.plan.planner import contrast_replication
-    from fcr_eval.spec.vocabulary import FIXED_WEIGHTS, INDEPENDENT_FINETUNES, SAME_WEIGHTS, SHARED_FINETUNE
+    from fcr_eval.spec.vocabulary import (
+        FIXED_WEIGHTS,
+        INDEPENDENT_FINETUNES,
+        SAME_WEIGHTS,
+        SHARED_FINETUNE,
+    )
 
     root = Path(__file__).parents[3] / "experiments"
     quick = make_plan(load_experiment(root / "mini-exp-1.toml", "quick"), calibrate=False)

@@ -117,3 +117,12 @@ def test_a_bad_sample_count_is_refused_with_its_line(tmp_path):
     path = _write(tmp_path, 0)
     with pytest.raises(ExperimentFileError, match=r"exp\.toml:\d+: evaluation\.attribution_samples = 0 must be >= 1"):
         load_experiment(path)
+
+
+def test_the_report_plots_one_png_per_attributed_variation(attributed, tmp_path):
+    from fcr_eval.report.attribution import attribution_plots
+
+    exp = load_experiment(_write(tmp_path))
+    files = attribution_plots(exp, attributed, tmp_path / "plots")
+    assert sorted(f.name for f in files) == ["attribution_deepcache-2.png", "attribution_fd-2.png"]
+    assert all(f.stat().st_size > 10_000 for f in files)
