@@ -174,6 +174,14 @@ def paired(summary: dict[str, dict[int, dict]], keys: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _save_rows(out: Path, frames: dict, summary: dict, walls: dict) -> None:
+    rows = pl.concat([f.with_columns(arm=pl.lit(arm), seed=pl.lit(int(f["run"][0].rsplit("-s", 1)[1])))
+                      for arm, fs in frames.items() for f in fs])
+    rows.write_csv(out / "rows.csv")
+    (out / "results.json").write_text(json.dumps({"meta": {"weights_wall_s": walls}, "per_weights": summary},
+                                                 indent=1, default=float))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--finetunes", type=Path,
@@ -182,6 +190,9 @@ def main(argv=None) -> int:
     p.add_argument("--per-arm", type=int, default=3, help="at most this many fine-tunes per arm (lowest seeds)")
     p.add_argument("--stride", type=int, default=10)
     p.add_argument("--no-propagation", action="store_true")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the weights already measured in --out (rows.csv, results.json) and add the rest")
+    p.add_argument("--arms", default="base,control,fcr", help="which arms to measure (comma-separated)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "mechanism")
     a = p.parse_args(argv)
@@ -201,11 +212,24 @@ def main(argv=None) -> int:
     ctx = make_context(exp, tmp, torch.device("cpu"))
     cache = EncoderCacheConfig(stride=a.stride)
     found = finished_finetunes(a.finetunes)
-    chosen = [("base", 0, None)]
+    arms = [x.strip() for x in a.arms.split(",") if x.strip()]
+    if unknown := set(arms) - {"base", "control", "fcr"}:
+        p.error(f"--arms: unknown {sorted(unknown)}; use base, control, fcr")
+    chosen = [("base", 0, None)] if "base" in arms else []
     for arm in ("control", "fcr"):
-        chosen += sorted((f for f in found if f[0] == arm), key=lambda f: f[1])[: a.per_arm]
-    logger.info("weights: %s", [(arm, s) for arm, s, _ in chosen])
-    frames, summary = {}, {}
+        if arm in arms:
+            chosen += sorted((f for f in found if f[0] == arm), key=lambda f: f[1])[: a.per_arm]
+    a.out.mkdir(parents=True, exist_ok=True)
+    frames, summary, walls = {}, {}, {}
+    if a.resume and (a.out / "rows.csv").is_file():
+        old = pl.read_csv(a.out / "rows.csv")
+        prev = json.loads((a.out / "results.json").read_text())
+        walls = {k: float(v) for k, v in prev["meta"].get("weights_wall_s", {}).items()}
+        for (arm, seed), f in old.group_by("arm", "seed", maintain_order=True):
+            frames.setdefault(arm, []).append(f.drop("arm", "seed"))
+            summary.setdefault(arm, {})[int(seed)] = prev["per_weights"][arm][str(seed)]
+        chosen = [c for c in chosen if int(c[1]) not in summary.get(c[0], {})]
+    logger.info("weights to measure: %s", [(arm, s) for arm, s, _ in chosen])
     for arm, seed, path in chosen:
         t = time.perf_counter()
         unet = ctx.unet(path)
@@ -213,9 +237,11 @@ def main(argv=None) -> int:
         f = pl.DataFrame(rows).with_columns(run=pl.lit(f"{arm}-s{seed}"))
         frames.setdefault(arm, []).append(f)
         summary.setdefault(arm, {})[seed] = per_weights(f, full)
+        walls[f"{arm}-s{seed}"] = round(time.perf_counter() - t, 1)
         logger.info("%s s%d: %.1f s, one-step ε error %.4g, full final error %.4g", arm, seed,
-                    time.perf_counter() - t, summary[arm][seed]["eps_error"], full)
-    a.out.mkdir(parents=True, exist_ok=True)
+                    walls[f"{arm}-s{seed}"], summary[arm][seed]["eps_error"], full)
+        # after every weights: an interrupted study keeps what it measured (--resume)
+        _save_rows(a.out, frames, summary, walls)
     all_rows = pl.concat([f for fs in frames.values() for f in fs])
     features = list(dict.fromkeys(all_rows.filter(pl.col("feature") != "all")["feature"].to_list()))
     steps = sorted(set(all_rows["step"].to_list()))
@@ -232,7 +258,8 @@ def main(argv=None) -> int:
             "wall_s": round(wall, 1), "date": _dt.date.today().isoformat(), "code_version": code_version(),
             "machine": f"{platform.machine()} CPU, torch threads {a.threads}, {platform.python_version()}",
             "weights": [(arm, s, str(p) if p else "base") for arm, s, p in chosen], "samples": a.samples,
-            "cache": cache.label, "plots": pngs}
+            "cache": cache.label, "plots": pngs, "weights_wall_s": walls,
+            "measured": {arm: sorted(summary[arm]) for arm in summary}}
     (a.out / "tables.md").write_text(text + "\n")
     (a.out / "results.json").write_text(json.dumps({"meta": meta, "per_weights": summary}, indent=1, default=float))
     print(text)
