@@ -449,6 +449,62 @@ def variations_with_feature_stats(reader: StoreReader, flt: RunFilter) -> list[s
     )["v"].to_list()
 
 
+# -- cache-error attribution (schema 7) -----------------------------------------------------
+
+
+#: Per-feature quantities of ``cache_attribution`` a heat map can show (fcr-sample's names).
+ATTRIBUTION_HEAT_QUANTITIES = ("only_stale_error", "only_fresh_error", "relative_change", "decoder_gain",
+                               "change", "energy")
+#: The step-wide quantities of the per-step table, in the order shown.
+ATTRIBUTION_STEP_QUANTITIES = ("key_step", "eps_error", "x0_error", "relative_change", "decoder_gain",
+                               "final_error")
+
+
+def attribution_variations(reader: StoreReader, flt: RunFilter) -> pl.DataFrame:
+    """The filtered (experiment, variation) pairs with attribution rows: ``experiment, variation,
+    cache, runs, n_samples``; empty for a store before migration 7."""
+    if not reader.has("cache_attribution"):
+        return pl.DataFrame(schema={"experiment": pl.String, "variation": pl.String, "cache": pl.String,
+                                    "runs": pl.Int64, "n_samples": pl.Int64})
+    cte, params = flt.runs_cte()
+    return reader.frame(
+        f"""WITH {cte}, a AS (SELECT run_id, max(n_samples) AS n FROM cache_attribution GROUP BY run_id)
+            SELECT r.experiment_id AS experiment, r.variation_id AS variation,
+                   any_value(r.cache_label) AS cache, count(*) AS runs, max(a.n) AS n_samples
+            FROM r JOIN a USING (run_id) GROUP BY 1, 2 ORDER BY 1, 2 LIMIT 500""",
+        params,
+    )
+
+
+def attribution_cells(reader: StoreReader, flt: RunFilter, experiment: str, variation: str,
+                      quantity: str) -> pl.DataFrame:
+    """``step, feature, value, runs``: ``quantity`` per served step and cached feature of one
+    variation, the mean over its filtered runs (seeds)."""
+    cte, params = flt.runs_cte()
+    return reader.frame(
+        f"""WITH {cte} SELECT a.step, a.feature, avg(a.value) AS value, count(*) AS runs
+            FROM cache_attribution a JOIN r USING (run_id)
+            WHERE r.experiment_id = $exp AND r.variation_id = $var AND a.quantity = $q
+              AND a.feature <> 'all'
+            GROUP BY 1, 2 ORDER BY 1, 2""",
+        {**params, "exp": experiment, "var": variation, "q": quantity},
+    )
+
+
+def attribution_steps(reader: StoreReader, flt: RunFilter, experiment: str, variation: str) -> pl.DataFrame:
+    """One row per served step of one variation: its timestep and the step-wide quantities
+    (:data:`ATTRIBUTION_STEP_QUANTITIES`, mean over the filtered runs; NULL where not measured)."""
+    cte, params = flt.runs_cte()
+    cols = ", ".join(f"avg(a.value) FILTER (WHERE a.quantity = '{q}') AS {q}" for q in ATTRIBUTION_STEP_QUANTITIES)
+    return reader.frame(
+        f"""WITH {cte} SELECT a.step, avg(a.timestep) AS timestep, {cols}
+            FROM cache_attribution a JOIN r USING (run_id)
+            WHERE r.experiment_id = $exp AND r.variation_id = $var AND a.feature = 'all'
+            GROUP BY 1 ORDER BY 1""",
+        {**params, "exp": experiment, "var": variation},
+    )
+
+
 # -- criteria -------------------------------------------------------------------------------
 
 

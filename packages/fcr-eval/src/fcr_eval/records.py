@@ -35,6 +35,7 @@ __all__ = [
     "PerPromptScore",
     "TimingRecord",
     "FeatureStat",
+    "AttributionValue",
     "SampleRecord",
     "CriterionResult",
     "SampleMetrics",
@@ -168,6 +169,30 @@ class FeatureStat:
 
 
 @dataclass(frozen=True)
+class AttributionValue:
+    """One row of ``cache_attribution`` (migration 7): one quantity of the cache-error attribution
+    (:func:`fcr_sample.attribute_cache_error`) at one served step, for one cached feature or for
+    the step as a whole (``feature == "all"``).
+
+    ``quantity`` is one of fcr-sample's ``STEP_QUANTITIES`` (feature ``"all"``) or
+    ``FEATURE_QUANTITIES``; errors are relative squared errors pooled over the run's first
+    ``n_samples`` samples (a ratio of sums), so they are not averaged over samples again."""
+
+    step: int
+    timestep: float
+    feature: str
+    quantity: str
+    value: float
+    n_samples: int
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[Mapping[str, Any]], n_samples: int) -> list[AttributionValue]:
+        """Records from :meth:`fcr_sample.CacheAttribution.to_rows` of a batch of ``n_samples``."""
+        return [cls(int(r["step"]), float(r["timestep"]), str(r["feature"]), str(r["quantity"]),
+                    float(r["value"]), int(n_samples)) for r in rows]
+
+
+@dataclass(frozen=True)
 class SampleRecord:
     """One row of ``samples``. ``image_path`` is relative to the store's folder."""
 
@@ -277,6 +302,7 @@ class RunResult:
     feature_stats: list[FeatureStat] = field(default_factory=list)
     samples: list[SampleRecord] = field(default_factory=list)
     sample_metrics: list[SampleMetrics] = field(default_factory=list)  # migration 4
+    cache_attribution: list[AttributionValue] = field(default_factory=list)  # migration 7
 
 
 def unestimable_fd(metrics) -> tuple[int, int] | None:

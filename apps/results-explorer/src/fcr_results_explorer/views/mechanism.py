@@ -1,4 +1,6 @@
-"""Mechanism: encoder-feature variance σ²_Δ against Δ, and σ²_Δ against the FID difference.
+"""Mechanism: where the cache error enters on the sampling trajectory (the ``cache_attribution``
+rows: a step × feature heat map and the per-step table of one variation), encoder-feature variance
+σ²_Δ against Δ, and σ²_Δ against the FID difference.
 
 Where the store holds both Δ ranges (``feature_stats.delta_unit``: the cache's range in sampler
 steps and the paper's literal 1…Δ_max timesteps) one is chosen, never averaged into the other;
@@ -29,8 +31,53 @@ def default_reference(frame: pl.DataFrame) -> str | None:
     return base["variation"][0]
 
 
+#: What each heat-map quantity of ``cache_attribution`` is (fcr-sample's names).
+ATTRIBUTION_LABELS = {
+    "only_stale_error": "one-step ε error, only this feature stale",
+    "only_fresh_error": "one-step ε error, only this feature fresh",
+    "relative_change": "feature change on the trajectory (σ²_Δ / energy)",
+    "decoder_gain": "decoder gain (error / change)",
+    "change": "feature change σ²_Δ",
+    "energy": "feature energy (mean square)",
+}
+
+
+def _attribution(ctx: ViewContext) -> None:
+    """The cache-error attribution of one variation (mean over its filtered seeds)."""
+    reader, flt, state = ctx.reader, ctx.run_filter, ctx.state
+    have = q.attribution_variations(reader, flt)
+    if have.is_empty():
+        return
+    st.subheader("Where the cache error enters (attribution on the sampling trajectory)")
+    options = [f"{e} / {v}" for e, v in zip(have["experiment"], have["variation"], strict=True)]
+    c1, c2 = st.columns([3, 2])
+    chosen = state.selectbox("Variation", options, key="attr_var", default=options[0], container=c1)
+    quantity = state.selectbox("Heat map", list(q.ATTRIBUTION_HEAT_QUANTITIES), key="attr_q",
+                               default="only_stale_error", container=c2,
+                               format_func=lambda x: ATTRIBUTION_LABELS.get(x, x))
+    exp, var = chosen.split(" / ", 1)
+    info = have.filter((pl.col("experiment") == exp) & (pl.col("variation") == var)).row(0, named=True)
+    cells = q.attribution_cells(reader, flt, exp, var, quantity)
+    if cells.is_empty():
+        st.info(f"No {quantity} rows for {chosen}.")
+    else:
+        heat = alt.Chart(cells).mark_rect().encode(
+            x=alt.X("step:O", title="sampler step (served from the cache)"),
+            y=alt.Y("feature:N", title="cached feature", sort=None),
+            color=alt.Color("value:Q", title=quantity, scale=alt.Scale(type="symlog", scheme="magma")),
+            tooltip=["step", "feature", alt.Tooltip("value:Q", format=".4g"), "runs"],
+        )
+        ui.chart(heat.properties(height=220), cells, f"attribution-{var}-{quantity}", "attr-heat")
+    steps = q.attribution_steps(reader, flt, exp, var)
+    st.caption(f"{info['cache'] or ''} · {info['runs']} run(s) × {info['n_samples']} samples; relative "
+               "squared errors pooled over the samples, mean over runs. final_error: the sample's error "
+               "when only that step is served from the cache.")
+    ui.table(steps, f"attribution-steps-{var}", "attr-steps")
+
+
 def render(ctx: ViewContext) -> None:
     reader, flt, state = ctx.reader, ctx.run_filter, ctx.state
+    _attribution(ctx)
     blocks = q.feature_blocks(reader)
     if not blocks:
         st.info("No encoder-feature statistics (`feature_stats`) in the store yet.")

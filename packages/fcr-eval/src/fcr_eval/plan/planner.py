@@ -141,8 +141,28 @@ _LATER_VARIATION_FIELDS = ("delta_unit", "distance")
 _EXPERIMENT_LEVEL_EVALUATION = ("timing_rounds",)
 
 
+#: Evaluation settings added after the first release that only matter with their metric: kept out
+#: of the run's record without it, so the run ids of experiments that do not use them stay stable.
+_LATER_EVALUATION = {"cache_attribution": ("attribution_samples", "attribution_propagation")}
+
+
 def _evaluation_record(ev) -> dict:
-    return {k: x for k, x in asdict(ev).items() if k not in _EXPERIMENT_LEVEL_EVALUATION}
+    unused = {k for metric, keys in _LATER_EVALUATION.items() if metric not in ev.metrics for k in keys}
+    return {k: x for k, x in asdict(ev).items() if k not in _EXPERIMENT_LEVEL_EVALUATION and k not in unused}
+
+
+def _attribution_samples(ev, sampler: SamplerSettings, n_samples: int) -> int:
+    """How many of a run's samples the cache-error attribution walks (0: none). Only cached runs
+    are attributed, and not FD with prior noise injection: the attribution walks the uncached
+    trajectory, which has none, so it would measure a different sampler."""
+    if "cache_attribution" not in ev.metrics or not sampler.cached:
+        return 0
+    if getattr(sampler.cache, "prior_noise_alpha", 0.0) > 0:
+        logger.warning("cache_attribution skips %s: FD with prior noise injection (alpha=%g) is not "
+                       "the uncached trajectory the attribution walks", sampler.label,
+                       sampler.cache.prior_noise_alpha)
+        return 0
+    return min(int(n_samples), int(ev.attribution_samples))
 
 
 def _variation_record(v: VariationSpec) -> dict:
@@ -183,6 +203,10 @@ class PlannedRun:
     #: σ²_Δ is also measured over Δ = 1…this many sampler steps: the largest stride any cached
     #: variation of the experiment reuses features over at this step count (below the step count).
     sigma2_sampler_range: int = 0
+    #: The cache-error attribution (``"cache_attribution"`` in the metrics): how many of the run's
+    #: first samples it walks (0 = not attributed) and whether it measures the propagation.
+    attribution_samples: int = 0
+    attribution_propagation: bool = False
     unet_calls: int = 0
     full_forwards: int = 0
     encoder_forwards: int = 0
@@ -406,7 +430,9 @@ def make_plan(exp: Experiment, *, results_dir: str | Path = "results", calibrate
                 variation=v, seed=seed, run_id=run_id, run_dir=str(safe_child(exp_dir, v.id, f"s{seed}")), config=config,
                 finetune=finetunes[ft_key] if ft_key else None, sampler=sampler, robustness=rob,
                 eval_prompts=eval_prompts, n_samples=n, steps=steps, guidance_scale=guidance, scheduler=scheduler,
-                resolution=resolution, cost=cost, **counts, est_flops=flops,
+                resolution=resolution, cost=cost,
+                attribution_samples=_attribution_samples(ev, sampler, n),
+                attribution_propagation=bool(ev.attribution_propagation), **counts, est_flops=flops,
                 est_seconds=(flops + timing_flops) / (gflops_per_s * 1e9)))
     # σ²_Δ over the cache's range: the largest interval reused at each step count (Δ < steps).
     widest: dict[int, int] = {}

@@ -334,9 +334,12 @@ def report(exp: Experiment, store_path: Path, *, plots: bool = True, plan: Plan 
         print("\n" + _verdict_count_note(exp, crit))
     files: list[Path] = []
     if plots:
+        from fcr_eval.report.attribution import attribution_plots
         from fcr_eval.report.plots import make_plots
 
-        files = make_plots(exp, store, safe_child(store.root, "plots", exp.id))
+        plot_dir = safe_child(store.root, "plots", exp.id)
+        files = make_plots(exp, store, plot_dir)
+        files += attribution_plots(exp, store, plot_dir)
     print(f"\nstore: {store_path}")
     if files:
         print(f"plots ({store.root / 'plots' / exp.id}):")

@@ -60,6 +60,7 @@ from fcr_eval.run.sampling import (
 )
 from fcr_eval.spec.experiment import Experiment
 from fcr_eval.store import (
+    AttributionValue,
     FeatureStat,
     MetricRecord,
     ResultsStore,
@@ -143,6 +144,7 @@ class _RunState:
     images: torch.Tensor | None = None
     timings: list = field(default_factory=list)
     feature_stats: list[FeatureStat] = field(default_factory=list)
+    attribution: list[AttributionValue] = field(default_factory=list)
 
 
 def execute_run(ctx: RunContext, run: PlannedRun, exp: Experiment, store: ResultsStore | Path,
@@ -163,6 +165,7 @@ def execute_run(ctx: RunContext, run: PlannedRun, exp: Experiment, store: Result
     st = _load_run(ctx, run, ft, procs)
     _feature_variance(ctx, st, caches, procs)
     _sample(ctx, st, procs, progress)
+    _attribute(ctx, st, procs, progress)
     _evaluate(ctx, st, store, caches, procs, progress)
     parts = procs.gather(st.local)
     if not procs.is_main:
@@ -233,6 +236,28 @@ def _sample(ctx: RunContext, st: _RunState, procs: Processes, progress: bool) ->
                                       time_calls=not _session_times(ctx.exp, procs))
     finally:
         remove_sampler(st.unet, run.sampler)
+
+
+def _attribute(ctx: RunContext, st: _RunState, procs: Processes, progress: bool) -> None:
+    """Where the run's cache error enters (:func:`fcr_sample.attribute_cache_error`): on the
+    run's own weights, x_T (the attacked one under FGSM) and prompts, its first
+    ``attribution_samples`` samples as one batch, with its scheduler and guidance; the main
+    process only, after sampling (no cache is attached then)."""
+    run = st.run
+    if run.attribution_samples < 1 or not procs.is_main:
+        return
+    from fcr_sample import attribute_cache_error
+
+    k = run.attribution_samples
+    cond, null = ctx.encode(st.prompts, slice(0, k))
+    t0 = time.perf_counter()
+    res = attribute_cache_error(
+        st.unet, new_scheduler(ctx, run), st.x_T[:k].to(ctx.device), cond, null, cache=run.sampler.cache,
+        steps=run.steps, guidance_scale=run.guidance_scale, propagation=run.attribution_propagation,
+        progress=progress)
+    st.attribution = AttributionValue.from_rows(res.to_rows(), k)
+    logger.info("%s s%d: cache attribution over %d samples, %d served steps in %.1f s", run.variation.id,
+                run.seed, k, len(res.steps), time.perf_counter() - t0)
 
 
 def _evaluate(ctx: RunContext, st: _RunState, store: ResultsStore | Path, caches: dict, procs: Processes,
@@ -318,7 +343,8 @@ def _run_result(ctx: RunContext, st: _RunState, ft: dict | None, parts: list[dic
     reference = run.run_id if not run.sampler.cached else f"uncached:{st.weights_key}"
     return RunResult(record, metrics=metrics, per_prompt_scores=per_prompt, timings=st.timings,
                      feature_stats=list(st.feature_stats), samples=samples,
-                     sample_metrics=sample_metrics(ctx, run, st.prompts, parts, reference))
+                     sample_metrics=sample_metrics(ctx, run, st.prompts, parts, reference),
+                     cache_attribution=list(st.attribution))
 
 
 # --------------------------------------------------------------------------------------------

@@ -83,6 +83,7 @@ __all__ = [
 METRICS = (
     "fd", "fid", "kid", "is", "precision_recall", "class_agreement", "clip_score", "sec_per_image",
     "unet_forwards", "flops", "peak_memory", "sigma2_delta", "finetune_compute", "robustness", "clip_drift",
+    "cache_attribution",
 )
 DATASET_KINDS = ("fashion-mnist", "laion", "webdataset", "artbench", "coco", "flickr30k", "imagenet-classes")
 DATASET_ROLES = ("finetune", "eval", "mini_val", "reference")
@@ -218,6 +219,11 @@ class EvaluationSpec:
     sigma2_samples: int = 256
     sigma2_blocks: str = "all"
     clip_drift_samples: int = 256
+    # "cache_attribution" in metrics: fcr_sample.attribute_cache_error on each cached run's first
+    # attribution_samples samples (its own weights, x_T and prompts); propagation = also the final
+    # sample's error when only one step is served from the cache (one partial trajectory per step).
+    attribution_samples: int = 32
+    attribution_propagation: bool = True
     kid_subset_size: int = 1000
     pr_k: int = 3
     save_samples: bool = True
@@ -730,6 +736,10 @@ def _resolve(path: Path, loc: _Locator, raw: dict, profile: str | None, quiet: b
                  "evaluation", "timing_rounds")
     if evaluation.clip_drift_samples < 1:
         chk.fail("evaluation.clip_drift_samples must be >= 1", "evaluation", "clip_drift_samples")
+    if evaluation.attribution_samples < 1:
+        chk.fail(f"evaluation.attribution_samples = {evaluation.attribution_samples} must be >= 1 (the "
+                 "samples of each cached run that the cache-error attribution walks)", "evaluation",
+                 "attribution_samples")
     dataset_ref(evaluation.reference, "evaluation.reference", "evaluation", "reference", roles=("reference", "eval"))
 
     robustness: dict[str, RobustnessSpec] = {"none": RobustnessSpec("none", "none", "no stress")}

@@ -322,9 +322,30 @@ def _migration_6(con: duckdb.DuckDBPyConnection) -> None:
     )
 
 
+def _migration_7(con: duckdb.DuckDBPyConnection) -> None:
+    """Cache-error attribution on the sampling trajectory: per run, per served step and cached
+    feature (``'all'`` for the step as a whole), one row per quantity of
+    ``fcr_sample.attribute_cache_error`` (one-step ε / x0 errors, only-stale and only-fresh
+    errors, feature change and energy, decoder gain, propagation to the final sample), measured on
+    the run's first ``n_samples`` samples."""
+    con.execute(
+        """
+        CREATE TABLE cache_attribution (
+            run_id VARCHAR NOT NULL,
+            step INTEGER NOT NULL,
+            timestep DOUBLE,
+            feature VARCHAR NOT NULL,
+            quantity VARCHAR NOT NULL,
+            value DOUBLE,
+            n_samples INTEGER
+        )"""
+    )
+
+
 #: Numbered migrations; ``MIGRATIONS[i]`` brings a store from version ``i`` to ``i + 1``.
 MIGRATIONS: tuple[Callable[[duckdb.DuckDBPyConnection], None], ...] = (
     _migration_1, _migration_2, _migration_3, _migration_4, _migration_5, _migration_6,
+    _migration_7,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -56,6 +56,7 @@ from fcr_eval.records import (
     MEMORY_KINDS,
     SAMPLERS,
     VERDICTS,
+    AttributionValue,
     CriterionResult,
     FeatureStat,
     MetricRecord,
@@ -101,6 +102,7 @@ __all__ = [
     "PerPromptScore",
     "TimingRecord",
     "FeatureStat",
+    "AttributionValue",
     "SampleRecord",
     "CriterionResult",
     "SampleMetrics",
@@ -122,7 +124,7 @@ DEFAULT_STORE_PATH = Path("results/fcr.duckdb")
 
 #: The tables holding a run's rows, children first (a run is deleted or replaced as a whole).
 RUN_TABLES = ("metrics", "per_prompt_scores", "timings", "feature_stats", "samples", "sample_metrics",
-              "sample_metric_definitions", "runs")
+              "sample_metric_definitions", "cache_attribution", "runs")
 
 _POLARS_TYPES = {
     "VARCHAR": pl.String, "JSON": pl.String, "INTEGER": pl.Int64, "BIGINT": pl.Int64,
@@ -361,14 +363,18 @@ class ResultsStore:
                     for f in result.feature_stats])
                 self._insert(con, "samples", 8, sample_rows)
                 self._insert_sample_metrics(con, r.run_id, result.sample_metrics)
+                self._insert(con, "cache_attribution", 7, [
+                    [r.run_id, int(a.step), float(a.timestep), a.feature, a.quantity, _num(a.value),
+                     int(a.n_samples)] for a in result.cache_attribution])
         except BaseException:
             logger.error("writing run %s failed; nothing of it was stored", r.run_id)
             raise
         logger.info(
             "stored run %s (%d metrics, %d per-prompt scores, %d timings, %d feature stats, %d samples, "
-            "%d per-sample values)", r.run_id, len(result.metrics), len(result.per_prompt_scores),
-            len(result.timings), len(result.feature_stats), len(result.samples),
-            sum(len(m) for m in result.sample_metrics),
+            "%d per-sample values, %d attribution values)", r.run_id, len(result.metrics),
+            len(result.per_prompt_scores), len(result.timings), len(result.feature_stats),
+            len(result.samples), sum(len(m) for m in result.sample_metrics),
+            len(result.cache_attribution),
         )
         return True
 
@@ -560,6 +566,18 @@ class ResultsStore:
         ``"sampler_steps"`` (the cache's range), or ``None`` for both."""
         return self._joined("feature_stats", "t.block, t.delta", experiment_id, variation_id,
                             run_id, block=block, delta_unit=unit)
+
+    def cache_attribution(self, experiment_id: str | None = None, variation_id: str | None = None,
+                          run_id: str | None = None, quantity: str | Sequence[str] | None = None,
+                          feature: str | Sequence[str] | None = None) -> pl.DataFrame:
+        """Cache-error attribution rows (``step, timestep, feature, quantity, value, n_samples``)
+        joined with ``experiment_id``, ``variation_id``, ``seed``, in step order.
+
+        Example:
+            >>> store.cache_attribution("exp-1", "fd-10", quantity="only_stale_error")
+        """
+        return self._joined("cache_attribution", "t.step, t.feature, t.quantity", experiment_id,
+                            variation_id, run_id, quantity=quantity, feature=feature)
 
     def samples(self, experiment_id: str | None = None, variation_id: str | None = None,
                 run_id: str | None = None) -> pl.DataFrame:

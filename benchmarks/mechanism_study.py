@@ -1,0 +1,271 @@
+"""Why consistent encoder features leave FD's cache error in place: the attribution, measured.
+
+    nice -n 10 uv run python benchmarks/mechanism_study.py \\
+        --finetunes /work/decide-run/results/runs/mini-exp-1-decide/finetune --out docs/mechanism
+
+Runs ``fcr_sample.attribute_cache_error`` (FD-10 on DDIM-20 + CFG 2.0, mini-exp-1's sampling,
+propagation on) on the embedded base weights and on every finished fine-tune of
+``experiments/mini-exp-1-decide.toml`` it finds (read-only: the folders' ``fcr_eval_weights.json``
+name ``final_unet``), the λ = 0 control and sampler-scale FCR (λ = 0.15) arms, each on its own
+seed's x_T and prompts (the first ``--samples`` of the run's). Per weights it also samples the
+whole FD-10 run and the uncached one from the same x_T, so the final error with every step served
+can be set against the one-step propagations (compounding).
+
+Per arm it reports t-intervals over fine-tunes (``fcr_eval.analysis.stats.mean_ci`` of the
+per-fine-tune values) and, FCR against control, a paired t-interval over the seeds both arms have
+(one control and one FCR fine-tune per seed, same x_T). Writes ``results.json``, ``tables.md`` and
+one ``attribution_<arm>.png`` per arm (``fcr_eval.report.attribution.plot_cache_attribution``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import json
+import logging
+import math
+import platform
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+from fcr_eval.analysis.attribution import compounding, feature_summary, step_summary
+from fcr_eval.analysis.stats import mean_ci, paired_t_test
+from fcr_eval.provenance import code_version
+from fcr_eval.report.attribution import plot_cache_attribution
+from fcr_eval.run.contexts import make_context
+from fcr_eval.run.schedulers import make_sampling_scheduler
+from fcr_eval.spec.experiment import load_experiment
+from fcr_sample import (
+    EncoderCacheConfig,
+    apply_encoder_cache,
+    attribute_cache_error,
+    denoise,
+    remove_encoder_cache,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENT = ROOT / "experiments" / "mini-exp-1-decide.toml"
+ARMS = {"lam0.00-d10-all": "control", "lam0.15-d10-ss-relative_mse-all": "fcr"}
+logger = logging.getLogger("mechanism_study")
+
+
+def finished_finetunes(folder: Path) -> list[tuple[str, int, Path]]:
+    """``(arm, seed, final_unet)`` of every finished fine-tune under ``folder`` (read-only)."""
+    out = []
+    for d in sorted(folder.glob("ft-*")):
+        info = d / "fcr_eval_weights.json"
+        m = re.fullmatch(r"ft-(.+)-s(\d+)-[0-9a-f]+", d.name)
+        if not info.is_file() or m is None or m.group(1) not in ARMS:
+            continue
+        unet = d / "checkpoints" / Path(json.loads(info.read_text())["final_unet"]).relative_to(
+            Path(json.loads(info.read_text())["run_dir"]) / "checkpoints")
+        if (unet / "config.json").is_file():
+            out.append((ARMS[m.group(1)], int(m.group(2)), unet))
+    return out
+
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((a - ref).double().pow(2).sum() / ref.double().pow(2).sum())
+
+
+def measure(ctx, exp, unet, seed: int, n: int, cache: EncoderCacheConfig, propagation: bool) -> tuple[list, float]:
+    """Attribution rows and the whole cached run's final error for one weights and seed."""
+    s = exp.sampling
+    prompts = ctx.prompts(s.eval_prompts, s.n_samples)
+    x_T = ctx.initial_noise(s.n_samples, ctx.sampling_resolution(), seed)[:n]  # the run's first n
+    cond, null = ctx.encode(prompts, slice(0, n))
+    sched = make_sampling_scheduler(s.scheduler, ctx.scheduler_config())
+    res = attribute_cache_error(unet, sched, x_T, cond, null, cache=cache, steps=s.num_inference_steps,
+                                guidance_scale=s.guidance_scale, propagation=propagation)
+    with torch.no_grad():
+        fresh = denoise(unet, sched, x_T, cond, null, steps=s.num_inference_steps, guidance_scale=s.guidance_scale)
+        apply_encoder_cache(unet, cache)
+        try:
+            cached = denoise(unet, sched, x_T, cond, null, steps=s.num_inference_steps,
+                             guidance_scale=s.guidance_scale)
+        finally:
+            remove_encoder_cache(unet)
+    return res.to_rows(), _rel(cached, fresh)
+
+
+def per_weights(rows: pl.DataFrame, full_error: float) -> dict:
+    """The scalars the verdicts compare, for one weights."""
+    steps = step_summary(rows)
+    feats = feature_summary(rows)
+    out = {"eps_error": float(steps["eps_error"].mean()), "relative_change": float(steps["relative_change"].mean()),
+           "full_final_error": full_error}
+    out["gain"] = out["eps_error"] / out["relative_change"]
+    for r in feats.iter_rows(named=True):
+        for q in ("relative_change", "only_stale_error", "gain", "share"):
+            out[f"{r['feature']}:{q}"] = r[q]
+    if "final_error" in steps.columns:
+        e = steps["final_error"].to_numpy()
+        out["sum_final"] = float(e.sum())
+        out.update({f"final_share:{int(s)}": float(v) for s, v in zip(steps["step"], steps["final_share"],
+                                                                        strict=True)})
+        out.update({f"final:{int(s)}": float(v) for s, v in zip(steps["step"], e, strict=True)})
+        out.update({f"comp:{k}": v for k, v in compounding(float(e.sum()), float(np.sqrt(e).sum()),
+                                                           full_error).items()})
+    return out
+
+
+def _ci(vals: list[float]) -> str:
+    vals = [v for v in vals if v is not None and math.isfinite(v)]
+    if not vals:
+        return "–"
+    if len(vals) == 1:
+        return f"{vals[0]:.4g} (n=1)"
+    c = mean_ci(vals)
+    return f"{c.mean:.4g} [{c.low:.4g}, {c.high:.4g}] (n={c.n})"
+
+
+def tables(summary: dict[str, dict[int, dict]], features: list[str], steps: list[int]) -> str:
+    arms = [a for a in ("base", "control", "fcr") if summary.get(a)]
+    lines = ["## Per arm: mean [95 % t-interval over fine-tunes]\n",
+             "| quantity | " + " | ".join(arms) + " |", "|---|" + "---:|" * len(arms)]
+
+    def row(label, key):
+        lines.append(f"| {label} | " + " | ".join(_ci([w.get(key) for w in summary[a].values()]) for a in arms) + " |")
+
+    row("one-step ε error, all stale (mean over steps)", "eps_error")
+    row("feature change σ²_Δ/energy, all (mean over steps)", "relative_change")
+    row("gain = error / change", "gain")
+    row("final error, every step cached", "full_final_error")
+    row("Σ final error, one step cached at a time", "sum_final")
+    row("final / Σ one-step (1 = independent)", "comp:vs_independent")
+    row("final / (Σ √one-step)² (1 = aligned)", "comp:vs_aligned")
+    lines += ["\n## Per feature (mean over served steps)\n",
+              "| feature | quantity | " + " | ".join(arms) + " |", "|---|---|" + "---:|" * len(arms)]
+    for f in features:
+        for q, label in (("relative_change", "change"), ("only_stale_error", "error, only it stale"),
+                         ("gain", "gain"), ("share", "share of only-stale error")):
+            lines.append(f"| {f} | {label} | " + " | ".join(_ci([w.get(f"{f}:{q}") for w in summary[a].values()])
+                                                         for a in arms) + " |")
+    lines += ["\n## Propagation per step: final error when only step i is cached (share of Σ)\n",
+              "| step | " + " | ".join(arms) + " |", "|---:|" + "---:|" * len(arms)]
+    for s in steps:
+        lines.append(f"| {s} | " + " | ".join(_ci([w.get(f"final_share:{s}") for w in summary[a].values()])
+                                               for a in arms) + " |")
+    return "\n".join(lines)
+
+
+def paired(summary: dict[str, dict[int, dict]], keys: list[str]) -> str:
+    """FCR − control, paired by seed (the same x_T; one fine-tune of each arm per seed)."""
+    seeds = sorted(set(summary.get("control", {})) & set(summary.get("fcr", {})))
+    if len(seeds) < 2:
+        return f"(paired FCR − control needs ≥ 2 seeds with both fine-tunes; have {len(seeds)})"
+    lines = [f"## FCR − control, paired over seeds {seeds} (95 % t-interval)\n", "| quantity | FCR / control (mean ratio) | FCR − control [95 % CI] | p |",
+             "|---|---:|---:|---:|"]
+    for k in keys:
+        a = [summary["fcr"][s].get(k) for s in seeds]
+        b = [summary["control"][s].get(k) for s in seeds]
+        if any(v is None or not math.isfinite(v) for v in a + b):
+            continue
+        t = paired_t_test(a, b)
+        ratio = float(np.mean(np.array(a) / np.array(b)))
+        lines.append(f"| {k} | {ratio:.3g} | {t.mean_diff:.4g} [{t.low:.4g}, {t.high:.4g}] | {t.p_value:.3g} |")
+    return "\n".join(lines)
+
+
+def _save_rows(out: Path, frames: dict, summary: dict, walls: dict) -> None:
+    rows = pl.concat([f.with_columns(arm=pl.lit(arm), seed=pl.lit(int(f["run"][0].rsplit("-s", 1)[1])))
+                      for arm, fs in frames.items() for f in fs])
+    rows.write_csv(out / "rows.csv")
+    (out / "results.json").write_text(json.dumps({"meta": {"weights_wall_s": walls}, "per_weights": summary},
+                                                 indent=1, default=float))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--finetunes", type=Path,
+                   default=Path("/work/decide-run/results/runs/mini-exp-1-decide/finetune"))
+    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--per-arm", type=int, default=3, help="at most this many fine-tunes per arm (lowest seeds)")
+    p.add_argument("--stride", type=int, default=10)
+    p.add_argument("--no-propagation", action="store_true")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the weights already measured in --out (rows.csv, results.json) and add the rest")
+    p.add_argument("--arms", default="base,control,fcr", help="which arms to measure (comma-separated)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "mechanism")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logger.setLevel(logging.INFO)
+    torch.set_num_threads(a.threads)
+    if a.samples < 1 or a.per_arm < 0:
+        p.error("--samples must be >= 1 and --per-arm >= 0")
+    if not a.finetunes.is_dir():
+        p.error(f"--finetunes {a.finetunes} is not a folder")
+    t0 = time.perf_counter()
+    exp = load_experiment(EXPERIMENT)
+    # the study needs the model, prompts and x_T only: no quality reference worth extracting
+    exp = dataclasses.replace(exp, evaluation=dataclasses.replace(exp.evaluation, metrics=(), n_reference=2,
+                                                                 feature_image_size=32))
+    tmp = Path(tempfile.mkdtemp(prefix="mechanism-"))
+    ctx = make_context(exp, tmp, torch.device("cpu"))
+    cache = EncoderCacheConfig(stride=a.stride)
+    found = finished_finetunes(a.finetunes)
+    arms = [x.strip() for x in a.arms.split(",") if x.strip()]
+    if unknown := set(arms) - {"base", "control", "fcr"}:
+        p.error(f"--arms: unknown {sorted(unknown)}; use base, control, fcr")
+    chosen = [("base", 0, None)] if "base" in arms else []
+    for arm in ("control", "fcr"):
+        if arm in arms:
+            chosen += sorted((f for f in found if f[0] == arm), key=lambda f: f[1])[: a.per_arm]
+    a.out.mkdir(parents=True, exist_ok=True)
+    frames, summary, walls = {}, {}, {}
+    if a.resume and (a.out / "rows.csv").is_file():
+        old = pl.read_csv(a.out / "rows.csv")
+        prev = json.loads((a.out / "results.json").read_text())
+        walls = {k: float(v) for k, v in prev["meta"].get("weights_wall_s", {}).items()}
+        for (arm, seed), f in old.group_by("arm", "seed", maintain_order=True):
+            frames.setdefault(arm, []).append(f.drop("arm", "seed"))
+            summary.setdefault(arm, {})[int(seed)] = prev["per_weights"][arm][str(seed)]
+        chosen = [c for c in chosen if int(c[1]) not in summary.get(c[0], {})]
+    logger.info("weights to measure: %s", [(arm, s) for arm, s, _ in chosen])
+    for arm, seed, path in chosen:
+        t = time.perf_counter()
+        unet = ctx.unet(path)
+        rows, full = measure(ctx, exp, unet, seed, a.samples, cache, not a.no_propagation)
+        f = pl.DataFrame(rows).with_columns(run=pl.lit(f"{arm}-s{seed}"))
+        frames.setdefault(arm, []).append(f)
+        summary.setdefault(arm, {})[seed] = per_weights(f, full)
+        walls[f"{arm}-s{seed}"] = round(time.perf_counter() - t, 1)
+        logger.info("%s s%d: %.1f s, one-step ε error %.4g, full final error %.4g", arm, seed,
+                    walls[f"{arm}-s{seed}"], summary[arm][seed]["eps_error"], full)
+        # after every weights: an interrupted study keeps what it measured (--resume)
+        _save_rows(a.out, frames, summary, walls)
+    all_rows = pl.concat([f for fs in frames.values() for f in fs])
+    features = list(dict.fromkeys(all_rows.filter(pl.col("feature") != "all")["feature"].to_list()))
+    steps = sorted(set(all_rows["step"].to_list()))
+    names = {"base": "base weights", "control": "λ = 0 control fine-tunes", "fcr": "sampler-scale FCR λ = 0.15"}
+    pngs = [str(plot_cache_attribution(pl.concat(fs), a.out / f"attribution_{arm}.png",
+                                       f"{cache.label}, DDIM-20, CFG 2.0: {names[arm]} "
+                                       f"({len(fs)} weights × {a.samples} samples)").name)
+            for arm, fs in frames.items()]
+    keys = ["eps_error", "relative_change", "gain", "full_final_error", "sum_final"] + \
+        [f"{f}:{q}" for f in features for q in ("relative_change", "only_stale_error", "gain")]
+    wall = time.perf_counter() - t0
+    text = "\n\n".join([tables(summary, features, steps), paired(summary, keys)])
+    meta = {"command": " ".join(["python", "benchmarks/mechanism_study.py", *(argv or sys.argv[1:])]),
+            "wall_s": round(wall, 1), "date": _dt.date.today().isoformat(), "code_version": code_version(),
+            "machine": f"{platform.machine()} CPU, torch threads {a.threads}, {platform.python_version()}",
+            "weights": [(arm, s, str(p) if p else "base") for arm, s, p in chosen], "samples": a.samples,
+            "cache": cache.label, "plots": pngs, "weights_wall_s": walls,
+            "measured": {arm: sorted(summary[arm]) for arm in summary}}
+    (a.out / "tables.md").write_text(text + "\n")
+    (a.out / "results.json").write_text(json.dumps({"meta": meta, "per_weights": summary}, indent=1, default=float))
+    print(text)
+    print(f"\nwall {wall:.0f} s; wrote {a.out}/tables.md, results.json, {', '.join(pngs)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
