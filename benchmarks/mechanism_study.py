@@ -1,7 +1,7 @@
 """Why consistent encoder features leave FD's cache error in place: the attribution, measured.
 
     nice -n 10 uv run python benchmarks/mechanism_study.py \\
-        --finetunes /work/decide-run/results/runs/mini-exp-1-decide/finetune --out docs/mechanism
+        --finetunes results/runs/mini-exp-1-decide/finetune --out docs/mechanism
 
 Runs ``fcr_sample.attribute_cache_error`` (FD-10 on DDIM-20 + CFG 2.0, mini-exp-1's sampling,
 propagation on) on the embedded base weights and on every finished fine-tune of
@@ -185,7 +185,7 @@ def _save_rows(out: Path, frames: dict, summary: dict, walls: dict) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--finetunes", type=Path,
-                   default=Path("/work/decide-run/results/runs/mini-exp-1-decide/finetune"))
+                   default=Path("results/runs/mini-exp-1-decide/finetune"))
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--per-arm", type=int, default=3, help="at most this many fine-tunes per arm (lowest seeds)")
     p.add_argument("--stride", type=int, default=10)
