@@ -4,7 +4,14 @@ empty and takes a run's attribution rows; a run's attribution goes with the run 
 from __future__ import annotations
 
 import duckdb
-from fcr_eval.store import AttributionValue, ResultsStore, RunRecord, RunResult, make_run_id
+from fcr_eval.store import (
+    SCHEMA_VERSION,
+    AttributionValue,
+    ResultsStore,
+    RunRecord,
+    RunResult,
+    make_run_id,
+)
 from fcr_eval.store.migrations import migrate, read_schema_version
 
 
@@ -23,16 +30,18 @@ def test_migration_7_keeps_every_row_of_a_schema_6_store_and_adds_the_table(tmp_
     con.execute("INSERT INTO metrics (run_id, metric, value, n_samples) VALUES ('r1', 'kid', 0.5, 4), "
                 "('r2', 'kid', 0.25, 4)")
     con.execute("INSERT INTO feature_stats (run_id, block, delta, variance, n) VALUES ('r1', 'all', 1, 0.1, 3)")
-    before = {t: con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall() for t in ("runs", "metrics", "feature_stats")}
+    columns = {t: ", ".join(r[0] for r in con.execute(f"DESCRIBE {t}").fetchall())
+               for t in ("runs", "metrics", "feature_stats")}  # later migrations add columns
+    before = {t: con.execute(f"SELECT {c} FROM {t} ORDER BY ALL").fetchall() for t, c in columns.items()}
     assert "cache_attribution" not in {r[0] for r in con.execute("SHOW TABLES").fetchall()}
     con.close()
 
     store = ResultsStore(path)
-    assert store.schema_version == 7
+    assert store.schema_version == SCHEMA_VERSION
     con = duckdb.connect(str(path), read_only=True)
-    assert read_schema_version(con) == 7
+    assert read_schema_version(con) == SCHEMA_VERSION
     for table, rows in before.items():
-        assert con.execute(f"SELECT * FROM {table} ORDER BY ALL").fetchall() == rows, table
+        assert con.execute(f"SELECT {columns[table]} FROM {table} ORDER BY ALL").fetchall() == rows, table
     cols = [r[0] for r in con.execute("DESCRIBE cache_attribution").fetchall()]
     assert cols == ["run_id", "step", "timestep", "feature", "quantity", "value", "n_samples"]
     assert con.execute("SELECT count(*) FROM cache_attribution").fetchone()[0] == 0

@@ -203,6 +203,7 @@ class StoreReader:
             self.note.taken_at = datetime.now(timezone.utc)
         except StoreUnreadableError as error:
             raise StoreUnavailable(str(error)) from None
+        _add_later_columns(con)
         self._attach_human_study(con)
         return con
 
@@ -281,3 +282,26 @@ class StoreReader:
 
 def _sql_str(path: Path) -> str:
     return str(path).replace("'", "''")
+
+
+#: ``runs`` columns that later store migrations added, with their types: a store no writer has
+#: migrated yet (the explorer never migrates; it opens read-only) reads them as NULL.
+LATER_RUN_COLUMNS: dict[str, str] = {"lambda_oc": "DOUBLE"}
+
+
+def _add_later_columns(con: duckdb.DuckDBPyConnection) -> None:
+    """Shadow an old store's ``runs`` with a temporary view that adds the missing later columns as
+    NULL, so every query reads one schema (the file is not touched)."""
+    db = con.execute("SELECT current_database()").fetchone()[0]
+    have = {r[0] for r in con.execute(
+        "SELECT column_name FROM duckdb_columns() WHERE database_name = ? AND schema_name = 'main' "
+        "AND table_name = 'runs'", [db]).fetchall()}
+    if not have:
+        return
+    missing = [f"NULL::{typ} AS {col}" for col, typ in LATER_RUN_COLUMNS.items() if col not in have]
+    if missing:
+        con.execute(f'CREATE TEMP VIEW runs AS SELECT *, {", ".join(missing)} FROM "{_sql_ident(db)}".main.runs')
+
+
+def _sql_ident(name: str) -> str:
+    return name.replace('"', '""')

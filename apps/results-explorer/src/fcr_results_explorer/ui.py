@@ -55,6 +55,7 @@ def verdict_badge(verdict: str | None) -> None:
 
 PARAM_LABELS = {
     "lambda_fcr": "λ",
+    "lambda_oc": "λ_OC",
     "delta_max": "Δ_max",
     "num_inference_steps": "steps",
     "guidance_scale": "CFG",

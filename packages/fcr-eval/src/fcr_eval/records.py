@@ -92,6 +92,7 @@ class RunRecord:
     cache_label: str | None = None  # added by migration 3
     cache_key_steps: Sequence[int] | None = None
     cache_interval: int | None = None
+    lambda_oc: float | None = None  # added by migration 8: the output-consistency fine-tune's λ
 
     def __post_init__(self) -> None:
         if self.cache_key_steps is not None:

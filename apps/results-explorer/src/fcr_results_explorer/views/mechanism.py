@@ -22,9 +22,10 @@ def default_reference(frame: pl.DataFrame) -> str | None:
     """The FD baseline at the smallest stride without FCR (FD-5-baseline in exp-1)."""
     if frame.is_empty():
         return None
-    base = frame.filter(pl.col("lambda_fcr").is_null() & (pl.col("sampler") == "fd"))
+    own = pl.col("lambda_fcr").is_null() & pl.col("lambda_oc").is_null()  # the model's own weights
+    base = frame.filter(own & (pl.col("sampler") == "fd"))
     if base.is_empty():
-        base = frame.filter(pl.col("lambda_fcr").is_null() | (pl.col("lambda_fcr") == 0))
+        base = frame.filter(own | (pl.col("lambda_fcr") == 0))
     if base.is_empty():
         base = frame
     base = base.sort(pl.col("stride").fill_null(10**6), "variation")
@@ -154,7 +155,8 @@ def _variance_vs_fid(ctx: ViewContext, block: str, colours: alt.Scale, unit: str
     qual = q.metric_by_variation(reader, flt, quality)
     # σ²_Δ explains the quality lost to caching at a given stride: fit within one stride.
     strides = sorted({int(s) for s in qual["stride"].drop_nulls().to_list()}) if qual.height else []
-    fcr_strides = qual.filter(pl.col("lambda_fcr").is_not_null())["stride"].drop_nulls() \
+    fcr_strides = qual.filter(pl.col("lambda_fcr").is_not_null() | pl.col("lambda_oc").is_not_null())["stride"] \
+        .drop_nulls() \
         if qual.height else pl.Series([], dtype=pl.Int64)
     default_stride = str(int(fcr_strides.mode().sort()[0])) if fcr_strides.len() else "all"
     fit_stride = state.selectbox("Stride of the fit", ["all", *map(str, strides)],

@@ -47,7 +47,9 @@ def _family(frame: pl.DataFrame) -> pl.Expr:
              .otherwise(pl.lit(", Δ_max=") + pl.col("delta_max").cast(pl.String))
              if "delta_max" in frame.columns else pl.lit(""))
     training = (
-        pl.when(pl.col("lambda_fcr").is_null()).then(pl.lit("no fine-tune"))
+        pl.when(pl.col("lambda_oc").is_not_null())
+        .then(pl.lit("output consistency λ=") + pl.col("lambda_oc").cast(pl.String) + delta)
+        .when(pl.col("lambda_fcr").is_null()).then(pl.lit("no fine-tune"))
         .otherwise(pl.lit("FCR λ=") + pl.col("lambda_fcr").cast(pl.String) + delta)
     )
     return (pl.col("sampler").fill_null("?") + pl.lit(" · ") + training)
@@ -55,7 +57,7 @@ def _family(frame: pl.DataFrame) -> pl.Expr:
 
 def _pareto(qf: pl.DataFrame, sf: pl.DataFrame, quality: str, speed: str) -> None:
     data = qf.select(
-        "experiment", "variation", "model", "sampler", "stride", "lambda_fcr",
+        "experiment", "variation", "model", "sampler", "stride", "lambda_fcr", "lambda_oc",
         _family(qf).alias("family"), pl.col("n").alias("n_quality"), pl.col("mean").alias("quality"),
         pl.col("ci95").alias("quality_ci95"),
     ).join(
@@ -83,7 +85,7 @@ def _pareto(qf: pl.DataFrame, sf: pl.DataFrame, quality: str, speed: str) -> Non
         color=alt.Color("family:N", title="sampler · fine-tuning"),
         shape=alt.Shape("pareto:N", title="on Pareto front",
                         scale=alt.Scale(domain=[True, False], range=["diamond", "circle"])),
-        tooltip=["experiment", "variation", "stride", "lambda_fcr",
+        tooltip=["experiment", "variation", "stride", "lambda_fcr", "lambda_oc",
                  alt.Tooltip("quality:Q", format=".4g"), alt.Tooltip("quality_ci95:Q", format=".3g"),
                  alt.Tooltip("sec_per_image:Q", format=".4g"), "pareto"],
     )

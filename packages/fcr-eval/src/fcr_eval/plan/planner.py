@@ -105,6 +105,11 @@ class PlannedFinetune:
     checkpoint_every: int = 500
     cond_dropout: float = 0.1
     early_stopping: EarlyStoppingSpec | None = None
+    # The output-consistency objective (fcr_train.output_consistency) instead of FCR: lambda_fcr is
+    # then 0 and these name the term (recorded only when set, like the later FCR options).
+    lambda_oc: float | None = None
+    oc_cache: str = "fd"
+    oc_trainable: str = "recomputed"
     variations: list[str] = field(default_factory=list)
     est_flops: float = 0.0
     est_seconds: float = 0.0
@@ -119,12 +124,45 @@ class PlannedFinetune:
         out.update({k: getattr(self, k) for k, default in _LATER_FCR_OPTIONS.items() if getattr(self, k) != default})
         return out
 
+    @property
+    def objective(self) -> str:
+        """``"output_consistency"`` or ``"fcr"`` (λ = 0: the plain fine-tuning control)."""
+        return "output_consistency" if self.lambda_oc is not None else "fcr"
+
+    @property
+    def label(self) -> str:
+        """The objective in a line: ``FCR λ=0.15`` / ``λ=0 control`` / ``output consistency (fd) λ=0.5``."""
+        if self.lambda_oc is not None:
+            return f"output consistency ({self.oc_cache}, {self.oc_trainable}) λ={self.lambda_oc:g}"
+        return "λ=0 control" if self.lambda_fcr == 0 else f"FCR λ={self.lambda_fcr:g}"
+
+    def extra_forward_share(self) -> float:
+        """Forward passes a training image costs beyond the denoising forward, as a share of one
+        full forward (differentiated like it): FCR's encoder-only second branch; output
+        consistency's stale pass (FD: an encoder at t + Δ and a decoder at t; DeepCache: a full
+        forward at t + Δ and the shallow path at t). The planner's estimate and the stored
+        fine-tune compute both read it."""
+        c = self.cost
+        if self.lambda_oc is not None:
+            return 1.0 if self.oc_cache == "fd" else 1.0 + c.deepcache_partial_share
+        return c.encoder_share if self.lambda_fcr > 0 else 0.0
+
     def fcr_config(self):
-        """The fine-tune's :class:`fcr_train.loss.FCRConfig`."""
+        """The fine-tune's :class:`fcr_train.loss.FCRConfig` (λ = 0 with output consistency)."""
         from fcr_train.loss import FCRConfig
 
         return FCRConfig(lam=self.lambda_fcr, delta_max=self.delta_max, blocks=self.blocks, distance=self.distance,
                          delta_unit=self.delta_unit, sampler_steps=self.sampler_steps)
+
+    def oc_config(self):
+        """The fine-tune's :class:`fcr_train.output_consistency.OutputConsistencyConfig`, or ``None``."""
+        if self.lambda_oc is None:
+            return None
+        from fcr_train.output_consistency import OutputConsistencyConfig
+
+        return OutputConsistencyConfig(lam=self.lambda_oc, delta_max=self.delta_max, delta_unit=self.delta_unit,
+                                       sampler_steps=self.sampler_steps, distance=self.distance,
+                                       cache=self.oc_cache, trainable=self.oc_trainable)
 
 
 #: How the trainer runs: part of the fine-tune's key (its hash), not of :meth:`PlannedFinetune.config`.
@@ -134,7 +172,7 @@ _TRAINER_FIELDS = ("weight_decay", "warmup_steps", "ema_decay", "mixed_precision
 
 #: Variation fields added after the first release: recorded only when set, so that the config
 #: records (and run ids) of earlier experiment files stay the same.
-_LATER_VARIATION_FIELDS = ("delta_unit", "distance")
+_LATER_VARIATION_FIELDS = ("delta_unit", "distance", "lambda_oc", "oc_cache", "oc_trainable")
 
 
 #: Evaluation settings of the whole experiment, not of a run: kept out of the run's record.
@@ -148,14 +186,19 @@ _LATER_EVALUATION = {"cache_attribution": ("attribution_samples", "attribution_p
 
 def _evaluation_record(ev) -> dict:
     unused = {k for metric, keys in _LATER_EVALUATION.items() if metric not in ev.metrics for k in keys}
+    if ev.attribution_variations is None:  # added later: recorded only when set
+        unused.add("attribution_variations")
     return {k: x for k, x in asdict(ev).items() if k not in _EXPERIMENT_LEVEL_EVALUATION and k not in unused}
 
 
-def _attribution_samples(ev, sampler: SamplerSettings, n_samples: int) -> int:
+def _attribution_samples(ev, sampler: SamplerSettings, n_samples: int, variation_id: str) -> int:
     """How many of a run's samples the cache-error attribution walks (0: none). Only cached runs
-    are attributed, and not FD with prior noise injection: the attribution walks the uncached
-    trajectory, which has none, so it would measure a different sampler."""
+    are attributed (those of ``evaluation.attribution_variations`` when it is set), and not FD with
+    prior noise injection: the attribution walks the uncached trajectory, which has none, so it
+    would measure a different sampler."""
     if "cache_attribution" not in ev.metrics or not sampler.cached:
+        return 0
+    if ev.attribution_variations is not None and variation_id not in ev.attribution_variations:
         return 0
     if getattr(sampler.cache, "prior_noise_alpha", 0.0) > 0:
         logger.warning("cache_attribution skips %s: FD with prior noise injection (alpha=%g) is not "
@@ -163,6 +206,11 @@ def _attribution_samples(ev, sampler: SamplerSettings, n_samples: int) -> int:
                        sampler.cache.prior_noise_alpha)
         return 0
     return min(int(n_samples), int(ev.attribution_samples))
+
+
+def _lam_text(lam: float) -> str:
+    """λ in a folder name: two decimals, or all its digits when two would round it (0.0015)."""
+    return f"{lam:.2f}" if round(lam, 2) == lam else f"{lam:g}"
 
 
 def _variation_record(v: VariationSpec) -> dict:
@@ -174,7 +222,8 @@ def _variation_record(v: VariationSpec) -> dict:
 
 
 #: FCR options a fine-tune's identity gained after the first release, with their defaults.
-_LATER_FCR_OPTIONS = {"delta_unit": "timesteps", "sampler_steps": None, "distance": "mse"}
+_LATER_FCR_OPTIONS = {"delta_unit": "timesteps", "sampler_steps": None, "distance": "mse",
+                      "lambda_oc": None, "oc_cache": "fd", "oc_trainable": "recomputed"}
 
 
 @dataclass
@@ -377,35 +426,47 @@ def make_plan(exp: Experiment, *, results_dir: str | Path = "results", calibrate
         for seed in exp.seeds:
             ft_key = None
             if v.finetuned:
-                lam = float(v.lambda_fcr)
+                oc = vs.lambda_oc is not None
+                lam = 0.0 if oc else float(v.lambda_fcr)
                 ft_seed = seed if ft.per_seed else exp.seeds[0]
                 unit, distance, delta_max = vs.delta_unit, vs.distance, vs.delta_max
                 later = {k: x for k, x in (("delta_unit", unit), ("sampler_steps", steps if unit == "sampler_steps"
-                                                                  else None), ("distance", distance))
+                                                                  else None), ("distance", distance),
+                                           ("lambda_oc", vs.lambda_oc), ("oc_cache", vs.oc_cache or "fd"),
+                                           ("oc_trainable", vs.oc_trainable or "recomputed"))
                          if x != _LATER_FCR_OPTIONS[k]}
+                blocks = vs.blocks or "all"  # unused by output consistency (FCR's λ is 0 there)
                 ftc = {"model": v.model, "lambda_fcr": lam, "delta_max": delta_max,
-                       "blocks": vs.blocks, "data": vs.finetune_data, "steps": ft.steps,
+                       "blocks": blocks, "data": vs.finetune_data, "steps": ft.steps,
                        "batch_size": ft.batch_size, "lr": ft.lr, "seed": ft_seed,
                        "train": {k: getattr(ft, k) for k in ("weight_decay", "warmup_steps", "ema_decay",
                                                              "mixed_precision")}, **later}
                 tags = ("-ss" if unit == "sampler_steps" else "") + ("" if distance == "mse" else f"-{distance}")
-                lam_text = f"{lam:.2f}" if round(lam, 2) == lam else f"{lam:g}"  # 0.0015 must not read 0.00
-                ft_key = f"ft-lam{lam_text}-d{ftc['delta_max']}{tags}-{ftc['blocks']}-s{ft_seed}-{_short_hash(ftc)}"
+                if oc:
+                    trainable = "" if vs.oc_trainable == "recomputed" else f"-{vs.oc_trainable}"
+                    ft_key = (f"ft-oc{_lam_text(vs.lambda_oc)}-d{delta_max}{tags}-{vs.oc_cache}{trainable}"
+                              f"-s{ft_seed}-{_short_hash(ftc)}")
+                else:
+                    ft_key = (f"ft-lam{_lam_text(lam)}-d{delta_max}{tags}-{blocks}-s{ft_seed}-"
+                              f"{_short_hash(ftc)}")
                 if ft_key not in finetunes:
-                    # forward + backward (×3) of the denoising branch + FCR's encoder-only second
-                    # branch (only when λ > 0), per training image.
-                    per_img = cost.flops_per_forward * (1 + (cost.encoder_share if lam > 0 else 0.0)) * 3
-                    flops = per_img * ft.steps * ft.batch_size
                     finetunes[ft_key] = PlannedFinetune(
                         key=ft_key, model=v.model, model_source=model.source, lambda_fcr=lam,
-                        delta_max=ftc["delta_max"], blocks=ftc["blocks"], data=ftc["data"], steps=ft.steps,
+                        delta_max=delta_max, blocks=blocks, data=ftc["data"], steps=ft.steps,
                         batch_size=ft.batch_size, lr=ft.lr, seed=ft_seed,
                         output_dir=str(safe_child(exp_dir, "finetune", ft_key)), cost=model_cost(exp, v.model),
                         delta_unit=unit, sampler_steps=later.get("sampler_steps"), distance=distance,
                         weight_decay=ft.weight_decay, warmup_steps=ft.warmup_steps, ema_decay=ft.ema_decay,
                         mixed_precision=ft.mixed_precision, checkpoint_every=ft.checkpoint_every,
-                        cond_dropout=ft.cond_dropout, early_stopping=ft.early_stopping, est_flops=flops,
-                        est_seconds=flops / (gflops_per_s * 1e9))
+                        cond_dropout=ft.cond_dropout, early_stopping=ft.early_stopping,
+                        **({"lambda_oc": vs.lambda_oc, "oc_cache": vs.oc_cache, "oc_trainable": vs.oc_trainable}
+                           if oc else {}))
+                    # forward + backward (×3) of the denoising branch + the objective's second
+                    # branch, per training image.
+                    new = finetunes[ft_key]
+                    new.est_flops = (cost.flops_per_forward * (1 + new.extra_forward_share()) * 3
+                                     * ft.steps * ft.batch_size)
+                    new.est_seconds = new.est_flops / (gflops_per_s * 1e9)
                 finetunes[ft_key].variations.append(f"{v.id}/s{seed}")
             config = {
                 "experiment_id": exp.id, "variation": _variation_record(v), "seed": seed, "model": asdict(model),
@@ -431,7 +492,7 @@ def make_plan(exp: Experiment, *, results_dir: str | Path = "results", calibrate
                 finetune=finetunes[ft_key] if ft_key else None, sampler=sampler, robustness=rob,
                 eval_prompts=eval_prompts, n_samples=n, steps=steps, guidance_scale=guidance, scheduler=scheduler,
                 resolution=resolution, cost=cost,
-                attribution_samples=_attribution_samples(ev, sampler, n),
+                attribution_samples=_attribution_samples(ev, sampler, n, v.id),
                 attribution_propagation=bool(ev.attribution_propagation), **counts, est_flops=flops,
                 est_seconds=(flops + timing_flops) / (gflops_per_s * 1e9)))
     # σ²_Δ over the cache's range: the largest interval reused at each step count (Δ < steps).
@@ -518,6 +579,13 @@ def _fmt_s(s: float) -> str:
     return f"{s:.0f} s"
 
 
+def _lambda_column(v: VariationSpec) -> str:
+    """The plan table's λ column: FCR's λ, ``oc`` + λ for output consistency, ``-`` for none."""
+    if v.lambda_oc is not None:
+        return f"oc{v.lambda_oc:g}"
+    return "-" if v.lambda_fcr is None else f"{v.lambda_fcr:g}"
+
+
 def format_plan(plan: Plan, done: set[str] | None = None) -> str:
     """The plan as text: fine-tunes, runs with forward counts, and totals."""
     exp = plan.experiment
@@ -531,7 +599,8 @@ def format_plan(plan: Plan, done: set[str] | None = None) -> str:
     if not plan.finetunes:
         lines.append("  none")
     for f in plan.finetunes.values():
-        lines.append(f"  {f.key}: {f.model} λ={f.lambda_fcr:g} Δmax={f.delta_max} blocks={f.blocks} "
+        what = f.label if f.lambda_oc is not None else f"{f.label} blocks={f.blocks}"
+        lines.append(f"  {f.key}: {f.model} {what} Δmax={f.delta_max} "
                      f"{f.steps} steps × batch {f.batch_size}, ≈{_fmt_flops(f.est_flops)}, ≈{_fmt_s(f.est_seconds)}")
         lines.append(f"      used by {', '.join(f.variations)}; folder {f.output_dir}")
     lines.append("")
@@ -545,7 +614,7 @@ def format_plan(plan: Plan, done: set[str] | None = None) -> str:
         fwd = f"{r.full_forwards}/{r.encoder_forwards}/{r.decoder_forwards}/{r.partial_forwards}"
         mark = " ✓" if r.run_id in done else ""
         lines.append(f"  {v.id:<26} {r.seed:>4} {v.model:<10} {r.sampler.label:<16} "
-                     f"{'-' if v.lambda_fcr is None else f'{v.lambda_fcr:g}':>5} {v.robustness:<14} {r.steps:>5} "
+                     f"{_lambda_column(v):>5} {v.robustness:<14} {r.steps:>5} "
                      f"{r.n_samples:>5} {fwd:>22} {_fmt_flops(r.est_flops):>11} {_fmt_s(r.est_seconds):>8}{mark}")
     lines.append("")
     lines.append("  forward counts are per sampling run (one batch); ×2 rows with classifier-free guidance")

@@ -53,10 +53,11 @@ def run_finetune(ctx: RunContext, ft: PlannedFinetune, exp: Experiment, progress
             validate_every=es.every if es else None, early_stopping_patience=es.patience if es else None,
             seed=ft.seed, hflip=hflip, cond_dropout=ft.cond_dropout, resume=True,
             progress=progress, cpu=ctx.device.type == "cpu",
-            fcr=ft.fcr_config()),
+            fcr=ft.fcr_config(), output_consistency=ft.oc_config()),
     )
-    logger.info("fine-tuning %s: λ=%g Δmax=%d %s blocks=%s distance=%s, %d steps × batch %d (folder %s)", ft.key,
-                ft.lambda_fcr, ft.delta_max, ft.delta_unit, ft.blocks, ft.distance, ft.steps, ft.batch_size, out)
+    logger.info("fine-tuning %s: %s Δmax=%d %s%s distance=%s, %d steps × batch %d (folder %s)", ft.key,
+                ft.label, ft.delta_max, ft.delta_unit, "" if ft.lambda_oc is not None else f" blocks={ft.blocks}",
+                ft.distance, ft.steps, ft.batch_size, out)
     t0 = time.perf_counter()
     result = finetune(cfg, validation_fn=validation_fn)
     s = result.to_dict()
@@ -108,7 +109,7 @@ def finetune_fraction(ctx: RunContext, ft: dict, run: PlannedRun) -> MetricRecor
     planned = run.finetune
     cost = planned.cost
     steps = int(ft.get("steps") or planned.steps)  # fewer than planned when early stopping stopped it
-    extra = cost.encoder_share * cost.flops_per_forward if planned.lambda_fcr > 0 else 0.0
+    extra = planned.extra_forward_share() * cost.flops_per_forward
     ft_flops = training_flops(cost.flops_per_forward, steps * planned.batch_size,
                               extra_forward_flops_per_sample=extra)
     details = {"finetune_flops": ft_flops, "finetune_samples": steps * planned.batch_size,

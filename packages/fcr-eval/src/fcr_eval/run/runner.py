@@ -292,8 +292,8 @@ def _evaluate(ctx: RunContext, st: _RunState, store: ResultsStore | Path, caches
 
 
 #: Variation fields that are columns of ``runs`` (or the effective schedule's columns).
-_RUN_COLUMNS = ("id", "sampler", "stride", "parallel_decoding", "lambda_fcr", "delta_max", "blocks", "scheduler",
-                "num_inference_steps", "guidance_scale", "resolution", "description")
+_RUN_COLUMNS = ("id", "sampler", "stride", "parallel_decoding", "lambda_fcr", "lambda_oc", "delta_max", "blocks",
+                "scheduler", "num_inference_steps", "guidance_scale", "resolution", "description")
 
 
 def _run_result(ctx: RunContext, st: _RunState, ft: dict | None, parts: list[dict], procs: Processes,
@@ -334,8 +334,10 @@ def _run_result(ctx: RunContext, st: _RunState, ft: dict | None, parts: list[dic
         dataset=st.prompts.source, sampler=run.sampler.kind, scheduler=run.scheduler, resolution=run.resolution,
         num_inference_steps=run.steps, guidance_scale=run.guidance_scale, stride=v.stride,
         parallel_decoding=v.parallel_decoding if run.sampler.kind == "fd" else None,
-        lambda_fcr=planned_ft.lambda_fcr if planned_ft else None,
-        delta_max=planned_ft.delta_max if planned_ft else None, blocks=planned_ft.blocks if planned_ft else None,
+        lambda_fcr=planned_ft.lambda_fcr if planned_ft and planned_ft.objective == "fcr" else None,
+        lambda_oc=planned_ft.lambda_oc if planned_ft else None,
+        delta_max=planned_ft.delta_max if planned_ft else None,
+        blocks=planned_ft.blocks if planned_ft and planned_ft.objective == "fcr" else None,
         params=params, config=run.config, code_version=code_version(), device=describe_device(ctx.device),
         started_at=started, finished_at=_dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None),
         run_dir=str(run.run_dir), **run.sampler.describe())

@@ -45,6 +45,8 @@ from fcr_train.vocabulary import (
     DISTANCES,
     EMBEDDED_MODELS,
     FASHION_MNIST_SPLITS,
+    OC_CACHES,
+    OC_TRAINABLE,
     PROMPT_TEMPLATES,
 )
 
@@ -88,8 +90,8 @@ METRICS = (
 DATASET_KINDS = ("fashion-mnist", "laion", "webdataset", "artbench", "coco", "flickr30k", "imagenet-classes")
 DATASET_ROLES = ("finetune", "eval", "mini_val", "reference")
 EXTRACTORS = ("efficientnet_lite0", "inception")
-EXPANDABLE = ("model", "stride", "lambda_fcr", "delta_max", "delta_unit", "distance", "blocks", "scheduler", "robustness",
-              "eval_prompts")
+EXPANDABLE = ("model", "stride", "lambda_fcr", "lambda_oc", "delta_max", "delta_unit", "distance", "blocks", "scheduler",
+              "robustness", "eval_prompts")
 # Dataset kinds that ship with a package: the runner reads the installed files, never `path`.
 PACKAGED_DATASET_KINDS = ("fashion-mnist", "imagenet-classes")
 # What a Stable Diffusion run can read (fcr_eval.run.contexts): prompts from these kinds, real
@@ -224,6 +226,8 @@ class EvaluationSpec:
     # sample's error when only one step is served from the cache (one partial trajectory per step).
     attribution_samples: int = 32
     attribution_propagation: bool = True
+    # The cached variations to attribute (None: every cached variation of the profile).
+    attribution_variations: tuple[str, ...] | None = None
     kid_subset_size: int = 1000
     pr_k: int = 3
     save_samples: bool = True
@@ -243,7 +247,10 @@ class RobustnessSpec:
 @dataclass(frozen=True)
 class VariationSpec:
     """One run variation. ``lambda_fcr = None`` samples the model's own weights; a number (0
-    included) samples an FCR fine-tune with that λ (λ = 0 is the plain fine-tuning control)."""
+    included) samples an FCR fine-tune with that λ (λ = 0 is the plain fine-tuning control).
+    ``lambda_oc`` (> 0, instead of ``lambda_fcr``) samples a fine-tune with the output-consistency
+    term (:mod:`fcr_train.output_consistency`) against ``oc_cache``'s stale features; ``delta_max``,
+    ``delta_unit`` and ``distance`` mean for it what they mean for FCR."""
 
     id: str
     model: str
@@ -255,6 +262,9 @@ class VariationSpec:
     prior_noise_alpha: float = 0.0
     cache_branch_id: int = 0
     lambda_fcr: float | None = None
+    lambda_oc: float | None = None
+    oc_cache: str | None = None  # fcr_train.vocabulary.OC_CACHES; default "fd"
+    oc_trainable: str | None = None  # fcr_train.vocabulary.OC_TRAINABLE; default "recomputed"
     delta_max: int | None = None
     delta_unit: str | None = None
     distance: str | None = None
@@ -270,7 +280,22 @@ class VariationSpec:
 
     @property
     def finetuned(self) -> bool:
-        return self.lambda_fcr is not None
+        return self.lambda_fcr is not None or self.lambda_oc is not None
+
+    @property
+    def objective(self) -> str | None:
+        """What the variation's fine-tune trains: ``"fcr"`` (λ = 0: the plain control),
+        ``"output_consistency"``, or ``None`` (the model's own weights)."""
+        if self.lambda_oc is not None:
+            return "output_consistency"
+        return "fcr" if self.lambda_fcr is not None else None
+
+    @property
+    def objective_text(self) -> str:
+        """The fine-tune's setting as the file states it (``lambda_fcr = 0.15``, ``lambda_oc = 0.5``)."""
+        if self.lambda_oc is not None:
+            return f"lambda_oc = {self.lambda_oc:g}"
+        return f"lambda_fcr = {self.lambda_fcr:g}" if self.lambda_fcr is not None else "no fine-tune"
 
 
 @dataclass(frozen=True)
@@ -288,6 +313,9 @@ class VariationSettings:
     delta_max: int | None = None
     blocks: str | None = None
     finetune_data: str | None = None
+    lambda_oc: float | None = None  # set: the output-consistency objective (lambda_fcr is then None)
+    oc_cache: str | None = None
+    oc_trainable: str | None = None
 
 
 def resolve_variation(v: VariationSpec, sampling: SamplingSpec, finetune: FinetuneSpec) -> VariationSettings:
@@ -307,9 +335,12 @@ def resolve_variation(v: VariationSpec, sampling: SamplingSpec, finetune: Finetu
         return VariationSettings(steps, guidance, scheduler)
     unit = v.delta_unit or finetune.delta_unit
     delta_max = v.delta_max or (v.stride if unit == "sampler_steps" and v.stride else finetune.delta_max)
+    oc = v.lambda_oc is not None
     return VariationSettings(steps, guidance, scheduler, delta_unit=unit, distance=v.distance or finetune.distance,
-                             delta_max=delta_max, blocks=v.blocks or finetune.blocks,
-                             finetune_data=v.finetune_data or finetune.data)
+                             delta_max=delta_max, blocks=None if oc else (v.blocks or finetune.blocks),
+                             finetune_data=v.finetune_data or finetune.data, lambda_oc=v.lambda_oc,
+                             oc_cache=(v.oc_cache or "fd") if oc else None,
+                             oc_trainable=(v.oc_trainable or "recomputed") if oc else None)
 
 
 @dataclass(frozen=True)
@@ -817,6 +848,13 @@ def _resolve(path: Path, loc: _Locator, raw: dict, profile: str | None, quiet: b
         for val in criteria.r2_variations or ():
             chk.one_of(val, ids, "criteria.r2_variations[]", "criteria", "r2_variations")
 
+    for val in evaluation.attribution_variations or ():
+        chk.one_of(val, ids, "evaluation.attribution_variations[]", "evaluation", "attribution_variations")
+        if "cache_attribution" not in evaluation.metrics:
+            chk.fail("evaluation.attribution_variations names the variations to attribute, but "
+                     "\"cache_attribution\" is not in evaluation.metrics", "evaluation", "attribution_variations")
+            break
+
     contrasts = _load_contrasts(chk, raw.get("contrasts", []), ids, profile, profiles)
 
     human = None
@@ -890,10 +928,11 @@ def _check_finetune_table(chk: _Checker, raw: dict, variations: list[VariationSp
     first = tuned[0]
     shown = ", ".join(f"{k} = {getattr(finetune, k)!r}" for k in ("steps", "batch_size", "lr", "delta_max", "blocks",
                                                                   "checkpoint_every", "data"))
-    chk.fail(f"variation {first.id!r} sets lambda_fcr = {first.lambda_fcr:g}, which fine-tunes the model, but the file "
+    chk.fail(f"variation {first.id!r} sets {first.objective_text}, which fine-tunes the model, but the file "
              f"has no [finetune] table, so it would fine-tune with the defaults ({shown}; "
              f"{finetune.steps:,} steps × batch {finetune.batch_size}). Add a [finetune] table stating at least "
-             "data, steps and batch_size", "variations", "lambda_fcr", index[first.id])
+             "data, steps and batch_size", "variations", "lambda_oc" if first.lambda_oc is not None else "lambda_fcr",
+             index[first.id])
 
 
 def _check_runnable(chk: _Checker, models: dict[str, ModelSpec], datasets: dict[str, DatasetSpec],
@@ -957,7 +996,7 @@ def _check_runnable(chk: _Checker, models: dict[str, ModelSpec], datasets: dict[
                 chk.fail(f"resolution = {res} (variation {v.id!r}) is not a multiple of 8, the VAE's factor",
                          where, "resolution", index[v.id] if where == "variations" else None)
         if v.finetuned and not (v.finetune_data or finetune.data):
-            chk.fail(f"variation {v.id!r} fine-tunes (lambda_fcr = {v.lambda_fcr:g}) but no fine-tuning data is named: "
+            chk.fail(f"variation {v.id!r} fine-tunes ({v.objective_text}) but no fine-tuning data is named: "
                      "set finetune.data to a dataset with role = \"finetune\"", "finetune", "data")
 
 
@@ -1017,9 +1056,11 @@ def _check_variation(chk: _Checker, v: VariationSpec, i: int, models, datasets, 
         chk.one_of(v.delta_unit, DELTA_UNITS, f"variations[{i}] ({v.id}).delta_unit", sec, "delta_unit", i)
     if v.distance is not None:
         chk.one_of(v.distance, DISTANCES, f"variations[{i}] ({v.id}).distance", sec, "distance", i)
-    if v.lambda_fcr is None and any(x is not None for x in (v.delta_max, v.blocks, v.finetune_data, v.delta_unit,
-                                                            v.distance)):
-        chk.fail(f"variations[{i}] ({v.id}) sets fine-tune options but no lambda_fcr (no fine-tune)", sec, None, i)
+    if not v.finetuned and any(x is not None for x in (v.delta_max, v.blocks, v.finetune_data, v.delta_unit,
+                                                       v.distance)):
+        chk.fail(f"variations[{i}] ({v.id}) sets fine-tune options but no lambda_fcr or lambda_oc (no fine-tune)",
+                 sec, None, i)
+    _check_output_consistency(chk, v, i)
     chk.one_of(v.robustness, list(robustness), f"variations[{i}] ({v.id}).robustness", sec, "robustness", i)
     for k, roles in (("eval_prompts", ("eval",)), ("finetune_data", ("finetune",))):
         val = getattr(v, k)
@@ -1028,6 +1069,30 @@ def _check_variation(chk: _Checker, v: VariationSpec, i: int, models, datasets, 
             if datasets[val].role not in roles:
                 chk.fail(f"variations[{i}] ({v.id}).{k} = {val!r} has role {datasets[val].role!r}, expected "
                          f"{list(roles)}", sec, k, i)
+
+
+def _check_output_consistency(chk: _Checker, v: VariationSpec, i: int) -> None:
+    """``lambda_oc`` and its options: one objective per fine-tune, each option only with its term."""
+    sec = "variations"
+    if v.lambda_oc is None:
+        for k in ("oc_cache", "oc_trainable"):
+            if getattr(v, k) is not None:
+                chk.fail(f"variations[{i}] ({v.id}).{k} is an option of the output-consistency term, but the "
+                         "variation sets no lambda_oc", sec, k, i)
+        return
+    if v.lambda_fcr is not None:
+        chk.fail(f"variations[{i}] ({v.id}) sets both lambda_fcr and lambda_oc: a fine-tune trains one term "
+                 "besides denoising; make two variations", sec, "lambda_oc", i)
+    if not v.lambda_oc > 0:
+        chk.fail(f"variations[{i}] ({v.id}).lambda_oc = {v.lambda_oc} must be > 0 (the λ = 0 control is "
+                 "lambda_fcr = 0)", sec, "lambda_oc", i)
+    if v.blocks is not None:
+        chk.fail(f"variations[{i}] ({v.id}).blocks chooses FCR's encoder blocks; the output-consistency term "
+                 "compares the UNet's outputs (oc_cache says whose stale features): drop blocks", sec, "blocks", i)
+    if v.oc_cache is not None:
+        chk.one_of(v.oc_cache, OC_CACHES, f"variations[{i}] ({v.id}).oc_cache", sec, "oc_cache", i)
+    if v.oc_trainable is not None:
+        chk.one_of(v.oc_trainable, OC_TRAINABLE, f"variations[{i}] ({v.id}).oc_trainable", sec, "oc_trainable", i)
 
 
 def _load_contrasts(chk: _Checker, raw: Any, variation_ids: list[str], profile: str | None,

@@ -342,10 +342,18 @@ def _migration_7(con: duckdb.DuckDBPyConnection) -> None:
     )
 
 
+def _migration_8(con: duckdb.DuckDBPyConnection) -> None:
+    """A second fine-tuning objective: ``runs.lambda_oc``, the weight of the output-consistency
+    term (``fcr_train.output_consistency``) of the run's fine-tune; NULL for the model's own
+    weights and for FCR fine-tunes (``lambda_fcr``; an output-consistency run has NULL there). Rows
+    stored before version 8 are FCR or no fine-tune and keep NULL."""
+    con.execute("ALTER TABLE runs ADD COLUMN lambda_oc DOUBLE")
+
+
 #: Numbered migrations; ``MIGRATIONS[i]`` brings a store from version ``i`` to ``i + 1``.
 MIGRATIONS: tuple[Callable[[duckdb.DuckDBPyConnection], None], ...] = (
     _migration_1, _migration_2, _migration_3, _migration_4, _migration_5, _migration_6,
-    _migration_7,
+    _migration_7, _migration_8,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

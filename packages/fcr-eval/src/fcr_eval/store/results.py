@@ -337,7 +337,7 @@ class ResultsStore:
                              "sampler, stride, parallel_decoding, lambda_fcr, delta_max, blocks, scheduler, "
                              "resolution, num_inference_steps, guidance_scale, params, config, code_version, "
                              "device, started_at, finished_at, run_dir, cache_label, cache_key_steps, "
-                             "cache_interval)", 27, [
+                             "cache_interval, lambda_oc)", 28, [
                     [r.run_id, r.experiment_id, r.variation_id, int(r.seed), r.status, r.model,
                      r.dataset, r.sampler, r.stride, r.parallel_decoding, _num(r.lambda_fcr),
                      r.delta_max, r.blocks, r.scheduler, int(r.resolution),
@@ -345,7 +345,7 @@ class ResultsStore:
                      _json(r.config), r.code_version, r.device, r.started_at, finished_at,
                      r.run_dir, r.cache_label,
                      None if r.cache_key_steps is None else list(r.cache_key_steps),
-                     r.cache_interval]])
+                     r.cache_interval, _num(r.lambda_oc)]])
                 self._insert(con, "metrics", 7, [
                     [r.run_id, m.metric, _num(m.value), m.feature_extractor, m.preprocessing,
                      int(m.n_samples), _json(m.details)] for m in result.metrics])
