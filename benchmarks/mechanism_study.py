@@ -2,6 +2,8 @@
 
     nice -n 10 uv run python benchmarks/mechanism_study.py \\
         --finetunes results/runs/mini-exp-1-decide/finetune --out docs/mechanism
+    uv run python benchmarks/mechanism_study.py --experiment experiments/mini-exp-1-oc.toml \\
+        --finetunes results/runs/mini-exp-1-oc/finetune --per-arm 5 --out docs/mechanism
 
 Runs ``fcr_sample.attribute_cache_error`` (FD-10 on DDIM-20 + CFG 2.0, mini-exp-1's sampling,
 propagation on) on the embedded base weights and on every finished fine-tune of
@@ -52,7 +54,12 @@ from fcr_sample import (
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = ROOT / "experiments" / "mini-exp-1-decide.toml"
-ARMS = {"lam0.00-d10-all": "control", "lam0.15-d10-ss-relative_mse-all": "fcr"}
+#: A fine-tune folder's objective part (``ft-<this>-s<seed>-<hash>``, fcr_eval.plan.planner) → arm.
+ARMS = {"lam0.00-d10-all": "control", "lam0.15-d10-ss-relative_mse-all": "fcr",
+        "oc0.25-d10-ss-relative_mse-fd": "oc"}
+ARM_ORDER = ("base", "control", "fcr", "oc")
+ARM_NAMES = {"base": "base weights", "control": "λ = 0 control fine-tunes", "fcr": "sampler-scale FCR λ = 0.15",
+             "oc": "output consistency λ_OC = 0.25"}
 logger = logging.getLogger("mechanism_study")
 
 
@@ -127,7 +134,7 @@ def _ci(vals: list[float]) -> str:
 
 
 def tables(summary: dict[str, dict[int, dict]], features: list[str], steps: list[int]) -> str:
-    arms = [a for a in ("base", "control", "fcr") if summary.get(a)]
+    arms = [a for a in ARM_ORDER if summary.get(a)]
     lines = ["## Per arm: mean [95 % t-interval over fine-tunes]\n",
              "| quantity | " + " | ".join(arms) + " |", "|---|" + "---:|" * len(arms)]
 
@@ -156,15 +163,17 @@ def tables(summary: dict[str, dict[int, dict]], features: list[str], steps: list
     return "\n".join(lines)
 
 
-def paired(summary: dict[str, dict[int, dict]], keys: list[str]) -> str:
-    """FCR − control, paired by seed (the same x_T; one fine-tune of each arm per seed)."""
-    seeds = sorted(set(summary.get("control", {})) & set(summary.get("fcr", {})))
+def paired(summary: dict[str, dict[int, dict]], keys: list[str], arm: str = "fcr") -> str:
+    """``arm`` − control, paired by seed (the same x_T; one fine-tune of each arm per seed)."""
+    name = arm.upper()
+    seeds = sorted(set(summary.get("control", {})) & set(summary.get(arm, {})))
     if len(seeds) < 2:
-        return f"(paired FCR − control needs ≥ 2 seeds with both fine-tunes; have {len(seeds)})"
-    lines = [f"## FCR − control, paired over seeds {seeds} (95 % t-interval)\n", "| quantity | FCR / control (mean ratio) | FCR − control [95 % CI] | p |",
+        return f"(paired {name} − control needs ≥ 2 seeds with both fine-tunes; have {len(seeds)})"
+    lines = [f"## {name} − control, paired over seeds {seeds} (95 % t-interval)\n",
+             f"| quantity | {name} / control (mean ratio) | {name} − control [95 % CI] | p |",
              "|---|---:|---:|---:|"]
     for k in keys:
-        a = [summary["fcr"][s].get(k) for s in seeds]
+        a = [summary[arm][s].get(k) for s in seeds]
         b = [summary["control"][s].get(k) for s in seeds]
         if any(v is None or not math.isfinite(v) for v in a + b):
             continue
@@ -184,6 +193,8 @@ def _save_rows(out: Path, frames: dict, summary: dict, walls: dict) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--experiment", type=Path, default=EXPERIMENT,
+                   help="the experiment file whose sampling (and fine-tunes) the study reads")
     p.add_argument("--finetunes", type=Path,
                    default=Path("results/runs/mini-exp-1-decide/finetune"))
     p.add_argument("--samples", type=int, default=32)
@@ -192,7 +203,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-propagation", action="store_true")
     p.add_argument("--resume", action="store_true",
                    help="keep the weights already measured in --out (rows.csv, results.json) and add the rest")
-    p.add_argument("--arms", default="base,control,fcr", help="which arms to measure (comma-separated)")
+    p.add_argument("--arms", default="base,control,fcr,oc", help="which arms to measure (comma-separated; "
+                   "an arm without finished fine-tunes in --finetunes is left out)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "mechanism")
     a = p.parse_args(argv)
@@ -204,7 +216,7 @@ def main(argv=None) -> int:
     if not a.finetunes.is_dir():
         p.error(f"--finetunes {a.finetunes} is not a folder")
     t0 = time.perf_counter()
-    exp = load_experiment(EXPERIMENT)
+    exp = load_experiment(a.experiment)
     # the study needs the model, prompts and x_T only: no quality reference worth extracting
     exp = dataclasses.replace(exp, evaluation=dataclasses.replace(exp.evaluation, metrics=(), n_reference=2,
                                                                  feature_image_size=32))
@@ -213,10 +225,11 @@ def main(argv=None) -> int:
     cache = EncoderCacheConfig(stride=a.stride)
     found = finished_finetunes(a.finetunes)
     arms = [x.strip() for x in a.arms.split(",") if x.strip()]
-    if unknown := set(arms) - {"base", "control", "fcr"}:
-        p.error(f"--arms: unknown {sorted(unknown)}; use base, control, fcr")
-    chosen = [("base", 0, None)] if "base" in arms else []
-    for arm in ("control", "fcr"):
+    if unknown := set(arms) - set(ARM_ORDER):
+        p.error(f"--arms: unknown {sorted(unknown)}; use {', '.join(ARM_ORDER)}")
+    # the base weights on the same seeds as the fine-tunes (its interval holds sampling noise only)
+    chosen = [("base", seed, None) for seed in exp.seeds[: max(a.per_arm, 1)]] if "base" in arms else []
+    for arm in ARM_ORDER[1:]:
         if arm in arms:
             chosen += sorted((f for f in found if f[0] == arm), key=lambda f: f[1])[: a.per_arm]
     a.out.mkdir(parents=True, exist_ok=True)
@@ -245,15 +258,15 @@ def main(argv=None) -> int:
     all_rows = pl.concat([f for fs in frames.values() for f in fs])
     features = list(dict.fromkeys(all_rows.filter(pl.col("feature") != "all")["feature"].to_list()))
     steps = sorted(set(all_rows["step"].to_list()))
-    names = {"base": "base weights", "control": "λ = 0 control fine-tunes", "fcr": "sampler-scale FCR λ = 0.15"}
     pngs = [str(plot_cache_attribution(pl.concat(fs), a.out / f"attribution_{arm}.png",
-                                       f"{cache.label}, DDIM-20, CFG 2.0: {names[arm]} "
+                                       f"{cache.label}, DDIM-20, CFG 2.0: {ARM_NAMES[arm]} "
                                        f"({len(fs)} weights × {a.samples} samples)").name)
             for arm, fs in frames.items()]
     keys = ["eps_error", "relative_change", "gain", "full_final_error", "sum_final"] + \
         [f"{f}:{q}" for f in features for q in ("relative_change", "only_stale_error", "gain")]
     wall = time.perf_counter() - t0
-    text = "\n\n".join([tables(summary, features, steps), paired(summary, keys)])
+    text = "\n\n".join([tables(summary, features, steps),
+                         *(paired(summary, keys, arm) for arm in ("fcr", "oc") if summary.get(arm))])
     meta = {"command": " ".join(["python", "benchmarks/mechanism_study.py", *(argv or sys.argv[1:])]),
             "wall_s": round(wall, 1), "date": _dt.date.today().isoformat(), "code_version": code_version(),
             "machine": f"{platform.machine()} CPU, torch threads {a.threads}, {platform.python_version()}",

@@ -10,6 +10,16 @@ test images (``fcr_eval.metrics.kid``; not Inception), the paired pixel MSE to t
 the same x_T (``fcr_eval.metrics.paired``), and s/img on this machine. The batches are interleaved over
 variants, so machine load hits all of them alike. The last column marks the variants on the
 Pareto front of (s/img, class agreement).
+
+``--weights LABEL=FOLDER`` (repeatable) adds fine-tuned weights (a ``save_pretrained`` folder, e.g.
+a fine-tune's ``final_unet`` from ``fcr_eval_weights.json``): every variant then runs on every
+weights, interleaved in the same batches; the pixel MSE is to the same weights' uncached sample,
+and a fine-tuned row marked in "beyond base front" is not dominated by any of the base model's
+rows (faster, or more agreeing, than every base variant that is at least as good on the other axis):
+
+    uv run python benchmarks/quality_at_speed.py --threads 2 --samples 300 --fd 5 10 20 \\
+        --deepcache 5 0 --deepcache 10 0 \\
+        --weights control=results/runs/mini-exp-1-oc/finetune/ft-lam0.00-.../checkpoints/.../unet ...
 """
 
 from __future__ import annotations
@@ -57,13 +67,27 @@ def variants(fd_strides, deepcache) -> dict[str, tuple]:
     return out
 
 
-def pareto(points: dict[str, tuple[float, float]]) -> set[str]:
-    """Labels not dominated in (lower seconds, higher agreement)."""
-    front = set()
-    for a, (sa, qa) in points.items():
-        if not any((sb <= sa and qb >= qa) and (sb < sa or qb > qa) for b, (sb, qb) in points.items() if b != a):
-            front.add(a)
-    return front
+def _dominates(b: tuple[float, float], a: tuple[float, float]) -> bool:
+    """``b`` is at least as fast and as agreeing as ``a``, and better on one of them."""
+    (sb, qb), (sa, qa) = b, a
+    return sb <= sa and qb >= qa and (sb < sa or qb > qa)
+
+
+def pareto(points: dict, against: dict | None = None) -> set:
+    """Labels not dominated in (lower seconds, higher agreement) by any other point (of
+    ``against`` when given: e.g. the base model's points only)."""
+    others = points if against is None else against
+    return {a for a, pa in points.items() if not any(_dominates(pb, pa) for b, pb in others.items() if b != a)}
+
+
+def _weights_arg(text: str) -> tuple[str, Path]:
+    label, sep, folder = text.partition("=")
+    if not sep or not label or not folder:
+        raise argparse.ArgumentTypeError(f"--weights {text!r}: expected LABEL=FOLDER")
+    if not (Path(folder) / "config.json").is_file():
+        raise argparse.ArgumentTypeError(f"--weights {label}: {folder} has no config.json (a save_pretrained "
+                                         "UNet folder, e.g. a fine-tune's final_unet)")
+    return label, Path(folder)
 
 
 def main(argv=None) -> None:
@@ -79,7 +103,11 @@ def main(argv=None) -> None:
     ap.add_argument("--feature-size", type=int, default=112, help="EfficientNet-Lite0 input size")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None, help="also write the report (Markdown) here")
+    ap.add_argument("--weights", type=_weights_arg, action="append", default=[], metavar="LABEL=FOLDER",
+                    help="fine-tuned UNet weights to run every variant on too (repeatable)")
     args = ap.parse_args(argv)
+    if any(label == "base" for label, _ in args.weights):
+        ap.error("--weights: the label 'base' is the shipped model's")
     deepcache = args.deepcache or [(3, 0), (5, 0), (10, 0), (5, 3)]
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
@@ -89,6 +117,7 @@ def main(argv=None) -> None:
     report = Report("quality at speed", f"cpu {platform.machine()}, {torch.get_num_threads()} torch thread(s)", argv)
     emit = report.emit
     base = load_embedded_base()
+    models = {"base": base, **{label: load_embedded_base(folder) for label, folder in args.weights}}
     clf = load_fashion_mnist_classifier()
     extractor = EfficientNetLite0Extractor(image_size=args.feature_size)
     real_u8, _ = load_fashion_mnist("test")
@@ -97,48 +126,55 @@ def main(argv=None) -> None:
     emit(f"embedded base {base.weights_path}; DDIM-{args.steps}, CFG {args.guidance}; {args.samples} samples per "
          f"variant in batches of {args.batch}; KID reference: first {args.n_reference} Fashion-MNIST test images; "
          f"features {extractor.name} ({extractor.preprocessing})")
+    for label, folder in args.weights:
+        emit(f"weights {label}: {folder}")
 
     table = variants(args.fd, deepcache)
+    cells = [(w, v) for w in models for v in table]
     labels = torch.arange(args.samples) % len(base.classes)
-    images: dict[str, list[torch.Tensor]] = {k: [] for k in table}
-    seconds: dict[str, float] = dict.fromkeys(table, 0.0)
+    images: dict[tuple[str, str], list[torch.Tensor]] = {c: [] for c in cells}
+    seconds: dict[tuple[str, str], float] = dict.fromkeys(cells, 0.0)
     n_batches = args.samples // args.batch
-    with tqdm(total=n_batches * len(table), desc="sampling") as bar:
+    with tqdm(total=n_batches * len(cells), desc="sampling") as bar:
         for b in range(n_batches):
             sl = slice(b * args.batch, (b + 1) * args.batch)
-            for label, hooks in table.items():  # interleaved: every variant once per batch
-                bar.set_postfix_str(label)
+            for w, label in cells:  # interleaved: every weights × variant once per batch
+                model, hooks = models[w], table[label]
+                bar.set_postfix_str(f"{w} {label}")
                 if hooks is not None:
-                    hooks[0](base.unet)
+                    hooks[0](model.unet)
                 try:
                     t0 = time.perf_counter()
-                    x = sample_images(base, labels[sl], steps=args.steps, guidance_scale=args.guidance,
+                    x = sample_images(model, labels[sl], steps=args.steps, guidance_scale=args.guidance,
                                       generator=torch.Generator().manual_seed(1000 + b))
-                    seconds[label] += time.perf_counter() - t0
+                    seconds[w, label] += time.perf_counter() - t0
                 finally:
                     if hooks is not None:
-                        hooks[1](base.unet)
-                images[label].append(x)
+                        hooks[1](model.unet)
+                images[w, label].append(x)
                 bar.update()
 
-    ref = torch.cat(images["no cache"])
     rows, points = [], {}
-    for label in table:
-        x = torch.cat(images[label])
+    base_uncached = seconds["base", "no cache"]
+    for w, label in cells:
+        x = torch.cat(images[w, label])
         agree, per_image = class_agreement(x, labels, clf)
         ci = mean_ci(per_image.float().numpy())
         kid = kernel_distance(real_feats, extractor.extract(x).features, num_subsets=100)
-        mse = pixel_mse(x.numpy(), ref.numpy())
-        s_img = seconds[label] / args.samples
-        points[label] = (s_img, agree)
-        rows.append((label, s_img, seconds["no cache"] / seconds[label], ci, kid, float(np.mean(mse))))
+        mse = pixel_mse(x.numpy(), torch.cat(images[w, "no cache"]).numpy())  # to the same weights' own
+        s_img = seconds[w, label] / args.samples
+        points[w, label] = (s_img, agree)
+        rows.append((w, label, s_img, base_uncached / seconds[w, label], ci, kid, float(np.mean(mse))))
     front = pareto(points)
-    emit("\n| variant | s/img | speed-up | class agreement (95 % CI) | KID ×10³ (± std over subsets) | "
-         "pixel MSE to no cache | Pareto |")
-    emit("|---|---:|---:|---:|---:|---:|:---:|")
-    for label, s_img, speed, ci, kid, mse in rows:
-        emit(f"| {label} | {s_img:.3f} | {speed:.2f}× | {ci.mean:.3f} ({ci.low:.3f}–{ci.high:.3f}) | "
-             f"{kid.value * 1e3:.2f} ± {kid.std * 1e3:.2f} | {mse:.4f} | {'●' if label in front else ''} |")
+    beyond = pareto(points, against={c: p for c, p in points.items() if c[0] == "base"})
+    emit("\n| weights | variant | s/img | speed-up (vs base, no cache) | class agreement (95 % CI) | "
+         "KID ×10³ (± std over subsets) | pixel MSE to own no cache | Pareto | beyond base front |")
+    emit("|---|---|---:|---:|---:|---:|---:|:---:|:---:|")
+    for w, label, s_img, speed, ci, kid, mse in rows:
+        mark = "●" if w != "base" and (w, label) in beyond else ""
+        emit(f"| {w} | {label} | {s_img:.3f} | {speed:.2f}× | {ci.mean:.3f} ({ci.low:.3f}–{ci.high:.3f}) | "
+             f"{kid.value * 1e3:.2f} ± {kid.std * 1e3:.2f} | {mse:.4f} | {'●' if (w, label) in front else ''} | "
+             f"{mark} |")
     report.finish(args.out)
 
 if __name__ == "__main__":
