@@ -6,16 +6,18 @@
         --finetunes results/runs/mini-exp-1-oc/finetune --per-arm 5 --out docs/mechanism
 
 Runs ``fcr_sample.attribute_cache_error`` (FD-10 on DDIM-20 + CFG 2.0, mini-exp-1's sampling,
-propagation on) on the embedded base weights and on every finished fine-tune of
-``experiments/mini-exp-1-decide.toml`` it finds (read-only: the folders' ``fcr_eval_weights.json``
-name ``final_unet``), the λ = 0 control and sampler-scale FCR (λ = 0.15) arms, each on its own
-seed's x_T and prompts (the first ``--samples`` of the run's). Per weights it also samples the
+propagation on) on the embedded base weights and on every finished fine-tune under
+``--finetunes`` it recognises (read-only: the folders' ``fcr_eval_weights.json`` name
+``final_unet``; :data:`ARMS` maps a folder name to its arm: the λ = 0 control, the literal FCR term,
+sampler-scale FCR λ = 0.15, output consistency λ_OC = 0.25), each on its own seed's x_T and prompts
+(the first ``--samples`` of the run's). ``--resume --arms literal --finetunes <other folder>`` adds
+an arm from another experiment's fine-tunes to the same tables. Per weights it also samples the
 whole FD-10 run and the uncached one from the same x_T, so the final error with every step served
 can be set against the one-step propagations (compounding).
 
 Per arm it reports t-intervals over fine-tunes (``fcr_eval.analysis.stats.mean_ci`` of the
-per-fine-tune values) and, FCR against control, a paired t-interval over the seeds both arms have
-(one control and one FCR fine-tune per seed, same x_T). Writes ``results.json``, ``tables.md`` and
+per-fine-tune values) and, FCR and output consistency against the control, a paired t-interval over
+the seeds both arms have (one fine-tune of each arm per seed, same x_T). Writes ``results.json``, ``tables.md`` and
 one ``attribution_<arm>.png`` per arm (``fcr_eval.report.attribution.plot_cache_attribution``).
 """
 
@@ -56,10 +58,10 @@ ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = ROOT / "experiments" / "mini-exp-1-decide.toml"
 #: A fine-tune folder's objective part (``ft-<this>-s<seed>-<hash>``, fcr_eval.plan.planner) → arm.
 ARMS = {"lam0.00-d10-all": "control", "lam0.15-d10-ss-relative_mse-all": "fcr",
-        "oc0.25-d10-ss-relative_mse-fd": "oc"}
-ARM_ORDER = ("base", "control", "fcr", "oc")
+        "oc0.25-d10-ss-relative_mse-fd": "oc", "lam0.10-d10-all": "literal"}
+ARM_ORDER = ("base", "control", "literal", "fcr", "oc")
 ARM_NAMES = {"base": "base weights", "control": "λ = 0 control fine-tunes", "fcr": "sampler-scale FCR λ = 0.15",
-             "oc": "output consistency λ_OC = 0.25"}
+             "oc": "output consistency λ_OC = 0.25", "literal": "literal FCR λ = 0.1 (timesteps, MSE)"}
 logger = logging.getLogger("mechanism_study")
 
 
