@@ -196,6 +196,31 @@ def test_holm_with_one_criterion_is_the_plain_verdict_and_controls_the_family():
     assert wrong_holm / reps <= 0.05 + 3 * (0.05 * 0.95 / reps) ** 0.5
 
 
+def test_holm_reads_a_t_interval_at_its_degrees_of_freedom():
+    """A t interval over 3 clusters (2 df) is 2.2× wider than a normal one for the same se. Read
+    as normal, an interval that just excludes the threshold would give p far below α/2 and Holm
+    would pass it in a family where the t reading (the interval's own) does not; with its df the
+    one-criterion verdict is the interval's own at any df."""
+    from fcr_eval.analysis.verdicts import holm_verdicts
+    from fcr_eval.report.board import interval_df
+    from scipy import stats as st
+
+    for df in (2, 5, 30):
+        q = st.t.ppf(0.975, df)
+        for margin, expected in ((1.01, "PASS"), (0.99, "INCONCLUSIVE")):
+            est = margin * q  # se = 1, threshold 0: the interval's low end at ±1 % of the threshold
+            assert holm_verdicts([(est, est - q, est + q, 0.0, "at_least", df)]) == [expected]
+    # a family of two at 2 df: the t reading keeps the α/2 claim of each at α/4 and leaves this
+    # one undecided (p = 0.018 > α/3; the normal reading of the same interval gives p = 0.009: PASS)
+    q = st.t.ppf(0.975, 2)
+    pair = [(1.2 * q, 0.2 * q, 2.2 * q, 0.0, "at_least"), (10.0, 9.0, 11.0, 0.0, "at_least")]
+    assert holm_verdicts([(*pair[0], 2), (*pair[1], None)]) == ["INCONCLUSIVE", "PASS"]
+    assert holm_verdicts(pair) == ["PASS", "PASS"]
+    assert interval_df({"method": "fieller (G-1 df)", "n_clusters": 9}) == 8
+    assert interval_df({"method": "paired-t (n-1 df); sampling noise only", "n_samples": 60}) == 59
+    assert interval_df({"method": "cluster bootstrap", "n_clusters": 9}) is None
+
+
 def test_board_marks_method_claims_from_a_shared_finetune_inconclusive_and_records_the_family(tmp_path):
     from fcr_eval.spec.vocabulary import INDEPENDENT_FINETUNES, SHARED_FINETUNE
 

@@ -35,16 +35,19 @@ def verdict(ci_low: float, ci_high: float, threshold: float, direction: str) -> 
     return "PASS" if ci_high <= threshold else "FAIL" if ci_low > threshold else "INCONCLUSIVE"
 
 
-def holm_verdicts(intervals: Sequence[tuple[float, float, float, float, str]], *, confidence: float = 0.95
-                  ) -> list[str]:
+def holm_verdicts(intervals: Sequence[tuple], *, confidence: float = 0.95) -> list[str]:
     """Verdicts of a family of criteria, Holm-adjusted (Holm 1979, "A simple sequentially rejective
     multiple test procedure", Scand. J. Statist. 6, 65–70).
 
     Each entry is ``(estimate, ci_low, ci_high, threshold, direction)`` with a two-sided
-    ``confidence`` interval. Every criterion carries two one-sided claims — PASS (the value is on the
-    passing side of the threshold) and FAIL (on the failing side) — each at level α/2 unadjusted,
-    which is what :func:`verdict` reads off the interval. Their p-values come from the interval's
-    normal approximation (se = width / (2 z)); Holm's step-down then rejects across all 2·m claims
+    ``confidence`` interval, optionally followed by the interval's degrees of freedom (a t interval
+    over G clusters has G − 1; ``None``: a normal or bootstrap interval). Every criterion carries two
+    one-sided claims — PASS (the value is on the passing side of the threshold) and FAIL (on the
+    failing side) — each at level α/2 unadjusted, which is what :func:`verdict` reads off the
+    interval. Their p-values come from the interval read back as estimate ± q·se (q the t quantile at
+    those df, else the normal one; se = width / (2q)), so an unadjusted claim is rejected exactly when
+    the interval excludes the threshold (for an asymmetric interval, e.g. Fieller's, this is an
+    approximation); Holm's step-down then rejects across all 2·m claims
     at family level α = 1 − ``confidence``. A criterion is PASS / FAIL when its claim is rejected,
     INCONCLUSIVE otherwise; Holm keeps the chance that any claim of the family is wrong at ≤ α.
     With one criterion it gives the unadjusted verdict.
@@ -54,16 +57,18 @@ def holm_verdicts(intervals: Sequence[tuple[float, float, float, float, str]], *
         ['PASS', 'INCONCLUSIVE']
     """
     alpha = 1 - confidence
-    z = _st.norm.ppf(1 - alpha / 2)
     claims = []  # (p, index, verdict if rejected)
-    for i, (est, lo, hi, thr, direction) in enumerate(intervals):
+    for i, entry in enumerate(intervals):
+        est, lo, hi, thr, direction = entry[:5]
+        df = entry[5] if len(entry) > 5 else None
         if direction not in DIRECTIONS:
             raise ValueError(f"direction {direction!r} is not one of {DIRECTIONS}")
-        se = (hi - lo) / (2 * z)
+        dist = _st.t(df) if df is not None and df >= 1 else _st.norm
+        se = (hi - lo) / (2 * dist.ppf(1 - alpha / 2))
         sign = 1.0 if direction == "at_least" else -1.0
         if se > 0 and math.isfinite(se):
             zs = sign * (est - thr) / se
-            claims += [(float(_st.norm.sf(zs)), i, "PASS"), (float(_st.norm.cdf(zs)), i, "FAIL")]
+            claims += [(float(dist.sf(zs)), i, "PASS"), (float(dist.cdf(zs)), i, "FAIL")]
         else:  # a zero-width interval: decided without uncertainty
             claims.append((0.0 if sign * (est - thr) != 0 else 1.0, i, "PASS" if sign * (est - thr) >= 0 else "FAIL"))
     out = ["INCONCLUSIVE"] * len(intervals)

@@ -96,6 +96,17 @@ def _undecided_when_shared(r: CriterionResult, cfg: CriteriaConfig,
                                details={**r.details, "reason": reason, "verdict_without_uncertainty": r.verdict})
 
 
+def interval_df(details: dict) -> int | None:
+    """The degrees of freedom of a stored interval, read from its method's name
+    (:func:`fcr_eval.analysis.replication.method_name`: ``… (G-1 df)`` over ``n_clusters``,
+    ``… (n-1 df)`` over ``n_samples``); ``None`` for a bootstrap or normal interval."""
+    method = str(details.get("method") or "")
+    for tag, count in (("(G-1 df)", "n_clusters"), ("(n-1 df)", "n_samples")):
+        if tag in method and details.get(count):
+            return int(details[count]) - 1
+    return None
+
+
 def _family_adjusted(rows: list[CriterionResult], adjustment: str) -> list[CriterionResult]:
     """Holm over the criteria whose verdict comes from an interval (the others keep theirs); every
     row records the adjustment and the family size."""
@@ -105,8 +116,8 @@ def _family_adjusted(rows: list[CriterionResult], adjustment: str) -> list[Crite
     note = {"family_adjustment": adjustment, "family_size": len(decided)}
     if adjustment != "holm" or not decided:
         return [dataclasses.replace(r, details={**r.details, **note}) for r in rows]
-    adjusted = holm_verdicts([(rows[i].value, rows[i].ci_low, rows[i].ci_high, rows[i].threshold, rows[i].details["direction"])
-                              for i in decided])
+    adjusted = holm_verdicts([(rows[i].value, rows[i].ci_low, rows[i].ci_high, rows[i].threshold,
+                               rows[i].details["direction"], interval_df(rows[i].details)) for i in decided])
     out = list(rows)
     for i, v in zip(decided, adjusted, strict=True):
         r = rows[i]
