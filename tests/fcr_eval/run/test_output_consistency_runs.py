@@ -76,6 +76,7 @@ def test_lambda_oc_plans_its_own_finetune_with_the_term(tmp_path):
     assert by_var["oc-fd-2", 1].finetune is oc
 
 
+@pytest.mark.slow  # a whole (tiny) experiment: two fine-tunes and three runs, ~15 s
 def test_an_output_consistency_finetune_runs_and_is_stored(tmp_path):
     path = _tiny_with(tmp_path, OC_VARIATIONS)
     store_path = tmp_path / "results" / "fcr.duckdb"
