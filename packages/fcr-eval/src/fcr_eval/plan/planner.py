@@ -76,7 +76,7 @@ class PlannedFinetune:
     delta_unit: str = "timesteps"  # "sampler_steps": Δ counts steps of a `sampler_steps`-step sampler
     sampler_steps: int | None = None
     distance: str = "mse"
-    # How the trainer runs (fcr_eval.plan.identity.TRAINER_FIELDS; not repeated in :meth:`config`).
+    # How the trainer runs (what enters the key and the record: fcr_eval.plan.identity.DECISIONS).
     weight_decay: float = 1e-2
     warmup_steps: int = 0
     ema_decay: float | None = None
