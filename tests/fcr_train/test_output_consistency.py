@@ -152,7 +152,7 @@ def test_bad_settings_are_refused_before_a_run_folder_exists(tmp_path, tiny_unet
             _oc(**kw)
     assert _oc(delta_max=None, stride=4).delta_max == 4
     with pytest.raises(ValueError, match="exclusive"):
-        TrainConfig(output_consistency=_oc(), fcr=FCRConfig(lam=0.1))
+        TrainConfig(objective=_oc(), fcr=FCRConfig(lam=0.1))
     with pytest.raises(ValueError, match="fewer than num_train_timesteps"):
         check_output_consistency(tiny_unet, 100, _oc(delta_max=10))
     with pytest.raises(ValueError, match="gradient checkpointing"):
@@ -160,7 +160,7 @@ def test_bad_settings_are_refused_before_a_run_folder_exists(tmp_path, tiny_unet
     with pytest.raises(ValueError, match="cache_branch_id"):
         check_output_consistency(tiny_unet, 100, _oc(cache="deepcache", cache_branch_id=9))
     cfg = TrainConfig(output_dir=str(tmp_path / "r"), max_steps=1, progress=False, fcr=FCRConfig(lam=0.0),
-                      output_consistency=_oc(delta_max=10))
+                      objective=_oc(delta_max=10))
     with pytest.raises(ValueError, match="delta_max"):
         train(tiny_unet, scheduler, [], None, cfg)
     assert not (tmp_path / "r").exists()
@@ -184,7 +184,7 @@ def test_finetune_steps_log_the_share_and_resume_exactly(tmp_path, scheduler, ca
     def cfg(name, **kw):
         return TrainConfig(**{**dict(output_dir=str(tmp_path / name), max_steps=2, batch_size=4, lr=1e-3,
                                      checkpoint_every=1, seed=3, progress=False, fcr=FCRConfig(lam=0.0),
-                                     output_consistency=oc), **kw})
+                                     objective=oc), **kw})
 
     res = train(_unet(), scheduler, data, _conditioner(), cfg("full"))
     recs = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -194,10 +194,10 @@ def test_finetune_steps_log_the_share_and_resume_exactly(tmp_path, scheduler, ca
         assert r["l_oc_weighted"] == pytest.approx(0.5 * r["l_oc"])
         assert r["oc_to_denoise"] == pytest.approx(0.5 * r["l_oc"] / r["l_denoise"])
         assert r["loss"] == pytest.approx(r["l_denoise"] + 0.5 * r["l_oc"])
-    assert res.oc_to_denoise == [r["oc_to_denoise"] for r in recs]
+    assert res.objective_to_denoise == [r["oc_to_denoise"] for r in recs]
     assert "λ·l_oc/l_denoise" in (res.run_dir / "train.log").read_text()
     saved = json.loads((res.run_dir / "config.json").read_text())["train"]
-    assert saved["output_consistency"] == oc.to_dict() and saved["fcr"]["lam"] == 0.0
+    assert saved["objective"] == {"name": "output_consistency", **oc.to_dict()} and saved["fcr"]["lam"] == 0.0
 
     train(_unet(), scheduler, data, _conditioner(), cfg("cut", max_steps=1))
     assert latest_checkpoint(tmp_path / "cut").name == "step_0000001"
@@ -214,7 +214,7 @@ def test_cli_finetune_with_output_consistency(tmp_path, capsys):
     assert "L_oc" in capsys.readouterr().out
     saved = json.loads((out / "config.json").read_text())["train"]
     assert saved["fcr"]["lam"] == 0.0  # --lam's default gives way to --oc-lam
-    assert {k: saved["output_consistency"][k] for k in ("lam", "cache", "delta_max", "trainable", "delta_unit")} == \
+    assert {k: saved["objective"][k] for k in ("lam", "cache", "delta_max", "trainable", "delta_unit")} == \
         {"lam": 0.2, "cache": "deepcache", "delta_max": 2, "trainable": "all", "delta_unit": "sampler_steps"}
     for bad, word in [(["--oc-cache", "deepcache"], "without --oc-lam"), (["--oc-lam", "0.1", "--lam", "0.1"], "exclusive")]:
         assert main(["finetune", "--model", "embedded-tiny", "--output-dir", str(tmp_path / "bad"), *bad]) == 2

@@ -86,7 +86,8 @@ def test_an_output_consistency_finetune_runs_and_is_stored(tmp_path):
     oc = next(r.finetune for r in plan.runs if r.variation.id == "oc-fd-2")
     # the trainer ran with the term: its record holds the config, its log the term's share
     record = json.loads((Path(oc.output_dir) / "config.json").read_text())["train"]
-    assert record["output_consistency"]["lam"] == 0.5 and record["output_consistency"]["cache"] == "fd"
+    assert record["objective"]["name"] == "output_consistency"
+    assert record["objective"]["lam"] == 0.5 and record["objective"]["cache"] == "fd"
     assert record["fcr"]["lam"] == 0.0
     logs = [json.loads(x) for x in (Path(oc.output_dir) / "metrics.jsonl").read_text().splitlines()]
     assert len(logs) == exp.finetune.steps and all(x["l_oc"] >= 0 and "oc_to_denoise" in x for x in logs)

@@ -86,8 +86,8 @@ class FinetuneConfig:
         revision / variant: passed to ``from_pretrained`` for SD models.
         data: :class:`DataConfig`.
         train: :class:`TrainConfig` (holds the :class:`FCRConfig`, or instead an
-            :class:`~fcr_train.output_consistency.OutputConsistencyConfig` in
-            ``train.output_consistency`` with ``fcr.lam = 0``).
+            :class:`~fcr_train.output_consistency.OutputConsistencyConfig` (or another objective of
+            :mod:`fcr_train.objectives`) in ``train.objective`` with ``fcr.lam = 0``).
     """
 
     model: str = "embedded"

@@ -33,7 +33,7 @@ STATE_FILE = "trainer_state.json"
 # Files accelerate needs besides the model; all written by torch.save (a zip archive).
 _REQUIRED = (MODEL_FILE, "optimizer.bin")
 # Wrappers whose prefixes a saved state dict may carry (DDP, torch.compile) and the trainer's own
-# FCRObjective, which holds the UNet as ``unet``.
+# fcr_train.objectives.ObjectiveModule, which holds the UNet as ``unet``.
 _PREFIXES = ("module.", "_orig_mod.", "unet.")
 
 

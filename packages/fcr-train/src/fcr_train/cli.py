@@ -142,7 +142,7 @@ def _train_config(args) -> TrainConfig:
         num_workers=args.num_workers, max_bad_fraction=args.max_bad_fraction, max_bad_count=args.max_bad_count,
         max_time_s=None if args.max_minutes is None else 60 * args.max_minutes,
         resume=args.resume_from or args.resume, cpu=args.cpu, progress=args.progress,
-        output_consistency=oc,
+        objective=oc,
         fcr=FCRConfig(lam=lam, delta_max=args.delta_max, delta_scale=args.delta_scale, blocks=blocks, distance=args.distance,
                       stop_grad=args.stop_grad, batched=args.batched),
     )

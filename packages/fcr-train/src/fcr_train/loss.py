@@ -50,44 +50,23 @@ __all__ = [
     "fcr_loss",
 ]
 
+from .delta import DeltaSampling, sampler_step_timesteps  # noqa: E402  (torch-free, re-exported)
 from .vocabulary import DELTA_UNITS, DISTANCES  # noqa: E402  (defined torch-free, re-exported)
 
 
-def sampler_step_timesteps(num_train_timesteps: int, num_inference_steps: int) -> int:
-    """Training timesteps between two consecutive sampler steps: ``T // steps``.
-
-    This is the step ratio of diffusers' DDIM / DPM-Solver++ with their default ``"leading"``
-    timestep spacing (timesteps ``k · T // steps``), so Δ = k sampler steps is exactly the offset
-    between sampler steps i and i + k.
-
-    Example:
-        >>> sampler_step_timesteps(1000, 20)
-        50
-    """
-    T, n = int(num_train_timesteps), int(num_inference_steps)
-    if n < 1 or n > T:
-        raise ValueError(f"num_inference_steps = {n} must be in [1, num_train_timesteps = {T}]")
-    return T // n
-
-
 @dataclass(frozen=True)
-class FCRConfig:
+class FCRConfig(DeltaSampling):
     """Options of the FCR term, recorded with every run.
 
     Attributes:
         lam: weight λ of the consistency term (0 = plain fine-tuning).
-        delta_max: Δ ~ U(1, delta_max) between the two branches, in ``delta_unit``. ``None``
-            means "the stride it serves": Δ_max = ``stride`` (which must then be set).
+        delta_max, delta_unit, sampler_steps, stride: how Δ between the two branches is drawn
+            (:class:`fcr_train.delta.DeltaSampling`, shared with output consistency); in
+            ``"timesteps"`` by default, so old configs keep their meaning.
         delta_scale: training timesteps per unit of Δ when ``delta_unit = "timesteps"``. 1
             (default) = DDPM timesteps, as in the paper's formula; ``T / num_inference_steps``
             (20 for DDIM-50 with T = 1000) makes Δ count sampler steps by hand — prefer
             ``delta_unit = "sampler_steps"``, which records the step count.
-        delta_unit: ``"timesteps"`` (default; old configs keep their meaning) or
-            ``"sampler_steps"``: one unit = ``T // sampler_steps`` timesteps
-            (:func:`sampler_step_timesteps`).
-        sampler_steps: the sampler's step count (the experiment's ``num_inference_steps``);
-            required with ``delta_unit = "sampler_steps"``.
-        stride: the encoder-cache stride this fine-tune serves (recorded; Δ_max's default).
         blocks: ``"all"``, ``"early"``, ``"mid"``, ``"late"`` or a tuple of feature-name prefixes
             (``("down_blocks.1", "mid_block")``), resolved by ``fcr_sample.features``.
         distance: ``"mse"`` (the paper's ‖·‖², as a mean), ``"relative_mse"`` (MSE divided by the
@@ -100,37 +79,19 @@ class FCRConfig:
     """
 
     lam: float = 0.1
-    delta_max: int | None = 10
     delta_scale: int = 1
     blocks: str | tuple[str, ...] = "all"
     distance: str = "mse"
     stop_grad: bool = False
     batched: bool = True
-    delta_unit: str = "timesteps"
-    sampler_steps: int | None = None
-    stride: int | None = None
 
     def __post_init__(self):
         if self.lam < 0:
             raise ValueError(f"FCRConfig.lam must be >= 0, got {self.lam}")
-        if self.delta_unit not in DELTA_UNITS:
-            raise ValueError(f"FCRConfig.delta_unit must be one of {DELTA_UNITS}, got {self.delta_unit!r}")
-        if self.stride is not None and int(self.stride) < 1:
-            raise ValueError(f"FCRConfig.stride must be >= 1, got {self.stride}")
-        if self.delta_max is None:
-            if self.stride is None:
-                raise ValueError("FCRConfig.delta_max = None means 'the stride it serves'; set stride too "
-                                 "(e.g. stride=10 for FD-10), or give delta_max")
-            object.__setattr__(self, "delta_max", int(self.stride))
-        if self.delta_unit == "sampler_steps":
-            if self.sampler_steps is None or int(self.sampler_steps) < 1:
-                raise ValueError("FCRConfig.delta_unit = 'sampler_steps' needs sampler_steps = the sampler's step "
-                                 f"count (the experiment's num_inference_steps), got {self.sampler_steps}")
-            if self.delta_scale != 1:
-                raise ValueError("FCRConfig: delta_scale is the by-hand unit of delta_unit = 'timesteps'; with "
-                                 f"'sampler_steps' leave it at 1 (got {self.delta_scale})")
-        if int(self.delta_max) < 1:
-            raise ValueError(f"FCRConfig.delta_max must be >= 1, got {self.delta_max}")
+        super().__post_init__()
+        if self.delta_unit == "sampler_steps" and self.delta_scale != 1:
+            raise ValueError("FCRConfig: delta_scale is the by-hand unit of delta_unit = 'timesteps'; with "
+                             f"'sampler_steps' leave it at 1 (got {self.delta_scale})")
         if int(self.delta_scale) < 1:
             raise ValueError(f"FCRConfig.delta_scale must be >= 1, got {self.delta_scale}")
         if self.distance not in DISTANCES:
@@ -144,14 +105,15 @@ class FCRConfig:
         return d
 
     def timesteps_per_delta(self, num_train_timesteps: int) -> int:
-        """Training timesteps per unit of Δ for a scheduler with ``num_train_timesteps``.
+        """Training timesteps per unit of Δ for a scheduler with ``num_train_timesteps``
+        (``delta_scale`` in timesteps: the by-hand unit).
 
         Example:
             >>> FCRConfig(delta_unit="sampler_steps", sampler_steps=20).timesteps_per_delta(1000)
             50
         """
         if self.delta_unit == "sampler_steps":
-            return sampler_step_timesteps(num_train_timesteps, self.sampler_steps)
+            return super().timesteps_per_delta(num_train_timesteps)
         return int(self.delta_scale)
 
 

@@ -48,13 +48,12 @@ import torch.nn.functional as F
 from fcr_sample.deep_cache import DeepCacheConfig, cached_module_names, deep_cache_layers
 from fcr_sample.unet_parts import prepare_conditioning, run_decoder, run_encoder
 
+from .delta import DeltaSampling
 from .loss import (
-    DELTA_UNITS,
     DISTANCES,
     denoise_target,
     feature_distance,
     sample_timesteps,
-    sampler_step_timesteps,
 )
 
 __all__ = [
@@ -76,17 +75,14 @@ _FD_CACHED_MODULES = ("conv_in", "down_blocks", "mid_block")
 
 
 @dataclass(frozen=True)
-class OutputConsistencyConfig:
+class OutputConsistencyConfig(DeltaSampling):
     """Options of the output-consistency term, recorded with every run (``config.json``).
 
     Attributes:
         lam: weight λ of the term (> 0; a run without the term has no config).
-        delta_max: Δ ~ U(1, delta_max) between the key step and the reused step, in
-            ``delta_unit``. ``None`` means "the stride it serves": Δ_max = ``stride``.
-        delta_unit: ``"sampler_steps"`` (default: one unit = ``T // sampler_steps`` timesteps,
-            :func:`fcr_train.loss.sampler_step_timesteps`) or ``"timesteps"`` (DDPM timesteps).
-        sampler_steps: the sampler's step count (default 20: the study's DDIM-20).
-        stride: the cache stride / interval this fine-tune serves (recorded; Δ_max's default).
+        delta_max, delta_unit, sampler_steps, stride: how Δ between the key step and the reused
+            step is drawn (:class:`fcr_train.delta.DeltaSampling`, shared with FCR); here in
+            sampler steps by default, of the study's DDIM-20.
         distance: one of :data:`fcr_train.loss.DISTANCES` between the stale-path output and the
             fresh target (default ``"relative_mse"``: scale-free).
         cache: ``"fd"`` or ``"deepcache"`` (:data:`OC_CACHES`): whose stale features.
@@ -103,10 +99,8 @@ class OutputConsistencyConfig:
     """
 
     lam: float = 0.1
-    delta_max: int | None = 10
     delta_unit: str = "sampler_steps"
     sampler_steps: int | None = 20
-    stride: int | None = None
     distance: str = "relative_mse"
     cache: str = "fd"
     cache_branch_id: int = 0
@@ -117,20 +111,7 @@ class OutputConsistencyConfig:
         if not self.lam > 0:
             raise ValueError(f"{name}.lam must be > 0, got {self.lam} (leave output_consistency unset "
                              "for a run without the term)")
-        if self.delta_unit not in DELTA_UNITS:
-            raise ValueError(f"{name}.delta_unit must be one of {DELTA_UNITS}, got {self.delta_unit!r}")
-        if self.stride is not None and int(self.stride) < 1:
-            raise ValueError(f"{name}.stride must be >= 1, got {self.stride}")
-        if self.delta_max is None:
-            if self.stride is None:
-                raise ValueError(f"{name}.delta_max = None means 'the stride it serves'; set stride too "
-                                 "(e.g. stride=10 for FD-10), or give delta_max")
-            object.__setattr__(self, "delta_max", int(self.stride))
-        if int(self.delta_max) < 1:
-            raise ValueError(f"{name}.delta_max must be >= 1, got {self.delta_max}")
-        if self.delta_unit == "sampler_steps" and (self.sampler_steps is None or int(self.sampler_steps) < 1):
-            raise ValueError(f"{name}.delta_unit = 'sampler_steps' needs sampler_steps = the sampler's step "
-                             f"count (the experiment's num_inference_steps), got {self.sampler_steps}")
+        super().__post_init__()
         if self.distance not in DISTANCES:
             raise ValueError(f"{name}.distance must be one of {DISTANCES}, got {self.distance!r}")
         if self.cache not in OC_CACHES:
@@ -143,12 +124,6 @@ class OutputConsistencyConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    def timesteps_per_delta(self, num_train_timesteps: int) -> int:
-        """Training timesteps per unit of Δ (``T // sampler_steps``, or 1 for ``"timesteps"``)."""
-        if self.delta_unit == "sampler_steps":
-            return sampler_step_timesteps(num_train_timesteps, self.sampler_steps)
-        return 1
 
     def deep_cache_config(self) -> DeepCacheConfig:
         """The :class:`fcr_sample.DeepCacheConfig` whose cut the ``"deepcache"`` variant trains."""

@@ -10,8 +10,9 @@ Run folder layout (``TrainConfig.output_dir``)::
 
     config.json         full config + code version + hardware (written at start, updated at end)
     metrics.jsonl       one line per optimizer step: loss, l_denoise, l_fcr, l_fcr_weighted (λ·l_fcr),
-                        fcr_to_denoise (λ·l_fcr / l_denoise), d/<block>, step_time_s, lr; with the
-                        output-consistency term also l_oc, l_oc_weighted, oc_to_denoise
+                        fcr_to_denoise (λ·l_fcr / l_denoise), d/<block>, step_time_s, lr; with
+                        another objective (fcr_train.objectives) also l_<term>, l_<term>_weighted,
+                        <term>_to_denoise (output consistency: l_oc, l_oc_weighted, oc_to_denoise)
     validation.jsonl    one line per validation call (step, metric)
     train.log           the log
     checkpoints/step_0000500/
@@ -42,19 +43,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from fcr_sample.features import BLOCK_GROUPS, select_feature_names
 
 from .checkpoints import STATE_FILE, CheckpointError, model_mismatch, unreadable_reason
 from .data import BadSampleCounter, collate_skip_bad
+from .delta import DeltaSampling
 from .locking import ProcessLock
-from .loss import FCRConfig, FCRLossOutput, fcr_loss, sample_timesteps
-from .output_consistency import (
-    OutputConsistencyConfig,
-    OutputConsistencyLossOutput,
-    check_output_consistency,
-    output_consistency_loss,
-    sample_oc_timesteps,
-)
+from .loss import FCRConfig
+from .objectives import Objective, ObjectiveModule, objective_for
 from .provenance import run_provenance
 from .sampler import ResumableBatchSampler
 
@@ -64,8 +59,6 @@ __all__ = [
     "EMA",
     "EarlyStopping",
     "EmbeddedConditioner",
-    "FCRObjective",
-    "OutputConsistencyObjective",
     "train",
     "latest_checkpoint",
 ]
@@ -111,10 +104,11 @@ class TrainConfig:
         progress: show a tqdm bar.
         log_every: write a step line (losses and λ·L_FCR / L_denoise) to train.log every N steps
             (and at the first and last step); every step is always in metrics.jsonl.
-        fcr: :class:`FCRConfig`.
-        output_consistency: :class:`~fcr_train.output_consistency.OutputConsistencyConfig`, or
-            ``None`` (default) for no output-consistency term. Exclusive with FCR (``fcr.lam``
-            must be 0): see ``__post_init__``.
+        fcr: :class:`FCRConfig` (λ = 0: plain fine-tuning).
+        objective: another objective's config instead of FCR — any registered in
+            :mod:`fcr_train.objectives` (an
+            :class:`~fcr_train.output_consistency.OutputConsistencyConfig`, …) — or ``None``
+            (default). Exclusive with FCR (``fcr.lam`` must be 0): see ``__post_init__``.
     """
 
     output_dir: str = "runs/fcr"
@@ -148,22 +142,30 @@ class TrainConfig:
     progress: bool = True
     log_every: int = 50
     fcr: FCRConfig = field(default_factory=FCRConfig)
-    output_consistency: OutputConsistencyConfig | None = None
+    objective: DeltaSampling | None = None
 
     def __post_init__(self):
-        # Exclusive rather than summed: the two terms draw (t, Δ) on opposite sides of t (FCR pairs
-        # t with the less noisy t − Δ, t ~ U(Δ, T−1); output consistency pairs it with the key step
-        # t + Δ, t ~ U(0, T−1−Δ)), so one draw cannot serve both without changing the timestep
-        # distribution that existing FCR runs were trained with; and issue 18 compares them as
+        # Exclusive rather than summed: the terms draw (t, Δ) differently (FCR pairs t with the
+        # less noisy t − Δ, t ~ U(Δ, T−1); output consistency pairs it with the key step t + Δ,
+        # t ~ U(0, T−1−Δ)), so one draw cannot serve both without changing the timestep
+        # distribution that existing FCR runs were trained with; and the studies compare them as
         # separate arms, where a sum would leave no clean λ·L / L_denoise share for either.
-        if self.output_consistency is not None and self.fcr.lam > 0:
-            raise ValueError(f"the output-consistency term and FCR are exclusive: set fcr.lam = 0 (got "
-                             f"{self.fcr.lam}) or leave output_consistency unset")
+        if self.objective is not None:
+            name = objective_for(self.objective).name  # an unregistered config is refused here
+            if self.fcr.lam > 0:
+                raise ValueError(f"the {name} objective and FCR are exclusive: set fcr.lam = 0 (got "
+                                 f"{self.fcr.lam}) or leave objective unset")
+
+    @property
+    def term(self) -> DeltaSampling:
+        """The config of the objective this run trains: ``objective``, else ``fcr``."""
+        return self.objective if self.objective is not None else self.fcr
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["fcr"] = self.fcr.to_dict()
-        d["output_consistency"] = None if self.output_consistency is None else self.output_consistency.to_dict()
+        d["objective"] = None if self.objective is None else {"name": objective_for(self.objective).name,
+                                                              **self.objective.to_dict()}
         return d
 
 
@@ -182,8 +184,8 @@ class RunResult:
         losses: per-step total loss of this process (resumed runs: only the steps run here).
         fcr_to_denoise: per-step λ·L_FCR / L_denoise, the same steps as ``losses`` (the share of
             the loss the FCR term carries; 0 for λ = 0).
-        oc_to_denoise: per-step λ·L_oc / L_denoise of the output-consistency term, the same
-            steps as ``losses`` (empty when the run has no such term).
+        objective_to_denoise: per-step λ·L / L_denoise of another objective's term (``objective``;
+            output consistency: λ·L_oc / L_denoise), the same steps as ``losses`` (empty for FCR).
         last_logs: the final step's log record.
         wall_time_s: seconds spent in this call.
     """
@@ -199,7 +201,7 @@ class RunResult:
     stopped_by_time: bool = False
     losses: list[float] = field(default_factory=list)
     fcr_to_denoise: list[float] = field(default_factory=list)
-    oc_to_denoise: list[float] = field(default_factory=list)
+    objective_to_denoise: list[float] = field(default_factory=list)
     last_logs: dict = field(default_factory=dict)
     wall_time_s: float = 0.0
 
@@ -299,29 +301,6 @@ class EmbeddedConditioner:
         return {"kind": "embedded", "prompt_states": list(self.prompt_states.shape)}
 
 
-class FCRObjective(torch.nn.Module):
-    """The UNet plus its loss, as one module so that DDP wraps the whole FCR forward."""
-
-    def __init__(self, unet: torch.nn.Module, scheduler, config: FCRConfig):
-        super().__init__()
-        self.unet = unet
-        self.scheduler = scheduler
-        self.config = config
-
-    def forward(self, x0, encoder_hidden_states, noise, timesteps, deltas) -> FCRLossOutput:
-        return fcr_loss(self.unet, self.scheduler, x0, encoder_hidden_states, self.config,
-                        noise=noise, timesteps=timesteps, deltas=deltas)
-
-
-class OutputConsistencyObjective(FCRObjective):
-    """The UNet plus the output-consistency loss (``config``: an
-    :class:`~fcr_train.output_consistency.OutputConsistencyConfig`), one module for DDP."""
-
-    def forward(self, x0, encoder_hidden_states, noise, timesteps, deltas) -> OutputConsistencyLossOutput:
-        return output_consistency_loss(self.unet, self.scheduler, x0, encoder_hidden_states, self.config,
-                                       noise=noise, timesteps=timesteps, deltas=deltas)
-
-
 class _TrainState:
     """Counters that accelerate checkpoints alongside model, optimizer and LR schedule.
 
@@ -376,20 +355,6 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """Newest complete checkpoint (one with ``trainer_state.json``) in ``run_dir/checkpoints``."""
     ckpts = _complete_checkpoints(run_dir)
     return ckpts[-1] if ckpts else None
-
-
-def _check_blocks(unet: torch.nn.Module, fcr: FCRConfig) -> None:
-    """Resolve ``fcr.blocks`` on ``unet`` now, so a name that is not a feature of this UNet stops
-    the run before its folder exists (the loss resolves it only at the first step, and only with
-    lam > 0: with lam = 0 the blocks are not used)."""
-    if fcr.lam <= 0:
-        return
-    try:
-        select_feature_names(unet, fcr.blocks)
-    except ValueError as exc:
-        shown = fcr.blocks if isinstance(fcr.blocks, str) else ",".join(fcr.blocks)
-        raise ValueError(f"FCRConfig.blocks = {shown!r}: {exc}. Pass one of {', '.join(BLOCK_GROUPS)} or "
-                         "comma-separated feature-name prefixes of this UNet") from None
 
 
 def _resume_candidates(config: TrainConfig, run_dir: Path, unet: torch.nn.Module) -> tuple[list[Path], list[str]]:
@@ -524,7 +489,7 @@ def train(
     step_callback: Callable[[int, dict], None] | None = None,
     run_metadata: dict | None = None,
 ) -> RunResult:
-    """Train ``unet`` with L_denoise + λ·FCR (or + λ·L_oc, ``config.output_consistency``) on ``dataset``.
+    """Train ``unet`` with L_denoise + λ·FCR (or + λ·L of ``config.objective``: output consistency, …) on ``dataset``.
 
     Args:
         unet: the diffusers UNet to train (the only trained module; VAE/text encoder live in ``conditioner``).
@@ -551,13 +516,11 @@ def train(
     from tqdm.auto import tqdm
 
     t_start = time.time()
-    oc = config.output_consistency
-    if oc is not None:  # before the run folder exists: a bad setting leaves nothing behind
-        check_output_consistency(unet, scheduler.config.num_train_timesteps, oc,
-                                 grad_checkpointing=config.grad_checkpointing)
-    run_dir = Path(config.output_dir)
+    term = config.term
+    kind = objective_for(term)
     # Everything a bad input can fail is checked before the run folder is created or written.
-    _check_blocks(unet, config.fcr)
+    kind.check(unet, scheduler.config.num_train_timesteps, term, grad_checkpointing=config.grad_checkpointing)
+    run_dir = Path(config.output_dir)
     resume_candidates, resume_skipped = _resume_candidates(config, run_dir, unet)
     run_dir.mkdir(parents=True, exist_ok=True)
     # accelerate keeps process-wide singletons; the experiment runner calls train() many times in
@@ -586,8 +549,7 @@ def train(
         unet.requires_grad_(True)
         if config.grad_checkpointing:
             unet.enable_gradient_checkpointing()
-        objective = FCRObjective(unet, scheduler, config.fcr) if oc is None else \
-            OutputConsistencyObjective(unet, scheduler, oc)
+        objective = ObjectiveModule(unet, scheduler, term, kind)
         params = [p for p in unet.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.adam_betas),
                                       eps=config.adam_eps, weight_decay=config.weight_decay)
@@ -635,11 +597,11 @@ def train(
                    desc="fcr-train", dynamic_ncols=True)
         losses: list[float] = []
         fcr_to_denoise: list[float] = []
-        oc_to_denoise: list[float] = []
+        objective_to_denoise: list[float] = []
         checkpoints_written: list[Path] = []
         last_logs: dict = {}
         stopped_early = stopped_by_time = False
-        acc = _StepAccumulator()
+        acc = _StepAccumulator(kind)
         step_t0 = time.perf_counter()
         last_saved_step = state.step if resume_from else -1
 
@@ -661,12 +623,8 @@ def train(
                     drop = (torch.rand(n, generator=g) < config.cond_dropout).to(device)
                     null = conditioner.null_states.to(device, text.dtype).expand_as(text)
                     text = torch.where(drop[:, None, None], null, text)
-                if oc is None:
-                    t, delta = sample_timesteps(n, scheduler.config.num_train_timesteps, config.fcr.delta_max,
-                                                generator=g, device=device, fcr=config.fcr.lam > 0,
-                                                delta_scale=config.fcr.timesteps_per_delta(scheduler.config.num_train_timesteps))
-                else:
-                    t, delta = sample_oc_timesteps(n, scheduler.config.num_train_timesteps, oc, generator=g, device=device)
+                t, delta = kind.sample_timesteps(n, scheduler.config.num_train_timesteps, term, generator=g,
+                                                 device=device)
                 noise = torch.randn(x0.shape, generator=g).to(device, x0.dtype)
                 with accelerator.autocast():
                     out = objective(x0, text, noise, t, delta)
@@ -686,19 +644,16 @@ def train(
             logs = acc.pop()
             logs.update(step=state.step, lr=lr_schedule.get_last_lr()[0],
                         step_time_s=time.perf_counter() - step_t0, bad_samples=state.bad.bad,
-                        **_fcr_share(config.fcr.lam, logs))
-            if oc is not None:
-                logs.update(_oc_share(oc.lam, logs))
-                oc_to_denoise.append(logs["oc_to_denoise"])
+                        **_share("fcr", config.fcr.lam, logs))
+            if kind.term != "fcr":
+                logs.update(_share(kind.term, term.lam, logs))
+                objective_to_denoise.append(logs[f"{kind.term}_to_denoise"])
             losses.append(logs["loss"])
             fcr_to_denoise.append(logs["fcr_to_denoise"])
             if state.step == 1 or state.step % max(1, config.log_every) == 0 or state.step == config.max_steps:
-                if oc is None:
-                    logger.info("step %d: loss %.5g  l_denoise %.5g  l_fcr %.5g  λ·l_fcr/l_denoise %.4g", state.step,
-                                logs["loss"], logs["l_denoise"], logs["l_fcr"], logs["fcr_to_denoise"])
-                else:
-                    logger.info("step %d: loss %.5g  l_denoise %.5g  l_oc %.5g  λ·l_oc/l_denoise %.4g", state.step,
-                                logs["loss"], logs["l_denoise"], logs["l_oc"], logs["oc_to_denoise"])
+                name = kind.term
+                logger.info(f"step %d: loss %.5g  l_denoise %.5g  l_{name} %.5g  λ·l_{name}/l_denoise %.4g", state.step,
+                            logs["loss"], logs["l_denoise"], logs[f"l_{name}"], logs[f"{name}_to_denoise"])
             last_logs = logs
             if accelerator.is_main_process:
                 _write_jsonl(run_dir / "metrics.jsonl", logs)
@@ -739,7 +694,7 @@ def train(
             run_dir=run_dir, steps=state.step, checkpoints=ckpts, last_checkpoint=last, final_unet=final_unet,
             best_checkpoint=Path(state.best_checkpoint) if state.best_checkpoint else None,
             best_metric=state.stopper.best, stopped_early=stopped_early, stopped_by_time=stopped_by_time, losses=losses,
-            fcr_to_denoise=fcr_to_denoise, oc_to_denoise=oc_to_denoise, last_logs=last_logs,
+            fcr_to_denoise=fcr_to_denoise, objective_to_denoise=objective_to_denoise, last_logs=last_logs,
             wall_time_s=time.time() - t_start,
         )
         if accelerator.is_main_process:
@@ -775,35 +730,27 @@ def _validate(accelerator, objective, state: _TrainState, validation_fn, run_dir
     return stop
 
 
-def _fcr_share(lam: float, logs: dict) -> dict:
-    """λ·L_FCR and its ratio to L_denoise for one step: how much of the loss the FCR term is
-    (design.md §5: ~0.1 % with Δ in timesteps, which makes the fine-tune practically λ = 0)."""
-    weighted = lam * logs["l_fcr"]
-    return {"l_fcr_weighted": weighted,
-            "fcr_to_denoise": weighted / logs["l_denoise"] if logs["l_denoise"] > 0 else float("nan")}
-
-
-def _oc_share(lam: float, logs: dict) -> dict:
-    """λ·L_oc and its ratio to L_denoise for one step (the output-consistency term's share)."""
-    weighted = lam * logs["l_oc"]
-    return {"l_oc_weighted": weighted,
-            "oc_to_denoise": weighted / logs["l_denoise"] if logs["l_denoise"] > 0 else float("nan")}
+def _share(term: str, lam: float, logs: dict) -> dict:
+    """λ·L and its ratio to L_denoise for one step: how much of the loss the term carries
+    (design.md §5: FCR with Δ in timesteps is ~0.1 %, which makes the fine-tune practically λ = 0)."""
+    weighted = lam * logs[f"l_{term}"]
+    return {f"l_{term}_weighted": weighted,
+            f"{term}_to_denoise": weighted / logs["l_denoise"] if logs["l_denoise"] > 0 else float("nan")}
 
 
 class _StepAccumulator:
     """Means of the loss terms over the micro-batches of one optimizer step (kept as floats,
     so no autograd graph outlives its backward)."""
 
-    def __init__(self):
+    def __init__(self, objective: Objective):
+        self.objective = objective
         self.items: list[dict[str, float]] = []
 
-    def add(self, out: FCRLossOutput | OutputConsistencyLossOutput) -> None:
-        rec = {"loss": float(out.loss.detach()), "l_denoise": float(out.denoise.detach())}
-        if isinstance(out, OutputConsistencyLossOutput):
-            rec.update(l_fcr=0.0, l_oc=float(out.oc.detach()))  # l_fcr kept: readers of metrics.jsonl expect it
-        else:
-            rec["l_fcr"] = float(out.fcr.detach())
-            rec.update({f"d/{name}": float(v) for name, v in out.per_block.items()})
+    def add(self, out) -> None:
+        rec = {"loss": float(out.loss.detach()), "l_denoise": float(out.denoise.detach()), "l_fcr": 0.0}
+        # l_fcr is kept with every objective: readers of metrics.jsonl expect it
+        rec[f"l_{self.objective.term}"] = float(self.objective.term_value(out).detach())
+        rec.update({f"d/{name}": float(v) for name, v in (getattr(out, "per_block", None) or {}).items()})
         self.items.append(rec)
 
     def pop(self) -> dict:

@@ -33,7 +33,7 @@ from fcr_eval.plan.costs import (
     stated_cost_notes,
 )
 from fcr_eval.plan.identity import finetune_key, finetune_record, run_config
-from fcr_eval.plan.samplers import SamplerSettings, resolve_sampler
+from fcr_eval.plan.samplers import SamplerSettings, sampler_for
 from fcr_eval.records import make_run_id
 from fcr_eval.spec.experiment import EarlyStoppingSpec, Experiment, RobustnessSpec, VariationSpec
 from fcr_eval.spec.names import safe_child
@@ -254,9 +254,7 @@ def make_plan(exp: Experiment, *, results_dir: str | Path = "results", calibrate
         if ckey not in costs:
             costs[ckey] = model_cost(exp, v.model, resolution)
         cost = costs[ckey]
-        sampler = resolve_sampler(v.sampler, steps=steps, stride=v.stride, schedule=v.schedule,
-                                  parallel_decoding=v.parallel_decoding, prior_noise_alpha=v.prior_noise_alpha,
-                                  cache_branch_id=v.cache_branch_id)
+        sampler = sampler_for(v, steps)
         counts = sampler.forward_counts()
         eval_prompts = v.eval_prompts or exp.sampling.eval_prompts
         cfg_mult = 2 if guidance != 1.0 else 1

@@ -53,7 +53,7 @@ def run_finetune(ctx: RunContext, ft: PlannedFinetune, exp: Experiment, progress
             validate_every=es.every if es else None, early_stopping_patience=es.patience if es else None,
             seed=ft.seed, hflip=hflip, cond_dropout=ft.cond_dropout, resume=True,
             progress=progress, cpu=ctx.device.type == "cpu",
-            fcr=ft.fcr_config(), output_consistency=ft.oc_config()),
+            fcr=ft.fcr_config(), objective=ft.oc_config()),
     )
     logger.info("fine-tuning %s: %s Δmax=%d %s%s distance=%s, %d steps × batch %d (folder %s)", ft.key,
                 ft.label, ft.delta_max, ft.delta_unit, "" if ft.lambda_oc is not None else f" blocks={ft.blocks}",

@@ -29,7 +29,7 @@ from fcr_eval.spec.finetune import FinetuneSpec
 from fcr_eval.spec.models import ModelSpec
 from fcr_eval.spec.robustness import RobustnessSpec
 from fcr_eval.spec.sampling import SamplingSpec, check_guidance
-from fcr_eval.spec.vocabulary import CACHED_SAMPLERS, SAMPLERS, SCHEDULERS
+from fcr_eval.spec.vocabulary import INTERVAL_SAMPLERS, SAMPLERS, SCHEDULERS
 
 __all__ = ["EXPANDABLE", "VariationSpec", "VariationSettings", "resolve_variation", "load_variations",
            "check_variation"]
@@ -198,7 +198,7 @@ def check_variation(chk: Checker, v: VariationSpec, i: int, models, datasets, ro
     if settings.delta_unit == "sampler_steps" and settings.delta_max is not None and settings.delta_max >= steps:
         chk.fail(f"variations[{i}] ({v.id}): Δ_max = {settings.delta_max} sampler steps must be below the {steps} "
                  "steps it counts (Δ·T/steps must stay inside the schedule); set delta_max", sec, "delta_max", i)
-    if v.sampler in ("fd", "deepcache") and v.schedule == "uniform" and v.stride is not None:
+    if v.sampler in INTERVAL_SAMPLERS and v.schedule == "uniform" and v.stride is not None:
         if v.stride > steps:
             chk.fail(f"variations[{i}] ({v.id}).stride = {v.stride} is larger than its {steps} sampling steps, so "
                      f"no step would reuse the cache as designed; use a stride <= {steps}", sec, "stride", i)
@@ -212,7 +212,7 @@ def check_variation(chk: Checker, v: VariationSpec, i: int, models, datasets, ro
         chk.fail(f"variations[{i}] ({v.id}).delta_max = {v.delta_max} must be >= 1", sec, "delta_max", i)
     chk.one_of(v.model, list(models), f"variations[{i}] ({v.id}).model", sec, "model", i)
     chk.one_of(v.sampler, SAMPLERS, f"variations[{i}] ({v.id}).sampler", sec, "sampler", i)
-    if v.sampler in CACHED_SAMPLERS and v.schedule == "uniform" and (v.stride is None or v.stride < 1):
+    if v.sampler in INTERVAL_SAMPLERS and v.schedule == "uniform" and (v.stride is None or v.stride < 1):
         chk.fail(f"variations[{i}] ({v.id}) uses sampler {v.sampler!r} and needs stride >= 1 "
                  "(FD key-step stride / DeepCache cache interval)", sec, "stride", i)
     if v.sampler == "none" and v.stride is not None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["SAMPLERS", "CACHED_SAMPLERS", "SCHEDULERS", "ROBUSTNESS_PROTOCOLS", "PROTOCOL_SETTINGS",
+__all__ = ["SamplerKind", "SAMPLER_KINDS", "SAMPLERS", "CACHED_SAMPLERS", "INTERVAL_SAMPLERS", "SCHEDULERS", "ROBUSTNESS_PROTOCOLS", "PROTOCOL_SETTINGS",
            "DIRECTIONS", "METRICS", "REFERENCE_METRICS", "EXTRACTORS", "DATASET_KINDS", "DATASET_ROLES",
            "PACKAGED_DATASET_KINDS", "SD_PROMPT_KINDS", "SD_IMAGE_KINDS", "SAMPLING_DTYPES", "OPTIMIZERS",
            "MIXED_PRECISIONS", "EARLY_STOPPING_METRICS", "TIMING_SEEDS",
@@ -20,10 +20,38 @@ __all__ = ["SAMPLERS", "CACHED_SAMPLERS", "SCHEDULERS", "ROBUSTNESS_PROTOCOLS", 
            "CLASS_LOGPROB", "SAME_WEIGHTS", "FIXED_WEIGHTS", "INDEPENDENT_FINETUNES", "SHARED_FINETUNE",
            "REPLICATIONS"]
 
+@dataclass(frozen=True)
+class SamplerKind:
+    """A sampler kind a variation may name (``sampler = "..."``): the registry's row.
+
+    Attributes:
+        name: the word in the experiment file.
+        description: what it is, in a line.
+        module: the module under :mod:`fcr_eval.plan.caches` that builds, attaches and counts it
+            (``None``: no cache).
+        interval: whether it takes a uniform ``stride`` (its key-step stride / cache interval).
+    """
+
+    name: str
+    description: str
+    module: str | None = None
+    interval: bool = True
+
+
+#: The sampler kinds, one row each; a new cache kind is one row here and one module in
+#: :mod:`fcr_eval.plan.caches`.
+SAMPLER_KINDS: dict[str, SamplerKind] = {k.name: k for k in (
+    SamplerKind("none", "no cache: every step runs the whole UNet", interval=False),
+    SamplerKind("fd", "Faster Diffusion: the encoder runs at key steps only, its features reused in between", "fd"),
+    SamplerKind("deepcache", "DeepCache: a deep up-block feature reused, only the shallow path rerun in between",
+                "deepcache"),
+)}
 #: Sampler kinds of an experiment variation: no cache, encoder caching (Faster Diffusion), DeepCache.
-SAMPLERS = ("none", "fd", "deepcache")
+SAMPLERS = tuple(SAMPLER_KINDS)
 #: The kinds that attach a cache hook to the UNet.
-CACHED_SAMPLERS = ("fd", "deepcache")
+CACHED_SAMPLERS = tuple(name for name, k in SAMPLER_KINDS.items() if k.module is not None)
+#: The cached kinds that take a uniform ``stride``.
+INTERVAL_SAMPLERS = tuple(name for name in CACHED_SAMPLERS if SAMPLER_KINDS[name].interval)
 
 #: Scheduler names of experiment files: DDIM (η = 0) and DPM-Solver++ (2nd-order multistep).
 SCHEDULERS = ("ddim", "dpm-solver++")
