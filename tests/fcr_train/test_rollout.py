@@ -1,6 +1,8 @@
 """The rollout objective: its zero, its segments against the real sampler and caches, where its
 gradient goes, its key-step draw, and that descending it lowers it."""
 
+import json
+
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
@@ -14,7 +16,10 @@ from fcr_sample import (
     remove_encoder_cache,
 )
 from fcr_sample.deep_cache import cached_module_names
+from fcr_train.cli import main
+from fcr_train.data import FashionMNISTDataset
 from fcr_train.embedded import make_scheduler
+from fcr_train.loss import FCRConfig
 from fcr_train.rollout import (
     RolloutConfig,
     check_rollout,
@@ -27,6 +32,7 @@ from fcr_train.rollout import (
     stale_rollout,
     trainable_parameter_names,
 )
+from fcr_train.trainer import EmbeddedConditioner, TrainConfig, train
 
 from .conftest import TINY
 
@@ -224,3 +230,72 @@ def test_cost_factor_grows_with_k_rows_and_guidance():
     assert 1 < base < rollout_cost_factor(_cfg(k=8, rollout_rows=8), 32) < rollout_cost_factor(_cfg(k=8), 32)
     assert rollout_cost_factor(_cfg(k=4, rollout_rows=8, guidance_scale=2.0), 32) - 1 == pytest.approx(2 * (base - 1))
     assert rollout_cost_factor(_cfg(k=0), 32) == 1.0  # no segment runs
+
+
+def _unet():
+    torch.manual_seed(0)
+    return UNet2DConditionModel(**TINY)
+
+
+def _conditioner():
+    g = torch.Generator().manual_seed(5)
+    return EmbeddedConditioner(torch.randn(40, 4, 8, generator=g), torch.zeros(1, 4, 8))
+
+
+@pytest.mark.parametrize("cache", CACHES)
+def test_finetune_logs_the_share_keeps_the_controls_draws_and_resumes_exactly(tmp_path, scheduler, cache):
+    data = FashionMNISTDataset("train", limit=32)
+    ro = _cfg(cache=cache, k=2, rollout_rows=2, guidance_scale=2.0)
+
+    def cfg(name, **kw):
+        return TrainConfig(**{**dict(output_dir=str(tmp_path / name), max_steps=2, batch_size=4, lr=1e-3,
+                                     checkpoint_every=1, seed=3, progress=False, fcr=FCRConfig(lam=0.0),
+                                     rollout=ro), **kw})
+
+    res = train(_unet(), scheduler, data, _conditioner(), cfg("full"))
+    recs = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(recs) == 2
+    for r in recs:
+        assert r["l_rollout"] > 0 and r["l_fcr"] == 0.0
+        assert r["rollout_to_denoise"] == pytest.approx(0.5 * r["l_rollout"] / r["l_denoise"])
+        assert r["loss"] == pytest.approx(r["l_denoise"] + 0.5 * r["l_rollout"])
+    assert res.rollout_to_denoise == [r["rollout_to_denoise"] for r in recs]
+    assert "λ·l_rollout/l_denoise" in (res.run_dir / "train.log").read_text()
+    assert json.loads((res.run_dir / "config.json").read_text())["train"]["rollout"] == ro.to_dict()
+    # L_denoise at the first step is the λ = 0 control's: same weights, data, t and ε
+    control = train(_unet(), scheduler, data, _conditioner(), cfg("control", rollout=None))
+    first = json.loads((control.run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["l_denoise"] == pytest.approx(recs[0]["l_denoise"], rel=1e-6)
+
+    train(_unet(), scheduler, data, _conditioner(), cfg("cut", max_steps=1))
+    resumed = train(_unet(), scheduler, data, _conditioner(), cfg("cut", resume=True))
+    assert resumed.losses == res.losses[1:]
+
+
+def test_bad_combinations_are_refused_before_a_run_folder_exists(tmp_path, tiny_unet, scheduler):
+    with pytest.raises(ValueError, match="exclusive"):
+        TrainConfig(rollout=_cfg(), fcr=FCRConfig(lam=0.1))
+    cfg = TrainConfig(output_dir=str(tmp_path / "r"), max_steps=1, progress=False, fcr=FCRConfig(lam=0.0),
+                      rollout=_cfg(guidance_scale=2.0))
+    with pytest.raises(ValueError, match="null_states"):
+        train(tiny_unet, scheduler, [], lambda b, d, g: b, cfg)
+    assert not (tmp_path / "r").exists()
+
+
+def test_cli_finetune_with_the_rollout_term(tmp_path, capsys):
+    out = tmp_path / "ro"
+    args = ["finetune", "--model", "embedded-tiny", "--limit", "16", "--batch-size", "4", "--max-steps", "1",
+            "--rollout-lam", "0.3", "--rollout-cache", "deepcache", "--rollout-k", "2", "--rollout-target", "state",
+            "--rollout-rows", "2", "--output-dir", str(out), "--no-progress"]
+    assert main(args) == 0
+    assert "L_rollout" in capsys.readouterr().out
+    saved = json.loads((out / "config.json").read_text())["train"]
+    assert saved["fcr"]["lam"] == 0.0  # --lam's default gives way to --rollout-lam
+    assert {k: saved["rollout"][k] for k in ("lam", "cache", "k", "target", "rollout_rows")} == \
+        {"lam": 0.3, "cache": "deepcache", "k": 2, "target": "state", "rollout_rows": 2}
+    for bad, word in [(["--rollout-k", "2"], "without --rollout-lam"),
+                      (["--rollout-lam", "0.1", "--oc-lam", "0.1"], "exclusive")]:
+        assert main(["finetune", "--model", "embedded-tiny", "--output-dir", str(tmp_path / "bad"), *bad]) == 2
+        err = capsys.readouterr().err
+        assert word in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "bad").exists()
