@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
 from fcr_sample import (
     DeepCacheConfig,
     EncoderCacheConfig,
@@ -32,9 +31,9 @@ from fcr_train.rollout import (
     stale_rollout,
     trainable_parameter_names,
 )
-from fcr_train.trainer import EmbeddedConditioner, TrainConfig, train
+from fcr_train.trainer import TrainConfig, train
 
-from .conftest import TINY
+from .conftest import new_tiny_unet, tiny_conditioner
 
 CACHES = ("fd", "deepcache")
 STEPS = 10  # sampler steps of these tests' runs (T = 1000 of the embedded schedule: τ = 900 … 0)
@@ -192,8 +191,7 @@ def test_only_the_first_rollout_rows_run_the_segment(tiny_unet, ddpm, batch):
 def test_descending_the_term_lowers_it(ddpm, batch, cache):
     """The gradient is a descent direction of the served segment's error: a few steps on the term
     alone lower it on the same draws."""
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**TINY)
+    unet = new_tiny_unet()
     x0, text = batch
     cfg = _cfg(cache=cache, k=2)
     draws = dict(noise=torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(9)),
@@ -232,16 +230,6 @@ def test_cost_factor_grows_with_k_rows_and_guidance():
     assert rollout_cost_factor(_cfg(k=0), 32) == 1.0  # no segment runs
 
 
-def _unet():
-    torch.manual_seed(0)
-    return UNet2DConditionModel(**TINY)
-
-
-def _conditioner():
-    g = torch.Generator().manual_seed(5)
-    return EmbeddedConditioner(torch.randn(40, 4, 8, generator=g), torch.zeros(1, 4, 8))
-
-
 @pytest.mark.parametrize("cache", CACHES)
 def test_finetune_logs_the_share_keeps_the_controls_draws_and_resumes_exactly(tmp_path, scheduler, cache):
     data = FashionMNISTDataset("train", limit=32)
@@ -252,7 +240,7 @@ def test_finetune_logs_the_share_keeps_the_controls_draws_and_resumes_exactly(tm
                                      checkpoint_every=1, seed=3, progress=False, fcr=FCRConfig(lam=0.0),
                                      rollout=ro), **kw})
 
-    res = train(_unet(), scheduler, data, _conditioner(), cfg("full"))
+    res = train(new_tiny_unet(), scheduler, data, tiny_conditioner(), cfg("full"))
     recs = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(recs) == 2
     for r in recs:
@@ -263,12 +251,12 @@ def test_finetune_logs_the_share_keeps_the_controls_draws_and_resumes_exactly(tm
     assert "λ·l_rollout/l_denoise" in (res.run_dir / "train.log").read_text()
     assert json.loads((res.run_dir / "config.json").read_text())["train"]["rollout"] == ro.to_dict()
     # L_denoise at the first step is the λ = 0 control's: same weights, data, t and ε
-    control = train(_unet(), scheduler, data, _conditioner(), cfg("control", rollout=None))
+    control = train(new_tiny_unet(), scheduler, data, tiny_conditioner(), cfg("control", rollout=None))
     first = json.loads((control.run_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert first["l_denoise"] == pytest.approx(recs[0]["l_denoise"], rel=1e-6)
 
-    train(_unet(), scheduler, data, _conditioner(), cfg("cut", max_steps=1))
-    resumed = train(_unet(), scheduler, data, _conditioner(), cfg("cut", resume=True))
+    train(new_tiny_unet(), scheduler, data, tiny_conditioner(), cfg("cut", max_steps=1))
+    resumed = train(new_tiny_unet(), scheduler, data, tiny_conditioner(), cfg("cut", resume=True))
     assert resumed.losses == res.losses[1:]
 
 
