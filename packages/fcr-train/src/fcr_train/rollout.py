@@ -62,7 +62,7 @@ from fcr_sample.unet_parts import prepare_conditioning, run_decoder, run_encoder
 
 from .loss import DISTANCES, denoise_target, feature_distance
 from .output_consistency import cache_trainable_parameter_names
-from .vocabulary import OC_CACHES, OC_TRAINABLE, ROLLOUT_TARGETS, check_choice
+from .vocabulary import OC_CACHES, OC_TRAINABLE, ROLLOUT_DEFAULTS, ROLLOUT_TARGETS, check_choice
 
 logger = logging.getLogger(__name__)
 
@@ -111,16 +111,16 @@ class RolloutConfig:
     """
 
     lam: float = 0.1
-    k: int = 4
-    cache: str = "fd"
+    k: int = ROLLOUT_DEFAULTS["k"]
+    cache: str = ROLLOUT_DEFAULTS["cache"]
     cache_branch_id: int = 0
     sampler_steps: int = 20
-    target: str = "x0"
+    target: str = ROLLOUT_DEFAULTS["target"]
     distance: str = "relative_mse"
-    noise_power: float = 2.0
-    trainable: str = "recomputed"
-    rollout_rows: int | None = None
-    guidance_scale: float = 1.0
+    noise_power: float = ROLLOUT_DEFAULTS["noise_power"]
+    trainable: str = ROLLOUT_DEFAULTS["trainable"]
+    rollout_rows: int | None = ROLLOUT_DEFAULTS["rollout_rows"]
+    guidance_scale: float = ROLLOUT_DEFAULTS["guidance_scale"]
     stride: int | None = None
 
     def __post_init__(self):
@@ -169,14 +169,17 @@ def trainable_parameter_names(unet, config: RolloutConfig) -> list[str]:
     return cache_trainable_parameter_names(unet, config.cache, config.trainable, config.deep_cache_config())
 
 
-def rollout_cost_factor(config: RolloutConfig, batch_size: int, encoder_share: float = 0.3) -> float:
+def rollout_cost_factor(config: RolloutConfig, batch_size: int, encoder_share: float = 0.3,
+                        deepcache_partial_share: float = 0.15) -> float:
     """A fine-tune step's compute with the term, in units of a plain step (forward + backward ≈ 3
     forwards of the batch), for the plan's cost estimate.
 
-    Per rollout row: the key step's forward (1; with ``"all"`` its backward through the cached
-    part too), ``k`` fresh forwards and ``k`` stale passes with their backward (3 × the share of a
-    forward the cache re-runs: ``1 − encoder_share`` for FD, about 0.15 for DeepCache's cut 0);
-    guidance doubles every rollout forward. ``benchmarks/train_step.py`` measures the real ratio.
+    Per rollout row: the key step's forward (1; with ``"all"`` also the backward of the cached
+    part), ``k`` fresh forwards and ``k`` stale passes with their backward (3 × the share of a
+    forward the cache re-runs: ``1 − encoder_share`` for FD, ``deepcache_partial_share`` for
+    DeepCache); guidance doubles every rollout forward. The shares are the model's (the planner's
+    ``ModelCost``); the defaults are the embedded UNet's. ``benchmarks/train_step.py`` measures
+    the real ratio, which small batches on a CPU make larger (a forward's fixed cost).
 
     Example:
         >>> round(rollout_cost_factor(RolloutConfig(k=4, rollout_rows=8), 32), 2)
@@ -185,7 +188,7 @@ def rollout_cost_factor(config: RolloutConfig, batch_size: int, encoder_share: f
     if config.k == 0:  # no segment runs
         return 1.0
     rows = config.rows(batch_size)
-    stale_share = (1.0 - encoder_share) if config.cache == "fd" else 0.15
+    stale_share = (1.0 - encoder_share) if config.cache == "fd" else deepcache_partial_share
     key = 1.0 + (2.0 * (1.0 - stale_share) if config.trainable == "all" else 0.0)
     per_row = key + config.k * (1.0 + 3.0 * stale_share)
     cfg = 2.0 if config.guidance_scale != 1.0 else 1.0

@@ -5,7 +5,7 @@ the output-consistency and rollout objectives' options. Their meaning lives in :
 """
 
 __all__ = ["DISTANCES", "DELTA_UNITS", "EMBEDDED_MODELS", "OC_CACHES", "OC_TRAINABLE", "PROMPT_TEMPLATES",
-           "ROLLOUT_TARGETS", "check_choice",
+           "ROLLOUT_DEFAULTS", "ROLLOUT_TARGETS", "check_choice",
            "FASHION_MNIST_SPLITS", "SD_PARTS"]
 
 #: Distances between two encoder feature maps (or two UNet outputs) a consistency loss can use.
@@ -23,6 +23,10 @@ OC_TRAINABLE = ("recomputed", "all")
 #: What the rollout objective compares after a served segment: the predicted x0 at its last step, or
 #: the latent the rest of the run continues from (:mod:`fcr_train.rollout`).
 ROLLOUT_TARGETS = ("x0", "state")
+#: The rollout objective's defaults (:class:`fcr_train.rollout.RolloutConfig` takes them from here, so
+#: that the experiment schema fills a variation's unset rollout options with the same values).
+ROLLOUT_DEFAULTS = {"k": 4, "cache": "fd", "target": "x0", "noise_power": 2.0, "trainable": "recomputed",
+                    "rollout_rows": None, "guidance_scale": 1.0}
 #: The embedded default's caption templates: its shipped text states cover exactly these (a class
 #: name goes into ``{}``), so an experiment's ``prompt_template`` for it must be one of them.
 PROMPT_TEMPLATES = ("a photo of a {}", "a {}", "a product photo of a {}", "a black and white photo of a {}")

@@ -110,6 +110,9 @@ class PlannedFinetune:
     lambda_oc: float | None = None
     oc_cache: str = "fd"
     oc_trainable: str = "recomputed"
+    # The rollout objective (fcr_train.rollout) instead: lambda_fcr is then 0 (the control's fine-tune
+    # plus the term) and this holds its resolved options with the sampler's step count.
+    rollout: dict | None = None
     variations: list[str] = field(default_factory=list)
     est_flops: float = 0.0
     est_seconds: float = 0.0
@@ -126,12 +129,18 @@ class PlannedFinetune:
 
     @property
     def objective(self) -> str:
-        """``"output_consistency"`` or ``"fcr"`` (λ = 0: the plain fine-tuning control)."""
+        """``"rollout"``, ``"output_consistency"`` or ``"fcr"`` (λ = 0: the plain fine-tuning control)."""
+        if self.rollout is not None:
+            return "rollout"
         return "output_consistency" if self.lambda_oc is not None else "fcr"
 
     @property
     def label(self) -> str:
-        """The objective in a line: ``FCR λ=0.15`` / ``λ=0 control`` / ``output consistency (fd) λ=0.5``."""
+        """The objective in a line: ``FCR λ=0.15`` / ``λ=0 control`` / ``output consistency (fd) λ=0.5`` /
+        ``rollout (deepcache, k=4, x0) λ=0.5``."""
+        if self.rollout is not None:
+            r = self.rollout
+            return f"rollout ({r['cache']}, k={r['k']}, {r['target']}) λ={r['lam']:g}"
         if self.lambda_oc is not None:
             return f"output consistency ({self.oc_cache}, {self.oc_trainable}) λ={self.lambda_oc:g}"
         return "λ=0 control" if self.lambda_fcr == 0 else f"FCR λ={self.lambda_fcr:g}"
@@ -140,9 +149,15 @@ class PlannedFinetune:
         """Forward passes a training image costs beyond the denoising forward, as a share of one
         full forward (differentiated like it): FCR's encoder-only second branch; output
         consistency's stale pass (FD: an encoder at t + Δ and a decoder at t; DeepCache: a full
-        forward at t + Δ and the shallow path at t). The planner's estimate and the stored
+        forward at t + Δ and the shallow path at t); the rollout term's segments
+        (:func:`fcr_train.rollout.rollout_cost_factor`). The planner's estimate and the stored
         fine-tune compute both read it."""
         c = self.cost
+        if self.rollout is not None:
+            from fcr_train.rollout import rollout_cost_factor
+
+            return 3.0 * (rollout_cost_factor(self.rollout_config(), self.batch_size, c.encoder_share,
+                                              c.deepcache_partial_share) - 1.0)
         if self.lambda_oc is not None:
             return 1.0 if self.oc_cache == "fd" else 1.0 + c.deepcache_partial_share
         return c.encoder_share if self.lambda_fcr > 0 else 0.0
@@ -164,6 +179,17 @@ class PlannedFinetune:
                                        sampler_steps=self.sampler_steps, distance=self.distance,
                                        cache=self.oc_cache, trainable=self.oc_trainable)
 
+    def rollout_config(self):
+        """The fine-tune's :class:`fcr_train.rollout.RolloutConfig`, or ``None``."""
+        if self.rollout is None:
+            return None
+        from fcr_train.rollout import RolloutConfig
+
+        r = self.rollout
+        return RolloutConfig(lam=r["lam"], k=r["k"], cache=r["cache"], sampler_steps=r["sampler_steps"],
+                             target=r["target"], distance=self.distance, noise_power=r["noise_power"],
+                             trainable=r["trainable"], rollout_rows=r["rows"], guidance_scale=r["guidance_scale"])
+
 
 #: How the trainer runs: part of the fine-tune's key (its hash), not of :meth:`PlannedFinetune.config`.
 _TRAINER_FIELDS = ("weight_decay", "warmup_steps", "ema_decay", "mixed_precision", "checkpoint_every",
@@ -172,7 +198,9 @@ _TRAINER_FIELDS = ("weight_decay", "warmup_steps", "ema_decay", "mixed_precision
 
 #: Variation fields added after the first release: recorded only when set, so that the config
 #: records (and run ids) of earlier experiment files stay the same.
-_LATER_VARIATION_FIELDS = ("delta_unit", "distance", "lambda_oc", "oc_cache", "oc_trainable")
+_LATER_VARIATION_FIELDS = ("delta_unit", "distance", "lambda_oc", "oc_cache", "oc_trainable", "lambda_rollout",
+                           "rollout_k", "rollout_cache", "rollout_target", "rollout_noise_power", "rollout_trainable",
+                           "rollout_rows", "rollout_guidance_scale")
 
 
 #: Evaluation settings of the whole experiment, not of a run: kept out of the run's record.
@@ -223,7 +251,7 @@ def _variation_record(v: VariationSpec) -> dict:
 
 #: FCR options a fine-tune's identity gained after the first release, with their defaults.
 _LATER_FCR_OPTIONS = {"delta_unit": "timesteps", "sampler_steps": None, "distance": "mse",
-                      "lambda_oc": None, "oc_cache": "fd", "oc_trainable": "recomputed"}
+                      "lambda_oc": None, "oc_cache": "fd", "oc_trainable": "recomputed", "rollout": None}
 
 
 @dataclass
@@ -426,14 +454,15 @@ def make_plan(exp: Experiment, *, results_dir: str | Path = "results", calibrate
         for seed in exp.seeds:
             ft_key = None
             if v.finetuned:
-                oc = vs.lambda_oc is not None
-                lam = 0.0 if oc else float(v.lambda_fcr)
+                oc, ro = vs.lambda_oc is not None, vs.rollout
+                rollout = None if ro is None else {**asdict(ro), "sampler_steps": steps}
+                lam = 0.0 if oc or ro is not None else float(v.lambda_fcr)
                 ft_seed = seed if ft.per_seed else exp.seeds[0]
                 unit, distance, delta_max = vs.delta_unit, vs.distance, vs.delta_max
                 later = {k: x for k, x in (("delta_unit", unit), ("sampler_steps", steps if unit == "sampler_steps"
                                                                   else None), ("distance", distance),
                                            ("lambda_oc", vs.lambda_oc), ("oc_cache", vs.oc_cache or "fd"),
-                                           ("oc_trainable", vs.oc_trainable or "recomputed"))
+                                           ("oc_trainable", vs.oc_trainable or "recomputed"), ("rollout", rollout))
                          if x != _LATER_FCR_OPTIONS[k]}
                 blocks = vs.blocks or "all"  # unused by output consistency (FCR's λ is 0 there)
                 ftc = {"model": v.model, "lambda_fcr": lam, "delta_max": delta_max,
@@ -442,7 +471,10 @@ def make_plan(exp: Experiment, *, results_dir: str | Path = "results", calibrate
                        "train": {k: getattr(ft, k) for k in ("weight_decay", "warmup_steps", "ema_decay",
                                                              "mixed_precision")}, **later}
                 tags = ("-ss" if unit == "sampler_steps" else "") + ("" if distance == "mse" else f"-{distance}")
-                if oc:
+                if ro is not None:
+                    ft_key = (f"ft-ro{_lam_text(ro.lam)}-k{ro.k}-{ro.cache}-{ro.target}{tags}-s{ft_seed}-"
+                              f"{_short_hash(ftc)}")
+                elif oc:
                     trainable = "" if vs.oc_trainable == "recomputed" else f"-{vs.oc_trainable}"
                     ft_key = (f"ft-oc{_lam_text(vs.lambda_oc)}-d{delta_max}{tags}-{vs.oc_cache}{trainable}"
                               f"-s{ft_seed}-{_short_hash(ftc)}")
@@ -460,7 +492,7 @@ def make_plan(exp: Experiment, *, results_dir: str | Path = "results", calibrate
                         mixed_precision=ft.mixed_precision, checkpoint_every=ft.checkpoint_every,
                         cond_dropout=ft.cond_dropout, early_stopping=ft.early_stopping,
                         **({"lambda_oc": vs.lambda_oc, "oc_cache": vs.oc_cache, "oc_trainable": vs.oc_trainable}
-                           if oc else {}))
+                           if oc else {}), rollout=rollout)
                     # forward + backward (×3) of the denoising branch + the objective's second
                     # branch, per training image.
                     new = finetunes[ft_key]
@@ -580,7 +612,10 @@ def _fmt_s(s: float) -> str:
 
 
 def _lambda_column(v: VariationSpec) -> str:
-    """The plan table's λ column: FCR's λ, ``oc`` + λ for output consistency, ``-`` for none."""
+    """The plan table's λ column: FCR's λ, ``oc`` / ``ro`` + λ for output consistency / rollout, ``-``
+    for none."""
+    if v.lambda_rollout is not None:
+        return f"ro{v.lambda_rollout:g}"
     if v.lambda_oc is not None:
         return f"oc{v.lambda_oc:g}"
     return "-" if v.lambda_fcr is None else f"{v.lambda_fcr:g}"

@@ -48,6 +48,8 @@ from fcr_train.vocabulary import (
     OC_CACHES,
     OC_TRAINABLE,
     PROMPT_TEMPLATES,
+    ROLLOUT_DEFAULTS,
+    ROLLOUT_TARGETS,
 )
 
 from fcr_eval.spec.contrasts import ContrastSpec, ContrastSpecError, check_contrast
@@ -90,8 +92,8 @@ METRICS = (
 DATASET_KINDS = ("fashion-mnist", "laion", "webdataset", "artbench", "coco", "flickr30k", "imagenet-classes")
 DATASET_ROLES = ("finetune", "eval", "mini_val", "reference")
 EXTRACTORS = ("efficientnet_lite0", "inception")
-EXPANDABLE = ("model", "stride", "lambda_fcr", "lambda_oc", "delta_max", "delta_unit", "distance", "blocks", "scheduler",
-              "robustness", "eval_prompts")
+EXPANDABLE = ("model", "stride", "lambda_fcr", "lambda_oc", "lambda_rollout", "rollout_k", "delta_max", "delta_unit",
+              "distance", "blocks", "scheduler", "robustness", "eval_prompts")
 # Dataset kinds that ship with a package: the runner reads the installed files, never `path`.
 PACKAGED_DATASET_KINDS = ("fashion-mnist", "imagenet-classes")
 # What a Stable Diffusion run can read (fcr_eval.run.contexts): prompts from these kinds, real
@@ -250,7 +252,12 @@ class VariationSpec:
     included) samples an FCR fine-tune with that λ (λ = 0 is the plain fine-tuning control).
     ``lambda_oc`` (> 0, instead of ``lambda_fcr``) samples a fine-tune with the output-consistency
     term (:mod:`fcr_train.output_consistency`) against ``oc_cache``'s stale features; ``delta_max``,
-    ``delta_unit`` and ``distance`` mean for it what they mean for FCR."""
+    ``delta_unit`` and ``distance`` mean for it what they mean for FCR. ``lambda_rollout`` (> 0,
+    instead of either) samples a fine-tune with the rollout term (:mod:`fcr_train.rollout`):
+    ``rollout_k`` stale steps of ``rollout_cache`` after a key step on the variation's sampler grid
+    against the same steps fresh; ``rollout_target``, ``rollout_noise_power``, ``rollout_trainable``,
+    ``rollout_rows`` and ``rollout_guidance_scale`` are its other options (defaults:
+    :data:`fcr_train.vocabulary.ROLLOUT_DEFAULTS`), ``distance`` its distance."""
 
     id: str
     model: str
@@ -265,6 +272,14 @@ class VariationSpec:
     lambda_oc: float | None = None
     oc_cache: str | None = None  # fcr_train.vocabulary.OC_CACHES; default "fd"
     oc_trainable: str | None = None  # fcr_train.vocabulary.OC_TRAINABLE; default "recomputed"
+    lambda_rollout: float | None = None
+    rollout_k: int | None = None  # the rollout options; defaults fcr_train.vocabulary.ROLLOUT_DEFAULTS
+    rollout_cache: str | None = None
+    rollout_target: str | None = None
+    rollout_noise_power: float | None = None
+    rollout_trainable: str | None = None
+    rollout_rows: int | None = None
+    rollout_guidance_scale: float | None = None
     delta_max: int | None = None
     delta_unit: str | None = None
     distance: str | None = None
@@ -280,22 +295,52 @@ class VariationSpec:
 
     @property
     def finetuned(self) -> bool:
-        return self.lambda_fcr is not None or self.lambda_oc is not None
+        return self.lambda_fcr is not None or self.lambda_oc is not None or self.lambda_rollout is not None
 
     @property
     def objective(self) -> str | None:
         """What the variation's fine-tune trains: ``"fcr"`` (λ = 0: the plain control),
-        ``"output_consistency"``, or ``None`` (the model's own weights)."""
+        ``"output_consistency"``, ``"rollout"``, or ``None`` (the model's own weights)."""
+        if self.lambda_rollout is not None:
+            return "rollout"
         if self.lambda_oc is not None:
             return "output_consistency"
         return "fcr" if self.lambda_fcr is not None else None
 
     @property
+    def objective_key(self) -> str:
+        """The key that states the fine-tune's objective in the file (``lambda_fcr``, ``lambda_oc``,
+        ``lambda_rollout``)."""
+        return {"rollout": "lambda_rollout", "output_consistency": "lambda_oc"}.get(self.objective, "lambda_fcr")
+
+    @property
     def objective_text(self) -> str:
         """The fine-tune's setting as the file states it (``lambda_fcr = 0.15``, ``lambda_oc = 0.5``)."""
-        if self.lambda_oc is not None:
-            return f"lambda_oc = {self.lambda_oc:g}"
-        return f"lambda_fcr = {self.lambda_fcr:g}" if self.lambda_fcr is not None else "no fine-tune"
+        if not self.finetuned:
+            return "no fine-tune"
+        return f"{self.objective_key} = {getattr(self, self.objective_key):g}"
+
+
+#: A variation's rollout options (``rollout_<name>`` in the file) and their defaults.
+ROLLOUT_OPTIONS = {"k": ROLLOUT_DEFAULTS["k"], "cache": ROLLOUT_DEFAULTS["cache"], "target": ROLLOUT_DEFAULTS["target"],
+                   "noise_power": ROLLOUT_DEFAULTS["noise_power"], "trainable": ROLLOUT_DEFAULTS["trainable"],
+                   "rows": ROLLOUT_DEFAULTS["rollout_rows"], "guidance_scale": ROLLOUT_DEFAULTS["guidance_scale"]}
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    """A rollout fine-tune's options, defaults filled in (the planner builds
+    :class:`fcr_train.rollout.RolloutConfig` from them with the variation's step count and
+    distance)."""
+
+    lam: float
+    k: int
+    cache: str
+    target: str
+    noise_power: float
+    trainable: str
+    rows: int | None
+    guidance_scale: float
 
 
 @dataclass(frozen=True)
@@ -316,6 +361,16 @@ class VariationSettings:
     lambda_oc: float | None = None  # set: the output-consistency objective (lambda_fcr is then None)
     oc_cache: str | None = None
     oc_trainable: str | None = None
+    rollout: RolloutSettings | None = None  # set: the rollout objective (lambda_fcr is then None)
+
+
+def resolve_rollout(v: VariationSpec) -> RolloutSettings | None:
+    """``v``'s rollout options with the defaults filled in, or ``None`` without ``lambda_rollout``."""
+    if v.lambda_rollout is None:
+        return None
+    given = {name: getattr(v, f"rollout_{name}") for name in ROLLOUT_OPTIONS}
+    return RolloutSettings(lam=v.lambda_rollout, **{k: default if given[k] is None else given[k]
+                                                    for k, default in ROLLOUT_OPTIONS.items()})
 
 
 def resolve_variation(v: VariationSpec, sampling: SamplingSpec, finetune: FinetuneSpec) -> VariationSettings:
@@ -336,11 +391,13 @@ def resolve_variation(v: VariationSpec, sampling: SamplingSpec, finetune: Finetu
     unit = v.delta_unit or finetune.delta_unit
     delta_max = v.delta_max or (v.stride if unit == "sampler_steps" and v.stride else finetune.delta_max)
     oc = v.lambda_oc is not None
+    # A rollout fine-tune is the λ = 0 control plus its term: FCR's options are the control's.
     return VariationSettings(steps, guidance, scheduler, delta_unit=unit, distance=v.distance or finetune.distance,
                              delta_max=delta_max, blocks=None if oc else (v.blocks or finetune.blocks),
                              finetune_data=v.finetune_data or finetune.data, lambda_oc=v.lambda_oc,
                              oc_cache=(v.oc_cache or "fd") if oc else None,
-                             oc_trainable=(v.oc_trainable or "recomputed") if oc else None)
+                             oc_trainable=(v.oc_trainable or "recomputed") if oc else None,
+                             rollout=resolve_rollout(v))
 
 
 @dataclass(frozen=True)
@@ -931,8 +988,7 @@ def _check_finetune_table(chk: _Checker, raw: dict, variations: list[VariationSp
     chk.fail(f"variation {first.id!r} sets {first.objective_text}, which fine-tunes the model, but the file "
              f"has no [finetune] table, so it would fine-tune with the defaults ({shown}; "
              f"{finetune.steps:,} steps × batch {finetune.batch_size}). Add a [finetune] table stating at least "
-             "data, steps and batch_size", "variations", "lambda_oc" if first.lambda_oc is not None else "lambda_fcr",
-             index[first.id])
+             "data, steps and batch_size", "variations", first.objective_key, index[first.id])
 
 
 def _check_runnable(chk: _Checker, models: dict[str, ModelSpec], datasets: dict[str, DatasetSpec],
@@ -1058,9 +1114,10 @@ def _check_variation(chk: _Checker, v: VariationSpec, i: int, models, datasets, 
         chk.one_of(v.distance, DISTANCES, f"variations[{i}] ({v.id}).distance", sec, "distance", i)
     if not v.finetuned and any(x is not None for x in (v.delta_max, v.blocks, v.finetune_data, v.delta_unit,
                                                        v.distance)):
-        chk.fail(f"variations[{i}] ({v.id}) sets fine-tune options but no lambda_fcr or lambda_oc (no fine-tune)",
-                 sec, None, i)
+        chk.fail(f"variations[{i}] ({v.id}) sets fine-tune options but no lambda_fcr, lambda_oc or lambda_rollout "
+                 "(no fine-tune)", sec, None, i)
     _check_output_consistency(chk, v, i)
+    _check_rollout(chk, v, i, settings.steps)
     chk.one_of(v.robustness, list(robustness), f"variations[{i}] ({v.id}).robustness", sec, "robustness", i)
     for k, roles in (("eval_prompts", ("eval",)), ("finetune_data", ("finetune",))):
         val = getattr(v, k)
@@ -1093,6 +1150,44 @@ def _check_output_consistency(chk: _Checker, v: VariationSpec, i: int) -> None:
         chk.one_of(v.oc_cache, OC_CACHES, f"variations[{i}] ({v.id}).oc_cache", sec, "oc_cache", i)
     if v.oc_trainable is not None:
         chk.one_of(v.oc_trainable, OC_TRAINABLE, f"variations[{i}] ({v.id}).oc_trainable", sec, "oc_trainable", i)
+
+
+def _check_rollout(chk: _Checker, v: VariationSpec, i: int, steps: int) -> None:
+    """``lambda_rollout`` and its options: one objective per fine-tune, each option only with its term,
+    and a segment that fits in the variation's run."""
+    sec, name = "variations", f"variations[{i}] ({v.id})"
+    if v.lambda_rollout is None:
+        for opt in ROLLOUT_OPTIONS:
+            if getattr(v, f"rollout_{opt}") is not None:
+                chk.fail(f"{name}.rollout_{opt} is an option of the rollout term, but the variation sets no "
+                         "lambda_rollout", sec, f"rollout_{opt}", i)
+        return
+    others = [k for k in ("lambda_fcr", "lambda_oc") if getattr(v, k) is not None]
+    if others:
+        chk.fail(f"{name} sets both {others[0]} and lambda_rollout: a fine-tune trains one term besides denoising; "
+                 "make two variations", sec, "lambda_rollout", i)
+    if not v.lambda_rollout > 0:
+        chk.fail(f"{name}.lambda_rollout = {v.lambda_rollout} must be > 0 (the λ = 0 control is lambda_fcr = 0)",
+                 sec, "lambda_rollout", i)
+    if v.blocks is not None:
+        chk.fail(f"{name}.blocks chooses FCR's encoder blocks; the rollout term compares sampler states "
+                 "(rollout_cache says whose stale path): drop blocks", sec, "blocks", i)
+    k = v.rollout_k
+    if k is not None and (not isinstance(k, int) or k < 0 or k > steps - 1):
+        chk.fail(f"{name}.rollout_k = {k!r} stale steps must be an integer in [0, {steps - 1}]: the segment (a key "
+                 f"step and k more) must fit in the variation's {steps} sampler steps", sec, "rollout_k", i)
+    for opt, allowed in (("cache", OC_CACHES), ("target", ROLLOUT_TARGETS), ("trainable", OC_TRAINABLE)):
+        if getattr(v, f"rollout_{opt}") is not None:
+            chk.one_of(getattr(v, f"rollout_{opt}"), allowed, f"{name}.rollout_{opt}", sec, f"rollout_{opt}", i)
+    if v.rollout_noise_power is not None and not v.rollout_noise_power >= 0:
+        chk.fail(f"{name}.rollout_noise_power = {v.rollout_noise_power} must be >= 0 (0: key steps uniform over the "
+                 "sampler's steps)", sec, "rollout_noise_power", i)
+    if v.rollout_rows is not None and (not isinstance(v.rollout_rows, int) or v.rollout_rows < 1):
+        chk.fail(f"{name}.rollout_rows = {v.rollout_rows!r} must be an integer >= 1 (rows of each batch that run "
+                 "the rollout; leave it out for all)", sec, "rollout_rows", i)
+    if v.rollout_guidance_scale is not None and not v.rollout_guidance_scale > 0:
+        chk.fail(f"{name}.rollout_guidance_scale = {v.rollout_guidance_scale} must be > 0 (1 = the rollouts run "
+                 "without classifier-free guidance)", sec, "rollout_guidance_scale", i)
 
 
 def _load_contrasts(chk: _Checker, raw: Any, variation_ids: list[str], profile: str | None,
