@@ -45,7 +45,13 @@ from pathlib import Path
 import torch
 from fcr_sample.features import BLOCK_GROUPS, select_feature_names
 
-from .checkpoints import STATE_FILE, CheckpointError, model_mismatch, unreadable_reason
+from .checkpoints import (
+    STATE_FILE,
+    CheckpointError,
+    model_mismatch,
+    settings_mismatch,
+    unreadable_reason,
+)
 from .data import BadSampleCounter, collate_skip_bad
 from .locking import ProcessLock
 from .loss import FCRConfig, FCRLossOutput, fcr_loss, sample_timesteps
@@ -429,13 +435,16 @@ def _check_blocks(unet: torch.nn.Module, fcr: FCRConfig) -> None:
                          "comma-separated feature-name prefixes of this UNet") from None
 
 
-def _resume_candidates(config: TrainConfig, run_dir: Path, unet: torch.nn.Module) -> tuple[list[Path], list[str]]:
+def _resume_candidates(config: TrainConfig, run_dir: Path, unet: torch.nn.Module,
+                       new_settings: dict) -> tuple[list[Path], list[str]]:
     """The checkpoints a resume may load, newest first, and one line per newer one skipped.
 
     Read-only, run before anything is written. A ``resume`` path must itself be whole and of this
     model. With ``resume=True`` a checkpoint whose files are cut off is skipped for the previous
     complete one (the error names them all when none is whole); a checkpoint of another model is
-    refused at once, since the older ones of that folder come from the same run.
+    refused at once, since the older ones of that folder come from the same run. So is a resume
+    whose ``new_settings`` (``config.json``'s ``train`` / ``run`` / ``dataset``) differ from the
+    stored run's in a setting that changes results.
     """
     if not config.resume:
         return [], []
@@ -447,6 +456,8 @@ def _resume_candidates(config: TrainConfig, run_dir: Path, unet: torch.nn.Module
         if problem:
             raise CheckpointError(f"cannot resume from {path}: {problem}. Pass a complete checkpoint of this "
                                   f"model, or start without resuming")
+        _check_settings(path.parent.parent if path.parent.name == "checkpoints" else None, new_settings,
+                        f"from {path}")
         return [path], []
     usable, skipped = [], []
     for ckpt in reversed(_complete_checkpoints(run_dir)):
@@ -462,7 +473,31 @@ def _resume_candidates(config: TrainConfig, run_dir: Path, unet: torch.nn.Module
     if skipped and not usable:
         raise CheckpointError(f"cannot resume in {run_dir}: no checkpoint can be loaded ({'; '.join(skipped)}). "
                               "Delete the broken checkpoint folders to start over, or use another output folder")
+    if usable:
+        _check_settings(run_dir, new_settings, f"in {run_dir}")
     return usable, skipped
+
+
+def _check_settings(run_dir: Path | None, new_settings: dict, where: str) -> None:
+    """Refuse a resume whose settings differ from the stored run's in one that changes results
+    (``checkpoints.settings_mismatch``): a resume is exact, or it does not happen."""
+    stored_file = None if run_dir is None else run_dir / "config.json"
+    if stored_file is None or not stored_file.is_file():
+        logger.warning("resuming %s: no config.json of the run that wrote the checkpoint, so its settings "
+                       "cannot be compared with these", where)
+        return
+    try:
+        stored = json.loads(stored_file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"cannot resume {where}: {stored_file} is not readable JSON ({exc}), so the resume "
+                              "cannot be checked to be exact. Restore it, or start a new run in another "
+                              "output folder") from None
+    differ = settings_mismatch(stored, new_settings)
+    if differ:
+        raise CheckpointError(
+            f"cannot resume {where}: a resume continues the run exactly, and these settings differ from "
+            f"the ones in {stored_file}: {'; '.join(differ)}. Resume with the stored settings, or start a "
+            "new run in another output folder")
 
 
 def _load_resume_checkpoint(accelerator, candidates: list[Path], skipped: list[str], explicit: bool) -> Path | None:
@@ -602,7 +637,9 @@ def train(
     run_dir = Path(config.output_dir)
     # Everything a bad input can fail is checked before the run folder is created or written.
     _check_blocks(unet, config.fcr)
-    resume_candidates, resume_skipped = _resume_candidates(config, run_dir, unet)
+    settings = {"train": config.to_dict(), "run": run_metadata or {},
+                "dataset": {"type": type(dataset).__name__, "size": len(dataset)}}
+    resume_candidates, resume_skipped = _resume_candidates(config, run_dir, unet, settings)
     run_dir.mkdir(parents=True, exist_ok=True)
     # accelerate keeps process-wide singletons; the experiment runner calls train() many times in
     # one process with different precision / accumulation, so start each run from a clean state
@@ -666,12 +703,12 @@ def train(
 
         if accelerator.is_main_process:
             (run_dir / "config.json").write_text(json.dumps({
-                "train": config.to_dict(),
+                "train": settings["train"],
                 "conditioner": conditioner.describe() if hasattr(conditioner, "describe") else str(type(conditioner)),
                 "scheduler": dict(scheduler.config),
                 "unet_config": dict(unet.config),
-                "dataset": {"type": type(dataset).__name__, "size": len(dataset)},
-                "run": run_metadata or {},
+                "dataset": settings["dataset"],
+                "run": settings["run"],
                 "resumed_from": str(resume_from) if resume_from else None,
                 "provenance": run_provenance(accelerator),
             }, indent=2, default=str))
