@@ -15,11 +15,13 @@ from fcr_train import objectives
 from fcr_train.data import FashionMNISTDataset
 from fcr_train.delta import DeltaSampling
 from fcr_train.loss import FCRConfig, denoise_target
-from fcr_train.objectives import OBJECTIVES, Objective, objective_for
+from fcr_train.objectives import OBJECTIVES, Objective, ObjectiveModule, objective_for
 from fcr_train.output_consistency import OutputConsistencyConfig
+from fcr_train.rollout import RolloutConfig
 from fcr_train.trainer import TrainConfig, train
 
-from .test_trainer import _conditioner, _unet
+from .conftest import new_tiny_unet as _unet
+from .conftest import tiny_conditioner as _conditioner
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,14 +39,15 @@ def _toy_loss(unet, scheduler, x0, text, config, *, noise, timesteps, deltas):
     return SimpleNamespace(loss=denoise + config.lam * toy, denoise=denoise, toy=toy)
 
 
-def _toy_timesteps(n, num_train_timesteps, config, *, generator=None, device="cpu"):
+def _toy_draw(module, n, num_train_timesteps, *, generator, device, draw_noise):
     t = torch.randint(0, num_train_timesteps, (n,), generator=generator)
-    return t.to(device), torch.zeros_like(t).to(device)
+    return t.to(device), torch.zeros_like(t).to(device), draw_noise()
 
 
 def test_a_new_objective_is_one_row_and_the_trainer_trains_it(tmp_path, monkeypatch, scheduler):
     checked = []
-    row = Objective("toy", ToyConfig, _toy_loss, _toy_timesteps, lambda *a, **k: checked.append(True), term="toy")
+    row = Objective("toy", ToyConfig, check=lambda *a, **k: checked.append(True),
+                    module=lambda u, s, c, cond: ObjectiveModule(u, s, c, _toy_loss), draw=_toy_draw, term="toy")
     monkeypatch.setitem(OBJECTIVES, "toy", row)
     result = train(_unet(), scheduler, FashionMNISTDataset("train", limit=16), _conditioner(),
                    TrainConfig(output_dir=str(tmp_path / "toy"), max_steps=2, batch_size=4, progress=False,
@@ -54,12 +57,13 @@ def test_a_new_objective_is_one_row_and_the_trainer_trains_it(tmp_path, monkeypa
     assert all(r["loss"] == pytest.approx(r["l_denoise"] + 0.5 * r["l_toy"]) for r in logs)
     assert result.objective_to_denoise == [r["toy_to_denoise"] for r in logs]
     saved = json.loads((result.run_dir / "config.json").read_text())["train"]
-    assert saved["objective"]["name"] == "toy" and saved["objective"]["lam"] == 0.5
+    assert saved["toy"] == {**ToyConfig(lam=0.5).to_dict()} and saved["output_consistency"] is None
 
 
 def test_objectives_share_the_delta_record_and_are_found_by_their_config():
     assert objective_for(FCRConfig()).name == "fcr"
     assert objective_for(OutputConsistencyConfig()).name == "output_consistency"
+    assert objective_for(RolloutConfig(lam=0.5, k=2)).name == "rollout"
     for cfg in (FCRConfig, OutputConsistencyConfig):
         assert issubclass(cfg, DeltaSampling)
         with pytest.raises(ValueError, match=r"delta_max = None means 'the stride it serves'"):

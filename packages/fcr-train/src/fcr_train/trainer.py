@@ -12,7 +12,7 @@ Run folder layout (``TrainConfig.output_dir``)::
     metrics.jsonl       one line per optimizer step: loss, l_denoise, l_fcr, l_fcr_weighted (λ·l_fcr),
                         fcr_to_denoise (λ·l_fcr / l_denoise), d/<block>, step_time_s, lr; with
                         another objective (fcr_train.objectives) also l_<term>, l_<term>_weighted,
-                        <term>_to_denoise (output consistency: l_oc, l_oc_weighted, oc_to_denoise)
+                        <term>_to_denoise (output consistency: oc; rollout: rollout)
     validation.jsonl    one line per validation call (step, metric)
     train.log           the log
     checkpoints/step_0000500/
@@ -41,15 +41,21 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-
-from .checkpoints import STATE_FILE, CheckpointError, model_mismatch, unreadable_reason
-from .data import BadSampleCounter, collate_skip_bad
-from .delta import DeltaSampling
 from .locking import ProcessLock
+
+from .checkpoints import (
+    STATE_FILE,
+    CheckpointError,
+    model_mismatch,
+    settings_mismatch,
+    unreadable_reason,
+)
+from .data import BadSampleCounter, collate_skip_bad
 from .loss import FCRConfig
-from .objectives import Objective, ObjectiveModule, objective_for
+from .objectives import OBJECTIVES, Objective, objective_for
 from .provenance import run_provenance
 from .sampler import ResumableBatchSampler
 
@@ -104,11 +110,12 @@ class TrainConfig:
         progress: show a tqdm bar.
         log_every: write a step line (losses and λ·L_FCR / L_denoise) to train.log every N steps
             (and at the first and last step); every step is always in metrics.jsonl.
-        fcr: :class:`FCRConfig` (λ = 0: plain fine-tuning).
+        fcr: :class:`FCRConfig`.
         objective: another objective's config instead of FCR — any registered in
             :mod:`fcr_train.objectives` (an
-            :class:`~fcr_train.output_consistency.OutputConsistencyConfig`, …) — or ``None``
-            (default). Exclusive with FCR (``fcr.lam`` must be 0): see ``__post_init__``.
+            :class:`~fcr_train.output_consistency.OutputConsistencyConfig`, a
+            :class:`~fcr_train.rollout.RolloutConfig`, …) — or ``None`` (default). Exclusive with
+            FCR (``fcr.lam`` must be 0): see ``__post_init__``.
     """
 
     output_dir: str = "runs/fcr"
@@ -142,30 +149,36 @@ class TrainConfig:
     progress: bool = True
     log_every: int = 50
     fcr: FCRConfig = field(default_factory=FCRConfig)
-    objective: DeltaSampling | None = None
+    objective: Any = None
 
     def __post_init__(self):
-        # Exclusive rather than summed: the terms draw (t, Δ) differently (FCR pairs t with the
-        # less noisy t − Δ, t ~ U(Δ, T−1); output consistency pairs it with the key step t + Δ,
-        # t ~ U(0, T−1−Δ)), so one draw cannot serve both without changing the timestep
-        # distribution that existing FCR runs were trained with; and the studies compare them as
-        # separate arms, where a sum would leave no clean λ·L / L_denoise share for either.
+        # One objective per run rather than a sum: the terms draw their timesteps differently (FCR
+        # pairs t with the less noisy t − Δ, t ~ U(Δ, T−1); output consistency pairs it with the key
+        # step t + Δ, t ~ U(0, T−1−Δ); the rollout term draws key steps on the sampler's grid and
+        # keeps the control's t for L_denoise), so one draw cannot serve two without changing the
+        # timestep distribution that existing runs were trained with; and the studies compare them
+        # as separate arms, where a sum would leave no clean λ·L / L_denoise share for either.
         if self.objective is not None:
-            name = objective_for(self.objective).name  # an unregistered config is refused here
+            name = objective_for(self.objective).name  # a config of no registered objective is refused here
             if self.fcr.lam > 0:
-                raise ValueError(f"the {name} objective and FCR are exclusive: set fcr.lam = 0 (got "
-                                 f"{self.fcr.lam}) or leave objective unset")
+                raise ValueError(f"the {name} term and FCR are exclusive: set fcr.lam = 0 (got {self.fcr.lam}) "
+                                 "or leave objective unset")
 
     @property
-    def term(self) -> DeltaSampling:
+    def term(self):
         """The config of the objective this run trains: ``objective``, else ``fcr``."""
         return self.objective if self.objective is not None else self.fcr
 
     def to_dict(self) -> dict:
+        """The config as ``config.json`` records it: every registered objective besides FCR under its
+        own name (``None`` unless it is this run's)."""
         d = asdict(self)
+        d.pop("objective")
         d["fcr"] = self.fcr.to_dict()
-        d["objective"] = None if self.objective is None else {"name": objective_for(self.objective).name,
-                                                              **self.objective.to_dict()}
+        active = None if self.objective is None else objective_for(self.objective).name
+        for name in OBJECTIVES:
+            if name != "fcr":
+                d[name] = self.objective.to_dict() if name == active else None
         return d
 
 
@@ -184,8 +197,9 @@ class RunResult:
         losses: per-step total loss of this process (resumed runs: only the steps run here).
         fcr_to_denoise: per-step λ·L_FCR / L_denoise, the same steps as ``losses`` (the share of
             the loss the FCR term carries; 0 for λ = 0).
-        objective_to_denoise: per-step λ·L / L_denoise of another objective's term (``objective``;
-            output consistency: λ·L_oc / L_denoise), the same steps as ``losses`` (empty for FCR).
+        objective_to_denoise: per-step λ·L / L_denoise of another objective's term (``objective``:
+            output consistency's λ·L_oc / L_denoise, the rollout term's λ·L_rollout / L_denoise), the
+            same steps as ``losses`` (empty for FCR).
         last_logs: the final step's log record.
         wall_time_s: seconds spent in this call.
     """
@@ -357,13 +371,16 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def _resume_candidates(config: TrainConfig, run_dir: Path, unet: torch.nn.Module) -> tuple[list[Path], list[str]]:
+def _resume_candidates(config: TrainConfig, run_dir: Path, unet: torch.nn.Module,
+                       new_settings: dict) -> tuple[list[Path], list[str]]:
     """The checkpoints a resume may load, newest first, and one line per newer one skipped.
 
     Read-only, run before anything is written. A ``resume`` path must itself be whole and of this
     model. With ``resume=True`` a checkpoint whose files are cut off is skipped for the previous
     complete one (the error names them all when none is whole); a checkpoint of another model is
-    refused at once, since the older ones of that folder come from the same run.
+    refused at once, since the older ones of that folder come from the same run. So is a resume
+    whose ``new_settings`` (``config.json``'s ``train`` / ``run`` / ``dataset``) differ from the
+    stored run's in a setting that changes results.
     """
     if not config.resume:
         return [], []
@@ -375,6 +392,8 @@ def _resume_candidates(config: TrainConfig, run_dir: Path, unet: torch.nn.Module
         if problem:
             raise CheckpointError(f"cannot resume from {path}: {problem}. Pass a complete checkpoint of this "
                                   f"model, or start without resuming")
+        _check_settings(path.parent.parent if path.parent.name == "checkpoints" else None, new_settings,
+                        f"from {path}")
         return [path], []
     usable, skipped = [], []
     for ckpt in reversed(_complete_checkpoints(run_dir)):
@@ -390,7 +409,31 @@ def _resume_candidates(config: TrainConfig, run_dir: Path, unet: torch.nn.Module
     if skipped and not usable:
         raise CheckpointError(f"cannot resume in {run_dir}: no checkpoint can be loaded ({'; '.join(skipped)}). "
                               "Delete the broken checkpoint folders to start over, or use another output folder")
+    if usable:
+        _check_settings(run_dir, new_settings, f"in {run_dir}")
     return usable, skipped
+
+
+def _check_settings(run_dir: Path | None, new_settings: dict, where: str) -> None:
+    """Refuse a resume whose settings differ from the stored run's in one that changes results
+    (``checkpoints.settings_mismatch``): a resume is exact, or it does not happen."""
+    stored_file = None if run_dir is None else run_dir / "config.json"
+    if stored_file is None or not stored_file.is_file():
+        logger.warning("resuming %s: no config.json of the run that wrote the checkpoint, so its settings "
+                       "cannot be compared with these", where)
+        return
+    try:
+        stored = json.loads(stored_file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"cannot resume {where}: {stored_file} is not readable JSON ({exc}), so the resume "
+                              "cannot be checked to be exact. Restore it, or start a new run in another "
+                              "output folder") from None
+    differ = settings_mismatch(stored, new_settings)
+    if differ:
+        raise CheckpointError(
+            f"cannot resume {where}: a resume continues the run exactly, and these settings differ from "
+            f"the ones in {stored_file}: {'; '.join(differ)}. Resume with the stored settings, or start a "
+            "new run in another output folder")
 
 
 def _load_resume_checkpoint(accelerator, candidates: list[Path], skipped: list[str], explicit: bool) -> Path | None:
@@ -489,7 +532,8 @@ def train(
     step_callback: Callable[[int, dict], None] | None = None,
     run_metadata: dict | None = None,
 ) -> RunResult:
-    """Train ``unet`` with L_denoise + λ·FCR (or + λ·L of ``config.objective``: output consistency, …) on ``dataset``.
+    """Train ``unet`` with L_denoise + λ·FCR (or + λ·L of ``config.objective``: output consistency,
+    the rollout term, …) on ``dataset``.
 
     Args:
         unet: the diffusers UNet to train (the only trained module; VAE/text encoder live in ``conditioner``).
@@ -519,9 +563,11 @@ def train(
     term = config.term
     kind = objective_for(term)
     # Everything a bad input can fail is checked before the run folder is created or written.
-    kind.check(unet, scheduler.config.num_train_timesteps, term, grad_checkpointing=config.grad_checkpointing)
+    kind.check(unet, scheduler, term, conditioner, grad_checkpointing=config.grad_checkpointing)
     run_dir = Path(config.output_dir)
-    resume_candidates, resume_skipped = _resume_candidates(config, run_dir, unet)
+    settings = {"train": config.to_dict(), "run": run_metadata or {},
+                "dataset": {"type": type(dataset).__name__, "size": len(dataset)}}
+    resume_candidates, resume_skipped = _resume_candidates(config, run_dir, unet, settings)
     run_dir.mkdir(parents=True, exist_ok=True)
     # accelerate keeps process-wide singletons; the experiment runner calls train() many times in
     # one process with different precision / accumulation, so start each run from a clean state
@@ -549,7 +595,8 @@ def train(
         unet.requires_grad_(True)
         if config.grad_checkpointing:
             unet.enable_gradient_checkpointing()
-        objective = ObjectiveModule(unet, scheduler, term, kind)
+        objective = kind.module(unet, scheduler, term, conditioner)
+        module = objective  # the unwrapped module (accelerate may wrap `objective` for DDP)
         params = [p for p in unet.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.adam_betas),
                                       eps=config.adam_eps, weight_decay=config.weight_decay)
@@ -578,12 +625,12 @@ def train(
 
         if accelerator.is_main_process:
             (run_dir / "config.json").write_text(json.dumps({
-                "train": config.to_dict(),
+                "train": settings["train"],
                 "conditioner": conditioner.describe() if hasattr(conditioner, "describe") else str(type(conditioner)),
                 "scheduler": dict(scheduler.config),
                 "unet_config": dict(unet.config),
-                "dataset": {"type": type(dataset).__name__, "size": len(dataset)},
-                "run": run_metadata or {},
+                "dataset": settings["dataset"],
+                "run": settings["run"],
                 "resumed_from": str(resume_from) if resume_from else None,
                 "provenance": run_provenance(accelerator),
             }, indent=2, default=str))
@@ -623,9 +670,9 @@ def train(
                     drop = (torch.rand(n, generator=g) < config.cond_dropout).to(device)
                     null = conditioner.null_states.to(device, text.dtype).expand_as(text)
                     text = torch.where(drop[:, None, None], null, text)
-                t, delta = kind.sample_timesteps(n, scheduler.config.num_train_timesteps, term, generator=g,
-                                                 device=device)
-                noise = torch.randn(x0.shape, generator=g).to(device, x0.dtype)
+                t, delta, noise = kind.draw(
+                    module, n, scheduler.config.num_train_timesteps, generator=g, device=device,
+                    draw_noise=lambda shape=x0.shape, dtype=x0.dtype, g=g: torch.randn(shape, generator=g).to(device, dtype))
                 with accelerator.autocast():
                     out = objective(x0, text, noise, t, delta)
                 accelerator.backward(out.loss)
@@ -644,16 +691,16 @@ def train(
             logs = acc.pop()
             logs.update(step=state.step, lr=lr_schedule.get_last_lr()[0],
                         step_time_s=time.perf_counter() - step_t0, bad_samples=state.bad.bad,
-                        **_share("fcr", config.fcr.lam, logs))
+                        **_term_share("fcr", config.fcr.lam, logs))
             if kind.term != "fcr":
-                logs.update(_share(kind.term, term.lam, logs))
+                logs.update(_term_share(kind.term, term.lam, logs))
                 objective_to_denoise.append(logs[f"{kind.term}_to_denoise"])
             losses.append(logs["loss"])
             fcr_to_denoise.append(logs["fcr_to_denoise"])
             if state.step == 1 or state.step % max(1, config.log_every) == 0 or state.step == config.max_steps:
                 name = kind.term
-                logger.info(f"step %d: loss %.5g  l_denoise %.5g  l_{name} %.5g  λ·l_{name}/l_denoise %.4g", state.step,
-                            logs["loss"], logs["l_denoise"], logs[f"l_{name}"], logs[f"{name}_to_denoise"])
+                logger.info("step %d: loss %.5g  l_denoise %.5g  l_%s %.5g  λ·l_%s/l_denoise %.4g", state.step,
+                            logs["loss"], logs["l_denoise"], name, logs[f"l_{name}"], name, logs[f"{name}_to_denoise"])
             last_logs = logs
             if accelerator.is_main_process:
                 _write_jsonl(run_dir / "metrics.jsonl", logs)
@@ -730,8 +777,8 @@ def _validate(accelerator, objective, state: _TrainState, validation_fn, run_dir
     return stop
 
 
-def _share(term: str, lam: float, logs: dict) -> dict:
-    """λ·L and its ratio to L_denoise for one step: how much of the loss the term carries
+def _term_share(term: str, lam: float, logs: dict) -> dict:
+    """λ·L_<term> and its ratio to L_denoise for one step: how much of the loss the term carries
     (design.md §5: FCR with Δ in timesteps is ~0.1 %, which makes the fine-tune practically λ = 0)."""
     weighted = lam * logs[f"l_{term}"]
     return {f"l_{term}_weighted": weighted,
@@ -747,8 +794,8 @@ class _StepAccumulator:
         self.items: list[dict[str, float]] = []
 
     def add(self, out) -> None:
-        rec = {"loss": float(out.loss.detach()), "l_denoise": float(out.denoise.detach()), "l_fcr": 0.0}
         # l_fcr is kept with every objective: readers of metrics.jsonl expect it
+        rec = {"loss": float(out.loss.detach()), "l_denoise": float(out.denoise.detach()), "l_fcr": 0.0}
         rec[f"l_{self.objective.term}"] = float(self.objective.term_value(out).detach())
         rec.update({f"d/{name}": float(v) for name, v in (getattr(out, "per_block", None) or {}).items()})
         self.items.append(rec)

@@ -61,7 +61,9 @@ _VARIATION = {
         "cache_branch_id", "lambda_fcr", "delta_max", "blocks", "finetune_data", "scheduler",
         "num_inference_steps", "guidance_scale", "resolution", "robustness", "eval_prompts")},
     **{f: (RECORDED_WHEN_SET, "added after the first release") for f in (
-        "delta_unit", "distance", "lambda_oc", "oc_cache", "oc_trainable")},
+        "delta_unit", "distance", "lambda_oc", "oc_cache", "oc_trainable", "lambda_rollout", "rollout_k",
+        "rollout_cache", "rollout_target", "rollout_noise_power", "rollout_trainable", "rollout_rows",
+        "rollout_guidance_scale")},
     "profiles": (NOT_IDENTITY, "which profiles list a variation says nothing of how its numbers are produced "
                                "(recorded as unset)"),
 }
@@ -120,7 +122,7 @@ LATER_EVALUATION = {"cache_attribution": tuple(f for f, (d, _) in _EVALUATION.it
 #: Fine-tune options recorded (in the key's hash and the run's ``finetune`` record) only when they
 #: differ from these defaults, so the keys and run ids of files that do not set them stay the same.
 LATER_FINETUNE_OPTIONS = {"delta_unit": "timesteps", "sampler_steps": None, "distance": "mse",
-                          "lambda_oc": None, "oc_cache": "fd", "oc_trainable": "recomputed",
+                          "lambda_oc": None, "oc_cache": "fd", "oc_trainable": "recomputed", "rollout": None,
                           "cond_dropout": 0.1, "early_stopping": None}
 
 #: The trainer settings hashed into a fine-tune key (its ``train`` record).
@@ -193,6 +195,9 @@ def finetune_key(ft) -> str:
     blocks or cache, seed, and :func:`short_hash` of :func:`finetune_key_record`."""
     tags = ("-ss" if ft.delta_unit == "sampler_steps" else "") + ("" if ft.distance == "mse" else f"-{ft.distance}")
     digest = short_hash(finetune_key_record(ft))
+    if ft.rollout is not None:
+        r = ft.rollout
+        return f"ft-ro{lambda_text(r['lam'])}-k{r['k']}-{r['cache']}-{r['target']}{tags}-s{ft.seed}-{digest}"
     if ft.lambda_oc is not None:
         trainable = "" if ft.oc_trainable == "recomputed" else f"-{ft.oc_trainable}"
         return f"ft-oc{lambda_text(ft.lambda_oc)}-d{ft.delta_max}{tags}-{ft.oc_cache}{trainable}-s{ft.seed}-{digest}"

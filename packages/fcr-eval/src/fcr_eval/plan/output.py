@@ -51,7 +51,9 @@ def _fmt_s(s: float) -> str:
 
 
 def _lambda_column(v: VariationSpec) -> str:
-    """The plan table's λ column: FCR's λ, ``oc`` + λ for output consistency, ``-`` for none."""
+    """The plan table's λ column: FCR's λ, ``oc`` / ``ro`` + λ for output consistency / rollout, ``-`` for none."""
+    if v.lambda_rollout is not None:
+        return f"ro{v.lambda_rollout:g}"
     if v.lambda_oc is not None:
         return f"oc{v.lambda_oc:g}"
     return "-" if v.lambda_fcr is None else f"{v.lambda_fcr:g}"
@@ -70,7 +72,7 @@ def format_plan(plan: Plan, done: set[str] | None = None) -> str:
     if not plan.finetunes:
         lines.append("  none")
     for f in plan.finetunes.values():
-        what = f.label if f.lambda_oc is not None else f"{f.label} blocks={f.blocks}"
+        what = f.label if f.objective != "fcr" else f"{f.label} blocks={f.blocks}"
         lines.append(f"  {f.key}: {f.model} {what} Δmax={f.delta_max} "
                      f"{f.steps} steps × batch {f.batch_size}, ≈{_fmt_flops(f.est_flops)}, ≈{_fmt_s(f.est_seconds)}")
         lines.append(f"      used by {', '.join(f.variations)}; folder {f.output_dir}")

@@ -89,6 +89,9 @@ class PlannedFinetune:
     lambda_oc: float | None = None
     oc_cache: str = "fd"
     oc_trainable: str = "recomputed"
+    # The rollout objective (fcr_train.rollout) instead: lambda_fcr is then 0 (the control's fine-tune
+    # plus the term) and this holds its resolved options with the sampler's step count.
+    rollout: dict | None = None
     variations: list[str] = field(default_factory=list)
     est_flops: float = 0.0
     est_seconds: float = 0.0
@@ -100,12 +103,18 @@ class PlannedFinetune:
 
     @property
     def objective(self) -> str:
-        """``"output_consistency"`` or ``"fcr"`` (λ = 0: the plain fine-tuning control)."""
+        """``"rollout"``, ``"output_consistency"`` or ``"fcr"`` (λ = 0: the plain fine-tuning control)."""
+        if self.rollout is not None:
+            return "rollout"
         return "output_consistency" if self.lambda_oc is not None else "fcr"
 
     @property
     def label(self) -> str:
-        """The objective in a line: ``FCR λ=0.15`` / ``λ=0 control`` / ``output consistency (fd) λ=0.5``."""
+        """The objective in a line: ``FCR λ=0.15`` / ``λ=0 control`` / ``output consistency (fd) λ=0.5`` /
+        ``rollout (deepcache, k=4, x0) λ=0.5``."""
+        if self.rollout is not None:
+            r = self.rollout
+            return f"rollout ({r['cache']}, k={r['k']}, {r['target']}) λ={r['lam']:g}"
         if self.lambda_oc is not None:
             return f"output consistency ({self.oc_cache}, {self.oc_trainable}) λ={self.lambda_oc:g}"
         return "λ=0 control" if self.lambda_fcr == 0 else f"FCR λ={self.lambda_fcr:g}"
@@ -117,6 +126,11 @@ class PlannedFinetune:
         forward at t + Δ and the shallow path at t). The planner's estimate and the stored
         fine-tune compute both read it."""
         c = self.cost
+        if self.rollout is not None:  # the segments (fcr_train.rollout.rollout_cost_factor)
+            from fcr_train.rollout import rollout_cost_factor
+
+            return 3.0 * (rollout_cost_factor(self.rollout_config(), self.batch_size, c.encoder_share,
+                                              c.deepcache_partial_share) - 1.0)
         if self.lambda_oc is not None:
             return 1.0 if self.oc_cache == "fd" else 1.0 + c.deepcache_partial_share
         return c.encoder_share if self.lambda_fcr > 0 else 0.0
@@ -137,6 +151,22 @@ class PlannedFinetune:
         return OutputConsistencyConfig(lam=self.lambda_oc, delta_max=self.delta_max, delta_unit=self.delta_unit,
                                        sampler_steps=self.sampler_steps, distance=self.distance,
                                        cache=self.oc_cache, trainable=self.oc_trainable)
+
+    def rollout_config(self):
+        """The fine-tune's :class:`fcr_train.rollout.RolloutConfig`, or ``None``."""
+        if self.rollout is None:
+            return None
+        from fcr_train.rollout import RolloutConfig
+
+        r = self.rollout
+        return RolloutConfig(lam=r["lam"], k=r["k"], cache=r["cache"], sampler_steps=r["sampler_steps"],
+                             target=r["target"], distance=self.distance, noise_power=r["noise_power"],
+                             trainable=r["trainable"], rollout_rows=r["rows"], guidance_scale=r["guidance_scale"])
+
+    def objective_config(self):
+        """The config of the objective the fine-tune trains instead of FCR (output consistency or
+        the rollout term), or ``None`` (FCR: :meth:`fcr_config`)."""
+        return self.oc_config() or self.rollout_config()
 
 
 def _attribution_samples(ev, sampler: SamplerSettings, n_samples: int, variation_id: str) -> int:
@@ -332,10 +362,10 @@ def _planned_finetune(exp: Experiment, v: VariationSpec, seed: int, steps: int, 
     """The fine-tune variation ``v`` samples in ``seed`` (shared by every variation with the same
     settings: its key says which)."""
     ft, vs = exp.finetune, exp.settings(v)
-    oc = vs.lambda_oc is not None
+    oc, ro = vs.lambda_oc is not None, vs.rollout
     planned = PlannedFinetune(
         key="", model=v.model, model_source=exp.models[v.model].source,
-        lambda_fcr=0.0 if oc else float(v.lambda_fcr), delta_max=vs.delta_max,
+        lambda_fcr=0.0 if oc or ro is not None else float(v.lambda_fcr), delta_max=vs.delta_max,
         blocks=vs.blocks or "all",  # unused by output consistency (FCR's λ is 0 there)
         data=vs.finetune_data, steps=ft.steps, batch_size=ft.batch_size, lr=ft.lr,
         seed=seed if ft.per_seed else exp.seeds[0], output_dir="", cost=model_cost(exp, v.model),
@@ -343,7 +373,8 @@ def _planned_finetune(exp: Experiment, v: VariationSpec, seed: int, steps: int, 
         distance=vs.distance, weight_decay=ft.weight_decay, warmup_steps=ft.warmup_steps, ema_decay=ft.ema_decay,
         mixed_precision=ft.mixed_precision, checkpoint_every=ft.checkpoint_every, cond_dropout=ft.cond_dropout,
         early_stopping=ft.early_stopping,
-        **({"lambda_oc": vs.lambda_oc, "oc_cache": vs.oc_cache, "oc_trainable": vs.oc_trainable} if oc else {}))
+        **({"lambda_oc": vs.lambda_oc, "oc_cache": vs.oc_cache, "oc_trainable": vs.oc_trainable} if oc else {}),
+        rollout=None if ro is None else {**asdict(ro), "sampler_steps": steps})
     planned.key = finetune_key(planned)
     planned.output_dir = str(safe_child(exp_dir, "finetune", planned.key))
     return planned

@@ -328,5 +328,4 @@ def _check_finetune_table(chk: Checker, raw: dict, variations: list[VariationSpe
     chk.fail(f"variation {first.id!r} sets {first.objective_text}, which fine-tunes the model, but the file "
              f"has no [finetune] table, so it would fine-tune with the defaults ({shown}; "
              f"{finetune.steps:,} steps × batch {finetune.batch_size}). Add a [finetune] table stating at least "
-             "data, steps and batch_size", "variations", "lambda_oc" if first.lambda_oc is not None else "lambda_fcr",
-             index[first.id])
+             "data, steps and batch_size", "variations", first.objective_key, index[first.id])

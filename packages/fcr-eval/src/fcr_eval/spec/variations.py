@@ -28,14 +28,15 @@ from fcr_eval.spec.datasets import DatasetSpec
 from fcr_eval.spec.finetune import FinetuneSpec
 from fcr_eval.spec.models import ModelSpec
 from fcr_eval.spec.robustness import RobustnessSpec
+from fcr_eval.spec.rollout import RolloutSettings, check_rollout, resolve_rollout
 from fcr_eval.spec.sampling import SamplingSpec, check_guidance
 from fcr_eval.spec.vocabulary import INTERVAL_SAMPLERS, SAMPLERS, SCHEDULERS
 
 __all__ = ["EXPANDABLE", "VariationSpec", "VariationSettings", "resolve_variation", "load_variations",
            "check_variation"]
 
-EXPANDABLE = ("model", "stride", "lambda_fcr", "lambda_oc", "delta_max", "delta_unit", "distance", "blocks", "scheduler",
-              "robustness", "eval_prompts")
+EXPANDABLE = ("model", "stride", "lambda_fcr", "lambda_oc", "lambda_rollout", "rollout_k", "delta_max", "delta_unit",
+              "distance", "blocks", "scheduler", "robustness", "eval_prompts")
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,9 @@ class VariationSpec:
     included) samples an FCR fine-tune with that λ (λ = 0 is the plain fine-tuning control).
     ``lambda_oc`` (> 0, instead of ``lambda_fcr``) samples a fine-tune with the output-consistency
     term (:mod:`fcr_train.output_consistency`) against ``oc_cache``'s stale features; ``delta_max``,
-    ``delta_unit`` and ``distance`` mean for it what they mean for FCR."""
+    ``delta_unit`` and ``distance`` mean for it what they mean for FCR. ``lambda_rollout`` (> 0,
+    instead of either) samples a fine-tune with the rollout term (:mod:`fcr_eval.spec.rollout`);
+    ``distance`` is its distance."""
 
     id: str
     model: str
@@ -59,6 +62,14 @@ class VariationSpec:
     lambda_oc: float | None = None
     oc_cache: str | None = None  # fcr_train.vocabulary.OC_CACHES; default "fd"
     oc_trainable: str | None = None  # fcr_train.vocabulary.OC_TRAINABLE; default "recomputed"
+    lambda_rollout: float | None = None
+    rollout_k: int | None = None  # the rollout options; defaults fcr_eval.spec.rollout.ROLLOUT_OPTIONS
+    rollout_cache: str | None = None
+    rollout_target: str | None = None
+    rollout_noise_power: float | None = None
+    rollout_trainable: str | None = None
+    rollout_rows: int | None = None
+    rollout_guidance_scale: float | None = None
     delta_max: int | None = None
     delta_unit: str | None = None
     distance: str | None = None
@@ -74,22 +85,30 @@ class VariationSpec:
 
     @property
     def finetuned(self) -> bool:
-        return self.lambda_fcr is not None or self.lambda_oc is not None
+        return self.lambda_fcr is not None or self.lambda_oc is not None or self.lambda_rollout is not None
 
     @property
     def objective(self) -> str | None:
         """What the variation's fine-tune trains: ``"fcr"`` (λ = 0: the plain control),
-        ``"output_consistency"``, or ``None`` (the model's own weights)."""
+        ``"output_consistency"``, ``"rollout"``, or ``None`` (the model's own weights)."""
+        if self.lambda_rollout is not None:
+            return "rollout"
         if self.lambda_oc is not None:
             return "output_consistency"
         return "fcr" if self.lambda_fcr is not None else None
 
     @property
+    def objective_key(self) -> str:
+        """The key that states the fine-tune's objective in the file (``lambda_fcr``, ``lambda_oc``,
+        ``lambda_rollout``)."""
+        return {"rollout": "lambda_rollout", "output_consistency": "lambda_oc"}.get(self.objective, "lambda_fcr")
+
+    @property
     def objective_text(self) -> str:
         """The fine-tune's setting as the file states it (``lambda_fcr = 0.15``, ``lambda_oc = 0.5``)."""
-        if self.lambda_oc is not None:
-            return f"lambda_oc = {self.lambda_oc:g}"
-        return f"lambda_fcr = {self.lambda_fcr:g}" if self.lambda_fcr is not None else "no fine-tune"
+        if not self.finetuned:
+            return "no fine-tune"
+        return f"{self.objective_key} = {getattr(self, self.objective_key):g}"
 
 
 @dataclass(frozen=True)
@@ -110,6 +129,7 @@ class VariationSettings:
     lambda_oc: float | None = None  # set: the output-consistency objective (lambda_fcr is then None)
     oc_cache: str | None = None
     oc_trainable: str | None = None
+    rollout: RolloutSettings | None = None  # set: the rollout objective (lambda_fcr is then None)
 
 
 def resolve_variation(v: VariationSpec, sampling: SamplingSpec, finetune: FinetuneSpec) -> VariationSettings:
@@ -130,11 +150,13 @@ def resolve_variation(v: VariationSpec, sampling: SamplingSpec, finetune: Finetu
     unit = v.delta_unit or finetune.delta_unit
     delta_max = v.delta_max or (v.stride if unit == "sampler_steps" and v.stride else finetune.delta_max)
     oc = v.lambda_oc is not None
+    # A rollout fine-tune is the λ = 0 control plus its term: FCR's options are the control's.
     return VariationSettings(steps, guidance, scheduler, delta_unit=unit, distance=v.distance or finetune.distance,
                              delta_max=delta_max, blocks=None if oc else (v.blocks or finetune.blocks),
                              finetune_data=v.finetune_data or finetune.data, lambda_oc=v.lambda_oc,
                              oc_cache=(v.oc_cache or "fd") if oc else None,
-                             oc_trainable=(v.oc_trainable or "recomputed") if oc else None)
+                             oc_trainable=(v.oc_trainable or "recomputed") if oc else None,
+                             rollout=resolve_rollout(v))
 
 
 def load_variations(chk: Checker, raw: Any, profile: str | None, profiles: dict, models: dict[str, ModelSpec],
@@ -232,9 +254,10 @@ def check_variation(chk: Checker, v: VariationSpec, i: int, models, datasets, ro
         chk.one_of(v.distance, DISTANCES, f"variations[{i}] ({v.id}).distance", sec, "distance", i)
     if not v.finetuned and any(x is not None for x in (v.delta_max, v.blocks, v.finetune_data, v.delta_unit,
                                                        v.distance)):
-        chk.fail(f"variations[{i}] ({v.id}) sets fine-tune options but no lambda_fcr or lambda_oc (no fine-tune)",
-                 sec, None, i)
+        chk.fail(f"variations[{i}] ({v.id}) sets fine-tune options but no lambda_fcr, lambda_oc or lambda_rollout "
+                 "(no fine-tune)", sec, None, i)
     check_output_consistency(chk, v, i)
+    check_rollout(chk, v, i, steps)
     chk.one_of(v.robustness, list(robustness), f"variations[{i}] ({v.id}).robustness", sec, "robustness", i)
     for k, roles in (("eval_prompts", ("eval",)), ("finetune_data", ("finetune",))):
         val = getattr(v, k)
