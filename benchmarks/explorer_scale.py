@@ -88,8 +88,9 @@ def main() -> None:
 
     import duckdb
     import fcr_results_explorer
+    from fcr_common.provenance import code_version
     from fcr_results_explorer.app_env import ENV_DB, ENV_HUMAN_STUDY
-    from fcr_train.provenance import code_version, hardware
+    from fcr_train.provenance import hardware
 
     from tests.apps.results_explorer.synthetic_store import build_synthetic_store
 

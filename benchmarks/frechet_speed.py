@@ -17,8 +17,9 @@ import statistics
 import time
 
 import numpy as np
+from fcr_common.provenance import code_version
 from fcr_eval.metrics.frechet import feature_statistics, frechet_distance
-from fcr_train.provenance import code_version, hardware
+from fcr_train.provenance import hardware
 
 
 def main() -> None:

@@ -67,7 +67,7 @@ if ! "$PYTHON" -c "import diffusers, DeepCache, tgate" 2>/dev/null; then
         --target "$SITE" "${wheels[@]}"
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
-export PYTHONPATH="$ROOT/packages/fcr-sample/src:$ROOT/packages/fcr-train/src:$ROOT/packages/fcr-eval/src${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$ROOT/packages/fcr-common/src:$ROOT/packages/fcr-sample/src:$ROOT/packages/fcr-train/src:$ROOT/packages/fcr-eval/src${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 
 if [[ $DRY_RUN -eq 1 ]]; then

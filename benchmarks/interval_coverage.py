@@ -23,9 +23,9 @@ import logging
 import platform
 import time
 
+from fcr_common.provenance import code_version
 from fcr_eval.analysis.replication import CoverageConfig, CoverageResult, simulate_coverage
 from fcr_eval.analysis.stats import paired_bootstrap_ci, recovered_fraction_ci
-from fcr_eval.provenance import code_version
 from tqdm import tqdm
 
 BOOT = "two-stage bootstrap (fcr_eval.analysis.stats)"

@@ -39,9 +39,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import torch
+from fcr_common.provenance import code_version
 from fcr_eval.analysis.attribution import compounding, feature_summary, step_summary
 from fcr_eval.analysis.stats import mean_ci, paired_t_test
-from fcr_eval.provenance import code_version
 from fcr_eval.report.attribution import plot_cache_attribution
 from fcr_eval.run.contexts import make_context
 from fcr_eval.run.schedulers import make_sampling_scheduler

@@ -23,13 +23,13 @@ import argparse
 import datetime as dt
 import logging
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from fcr_common.provenance import code_version
 from fcr_sample import (
     DeepCacheConfig,
     EncoderCacheConfig,
@@ -64,16 +64,6 @@ def describe_device(device: torch.device) -> str:
         return f"cuda: {torch.cuda.get_device_name(device)}"
     return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s)"
 
-
-def code_version() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (no git)"
 
 
 class Report:

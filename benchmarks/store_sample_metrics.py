@@ -20,8 +20,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from fcr_common.provenance import code_version
 from fcr_eval.store import ResultsStore, RunRecord, RunResult, SampleMetrics
-from fcr_train.provenance import code_version, hardware
+from fcr_train.provenance import hardware
 
 METRICS = ("cache_mse", "cache_psnr", "cache_feature_l2", "class_correct", "class_logprob")
 

@@ -26,10 +26,11 @@ import time
 
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
+from fcr_common.provenance import code_version
 from fcr_train.embedded import EMBEDDED_UNET_CONFIG, SCHEDULER_CONFIG, TINY_UNET_CONFIG
 from fcr_train.loss import FCRConfig, fcr_loss
 from fcr_train.output_consistency import OutputConsistencyConfig, output_consistency_loss
-from fcr_train.provenance import code_version, hardware
+from fcr_train.provenance import hardware
 from fcr_train.rollout import RolloutConfig, rollout_cost_factor, rollout_loss, sampling_scheduler
 
 # SD v1.5 UNet architecture (859.5M parameters); random weights are valid for timing.

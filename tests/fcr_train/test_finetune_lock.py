@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+from fcr_common.locking import LockHeldError
 from fcr_train.api import DataConfig, FinetuneConfig, finetune
-from fcr_train.locking import LockHeldError
 from fcr_train.loss import FCRConfig
 from fcr_train.trainer import OUTPUT_LOCK_NAME, TrainConfig
 

@@ -13,9 +13,9 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import fcr_train.locking as locking
+import fcr_common.locking as locking
 import pytest
-from fcr_train.locking import LockHeldError, LockHolder, ProcessLock
+from fcr_common.locking import LockHeldError, LockHolder, ProcessLock
 
 # Subprocesses load locking.py by path: importing the fcr_train package would pull in torch.
 PRELUDE = textwrap.dedent(f"""
@@ -95,7 +95,7 @@ def test_a_lock_left_by_kill_9_is_taken_over(tmp_path, caplog):
     holder.wait()
     assert json.loads(path.read_text())["pid"] == holder.pid
     lock = ProcessLock(path, what="the test folder")
-    with caplog.at_level("WARNING", logger="fcr_train.locking"):
+    with caplog.at_level("WARNING", logger="fcr_common.locking"):
         lock.acquire(wait=False)
     assert json.loads(path.read_text())["pid"] == os.getpid()
     assert f"took over the stale lock of pid {holder.pid}" in caplog.text
@@ -172,6 +172,6 @@ def test_release_leaves_a_lock_that_was_taken_over(tmp_path, caplog):
     lock = ProcessLock(path).acquire()
     other = replace(LockHolder.of_this_process("newer"), token="f" * 16)
     path.write_text(json.dumps(asdict(other)))  # e.g. removed by hand and taken by another process
-    with caplog.at_level("WARNING", logger="fcr_train.locking"):
+    with caplog.at_level("WARNING", logger="fcr_common.locking"):
         lock.release()
     assert json.loads(path.read_text())["token"] == "f" * 16 and "no longer names this process" in caplog.text

@@ -14,13 +14,13 @@ more is stored for another experiment (other-exp), which the experiment filter m
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import duckdb
 import numpy as np
 import polars as pl
 import pytest
 from fcr_eval.analysis.contrasts import ContrastSpec, compute_contrasts
+from fcr_eval.analysis.stats import clustered_mean_ci
 from fcr_eval.spec.vocabulary import INDEPENDENT_FINETUNES, SAME_WEIGHTS, SHARED_FINETUNE
 from fcr_eval.store import (
     CriterionResult,
@@ -32,7 +32,6 @@ from fcr_eval.store import (
     make_run_id,
 )
 from fcr_eval.store.migrations import migrate
-from fcr_results_explorer.stats import Z95
 
 EXP = "pair-exp"
 SEEDS = (0, 1)
@@ -211,9 +210,11 @@ def test_criteria_of_a_store_before_verdict_columns_still_render(tmp_path, app_f
         _run(app_for(path, view=view))
 
 
-def _hand(values: list[np.ndarray]) -> tuple[float, float]:
-    allv = np.concatenate(values)
-    return float(allv.mean()), float(Z95 * allv.std(ddof=1) / math.sqrt(len(allv)))
+def _hand(values: list[np.ndarray]) -> str:
+    """What the report prints for the same values: the mean and its seed-clustered interval."""
+    mean, lo, hi = clustered_mean_ci(np.concatenate(values), np.concatenate([[s] * len(v) for s, v in
+                                                                             zip(SEEDS, values, strict=True)]))
+    return f"{mean:.4g} [{lo:.4g}, {hi:.4g}]"
 
 
 def test_paired_view_mean_and_interval_per_variation(paired_store, app_for):
@@ -222,9 +223,7 @@ def test_paired_view_mean_and_interval_per_variation(paired_store, app_for):
     table = _frame_with(at, "samples").set_index("variation")
     label = next(c for c in table.columns if c.startswith("cache error"))
     for variation in SETUP:
-        mean, half = _hand([cache_mse(variation, s)[1] for s in SEEDS])
-        expected = f"{mean:.4g} ± {half:.4g}" if half > 0 else f"{mean:.4g} ± 0"
-        assert table.loc[variation, label] == expected, variation
+        assert table.loc[variation, label] == _hand([cache_mse(variation, s)[1] for s in SEEDS]), variation
         assert table.loc[variation, "seeds"] == 2
     assert table.loc["fcr-fd-10", "samples"] == 11 and table.loc["fd-5", "samples"] == 12
     # the per-seed means: fd-5 is 0.0045 at seed 0 and 0.0049 at seed 1
@@ -238,8 +237,7 @@ def test_paired_difference_pairs_samples_by_seed_and_index(paired_store, app_for
     for s in SEEDS:
         k, v = cache_mse("fcr-fd-10", s)
         diffs.append(v - cache_mse("fd-5", s)[1][k])
-    mean, half = _hand(diffs)
-    assert table.loc["fcr-fd-10", "paired Δ vs fd-5"] == f"{mean:.4g} ± {half:.4g}"
+    assert table.loc["fcr-fd-10", "paired Δ vs fd-5"] == _hand(diffs)
     assert table.loc["fcr-fd-10", "pairs"] == 11
     assert not isinstance(table.loc["fd-5", "paired Δ vs fd-5"], str)  # the reference itself
     assert at.query_params["sref"] == "fd-5"
@@ -258,7 +256,7 @@ def test_cache_error_against_stride_per_weights(paired_store, app_for):
     base = data.filter(pl.col("series") == "fd · no fine-tune · ddim").sort("stride")
     assert base["stride"].to_list() == [5, 10]
     assert base["mean"].to_list() == pytest.approx(
-        [_hand([cache_mse(v, s)[1] for s in SEEDS])[0] for v in ("fd-5", "fd-10")])
+        [float(np.concatenate([cache_mse(v, s)[1] for s in SEEDS]).mean()) for v in ("fd-5", "fd-10")])
 
 
 def test_paired_view_without_per_sample_metrics_says_what_writes_them(small_store, app_for):

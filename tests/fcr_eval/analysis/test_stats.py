@@ -177,3 +177,31 @@ def test_paired_bootstrap_bad_input():
         paired_bootstrap_ci([1.0, 2.0], [1.0, 2.0], clusters=[0])
     with pytest.raises(ValueError, match="undefined in every resample"):
         recovered_fraction_ci([1.0, 2.0], [1.0, 2.0], [1.0, 2.0], n_resamples=200)
+
+
+def test_the_clustered_interval_from_summaries_is_the_two_stage_bootstrap_of_the_samples():
+    """The one interval rule of a per-sample mean (report and explorer): from per-seed (n, mean,
+    variance) alone it reproduces the two-stage percentile bootstrap over the raw samples, and it
+    widens with the spread between seeds, which an interval treating samples as independent misses."""
+    from fcr_eval.analysis.stats import (
+        cluster_summaries,
+        clustered_interval,
+        clustered_mean_ci,
+        paired_bootstrap_ci,
+    )
+
+    rng = np.random.default_rng(3)
+    seeds = np.repeat(np.arange(4), 200)
+    values = rng.normal(0, 1, seeds.size) + np.array([0.0, 0.8, -0.5, 0.3])[seeds]
+    raw = paired_bootstrap_ci(values, np.zeros_like(values), clusters=seeds, n_resamples=4000, seed=1)
+    est, lo, hi = clustered_interval(*cluster_summaries(values, seeds), n_resamples=4000, seed=1)
+    assert est == pytest.approx(raw.estimate)
+    assert lo == pytest.approx(raw.ci_low, abs=0.05) and hi == pytest.approx(raw.ci_high, abs=0.05)
+    assert clustered_mean_ci(values, seeds, n_resamples=4000, seed=1) == (est, lo, hi)
+    naive = 1.96 * values.std(ddof=1) / np.sqrt(values.size)
+    assert (hi - lo) / 2 > 3 * naive  # the seeds' spread is in it
+    same = values - np.array([0.0, 0.8, -0.5, 0.3])[seeds]  # no seed effect left: near the naive width
+    _, lo2, hi2 = clustered_interval(*cluster_summaries(same, seeds), n_resamples=4000, seed=1)
+    assert (hi2 - lo2) / 2 == pytest.approx(naive, rel=0.35)
+    assert clustered_interval([5], [2.0], [0.0]) == (2.0, 2.0, 2.0)
+    assert all(np.isnan(clustered_interval([], [], [])))

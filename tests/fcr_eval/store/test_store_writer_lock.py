@@ -9,8 +9,8 @@ import textwrap
 import time
 
 import pytest
+from fcr_common.locking import LockHeldError
 from fcr_eval.store import ResultsStore, writer_lock, writer_lock_path
-from fcr_train.locking import LockHeldError
 
 HOLDER = textwrap.dedent("""
     import sys, time

@@ -7,10 +7,10 @@ import subprocess
 import sys
 import textwrap
 
-import fcr_train.locking as locking
+import fcr_common.locking as locking
 import pytest
+from fcr_common.locking import LockHeldError, ProcessLock
 from fcr_eval.store.results import writer_lock, writer_lock_path
-from fcr_train.locking import LockHeldError, ProcessLock
 
 HOLD = textwrap.dedent(f"""
     import importlib.util, sys, time

@@ -21,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-from fcr_train.cli_errors import (
+from fcr_common.cli_errors import (
     EXIT_USAGE,
     UserError,
     add_debug_argument,

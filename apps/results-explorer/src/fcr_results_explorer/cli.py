@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fcr_train.cli_errors import EXIT_USAGE, add_debug_argument, check_port_free, port, run_cli
+from fcr_common.cli_errors import EXIT_USAGE, add_debug_argument, check_port_free, port, run_cli
 
 from fcr_results_explorer.app_env import ENV_DB, ENV_HUMAN_STUDY
 from fcr_results_explorer.reader import DEFAULT_STORE, StoreLocation

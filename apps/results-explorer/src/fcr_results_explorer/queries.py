@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import polars as pl
-from fcr_eval.spec.vocabulary import SAMPLE_METRICS
+from fcr_eval.spec.vocabulary import SAMPLE_METRICS, metric_spec
 
 from fcr_results_explorer.reader import HUMAN_STUDY_ALIAS, StoreReader
 from fcr_results_explorer.stats import pool_seeds, with_ci
@@ -67,9 +67,6 @@ FEATURE_VARIANCE = "feature_variance"  # σ²_Δ averaged over Δ, one block
 #: round; the speed criteria read it), the mean over its rounds.
 INTERLEAVED_SPEED = "sec_per_image_interleaved"
 
-# Metrics where a smaller number is better; everything else is larger-is-better.
-_LOWER_IS_BETTER_PREFIXES = ("fd_", "fid", "kid", "feature_variance", "sample_wall",
-                             "finetune_compute", "clip_drift", INTERLEAVED_SPEED) + TIMING_COLUMNS
 # Preferred quality metric, first one present wins: KID is unbiased at any sample size, where a
 # Fréchet distance from fewer samples than feature dimensions is not estimable.
 QUALITY_PREFERENCE = (
@@ -82,12 +79,10 @@ QUALITY_PREFERENCE = (
 
 
 def lower_is_better(metric: str) -> bool:
-    """Whether a smaller value of ``metric`` is better (per-sample metrics say so themselves in
-    :data:`fcr_eval.metrics.paired.SAMPLE_METRICS`)."""
-    spec = SAMPLE_METRICS.get(metric)
-    if spec is not None:
-        return not spec.higher_is_better
-    return metric.startswith(_LOWER_IS_BETTER_PREFIXES)
+    """Whether a smaller value of ``metric`` is better, as fcr-eval's metric registry states it
+    (:func:`fcr_eval.spec.vocabulary.metric_spec`; a name it does not know counts as higher-is-better)."""
+    spec = metric_spec(metric.partition("@bs")[0])
+    return spec is not None and not spec.higher_is_better
 
 
 def table_columns(reader: StoreReader, table: str) -> set[str]:

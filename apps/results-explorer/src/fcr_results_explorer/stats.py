@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
-from fcr_eval.analysis.stats import pearson_r2
+from fcr_eval.analysis.stats import clustered_interval, pearson_r2
 from scipy import stats as sps
 
 
@@ -47,10 +47,11 @@ def pool_seeds(per_seed: pl.DataFrame, keep: tuple[str, ...] | list[str] = ()) -
     ``per_seed`` has one row per (experiment, variation, seed) with ``n`` values, their
     ``mean`` and sample variance ``var`` (as DuckDB's ``count``, ``avg``, ``var_samp``; NULL
     for one value). The result has ``n`` (samples), ``n_seeds``, the pooled ``mean`` and ``sd``
-    of all samples, ``se = sd / √n``, ``ci95 = z₀.₉₇₅ · se`` (a normal interval that treats the
-    samples as independent), ``seed_min`` / ``seed_max`` (the range of the per-seed means, which
-    shows a seed-level effect that interval does not), ``n_nonfinite`` when given, and the
-    columns of ``keep`` (constant within a variation).
+    of all samples, ``se = sd / √n``, the 95 % interval ``ci_low`` … ``ci_high`` bootstrapped over
+    samples clustered by seed — :func:`fcr_eval.analysis.stats.clustered_interval`, the rule
+    ``fcr-eval report``'s paired table uses — and ``ci95``, half its width; ``seed_min`` /
+    ``seed_max`` (the range of the per-seed means), ``n_nonfinite`` when given, and the columns of
+    ``keep`` (constant within a variation).
 
     Example:
         >>> f = pl.DataFrame({"experiment": ["e", "e"], "variation": ["v", "v"], "seed": [0, 1],
@@ -58,10 +59,17 @@ def pool_seeds(per_seed: pl.DataFrame, keep: tuple[str, ...] | list[str] = ()) -
         >>> pool_seeds(f).select("n", "n_seeds", "mean", "sd", "seed_min", "seed_max").row(0)
         (4, 2, 2.0, 1.1547005383792515, 1.0, 3.0)
     """
+    intervals = {}
+    for key, g in (per_seed.filter(pl.col("n") > 0).group_by(["experiment", "variation"], maintain_order=True)
+                   if not per_seed.is_empty() else ()):
+        _, lo, hi = clustered_interval(g["n"].to_list(), g["mean"].to_list(),
+                                       [v if v is not None else float("nan") for v in g["var"].to_list()])
+        intervals[tuple(key)] = (lo, hi)
     keys = ["experiment", "variation"]
     if per_seed.is_empty():
         return pl.DataFrame(schema={**{k: pl.String for k in keys}, "n": pl.Int64, "n_seeds": pl.Int64,
                                     "mean": pl.Float64, "sd": pl.Float64, "se": pl.Float64,
+                                    "ci_low": pl.Float64, "ci_high": pl.Float64,
                                     "ci95": pl.Float64, "seed_min": pl.Float64, "seed_max": pl.Float64})
     f = per_seed.filter(pl.col("n") > 0).with_columns(pl.col("var").fill_null(0.0))
     n_total = pl.col("n").sum()
@@ -81,9 +89,12 @@ def pool_seeds(per_seed: pl.DataFrame, keep: tuple[str, ...] | list[str] = ()) -
     )
     sd = (pl.col("_ss") / (pl.col("n") - 1)).sqrt()
     out = out.with_columns(pl.when(pl.col("n") > 1).then(sd).otherwise(None).alias("sd")).with_columns(
-        (pl.col("sd") / pl.col("n").sqrt()).alias("se")).with_columns(
-        (pl.col("se") * Z95).alias("ci95")).drop("_ss")
-    first = [*keys, "n", "n_seeds", "mean", "sd", "se", "ci95", "seed_min", "seed_max"]
+        (pl.col("sd") / pl.col("n").sqrt()).alias("se")).drop("_ss")
+    bounds = [intervals.get((e, v), (None, None)) for e, v in zip(out["experiment"], out["variation"], strict=True)]
+    out = out.with_columns(pl.Series("ci_low", [b[0] for b in bounds], dtype=pl.Float64),
+                           pl.Series("ci_high", [b[1] for b in bounds], dtype=pl.Float64)).with_columns(
+        ((pl.col("ci_high") - pl.col("ci_low")) / 2).alias("ci95"))
+    first = [*keys, "n", "n_seeds", "mean", "sd", "se", "ci_low", "ci_high", "ci95", "seed_min", "seed_max"]
     return out.select(*first, *[c for c in out.columns if c not in first])
 
 
@@ -95,6 +106,26 @@ def format_mean_ci(mean: float | None, ci: float | None, digits: int = 4) -> str
     if ci is None or (isinstance(ci, float) and math.isnan(ci)):
         return fmt.format(mean) + " (n=1)"
     return f"{fmt.format(mean)} ± {fmt.format(ci)}"
+
+
+def interval_bounds(frame: pl.DataFrame) -> list[pl.Expr]:
+    """``lo``/``hi`` of each row's interval: ``ci_low``/``ci_high`` where the frame has them (a
+    per-sample metric's seed-clustered interval), else ``mean ± ci95`` (a t-interval over seeds)."""
+    if "ci_low" in frame.columns:
+        return [pl.col("ci_low").fill_null(pl.col("mean")).alias("lo"),
+                pl.col("ci_high").fill_null(pl.col("mean")).alias("hi")]
+    return [(pl.col("mean") - pl.col("ci95").fill_null(0)).alias("lo"),
+            (pl.col("mean") + pl.col("ci95").fill_null(0)).alias("hi")]
+
+
+def format_interval(mean: float | None, low: float | None, high: float | None, digits: int = 4) -> str:
+    """``"0.0123 [0.0101, 0.0149]"``, or the mean alone where no interval exists."""
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "—"
+    fmt = f"{{:.{digits}g}}"
+    if low is None or high is None or (isinstance(low, float) and math.isnan(low)):
+        return fmt.format(mean) + " (n=1)"
+    return f"{fmt.format(mean)} [{fmt.format(low)}, {fmt.format(high)}]"
 
 
 def pareto_front(x: list[float], y: list[float], lower_y_is_better: bool) -> list[bool]:

@@ -8,35 +8,10 @@ from typing import Any
 import altair as alt
 import polars as pl
 import streamlit as st
+from fcr_eval.spec.vocabulary import metric_spec
 from fcr_eval.store.csv_export import FORMULA_START
 
 from fcr_results_explorer.queries import lower_is_better
-
-METRIC_LABELS = {
-    "fd_efficientnet_lite0": "FD (EfficientNet-Lite0 features)",
-    "kid_efficientnet_lite0": "KID (EfficientNet-Lite0 features)",
-    "fid_inception": "FID (Inception)",
-    "kid_inception": "KID (Inception)",
-    "inception_score": "Inception Score",
-    "clip_score": "CLIPScore",
-    "class_agreement": "class agreement",
-    "clip_drift": "CLIP drift (1 − cos, cached vs no cache)",
-    "fgsm_image_mse": "FGSM image MSE vs clean",
-    "sec_per_image": "seconds / image",
-    "sec_per_image_interleaved": "seconds / image (interleaved session)",
-    "peak_memory_bytes": "peak memory (bytes)",
-    "flops_per_image": "FLOPs / image",
-    "unet_calls": "UNet calls",
-    "encoder_forwards": "encoder forwards",
-    "decoder_forwards": "decoder forwards",
-    "feature_variance": "σ²_Δ (mean over Δ)",
-    # per-sample metrics (fcr_eval.metrics.paired.SAMPLE_METRICS)
-    "cache_mse": "cache error (pixel MSE to the uncached sample)",
-    "cache_psnr": "cache PSNR (dB, to the uncached sample)",
-    "cache_feature_l2": "cache error in feature space (L2 to the uncached sample)",
-    "class_correct": "prompted class recognised (per sample)",
-    "class_logprob": "log p(prompted class)",
-}
 
 #: Colours of a verdict, in charts and badges.
 VERDICT_COLOURS = {"PASS": "green", "FAIL": "red", "INCONCLUSIVE": "orange", "no criterion": "gray"}
@@ -65,8 +40,11 @@ PARAM_LABELS = {
 
 
 def metric_label(metric: str) -> str:
+    """A metric's label from fcr-eval's registry (``fcr_eval.spec.vocabulary.METRIC_REGISTRY``), its
+    batch size (``@bs``) and its direction."""
     base, _, bs = metric.partition("@bs")
-    label = METRIC_LABELS.get(base, base)
+    spec = metric_spec(base)
+    label = spec.label if spec is not None else base
     if bs:
         label += f", batch {bs}"
     arrow = "↓" if lower_is_better(metric) else "↑"
@@ -147,6 +125,3 @@ def vega_chart(spec: dict[str, Any], data: pl.DataFrame, name: str, key: str) ->
     st.vega_lite_chart(data, spec, width="stretch", key=f"chart-{key}")
     download(data, name, key, label="Download chart data (CSV)")
 
-
-def params_text(row: dict[str, Any], columns: list[str]) -> str:
-    return ", ".join(f"{PARAM_LABELS.get(c, c)}={row[c]}" for c in columns if row.get(c) is not None)

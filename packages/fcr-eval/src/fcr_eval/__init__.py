@@ -12,10 +12,10 @@ states them and CI checks them)::
     metrics/     extractors, FD/KID/IS/PR, paired, cost, σ²_Δ       (no store)
     records      the typed rows every layer produces and the store persists
     spec/        the experiment schema and vocabularies             (no torch, no DuckDB)
-    provenance   what produced a number (code version)
 
 ``fcr_eval.testing`` (tiny CLIP and a stand-in Inception for offline tests) stands outside the
-layers. This package import stays light so apps can read the store without importing torch.
+layers; the code version stored with every number is :func:`fcr_common.provenance.code_version`.
+This package import stays light so apps can read the store without importing torch.
 """
 
 __version__ = "0.1.0"

@@ -21,9 +21,10 @@ import os
 import sys
 from pathlib import Path
 
-from fcr_train.cli_errors import (
+from fcr_common.cli_errors import (
     EXIT_MODEL_NOT_AVAILABLE,
     EXIT_USAGE,
+    UserError,
     add_debug_argument,
     float_in,
     int_at_least,
@@ -40,7 +41,7 @@ USER_ERRORS = {
     "fcr_eval.store.db:StoreError": EXIT_USAGE,
     "fcr_sample.loading:ModelNotAvailableError": EXIT_MODEL_NOT_AVAILABLE,
     "fcr_train.models:ModelNotAvailableError": EXIT_MODEL_NOT_AVAILABLE,
-    "fcr_train.locking:LockHeldError": EXIT_USAGE,
+    "fcr_common.locking:LockHeldError": EXIT_USAGE,
     "fcr_train.checkpoints:CheckpointError": EXIT_USAGE,  # a fine-tune folder of other settings or torn
 }
 
@@ -173,7 +174,8 @@ def _run(args) -> int:
 def _keep_verdicts(experiment_id: str, store_path: Path, rep) -> None:
     """Store the contrasts and criteria the report computed, replacing the experiment's earlier
     ones (the explorer shows them); the report itself writes nothing."""
-    from fcr_eval.provenance import code_version
+    from fcr_common.provenance import code_version
+
     from fcr_eval.store import ResultsStore
 
     store = ResultsStore(store_path)
@@ -183,6 +185,21 @@ def _keep_verdicts(experiment_id: str, store_path: Path, rep) -> None:
         store.write_criteria(rep.criteria)
 
 
+#: What `plan`, `run` and `report` need beyond the light install (which only reads a store).
+RUNNER_PACKAGES = ("fcr_sample", "fcr_train", "torch", "matplotlib")
+
+
+def _require_runner(command: str) -> None:
+    """The experiment commands need the ``run`` extra; the base install reads stores only."""
+    import importlib.util
+
+    missing = [m for m in RUNNER_PACKAGES if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(f"`fcr-eval {command}` needs the experiment runner, and this install lacks "
+                        f"{', '.join(missing)} (the base install of fcr-eval only reads results stores). "
+                        "Install it: pip install 'fcr-eval[run]'")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -190,7 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("accelerate", "diffusers", "matplotlib", "PIL", "httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     body = {"plan": _plan, "run": _run, "report": _report}[args.command]
-    return run_cli(lambda: body(args), prog="fcr-eval", debug=args.debug, user_errors=USER_ERRORS,
+
+    def command() -> int:
+        _require_runner(args.command)
+        return body(args)
+
+    return run_cli(command, prog="fcr-eval", debug=args.debug, user_errors=USER_ERRORS,
                    on_interrupt="interrupted: finished runs are in the store; run the same command again to resume")
 
 

@@ -55,7 +55,7 @@ class RunRecord:
 
     ``params`` holds every run parameter without a column of its own (robustness protocol,
     prompt set, checkpoint path, ...); ``config`` the full resolved config. ``code_version`` and
-    ``device`` say what produced every number of the run (see :func:`fcr_eval.provenance`).
+    ``device`` say what produced every number of the run (see :func:`fcr_common.provenance`).
 
     The effective cache schedule (added by migration 3) is what the sampler really ran, read off
     the built sampler config (:meth:`fcr_eval.plan.samplers.SamplerSettings.describe`):
@@ -238,7 +238,7 @@ class SampleMetrics:
     ``sample_metric_definitions``.
 
     Attributes:
-        metric: a per-sample metric name (:data:`fcr_eval.metrics.paired.SAMPLE_METRICS`).
+        metric: a per-sample metric name (:data:`fcr_eval.spec.vocabulary.SAMPLE_METRICS`).
         values: ``(N,)`` values (NaN is stored as NULL; ±inf is kept, e.g. PSNR of identical images).
         prompt_ids: ``N`` prompt ids, as in ``samples.prompt_id``.
         seeds: the x_T seed of each sample (one int for all, or ``N`` ints).

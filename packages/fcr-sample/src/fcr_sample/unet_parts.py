@@ -299,12 +299,6 @@ def run_up_blocks(
     return unet.conv_out(hidden)
 
 
-def residuals_consumed(unet, start_block: int, stop_block: int | None = None) -> int:
-    """How many encoder residuals up blocks ``start_block .. stop_block-1`` consume."""
-    stop = len(unet.up_blocks) if stop_block is None else stop_block
-    return sum(len(unet.up_blocks[i].resnets) for i in range(start_block, stop))
-
-
 def run_decoder(unet, enc: EncoderOutput, cond: Conditioning) -> torch.Tensor:
     """Up blocks and ``conv_out`` on encoder features; the batch of ``cond`` must match ``enc``."""
     return run_up_blocks(unet, enc.mid, enc.down_block_res_samples, cond, enc.sample_shape)

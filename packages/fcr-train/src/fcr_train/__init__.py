@@ -13,7 +13,7 @@ Public API (see each object's docstring):
 * Stable Diffusion: :func:`load_sd_components`, :class:`ModelNotAvailableError`
 """
 
-# Names resolve on first use (PEP 562), so that light modules such as ``fcr_train.cli_errors``
+# Names resolve on first use (PEP 562), so that light modules such as ``fcr_common.cli_errors``
 # import without torch: the apps report bad input in a fraction of a second.
 _EXPORTS = {
     "api": ("DataConfig", "FinetuneConfig", "PretrainConfig", "finetune", "pretrain", "save_sample_grid"),

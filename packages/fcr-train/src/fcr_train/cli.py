@@ -25,7 +25,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .cli_errors import (
+from fcr_common.cli_errors import (
     EXIT_MODEL_NOT_AVAILABLE,
     EXIT_USAGE,
     UserError,
@@ -328,7 +328,7 @@ USER_ERRORS = {
     "fcr_train.data:TooManyBadSamples": EXIT_USAGE,
     "fcr_train.models:ModelNotAvailableError": EXIT_MODEL_NOT_AVAILABLE,
     "fcr_sample.loading:ModelNotAvailableError": EXIT_MODEL_NOT_AVAILABLE,
-    "fcr_train.locking:LockHeldError": EXIT_USAGE,  # another fine-tune writes into that folder
+    "fcr_common.locking:LockHeldError": EXIT_USAGE,  # another fine-tune writes into that folder
     "fcr_train.checkpoints:CheckpointError": EXIT_USAGE,  # resume checkpoint cut off or of another model
 }
 

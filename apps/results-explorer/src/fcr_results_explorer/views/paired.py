@@ -19,20 +19,21 @@ import streamlit as st
 from fcr_results_explorer import queries as q
 from fcr_results_explorer import ui
 from fcr_results_explorer.context import ViewContext
-from fcr_results_explorer.stats import format_mean_ci
+from fcr_results_explorer.stats import format_interval
 from fcr_results_explorer.views.comparison import bar_with_ci
 from fcr_results_explorer.views.quality_speed import by_stride
 
 NO_REFERENCE = "none"
-CI_NOTE = ("mean ± half-width of a 95% normal interval over all samples (treated as independent); "
-           "“seed means” is the range of the per-seed means, which shows a seed-level effect that "
-           "interval leaves out. The contrasts in the comparison view carry the runner's "
-           "seed-clustered bootstrap CIs.")
+CI_NOTE = ("mean [95% interval, bootstrapped over samples clustered by seed] — the interval "
+           "`fcr-eval report` prints for the same metric (fcr_eval.analysis.stats.clustered_interval): "
+           "every variation of a seed shares its x_T and prompts, so samples of one seed are not "
+           "independent; “seed means” is the range of the per-seed means. It describes each mean; the "
+           "contrasts in the comparison view carry the intervals at the unit of replication.")
 
 
 def _mean_ci(name: str, digits: int = 4) -> pl.Expr:
-    return pl.struct("mean", "ci95").map_elements(
-        lambda s: format_mean_ci(s["mean"], s["ci95"], digits), return_dtype=pl.String).alias(name)
+    return pl.struct("mean", "ci_low", "ci_high").map_elements(
+        lambda s: format_interval(s["mean"], s["ci_low"], s["ci_high"], digits), return_dtype=pl.String).alias(name)
 
 
 def render(ctx: ViewContext) -> None:
@@ -86,7 +87,7 @@ def render(ctx: ViewContext) -> None:
     ui.table(shown, f"{experiment}-{metric}-per-variation", "paired",
              export=frame.drop("metric") if diff is None else frame.join(
                  diff.select("variation", *[pl.col(c).alias(f"diff_{c}") for c in
-                                            ("n", "mean", "sd", "se", "ci95")]),
+                                            ("n", "mean", "sd", "se", "ci_low", "ci_high")]),
                  on="variation", how="left"),
              column_config={c: ui.PARAM_LABELS.get(c, c) for c in varying})
     bar_with_ci(frame, metric, "paired-bar")
@@ -99,9 +100,9 @@ def render(ctx: ViewContext) -> None:
 def _difference_chart(diff: pl.DataFrame, metric: str, reference: str) -> None:
     st.subheader(f"Paired difference to {reference}")
     data = diff.with_columns(
-        (pl.col("mean") - pl.col("ci95").fill_null(0)).alias("lo"),
-        (pl.col("mean") + pl.col("ci95").fill_null(0)).alias("hi"),
-    ).select("variation", "n", "mean", "ci95", "lo", "hi")
+        pl.col("ci_low").fill_null(pl.col("mean")).alias("lo"),
+        pl.col("ci_high").fill_null(pl.col("mean")).alias("hi"),
+    ).select("variation", "n", "mean", "lo", "hi")
     y = {"field": "variation", "type": "nominal", "sort": None, "title": None, "axis": {"labelLimit": 400}}
     x = {"type": "quantitative", "title": f"{ui.metric_label(metric)}: variation − {reference}, paired"}
     spec = {"height": {"step": 26}, "layer": [
@@ -112,6 +113,7 @@ def _difference_chart(diff: pl.DataFrame, metric: str, reference: str) -> None:
          "encoding": {"y": y, "x": {"field": "mean", **x}, "tooltip": [
              {"field": "variation"}, {"field": "n", "type": "quantitative"},
              {"field": "mean", "type": "quantitative", "format": ".4g"},
-             {"field": "ci95", "type": "quantitative", "format": ".3g"}]}},
+             {"field": "lo", "type": "quantitative", "format": ".3g"},
+             {"field": "hi", "type": "quantitative", "format": ".3g"}]}},
     ]}
     ui.vega_chart(spec, data, f"{metric}-paired-difference-{reference}", "paired-diff")

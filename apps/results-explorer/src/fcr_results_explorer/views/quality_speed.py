@@ -9,7 +9,7 @@ import streamlit as st
 from fcr_results_explorer import queries as q
 from fcr_results_explorer import ui
 from fcr_results_explorer.context import ViewContext
-from fcr_results_explorer.stats import pareto_front
+from fcr_results_explorer.stats import interval_bounds, pareto_front
 
 
 def render(ctx: ViewContext) -> None:
@@ -110,7 +110,7 @@ STRIDE_AXIS = {
 
 
 def by_stride(qf: pl.DataFrame, quality: str, title: str, key: str = "stride") -> None:
-    """``quality`` (a per-variation frame: ``mean``, ``ci95``, ``n`` and the parameters) against
+    """``quality`` (a per-variation frame: ``mean`` and its interval, ``n`` and the parameters) against
     the stride: one chart per cache kind, one line per sampler · fine-tuning · scheduler, one
     panel per model."""
     st.subheader(title)
@@ -120,8 +120,7 @@ def by_stride(qf: pl.DataFrame, quality: str, title: str, key: str = "stride") -
         return
     data = data.with_columns(
         (_family(data) + pl.lit(" · ") + pl.col("scheduler").fill_null("?")).alias("series"),
-        (pl.col("mean") - pl.col("ci95").fill_null(0)).alias("lo"),
-        (pl.col("mean") + pl.col("ci95").fill_null(0)).alias("hi"),
+        *interval_bounds(data),
     ).select("experiment", "variation", "model", "sampler", "series", "stride", "n", "mean", "ci95", "lo",
              "hi").sort("stride")
     # A DeepCache interval and an FD stride are different quantities: one chart per cache kind,

@@ -13,7 +13,7 @@ The maths, with cluster means c̄_g, b̄_g, t̄_g (g = 1..G):
 * **difference** ``c − b``: d_g = c̄_g − b̄_g, estimate d̄ = mean_g d_g, interval
   d̄ ± t_{G−1} s_d / √G (``"cluster-t (G-1 df)"``).
 * **ratios** R = N / D: (N, D) = (b − c, b − t) for the recovered fraction
-  (``fcr_eval.stats.recovered_fraction``: (b̄ − c̄) / (b̄ − t̄)) and (c − b, sign(b̄)·b) for the
+  (``fcr_eval.analysis.stats.recovered_fraction``: (b̄ − c̄) / (b̄ − t̄)) and (c − b, sign(b̄)·b) for the
   relative difference (c̄ − b̄) / |b̄|. Estimate R̂ = N̄ / D̄ over the cluster means.
   *Delta* (``"cluster-delta (G-1 df)"``): se² = s²(N_g − R̂ D_g) / (G D̄²), R̂ ± t_{G−1} se.
   *Fieller* (1954, "Some problems in interval estimation", JRSS B 16(2), 175–185;
@@ -559,7 +559,7 @@ def simulate_coverage(config: CoverageConfig, *, extra_intervals: Mapping[str, C
     and ``cluster-t of ratios`` for a ratio) and the sampling-noise-only one that ignores the
     clusters. ``extra_intervals`` maps a name to ``fn(candidate, baseline, target, clusters) ->
     (low, high)`` over one replication's flat arrays, run on the first ``extra_reps`` replications
-    (e.g. ``fcr_eval.stats``'s two-stage bootstrap, which is not vectorised).
+    (e.g. ``fcr_eval.analysis.stats``'s two-stage bootstrap, which is not vectorised).
 
     Example:
         >>> res = simulate_coverage(CoverageConfig(n_clusters=3, reps=200, statistic="mean_difference"))

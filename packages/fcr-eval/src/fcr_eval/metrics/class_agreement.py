@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 CLASSIFIER_WEIGHTS = Path(__file__).parent / "weights" / "fashion_mnist_classifier.safetensors"
 FEATURE_EXTRACTOR_NAME = "fashion_mnist_cnn"
 PREPROCESSING = "gray_28x28_[0,1]->[-1,1]"
-# Per-sample metric names, owned by the torch-free vocabulary (:data:`fcr_eval.metrics.paired.SAMPLE_METRICS`).
+# Per-sample metric names, owned by the torch-free vocabulary (:data:`fcr_eval.spec.vocabulary.SAMPLE_METRICS`).
 from fcr_eval.spec.vocabulary import CLASS_CORRECT, CLASS_LOGPROB  # noqa: E402
 
 

@@ -20,12 +20,13 @@ import logging
 import numpy as np
 from scipy import linalg
 
-__all__ = ["feature_statistics", "frechet_distance", "frechet_distance_from_features", "fd_estimable"]
+__all__ = ["feature_matrix", "feature_statistics", "frechet_distance", "frechet_distance_from_features", "fd_estimable"]
 
 logger = logging.getLogger(__name__)
 
 
-def _features(x, name: str) -> np.ndarray:
+def feature_matrix(x, name: str) -> np.ndarray:
+    """``x`` (a tensor or array) as a float64 ``(N, D)`` feature matrix, checked: two rows at least, finite."""
     a = np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x, dtype=np.float64)
     if a.ndim != 2:
         raise ValueError(f"{name} must be a (N, D) feature matrix, got shape {a.shape}")
@@ -57,7 +58,7 @@ def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
         >>> mu, sigma = feature_statistics(np.random.rand(100, 8)); sigma.shape
         (8, 8)
     """
-    a = _features(features, "features")
+    a = feature_matrix(features, "features")
     if a.shape[0] <= a.shape[1]:
         logger.warning(
             "covariance of %d samples in %d dimensions is singular; the Fréchet distance is "
@@ -120,7 +121,7 @@ def frechet_distance_from_features(features1, features2, eps: float = 1e-6, meth
     Example:
         >>> frechet_distance_from_features(real_feats, fake_feats)
     """
-    f1, f2 = _features(features1, "features1"), _features(features2, "features2")
+    f1, f2 = feature_matrix(features1, "features1"), feature_matrix(features2, "features2")
     if f1.shape[1] != f2.shape[1]:
         raise ValueError(f"feature dimensions differ: {f1.shape[1]} vs {f2.shape[1]}")
     return frechet_distance(*feature_statistics(f1), *feature_statistics(f2), eps=eps, method=method)

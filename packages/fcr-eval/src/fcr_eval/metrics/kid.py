@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fcr_eval.metrics.frechet import _features
+from fcr_eval.metrics.frechet import feature_matrix
 
 __all__ = ["KIDResult", "polynomial_mmd2_unbiased", "kernel_distance"]
 
@@ -62,7 +62,7 @@ def kernel_distance(features1, features2, num_subsets: int = 100, max_subset_siz
         >>> kernel_distance(np.random.rand(200, 16), np.random.rand(150, 16), num_subsets=10).subset_size
         150
     """
-    f1, f2 = _features(features1, "features1"), _features(features2, "features2")
+    f1, f2 = feature_matrix(features1, "features1"), feature_matrix(features2, "features2")
     if f1.shape[1] != f2.shape[1]:
         raise ValueError(f"feature dimensions differ: {f1.shape[1]} vs {f2.shape[1]}")
     if num_subsets < 1:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fcr_eval.metrics.frechet import _features
+from fcr_eval.metrics.frechet import feature_matrix
 
 __all__ = ["PrecisionRecall", "precision_recall", "knn_radii"]
 
@@ -60,8 +60,8 @@ def precision_recall(real_features, fake_features, k: int = 3, batch_size: int =
     Example:
         >>> precision_recall(np.random.rand(100, 8), np.random.rand(100, 8)).precision
     """
-    r = torch.from_numpy(_features(real_features, "real_features"))
-    f = torch.from_numpy(_features(fake_features, "fake_features"))
+    r = torch.from_numpy(feature_matrix(real_features, "real_features"))
+    f = torch.from_numpy(feature_matrix(fake_features, "fake_features"))
     if r.shape[1] != f.shape[1]:
         raise ValueError(f"feature dimensions differ: {r.shape[1]} vs {f.shape[1]}")
     precision = _coverage(f, r, knn_radii(r, k, batch_size), batch_size)

@@ -180,12 +180,12 @@ def check_device(device: str | None) -> None:
         device: ``None`` (CUDA when present, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
 
     Raises:
-        fcr_train.cli_errors.UserError: not a device name, or the device is not here.
+        fcr_common.cli_errors.UserError: not a device name, or the device is not here.
     """
     if device is None:
         return
     import torch
-    from fcr_train.cli_errors import UserError
+    from fcr_common.cli_errors import UserError
 
     try:
         dev = torch.device(device)

@@ -63,11 +63,11 @@ def plot_cache_attribution(frame: pl.DataFrame, path: Path, title: str) -> Path:
     Raises:
         ValueError: ``frame`` has no attribution rows.
     """
-    from fcr_eval.report.plots import _plt, _save
+    from fcr_eval.report.plots import pyplot, save_figure
 
     if frame.height == 0:
         raise ValueError(f"no attribution rows to plot for {title!r}")
-    plt = _plt()
+    plt = pyplot()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(2, 2, figsize=(13, 7.5))
     _heat(axes[0, 0], fig, frame, "only_stale_error", "one-step ε error, only this feature stale")
@@ -91,7 +91,7 @@ def plot_cache_attribution(frame: pl.DataFrame, path: Path, title: str) -> Path:
     ax.set_title("where the error enters and how much reaches the sample", fontsize=10)
     ax.legend(fontsize=8)
     fig.suptitle(title)
-    return _save(fig, path, plt)
+    return save_figure(fig, path, plt)
 
 
 def attribution_plots(exp: Experiment, store: ResultsStore, out_dir: Path) -> list[Path]:

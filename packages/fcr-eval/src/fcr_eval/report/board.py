@@ -20,7 +20,7 @@ from fcr_eval.analysis.criteria import evaluate_criteria, paired_criterion
 from fcr_eval.analysis.verdicts import holm_verdicts
 from fcr_eval.records import CriterionResult
 from fcr_eval.spec.criteria import CriteriaConfig
-from fcr_eval.spec.vocabulary import SHARED_FINETUNE
+from fcr_eval.spec.vocabulary import METRIC_REGISTRY, SHARED_FINETUNE
 from fcr_eval.store import ResultsStore
 
 __all__ = ["evaluate_store_criteria", "PER_SAMPLE_ALIGNMENT"]
@@ -28,8 +28,9 @@ __all__ = ["evaluate_store_criteria", "PER_SAMPLE_ALIGNMENT"]
 logger = logging.getLogger(__name__)
 
 
-#: The per-sample form of each set-level alignment metric (pairs across variations by seed and sample).
-PER_SAMPLE_ALIGNMENT = {"class_agreement": "class_correct", "clip_score": "clip_score"}
+#: The per-sample form of each set-level alignment metric (pairs across variations by seed and
+#: sample), read from the metric registry.
+PER_SAMPLE_ALIGNMENT = {name: m.per_sample_form for name, m in METRIC_REGISTRY.items() if m.per_sample_form}
 
 
 def _paired_alignment(store: ResultsStore, experiment_id: str, cfg: CriteriaConfig, version: str):
@@ -142,7 +143,7 @@ def evaluate_store_criteria(store: ResultsStore, experiment_id: str, config: Cri
         >>> rows = evaluate_store_criteria(ResultsStore.open_readonly("results/fcr.duckdb"), "mini-exp-1", cfg)
         >>> ResultsStore("results/fcr.duckdb").write_criteria(rows)     # to keep them
     """
-    from fcr_eval.provenance import code_version
+    from fcr_common.provenance import code_version
 
     version = code_version()
     rounds = store.timing_rounds(experiment_id)

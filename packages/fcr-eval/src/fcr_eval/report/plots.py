@@ -25,12 +25,13 @@ from fcr_eval.spec.experiment import Experiment
 from fcr_eval.spec.vocabulary import INDEPENDENT_FINETUNES
 from fcr_eval.store import ResultsStore
 
-__all__ = ["make_plots"]
+__all__ = ["make_plots", "pyplot", "save_figure"]
 
 logger = logging.getLogger(__name__)
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend with the house style (imported on first use)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,7 +82,7 @@ def make_plots(exp: Experiment, store: ResultsStore, out_dir: Path) -> list[Path
 
     from fcr_eval.metrics.extractors import metric_name
 
-    plt = _plt()
+    plt = pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)
     qname = exp.criteria.quality_metric if exp.criteria else metric_name("fd", exp.evaluation.feature_extractor)
     metrics = store.metrics(experiment_id=exp.id)
@@ -134,7 +135,7 @@ def make_plots(exp: Experiment, store: ResultsStore, out_dir: Path) -> list[Path
         ax.legend(fontsize=9)
         strides = sorted({1, *(v.stride for v in exp.variations if v.stride)})
         ax.set_xticks(strides)
-        files.append(_save(fig, out_dir / "quality_vs_stride.png", plt))
+        files.append(save_figure(fig, out_dir / "quality_vs_stride.png", plt))
     else:
         plt.close(fig)
 
@@ -160,7 +161,7 @@ def make_plots(exp: Experiment, store: ResultsStore, out_dir: Path) -> list[Path
         ax.set_ylabel("σ²_Δ = Var(Enc(x_t) − Enc(x_{t−Δ}))")
         ax.set_title(f"{exp.id}: encoder-feature variance, all encoder features")
         ax.legend(fontsize=9)
-        files.append(_save(fig, out_dir / "sigma2_vs_delta.png", plt))
+        files.append(save_figure(fig, out_dir / "sigma2_vs_delta.png", plt))
 
         # 3. σ²_Δ (mean over Δ) vs quality difference to the baseline, with R²
         base = exp.criteria.baseline if exp.criteria else None
@@ -195,7 +196,7 @@ def make_plots(exp: Experiment, store: ResultsStore, out_dir: Path) -> list[Path
             ax.set_xlabel("σ²_Δ, mean over Δ = 1…Δmax (all encoder features)")
             ax.set_ylabel(f"Δ{qname} vs {base}")
             ax.set_title(title, fontsize=11)
-            files.append(_save(fig, out_dir / "sigma2_vs_quality.png", plt))
+            files.append(save_figure(fig, out_dir / "sigma2_vs_quality.png", plt))
 
     files += _paired_plots(exp, store, out_dir, plt)
 
@@ -247,7 +248,7 @@ def _paired_plots(exp: Experiment, store: ResultsStore, out_dir: Path, plt) -> l
         ax.set_ylabel("cache MSE to the same weights' uncached sample")
         ax.set_title(f"{exp.id}: cache error against stride (mean, 95% CI over samples by seed)", fontsize=11)
         ax.legend(fontsize=8)
-        files.append(_save(fig, out_dir / "cache_error_vs_stride.png", plt))
+        files.append(save_figure(fig, out_dir / "cache_error_vs_stride.png", plt))
 
     fs = store.feature_stats(experiment_id=exp.id, block="all", unit="sampler_steps")
     if fs.height and "energy" in fs.columns:
@@ -271,7 +272,7 @@ def _paired_plots(exp: Experiment, store: ResultsStore, out_dir: Path, plt) -> l
             ax.set_xlabel(f"Δ in sampler steps (1 step = {1000 // step} DDPM timesteps)")
         axes[1].legend(fontsize=8)
         fig.suptitle(f"{exp.id}: encoder-feature change over the range the cache reuses (mean over seeds)")
-        files.append(_save(fig, out_dir / "sigma2_vs_sampler_steps.png", plt))
+        files.append(save_figure(fig, out_dir / "sigma2_vs_sampler_steps.png", plt))
 
     c = store.contrasts(exp.id)
     if c.height:
@@ -311,7 +312,7 @@ def _paired_plots(exp: Experiment, store: ResultsStore, out_dir: Path, plt) -> l
         ax.set_ylabel("λ·L / L_denoise (moving mean; L = L_FCR, L_OC or L_rollout)")
         ax.set_title(f"{exp.id}: the fine-tuning term during fine-tuning", fontsize=11)
         ax.legend(fontsize=8)
-        files.append(_save(fig, out_dir / "fcr_term_curve.png", plt))
+        files.append(save_figure(fig, out_dir / "fcr_term_curve.png", plt))
     return files
 
 
@@ -346,10 +347,11 @@ def _contrast_forest(exp: Experiment, rows, kind: str, xlabel: str, path: Path, 
     ax.set_xlabel(xlabel)
     ax.set_title(f"{exp.id}: {kind.replace('_', ' ')} contrasts, 95% interval; ticks above a bar: one per "
                  "fine-tune; red: threshold; grey: sampling noise only", fontsize=9)
-    return _save(fig, path, plt)
+    return save_figure(fig, path, plt)
 
 
-def _save(fig, path: Path, plt) -> Path:
+def save_figure(fig, path: Path, plt) -> Path:
+    """Write ``fig`` to ``path`` (tight layout) and close it."""
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

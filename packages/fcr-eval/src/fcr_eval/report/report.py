@@ -18,7 +18,7 @@ from fcr_eval.analysis.replication import RunWeights, contrast_replication
 from fcr_eval.analysis.stats import clustered_mean_ci
 from fcr_eval.spec.experiment import Experiment
 from fcr_eval.spec.names import safe_child
-from fcr_eval.spec.vocabulary import SHARED_FINETUNE
+from fcr_eval.spec.vocabulary import SAMPLE_METRICS, SHARED_FINETUNE, metric_spec
 from fcr_eval.store import ResultsStore
 
 __all__ = ["Report", "markdown_table", "summary_table", "paired_table", "contrasts_report", "criteria_table",
@@ -33,10 +33,8 @@ def _fmt_ci(mean: float, lo: float, hi: float) -> str:
     return f"{mean:.4g} [{lo:.3g}, {hi:.3g}]"
 
 
-#: Per-sample metrics of the paired table, in the order shown, with their column titles.
-PAIRED_COLUMNS = (("cache_mse", "cache MSE"), ("cache_psnr", "cache PSNR dB"), ("cache_feature_l2", "cache feat. L2"),
-                  ("class_correct", "class correct"), ("class_logprob", "class log-prob"),
-                  ("clip_score", "CLIPScore"), ("clip_drift", "CLIP drift"))
+#: Per-sample metrics of the paired table, in the registry's order, with their column titles.
+PAIRED_COLUMNS = tuple((name, m.title) for name, m in SAMPLE_METRICS.items())
 
 
 def paired_table(exp: Experiment, per_sample) -> str:
@@ -189,17 +187,9 @@ def summary_table(exp: Experiment, store: ResultsStore) -> str:
     ms = exp.evaluation.metrics
     # KID first: unbiased at any sample size, where a Fréchet distance from fewer samples than
     # feature dimensions is not estimable (the notes under the table say when that is the case).
-    cols = [
-        ("KID", metric_name("kid", ext)),
-        ("FID" if ext == "inception" else "FD (" + ext + ")", metric_name("fd", ext)),
-        ("precision", "precision"), ("recall", "recall"),
-    ]
-    if "class_agreement" in ms:
-        cols.append(("class agr.", "class_agreement"))
-    if "clip_score" in ms:
-        cols.append(("CLIPScore", "clip_score"))
-    if "clip_drift" in ms:
-        cols.append(("CLIP drift", "clip_drift"))
+    names = [metric_name("kid", ext), metric_name("fd", ext), "precision", "recall",
+             *(m for m in ("class_agreement", "clip_score", "clip_drift") if m in ms)]
+    cols = [(metric_spec(name).title, name) for name in names]  # titles from the metric registry
     tb_sizes = list(exp.evaluation.timing_batch_sizes)
     head = ["variation", "seeds"] + [c for c, _ in cols] + [f"s/img b{b}" for b in tb_sizes] + [
         "UNet calls/enc/dec", "GFLOPs/img", "peak MB", "σ²_Δ mean"]

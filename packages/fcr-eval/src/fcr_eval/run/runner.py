@@ -295,10 +295,11 @@ _RUN_COLUMNS = ("id", "sampler", "stride", "parallel_decoding", "lambda_fcr", "l
 def _run_result(ctx: RunContext, st: _RunState, ft: dict | None, parts: list[dict], procs: Processes,
                 started: _dt.datetime) -> RunResult:
     """Metrics from the gathered shards, and the run's store record."""
+    from fcr_common.provenance import code_version
+
     from fcr_eval.metrics.cost import describe_device
     from fcr_eval.metrics.extractors import metric_name
     from fcr_eval.metrics.robustness import RobustnessProtocol
-    from fcr_eval.provenance import code_version
 
     run, ev = st.run, ctx.exp.evaluation
     n, v = run.n_samples, run.variation
@@ -396,7 +397,7 @@ def run_experiment(exp: Experiment, opts: RunnerOptions | None = None) -> Outcom
     Example:
         >>> run_experiment(load_experiment("experiments/mini-exp-1.toml", "quick"))
     """
-    from fcr_train.locking import LockHeldError
+    from fcr_common.locking import LockHeldError
 
     opts = opts or RunnerOptions()
     t0 = time.perf_counter()

@@ -194,10 +194,10 @@ def interleaved_timings(ctx: RunContext, runs: list[PlannedRun], rounds: int, pr
     rounds. Returns one row per (run, batch size, round) for
     :meth:`~fcr_eval.store.ResultsStore.write_timing_rounds`.
     """
+    from fcr_common.provenance import code_version
     from tqdm.auto import tqdm
 
     from fcr_eval.metrics.cost import describe_device, measure_peak_memory, synchronize
-    from fcr_eval.provenance import code_version
 
     if not runs or rounds < 1:
         return []

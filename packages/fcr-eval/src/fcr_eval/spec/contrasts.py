@@ -46,7 +46,7 @@ class ContrastSpec:
     Attributes:
         id: its name (:data:`fcr_eval.spec.names.NAME_PATTERN`).
         kind: a key of :data:`CONTRAST_KINDS`.
-        metric: a per-sample metric of :data:`fcr_eval.metrics.paired.SAMPLE_METRICS`.
+        metric: a per-sample metric of :data:`fcr_eval.spec.vocabulary.SAMPLE_METRICS`.
         candidate, baseline: variation ids.
         target: ``recovered_fraction`` only — the variation whose value marks a closed gap.
         threshold, direction: optional criterion: ``direction`` ``"at_least"`` / ``"at_most"``.

@@ -16,7 +16,7 @@ __all__ = ["SamplerKind", "SAMPLER_KINDS", "SAMPLERS", "CACHED_SAMPLERS", "INTER
            "DIRECTIONS", "METRICS", "REFERENCE_METRICS", "EXTRACTORS", "DATASET_KINDS", "DATASET_ROLES",
            "PACKAGED_DATASET_KINDS", "SD_PROMPT_KINDS", "SD_IMAGE_KINDS", "SAMPLING_DTYPES", "OPTIMIZERS",
            "MIXED_PRECISIONS", "EARLY_STOPPING_METRICS", "TIMING_SEEDS",
-           "SampleMetricSpec", "SAMPLE_METRICS", "CACHE_MSE", "CACHE_PSNR", "CACHE_FEATURE_L2", "CLASS_CORRECT",
+           "MetricSpec", "METRIC_REGISTRY", "metric_spec", "SAMPLE_METRICS", "CACHE_MSE", "CACHE_PSNR", "CACHE_FEATURE_L2", "CLASS_CORRECT",
            "CLASS_LOGPROB", "SAME_WEIGHTS", "FIXED_WEIGHTS", "INDEPENDENT_FINETUNES", "SHARED_FINETUNE",
            "REPLICATIONS"]
 
@@ -108,26 +108,106 @@ CLASS_LOGPROB = "class_logprob"
 
 
 @dataclass(frozen=True)
-class SampleMetricSpec:
-    """A per-sample metric: its name, what it is, and which way is better."""
+class MetricSpec:
+    """A stored metric: the registry's row, which the report, the criteria board and the explorer
+    read for its title, its direction and what it compares with.
+
+    Attributes:
+        name: the name it is stored under (``metrics.metric``, ``sample_metrics.metric`` or a
+            ``timings`` column).
+        label: what it is, as charts and the explorer title it.
+        higher_is_better: its direction.
+        needs_reference: it compares the samples with something else — real reference images
+            (set-level) or the same weights' uncached sample (per sample).
+        per_sample: one value per generated sample (``sample_metrics``; a contrast may name it).
+        short: a table column's title (default: ``label``).
+        description: what a value means, in a line.
+        per_sample_form: the per-sample metric a set-level one is the mean of (paired criteria use it).
+    """
 
     name: str
-    description: str
+    label: str
     higher_is_better: bool
-    needs_reference: bool = False  # compared against the same weights' uncached sample
+    needs_reference: bool = False
+    per_sample: bool = False
+    short: str = ""
+    description: str = ""
+    per_sample_form: str | None = None
+
+    @property
+    def title(self) -> str:
+        """The table column's title."""
+        return self.short or self.label
+
+    @property
+    def direction(self) -> str:
+        """``"higher"`` or ``"lower"`` (is better)."""
+        return "higher" if self.higher_is_better else "lower"
+
+
+_M = MetricSpec
+#: Every metric the toolkit stores, one row each: the one place its title, direction and
+#: reference are stated (a set-level metric of another feature extractor resolves by its family:
+#: :func:`metric_spec`).
+METRIC_REGISTRY: dict[str, MetricSpec] = {m.name: m for m in (
+    # per sample (sample_metrics; fcr_eval.metrics.paired and .class_agreement compute them)
+    _M(CACHE_MSE, "cache error (pixel MSE to the uncached sample)", False, True, True, "cache MSE",
+       "pixel MSE to the same weights' uncached sample (images in [0, 1])"),
+    _M(CACHE_PSNR, "cache PSNR (dB, to the uncached sample)", True, True, True, "cache PSNR dB",
+       "PSNR in dB to the same weights' uncached sample (+inf when identical)"),
+    _M(CACHE_FEATURE_L2, "cache error in feature space (L2 to the uncached sample)", False, True, True,
+       "cache feat. L2", "L2 distance to the same weights' uncached sample in the quality extractor's feature space"),
+    _M(CLASS_CORRECT, "prompted class recognised (per sample)", True, False, True, "class correct",
+       "1 if the Fashion-MNIST classifier assigns the prompted class"),
+    _M(CLASS_LOGPROB, "log p(prompted class)", True, False, True, "class log-prob",
+       "log-probability of the prompted class under the Fashion-MNIST classifier"),
+    _M("clip_score", "CLIPScore", True, False, True, "CLIPScore", "CLIPScore of the sample against its prompt",
+       per_sample_form="clip_score"),
+    _M("clip_drift", "CLIP drift (1 − cos, cached vs no cache)", False, True, True, "CLIP drift",
+       "CLIP-embedding distance to the same weights' uncached sample"),
+    # set level (metrics)
+    _M("fd_efficientnet_lite0", "FD (EfficientNet-Lite0 features)", False, True, short="FD (efficientnet_lite0)"),
+    _M("kid_efficientnet_lite0", "KID (EfficientNet-Lite0 features)", False, True, short="KID"),
+    _M("is_efficientnet_lite0", "IS (EfficientNet-Lite0 logits)", True, short="IS"),
+    _M("fid_inception", "FID (Inception)", False, True, short="FID"),
+    _M("kid_inception", "KID (Inception)", False, True, short="KID"),
+    _M("inception_score", "Inception Score", True, short="IS"),
+    _M("precision", "precision (k-NN manifold of the reference)", True, True, short="precision"),
+    _M("recall", "recall (k-NN manifold of the samples)", True, True, short="recall"),
+    _M("class_agreement", "class agreement", True, short="class agr.", per_sample_form=CLASS_CORRECT),
+    _M("fgsm_image_mse", "FGSM image MSE vs clean", False, True),
+    _M("finetune_compute_fraction", "fine-tune compute / pre-training compute", False),
+    _M("sample_wall_s_per_image", "bulk sampling wall time / image", False),
+    _M("feature_variance", "σ²_Δ (mean over Δ)", False, short="σ²_Δ mean"),
+    # timings (a run's timings rows; the interleaved session's mean)
+    _M("sec_per_image", "seconds / image", False, short="s/img"),
+    _M("sec_per_image_interleaved", "seconds / image (interleaved session)", False, short="s/img"),
+    _M("peak_memory_bytes", "peak memory (bytes)", False, short="peak MB"),
+    _M("flops_per_image", "FLOPs / image", False, short="GFLOPs/img"),
+    _M("unet_calls", "UNet calls", False),
+    _M("encoder_forwards", "encoder forwards", False),
+    _M("decoder_forwards", "decoder forwards", False),
+)}
+
+#: Families of set-level metrics named ``<family>_<extractor>`` (any feature extractor).
+_FAMILIES = {"fd_": ("FD", False, True), "fid_": ("FID", False, True), "kid_": ("KID", False, True),
+             "is_": ("IS", True, False)}
+
+
+def metric_spec(name: str) -> MetricSpec | None:
+    """The registry's row for a stored metric name; ``<family>_<extractor>`` names of another
+    extractor resolve by their family (FD, FID, KID, IS); ``None`` for a name it does not know."""
+    if name in METRIC_REGISTRY:
+        return METRIC_REGISTRY[name]
+    for prefix, (family, higher, reference) in _FAMILIES.items():
+        if name.startswith(prefix):
+            extractor = name[len(prefix):]
+            return MetricSpec(name, f"{family} ({extractor} features)", higher, reference, short=f"{family} ({extractor})")
+    return None
 
 
 #: The per-sample metric vocabulary (the names a ``[[contrasts]]`` entry may use).
-SAMPLE_METRICS: dict[str, SampleMetricSpec] = {s.name: s for s in (
-    SampleMetricSpec(CACHE_MSE, "pixel MSE to the same weights' uncached sample (images in [0, 1])", False, True),
-    SampleMetricSpec(CACHE_PSNR, "PSNR in dB to the same weights' uncached sample (+inf when identical)", True, True),
-    SampleMetricSpec(CACHE_FEATURE_L2, "L2 distance to the same weights' uncached sample in the quality "
-                     "extractor's feature space", False, True),
-    SampleMetricSpec(CLASS_CORRECT, "1 if the Fashion-MNIST classifier assigns the prompted class", True),
-    SampleMetricSpec(CLASS_LOGPROB, "log-probability of the prompted class under the Fashion-MNIST classifier", True),
-    SampleMetricSpec("clip_score", "CLIPScore of the sample against its prompt", True),
-    SampleMetricSpec("clip_drift", "CLIP-embedding distance to the same weights' uncached sample", False, True),
-)}
+SAMPLE_METRICS: dict[str, MetricSpec] = {n: m for n, m in METRIC_REGISTRY.items() if m.per_sample}
 
 #: How the two sides of a contrast were replicated (decided by the plan, read by the analysis):
 #: the same weights on both sides (a claim about the cache); different weights none of which were

@@ -21,7 +21,7 @@ from itertools import pairwise
 
 import duckdb
 
-from fcr_eval.store.db import StoreSchemaError, transaction, utcnow
+from fcr_eval.store.db import StoreError, StoreSchemaError, transaction, utcnow
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "Migration", "read_schema_version", "apply_migrations", "migrate"]
 
@@ -176,7 +176,12 @@ def _effective_schedule(sampler: str | None, stride: int | None, steps: int | No
     fcr-sample's own configs (the owner of key steps and labels; their API is stable), not with
     fcr-eval's planner, so that a frozen migration never follows later planner changes. ``None``
     when it cannot be told (no sampler or step count, or settings the sampler config refuses)."""
-    from fcr_sample import DeepCacheConfig, EncoderCacheConfig
+    try:
+        from fcr_sample import DeepCacheConfig, EncoderCacheConfig
+    except ModuleNotFoundError as e:
+        raise StoreError("this results store was written before schema 3 and migrating it rebuilds its cache "
+                         "schedules with fcr-sample, which is not installed: install fcr-eval[run] (pip install "
+                         "'fcr-eval[run]') and open the store for writing once") from e
 
     if sampler is None or steps is None:
         return None

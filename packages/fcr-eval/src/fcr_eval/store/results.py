@@ -167,7 +167,7 @@ def writer_lock(store_path: str | os.PathLike = DEFAULT_STORE_PATH, *, wait: boo
     before it creates anything (store, run folders, fine-tune folders) until it has written its
     last row, so a second runner on the same store never computes the same runs or shares their
     folders. Readers (the explorer, ``fcr-eval report``) take no lock. A lock left by a process
-    that died on this host is taken over (see :class:`fcr_train.locking.ProcessLock`).
+    that died on this host is taken over (see :class:`fcr_common.locking.ProcessLock`).
 
     Args:
         store_path: the results store (its folder is created if needed, the store itself is not).
@@ -175,10 +175,10 @@ def writer_lock(store_path: str | os.PathLike = DEFAULT_STORE_PATH, *, wait: boo
             as long as it takes (logging who it waits for).
 
     Returns:
-        The held :class:`fcr_train.locking.ProcessLock`; ``release()`` it, or use it in ``with``.
+        The held :class:`fcr_common.locking.ProcessLock`; ``release()`` it, or use it in ``with``.
 
     Raises:
-        fcr_train.locking.LockHeldError: another live process holds the store (its pid, host,
+        fcr_common.locking.LockHeldError: another live process holds the store (its pid, host,
             start time and command are in the message).
 
     Example:
@@ -187,7 +187,7 @@ def writer_lock(store_path: str | os.PathLike = DEFAULT_STORE_PATH, *, wait: boo
     """
     # fcr-train owns the lock (its fine-tune folders use it too); imported here, not at the top,
     # so that readers of the store (the apps) never import fcr-train.
-    from fcr_train.locking import ProcessLock
+    from fcr_common.locking import ProcessLock
 
     path = Path(store_path)
     return ProcessLock(writer_lock_path(path), what=f"results store {path}",
@@ -463,7 +463,7 @@ class ResultsStore:
             results: :class:`fcr_eval.analysis.contrasts.ContrastResult` objects (anything with its fields:
                 ``contrast_id, kind, metric, candidate, baseline, target, estimate, ci_low, ci_high,
                 confidence, n_samples, n_clusters, method, threshold, direction, verdict, details``).
-            code_version: what computed them (:func:`fcr_eval.provenance.code_version`).
+            code_version: what computed them (:func:`fcr_common.provenance.code_version`).
 
         Example:
             >>> store.write_contrasts("mini-exp-1", compute_contrasts(specs, store.sample_metrics(
