@@ -3,8 +3,8 @@
 # workspace from uv.lock, then runs a job.
 #
 #   ./run.sh main     run the main job: mini-exp-1 (quick profile) on the embedded default
-#   ./run.sh test     check the layer contract, run the test-suite in parallel (all packages,
-#                     then fcr-sample alone); extra arguments go to the first pytest
+#   ./run.sh test     check the layer contract, run the test-suite in parallel (all packages but
+#                     fcr-sample, then fcr-sample alone); extra arguments go to the first pytest
 #   ./run.sh test --fast   the fast lane: the workspace's tests not marked slow
 #   ./run.sh sync     only install
 set -euo pipefail
@@ -68,21 +68,25 @@ case "$cmd" in
         sync_workspace
         log "layer contract (.importlinter)"
         uv run --no-sync lint-imports
-        log "tests: whole workspace, in parallel on every core"
+        log "tests: the workspace, in parallel on every core"
         markers="not gpu and not checkpoint"
         if [ "${1:-}" = "--fast" ]; then
             shift
             log "fast lane: tests marked slow are left out; fcr-sample alone is not re-run"
-            exec uv run --no-sync pytest -n auto --dist loadfile -m "$markers and not slow" "$@"
+            exec uv run --no-sync pytest -n auto --dist loadfile -m "$markers and not slow" --durations=20 "$@"
         fi
         # --dist loadfile: a module's tests share one worker, so a module-scoped fixture (a whole
         # experiment run) runs once, not once per worker.
-        uv run --no-sync pytest -n auto --dist loadfile -m "$markers" "$@"
+        # --durations=20: the slowest tests, printed by every CI run (a test past a minute says why
+        # in its docstring). fcr-sample's own tests run once, below, with only fcr-sample installed
+        # (the stricter of the two environments), not twice.
+        uv run --no-sync pytest -n auto --dist loadfile -m "$markers" --durations=20 --ignore=tests/fcr_sample "$@"
         log "tests: fcr-sample installed alone (torch, diffusers, tqdm + its test group)"
         UV_PROJECT_ENVIRONMENT=.venv-fcr-sample uv sync --locked --package fcr-sample \
             --no-default-groups --group test --quiet
         UV_PROJECT_ENVIRONMENT=.venv-fcr-sample uv run --no-sync --package fcr-sample \
-            python -m pytest tests/fcr_sample -n auto --dist loadfile -m "not gpu and not checkpoint" -q -p no:cacheprovider
+            python -m pytest tests/fcr_sample -n auto --dist loadfile -m "not gpu and not checkpoint" -q -p no:cacheprovider \
+            --durations=10
         ;;
     *)
         sed -n '2,9p' "$0"

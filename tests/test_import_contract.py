@@ -16,6 +16,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = {  # import name → source folder
+    "fcr_common": ROOT / "packages/fcr-common/src/fcr_common",
     "fcr_sample": ROOT / "packages/fcr-sample/src/fcr_sample",
     "fcr_train": ROOT / "packages/fcr-train/src/fcr_train",
     "fcr_eval": ROOT / "packages/fcr-eval/src/fcr_eval",
@@ -46,37 +47,35 @@ def test_contract_is_kept_on_the_tree():
     assert "0 broken" in r.stdout
 
 
-def test_contract_breaks_when_a_metric_imports_the_store(tmp_path):
+def test_contract_breaks_when_a_metric_imports_the_store_the_report_plans_or_the_store_calls_the_statistics(tmp_path):
+    """Metrics never touch the store; run and report are siblings (the report takes replication
+    from the stored runs, not from a second plan); the store, the statistics and the metrics share
+    one floor. One copy, three forbidden imports, each named."""
     src = _copy_tree(tmp_path)
     assert _lint(tmp_path, src).returncode == 0  # the copy itself is clean
-    quality = src / "fcr_eval/metrics/quality.py"
-    quality.write_text(quality.read_text() + "\nfrom fcr_eval.store import ResultsStore  # noqa: E402,F401\n")
+    for module, line in (("metrics/quality.py", "from fcr_eval.store import ResultsStore"),
+                         ("report/report.py", "from fcr_eval.plan.planner import make_plan"),
+                         ("store/results.py", "from fcr_eval.analysis.stats import mean_ci")):
+        path = src / "fcr_eval" / module
+        path.write_text(path.read_text() + f"\n{line}  # noqa: E402,F401\n")
     r = _lint(tmp_path, src)
     assert r.returncode != 0
     assert "fcr_eval.metrics.quality -> fcr_eval.store" in r.stdout
+    assert "fcr_eval.report.report -> fcr_eval.plan.planner" in r.stdout
+    assert "fcr_eval.store.results -> fcr_eval.analysis.stats" in r.stdout
 
 
-def test_contract_breaks_when_the_spec_imports_torch_or_fcr_sample_imports_ours(tmp_path):
+def test_contract_breaks_when_the_spec_or_an_app_imports_torch_or_fcr_sample_imports_ours(tmp_path):
     src = _copy_tree(tmp_path)
     vocab = src / "fcr_eval/spec/vocabulary.py"
     vocab.write_text(vocab.read_text() + "\nimport torch  # noqa: E402,F401\n")
     sched = src / "fcr_sample/schedules.py"
     sched.write_text(sched.read_text() + "\nimport fcr_train  # noqa: E402,F401\n")
+    stats = src / "fcr_results_explorer/stats.py"  # the apps install light: no torch
+    stats.write_text(stats.read_text() + "\nimport torch  # noqa: E402,F401\n")
     r = _lint(tmp_path, src)
     assert r.returncode != 0
     assert "fcr_eval.spec is not allowed to import torch" in r.stdout
     assert "fcr_sample is not allowed to import fcr_train" in r.stdout
+    assert "fcr_results_explorer is not allowed to import torch" in r.stdout
 
-
-def test_contract_breaks_when_the_report_plans_or_the_store_calls_the_statistics(tmp_path):
-    """Run and report are siblings (the report takes replication from the stored runs, not from a
-    second plan), and the store, the statistics and the metrics share one floor."""
-    src = _copy_tree(tmp_path)
-    report = src / "fcr_eval/report/report.py"
-    report.write_text(report.read_text() + "\nfrom fcr_eval.plan.planner import make_plan  # noqa: E402,F401\n")
-    results = src / "fcr_eval/store/results.py"
-    results.write_text(results.read_text() + "\nfrom fcr_eval.analysis.stats import mean_ci  # noqa: E402,F401\n")
-    r = _lint(tmp_path, src)
-    assert r.returncode != 0
-    assert "fcr_eval.report.report -> fcr_eval.plan.planner" in r.stdout
-    assert "fcr_eval.store.results -> fcr_eval.analysis.stats" in r.stdout
