@@ -292,11 +292,16 @@ class Report:
     criteria: list = field(default_factory=list)
 
 
-def report(exp: Experiment, store_path: Path, *, plots: bool = True, plan: Plan | None = None) -> Report:
-    """Print the summary table and the success criteria, write the plots; no sampling."""
+def report(exp: Experiment, store_path: Path, *, plots: bool = True, plan: Plan | None = None,
+           write_verdicts: bool = False) -> Report:
+    """Print the summary table and the success criteria, write the plots; no sampling.
+
+    The store is opened read-only unless ``write_verdicts`` (the runner, at the end of a run): then
+    the criteria and contrasts verdicts are stored too, replacing earlier ones.
+    """
     from fcr_eval.report.board import evaluate_store_criteria
 
-    store = ResultsStore(store_path)
+    store = ResultsStore(store_path) if write_verdicts else ResultsStore.open_readonly(store_path)
     title = f"{exp.id}{f' (profile {exp.profile})' if exp.profile else ''}"
     per_sample = store.sample_metrics(experiment_id=exp.id)
     paired = paired_table(exp, per_sample)
@@ -327,7 +332,7 @@ def report(exp: Experiment, store_path: Path, *, plots: bool = True, plan: Plan 
         from fcr_eval.plan.planner import contrast_replication
 
         runs = plan.runs
-        crit = evaluate_store_criteria(store, exp.id, exp.criteria,
+        crit = evaluate_store_criteria(store, exp.id, exp.criteria, write=write_verdicts,
                                        replication=lambda sides: contrast_replication(runs, sides))
         print("\n### success criteria (design.md §1)\n")
         print(criteria_table(crit))

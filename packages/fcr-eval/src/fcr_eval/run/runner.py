@@ -497,7 +497,7 @@ def _run_locked(exp: Experiment, opts: RunnerOptions, plan, procs: Processes, de
     bar.close()
     if not procs.is_main:
         return Outcome(store=store_path, runs_done=len(todo), runs_skipped=skipped)
-    rep = report(exp, store_path, plots=opts.plots, plan=plan)
+    rep = report(exp, store_path, plots=opts.plots, plan=plan, write_verdicts=True)
     outcome = Outcome(store=store_path, plots=rep.plots, table=rep.table, criteria=rep.criteria,
                       wall_s=time.perf_counter() - t0, runs_done=len(todo) - len(failed), runs_skipped=skipped,
                       failed=failed)
