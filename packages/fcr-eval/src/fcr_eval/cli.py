@@ -37,7 +37,7 @@ logger = logging.getLogger("fcr_eval.cli")
 
 # Bad input besides UserError and missing paths (named by module: nothing heavy is imported).
 USER_ERRORS = {
-    "fcr_eval.spec.experiment:ExperimentFileError": EXIT_USAGE,
+    "fcr_eval.spec.checker:ExperimentFileError": EXIT_USAGE,
     "fcr_eval.store.db:StoreError": EXIT_USAGE,
     "fcr_sample.loading:ModelNotAvailableError": EXIT_MODEL_NOT_AVAILABLE,
     "fcr_train.models:ModelNotAvailableError": EXIT_MODEL_NOT_AVAILABLE,
@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _plan(args) -> int:
-    from fcr_eval.plan.planner import format_plan, long_plan_line, make_plan, plan_json
+    from fcr_eval.plan.output import format_plan, long_plan_line, plan_json
+    from fcr_eval.plan.planner import make_plan
     from fcr_eval.plan.validation import check_inputs, check_store, model_problems
     from fcr_eval.spec.experiment import load_experiment
 
@@ -103,7 +104,7 @@ def _plan(args) -> int:
     results_dir = Path(args.store).parent
     gflops = None
     if not args.json and not args.no_calibrate:
-        from fcr_eval.plan.planner import calibrate_throughput
+        from fcr_eval.plan.costs import calibrate_throughput
 
         gflops = calibrate_throughput()
     # One plan per experiment, built once: the checks, the JSON and the printed plan read the same object.
