@@ -136,30 +136,39 @@ def _plan(args) -> int:
     return 0
 
 
+def _report(args) -> int:
+    from fcr_eval.plan.validation import check_store
+    from fcr_eval.report.report import report
+    from fcr_eval.spec.experiment import load_experiment
+
+    exp = load_experiment(args.file, args.profile)
+    check_store(args.store, must_exist=True)
+    if not args.no_plots:
+        _check_plots_writable(Path(args.store).parent)
+    report(exp, Path(args.store), plots=not args.no_plots)
+    return 0
+
+
 def _run(args) -> int:
     from fcr_eval.plan.validation import check_device, check_store
     from fcr_eval.spec.experiment import load_experiment
 
     exp = load_experiment(args.file, args.profile)
-    check_store(args.store, must_exist=args.command == "report", for_writing=args.command == "run")
-    if args.command == "report":
-        from fcr_eval.report.report import report
-
-        plots = not args.no_plots
-        if plots:
-            _check_plots_writable(Path(args.store).parent)
-        report(exp, Path(args.store), plots=plots)
-        return 0
+    check_store(args.store, must_exist=False, for_writing=True)
     if args.threads and args.threads > (os.cpu_count() or 1):
         logger.warning("--threads %d is more than this machine's %d CPU(s); torch will oversubscribe them",
                        args.threads, os.cpu_count() or 1)
     check_device(args.device)
     from fcr_eval.run.runner import RunnerOptions, run_experiment
 
-    opts = RunnerOptions(store=Path(args.store), threads=args.threads, plots=not args.no_plots, device=args.device,
-                         wait=args.wait)
+    opts = RunnerOptions(store=Path(args.store), threads=args.threads, device=args.device, wait=args.wait)
     outcome = run_experiment(exp, opts)
-    failed = getattr(outcome, "failed", [])
+    if outcome.main:  # the process that wrote the store reports it, and keeps the verdicts
+        from fcr_eval.report.report import report
+
+        rep = report(exp, Path(args.store), plots=not args.no_plots)
+        _keep_verdicts(exp.id, Path(args.store), rep)
+    failed = outcome.failed
     if failed:
         print(f"\n{len(failed)} run(s) failed (the store holds only the finished ones; run the same "
               "command again to retry them):", file=sys.stderr)
@@ -167,6 +176,19 @@ def _run(args) -> int:
             print(f"  {f.variation_id} seed {f.seed} ({f.run_id}): {f.error}  [traceback: {f.run_dir}/error.txt]",
                   file=sys.stderr)
     return 0 if outcome.ok else 1
+
+
+def _keep_verdicts(experiment_id: str, store_path: Path, rep) -> None:
+    """Store the contrasts and criteria the report computed, replacing the experiment's earlier
+    ones (the explorer shows them); the report itself writes nothing."""
+    from fcr_eval.provenance import code_version
+    from fcr_eval.store import ResultsStore
+
+    store = ResultsStore(store_path)
+    if rep.contrasts:
+        store.write_contrasts(experiment_id, rep.contrasts, code_version=code_version())
+    if rep.criteria:
+        store.write_criteria(rep.criteria)
 
 
 def _check_plots_writable(store_folder: Path) -> None:
@@ -206,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("accelerate", "diffusers", "matplotlib", "PIL", "httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    body = {"plan": _plan, "migrate": _migrate}.get(args.command, _run)
+    body = {"plan": _plan, "run": _run, "report": _report, "migrate": _migrate}[args.command]
     return run_cli(lambda: body(args), prog="fcr-eval", debug=args.debug, user_errors=USER_ERRORS,
                    on_interrupt="interrupted: finished runs are in the store; run the same command again to resume")
 

@@ -22,6 +22,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from fcr_eval.analysis.replication import RunWeights, contrast_replication
 from fcr_eval.plan.costs import (
     ASSUMED_GPU_TFLOPS,
     DEFAULT_CPU_GFLOPS,
@@ -36,12 +37,6 @@ from fcr_eval.plan.samplers import SamplerSettings, resolve_sampler
 from fcr_eval.records import make_run_id
 from fcr_eval.spec.experiment import EarlyStoppingSpec, Experiment, RobustnessSpec, VariationSpec
 from fcr_eval.spec.names import safe_child
-from fcr_eval.spec.vocabulary import (
-    FIXED_WEIGHTS,
-    INDEPENDENT_FINETUNES,
-    SAME_WEIGHTS,
-    SHARED_FINETUNE,
-)
 
 __all__ = [
     "PlannedFinetune",
@@ -51,7 +46,7 @@ __all__ = [
     "make_plan",
     "model_cost",
     "calibrate_throughput",
-    "contrast_replication",
+    "planned_weights",
     "DEFAULT_CPU_GFLOPS",
     "ASSUMED_GPU_TFLOPS",
     "LONG_PLAN_SECONDS",
@@ -81,7 +76,7 @@ class PlannedFinetune:
     delta_unit: str = "timesteps"  # "sampler_steps": Δ counts steps of a `sampler_steps`-step sampler
     sampler_steps: int | None = None
     distance: str = "mse"
-    # How the trainer runs (fcr_eval.plan.identity.TRAINER_FIELDS; not repeated in :meth:`config`).
+    # How the trainer runs (what enters the key and the record: fcr_eval.plan.identity.DECISIONS).
     weight_decay: float = 1e-2
     warmup_steps: int = 0
     ema_decay: float | None = None
@@ -235,7 +230,7 @@ class Plan:
     gflops_per_s: float
     calibration: str
     est_eval_seconds: float = 0.0
-    #: contrast id → how its sides were replicated (:func:`contrast_replication`).
+    #: contrast id → how its sides were replicated (:func:`fcr_eval.analysis.replication.contrast_replication`).
     replication: dict[str, str] = field(default_factory=dict)
     #: What `run` would stop at on this machine (a model or local file that is not here) and other
     #: notes; shown at the top of the plan, and logged.
@@ -347,41 +342,17 @@ def make_plan(exp: Experiment, *, results_dir: str | Path = "results", calibrate
     sigma_flops = len(runs) * ev.sigma2_samples * (ev.sigma2_delta_max + 1) * any_cost.encoder_share \
         * any_cost.flops_per_forward
     est_eval = (n_feat * feat_flops + sigma_flops) / (gflops_per_s * 1e9)
-    replication = {c.id: contrast_replication(runs, c.variations) for c in exp.contrasts}
+    weights = planned_weights(runs)
+    replication = {c.id: contrast_replication(weights, c.variations) for c in exp.contrasts}
     return Plan(exp, runs, finetunes, results_dir, costs, gflops_per_s, how, est_eval, replication,
                 warnings=stated_cost_notes(exp))
 
 
-def contrast_replication(runs: list[PlannedRun], variations: tuple[str, ...]) -> str:
-    """How the sides of a contrast over ``variations`` were replicated, from the weights each
-    planned run samples (one of :data:`fcr_eval.spec.vocabulary.REPLICATIONS`):
-
-    * the same weights on every side in every seed → ``SAME_WEIGHTS``;
-    * different weights, none fine-tuned (e.g. two base models) → ``FIXED_WEIGHTS``;
-    * different weights, every fine-tuned side with its own fine-tune in each seed (and ≥ 2
-      seeds) → ``INDEPENDENT_FINETUNES``: the seeds are independent replicates of the method;
-    * otherwise (a fine-tune serves several seeds) → ``SHARED_FINETUNE``.
-
-    Example:
-        >>> contrast_replication(plan.runs, ("fcr-ss-0.15-fd-10", "ft-0.00-fd-10"))
-        'independent fine-tunes'
-    """
-    weights: dict[str, dict[int, str]] = {}
-    tuned: set[str] = set()
-    for r in runs:
-        if r.variation.id in variations:
-            key = r.finetune.key if r.finetune is not None else f"base:{r.variation.model}"
-            weights.setdefault(r.variation.id, {})[r.seed] = key
-            if r.finetune is not None:
-                tuned.add(r.variation.id)
-    seeds = sorted({s for per in weights.values() for s in per})
-    if all(len({weights[v].get(s) for v in variations if v in weights}) == 1 for s in seeds):
-        return SAME_WEIGHTS
-    if not tuned:
-        return FIXED_WEIGHTS
-    own = all(len({weights[v][s] for s in seeds if s in weights[v]}) == len(weights[v]) for v in tuned)
-    return INDEPENDENT_FINETUNES if own and len(seeds) >= 2 else SHARED_FINETUNE
-
+def planned_weights(runs: list[PlannedRun]) -> list[RunWeights]:
+    """Which weights each planned run samples (the rows :func:`~fcr_eval.analysis.replication.contrast_replication`
+    reads): its fine-tune's key, or ``base:<model>``."""
+    return [RunWeights(r.variation.id, r.seed, r.finetune.key if r.finetune is not None else f"base:{r.variation.model}",
+                       r.finetune is not None) for r in runs]
 
 
 def _planned_finetune(exp: Experiment, v: VariationSpec, seed: int, steps: int, exp_dir: Path) -> PlannedFinetune:
