@@ -127,7 +127,7 @@ def _cases(w: dict[str, str]) -> list[Case]:
         Case("eval-not-toml", E, (*plan, ex["not-toml.toml"]), 2, "not valid TOML"),
         Case("eval-wrong-type", E, (*plan, ex["wrong-type.toml"]), 2, "is not an integer"),
         Case("eval-unknown-key", E, (*plan, ex["unknown-key.toml"]), 2, "did you mean 'num_inference_steps'"),
-        Case("eval-negative-seed", E, (*plan, ex["negative-seed.toml"]), 2, "every seed must be in [0, 2**63)"),
+        Case("eval-negative-seed", E, (*plan, ex["negative-seed.toml"]), 2, "every seed must be in [0, 2**31)"),
         Case("eval-batch-size-0", E, (*plan, ex["batch-0.toml"]), 2, "batch_size = 0 must be >= 1"),
         Case("eval-prior-noise-negative", E, (*plan, ex["prior-noise-neg.toml"]), 2, "prior_noise_alpha = -0.1 must be >= 0"),
         Case("eval-finetune-lr-0", E, (*plan, ex["lr-0.toml"]), 2, "finetune.lr = 0.0 must be > 0"),
@@ -564,6 +564,25 @@ LOAD_VARIANTS = dict([
     _variant("prompt-template-no-states.toml", ('prompt_template = "a photo of a {}"',
                                                 'prompt_template = "a drawing of a {}"')),
     _variant("dtype-float16-embedded.toml", ("[sampling]", '[sampling]\ndtype = "float16"')),
+    # values that mean nothing, and comparisons that cannot be other than zero (issue 25)
+    _variant("criteria-min-speedup-negative.toml", ("[criteria]\n", "[criteria]\nmin_speedup = -1.0\n")),
+    _variant("criteria-alignment-drop-5.toml", ("[criteria]\n", "[criteria]\nmax_alignment_drop = 5.0\n")),
+    _variant("criteria-timing-batch-0.toml", ("[criteria]\n", "[criteria]\ntiming_batch_size = 0\n")),
+    _variant("criteria-timing-batch-untimed.toml", ("[criteria]\n", "[criteria]\ntiming_batch_size = 64\n")),
+    _variant("criteria-baseline-is-candidate.toml", ('baseline = "fd-2"\ncandidate', 'baseline = "fcr-0.10-fd-4"\ncandidate')),
+    _variant("attribution-of-uncached.toml", ('"finetune_compute"]', '"finetune_compute", "cache_attribution"]\n'
+                                                                     'attribution_variations = ["no-cache"]')),
+    _variant("attribution-of-none.toml", ('"finetune_compute"]', '"finetune_compute", "cache_attribution"]\n'
+                                                                 'attribution_variations = []')),
+    _variant("contrast-cache-mse-uncached.toml",
+             ('[[variations]]\nid = "no-cache"\n', '[[variations]]\nid = "no-cache"\n\n[[variations]]\n'
+                                                    'id = "no-cache-cfg3"\nguidance_scale = 3.0\n'),
+             ('candidate = "fcr-0.10-fd-4"\nbaseline = "fcr-0.10-fd-2"', 'candidate = "no-cache-cfg3"\nbaseline = "no-cache"')),
+    _variant("contrast-target-is-baseline.toml",
+             ('kind = "difference"\nmetric = "cache_mse"\ncandidate = "fcr-0.10-fd-4"\nbaseline = "fcr-0.10-fd-2"',
+              'kind = "recovered_fraction"\nmetric = "cache_mse"\ncandidate = "fcr-0.10-fd-4"\nbaseline = '
+              '"fcr-0.10-fd-2"\ntarget = "fcr-0.10-fd-2"')),
+    _variant("seeds-past-32-bit.toml", ("seeds = [0, 1]", "seeds = [4294967296]")),
     _variant("model-source-typo.toml", ('source = "embedded-tiny"', 'source = "embeded-tiny"')),
 ])
 
@@ -634,6 +653,29 @@ def _load_cases(f: dict[str, str]) -> list[LoadCase]:
         LoadCase("names-model-source-typo", (*run, f["model-source-typo.toml"]), 2,
                  ("models[0].source = 'embeded-tiny' is not a model: did you mean 'embedded-tiny'?",
                   "{file}:{line of embeded-tiny}")),
+        LoadCase("meaning-criteria-min-speedup-negative", (*plan, f["criteria-min-speedup-negative.toml"]), 2,
+                 ("criteria.min_speedup = -1.0 means nothing: a speed-up is baseline ÷ candidate seconds per image, > 0",
+                  "{file}:{line of min_speedup}")),
+        LoadCase("meaning-criteria-alignment-drop-5", (*plan, f["criteria-alignment-drop-5.toml"]), 2,
+                 ("criteria.max_alignment_drop = 5.0 means nothing: a drop is a fraction of the baseline's alignment",)),
+        LoadCase("meaning-criteria-timing-batch-0", (*run, f["criteria-timing-batch-0.toml"]), 2,
+                 ("criteria.timing_batch_size = 0 is not a batch size the experiment times "
+                  "(evaluation.timing_batch_sizes = [1, 2])", "{file}:{line of timing_batch_size = 0}")),
+        LoadCase("meaning-criteria-timing-batch-untimed", (*plan, f["criteria-timing-batch-untimed.toml"]), 2,
+                 ("criteria.timing_batch_size = 64 is not a batch size the experiment times",)),
+        LoadCase("meaning-criteria-baseline-is-candidate", (*plan, f["criteria-baseline-is-candidate.toml"]), 2,
+                 ("criteria.baseline = criteria.candidate = 'fcr-0.10-fd-4': a criterion compares two different",)),
+        LoadCase("meaning-attribution-of-an-uncached-variation", (*plan, f["attribution-of-uncached.toml"]), 2,
+                 ("evaluation.attribution_variations names 'no-cache', which samples without a cache",)),
+        LoadCase("meaning-attribution-of-none", (*run, f["attribution-of-none.toml"]), 2,
+                 ("evaluation.attribution_variations = [] names no variation",)),
+        LoadCase("meaning-contrast-cache-mse-between-uncached", (*plan, f["contrast-cache-mse-uncached.toml"]), 2,
+                 ("contrast 'tiny-stride-gap' (contrasts[0]): metric = 'cache_mse' compares each sample with the same "
+                  "weights' uncached sample", "the contrast is 0 [0, 0]")),
+        LoadCase("meaning-contrast-target-is-baseline", (*plan, f["contrast-target-is-baseline.toml"]), 2,
+                 ("target = 'fcr-0.10-fd-2' is also the baseline: a recovered fraction needs three different",)),
+        LoadCase("numbers-seed-past-the-store-column", (*run, f["seeds-past-32-bit.toml"]), 2,
+                 ("seeds = [4294967296]: every seed must be in [0, 2**31): the results store keeps seeds in 32-bit",)),
         LoadCase("run-wait-negative", ("run", str(TINY), "--wait", "-5"), 2, ("--wait: -5 is out of range",)),
         LoadCase("run-wait-nan", ("run", str(TINY), "--wait", "nan"), 2, ("--wait: nan is out of range",)),
     ]

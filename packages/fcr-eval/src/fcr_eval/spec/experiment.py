@@ -33,7 +33,7 @@ from pathlib import Path
 
 from fcr_train.vocabulary import EMBEDDED_MODELS, PROMPT_TEMPLATES
 
-from fcr_eval.spec.checker import Checker, ExperimentFileError, Locator, deep_merge
+from fcr_eval.spec.checker import INT_MAX, Checker, ExperimentFileError, Locator, deep_merge
 from fcr_eval.spec.contrasts import ContrastSpec, load_contrasts
 from fcr_eval.spec.criteria import CriteriaConfig, load_criteria
 from fcr_eval.spec.datasets import DatasetSpec, fashion_mnist_size, load_datasets
@@ -220,9 +220,10 @@ def _resolve(path: Path, loc: Locator, raw: dict, profile: str | None, quiet: bo
     variations, raw_index = load_variations(chk, raw.get("variations", []), profile, profiles, models, datasets,
                                             robustness, sampling, finetune)
     ids = [v.id for v in variations]
-    criteria = load_criteria(chk, raw["criteria"], ids) if "criteria" in raw else None
-    check_attribution_variations(chk, evaluation, ids)
-    contrasts = load_contrasts(chk, raw.get("contrasts", []), ids, profile, profiles)
+    samplers = {v.id: v.sampler for v in variations}  # what the checks below need of each variation
+    criteria = load_criteria(chk, raw["criteria"], ids, evaluation) if "criteria" in raw else None
+    check_attribution_variations(chk, evaluation, samplers)
+    contrasts = load_contrasts(chk, raw.get("contrasts", []), ids, profile, profiles, samplers)
     human = load_human_study(chk, raw["human_study"], ids) if "human_study" in raw else None
 
     _check_finetune_table(chk, raw, variations, finetune, raw_index)
@@ -243,9 +244,9 @@ def _load_seeds(chk: Checker, seeds) -> list[int]:
         chk.fail(f"seeds = {seeds!r} must be a non-empty list of integers", None, "seeds")
     if len(set(seeds)) != len(seeds):
         chk.fail(f"seeds = {seeds!r} has duplicates", None, "seeds")
-    if any(s < 0 or s >= 2**63 for s in seeds):
-        chk.fail(f"seeds = {seeds!r}: every seed must be in [0, 2**63) (numpy and torch generators take "
-                 "non-negative seeds)", None, "seeds")
+    if any(s < 0 or s > INT_MAX for s in seeds):
+        chk.fail(f"seeds = {seeds!r}: every seed must be in [0, 2**31): the results store keeps seeds in 32-bit "
+                 "INTEGER columns, and numpy and torch generators take non-negative seeds", None, "seeds")
     return seeds
 
 
