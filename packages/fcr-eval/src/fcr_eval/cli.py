@@ -143,10 +143,9 @@ def _report(args) -> int:
 
     exp = load_experiment(args.file, args.profile)
     check_store(args.store, must_exist=True)
-    plots = not args.no_plots
-    if plots:
+    if not args.no_plots:
         _check_plots_writable(Path(args.store).parent)
-    report(exp, Path(args.store), plots=plots)
+    report(exp, Path(args.store), plots=not args.no_plots)
     return 0
 
 

@@ -266,6 +266,10 @@ def _summary(result: RunResult) -> str:
 
 def _check_paths(args) -> None:
     """Paths the run needs, checked before anything is loaded or created."""
+    from .vocabulary import unknown_model_name
+
+    if getattr(args, "model", None) and (problem := unknown_model_name(args.model)):
+        raise UserError(f"--model {problem}")
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output-dir {out} is a file, not a folder. Pass a folder for the run "

@@ -4,7 +4,7 @@ the output-consistency and rollout objectives' options. Their meaning lives in :
 :mod:`fcr_train.embedded` and :mod:`fcr_train.output_consistency`.
 """
 
-__all__ = ["DISTANCES", "DELTA_UNITS", "EMBEDDED_MODELS", "OC_CACHES", "OC_TRAINABLE", "PROMPT_TEMPLATES",
+__all__ = ["DISTANCES", "DELTA_UNITS", "EMBEDDED_MODELS", "unknown_model_name", "OC_CACHES", "OC_TRAINABLE", "PROMPT_TEMPLATES",
            "ROLLOUT_DEFAULTS", "ROLLOUT_TARGETS", "check_choice",
            "FASHION_MNIST_SPLITS", "SD_PARTS"]
 
@@ -45,3 +45,25 @@ def check_choice(owner: str, field: str, value, choices) -> None:
     """
     if value not in choices:
         raise ValueError(f"{owner}.{field} must be one of {tuple(choices)}, got {value!r}")
+
+
+def unknown_model_name(source: str) -> str | None:
+    """Why ``source`` cannot name a model, or ``None``: a bare word that is no embedded model, no
+    short Stable Diffusion name, no hub id (``org/name``) and no folder here is a typo, and is
+    reported as one (with the nearest name) rather than sent to the hub.
+
+    Example:
+        >>> unknown_model_name("embeded")
+        "'embeded' is not a model: did you mean 'embedded'? A model is one of embedded, ..."
+    """
+    import difflib
+    from pathlib import Path
+
+    from fcr_sample.vocabulary import MODEL_IDS
+
+    names = [*EMBEDDED_MODELS, *MODEL_IDS]
+    if source in names or "/" in source or "\\" in source or Path(source).expanduser().exists():
+        return None
+    near = difflib.get_close_matches(source, names, n=1, cutoff=0.6)
+    return (f"{source!r} is not a model{f': did you mean {near[0]!r}?' if near else '.'} A model is one of "
+            f"{', '.join(names)}, a hub id (org/name) or a local diffusers folder")

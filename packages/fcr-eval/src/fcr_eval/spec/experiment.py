@@ -33,7 +33,7 @@ from pathlib import Path
 
 from fcr_train.vocabulary import EMBEDDED_MODELS, PROMPT_TEMPLATES
 
-from fcr_eval.spec.checker import Checker, ExperimentFileError, Locator, deep_merge
+from fcr_eval.spec.checker import INT_MAX, Checker, ExperimentFileError, Locator, deep_merge
 from fcr_eval.spec.contrasts import ContrastSpec, load_contrasts
 from fcr_eval.spec.criteria import CriteriaConfig, load_criteria
 from fcr_eval.spec.datasets import DatasetSpec, fashion_mnist_size, load_datasets
@@ -220,9 +220,10 @@ def _resolve(path: Path, loc: Locator, raw: dict, profile: str | None, quiet: bo
     variations, raw_index = load_variations(chk, raw.get("variations", []), profile, profiles, models, datasets,
                                             robustness, sampling, finetune)
     ids = [v.id for v in variations]
-    criteria = load_criteria(chk, raw["criteria"], ids) if "criteria" in raw else None
-    check_attribution_variations(chk, evaluation, ids)
-    contrasts = load_contrasts(chk, raw.get("contrasts", []), ids, profile, profiles)
+    samplers = {v.id: v.sampler for v in variations}  # what the checks below need of each variation
+    criteria = load_criteria(chk, raw["criteria"], ids, evaluation) if "criteria" in raw else None
+    check_attribution_variations(chk, evaluation, samplers)
+    contrasts = load_contrasts(chk, raw.get("contrasts", []), ids, profile, profiles, samplers)
     human = load_human_study(chk, raw["human_study"], ids) if "human_study" in raw else None
 
     _check_finetune_table(chk, raw, variations, finetune, raw_index)
@@ -243,9 +244,9 @@ def _load_seeds(chk: Checker, seeds) -> list[int]:
         chk.fail(f"seeds = {seeds!r} must be a non-empty list of integers", None, "seeds")
     if len(set(seeds)) != len(seeds):
         chk.fail(f"seeds = {seeds!r} has duplicates", None, "seeds")
-    if any(s < 0 or s >= 2**63 for s in seeds):
-        chk.fail(f"seeds = {seeds!r}: every seed must be in [0, 2**63) (numpy and torch generators take "
-                 "non-negative seeds)", None, "seeds")
+    if any(s < 0 or s > INT_MAX for s in seeds):
+        chk.fail(f"seeds = {seeds!r}: every seed must be in [0, 2**31): the results store keeps seeds in 32-bit "
+                 "INTEGER columns, and numpy and torch generators take non-negative seeds", None, "seeds")
     return seeds
 
 
@@ -264,6 +265,10 @@ def _check_runnable(chk: Checker, models: dict[str, ModelSpec], datasets: dict[s
                  "models")
     ref = datasets[ev.reference] if ev.reference else None
     if embedded:
+        if sampling.dtype != "float32":  # its context samples in float32: a run must not be stored as another
+            chk.fail(f"sampling.dtype = {sampling.dtype!r}: the embedded model ({sorted(embedded)[0]}) samples in "
+                     "float32 only (a small pixel UNet on CPU, where half precision would change the numbers, not "
+                     "the speed); leave dtype out or set \"float32\"", "sampling", "dtype")
         ref_split = ref.split if ref is not None and ref.kind == "fashion-mnist" else None
         if ref is None or ref.kind == "fashion-mnist":
             size = ref.limit if ref is not None and ref.limit else fashion_mnist_size(ref_split or "test")
