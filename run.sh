@@ -29,8 +29,9 @@ ensure_uv() {
     export PATH="$(dirname "$uv_bin"):$PATH"
 }
 
-# Debian packages: the embedded default's data ships as one; the browser tests drive Chromium.
-APT_PACKAGES=(dataset-fashion-mnist)
+# Debian packages: the embedded defaults' data ships in them (Fashion-MNIST; the emoji backbone's Noto colour
+# emoji font and Unicode's emoji-test.txt); the browser tests drive Chromium.
+APT_PACKAGES=(dataset-fashion-mnist fonts-noto-color-emoji unicode-data)
 APT_TEST_PACKAGES=(chromium)
 ensure_apt() {
     local missing=()
