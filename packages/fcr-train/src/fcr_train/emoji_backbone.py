@@ -463,6 +463,82 @@ def train_vae(out: str | os.PathLike, *, steps: int = 1500, batch_size: int = 32
     return record
 
 
+# ------------------------------------------------------------------------------------------------
+# Pretraining the latent UNet
+# ------------------------------------------------------------------------------------------------
+
+
+def save_emoji_sample_grid(base: EmojiBase, path: str | os.PathLike, *, split: str = "test", columns: int = 8,
+                           steps: int = 50, guidance_scale: float = 2.0, seed: int = 0, unet=None) -> Path:
+    """Per group: the real renders of ``columns`` names of ``split`` and the model's samples for the
+    same names (DDIM, classifier-free guidance), rows labelled — one PNG."""
+    rows, labels = [], []
+    g = torch.Generator().manual_seed(seed)
+    idx_all = base.data.indices(split)
+    labels_all = base.data.labels(split)
+    real_all = torch.from_numpy(base.data.images(split)).permute(0, 3, 1, 2).float().div(255)
+    for c, group in enumerate(base.classes):
+        pick = (labels_all == c).nonzero()[0]
+        # spread over the group (file order puts variants of one emoji next to each other)
+        pick = pick[torch.linspace(0, len(pick) - 1, min(columns, len(pick))).round().long().numpy()]
+        imgs = sample_emoji(base, torch.as_tensor(idx_all[pick]), steps=steps, guidance_scale=guidance_scale,
+                            generator=g, unet=unet)
+        rows += [real_all[pick], imgs]
+        labels += [f"{group[:11]} real", "  sampled"]
+    title = f"{split} names: real render / DDIM-{steps} sample, CFG {guidance_scale}, seed {seed}"
+    out = save_image_rows(rows, labels, Path(path), title=title)
+    logger.info("wrote %s", out)
+    return out
+
+
+def pretrain_emoji_unet(export_dir: str | os.PathLike, train_config, *, unet_config: dict | None = None,
+                        seed_init: int = 0, command: str = "", vae: str | os.PathLike | None = None) -> dict:
+    """Train the latent UNet from scratch on the emoji training split (frozen shipped VAE, MiniLM
+    states of the names, 10 % condition dropout from ``train_config``) with :func:`fcr_train.trainer.train`
+    — the loop every fine-tune uses — and export the EMA weights, ``samples.png`` and a record."""
+    from diffusers import UNet2DConditionModel
+
+    from .provenance import run_provenance
+    from .trainer import train
+
+    base = load_emoji_base(random_init=True, unet_config=unet_config, vae=vae)
+    base.unet = build_emoji_unet(unet_config, seed=seed_init)
+    dataset = EmojiDataset("train", data=base.data)
+    conditioner = LatentConditioner(base.vae, base.states)
+    result = train(base.unet, base.scheduler, dataset, conditioner, train_config,
+                   run_metadata={"command": "pretrain-emoji", "data": base.data.source})
+    export = Path(export_dir)
+    export.mkdir(parents=True, exist_ok=True)
+    unet = UNet2DConditionModel.from_pretrained(result.final_unet)
+    unet.save_pretrained(export, safe_serialization=True)
+    base.unet = unet.eval()
+    grid = save_emoji_sample_grid(base, export.parent / "samples.png", split="test")
+    save_emoji_sample_grid(base, export.parent / "samples_train_names.png", split="train")
+    record = {
+        "command": command or " ".join(sys.argv),
+        "train_config": train_config.to_dict(),
+        "unet_config": {k: list(v) if isinstance(v, tuple) else v for k, v in (unet_config or EMOJI_UNET_CONFIG).items()},
+        "seed_init": seed_init,
+        "steps": result.steps,
+        "wall_time_s": round(result.wall_time_s, 1),
+        "final_logs": result.last_logs,
+        "loss_mean_last_100": sum(result.losses[-100:]) / max(1, len(result.losses[-100:])),
+        "loss_first": result.losses[0] if result.losses else None,
+        "stopped_by_time": result.stopped_by_time,
+        "weights_from": str(result.final_unet),
+        "sampler_for_grid": {"scheduler": "DDIM", "steps": 50, "guidance_scale": 2.0, "seed": 0, "file": grid.name},
+        "data": base.data.source,
+        "provenance": run_provenance(),
+        "pretrain_config": {"train": {"max_steps": result.steps, "batch_size": train_config.batch_size}},
+    }
+    rec_path = export.parent / "command.json"
+    full = json.loads(rec_path.read_text()) if rec_path.is_file() else {}
+    full["unet"] = record
+    rec_path.write_text(json.dumps(full, indent=2, default=str))
+    logger.info("exported the emoji UNet to %s (%d steps, %.0f s)", export, result.steps, result.wall_time_s)
+    return record
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m fcr_train.emoji_backbone",
                                 description="train the emoji backbone's VAE or UNet")
@@ -477,6 +553,21 @@ def main(argv: list[str] | None = None) -> None:
     v.add_argument("--max-minutes", type=float, default=None)
     v.add_argument("--threads", type=int, default=None)
     v.add_argument("--no-progress", dest="progress", action="store_false")
+    u = sub.add_parser("unet", help="train the latent UNet on the emoji training split (needs the VAE)")
+    u.add_argument("--export-dir", default=str(EMOJI_WEIGHTS_DIR / "unet"))
+    u.add_argument("--output-dir", default="runs/pretrain-emoji")
+    u.add_argument("--max-steps", type=int, default=2000)
+    u.add_argument("--max-minutes", type=float, default=None)
+    u.add_argument("--batch-size", type=int, default=32)
+    u.add_argument("--lr", type=float, default=5e-4)
+    u.add_argument("--warmup-steps", type=int, default=100)
+    u.add_argument("--ema-decay", type=float, default=0.995)
+    u.add_argument("--cond-dropout", type=float, default=0.1)
+    u.add_argument("--checkpoint-every", type=int, default=200)
+    u.add_argument("--seed", type=int, default=0)
+    u.add_argument("--resume", action="store_true")
+    u.add_argument("--threads", type=int, default=None)
+    u.add_argument("--no-progress", dest="progress", action="store_false")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if a.threads:
@@ -487,6 +578,19 @@ def main(argv: list[str] | None = None) -> None:
                         " ".join(argv or sys.argv[1:]), progress=a.progress)
         print(f"VAE: held-out MSE {rec['held_out']['mse']:.5f} (PSNR {rec['held_out']['psnr_db']:.2f} dB), "
               f"{rec['steps_done']} steps in {rec['wall_time_s']:.0f} s -> {a.out}")
+    elif a.cmd == "unet":
+        from .loss import FCRConfig
+        from .trainer import TrainConfig
+
+        tc = TrainConfig(output_dir=a.output_dir, max_steps=a.max_steps, batch_size=a.batch_size, lr=a.lr,
+                         warmup_steps=a.warmup_steps, weight_decay=0.0, ema_decay=a.ema_decay,
+                         cond_dropout=a.cond_dropout, checkpoint_every=a.checkpoint_every, keep_checkpoints=2,
+                         hflip=False, seed=a.seed, resume=a.resume, progress=a.progress,
+                         max_time_s=60 * a.max_minutes if a.max_minutes else None, fcr=FCRConfig(lam=0.0))
+        rec = pretrain_emoji_unet(a.export_dir, tc, command="uv run python -m fcr_train.emoji_backbone " +
+                                  " ".join(argv or sys.argv[1:]))
+        print(f"UNet: {rec['steps']} steps in {rec['wall_time_s']:.0f} s, mean loss of the last 100 steps "
+              f"{rec['loss_mean_last_100']:.4f} -> {a.export_dir}")
 
 
 if __name__ == "__main__":
