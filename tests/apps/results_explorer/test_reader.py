@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import shutil
 import subprocess
 import sys
@@ -196,3 +197,12 @@ def test_metric_direction_covers_the_runner_metrics():
         assert lower_is_better(lower), lower
     for higher in ("clip_score", "class_agreement", "inception_score", "precision", "recall"):
         assert not lower_is_better(higher), higher
+
+
+def test_the_explorers_downloads_neutralise_formulas():
+    frame = pl.DataFrame({"variation": ["=HYPERLINK(1)", "fd-10", None], "delta": [-0.5, 0.1, 0.0],
+                          "tags": [["=x", "y"], ["a"], []]})
+    back = list(csv.DictReader(csv_bytes(frame).decode().splitlines()))
+    assert [r["variation"] for r in back] == ["'=HYPERLINK(1)", "fd-10", ""]
+    assert [r["delta"] for r in back] == ["-0.5", "0.1", "0.0"]
+    assert back[0]["tags"] == "'=x y"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import html
 import logging
+import re
 import secrets
 import tempfile
 from pathlib import Path
@@ -30,11 +31,13 @@ from typing import Any
 
 import gradio as gr
 from PIL import Image
+from starlette.middleware import Middleware
 
+from .guard import MAX_BODY_BYTES, RequestLimits
 from .rating import CHOICES, Presentation, RatingService, UnknownRater, VoteRefused
 from .store import StudyStoreError
 
-__all__ = ["INSTRUCTIONS", "CSS", "build_app", "launch_app"]
+__all__ = ["INSTRUCTIONS", "CSS", "build_app", "code_block", "launch_app", "markdown_text", "progress_markdown"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +104,17 @@ def _pixels(path: Path) -> Image.Image:
         return im.convert("RGB")
 
 
-def build_app(service: RatingService, *, title: str = "Image preference study") -> gr.Blocks:
-    """The Gradio Blocks of the study (launch it with :func:`launch_app`)."""
+def build_app(service: RatingService, *, title: str = "Image preference study",
+              export_dir: str | Path | None = None) -> gr.Blocks:
+    """The Gradio Blocks of the study (launch it with :func:`launch_app`).
+
+    Args:
+        service: the study's rating logic.
+        title: the page title.
+        export_dir: where the admin's CSV exports are written (one fresh folder each); the
+            system's temp folder if ``None``. ``fcr-human-study serve`` passes its private temp
+            folder, removed when the server stops.
+    """
 
     def busy(status: str) -> tuple:
         # Nothing changes on screen (the same pair stays, with its token), only the status.
@@ -151,11 +163,15 @@ def build_app(service: RatingService, *, title: str = "Image preference study") 
 
     def admin_progress(secret: str) -> str:
         admin_guard(secret, "progress")
-        return _progress_markdown(service.admin_progress())
+        return progress_markdown(service.admin_progress())
 
     def admin_export(secret: str) -> str:
         admin_guard(secret, "export")
-        folder = Path(tempfile.mkdtemp(prefix=f"votes-{secrets.token_hex(8)}-"))
+        # A fresh folder per export (a random name: one admin's file is never another's), inside
+        # the server's private temp folder, which goes when the server stops.
+        if export_dir is not None:
+            Path(export_dir).mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=f"votes-{secrets.token_hex(8)}-", dir=export_dir))
         return str(service.export_votes_csv(folder / f"{service.study_id}-votes.csv"))
 
     def admin_analyse(secret: str) -> str:
@@ -164,7 +180,7 @@ def build_app(service: RatingService, *, title: str = "Image preference study") 
 
         result = analyse_study(service.store, n_bootstrap=500)
         write_analysis(service.store, result)
-        return "```\n" + format_table(result) + "\n```"
+        return code_block(format_table(result))
 
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
         rater = gr.State(None)
@@ -219,16 +235,38 @@ def build_app(service: RatingService, *, title: str = "Image preference study") 
     return demo
 
 
-def _progress_markdown(p: dict[str, Any]) -> str:
+#: Markdown's punctuation that could start a link, an emphasis, code or a table cell.
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|~])")
+
+
+def markdown_text(value: object) -> str:
+    """``value`` as literal text inside Markdown: HTML escaped, Markdown punctuation backslashed,
+    line breaks as spaces. Rater labels and variation ids come from whoever invited the raters or
+    wrote the experiment; in the admin view they are data, never markup."""
+    text = " ".join(str(value).split())
+    # Backslashes first, then entities (quote=False: no '&#x27;', whose '#' would be backslashed).
+    return html.escape(_MARKDOWN_SPECIAL.sub(r"\\\1", text), quote=False)
+
+
+def code_block(text: str) -> str:
+    """``text`` as a Markdown code block whose fence no line of it can close (variation names in
+    an analysis table are data)."""
+    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}\n{text}\n{fence}"
+
+
+def progress_markdown(p: dict[str, Any]) -> str:
     t = p["totals"]
+    e = markdown_text
     lines = [f"**{t['votes']} votes** from {t['raters_active']} of {t['raters_invited']} invited "
              f"raters; {t['pairs_rated']} of {t['pairs']} pairs rated at least once.", "",
              "| variations | pairs | votes |", "|---|---:|---:|"]
-    lines += [f"| {r['variation_1']} vs {r['variation_2']} | {r['pairs']} | {r['votes']} |"
+    lines += [f"| {e(r['variation_1'])} vs {e(r['variation_2'])} | {r['pairs']} | {r['votes']} |"
               for r in p["variation_pairs"]]
     lines += ["", "| rater | id | votes | attention correct | last vote |", "|---|---|---:|---:|---|"]
-    lines += [f"| {r['label']} | {r['rater_id']} | {r['votes']} | "
-              f"{r['attention_correct']}/{r['attention_answered']} | {r['last_vote'] or ''} |"
+    lines += [f"| {e(r['label'])} | {e(r['rater_id'])} | {r['votes']} | "
+              f"{r['attention_correct']}/{r['attention_answered']} | {e(r['last_vote'] or '')} |"
               for r in p["raters"]]
     return "\n".join(lines)
 
@@ -237,7 +275,8 @@ def launch_app(demo: gr.Blocks, service: RatingService, *, server_name: str = "1
                server_port: int | None = None, share: bool = False,
                prevent_thread_lock: bool = False, quiet: bool = False):
     """Launch ``demo`` so that only the study's image folder is reachable through Gradio's file
-    routes, with no server-side rendering, uploads or analytics.
+    routes, with no server-side rendering, uploads or analytics, and no request body over
+    :data:`~fcr_human_study.guard.MAX_BODY_BYTES` on any route (:class:`~fcr_human_study.guard.RequestLimits`).
 
     Returns what :meth:`gradio.Blocks.launch` returns (app, local URL, share URL).
     """
@@ -249,5 +288,6 @@ def launch_app(demo: gr.Blocks, service: RatingService, *, server_name: str = "1
         server_name=server_name, server_port=server_port, share=share,
         prevent_thread_lock=prevent_thread_lock, quiet=quiet, show_error=False,
         allowed_paths=[images], max_file_size="1kb", ssr_mode=False,
+        app_kwargs={"middleware": [Middleware(RequestLimits, max_body_bytes=MAX_BODY_BYTES)]},
         enable_monitoring=False, mcp_server=False, css=CSS, theme=gr.themes.Soft(),
     )

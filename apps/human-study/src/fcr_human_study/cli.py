@@ -19,7 +19,6 @@ import argparse
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from fcr_train.cli_errors import (
@@ -115,27 +114,33 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.port is not None:
         check_port_free(args.host, args.port)
     _check_study(args.study)
-    # Gradio serves whatever lies in its upload and example-cache folders (shared by every Gradio
-    # app on the machine by default): give this server private, empty ones.
-    private = Path(tempfile.mkdtemp(prefix="fcr-human-study-gradio-"))
-    os.environ.setdefault("GRADIO_TEMP_DIR", str(private / "uploads"))
-    os.environ.setdefault("GRADIO_EXAMPLES_CACHE", str(private / "examples"))
-    from .app import build_app, launch_app
-    from .rating import RatingService
-    from .store import StudyStore
+    from .server_temp import server_temp_folder, stop_on_sigterm
 
-    store = StudyStore(args.study, idle_close_s=args.idle_close)
-    service = RatingService(store)
-    print(f"serving study {service.study_id} ({service.n_pairs} pairs, {service.per_rater} per "
-          f"rater) from {args.study}; images from {store.images_dir}", flush=True)
-    try:
-        demo = build_app(service, title=args.title)
-        launch_app(demo, service, server_name=args.host, server_port=args.port, share=args.share)
-    except OSError as e:  # the port was taken between the check and the launch
-        raise UserError(f"cannot serve on {args.host}:{args.port or 'the default port'}: {e}. Pass a free port "
-                        "with --port") from None
-    finally:
-        store.close()
+    # Gradio serves whatever lies in its upload and example-cache folders (shared by every Gradio
+    # app on the machine by default): give this server private, empty ones, removed when it stops.
+    with stop_on_sigterm(), server_temp_folder() as private:
+        os.environ["GRADIO_TEMP_DIR"] = str(private / "gradio")
+        os.environ["GRADIO_EXAMPLES_CACHE"] = str(private / "examples")
+        from .app import build_app, launch_app
+        from .rating import RatingService
+        from .store import StudyStore
+
+        store = StudyStore(args.study, idle_close_s=args.idle_close)
+        service = RatingService(store)
+        print(f"serving study {service.study_id} ({service.n_pairs} pairs, {service.per_rater} per "
+              f"rater) from {args.study}; images from {store.images_dir}; temp files in {private} "
+              "(removed when the server stops)", flush=True)
+        demo = None
+        try:
+            demo = build_app(service, title=args.title, export_dir=private / "gradio" / "exports")
+            launch_app(demo, service, server_name=args.host, server_port=args.port, share=args.share)
+        except OSError as e:  # the port was taken between the check and the launch
+            raise UserError(f"cannot serve on {args.host}:{args.port or 'the default port'}: {e}. Pass a free "
+                            "port with --port") from None
+        finally:
+            if demo is not None:
+                demo.close(verbose=False)
+            store.close()
     return 0
 
 

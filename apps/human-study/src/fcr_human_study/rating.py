@@ -18,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import hmac
 import json
@@ -31,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
+from fcr_eval.store.csv_export import write_csv
 
 from .build import hash_secret
 from .store import StudyStore, StudyStoreError, utcnow
@@ -248,7 +248,8 @@ class RatingService:
         return {"totals": totals, "raters": raters, "variation_pairs": vpairs}
 
     def export_votes_csv(self, path: str | os.PathLike) -> Path:
-        """Every vote with its pair (variations, prompt, seed, attention answer) as CSV."""
+        """Every vote with its pair (variations, prompt, seed, attention answer) as CSV; a text cell
+        a spreadsheet would run as a formula (``=...``) gets a leading ``'``."""
         rows = self.store.query_dicts(
             """SELECT v.rater_id, r.label AS rater_label, v.pair_id, p.prompt_id, p.prompt, p.seed,
                       p.variation_a, p.variation_b, p.is_attention, p.expected, v.choice,
@@ -257,15 +258,10 @@ class RatingService:
                FROM votes v JOIN pairs p USING (pair_id) JOIN raters r USING (rater_id)
                ORDER BY v.voted_at, v.rater_id"""
         )
-        path = Path(path)
         cols = ["rater_id", "rater_label", "pair_id", "prompt_id", "prompt", "seed", "variation_a",
                 "variation_b", "is_attention", "expected", "choice", "winner", "clicked",
                 "left_side", "voted_at"]
-        with path.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=cols)
-            w.writeheader()
-            w.writerows(rows)
-        return path
+        return write_csv(path, rows, cols)  # text cells that would be formulas get a leading '
 
     def summary_json(self) -> str:
         return json.dumps(self.admin_progress(), default=str, indent=1)

@@ -8,6 +8,7 @@ from typing import Any
 import altair as alt
 import polars as pl
 import streamlit as st
+from fcr_eval.store.csv_export import FORMULA_START
 
 from fcr_results_explorer.queries import lower_is_better
 
@@ -77,7 +78,8 @@ def slug(text: str) -> str:
 
 
 def csv_bytes(frame: pl.DataFrame) -> bytes:
-    """CSV of a frame; list and struct columns become text so that any frame exports."""
+    """CSV of a frame; list and struct columns become text so that any frame exports, and a text
+    cell that a spreadsheet would run as a formula (``=...``) gets a leading ``'``."""
     exprs = []
     for name, dtype in frame.schema.items():
         if isinstance(dtype, pl.List):
@@ -86,6 +88,11 @@ def csv_bytes(frame: pl.DataFrame) -> bytes:
             exprs.append(pl.col(name).map_elements(str, return_dtype=pl.String).alias(name))
     if exprs:
         frame = frame.with_columns(exprs)
+    # Text cells a spreadsheet would run as formulas get a leading ' (fcr_eval.store.csv_export).
+    text = [name for name, dtype in frame.schema.items() if dtype == pl.String]
+    if text:
+        frame = frame.with_columns(pl.when(pl.col(c).str.contains(FORMULA_START)).then(pl.lit("'") + pl.col(c))
+                                   .otherwise(pl.col(c)).alias(c) for c in text)
     return frame.write_csv().encode()
 
 
