@@ -43,7 +43,9 @@ from fcr_sample.vocabulary import BLOCK_GROUPS as BLOCKS
 from fcr_train.vocabulary import (
     DELTA_UNITS,
     DISTANCES,
+    EMBEDDED_BACKBONES,
     EMBEDDED_MODELS,
+    EMOJI_SPLITS,
     FASHION_MNIST_SPLITS,
     OC_CACHES,
     OC_TRAINABLE,
@@ -77,6 +79,7 @@ __all__ = [
     "Experiment",
     "load_experiment",
     "EMBEDDED_MODELS",
+    "PACKAGED_DATASET_KINDS",
     "SAMPLERS",
     "SCHEDULERS",
     "METRICS",
@@ -87,13 +90,13 @@ METRICS = (
     "unet_forwards", "flops", "peak_memory", "sigma2_delta", "finetune_compute", "robustness", "clip_drift",
     "cache_attribution",
 )
-DATASET_KINDS = ("fashion-mnist", "laion", "webdataset", "artbench", "coco", "flickr30k", "imagenet-classes")
+DATASET_KINDS = ("fashion-mnist", "emoji", "laion", "webdataset", "artbench", "coco", "flickr30k", "imagenet-classes")
 DATASET_ROLES = ("finetune", "eval", "mini_val", "reference")
 EXTRACTORS = ("efficientnet_lite0", "inception")
 EXPANDABLE = ("model", "stride", "lambda_fcr", "lambda_oc", "delta_max", "delta_unit", "distance", "blocks", "scheduler",
               "robustness", "eval_prompts")
 # Dataset kinds that ship with a package: the runner reads the installed files, never `path`.
-PACKAGED_DATASET_KINDS = ("fashion-mnist", "imagenet-classes")
+PACKAGED_DATASET_KINDS = ("fashion-mnist", "emoji", "imagenet-classes")
 # What a Stable Diffusion run can read (fcr_eval.run.contexts): prompts from these kinds, real
 # reference images from these.
 SD_PROMPT_KINDS = ("coco", "flickr30k", "imagenet-classes")
@@ -118,8 +121,10 @@ class ExperimentFileError(ValueError):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A model: ``source`` is ``embedded`` / ``embedded-random`` / ``embedded-tiny``, a short SD name
-    (``sd15``, ``sd21``, ``openjourney``), a hub id or a local diffusers folder.
+    """A model: ``source`` is an embedded backbone's name (``embedded`` / ``embedded-random`` /
+    ``embedded-tiny``: Fashion-MNIST, pixel space; ``emoji`` / ``emoji-random`` / ``emoji-tiny``: the
+    latent RGB emoji backbone), a short SD name (``sd15``, ``sd21``, ``openjourney``), a hub id or a
+    local diffusers folder.
 
     ``flops_per_forward`` / ``encoder_flop_share`` feed the plan's estimate when the model cannot be
     instantiated here (design.md §2: SD v1.5 at 512² ≈ 803 GFLOPs, encoder ≈ 33 %).
@@ -136,7 +141,12 @@ class ModelSpec:
 
     @property
     def embedded(self) -> bool:
-        return self.source in EMBEDDED_MODELS
+        return self.source in EMBEDDED_BACKBONES
+
+    @property
+    def backbone(self) -> str | None:
+        """``fashion-mnist`` or ``emoji`` for an embedded model (its data set), else ``None``."""
+        return EMBEDDED_BACKBONES.get(self.source)
 
 
 @dataclass(frozen=True)
@@ -885,6 +895,11 @@ def _check_dataset(chk: _Checker, d: DatasetSpec, i: int) -> None:
                          f"under /usr/share/datasets/fashion-mnist). Remove {key}", sec, key, i)
     if d.kind == "fashion-mnist" and d.split is not None:
         chk.one_of(d.split, ("train", "test"), f"datasets[{i}] ({d.id}).split", sec, "split", i)
+    if d.kind == "emoji" and d.split is not None:
+        chk.one_of(d.split, EMOJI_SPLITS, f"datasets[{i}] ({d.id}).split", sec, "split", i)
+    if d.kind == "emoji" and d.prompt_template is not None:
+        chk.fail(f"datasets[{i}] ({d.id}).prompt_template: the emoji backbone's prompts are the emoji names "
+                 "themselves (its captions); remove prompt_template", sec, "prompt_template", i)
     if d.limit is not None and d.limit < 1:
         chk.fail(f"datasets[{i}] ({d.id}).limit = {d.limit} must be >= 1 (or left out: all samples)", sec, "limit", i)
     if d.kind == "fashion-mnist" and d.limit is not None and d.limit > _fashion_mnist_size(d.split):
@@ -902,6 +917,21 @@ def _check_dataset(chk: _Checker, d: DatasetSpec, i: int) -> None:
                      "prompt_template", i)
     if d.resolution is not None and d.resolution < 8:
         chk.fail(f"datasets[{i}] ({d.id}).resolution = {d.resolution} must be >= 8 pixels", sec, "resolution", i)
+
+
+def _check_emoji_runnable(chk: _Checker, datasets: dict[str, DatasetSpec], sampling: SamplingSpec,
+                          evaluation: EvaluationSpec, robustness: dict[str, RobustnessSpec],
+                          variations: list[VariationSpec], index: dict[str, int]) -> None:
+    """The emoji backbone reads only its own data set (prompts, reference and fine-tuning data)."""
+    wrong = sorted(d.id for d in datasets.values() if d.kind != "emoji")
+    if wrong:
+        chk.fail(f"datasets {wrong} are not of kind \"emoji\": the emoji backbone's prompts, reference images and "
+                 "fine-tuning data are the emoji set (Debian fonts-noto-color-emoji + unicode-data)", "datasets")
+    for v in variations:
+        if robustness[v.robustness].kind not in ("none", "schedule_perturbation"):
+            chk.fail(f"variation {v.id!r} uses robustness {v.robustness!r} ({robustness[v.robustness].kind}), which "
+                     "the emoji backbone does not run (its VAE and UNet are trained at 32² only)", "variations",
+                     "robustness", index[v.id])
 
 
 def _fashion_mnist_size(split: str | None) -> int:
@@ -949,6 +979,10 @@ def _check_runnable(chk: _Checker, models: dict[str, ModelSpec], datasets: dict[
         chk.fail(f"the variations use several embedded models ({sorted(embedded)}); one embedded model per file",
                  "models")
     ref = datasets[ev.reference] if ev.reference else None
+    backbones = {models[m].backbone for m in used if models[m].embedded}
+    if embedded and backbones == {"emoji"}:
+        _check_emoji_runnable(chk, datasets, sampling, evaluation, robustness, variations, index)
+        return
     if embedded:
         ref_split = ref.split if ref is not None and ref.kind == "fashion-mnist" else None
         if ref is None or ref.kind == "fashion-mnist":
