@@ -328,7 +328,7 @@ def save_image_rows(rows: list[torch.Tensor], labels: list[str], path: Path, sca
     """Rows of RGB images in [0, 1] (each ``(N, 3, H, W)``) as one labelled PNG."""
     from PIL import Image, ImageDraw
 
-    pad, label_w, top = 2, 96, 18 if title else 0
+    pad, label_w, top = 2, 112, 18 if title else 0
     n = max(len(r) for r in rows)
     h, w = rows[0].shape[-2] * scale, rows[0].shape[-1] * scale
     grid = Image.new("RGB", (label_w + n * (w + pad), top + len(rows) * (h + pad)), "white")
@@ -337,7 +337,7 @@ def save_image_rows(rows: list[torch.Tensor], labels: list[str], path: Path, sca
         draw.text((4, 3), title, fill="black")
     for r, (imgs, label) in enumerate(zip(rows, labels, strict=True)):
         y = top + r * (h + pad)
-        draw.text((4, y + h // 2 - 6), label[:15], fill="black")
+        draw.text((4, y + h // 2 - 6), label[:18], fill="black")
         arr = (imgs.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
         for j, a in enumerate(arr):
             grid.paste(Image.fromarray(a).resize((w, h), Image.NEAREST), (label_w + j * (w + pad), y))
