@@ -63,9 +63,9 @@ def test_vae_maps_32px_rgb_to_4_channel_8x8_latents_and_back(vae):
 def test_shipped_vae_reconstructs_held_out_emoji_as_its_record_says(vae):
     record = json.loads((EMOJI_WEIGHTS_DIR / "vae" / "training.json").read_text())
     data = load_emoji_set()
-    err = reconstruction_error(vae, data.images("test", limit=64))
-    # the record's held-out MSE is over all 566 images; 64 of them agree within sampling error
-    assert float(err["mse"].mean()) == pytest.approx(record["held_out"]["mse"], rel=0.35)
+    err = reconstruction_error(vae, data.images("test")[::8])  # every 8th: all groups, in file order
+    # the record's held-out MSE is over all 566 images; 71 of them agree within sampling error
+    assert float(err["mse"].mean()) == pytest.approx(record["held_out"]["mse"], rel=0.3)
     # better than the trivial reconstruction (each image's mean colour)
     x = err["images"]
     trivial = (x - x.mean(dim=(2, 3), keepdim=True)).pow(2).flatten(1).mean(1)
