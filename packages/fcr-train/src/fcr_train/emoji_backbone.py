@@ -512,8 +512,9 @@ def pretrain_emoji_unet(export_dir: str | os.PathLike, train_config, *, unet_con
     unet = UNet2DConditionModel.from_pretrained(result.final_unet)
     unet.save_pretrained(export, safe_serialization=True)
     base.unet = unet.eval()
-    grid = save_emoji_sample_grid(base, export.parent / "samples.png", split="test")
-    save_emoji_sample_grid(base, export.parent / "samples_train_names.png", split="train")
+    # DDIM-20 as the experiments sample; 6 names per group of each split
+    grid = save_emoji_sample_grid(base, export.parent / "samples.png", split="test", columns=6, steps=20)
+    save_emoji_sample_grid(base, export.parent / "samples_train_names.png", split="train", columns=6, steps=20)
     record = {
         "command": command or " ".join(sys.argv),
         "train_config": train_config.to_dict(),
@@ -526,7 +527,7 @@ def pretrain_emoji_unet(export_dir: str | os.PathLike, train_config, *, unet_con
         "loss_first": result.losses[0] if result.losses else None,
         "stopped_by_time": result.stopped_by_time,
         "weights_from": str(result.final_unet),
-        "sampler_for_grid": {"scheduler": "DDIM", "steps": 50, "guidance_scale": 2.0, "seed": 0, "file": grid.name},
+        "sampler_for_grid": {"scheduler": "DDIM", "steps": 20, "guidance_scale": 2.0, "seed": 0, "file": grid.name},
         "data": base.data.source,
         "provenance": run_provenance(),
         "pretrain_config": {"train": {"max_steps": result.steps, "batch_size": train_config.batch_size}},
