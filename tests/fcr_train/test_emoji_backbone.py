@@ -128,3 +128,13 @@ def test_emoji_models_refuse_other_data(tmp_path):
         finetune(FinetuneConfig(model="emoji-tiny", data=DataConfig(kind="fashion-mnist"),
                                 train=TrainConfig(output_dir=str(tmp_path / "x"), max_steps=1)))
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(("model", "data"), [("emoji-tiny", "fashion-mnist"), ("embedded-tiny", "emoji")])
+def test_cli_refuses_a_backbone_with_the_other_backbones_data(tmp_path, capsys, model, data):
+    from fcr_train.cli import main
+
+    out = tmp_path / "run"
+    assert main(["finetune", "--model", model, "--data", data, "--max-steps", "1", "--output-dir", str(out)]) == 2
+    assert "the emoji models train on --data emoji" in capsys.readouterr().err
+    assert not out.exists()
