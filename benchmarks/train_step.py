@@ -1,10 +1,13 @@
-"""Step time of FCR and output-consistency fine-tuning versus plain fine-tuning (λ = 0), as a ratio.
+"""Step time of FCR, output-consistency and rollout fine-tuning versus plain fine-tuning (λ = 0), as a ratio.
 
 One "step" = loss forward + backward + AdamW update, as in ``fcr_train.trainer``. The
 variants are timed interleaved (A, B, C, A, B, C, ...) so that load from other processes on a
 shared machine hits them alike; the median per variant is reported. The output-consistency
 variants (``fcr_train.output_consistency``, FD and DeepCache stale paths) aim at ≤ 2× a plain
 step: one extra encoder (DeepCache: full, no-grad) pass and one stale-path decoder pass at most.
+The rollout variants (``fcr_train.rollout``) run k stale and k fresh steps per rollout row; their
+cost grows with k and the rollout rows (``rollout_cost_factor`` is the plan's estimate, printed
+beside the measured ratio).
 
     uv run python benchmarks/train_step.py                 # CPU, embedded UNet (28x28, batch 32)
     uv run python benchmarks/train_step.py --device cuda   # + SD-v1.5-architecture UNet at 512^2 (64^2 latents), random weights
@@ -27,6 +30,7 @@ from fcr_train.embedded import EMBEDDED_UNET_CONFIG, SCHEDULER_CONFIG, TINY_UNET
 from fcr_train.loss import FCRConfig, fcr_loss
 from fcr_train.output_consistency import OutputConsistencyConfig, output_consistency_loss
 from fcr_train.provenance import code_version, hardware
+from fcr_train.rollout import RolloutConfig, rollout_cost_factor, rollout_loss, sampling_scheduler
 
 # SD v1.5 UNet architecture (859.5M parameters); random weights are valid for timing.
 SD15_UNET_CONFIG = {
@@ -50,30 +54,43 @@ VARIANTS = {
     "OC lam=0.1, FD, recomputed": OutputConsistencyConfig(lam=0.1, cache="fd"),
     "OC lam=0.1, FD, all": OutputConsistencyConfig(lam=0.1, cache="fd", trainable="all"),
     "OC lam=0.1, DeepCache b0, recomputed": OutputConsistencyConfig(lam=0.1, cache="deepcache"),
+    # rollouts on the DDIM-20 grid, 8 of the batch's rows, key steps toward high noise
+    "rollout FD, k=4, 8 rows": RolloutConfig(lam=0.5, k=4, cache="fd", rollout_rows=8),
+    "rollout FD, k=9, 8 rows": RolloutConfig(lam=0.5, k=9, cache="fd", rollout_rows=8),
+    "rollout DeepCache b0, k=4, 8 rows": RolloutConfig(lam=0.5, k=4, cache="deepcache", rollout_rows=8),
+    "rollout DeepCache b0, k=4, 8 rows, CFG 2": RolloutConfig(lam=0.5, k=4, cache="deepcache", rollout_rows=8,
+                                                               guidance_scale=2.0),
 }
 PLAIN = "plain (lam=0)"
 
 
-def _loss(unet, scheduler, x0, text, cfg, g):
+def _loss(unet, scheduler, x0, text, cfg, g, samplers):
+    if isinstance(cfg, RolloutConfig):  # the sampler is built once per run, as in the trainer
+        sampler = samplers.setdefault(cfg.sampler_steps, sampling_scheduler(scheduler, cfg))
+        null = torch.zeros_like(text[:1]) if cfg.guidance_scale != 1.0 else None
+        return rollout_loss(unet, scheduler, x0, text, cfg, null_states=null, generator=g, sampler=sampler)
     if isinstance(cfg, OutputConsistencyConfig):
         return output_consistency_loss(unet, scheduler, x0, text, cfg, generator=g)
     return fcr_loss(unet, scheduler, x0, text, cfg, generator=g)
 
 
-def time_variants(unet, scheduler, x0, text, repeats: int, warmup: int, device, autocast_dtype=None) -> dict[str, list[float]]:
+def time_variants(unet, scheduler, x0, text, repeats: int, warmup: int, device, autocast_dtype=None,
+                  only: str | None = None) -> dict[str, list[float]]:
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-6)
     g = torch.Generator().manual_seed(0)
-    times: dict[str, list[float]] = {k: [] for k in VARIANTS}
+    chosen = {k: v for k, v in VARIANTS.items() if k == PLAIN or only is None or only.lower() in k.lower()}
+    times: dict[str, list[float]] = {k: [] for k in chosen}
+    samplers: dict = {}
 
     def step(cfg):
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            out = _loss(unet, scheduler, x0, text, cfg, g)
+            out = _loss(unet, scheduler, x0, text, cfg, g, samplers)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     for r in range(warmup + repeats):
-        for name, cfg in VARIANTS.items():
+        for name, cfg in chosen.items():
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -88,16 +105,20 @@ def time_variants(unet, scheduler, x0, text, repeats: int, warmup: int, device, 
 def report(title: str, times: dict[str, list[float]], meta: dict) -> dict:
     base = statistics.median(times[PLAIN])
     print(f"\n{title}")
-    print(f"{'variant':<40} {'median s/step':>14} {'ratio vs lam=0':>15} {'ratio min-max':>15}")
+    print(f"{'variant':<42} {'median s/step':>14} {'ratio vs lam=0':>15} {'ratio min-max':>15} {'planned':>8}")
     rows = {}
     for name, ts in times.items():
         med = statistics.median(ts)
         # per-round ratios against the plain step of the same round (interleaved): their spread
         # shows how much the machine's load moved the comparison
         per_round = [a / b for a, b in zip(ts, times[PLAIN], strict=True)]
+        cfg = VARIANTS.get(name)
+        planned = rollout_cost_factor(cfg, meta["batch_size"]) if isinstance(cfg, RolloutConfig) else None
         rows[name] = {"median_s": round(med, 4), "ratio": round(med / base, 3), "n": len(ts),
-                      "ratio_min": round(min(per_round), 3), "ratio_max": round(max(per_round), 3)}
-        print(f"{name:<40} {med:>14.4f} {med / base:>15.3f} {min(per_round):>7.2f}-{max(per_round):<7.2f}")
+                      "ratio_min": round(min(per_round), 3), "ratio_max": round(max(per_round), 3),
+                      "planned_ratio": None if planned is None else round(planned, 2)}
+        print(f"{name:<42} {med:>14.4f} {med / base:>15.3f} {min(per_round):>7.2f}-{max(per_round):<7.2f}"
+              f" {'' if planned is None else f'{planned:>8.2f}'}")
     oc = {k: v["ratio"] for k, v in rows.items() if k.startswith("OC ")}
     if oc:
         worst = max(oc, key=oc.get)
@@ -114,6 +135,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", default=None, help="also write the records to this file")
     p.add_argument("--tiny", action="store_true", help="the tiny test UNet at 8x8 instead of the embedded one (smoke runs)")
+    p.add_argument("--only", default=None, help="time only the variants whose name contains this (and the plain step), e.g. rollout")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -128,7 +150,7 @@ def main(argv=None) -> None:
     sched = DDPMScheduler(**SCHEDULER_CONFIG)
     x0 = torch.rand(args.batch_size, 1, size, size, device=device) * 2 - 1
     text = torch.randn(args.batch_size, *text_shape, device=device)
-    times = time_variants(unet, sched, x0, text, args.repeats, warmup=2, device=device)
+    times = time_variants(unet, sched, x0, text, args.repeats, warmup=2, device=device, only=args.only)
     records.append(report(f"{model} UNet ({size}x{size}, batch {args.batch_size}) on {device.type}", times,
                           {"model": model, "batch_size": args.batch_size, "device": str(device), **meta}))
 
@@ -141,7 +163,7 @@ def main(argv=None) -> None:
         x0 = torch.randn(b, 4, 64, 64, device=device)
         text = torch.randn(b, 77, 768, device=device)
         times = time_variants(unet, sched, x0, text, max(5, args.repeats // 2), warmup=2, device=device,
-                              autocast_dtype=torch.bfloat16)
+                              autocast_dtype=torch.bfloat16, only=args.only)
         peak = torch.cuda.max_memory_allocated() / 2**30
         records.append(report(f"SD-v1.5-architecture UNet, 512^2 (64^2 latents), batch {b}, bf16 autocast, {meta['hardware'].get('gpu')}",
                               times, {"model": "sd15-architecture-random", "batch_size": b, "peak_mem_gib": round(peak, 2), **meta}))

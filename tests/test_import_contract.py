@@ -66,3 +66,17 @@ def test_contract_breaks_when_the_spec_imports_torch_or_fcr_sample_imports_ours(
     assert r.returncode != 0
     assert "fcr_eval.spec is not allowed to import torch" in r.stdout
     assert "fcr_sample is not allowed to import fcr_train" in r.stdout
+
+
+def test_contract_breaks_when_the_report_plans_or_the_store_calls_the_statistics(tmp_path):
+    """Run and report are siblings (the report takes replication from the stored runs, not from a
+    second plan), and the store, the statistics and the metrics share one floor."""
+    src = _copy_tree(tmp_path)
+    report = src / "fcr_eval/report/report.py"
+    report.write_text(report.read_text() + "\nfrom fcr_eval.plan.planner import make_plan  # noqa: E402,F401\n")
+    results = src / "fcr_eval/store/results.py"
+    results.write_text(results.read_text() + "\nfrom fcr_eval.analysis.stats import mean_ci  # noqa: E402,F401\n")
+    r = _lint(tmp_path, src)
+    assert r.returncode != 0
+    assert "fcr_eval.report.report -> fcr_eval.plan.planner" in r.stdout
+    assert "fcr_eval.store.results -> fcr_eval.analysis.stats" in r.stdout

@@ -4,6 +4,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from fcr_train.embedded import TINY_UNET_CONFIG
+from fcr_train.trainer import EmbeddedConditioner
 
 TINY = dict(TINY_UNET_CONFIG)  # block_out_channels (4, 8), cross_attention_dim 8
 
@@ -30,3 +31,15 @@ def batch():
     x0 = torch.rand(3, 1, 8, 8, generator=g) * 2 - 1
     text = torch.randn(3, 4, 8, generator=g)
     return x0, text
+
+
+def new_tiny_unet():
+    """A fresh tiny UNet with the fixture's weights (for tests that train several)."""
+    torch.manual_seed(0)
+    return UNet2DConditionModel(**TINY)
+
+
+def tiny_conditioner():
+    """Seeded text states for 40 prompts of the tiny UNet (8-d), and a zero null prompt."""
+    g = torch.Generator().manual_seed(5)
+    return EmbeddedConditioner(torch.randn(40, 4, 8, generator=g), torch.zeros(1, 4, 8))

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from fcr_train.api import DataConfig, FinetuneConfig, finetune, load_emoji_model
+from fcr_train.emoji import EmojiDataset, load_emoji_set
 from fcr_train.emoji_backbone import (
     EMOJI_UNET_CONFIG,
     EMOJI_WEIGHTS_DIR,
@@ -21,7 +22,6 @@ from fcr_train.emoji_backbone import (
     reconstruction_error,
     sample_emoji,
 )
-from fcr_train.emoji import EmojiDataset, load_emoji_set
 from fcr_train.loss import FCRConfig
 from fcr_train.trainer import TrainConfig
 
@@ -93,7 +93,12 @@ def test_latent_conditioner_draws_resumable_posterior_latents(vae, tiny):
 
 
 def test_sampling_decodes_through_the_vae_and_the_encoder_cache_skips_encoder_passes(tiny):
-    from fcr_sample import EncoderCacheConfig, apply_encoder_cache, get_cache_stats, remove_encoder_cache
+    from fcr_sample import (
+        EncoderCacheConfig,
+        apply_encoder_cache,
+        get_cache_stats,
+        remove_encoder_cache,
+    )
 
     idx = torch.as_tensor(tiny.data.indices("test")[:3])
     g = torch.Generator().manual_seed(0)

@@ -58,6 +58,44 @@ def test_cli_finetune_tiny_and_resume(tmp_path, capsys):
     assert steps == [1, 2, 3]
 
 
+def _digest(root):
+    import hashlib
+
+    return {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(root.rglob("*")) if f.is_file()}
+
+
+@pytest.mark.parametrize("change, stored, now", [
+    (("--lam", "0.3"), "fcr.lam = 0.2", "0.3 now"),
+    (("--batch-size", "4"), "batch_size = 8", "4 now"),
+    (("--oc-lam", "0.1", "--lam", "0"), "output_consistency = None in the stored run", "{'lam': 0.1,"),
+    (("--seed", "3"), "seed = 0", "3 now"),
+    (("--limit", "32"), "data.limit = 64", "32 now"),
+], ids=["lam", "batch-size", "objective", "seed", "data-limit"])
+def test_cli_resume_with_changed_settings_is_refused(tmp_path, capsys, change, stored, now):
+    """A resume is exact or refused: a setting that changes results, changed, names both values,
+    and nothing of the run folder changes (config.json is not rewritten, no step runs)."""
+    out = tmp_path / "run"
+    args = ["finetune", "--model", "embedded-tiny", "--limit", "64", "--batch-size", "8", "--max-steps", "1",
+            "--checkpoint-every", "1", "--lam", "0.2", "--output-dir", str(out), "--no-progress"]
+    assert main(args) == 0
+    before = _digest(out)
+    capsys.readouterr()
+    resumed = [*args, "--resume"]
+    resumed[resumed.index("--max-steps") + 1] = "2"
+    for i in range(0, len(change), 2):
+        if change[i] in resumed:
+            resumed[resumed.index(change[i]) + 1] = change[i + 1]
+        else:
+            resumed += change[i:i + 2]
+    assert main(resumed) == 2
+    err = capsys.readouterr().err
+    assert f"cannot resume in {out}" in err and str(out / "config.json") in err, err
+    assert stored in err and now in err, err
+    assert "Traceback" not in err
+    assert _digest(out) == before
+
+
 def test_cli_reports_errors(tmp_path, capsys):
     assert main(["finetune", "--model", str(tmp_path / "missing-model"), "--data", "coco", "--data-path", "x.json",
                  "--output-dir", str(tmp_path / "r")]) == 2

@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
 from fcr_sample import (
     DeepCacheConfig,
     EncoderCacheConfig,
@@ -27,9 +26,9 @@ from fcr_train.output_consistency import (
     stale_output,
     trainable_parameter_names,
 )
-from fcr_train.trainer import EmbeddedConditioner, TrainConfig, latest_checkpoint, train
+from fcr_train.trainer import TrainConfig, latest_checkpoint, train
 
-from .conftest import TINY
+from .conftest import new_tiny_unet, tiny_conditioner
 
 CACHES = ("fd", "deepcache")
 
@@ -166,16 +165,6 @@ def test_bad_settings_are_refused_before_a_run_folder_exists(tmp_path, tiny_unet
     assert not (tmp_path / "r").exists()
 
 
-def _unet():
-    torch.manual_seed(0)
-    return UNet2DConditionModel(**TINY)
-
-
-def _conditioner():
-    g = torch.Generator().manual_seed(5)
-    return EmbeddedConditioner(torch.randn(40, 4, 8, generator=g), torch.zeros(1, 4, 8))
-
-
 @pytest.mark.parametrize("cache", CACHES)
 def test_finetune_steps_log_the_share_and_resume_exactly(tmp_path, scheduler, cache):
     data = FashionMNISTDataset("train", limit=32)
@@ -186,7 +175,7 @@ def test_finetune_steps_log_the_share_and_resume_exactly(tmp_path, scheduler, ca
                                      checkpoint_every=1, seed=3, progress=False, fcr=FCRConfig(lam=0.0),
                                      output_consistency=oc), **kw})
 
-    res = train(_unet(), scheduler, data, _conditioner(), cfg("full"))
+    res = train(new_tiny_unet(), scheduler, data, tiny_conditioner(), cfg("full"))
     recs = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(recs) == 2
     for r in recs:
@@ -199,9 +188,9 @@ def test_finetune_steps_log_the_share_and_resume_exactly(tmp_path, scheduler, ca
     saved = json.loads((res.run_dir / "config.json").read_text())["train"]
     assert saved["output_consistency"] == oc.to_dict() and saved["fcr"]["lam"] == 0.0
 
-    train(_unet(), scheduler, data, _conditioner(), cfg("cut", max_steps=1))
+    train(new_tiny_unet(), scheduler, data, tiny_conditioner(), cfg("cut", max_steps=1))
     assert latest_checkpoint(tmp_path / "cut").name == "step_0000001"
-    resumed = train(_unet(), scheduler, data, _conditioner(), cfg("cut", resume=True))
+    resumed = train(new_tiny_unet(), scheduler, data, tiny_conditioner(), cfg("cut", resume=True))
     assert resumed.losses == res.losses[1:]
 
 

@@ -215,3 +215,16 @@ def test_each_step_logs_the_fcr_share_of_the_loss(tmp_path, fmnist, scheduler):
     plain = train(_unet(), scheduler, fmnist, _conditioner(), _cfg(tmp_path, "plain", max_steps=2,
                                                                       fcr=FCRConfig(lam=0.0)))
     assert plain.fcr_to_denoise == [0.0, 0.0]
+
+
+def test_checkpoint_every_leaves_the_weights_alone_and_cond_dropout_changes_them(tmp_path, fmnist, scheduler):
+    """What fcr_eval.plan.identity decides for a fine-tune's key: how often the trainer saves does
+    not change the weights (so it is not in the key), the null-text dropout does (so it is)."""
+    def weights(name, **kw):
+        result = train(_unet(), scheduler, fmnist, _conditioner(), _cfg(tmp_path, name, max_steps=4, **kw))
+        return list(UNet2DConditionModel.from_pretrained(result.final_unet).parameters())
+
+    often, rarely = weights("often", checkpoint_every=1), weights("rarely", checkpoint_every=100)
+    assert all(torch.equal(p, q) for p, q in zip(often, rarely, strict=True))
+    dropped = weights("dropped", checkpoint_every=100, cond_dropout=0.9)
+    assert not all(torch.equal(p, q) for p, q in zip(rarely, dropped, strict=True))

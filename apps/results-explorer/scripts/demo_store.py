@@ -274,7 +274,7 @@ def _write_criteria(store: ResultsStore) -> None:
     at10 = [v.variation_id for v in MINI_EXP_1 if v.stride == 10]
     config = CriteriaConfig(baseline="fd-5-baseline", candidate="fcr-l0.10-fd-10",
                             no_fcr_reference="fd-10-baseline", r2_variations=at10)
-    evaluate_store_criteria(store, "mini-exp-1", config)
+    store.write_criteria(evaluate_store_criteria(store, "mini-exp-1", config))
 
 
 def write_demo_human_study(path: Path) -> None:

@@ -55,7 +55,10 @@ def _fill(store: ResultsStore, scenarios=SCENARIOS, seeds=(0, 1), n_fd: int = 20
 def test_criteria_values_and_verdicts(tmp_path):
     store = ResultsStore(tmp_path / "s.duckdb")
     _fill(store)
-    res = {r.criterion: r for r in evaluate_store_criteria(store, "exp", CFG)}
+    rows = evaluate_store_criteria(store, "exp", CFG)
+    assert store.criteria("exp").height == 0  # the board writes nothing; its caller keeps the verdicts
+    store.write_criteria(rows)
+    res = {r.criterion: r for r in rows}
     assert res["quality_delta"].value == pytest.approx((10.405 - 10.005) / 10.005) and res["quality_delta"].passed
     assert res["alignment_delta"].value == pytest.approx(-0.0125) and res["alignment_delta"].passed
     assert res["speedup"].value == pytest.approx(1 / 0.68) and res["speedup"].passed
@@ -75,7 +78,9 @@ def test_failing_and_missing_criteria(tmp_path):
     bad["fcr-fd-10"] = (11.0, 0.70, 0.90, 1100, 3.5, None)
     store = ResultsStore(tmp_path / "s.duckdb")
     _fill(store, bad, seeds=(0,))
-    res = {r.criterion: r for r in evaluate_store_criteria(store, "exp", CFG)}
+    rows = evaluate_store_criteria(store, "exp", CFG)
+    store.write_criteria(rows)
+    res = {r.criterion: r for r in rows}
     for c in ("quality_delta", "alignment_delta", "speedup", "extra_memory", "variance_reduction"):
         assert res[c].passed is False, c
     assert res["finetune_compute"].passed is None and "no finetune_compute_fraction" in res["finetune_compute"].details["reason"]
@@ -226,9 +231,9 @@ def test_board_marks_method_claims_from_a_shared_finetune_inconclusive_and_recor
 
     store = ResultsStore(tmp_path / "s.duckdb")
     _fill(store)
-    independent = {r.criterion: r for r in evaluate_store_criteria(store, "exp", CFG, write=False,
+    independent = {r.criterion: r for r in evaluate_store_criteria(store, "exp", CFG,
                                                                    replication=lambda s: INDEPENDENT_FINETUNES)}
-    shared = {r.criterion: r for r in evaluate_store_criteria(store, "exp", CFG, write=False,
+    shared = {r.criterion: r for r in evaluate_store_criteria(store, "exp", CFG,
                                                               replication=lambda s: SHARED_FINETUNE)}
     for name in ("quality_delta", "alignment_delta", "variance_reduction"):
         assert independent[name].verdict in ("PASS", "FAIL")
@@ -236,7 +241,7 @@ def test_board_marks_method_claims_from_a_shared_finetune_inconclusive_and_recor
     assert shared["speedup"].verdict == independent["speedup"].verdict  # timing is not about the weights
     assert all("family_size" in r.details and r.details["family_adjustment"] == "none" for r in shared.values())
     holm = dataclasses.replace(CFG, family_adjustment="holm")
-    adjusted = evaluate_store_criteria(store, "exp", holm, write=False)
+    adjusted = evaluate_store_criteria(store, "exp", holm)
     assert any(r.details.get("family_adjustment") == "holm" for r in adjusted)
     with pytest.raises(ValueError, match="family_adjustment"):
         dataclasses.replace(CFG, family_adjustment="bonferroni-ish")

@@ -135,7 +135,8 @@ def test_sampler_settings_interval_is_the_stored_stride(field):
 def test_the_plan_decides_how_each_contrast_was_replicated():
     """Base weights on both sides → same weights; fine-tunes shared by the seeds (mini-exp-1,
     per_seed = false) → shared; one fine-tune pair per seed (mini-exp-1-decide) → independent."""
-    from fcr_eval.plan.planner import contrast_replication
+    from fcr_eval.analysis.replication import contrast_replication
+    from fcr_eval.plan.planner import planned_weights
     from fcr_eval.spec.vocabulary import (
         FIXED_WEIGHTS,
         INDEPENDENT_FINETUNES,
@@ -157,4 +158,4 @@ def test_the_plan_decides_how_each_contrast_was_replicated():
     runs = [r for r in exp2.runs if r.finetune is None]
     a, b = sorted({r.variation.id for r in runs if r.variation.model != runs[0].variation.model})[:1] + \
         [runs[0].variation.id]
-    assert contrast_replication(exp2.runs, (a, b)) == FIXED_WEIGHTS
+    assert contrast_replication(planned_weights(exp2.runs), (a, b)) == FIXED_WEIGHTS

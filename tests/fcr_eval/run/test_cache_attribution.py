@@ -69,7 +69,7 @@ def _write(tmp_path: Path, samples: int | str = 3) -> Path:
 def attributed(tmp_path_factory) -> ResultsStore:
     folder = tmp_path_factory.mktemp("attr")
     exp = load_experiment(_write(folder))
-    out = run_experiment(exp, RunnerOptions(store=folder / "fcr.duckdb", threads=1, plots=False, progress=False))
+    out = run_experiment(exp, RunnerOptions(store=folder / "fcr.duckdb", threads=1, progress=False))
     assert out.ok, out.failed
     return ResultsStore.open_readonly(folder / "fcr.duckdb")
 

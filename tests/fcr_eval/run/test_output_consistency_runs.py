@@ -76,14 +76,26 @@ def test_lambda_oc_plans_its_own_finetune_with_the_term(tmp_path):
     assert by_var["oc-fd-2", 1].finetune is oc
 
 
-@pytest.mark.slow  # a whole (tiny) experiment: two fine-tunes and three runs, ~15 s
-def test_an_output_consistency_finetune_runs_and_is_stored(tmp_path):
-    path = _tiny_with(tmp_path, OC_VARIATIONS)
+def _run_tiny(tmp_path: Path, variations: str, variation_id: str):
+    """Run tiny.toml with ``variations``; the experiment, ``variation_id``'s planned fine-tune, the
+    stored runs by variation and each run's stored fine-tune FLOPs."""
+    path = _tiny_with(tmp_path, variations)
     store_path = tmp_path / "results" / "fcr.duckdb"
     assert main(["run", str(path), "--store", str(store_path), "--no-plots"]) == 0
     exp = load_experiment(path)
     plan = make_plan(exp, results_dir=store_path.parent, calibrate=False)
-    oc = next(r.finetune for r in plan.runs if r.variation.id == "oc-fd-2")
+    ft = next(r.finetune for r in plan.runs if r.variation.id == variation_id)
+    s = ResultsStore.open_readonly(store_path)
+    runs = {r["variation_id"]: r for r in s.runs(experiment_id=exp.id).iter_rows(named=True)}
+    m = s.sql("SELECT r.variation_id, m.details FROM metrics m JOIN runs r USING (run_id) "
+              "WHERE m.metric = 'finetune_compute_fraction'")
+    flops = {v: json.loads(d)["finetune_flops"] for v, d in m.iter_rows()}
+    return exp, ft, runs, flops
+
+
+@pytest.mark.slow  # a whole (tiny) experiment: two fine-tunes and three runs, ~15 s
+def test_an_output_consistency_finetune_runs_and_is_stored(tmp_path):
+    exp, oc, runs, flops = _run_tiny(tmp_path, OC_VARIATIONS, "oc-fd-2")
     # the trainer ran with the term: its record holds the config, its log the term's share
     record = json.loads((Path(oc.output_dir) / "config.json").read_text())["train"]
     assert record["output_consistency"]["lam"] == 0.5 and record["output_consistency"]["cache"] == "fd"
@@ -91,15 +103,10 @@ def test_an_output_consistency_finetune_runs_and_is_stored(tmp_path):
     logs = [json.loads(x) for x in (Path(oc.output_dir) / "metrics.jsonl").read_text().splitlines()]
     assert len(logs) == exp.finetune.steps and all(x["l_oc"] >= 0 and "oc_to_denoise" in x for x in logs)
 
-    s = ResultsStore.open_readonly(store_path)
-    runs = {r["variation_id"]: r for r in s.runs(experiment_id=exp.id).iter_rows(named=True)}
     assert runs["oc-fd-2"]["lambda_oc"] == 0.5 and runs["oc-fd-2"]["lambda_fcr"] is None
     assert runs["oc-fd-2"]["blocks"] is None and runs["oc-fd-2"]["delta_max"] == 2
     assert runs["ft-0.00-fd-2"]["lambda_oc"] is None and runs["ft-0.00-fd-2"]["lambda_fcr"] == 0.0
     # the stored fine-tune compute counts the stale pass (one extra forward per image here)
-    m = s.sql("SELECT r.variation_id, m.details FROM metrics m JOIN runs r USING (run_id) "
-              "WHERE m.metric = 'finetune_compute_fraction'")
-    flops = {v: json.loads(d)["finetune_flops"] for v, d in m.iter_rows()}
     assert flops["oc-fd-2"] == pytest.approx(2 * flops["ft-0.00-fd-2"])
 
 

@@ -100,7 +100,7 @@ def test_two_processes_shard_prompts_and_store_what_one_process_stores(tmp_path)
 
     exp = load_experiment(exp_path)
     one = tmp_path / "one" / "fcr.duckdb"
-    run_experiment(exp, RunnerOptions(store=one, threads=1, plots=False, progress=False, device="cpu"))
+    run_experiment(exp, RunnerOptions(store=one, threads=1, progress=False, device="cpu"))
 
     s2, s1 = ResultsStore.open_readonly(two), ResultsStore.open_readonly(one)
     runs2 = s2.runs(experiment_id=exp.id)

@@ -283,10 +283,14 @@ def test_sd_experiment_stores_every_run_with_its_metrics(sd_run):
 
 
 def test_sd_report_names_what_produced_the_numbers(sd_run):
-    exp, _, outcome, _ = sd_run
-    assert "FID" in outcome.table and "CLIPScore" in outcome.table and "CLIP drift" in outcome.table
-    assert "class agr." not in outcome.table
-    verdicts = {c.criterion: c for c in outcome.criteria}
+    from fcr_eval.report.report import report
+
+    exp, store_path, outcome, _ = sd_run
+    assert outcome.ok, outcome.failed
+    rep = report(exp, store_path, plots=False)
+    assert "FID" in rep.table and "CLIPScore" in rep.table and "CLIP drift" in rep.table
+    assert "class agr." not in rep.table
+    verdicts = {c.criterion: c for c in rep.criteria}
     # the SD criteria read FID (Inception protocol) and CLIPScore, and every one is decided
     assert verdicts["quality_delta"].details["metric"] == "fid_inception"
     assert verdicts["alignment_delta"].details["metric"] == "clip_score"
@@ -402,7 +406,7 @@ stride = 2
     path.write_text(text)
     exp = load_experiment(path)
     store = tmp_path / "results" / "fcr.duckdb"
-    run_experiment(exp, RunnerOptions(store=store, threads=1, progress=False, plots=False, device="cpu"))
+    run_experiment(exp, RunnerOptions(store=store, threads=1, progress=False, device="cpu"))
     s = ResultsStore.open_readonly(store)
     runs = {r["variation_id"]: r for r in s.runs(experiment_id=exp.id).iter_rows(named=True)}
     assert runs["a-fd-2"]["model"] == str(tmp_path / "sd") and runs["b-fd-2"]["model"] == str(tmp_path / "sd-b")
@@ -425,7 +429,7 @@ def test_half_precision_sampling_runs_end_to_end(tmp_path):
     exp = load_experiment(path)
     assert exp.sampling.dtype == "bfloat16"
     store = tmp_path / "results" / "fcr.duckdb"
-    run_experiment(exp, RunnerOptions(store=store, threads=1, progress=False, plots=False, device="cpu"))
+    run_experiment(exp, RunnerOptions(store=store, threads=1, progress=False, device="cpu"))
     s = ResultsStore.open_readonly(store)
     m = s.sql("SELECT metric, value FROM metrics")
     fd = m.filter(m["metric"] == "fd_efficientnet_lite0")["value"][0]

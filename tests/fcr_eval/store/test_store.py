@@ -220,7 +220,9 @@ def test_criteria_replace_and_summary(tmp_path):
         res = _result(seed=seed)
         res.metrics[0] = MetricRecord("fd_efficientnet_lite0", v, "efficientnet_lite0", "bilinear_224", 100)
         s.write_run(res)
-    summ = s.metric_summary("exp-t", "fd_efficientnet_lite0")
+    from fcr_eval.analysis.stats import seed_summary
+
+    summ = seed_summary(s.metrics(experiment_id="exp-t", metric="fd_efficientnet_lite0"))
     assert summ["n_seeds"].to_list() == [3] and summ["mean"].to_list() == [12.0]
     assert summ["ci_low"][0] < 12.0 < summ["ci_high"][0]
     c = CriterionResult("exp-t", "speedup", True, 1.5, 1.4, {"a": 1})

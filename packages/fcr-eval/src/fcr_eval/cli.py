@@ -36,11 +36,12 @@ logger = logging.getLogger("fcr_eval.cli")
 
 # Bad input besides UserError and missing paths (named by module: nothing heavy is imported).
 USER_ERRORS = {
-    "fcr_eval.spec.experiment:ExperimentFileError": EXIT_USAGE,
+    "fcr_eval.spec.checker:ExperimentFileError": EXIT_USAGE,
     "fcr_eval.store.db:StoreError": EXIT_USAGE,
     "fcr_sample.loading:ModelNotAvailableError": EXIT_MODEL_NOT_AVAILABLE,
     "fcr_train.models:ModelNotAvailableError": EXIT_MODEL_NOT_AVAILABLE,
     "fcr_train.locking:LockHeldError": EXIT_USAGE,
+    "fcr_train.checkpoints:CheckpointError": EXIT_USAGE,  # a fine-tune folder of other settings or torn
 }
 
 
@@ -87,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _plan(args) -> int:
-    from fcr_eval.plan.planner import format_plan, long_plan_line, make_plan, plan_json
+    from fcr_eval.plan.output import format_plan, long_plan_line, plan_json
+    from fcr_eval.plan.planner import make_plan
     from fcr_eval.plan.validation import check_inputs, check_store, model_problems
     from fcr_eval.spec.experiment import load_experiment
 
@@ -96,7 +98,7 @@ def _plan(args) -> int:
     results_dir = Path(args.store).parent
     gflops = None
     if not args.json and not args.no_calibrate:
-        from fcr_eval.plan.planner import calibrate_throughput
+        from fcr_eval.plan.costs import calibrate_throughput
 
         gflops = calibrate_throughput()
     # One plan per experiment, built once: the checks, the JSON and the printed plan read the same object.
@@ -128,27 +130,37 @@ def _plan(args) -> int:
     return 0
 
 
+def _report(args) -> int:
+    from fcr_eval.plan.validation import check_store
+    from fcr_eval.report.report import report
+    from fcr_eval.spec.experiment import load_experiment
+
+    exp = load_experiment(args.file, args.profile)
+    check_store(args.store, must_exist=True)
+    report(exp, Path(args.store), plots=not args.no_plots)
+    return 0
+
+
 def _run(args) -> int:
     from fcr_eval.plan.validation import check_device, check_store
     from fcr_eval.spec.experiment import load_experiment
 
     exp = load_experiment(args.file, args.profile)
-    check_store(args.store, must_exist=args.command == "report")
-    if args.command == "report":
-        from fcr_eval.report.report import report
-
-        report(exp, Path(args.store), plots=not args.no_plots)
-        return 0
+    check_store(args.store, must_exist=False)
     if args.threads and args.threads > (os.cpu_count() or 1):
         logger.warning("--threads %d is more than this machine's %d CPU(s); torch will oversubscribe them",
                        args.threads, os.cpu_count() or 1)
     check_device(args.device)
     from fcr_eval.run.runner import RunnerOptions, run_experiment
 
-    opts = RunnerOptions(store=Path(args.store), threads=args.threads, plots=not args.no_plots, device=args.device,
-                         wait=args.wait)
+    opts = RunnerOptions(store=Path(args.store), threads=args.threads, device=args.device, wait=args.wait)
     outcome = run_experiment(exp, opts)
-    failed = getattr(outcome, "failed", [])
+    if outcome.main:  # the process that wrote the store reports it, and keeps the verdicts
+        from fcr_eval.report.report import report
+
+        rep = report(exp, Path(args.store), plots=not args.no_plots)
+        _keep_verdicts(exp.id, Path(args.store), rep)
+    failed = outcome.failed
     if failed:
         print(f"\n{len(failed)} run(s) failed (the store holds only the finished ones; run the same "
               "command again to retry them):", file=sys.stderr)
@@ -158,13 +170,26 @@ def _run(args) -> int:
     return 0 if outcome.ok else 1
 
 
+def _keep_verdicts(experiment_id: str, store_path: Path, rep) -> None:
+    """Store the contrasts and criteria the report computed, replacing the experiment's earlier
+    ones (the explorer shows them); the report itself writes nothing."""
+    from fcr_eval.provenance import code_version
+    from fcr_eval.store import ResultsStore
+
+    store = ResultsStore(store_path)
+    if rep.contrasts:
+        store.write_contrasts(experiment_id, rep.contrasts, code_version=code_version())
+    if rep.criteria:
+        store.write_criteria(rep.criteria)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("accelerate", "diffusers", "matplotlib", "PIL", "httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    body = _plan if args.command == "plan" else _run
+    body = {"plan": _plan, "run": _run, "report": _report}[args.command]
     return run_cli(lambda: body(args), prog="fcr-eval", debug=args.debug, user_errors=USER_ERRORS,
                    on_interrupt="interrupted: finished runs are in the store; run the same command again to resume")
 

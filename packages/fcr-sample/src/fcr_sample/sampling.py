@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -35,7 +36,8 @@ def denoise(unet, scheduler, x_T: torch.Tensor, cond: torch.Tensor, null: torch.
         x_T: initial noise at unit scale (multiplied by ``scheduler.init_noise_sigma`` here).
         cond / null: conditional and unconditional encoder states, ``(B, L, D)``; ``null`` is
             needed when ``guidance_scale != 1``.
-        generator: passed to ``scheduler.step`` (stochastic schedulers).
+        generator: passed to ``scheduler.step`` where it takes one (the stochastic schedulers:
+            Euler-ancestral, LCM, DDPM; PNDM and UniPC take none), as the pipelines do.
         callback: called after every scheduler step with one dict (k-diffusion style):
             ``i`` (step index), ``t`` (its timestep), ``t_next`` (the next step's timestep, ``None``
             after the last), ``x`` (the state after the step: what step ``i + 1`` starts from),
@@ -67,6 +69,7 @@ def denoise(unet, scheduler, x_T: torch.Tensor, cond: torch.Tensor, null: torch.
     timesteps = scheduler.timesteps
     guided = guidance_scale != 1.0
     states = torch.cat([null, cond]) if guided else cond  # the same every step: built once
+    step_kwargs = _step_kwargs(scheduler, generator)
     for i, t in enumerate(timesteps):
         inp = scheduler.scale_model_input(x, t)
         if guided:
@@ -74,7 +77,7 @@ def denoise(unet, scheduler, x_T: torch.Tensor, cond: torch.Tensor, null: torch.
             eps = u + guidance_scale * (c - u)
         else:
             eps = unet(inp, t, states).sample
-        out = scheduler.step(eps, t, x, generator=generator)
+        out = scheduler.step(eps, t, x, **step_kwargs)
         x = out.prev_sample
         if callbacks:
             x = _run_callbacks(callbacks, {
@@ -83,6 +86,14 @@ def denoise(unet, scheduler, x_T: torch.Tensor, cond: torch.Tensor, null: torch.
                 "denoised": getattr(out, "pred_original_sample", None),
             })
     return x
+
+
+def _step_kwargs(scheduler, generator: torch.Generator | None) -> dict[str, Any]:
+    """``generator`` for a ``scheduler.step`` that accepts one (diffusers' pipelines decide the same
+    way, by the signature: PNDM's and UniPC's ``step`` have no such argument)."""
+    if "generator" in inspect.signature(scheduler.step).parameters:
+        return {"generator": generator}
+    return {}
 
 
 def _run_callbacks(callbacks: list[StepCallback], info: dict[str, Any]) -> torch.Tensor:

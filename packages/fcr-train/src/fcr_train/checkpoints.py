@@ -9,7 +9,9 @@ files' headers alone, without loading a tensor:
 
 * :func:`unreadable_reason` — a file is missing or cut off (safetensors header not covering the
   file, a torch zip without its central directory, ``trainer_state.json`` not JSON);
-* :func:`model_mismatch` — the checkpoint's weights have other names or shapes than the UNet.
+* :func:`model_mismatch` — the checkpoint's weights have other names or shapes than the UNet;
+* :func:`settings_mismatch` — the run's stored settings (``config.json``) differ from the new
+  ones in a setting that changes results (a resume is exact or refused).
 
 Example::
 
@@ -22,9 +24,12 @@ from __future__ import annotations
 
 import json
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-__all__ = ["CheckpointError", "unreadable_reason", "model_mismatch", "MODEL_FILE", "STATE_FILE"]
+__all__ = ["CheckpointError", "unreadable_reason", "model_mismatch", "settings_mismatch", "MODEL_FILE",
+           "STATE_FILE", "RESUME_FREE_SETTINGS"]
 
 #: accelerate's model weights in a checkpoint saved with ``safe_serialization=True``.
 MODEL_FILE = "model.safetensors"
@@ -129,3 +134,62 @@ def model_mismatch(ckpt: str | Path, unet) -> str | None:
         first = f"the checkpoint has {extra[0]}, which this model does not"
     return (f"{first}; {len(differ)} of {len(want)} tensors differ in shape, {len(missing)} are missing, "
             f"{len(extra)} are extra")
+
+
+#: ``TrainConfig`` fields a resume may change: they decide where and how often the run writes,
+#: when it stops (a longer ``max_steps`` or a larger early-stopping patience continues the same
+#: run: the LR is constant after warm-up), how progress shows and how data is loaded, never which
+#: values are computed (``grad_checkpointing`` recomputes the same activations; ``cpu`` is the
+#: machine, recorded in the provenance). Every other stored setting must be the same for the
+#: resume to be exact.
+RESUME_FREE_SETTINGS = frozenset({
+    "output_dir", "max_steps", "early_stopping_patience", "checkpoint_every", "keep_checkpoints", "log_every",
+    "progress", "resume", "num_workers", "max_time_s", "max_bad_fraction", "max_bad_count", "grad_checkpointing",
+    "cpu",
+})
+# Stored facts that are not settings of the run: output-only options of pretraining (the sample
+# grid and where the weights are exported), the train config repeated inside the command's own
+# config, and the resolved path of the base weights (its identity is ``base_provenance``; the
+# user's choice is ``finetune.base_weights``).
+_NOT_SETTINGS = ("run.finetune.train.", "run.pretrain.train.", "run.pretrain.export_dir",
+                 "run.pretrain.grid_columns", "run.pretrain.sample_steps", "run.pretrain.guidance_scale",
+                 "run.base_weights")
+
+
+def _differences(old: Any, new: Any, key: str, out: list[tuple[str, Any, Any]]) -> list[tuple[str, Any, Any]]:
+    """(dotted key, old, new) for every leaf that differs; a mapping on one side only is one line."""
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        for k in sorted(set(old) | set(new)):
+            _differences(old.get(k), new.get(k), f"{key}.{k}" if key else k, out)
+    elif old != new:
+        out.append((key, old, new))
+    return out
+
+
+def _shown(key: str) -> str:
+    for prefix in ("train.", "run.finetune.", "run.pretrain.", "run."):
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
+
+
+def settings_mismatch(stored: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """The settings that change results and differ between a run's stored ``config.json`` and a
+    resume of it, one ``"name = stored in the stored run, new now"`` line each; ``[]`` when the
+    resume is exact.
+
+    Both mappings have the ``config.json`` keys the trainer writes: ``train`` (the
+    ``TrainConfig``), ``run`` (the command's model and data) and ``dataset`` (its type and size).
+    Fields of :data:`RESUME_FREE_SETTINGS` may differ. Values are compared as JSON stores them.
+
+    Example:
+        >>> settings_mismatch(json.loads(Path("runs/fcr/config.json").read_text()), new)
+        ['fcr.lam = 0.1 in the stored run, 0.2 now', 'batch_size = 4 in the stored run, 8 now']
+    """
+    def settings(config: Mapping[str, Any]) -> dict[str, Any]:
+        return json.loads(json.dumps({k: config.get(k) for k in ("train", "run", "dataset")}, default=str))
+
+    free = {f"train.{name}" for name in RESUME_FREE_SETTINGS}
+    return [f"{_shown(key)} = {old!r} in the stored run, {now!r} now"
+            for key, old, now in _differences(settings(stored), settings(new), "", [])
+            if key not in free and not key.startswith(_NOT_SETTINGS)]

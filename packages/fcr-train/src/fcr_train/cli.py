@@ -2,6 +2,7 @@
 
     fcr-train finetune --model embedded --lam 0.1 --blocks late --max-steps 500 --output-dir runs/fcr
     fcr-train finetune --model embedded --oc-lam 0.1 --oc-cache fd --oc-delta-max 10 --output-dir runs/oc
+    fcr-train finetune --model embedded --rollout-lam 0.5 --rollout-k 4 --rollout-cache deepcache --output-dir runs/ro
     fcr-train finetune --model sd15 --data laion --data-path laion.parquet --images-dir imgs/ ...
     fcr-train pretrain --output-dir runs/pretrain --export-dir packages/fcr-train/src/fcr_train/weights
     accelerate launch -m fcr_train.cli finetune ...      # multi-GPU / multi-node
@@ -36,6 +37,7 @@ from .cli_errors import (
 )
 from .loss import DELTA_UNITS, DISTANCES, FCRConfig
 from .output_consistency import OC_CACHES, OC_TRAINABLE, OutputConsistencyConfig
+from .rollout import ROLLOUT_TARGETS, RolloutConfig
 from .trainer import RunResult, TrainConfig
 from .vocabulary import EMOJI_MODELS
 
@@ -117,23 +119,72 @@ def _add_output_consistency_args(p: argparse.ArgumentParser) -> None:
                         f"step) or all (also through the stale features) [{d.trainable}]")
 
 
-def _output_consistency(args) -> OutputConsistencyConfig | None:
-    given = {field: getattr(args, opt) for opt, field in _OC_OPTIONS.items() if getattr(args, opt, None) is not None}
-    if getattr(args, "oc_lam", None) is None:
+def _given_options(args, options: dict[str, str], lam_option: str, term: str) -> dict | None:
+    """The config fields a term's options set, or ``None`` when its λ option is absent (then any of
+    its other options is an error: it would silently do nothing)."""
+    given = {field: getattr(args, opt) for opt, field in options.items() if getattr(args, opt, None) is not None}
+    if getattr(args, lam_option, None) is None:
         if given:
-            flags = ", ".join("--" + opt.replace("_", "-") for opt in _OC_OPTIONS if getattr(args, opt, None) is not None)
-            raise UserError(f"{flags} set without --oc-lam. Add --oc-lam (e.g. 0.1) to turn the "
-                            "output-consistency term on, or drop those options")
+            flag = "--" + lam_option.replace("_", "-")
+            flags = ", ".join("--" + opt.replace("_", "-") for opt in options if getattr(args, opt, None) is not None)
+            raise UserError(f"{flags} set without {flag}. Add {flag} (e.g. 0.1) to turn the {term} term on, "
+                            "or drop those options")
+        return None
+    return given
+
+
+def _output_consistency(args) -> OutputConsistencyConfig | None:
+    given = _given_options(args, _OC_OPTIONS, "oc_lam", "output-consistency")
+    if given is None:
         return None
     if given.get("stride") is not None and "delta_max" not in given:
         given["delta_max"] = None  # Δ_max = the stride it serves
     return OutputConsistencyConfig(lam=args.oc_lam, **given)
 
 
+#: The rollout options besides --rollout-lam, with their RolloutConfig field.
+_ROLLOUT_OPTIONS = {"rollout_k": "k", "rollout_cache": "cache", "rollout_cache_branch_id": "cache_branch_id",
+                    "rollout_sampler_steps": "sampler_steps", "rollout_target": "target",
+                    "rollout_distance": "distance", "rollout_noise_power": "noise_power",
+                    "rollout_trainable": "trainable", "rollout_rows": "rollout_rows",
+                    "rollout_guidance_scale": "guidance_scale", "rollout_stride": "stride"}
+
+
+def _add_rollout_args(p: argparse.ArgumentParser) -> None:
+    d = RolloutConfig()
+    r = p.add_argument_group("rollout (instead of FCR): lambda * d(k stale steps of the cache after a key step, "
+                             "sg[the same steps fresh]) on the sampler's DDIM grid")
+    r.add_argument("--rollout-lam", type=float_in(0, low_open=True), default=None,
+                   help="weight of the rollout term; turns it on (and FCR's --lam default to 0)")
+    r.add_argument("--rollout-k", type=int_at_least(0), default=None, help=f"stale steps after the key step [{d.k}]")
+    r.add_argument("--rollout-cache", choices=OC_CACHES, default=None, help=f"fd (encoder cache) or deepcache [{d.cache}]")
+    r.add_argument("--rollout-cache-branch-id", type=int_at_least(0), default=None,
+                   help=f"DeepCache's cut, 3*block + layer (with --rollout-cache deepcache) [{d.cache_branch_id}]")
+    r.add_argument("--rollout-sampler-steps", type=int_at_least(1), default=None,
+                   help=f"the DDIM sampler's step count: the key steps' grid [{d.sampler_steps}]")
+    r.add_argument("--rollout-target", choices=ROLLOUT_TARGETS, default=None,
+                   help=f"compare the predicted x0 at the segment's last step or the state after it [{d.target}]")
+    r.add_argument("--rollout-distance", choices=DISTANCES, default=None, help=f"distance [{d.distance}]")
+    r.add_argument("--rollout-noise-power", type=float_in(0), default=None,
+                   help=f"key step i drawn with probability ~ (t_i / T)^power; 0 = uniform [{d.noise_power}]")
+    r.add_argument("--rollout-trainable", choices=OC_TRAINABLE, default=None,
+                   help=f"parameters the term may reach: recomputed or all [{d.trainable}]")
+    r.add_argument("--rollout-rows", type=int_at_least(1), default=None,
+                   help="rows of each micro-batch that run the rollout [all]")
+    r.add_argument("--rollout-guidance-scale", type=float_in(0, low_open=True), default=None,
+                   help=f"classifier-free guidance of the rollouts [{d.guidance_scale}]")
+    r.add_argument("--rollout-stride", type=int_at_least(1), default=None, help="the cache stride served (recorded)")
+
+
+def _rollout(args) -> RolloutConfig | None:
+    given = _given_options(args, _ROLLOUT_OPTIONS, "rollout_lam", "rollout")
+    return None if given is None else RolloutConfig(lam=args.rollout_lam, **given)
+
+
 def _train_config(args) -> TrainConfig:
     blocks = args.blocks if args.blocks in ("all", "early", "mid", "late") else tuple(s.strip() for s in args.blocks.split(",") if s.strip())
-    oc = _output_consistency(args)
-    lam = args.lam if args.lam is not None else (0.0 if oc is not None else args.fcr_lam_default)
+    oc, ro = _output_consistency(args), _rollout(args)
+    lam = args.lam if args.lam is not None else (0.0 if oc is not None or ro is not None else args.fcr_lam_default)
     return TrainConfig(
         output_dir=args.output_dir, max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
         lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
@@ -143,7 +194,7 @@ def _train_config(args) -> TrainConfig:
         num_workers=args.num_workers, max_bad_fraction=args.max_bad_fraction, max_bad_count=args.max_bad_count,
         max_time_s=None if args.max_minutes is None else 60 * args.max_minutes,
         resume=args.resume_from or args.resume, cpu=args.cpu, progress=args.progress,
-        output_consistency=oc,
+        output_consistency=oc, rollout=ro,
         fcr=FCRConfig(lam=lam, delta_max=args.delta_max, delta_scale=args.delta_scale, blocks=blocks, distance=args.distance,
                       stop_grad=args.stop_grad, batched=args.batched),
     )
@@ -179,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--caption-column", default=None, help="LAION table column with captions (auto-detected)")
     _add_train_args(ft, FinetuneConfig().train)
     _add_output_consistency_args(ft)
+    _add_rollout_args(ft)
 
     pt = sub.add_parser("pretrain", help="train the embedded Fashion-MNIST base UNet from scratch",
                         description="Train the embedded base UNet (pixel space, MiniLM text states) from scratch on Fashion-MNIST.")
@@ -203,6 +255,7 @@ def _summary(result: RunResult) -> str:
         ("L_denoise", f"{result.last_logs.get('l_denoise', float('nan')):.5f}"),
         ("L_fcr", f"{result.last_logs.get('l_fcr', float('nan')):.5f}"),
         *([("L_oc", f"{result.last_logs['l_oc']:.5f}")] if "l_oc" in result.last_logs else []),
+        *([("L_rollout", f"{result.last_logs['l_rollout']:.5f}")] if "l_rollout" in result.last_logs else []),
         ("step time (last)", f"{result.last_logs.get('step_time_s', float('nan')):.3f} s"),
         ("wall time", f"{result.wall_time_s:.1f} s"),
         ("last checkpoint", str(result.last_checkpoint)),

@@ -23,7 +23,7 @@ Example::
         add_debug_argument(parser)
         args = parser.parse_args(argv)
         return run_cli(lambda: _run(args), prog="fcr-eval", debug=args.debug,
-                       user_errors={"fcr_eval.spec.experiment:ExperimentFileError": EXIT_USAGE})
+                       user_errors={"fcr_eval.spec.checker:ExperimentFileError": EXIT_USAGE})
 """
 
 from __future__ import annotations

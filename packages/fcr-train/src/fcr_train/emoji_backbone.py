@@ -512,9 +512,8 @@ def pretrain_emoji_unet(export_dir: str | os.PathLike, train_config, *, unet_con
     unet = UNet2DConditionModel.from_pretrained(result.final_unet)
     unet.save_pretrained(export, safe_serialization=True)
     base.unet = unet.eval()
-    # DDIM-20 as the experiments sample; 6 names per group of each split
+    # DDIM-20 as the experiments sample; 6 held-out names per group
     grid = save_emoji_sample_grid(base, export.parent / "samples.png", split="test", columns=6, steps=20)
-    save_emoji_sample_grid(base, export.parent / "samples_train_names.png", split="train", columns=6, steps=20)
     record = {
         "command": command or " ".join(sys.argv),
         "train_config": train_config.to_dict(),

@@ -62,6 +62,7 @@ __all__ = [
     "OC_TRAINABLE",
     "OutputConsistencyConfig",
     "OutputConsistencyLossOutput",
+    "cache_trainable_parameter_names",
     "check_output_consistency",
     "output_consistency_loss",
     "sample_oc_timesteps",
@@ -169,31 +170,39 @@ class OutputConsistencyLossOutput:
     stale: torch.Tensor | None = None
 
 
-def _reused_modules(unet, config: OutputConsistencyConfig) -> list[str]:
+def _reused_modules(unet, cache: str, deep_cache_config: DeepCacheConfig) -> list[str]:
     """Names of the modules whose outputs the cache reuses (their parameters are what
     ``trainable="recomputed"`` keeps the term's gradient away from)."""
-    if config.cache == "fd":
+    if cache == "fd":
         return [n for n in _FD_CACHED_MODULES if getattr(unet, n, None) is not None]
-    return cached_module_names(unet, config.deep_cache_config())
+    return cached_module_names(unet, deep_cache_config)
+
+
+def cache_trainable_parameter_names(unet, cache: str, trainable: str, deep_cache_config: DeepCacheConfig) -> list[str]:
+    """The parameters a term on ``cache``'s stale path may train: every one (``trainable="all"``),
+    or those outside the modules whose outputs the cache reuses (``"recomputed"``; FD: ``conv_in``,
+    ``down_blocks``, ``mid_block``; DeepCache: :func:`fcr_sample.deep_cache.cached_module_names`).
+    The one definition of that cut for output consistency and the rollout objective.
+    """
+    names = [n for n, _ in unet.named_parameters()]
+    if trainable == "all":
+        return names
+    cached = _reused_modules(unet, cache, deep_cache_config)
+    return [n for n in names if not any(n.startswith(m + ".") for m in cached)]
 
 
 def trainable_parameter_names(unet, config: OutputConsistencyConfig) -> list[str]:
     """The parameters (``unet.named_parameters()`` names) the term's gradient may reach.
 
     ``"all"``: every parameter. ``"recomputed"``: every parameter outside the modules whose outputs
-    the cache reuses (FD: ``conv_in``, ``down_blocks``, ``mid_block``; DeepCache:
-    :func:`fcr_sample.deep_cache.cached_module_names`).
+    the cache reuses (:func:`cache_trainable_parameter_names`).
 
     Example:
         >>> names = trainable_parameter_names(unet, OutputConsistencyConfig(lam=0.1))
         >>> any(n.startswith("down_blocks") for n in names), any(n.startswith("up_blocks") for n in names)
         (False, True)
     """
-    names = [n for n, _ in unet.named_parameters()]
-    if config.trainable == "all":
-        return names
-    cached = _reused_modules(unet, config)
-    return [n for n in names if not any(n.startswith(m + ".") for m in cached)]
+    return cache_trainable_parameter_names(unet, config.cache, config.trainable, config.deep_cache_config())
 
 
 def check_output_consistency(unet, num_train_timesteps: int, config: OutputConsistencyConfig, *,

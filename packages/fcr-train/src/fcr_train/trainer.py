@@ -11,7 +11,8 @@ Run folder layout (``TrainConfig.output_dir``)::
     config.json         full config + code version + hardware (written at start, updated at end)
     metrics.jsonl       one line per optimizer step: loss, l_denoise, l_fcr, l_fcr_weighted (λ·l_fcr),
                         fcr_to_denoise (λ·l_fcr / l_denoise), d/<block>, step_time_s, lr; with the
-                        output-consistency term also l_oc, l_oc_weighted, oc_to_denoise
+                        output-consistency term also l_oc, l_oc_weighted, oc_to_denoise; with the
+                        rollout term l_rollout, l_rollout_weighted, rollout_to_denoise
     validation.jsonl    one line per validation call (step, metric)
     train.log           the log
     checkpoints/step_0000500/
@@ -44,7 +45,13 @@ from pathlib import Path
 import torch
 from fcr_sample.features import BLOCK_GROUPS, select_feature_names
 
-from .checkpoints import STATE_FILE, CheckpointError, model_mismatch, unreadable_reason
+from .checkpoints import (
+    STATE_FILE,
+    CheckpointError,
+    model_mismatch,
+    settings_mismatch,
+    unreadable_reason,
+)
 from .data import BadSampleCounter, collate_skip_bad
 from .locking import ProcessLock
 from .loss import FCRConfig, FCRLossOutput, fcr_loss, sample_timesteps
@@ -56,6 +63,14 @@ from .output_consistency import (
     sample_oc_timesteps,
 )
 from .provenance import run_provenance
+from .rollout import (
+    RolloutConfig,
+    RolloutLossOutput,
+    check_rollout,
+    rollout_loss,
+    sample_key_steps,
+    sampling_scheduler,
+)
 from .sampler import ResumableBatchSampler
 
 __all__ = [
@@ -66,6 +81,7 @@ __all__ = [
     "EmbeddedConditioner",
     "FCRObjective",
     "OutputConsistencyObjective",
+    "RolloutObjective",
     "train",
     "latest_checkpoint",
 ]
@@ -115,6 +131,8 @@ class TrainConfig:
         output_consistency: :class:`~fcr_train.output_consistency.OutputConsistencyConfig`, or
             ``None`` (default) for no output-consistency term. Exclusive with FCR (``fcr.lam``
             must be 0): see ``__post_init__``.
+        rollout: :class:`~fcr_train.rollout.RolloutConfig`, or ``None`` (default) for no rollout
+            term. Exclusive with FCR and output consistency.
     """
 
     output_dir: str = "runs/fcr"
@@ -149,6 +167,7 @@ class TrainConfig:
     log_every: int = 50
     fcr: FCRConfig = field(default_factory=FCRConfig)
     output_consistency: OutputConsistencyConfig | None = None
+    rollout: RolloutConfig | None = None
 
     def __post_init__(self):
         # Exclusive rather than summed: the two terms draw (t, Δ) on opposite sides of t (FCR pairs
@@ -159,11 +178,17 @@ class TrainConfig:
         if self.output_consistency is not None and self.fcr.lam > 0:
             raise ValueError(f"the output-consistency term and FCR are exclusive: set fcr.lam = 0 (got "
                              f"{self.fcr.lam}) or leave output_consistency unset")
+        # The rollout term draws its own key steps on the sampler's grid and keeps the control's
+        # t ~ U(0, T−1) for L_denoise; it is one arm of its own, as the other two.
+        if self.rollout is not None and (self.fcr.lam > 0 or self.output_consistency is not None):
+            raise ValueError("the rollout term is exclusive with FCR and output consistency: set fcr.lam = 0 "
+                             f"(got {self.fcr.lam}) and leave output_consistency unset, or leave rollout unset")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["fcr"] = self.fcr.to_dict()
         d["output_consistency"] = None if self.output_consistency is None else self.output_consistency.to_dict()
+        d["rollout"] = None if self.rollout is None else self.rollout.to_dict()
         return d
 
 
@@ -184,6 +209,7 @@ class RunResult:
             the loss the FCR term carries; 0 for λ = 0).
         oc_to_denoise: per-step λ·L_oc / L_denoise of the output-consistency term, the same
             steps as ``losses`` (empty when the run has no such term).
+        rollout_to_denoise: per-step λ·L_rollout / L_denoise of the rollout term (empty without it).
         last_logs: the final step's log record.
         wall_time_s: seconds spent in this call.
     """
@@ -200,6 +226,7 @@ class RunResult:
     losses: list[float] = field(default_factory=list)
     fcr_to_denoise: list[float] = field(default_factory=list)
     oc_to_denoise: list[float] = field(default_factory=list)
+    rollout_to_denoise: list[float] = field(default_factory=list)
     last_logs: dict = field(default_factory=dict)
     wall_time_s: float = 0.0
 
@@ -322,6 +349,22 @@ class OutputConsistencyObjective(FCRObjective):
                                        noise=noise, timesteps=timesteps, deltas=deltas)
 
 
+class RolloutObjective(FCRObjective):
+    """The UNet plus the rollout loss (``config``: a :class:`~fcr_train.rollout.RolloutConfig`),
+    one module for DDP. The DDIM sampler of the rollouts is built once, on ``scheduler``'s
+    schedule; ``null_states`` are the unconditional text states (guided rollouts)."""
+
+    def __init__(self, unet: torch.nn.Module, scheduler, config: RolloutConfig, null_states: torch.Tensor | None = None):
+        super().__init__(unet, scheduler, config)
+        self.sampler = sampling_scheduler(scheduler, config)
+        self.null_states = null_states
+
+    def forward(self, x0, encoder_hidden_states, noise, timesteps, key_steps) -> RolloutLossOutput:
+        null = None if self.null_states is None else self.null_states.to(x0.device, encoder_hidden_states.dtype)
+        return rollout_loss(self.unet, self.scheduler, x0, encoder_hidden_states, self.config, null_states=null,
+                            noise=noise, timesteps=timesteps, key_steps=key_steps, sampler=self.sampler)
+
+
 class _TrainState:
     """Counters that accelerate checkpoints alongside model, optimizer and LR schedule.
 
@@ -392,13 +435,16 @@ def _check_blocks(unet: torch.nn.Module, fcr: FCRConfig) -> None:
                          "comma-separated feature-name prefixes of this UNet") from None
 
 
-def _resume_candidates(config: TrainConfig, run_dir: Path, unet: torch.nn.Module) -> tuple[list[Path], list[str]]:
+def _resume_candidates(config: TrainConfig, run_dir: Path, unet: torch.nn.Module,
+                       new_settings: dict) -> tuple[list[Path], list[str]]:
     """The checkpoints a resume may load, newest first, and one line per newer one skipped.
 
     Read-only, run before anything is written. A ``resume`` path must itself be whole and of this
     model. With ``resume=True`` a checkpoint whose files are cut off is skipped for the previous
     complete one (the error names them all when none is whole); a checkpoint of another model is
-    refused at once, since the older ones of that folder come from the same run.
+    refused at once, since the older ones of that folder come from the same run. So is a resume
+    whose ``new_settings`` (``config.json``'s ``train`` / ``run`` / ``dataset``) differ from the
+    stored run's in a setting that changes results.
     """
     if not config.resume:
         return [], []
@@ -410,6 +456,8 @@ def _resume_candidates(config: TrainConfig, run_dir: Path, unet: torch.nn.Module
         if problem:
             raise CheckpointError(f"cannot resume from {path}: {problem}. Pass a complete checkpoint of this "
                                   f"model, or start without resuming")
+        _check_settings(path.parent.parent if path.parent.name == "checkpoints" else None, new_settings,
+                        f"from {path}")
         return [path], []
     usable, skipped = [], []
     for ckpt in reversed(_complete_checkpoints(run_dir)):
@@ -425,7 +473,31 @@ def _resume_candidates(config: TrainConfig, run_dir: Path, unet: torch.nn.Module
     if skipped and not usable:
         raise CheckpointError(f"cannot resume in {run_dir}: no checkpoint can be loaded ({'; '.join(skipped)}). "
                               "Delete the broken checkpoint folders to start over, or use another output folder")
+    if usable:
+        _check_settings(run_dir, new_settings, f"in {run_dir}")
     return usable, skipped
+
+
+def _check_settings(run_dir: Path | None, new_settings: dict, where: str) -> None:
+    """Refuse a resume whose settings differ from the stored run's in one that changes results
+    (``checkpoints.settings_mismatch``): a resume is exact, or it does not happen."""
+    stored_file = None if run_dir is None else run_dir / "config.json"
+    if stored_file is None or not stored_file.is_file():
+        logger.warning("resuming %s: no config.json of the run that wrote the checkpoint, so its settings "
+                       "cannot be compared with these", where)
+        return
+    try:
+        stored = json.loads(stored_file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"cannot resume {where}: {stored_file} is not readable JSON ({exc}), so the resume "
+                              "cannot be checked to be exact. Restore it, or start a new run in another "
+                              "output folder") from None
+    differ = settings_mismatch(stored, new_settings)
+    if differ:
+        raise CheckpointError(
+            f"cannot resume {where}: a resume continues the run exactly, and these settings differ from "
+            f"the ones in {stored_file}: {'; '.join(differ)}. Resume with the stored settings, or start a "
+            "new run in another output folder")
 
 
 def _load_resume_checkpoint(accelerator, candidates: list[Path], skipped: list[str], explicit: bool) -> Path | None:
@@ -524,7 +596,8 @@ def train(
     step_callback: Callable[[int, dict], None] | None = None,
     run_metadata: dict | None = None,
 ) -> RunResult:
-    """Train ``unet`` with L_denoise + λ·FCR (or + λ·L_oc, ``config.output_consistency``) on ``dataset``.
+    """Train ``unet`` with L_denoise + λ·FCR (or + λ·L_oc, ``config.output_consistency``, or
+    + λ·L_rollout, ``config.rollout``) on ``dataset``.
 
     Args:
         unet: the diffusers UNet to train (the only trained module; VAE/text encoder live in ``conditioner``).
@@ -555,10 +628,18 @@ def train(
     if oc is not None:  # before the run folder exists: a bad setting leaves nothing behind
         check_output_consistency(unet, scheduler.config.num_train_timesteps, oc,
                                  grad_checkpointing=config.grad_checkpointing)
+    ro = config.rollout
+    if ro is not None:
+        check_rollout(unet, scheduler, ro, grad_checkpointing=config.grad_checkpointing)
+        if ro.guidance_scale != 1.0 and getattr(conditioner, "null_states", None) is None:
+            raise ValueError(f"a guided rollout (guidance_scale = {ro.guidance_scale}) needs the conditioner's "
+                             "unconditional states (null_states); this conditioner has none: set guidance_scale = 1")
     run_dir = Path(config.output_dir)
     # Everything a bad input can fail is checked before the run folder is created or written.
     _check_blocks(unet, config.fcr)
-    resume_candidates, resume_skipped = _resume_candidates(config, run_dir, unet)
+    settings = {"train": config.to_dict(), "run": run_metadata or {},
+                "dataset": {"type": type(dataset).__name__, "size": len(dataset)}}
+    resume_candidates, resume_skipped = _resume_candidates(config, run_dir, unet, settings)
     run_dir.mkdir(parents=True, exist_ok=True)
     # accelerate keeps process-wide singletons; the experiment runner calls train() many times in
     # one process with different precision / accumulation, so start each run from a clean state
@@ -586,8 +667,14 @@ def train(
         unet.requires_grad_(True)
         if config.grad_checkpointing:
             unet.enable_gradient_checkpointing()
-        objective = FCRObjective(unet, scheduler, config.fcr) if oc is None else \
-            OutputConsistencyObjective(unet, scheduler, oc)
+        if ro is not None:
+            objective = RolloutObjective(unet, scheduler, ro,
+                                         conditioner.null_states if ro.guidance_scale != 1.0 else None)
+        elif oc is not None:
+            objective = OutputConsistencyObjective(unet, scheduler, oc)
+        else:
+            objective = FCRObjective(unet, scheduler, config.fcr)
+        key_grid = objective.sampler.timesteps if ro is not None else None  # the rollouts' DDIM grid
         params = [p for p in unet.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.adam_betas),
                                       eps=config.adam_eps, weight_decay=config.weight_decay)
@@ -616,12 +703,12 @@ def train(
 
         if accelerator.is_main_process:
             (run_dir / "config.json").write_text(json.dumps({
-                "train": config.to_dict(),
+                "train": settings["train"],
                 "conditioner": conditioner.describe() if hasattr(conditioner, "describe") else str(type(conditioner)),
                 "scheduler": dict(scheduler.config),
                 "unet_config": dict(unet.config),
-                "dataset": {"type": type(dataset).__name__, "size": len(dataset)},
-                "run": run_metadata or {},
+                "dataset": settings["dataset"],
+                "run": settings["run"],
                 "resumed_from": str(resume_from) if resume_from else None,
                 "provenance": run_provenance(accelerator),
             }, indent=2, default=str))
@@ -636,6 +723,7 @@ def train(
         losses: list[float] = []
         fcr_to_denoise: list[float] = []
         oc_to_denoise: list[float] = []
+        rollout_to_denoise: list[float] = []
         checkpoints_written: list[Path] = []
         last_logs: dict = {}
         stopped_early = stopped_by_time = False
@@ -661,13 +749,15 @@ def train(
                     drop = (torch.rand(n, generator=g) < config.cond_dropout).to(device)
                     null = conditioner.null_states.to(device, text.dtype).expand_as(text)
                     text = torch.where(drop[:, None, None], null, text)
-                if oc is None:
-                    t, delta = sample_timesteps(n, scheduler.config.num_train_timesteps, config.fcr.delta_max,
-                                                generator=g, device=device, fcr=config.fcr.lam > 0,
-                                                delta_scale=config.fcr.timesteps_per_delta(scheduler.config.num_train_timesteps))
-                else:
-                    t, delta = sample_oc_timesteps(n, scheduler.config.num_train_timesteps, oc, generator=g, device=device)
+                T = scheduler.config.num_train_timesteps
+                if oc is not None:
+                    t, delta = sample_oc_timesteps(n, T, oc, generator=g, device=device)
+                else:  # FCR's draw; with λ = 0 (and for the rollout term's L_denoise) the control's t ~ U(0, T−1)
+                    t, delta = sample_timesteps(n, T, config.fcr.delta_max, generator=g, device=device,
+                                                fcr=config.fcr.lam > 0, delta_scale=config.fcr.timesteps_per_delta(T))
                 noise = torch.randn(x0.shape, generator=g).to(device, x0.dtype)
+                if ro is not None:  # drawn after the control's draws, so L_denoise sees the control's t and ε
+                    delta = sample_key_steps(ro.rows(n), key_grid, T, ro, generator=g)
                 with accelerator.autocast():
                     out = objective(x0, text, noise, t, delta)
                 accelerator.backward(out.loss)
@@ -688,17 +778,17 @@ def train(
                         step_time_s=time.perf_counter() - step_t0, bad_samples=state.bad.bad,
                         **_fcr_share(config.fcr.lam, logs))
             if oc is not None:
-                logs.update(_oc_share(oc.lam, logs))
+                logs.update(_term_share("oc", oc.lam, logs))
                 oc_to_denoise.append(logs["oc_to_denoise"])
+            if ro is not None:
+                logs.update(_term_share("rollout", ro.lam, logs))
+                rollout_to_denoise.append(logs["rollout_to_denoise"])
             losses.append(logs["loss"])
             fcr_to_denoise.append(logs["fcr_to_denoise"])
             if state.step == 1 or state.step % max(1, config.log_every) == 0 or state.step == config.max_steps:
-                if oc is None:
-                    logger.info("step %d: loss %.5g  l_denoise %.5g  l_fcr %.5g  λ·l_fcr/l_denoise %.4g", state.step,
-                                logs["loss"], logs["l_denoise"], logs["l_fcr"], logs["fcr_to_denoise"])
-                else:
-                    logger.info("step %d: loss %.5g  l_denoise %.5g  l_oc %.5g  λ·l_oc/l_denoise %.4g", state.step,
-                                logs["loss"], logs["l_denoise"], logs["l_oc"], logs["oc_to_denoise"])
+                term = "oc" if oc is not None else "rollout" if ro is not None else "fcr"
+                logger.info("step %d: loss %.5g  l_denoise %.5g  l_%s %.5g  λ·l_%s/l_denoise %.4g", state.step,
+                            logs["loss"], logs["l_denoise"], term, logs[f"l_{term}"], term, logs[f"{term}_to_denoise"])
             last_logs = logs
             if accelerator.is_main_process:
                 _write_jsonl(run_dir / "metrics.jsonl", logs)
@@ -739,7 +829,8 @@ def train(
             run_dir=run_dir, steps=state.step, checkpoints=ckpts, last_checkpoint=last, final_unet=final_unet,
             best_checkpoint=Path(state.best_checkpoint) if state.best_checkpoint else None,
             best_metric=state.stopper.best, stopped_early=stopped_early, stopped_by_time=stopped_by_time, losses=losses,
-            fcr_to_denoise=fcr_to_denoise, oc_to_denoise=oc_to_denoise, last_logs=last_logs,
+            fcr_to_denoise=fcr_to_denoise, oc_to_denoise=oc_to_denoise, rollout_to_denoise=rollout_to_denoise,
+            last_logs=last_logs,
             wall_time_s=time.time() - t_start,
         )
         if accelerator.is_main_process:
@@ -783,11 +874,12 @@ def _fcr_share(lam: float, logs: dict) -> dict:
             "fcr_to_denoise": weighted / logs["l_denoise"] if logs["l_denoise"] > 0 else float("nan")}
 
 
-def _oc_share(lam: float, logs: dict) -> dict:
-    """λ·L_oc and its ratio to L_denoise for one step (the output-consistency term's share)."""
-    weighted = lam * logs["l_oc"]
-    return {"l_oc_weighted": weighted,
-            "oc_to_denoise": weighted / logs["l_denoise"] if logs["l_denoise"] > 0 else float("nan")}
+def _term_share(term: str, lam: float, logs: dict) -> dict:
+    """λ·L_<term> and its ratio to L_denoise for one step (output consistency's ``oc`` or the
+    rollout term's share of the loss)."""
+    weighted = lam * logs[f"l_{term}"]
+    return {f"l_{term}_weighted": weighted,
+            f"{term}_to_denoise": weighted / logs["l_denoise"] if logs["l_denoise"] > 0 else float("nan")}
 
 
 class _StepAccumulator:
@@ -797,10 +889,12 @@ class _StepAccumulator:
     def __init__(self):
         self.items: list[dict[str, float]] = []
 
-    def add(self, out: FCRLossOutput | OutputConsistencyLossOutput) -> None:
+    def add(self, out: FCRLossOutput | OutputConsistencyLossOutput | RolloutLossOutput) -> None:
         rec = {"loss": float(out.loss.detach()), "l_denoise": float(out.denoise.detach())}
         if isinstance(out, OutputConsistencyLossOutput):
             rec.update(l_fcr=0.0, l_oc=float(out.oc.detach()))  # l_fcr kept: readers of metrics.jsonl expect it
+        elif isinstance(out, RolloutLossOutput):
+            rec.update(l_fcr=0.0, l_rollout=float(out.rollout.detach()))
         else:
             rec["l_fcr"] = float(out.fcr.detach())
             rec.update({f"d/{name}": float(v) for name, v in out.per_block.items()})

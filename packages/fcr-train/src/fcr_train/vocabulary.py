@@ -1,10 +1,11 @@
 """Names fcr-train's configs accept, importable without torch (fcr-eval's experiment schema
 checks them at load time): feature distances, units of Δ, the embedded default's model names and
-the output-consistency objective's options. Their meaning lives in :mod:`fcr_train.loss`,
+the output-consistency and rollout objectives' options. Their meaning lives in :mod:`fcr_train.loss`,
 :mod:`fcr_train.embedded` and :mod:`fcr_train.output_consistency`.
 """
 
 __all__ = ["DISTANCES", "DELTA_UNITS", "EMBEDDED_MODELS", "OC_CACHES", "OC_TRAINABLE", "PROMPT_TEMPLATES",
+           "ROLLOUT_DEFAULTS", "ROLLOUT_TARGETS", "check_choice",
            "FASHION_MNIST_SPLITS", "SD_PARTS", "EMOJI_MODELS", "EMOJI_GROUPS", "EMOJI_SPLITS",
            "EMBEDDED_BACKBONES"]
 
@@ -30,6 +31,13 @@ OC_CACHES = ("fd", "deepcache")
 #: Which parameters the output-consistency term's gradient may reach: what the cache recomputes at
 #: a reused step, or everything (also through the stale features).
 OC_TRAINABLE = ("recomputed", "all")
+#: What the rollout objective compares after a served segment: the predicted x0 at its last step, or
+#: the latent the rest of the run continues from (:mod:`fcr_train.rollout`).
+ROLLOUT_TARGETS = ("x0", "state")
+#: The rollout objective's defaults (:class:`fcr_train.rollout.RolloutConfig` takes them from here, so
+#: that the experiment schema fills a variation's unset rollout options with the same values).
+ROLLOUT_DEFAULTS = {"k": 4, "cache": "fd", "target": "x0", "noise_power": 2.0, "trainable": "recomputed",
+                    "rollout_rows": None, "guidance_scale": 1.0}
 #: The embedded default's caption templates: its shipped text states cover exactly these (a class
 #: name goes into ``{}``), so an experiment's ``prompt_template`` for it must be one of them.
 PROMPT_TEMPLATES = ("a photo of a {}", "a {}", "a product photo of a {}", "a black and white photo of a {}")
@@ -37,3 +45,14 @@ PROMPT_TEMPLATES = ("a photo of a {}", "a {}", "a product photo of a {}", "a bla
 FASHION_MNIST_SPLITS = {"train": 60_000, "test": 10_000}
 #: The subfolders of a Stable Diffusion checkpoint (diffusers layout) that fine-tuning and the runner load.
 SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def check_choice(owner: str, field: str, value, choices) -> None:
+    """Refuse a config value outside its vocabulary, naming the field and the allowed values.
+
+    Example:
+        >>> check_choice("RolloutConfig", "target", "eps", ROLLOUT_TARGETS)
+        ValueError: RolloutConfig.target must be one of ('x0', 'state'), got 'eps'
+    """
+    if value not in choices:
+        raise ValueError(f"{owner}.{field} must be one of {tuple(choices)}, got {value!r}")

@@ -37,16 +37,28 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from scipy import stats as _st
 
+from fcr_eval.spec.vocabulary import (
+    FIXED_WEIGHTS,
+    INDEPENDENT_FINETUNES,
+    SAME_WEIGHTS,
+    SHARED_FINETUNE,
+)
+
+logger = logging.getLogger(__name__)
+
 __all__ = ["STATISTICS", "RATIO_METHODS", "NOISE_FINETUNES", "NOISE_SAMPLING", "VarianceComponents",
            "ReplicationInterval", "PrecisionPlan", "CoverageConfig", "MethodCoverage", "CoverageResult",
-           "replication_interval", "variance_components", "plan_precision", "simulate_coverage"]
+           "RunWeights", "contrast_replication", "replication_interval", "variance_components", "plan_precision",
+           "simulate_coverage"]
 
 STATISTICS = ("mean_difference", "relative_difference", "recovered_fraction")
 #: Interval methods for the ratio statistics; ``"fieller"`` is the default (see docs/benchmarks.md,
@@ -233,6 +245,61 @@ class ReplicationInterval:
     def as_text(self, digits: int = 3) -> str:
         return (f"{self.estimate:.{digits}g} [{self.low:.{digits}g}, {self.high:.{digits}g}] "
                 f"({self.confidence:.0%}, {self.method}; {self.n_clusters} cluster(s); {self.noise})")
+
+
+class RunWeights(NamedTuple):
+    """Which weights one run (variation × seed) sampled: ``weights`` names them (a fine-tune's key,
+    or ``base:<model>``) and ``finetuned`` says whether they came from a fine-tune."""
+
+    variation: str
+    seed: int
+    weights: str
+    finetuned: bool
+
+
+def contrast_replication(runs: Iterable[RunWeights], variations: Sequence[str]) -> str:
+    """How the sides of a contrast over ``variations`` were replicated, from the weights each run
+    sampled (one of :data:`fcr_eval.spec.vocabulary.REPLICATIONS`). The plan asks it of its planned
+    runs, the report of the stored ones: the same rule either way.
+
+    * the same weights on every side in every seed → ``SAME_WEIGHTS``;
+    * different weights, none fine-tuned (e.g. two base models) → ``FIXED_WEIGHTS``;
+    * different weights, every fine-tuned side with its own fine-tune in each seed (and ≥ 2
+      seeds) → ``INDEPENDENT_FINETUNES``: the seeds are independent replicates of the method;
+    * otherwise (a fine-tune serves several seeds) → ``SHARED_FINETUNE``.
+
+    A variation and seed found with two different weights (stored runs of two settings under one
+    experiment id) is ambiguous: the answer is then ``SHARED_FINETUNE``, which claims no more than
+    sampling noise, and a warning names it.
+
+    Example:
+        >>> contrast_replication([RunWeights("fcr", 0, "ft-a", True), RunWeights("fcr", 1, "ft-b", True),
+        ...                       RunWeights("base", 0, "base:m", False), RunWeights("base", 1, "base:m", False)],
+        ...                      ("fcr", "base"))
+        'independent fine-tunes'
+    """
+    weights: dict[str, dict[int, str]] = {}
+    tuned: set[str] = set()
+    mixed: set[tuple[str, int]] = set()
+    for r in runs:
+        if r.variation not in variations:
+            continue
+        seen = weights.setdefault(r.variation, {}).setdefault(r.seed, r.weights)
+        if seen != r.weights:
+            mixed.add((r.variation, r.seed))
+        if r.finetuned:
+            tuned.add(r.variation)
+    if mixed:
+        logger.warning("runs of %s sampled different weights under one variation and seed (runs of two settings "
+                       "in one store?); their contrasts hold sampling noise only", sorted(mixed))
+        return SHARED_FINETUNE
+    seeds = sorted({s for per in weights.values() for s in per})
+    if all(len({weights[v].get(s) for v in variations if v in weights}) == 1 for s in seeds):
+        return SAME_WEIGHTS
+    if not tuned:
+        return FIXED_WEIGHTS
+    own = all(len({weights[v][s] for s in seeds if s in weights[v]}) == len(weights[v]) for v in tuned)
+    return INDEPENDENT_FINETUNES if own and len(seeds) >= 2 else SHARED_FINETUNE
 
 
 def replication_interval(candidate: Sequence[float] | np.ndarray, baseline: Sequence[float] | np.ndarray,

@@ -24,6 +24,7 @@ import numpy as np
 from scipy import stats as _st
 
 __all__ = [
+    "seed_summary",
     "MeanCI",
     "PairedTTest",
     "BootstrapCI",
@@ -456,3 +457,31 @@ def clustered_mean_ci(values: Sequence[float] | np.ndarray, clusters: Sequence |
     r = paired_bootstrap_ci(values, np.zeros_like(values), clusters=clusters, n_resamples=n_resamples,
                             confidence=confidence, seed=seed)
     return r.estimate, r.ci_low, r.ci_high
+
+
+def seed_summary(metrics, confidence: float = 0.95):
+    """Mean and t-interval over seeds of one metric, per variation, from a frame of stored metric
+    rows (:meth:`fcr_eval.store.ResultsStore.metrics` of one metric).
+
+    Columns: ``variation_id, n_seeds, mean, std, ci_low, ci_high, feature_extractor,
+    preprocessing``.
+
+    Example:
+        >>> seed_summary(store.metrics(experiment_id="mini-exp-1", metric="fd_efficientnet_lite0"))
+    """
+    import polars as pl
+
+    rows = []
+    if metrics.height:
+        for (variation,), g in metrics.group_by(["variation_id"], maintain_order=True):
+            ci = mean_ci(g["value"].to_list(), confidence=confidence)
+            rows.append({
+                "variation_id": variation, "n_seeds": ci.n, "mean": ci.mean, "std": ci.std,
+                "ci_low": ci.low, "ci_high": ci.high,
+                "feature_extractor": ",".join(sorted(set(g["feature_extractor"].to_list()))),
+                "preprocessing": ",".join(sorted(set(g["preprocessing"].to_list()))),
+            })
+    schema = {"variation_id": pl.String, "n_seeds": pl.Int64, "mean": pl.Float64, "std": pl.Float64,
+              "ci_low": pl.Float64, "ci_high": pl.Float64, "feature_extractor": pl.String,
+              "preprocessing": pl.String}
+    return pl.DataFrame(rows, schema=schema)

@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from fcr_eval.plan.planner import Plan
-from fcr_eval.spec.experiment import PACKAGED_DATASET_KINDS, Experiment
+from fcr_eval.spec.experiment import Experiment
+from fcr_eval.spec.vocabulary import PACKAGED_DATASET_KINDS
 
 __all__ = ["model_problems", "hub_reachable", "check_models", "check_inputs", "check_store", "check_device"]
 

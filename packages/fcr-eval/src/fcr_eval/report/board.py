@@ -1,6 +1,7 @@
 """The success-criteria board of a stored experiment: reads the store, evaluates the design's
 criteria (:mod:`fcr_eval.analysis.criteria`), replaces paired alignment where per-sample values
-exist, turns verdicts the data cannot carry into INCONCLUSIVE, and writes them back.
+exist, and turns verdicts the data cannot carry into INCONCLUSIVE. It writes nothing: the caller
+keeps the verdicts (``ResultsStore.write_criteria``; ``fcr-eval run`` does).
 
 Example:
     >>> cfg = CriteriaConfig(baseline="fd-5", candidate="fcr-0.10-fd-10", no_fcr_reference="fd-10")
@@ -128,19 +129,18 @@ def _family_adjusted(rows: list[CriterionResult], adjustment: str) -> list[Crite
 
 
 def evaluate_store_criteria(store: ResultsStore, experiment_id: str, config: CriteriaConfig, *,
-                            replication: Callable[[tuple[str, ...]], str] | None = None,
-                            write: bool = True) -> list[CriterionResult]:
-    """Evaluate the criteria of ``experiment_id`` from ``store`` and (by default) write them to its
-    ``criteria`` table, replacing earlier verdicts.
+                            replication: Callable[[tuple[str, ...]], str] | None = None) -> list[CriterionResult]:
+    """Evaluate the criteria of ``experiment_id`` from ``store`` (read only).
 
-    ``replication`` (from the plan: :func:`fcr_eval.plan.planner.contrast_replication` over the
-    planned runs) says how two variations' weights were replicated; a criterion about the training
+    ``replication`` (:func:`fcr_eval.analysis.replication.contrast_replication` over the weights the
+    runs sampled) says how two variations' weights were replicated; a criterion about the training
     method whose FCR side is one fine-tune shared by every seed is INCONCLUSIVE, with the reason.
     ``config.family_adjustment = "holm"`` adjusts the verdicts of the criteria with an interval as
     one family (recorded in each verdict's details).
 
     Example:
-        >>> evaluate_store_criteria(ResultsStore("results/fcr.duckdb"), "mini-exp-1", cfg)
+        >>> rows = evaluate_store_criteria(ResultsStore.open_readonly("results/fcr.duckdb"), "mini-exp-1", cfg)
+        >>> ResultsStore("results/fcr.duckdb").write_criteria(rows)     # to keep them
     """
     from fcr_eval.provenance import code_version
 
@@ -161,8 +161,6 @@ def evaluate_store_criteria(store: ResultsStore, experiment_id: str, config: Cri
     if replication is not None:
         rows = [_undecided_when_shared(r, config, replication) for r in rows]
     rows = _family_adjusted(rows, config.family_adjustment)
-    if write:
-        store.write_criteria(rows)
     for r in rows:
         logger.info("criterion %-20s %s value=%s threshold=%s", r.criterion,
                     {True: "PASS", False: "FAIL", None: "n/a"}[r.passed], r.value, r.threshold)

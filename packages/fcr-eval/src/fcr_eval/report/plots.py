@@ -57,6 +57,9 @@ def _seed_mean_half_width(vals):
 
 def _weights_label(v, exp: Experiment | None = None) -> str:
     """The weights a variation samples, e.g. ``embedded FCR λ=0.15 Δ:steps relative_mse``."""
+    if v.lambda_rollout is not None:
+        return (f"{v.model} rollout λ={v.lambda_rollout:g} ({v.rollout_cache or 'fd'}, "
+                f"k={v.rollout_k if v.rollout_k is not None else 'default'})")
     if v.lambda_oc is not None:
         return f"{v.model} output consistency λ={v.lambda_oc:g} ({v.oc_cache or 'fd'})"
     if v.lambda_fcr is None:
@@ -286,12 +289,14 @@ def _paired_plots(exp: Experiment, store: ResultsStore, out_dir: Path, plt) -> l
         params = json.loads(r["params"]) if isinstance(r["params"], str) else (r["params"] or {})
         ft = params.get("finetune") or {}
         path = Path(ft.get("run_dir") or "") / "metrics.jsonl"
-        if ft.get("run_dir") and path.is_file() and (r["lambda_fcr"] or r.get("lambda_oc")):
+        # the rollout term's λ is a variation setting in params (runs has columns for FCR's and OC's)
+        term = "rollout" if params.get("lambda_rollout") else "oc" if r.get("lambda_oc") else "fcr"
+        if ft.get("run_dir") and path.is_file() and (r["lambda_fcr"] or term != "fcr"):
             v = exp.variation(r["variation_id"]) if hasattr(exp, "variation") else None
             label = _weights_label(v, exp) if v is not None else str(ft.get("run_dir"))
             if label not in curves:
                 rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-                share = "oc_to_denoise" if r.get("lambda_oc") else "fcr_to_denoise"
+                share = f"{term}_to_denoise"
                 curves[label] = [(x["step"], x[share]) for x in rows if x.get(share) is not None]
     if curves:
         fig, ax = plt.subplots(figsize=(7.5, 4.8))
@@ -303,8 +308,8 @@ def _paired_plots(exp: Experiment, store: ResultsStore, out_dir: Path, plt) -> l
                 ax.plot(xs[w - 1:], smooth, label=label)
         ax.set_yscale("log")
         ax.set_xlabel("fine-tune step")
-        ax.set_ylabel("λ·L / L_denoise (moving mean; L = L_FCR or L_OC)")
-        ax.set_title(f"{exp.id}: the consistency term during fine-tuning", fontsize=11)
+        ax.set_ylabel("λ·L / L_denoise (moving mean; L = L_FCR, L_OC or L_rollout)")
+        ax.set_title(f"{exp.id}: the fine-tuning term during fine-tuning", fontsize=11)
         ax.legend(fontsize=8)
         files.append(_save(fig, out_dir / "fcr_term_curve.png", plt))
     return files

@@ -1,5 +1,10 @@
 """Reporting an experiment from the store: the summary table (mean ± 95 % CI over seeds), the
-notes that say what produced its numbers, the success-criteria board and the plots. No sampling.
+notes that say what produced its numbers, the contrasts, the success-criteria board and the plots.
+
+The report reads the store only (it opens it read-only and computes nothing but statistics):
+each contrast's replication comes from the weights the stored runs sampled, not from a plan, and
+the verdicts it computes are returned in the :class:`Report` for whoever keeps them
+(``fcr-eval run`` writes them to the store's ``contrasts`` and ``criteria`` tables).
 """
 
 from __future__ import annotations
@@ -9,14 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
+from fcr_eval.analysis.replication import RunWeights, contrast_replication
 from fcr_eval.analysis.stats import clustered_mean_ci
-from fcr_eval.plan.planner import Plan
 from fcr_eval.spec.experiment import Experiment
 from fcr_eval.spec.names import safe_child
 from fcr_eval.spec.vocabulary import SHARED_FINETUNE
 from fcr_eval.store import ResultsStore
 
-__all__ = ["Report", "markdown_table", "summary_table", "paired_table", "contrasts_report", "criteria_table", "report"]
+__all__ = ["Report", "markdown_table", "summary_table", "paired_table", "contrasts_report", "criteria_table",
+           "stored_weights", "report"]
 
 
 def _fmt_ci(mean: float, lo: float, hi: float) -> str:
@@ -78,21 +84,19 @@ def markdown_table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def contrasts_report(exp: Experiment, store: ResultsStore, per_sample, replication: dict[str, str], *,
-                     write: bool = True) -> str:
-    """Compute the experiment's ``[[contrasts]]`` from the stored per-sample metrics with the
-    interval ``replication`` (from the plan) calls for, store them (replacing earlier values) and
-    return them as a markdown table: estimate, interval, what noise it holds, verdict and the
-    precision plan in fine-tunes. A contrast whose variations have no stored samples yet is listed
-    as not computed."""
+def contrasts_report(exp: Experiment, per_sample, replication: dict[str, str]) -> tuple[str, list]:
+    r"""Compute the experiment's ``[[contrasts]]`` from the stored per-sample metrics with the
+    interval ``replication`` (contrast id → how its sides were replicated) calls for. Returns them
+    as a markdown table — estimate, interval, what noise it holds, verdict and the precision plan
+    in fine-tunes — and as :class:`~fcr_eval.analysis.contrasts.ContrastResult`\ s. A contrast whose
+    variations have no stored samples yet is listed as not computed."""
     import polars as pl
 
     from fcr_eval.analysis.contrasts import compute_contrast
-    from fcr_eval.provenance import code_version
 
     specs = list(getattr(exp, "contrasts", ()) or ())
     if not specs:
-        return ""
+        return "", []
     have = set(per_sample["variation_id"].unique().to_list()) if per_sample.height else set()
     results, rows = [], []
     for spec in specs:
@@ -112,18 +116,16 @@ def contrasts_report(exp: Experiment, store: ResultsStore, per_sample, replicati
         noise = f"{r.details['replication']}: {r.noise} ({r.method})"
         rows.append([r.contrast_id, r.kind, r.metric, f"{r.estimate:.4g} [{r.ci_low:.3g}, {r.ci_high:.3g}]",
                      f"{r.n_samples} ({r.n_clusters})", noise, crit, sides + (f"; {precision}" if precision else "")])
-    if write and results and not store.read_only:
-        store.write_contrasts(exp.id, results, code_version=code_version())
     return markdown_table(["contrast", "kind", "metric", "estimate [95% CI]", "pairs (seeds)", "interval holds",
-                           "criterion", "compares; precision plan"], rows)
+                           "criterion", "compares; precision plan"], rows), results
 
 
-def _contrast_notes(plan: Plan | None) -> str:
+def _contrast_notes(replication: dict[str, str]) -> str:
     """What the contrasts' intervals hold, in one paragraph under the table."""
     text = ("Intervals at the unit of replication: with one fine-tune per seed the seeds are the replicates "
             "(t over per-seed estimates, G − 1 df; Fieller's interval for a ratio; coverage checked by simulation, "
             "docs/benchmarks.md); where no fine-tune varies the pairs are (sampling noise is all there is).")
-    if plan is not None and SHARED_FINETUNE in plan.replication.values():
+    if SHARED_FINETUNE in replication.values():
         text += (" A contrast between weights of one fine-tune shared by all seeds holds **sampling noise only**: it "
                  "says nothing about fine-tune-to-fine-tune variation and gets no PASS/FAIL about the method — the "
                  "decided answer with one fine-tune per seed is experiments/mini-exp-1-decide.toml "
@@ -282,21 +284,43 @@ def criteria_table(results) -> str:
     return markdown_table(["criterion", "verdict", "value [95% CI]", "threshold", "note"], rows)
 
 
+def stored_weights(store: ResultsStore, exp: Experiment) -> list[RunWeights]:
+    """Which weights each finished run of ``exp`` (its variations and seeds) sampled, read from the
+    runs' stored configs: the fine-tune's key, or ``base:<model>`` — the rows
+    :func:`~fcr_eval.analysis.replication.contrast_replication` reads, as the plan gives them."""
+    import json
+
+    runs = store.runs(experiment_id=exp.id)
+    variations, seeds = {v.id for v in exp.variations}, set(exp.seeds)
+    out = []
+    for r in runs.iter_rows(named=True) if runs.height else ():
+        if r["variation_id"] not in variations or r["seed"] not in seeds or r.get("status", "finished") != "finished":
+            continue
+        config = json.loads(r["config"]) if isinstance(r["config"], str) else (r["config"] or {})
+        ft = config.get("finetune")
+        model = (config.get("variation") or {}).get("model", r["model"])
+        out.append(RunWeights(r["variation_id"], int(r["seed"]), ft["key"] if ft else f"base:{model}", ft is not None))
+    return out
+
+
 @dataclass
 class Report:
-    """What :func:`report` printed and wrote."""
+    """What :func:`report` printed and wrote: the tables, the plots, and the verdicts it computed
+    (contrasts and criteria; kept in the store by ``fcr-eval run``, never by the report)."""
 
     store: Path
     plots: list[Path] = field(default_factory=list)
     table: str = ""
     criteria: list = field(default_factory=list)
+    contrasts: list = field(default_factory=list)
 
 
-def report(exp: Experiment, store_path: Path, *, plots: bool = True, plan: Plan | None = None) -> Report:
-    """Print the summary table and the success criteria, write the plots; no sampling."""
+def report(exp: Experiment, store_path: Path, *, plots: bool = True) -> Report:
+    """Print the paired table, the contrasts, the summary table and the success criteria, and
+    write the plots (PNG files next to the store); the store is opened read-only."""
     from fcr_eval.report.board import evaluate_store_criteria
 
-    store = ResultsStore(store_path)
+    store = ResultsStore.open_readonly(store_path)
     title = f"{exp.id}{f' (profile {exp.profile})' if exp.profile else ''}"
     per_sample = store.sample_metrics(experiment_id=exp.id)
     paired = paired_table(exp, per_sample)
@@ -304,15 +328,13 @@ def report(exp: Experiment, store_path: Path, *, plots: bool = True, plan: Plan 
         print(f"\n## {title}: paired per-sample metrics, mean [95% CI, bootstrap over samples clustered by seed]\n")
         print(paired)
         print("\n" + _paired_notes())
-    if plan is None and exp.contrasts:
-        from fcr_eval.plan.planner import make_plan
-
-        plan = make_plan(exp, results_dir=store.root, calibrate=False)
-    contrasts = contrasts_report(exp, store, per_sample, plan.replication if plan is not None else {})
+    weights = stored_weights(store, exp) if exp.contrasts or exp.criteria is not None else []
+    replication = {c.id: contrast_replication(weights, c.variations) for c in exp.contrasts}
+    contrasts, contrast_results = contrasts_report(exp, per_sample, replication)
     if contrasts:
         print(f"\n### contrasts (paired over samples sharing seed and x_T; [[contrasts]] of {exp.path})\n")
         print(contrasts)
-        print("\n" + _contrast_notes(plan))
+        print("\n" + _contrast_notes(replication))
     table = summary_table(exp, store)
     spread = ("mean (the two seeds' values)" if len(exp.seeds) == 2 else "mean ± 95% t-interval half-width over seeds")
     print(f"\n## {title}: set-level metrics, {spread}\n")
@@ -320,15 +342,8 @@ def report(exp: Experiment, store_path: Path, *, plots: bool = True, plan: Plan 
     print("\n" + _table_notes(exp, store) + _set_size_note(exp, store))
     crit = []
     if exp.criteria is not None:
-        if plan is None:
-            from fcr_eval.plan.planner import make_plan
-
-            plan = make_plan(exp, results_dir=store.root, calibrate=False)
-        from fcr_eval.plan.planner import contrast_replication
-
-        runs = plan.runs
         crit = evaluate_store_criteria(store, exp.id, exp.criteria,
-                                       replication=lambda sides: contrast_replication(runs, sides))
+                                       replication=lambda sides: contrast_replication(weights, sides))
         print("\n### success criteria (design.md §1)\n")
         print(criteria_table(crit))
         print("\n" + _verdict_count_note(exp, crit))
@@ -345,4 +360,4 @@ def report(exp: Experiment, store_path: Path, *, plots: bool = True, plan: Plan 
         print(f"plots ({store.root / 'plots' / exp.id}):")
         for f in files:
             print(f"  {f}")
-    return Report(store=store_path, plots=files, table=table, criteria=crit)
+    return Report(store=store_path, plots=files, table=table, criteria=crit, contrasts=contrast_results)

@@ -53,10 +53,10 @@ def run_finetune(ctx: RunContext, ft: PlannedFinetune, exp: Experiment, progress
             validate_every=es.every if es else None, early_stopping_patience=es.patience if es else None,
             seed=ft.seed, hflip=hflip, cond_dropout=ft.cond_dropout, resume=True,
             progress=progress, cpu=ctx.device.type == "cpu",
-            fcr=ft.fcr_config(), output_consistency=ft.oc_config()),
+            fcr=ft.fcr_config(), output_consistency=ft.oc_config(), rollout=ft.rollout_config()),
     )
     logger.info("fine-tuning %s: %s Δmax=%d %s%s distance=%s, %d steps × batch %d (folder %s)", ft.key,
-                ft.label, ft.delta_max, ft.delta_unit, "" if ft.lambda_oc is not None else f" blocks={ft.blocks}",
+                ft.label, ft.delta_max, ft.delta_unit, "" if ft.objective != "fcr" else f" blocks={ft.blocks}",
                 ft.distance, ft.steps, ft.batch_size, out)
     t0 = time.perf_counter()
     result = finetune(cfg, validation_fn=validation_fn)

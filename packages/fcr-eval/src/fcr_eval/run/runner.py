@@ -21,8 +21,8 @@ Under ``accelerate launch`` / ``torchrun`` every process samples and evaluates i
 run's prompts (:mod:`fcr_eval.run.distributed`); the main process gathers, measures cost on its own
 device and is the only one that writes the store.
 
-At the end it prints the summary table, the success criteria (:mod:`fcr_eval.report.report`), and
-where the store and the plots are.
+It reports nothing: ``fcr-eval run`` prints the report (:mod:`fcr_eval.report.report`) from the
+store when the runs are done.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ import torch
 from fcr_eval.plan.planner import PlannedRun, make_plan
 from fcr_eval.plan.samplers import apply_sampler, remove_sampler
 from fcr_eval.plan.validation import check_inputs, check_models
-from fcr_eval.report.report import report
 from fcr_eval.run.contexts import Prompts, RunContext, make_context
 from fcr_eval.run.distributed import Processes
 from fcr_eval.run.evaluation import (
@@ -79,9 +78,8 @@ class RunnerOptions:
     """Where to store, and how to run.
 
     Attributes:
-        store: the DuckDB file; run folders, samples and plots go next to it.
+        store: the DuckDB file; run folders and samples go next to it.
         threads: torch CPU threads (``None`` = torch's default).
-        plots: write the PNG plots at the end.
         device: ``cpu`` / ``cuda`` (``None`` = CUDA when present).
         progress: tqdm bars.
         wait: when another runner holds the store: ``False`` refuses at once (naming it), seconds
@@ -90,7 +88,6 @@ class RunnerOptions:
 
     store: Path = Path("results/fcr.duckdb")
     threads: int | None = None
-    plots: bool = True
     device: str | None = None
     progress: bool = True
     wait: bool | float = False
@@ -109,16 +106,15 @@ class FailedRun:
 
 @dataclass
 class Outcome:
-    """What :func:`run_experiment` did. ``ok`` is false when any run failed."""
+    """What :func:`run_experiment` did. ``ok`` is false when any run failed; ``main`` says whether
+    this is the process that wrote the store (the one that reports)."""
 
     store: Path
-    plots: list[Path] = field(default_factory=list)
-    table: str = ""
-    criteria: list = field(default_factory=list)
     wall_s: float = 0.0
     runs_done: int = 0
     runs_skipped: int = 0
     failed: list[FailedRun] = field(default_factory=list)
+    main: bool = True
 
     @property
     def ok(self) -> bool:
@@ -496,11 +492,9 @@ def _run_locked(exp: Experiment, opts: RunnerOptions, plan, procs: Processes, de
         del ctx, caches
     bar.close()
     if not procs.is_main:
-        return Outcome(store=store_path, runs_done=len(todo), runs_skipped=skipped)
-    rep = report(exp, store_path, plots=opts.plots, plan=plan)
-    outcome = Outcome(store=store_path, plots=rep.plots, table=rep.table, criteria=rep.criteria,
-                      wall_s=time.perf_counter() - t0, runs_done=len(todo) - len(failed), runs_skipped=skipped,
-                      failed=failed)
+        return Outcome(store=store_path, runs_done=len(todo), runs_skipped=skipped, main=False)
+    outcome = Outcome(store=store_path, wall_s=time.perf_counter() - t0, runs_done=len(todo) - len(failed),
+                      runs_skipped=skipped, failed=failed)
     from fcr_eval.metrics.cost import describe_device
 
     print(f"\nwall time {outcome.wall_s / 60:.1f} min ({outcome.runs_done} runs executed, {skipped} skipped"

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from fcr_eval.spec.checker import Checker, SpecFieldError, check_profile_names
 from fcr_eval.spec.names import NAME_RULE, name_problem
 from fcr_eval.spec.vocabulary import DIRECTIONS, SAMPLE_METRICS
 
-__all__ = ["CONTRAST_KINDS", "ContrastSpec", "ContrastSpecError", "check_contrast", "RECOVERED_FRACTION_HALF_WIDTH"]
+__all__ = ["CONTRAST_KINDS", "ContrastSpec", "ContrastSpecError", "check_contrast", "load_contrasts",
+           "RECOVERED_FRACTION_HALF_WIDTH"]
 
 
 #: Contrast kind → the statistic of :mod:`fcr_eval.analysis.stats` that computes it.
@@ -32,12 +35,8 @@ CONTRAST_KINDS = {
 RECOVERED_FRACTION_HALF_WIDTH = 0.15
 
 
-class ContrastSpecError(ValueError):
+class ContrastSpecError(SpecFieldError):
     """A contrast is malformed; ``key`` names the offending field (for file:line reporting)."""
-
-    def __init__(self, message: str, key: str | None = None) -> None:
-        super().__init__(message)
-        self.key = key
 
 
 @dataclass(frozen=True)
@@ -129,3 +128,28 @@ def check_contrast(spec: ContrastSpec, variation_ids: Sequence[str]) -> None:
         if v is not None and v not in variation_ids:
             raise ContrastSpecError(f"{role} = {v!r} is not a variation of this experiment (profile); known variation "
                                     f"ids: {list(variation_ids)}", role)
+
+
+def load_contrasts(chk: Checker, raw: Any, variation_ids: list[str], profile: str | None,
+                   profiles: dict) -> tuple[ContrastSpec, ...]:
+    """``[[contrasts]]`` → :class:`~fcr_eval.analysis.contrasts.ContrastSpec`, every name checked against this profile."""
+    if not isinstance(raw, list):
+        chk.fail("contrasts must be an array of tables ([[contrasts]])", None, "contrasts")
+    out: list[ContrastSpec] = []
+    for i, c in enumerate(raw):
+        name = c.get("id", "?") if isinstance(c, dict) else "?"
+        try:
+            spec = chk.build(ContrastSpec, c, "contrasts", i, label=f"contrasts[{i}] ({name})")
+            check_profile_names(chk, spec.profiles, f"contrast {name!r} (contrasts[{i}]).profiles", profiles,
+                                 "contrasts", i)
+            if spec.profiles is not None and profile not in spec.profiles:
+                continue
+            check_contrast(spec, variation_ids)
+        except ContrastSpecError as e:
+            chk.fail(f"contrast {name!r} (contrasts[{i}]): {e}", "contrasts", e.key, i)
+        out.append(spec)
+    ids = [c.id for c in out]
+    dup = sorted({x for x in ids if ids.count(x) > 1})
+    if dup:
+        chk.fail(f"duplicate contrast ids {dup}", "contrasts")
+    return tuple(out)

@@ -7,10 +7,14 @@ Evaluating them is :mod:`fcr_eval.analysis.criteria` (from frames) and
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["CriteriaConfig", "FAMILY_ADJUSTMENTS"]
+from fcr_eval.spec.checker import Checker
+
+__all__ = ["CriteriaConfig", "FAMILY_ADJUSTMENTS", "load_criteria"]
 
 #: Family-wise adjustments the criteria board offers.
 FAMILY_ADJUSTMENTS = ("none", "holm")
@@ -43,3 +47,19 @@ class CriteriaConfig:
     def __post_init__(self) -> None:
         if self.family_adjustment not in FAMILY_ADJUSTMENTS:
             raise ValueError(f"family_adjustment = {self.family_adjustment!r} is not one of {list(FAMILY_ADJUSTMENTS)}")
+
+
+def load_criteria(chk: Checker, raw: Any, ids: Sequence[str]) -> CriteriaConfig:
+    """``[criteria]`` → :class:`CriteriaConfig`; every role names a variation of this profile."""
+    criteria = chk.build(CriteriaConfig, raw, "criteria")  # roles + thresholds, design.md §1
+    if criteria.r2_variations is not None:
+        if not isinstance(criteria.r2_variations, list):
+            chk.fail("criteria.r2_variations must be a list of variation ids", "criteria", "r2_variations")
+        criteria = dataclasses.replace(criteria, r2_variations=tuple(criteria.r2_variations))
+    for k in ("baseline", "candidate", "no_fcr_reference"):
+        val = getattr(criteria, k)
+        if val is not None:
+            chk.one_of(val, ids, f"criteria.{k}", "criteria", k)
+    for val in criteria.r2_variations or ():
+        chk.one_of(val, ids, "criteria.r2_variations[]", "criteria", "r2_variations")
+    return criteria

@@ -13,7 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = ["SAMPLERS", "CACHED_SAMPLERS", "SCHEDULERS", "ROBUSTNESS_PROTOCOLS", "PROTOCOL_SETTINGS",
-           "DIRECTIONS",
+           "DIRECTIONS", "METRICS", "REFERENCE_METRICS", "EXTRACTORS", "DATASET_KINDS", "DATASET_ROLES",
+           "PACKAGED_DATASET_KINDS", "SD_PROMPT_KINDS", "SD_IMAGE_KINDS", "SAMPLING_DTYPES", "OPTIMIZERS",
+           "MIXED_PRECISIONS", "EARLY_STOPPING_METRICS", "TIMING_SEEDS",
            "SampleMetricSpec", "SAMPLE_METRICS", "CACHE_MSE", "CACHE_PSNR", "CACHE_FEATURE_L2", "CLASS_CORRECT",
            "CLASS_LOGPROB", "SAME_WEIGHTS", "FIXED_WEIGHTS", "INDEPENDENT_FINETUNES", "SHARED_FINETUNE",
            "REPLICATIONS"]
@@ -33,6 +35,36 @@ PROTOCOL_SETTINGS: dict[str, frozenset[str]] = {
     "none": frozenset(), "resolution": frozenset({"resolution"}), "schedule_perturbation": frozenset({"std"}),
     "fgsm_latent": frozenset({"epsilon", "steps", "n_images"}), "ood_prompts": frozenset({"prompts"}),
 }
+
+#: What ``[evaluation] metrics = [...]`` may ask every run to compute.
+METRICS = (
+    "fd", "fid", "kid", "is", "precision_recall", "class_agreement", "clip_score", "sec_per_image",
+    "unet_forwards", "flops", "peak_memory", "sigma2_delta", "finetune_compute", "robustness", "clip_drift",
+    "cache_attribution",
+)
+#: The requested metrics that compare the samples with real reference images.
+REFERENCE_METRICS = ("fd", "fid", "kid", "precision_recall", "sigma2_delta")
+#: Feature extractors of the set-level quality metrics (``evaluation.feature_extractor``).
+EXTRACTORS = ("efficientnet_lite0", "inception")
+#: When the runs time themselves (``evaluation.timing_seeds``): every seed, or the first only.
+TIMING_SEEDS = ("all", "first")
+
+#: Data-set kinds of ``[[datasets]]`` and the roles a data set plays.
+DATASET_KINDS = ("fashion-mnist", "emoji", "laion", "webdataset", "artbench", "coco", "flickr30k", "imagenet-classes")
+DATASET_ROLES = ("finetune", "eval", "mini_val", "reference")
+#: Data-set kinds that ship with a package: the runner reads the installed files, never ``path``.
+PACKAGED_DATASET_KINDS = ("fashion-mnist", "emoji", "imagenet-classes")
+#: What a Stable Diffusion run can read (fcr_eval.run.contexts): prompts from these kinds, real
+#: reference images from these.
+SD_PROMPT_KINDS = ("coco", "flickr30k", "imagenet-classes")
+SD_IMAGE_KINDS = ("coco", "flickr30k", "laion", "artbench")
+
+#: Sampling precisions (``sampling.dtype``).
+SAMPLING_DTYPES = ("float32", "float16", "bfloat16")
+#: Fine-tuning optimisers, mixed-precision modes and early-stopping metrics of ``[finetune]``.
+OPTIMIZERS = ("adamw",)
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+EARLY_STOPPING_METRICS = ("fd_moving", "fid_moving")
 
 #: ``at_least``: the value must be ≥ the threshold (speed-up, ΔCLIPScore); ``at_most``: ≤ (ΔFID, memory).
 DIRECTIONS = ("at_least", "at_most")

@@ -652,30 +652,3 @@ class ResultsStore:
     def image_file(self, image_path: str) -> Path:
         """Absolute path of a stored sample's ``image_path``."""
         return self.root / image_path
-
-    def metric_summary(self, experiment_id: str, metric: str, confidence: float = 0.95) -> pl.DataFrame:
-        """Mean and t-interval over seeds of one metric, per variation.
-
-        Columns: ``variation_id, n_seeds, mean, std, ci_low, ci_high, feature_extractor,
-        preprocessing``.
-
-        Example:
-            >>> store.metric_summary("mini-exp-1", "fd_efficientnet_lite0")
-        """
-        from fcr_eval.analysis.stats import mean_ci
-
-        df = self.metrics(experiment_id=experiment_id, metric=metric)
-        rows = []
-        if df.height:
-            for (variation,), g in df.group_by(["variation_id"], maintain_order=True):
-                ci = mean_ci(g["value"].to_list(), confidence=confidence)
-                rows.append({
-                    "variation_id": variation, "n_seeds": ci.n, "mean": ci.mean, "std": ci.std,
-                    "ci_low": ci.low, "ci_high": ci.high,
-                    "feature_extractor": ",".join(sorted(set(g["feature_extractor"].to_list()))),
-                    "preprocessing": ",".join(sorted(set(g["preprocessing"].to_list()))),
-                })
-        schema = {"variation_id": pl.String, "n_seeds": pl.Int64, "mean": pl.Float64, "std": pl.Float64,
-                  "ci_low": pl.Float64, "ci_high": pl.Float64, "feature_extractor": pl.String,
-                  "preprocessing": pl.String}
-        return pl.DataFrame(rows, schema=schema)
