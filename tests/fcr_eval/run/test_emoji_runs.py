@@ -54,7 +54,7 @@ def test_the_runner_samples_finetunes_and_attributes_on_the_emoji_backbone(tmp_p
     # prompt adherence is labelled with the emoji group classifier, never the Fashion-MNIST one
     m = s.sql("SELECT DISTINCT feature_extractor FROM metrics WHERE metric = 'class_agreement'")
     assert m["feature_extractor"].to_list() == ["emoji_group_cnn"]
-    sm = s.sql("SELECT DISTINCT feature_extractor FROM sample_metrics WHERE metric LIKE 'class_%'")
+    sm = s.sql("SELECT DISTINCT feature_extractor FROM sample_metric_definitions WHERE metric LIKE 'class_%'")
     assert sm["feature_extractor"].to_list() == ["emoji_group_cnn"]
     # samples are the VAE's decodes: RGB at 32², not 8² latents
     path = s.sql("SELECT image_path FROM samples LIMIT 1")["image_path"][0]
