@@ -45,6 +45,7 @@ def test_what_an_emoji_experiment_may_not_say(tmp_path, old, new, message):
 @pytest.mark.slow  # a whole (tiny) experiment on the emoji backbone: two fine-tunes, five runs, attribution
 # (27.5 min under load average ~22 on the shared 2-core machine; a few minutes when it is quiet)
 def test_the_runner_samples_finetunes_and_attributes_on_the_emoji_backbone(tmp_path):
+    """Slow: a whole tiny experiment (two latent fine-tunes, five runs, the attribution) in one process."""
     store_path = tmp_path / "results" / "fcr.duckdb"
     assert main(["run", str(TINY_EMOJI), "--store", str(store_path), "--no-plots"]) == 0
     exp = load_experiment(TINY_EMOJI)
