@@ -4,16 +4,25 @@
         --finetunes results/runs/mini-exp-1-decide/finetune --out docs/mechanism
     uv run python benchmarks/mechanism_study.py --experiment experiments/mini-exp-1-oc.toml \\
         --finetunes results/runs/mini-exp-1-oc/finetune --per-arm 5 --out docs/mechanism
+    uv run python benchmarks/mechanism_study.py --experiment experiments/mini-exp-1-rollout.toml \\
+        --finetunes results/runs/mini-exp-1-rollout/finetune --arms control,rollout --cache deepcache \\
+        --per-arm 5 --out results/mechanism-rollout-dc
 
 Runs ``fcr_sample.attribute_cache_error`` (FD-10 on DDIM-20 + CFG 2.0, mini-exp-1's sampling,
-propagation on) on the embedded base weights and on every finished fine-tune under
+propagation on; ``--cache deepcache``: DeepCache-N``--stride``, cut 0) on the embedded base weights and on every finished fine-tune under
 ``--finetunes`` it recognises (read-only: the folders' ``fcr_eval_weights.json`` name
 ``final_unet``; :data:`ARMS` maps a folder name to its arm: the λ = 0 control, the literal FCR term,
-sampler-scale FCR λ = 0.15, output consistency λ_OC = 0.25), each on its own seed's x_T and prompts
+sampler-scale FCR λ = 0.15, output consistency λ_OC = 0.25, the rollout objective at any λ and k:
+``rollout`` for DeepCache's segment, ``rollout_fd`` for FD's), each on its own seed's x_T and prompts
 (the first ``--samples`` of the run's). ``--resume --arms literal --finetunes <other folder>`` adds
 an arm from another experiment's fine-tunes to the same tables. Per weights it also samples the
-whole FD-10 run and the uncached one from the same x_T, so the final error with every step served
-can be set against the one-step propagations (compounding).
+whole cached run and the uncached one from the same x_T, so the final error with every step served
+can be set against the one-step propagations (compounding), and the first served segment's own
+error on the sampler's trajectory (what the rollout objective trains): the relative error of the
+predicted x0 and of the state at its last step (``segment_x0_error``, ``segment_state_error``).
+
+``--out`` must be a fresh folder (or one this study wrote, with ``--resume``): the committed
+results in docs/mechanism/ are never overwritten by accident; move what you mean to commit.
 
 Per arm it reports t-intervals over fine-tunes (``fcr_eval.analysis.stats.mean_ci`` of the
 per-fine-tune values) and, FCR and output consistency against the control, a paired t-interval over
@@ -47,10 +56,13 @@ from fcr_eval.run.contexts import make_context
 from fcr_eval.run.schedulers import make_sampling_scheduler
 from fcr_eval.spec.experiment import load_experiment
 from fcr_sample import (
+    DeepCacheConfig,
     EncoderCacheConfig,
+    apply_deep_cache,
     apply_encoder_cache,
     attribute_cache_error,
     denoise,
+    remove_deep_cache,
     remove_encoder_cache,
 )
 
@@ -59,9 +71,20 @@ EXPERIMENT = ROOT / "experiments" / "mini-exp-1-decide.toml"
 #: A fine-tune folder's objective part (``ft-<this>-s<seed>-<hash>``, fcr_eval.plan.planner) → arm.
 ARMS = {"lam0.00-d10-all": "control", "lam0.15-d10-ss-relative_mse-all": "fcr",
         "oc0.25-d10-ss-relative_mse-fd": "oc", "lam0.10-d10-all": "literal"}
-ARM_ORDER = ("base", "control", "literal", "fcr", "oc")
+#: Rollout fine-tunes (``ro<λ>-k<k>-<cache>-<target>…``, any λ and k) by the cache they train.
+ROLLOUT_ARMS = {"deepcache": "rollout", "fd": "rollout_fd"}
+ARM_ORDER = ("base", "control", "literal", "fcr", "oc", "rollout", "rollout_fd")
 ARM_NAMES = {"base": "base weights", "control": "λ = 0 control fine-tunes", "fcr": "sampler-scale FCR λ = 0.15",
-             "oc": "output consistency λ_OC = 0.25", "literal": "literal FCR λ = 0.1 (timesteps, MSE)"}
+             "oc": "output consistency λ_OC = 0.25", "literal": "literal FCR λ = 0.1 (timesteps, MSE)",
+             "rollout": "rollout objective (DeepCache's segment)", "rollout_fd": "rollout objective (FD's segment)"}
+
+
+def arm_of(objective: str) -> str | None:
+    """The arm of a fine-tune folder's objective part, or ``None`` for one the study does not know."""
+    if objective in ARMS:
+        return ARMS[objective]
+    m = re.fullmatch(r"ro[0-9.]+-k\d+-(deepcache|fd)-.+", objective)
+    return ROLLOUT_ARMS[m.group(1)] if m else None
 logger = logging.getLogger("mechanism_study")
 
 
@@ -71,12 +94,12 @@ def finished_finetunes(folder: Path) -> list[tuple[str, int, Path]]:
     for d in sorted(folder.glob("ft-*")):
         info = d / "fcr_eval_weights.json"
         m = re.fullmatch(r"ft-(.+)-s(\d+)-[0-9a-f]+", d.name)
-        if not info.is_file() or m is None or m.group(1) not in ARMS:
+        if not info.is_file() or m is None or arm_of(m.group(1)) is None:
             continue
         unet = d / "checkpoints" / Path(json.loads(info.read_text())["final_unet"]).relative_to(
             Path(json.loads(info.read_text())["run_dir"]) / "checkpoints")
         if (unet / "config.json").is_file():
-            out.append((ARMS[m.group(1)], int(m.group(2)), unet))
+            out.append((arm_of(m.group(1)), int(m.group(2)), unet))
     return out
 
 
@@ -84,8 +107,9 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a - ref).double().pow(2).sum() / ref.double().pow(2).sum())
 
 
-def measure(ctx, exp, unet, seed: int, n: int, cache: EncoderCacheConfig, propagation: bool) -> tuple[list, float]:
-    """Attribution rows and the whole cached run's final error for one weights and seed."""
+def measure(ctx, exp, unet, seed: int, n: int, cache, propagation: bool) -> tuple[list, dict]:
+    """Attribution rows, and the real cached run against the uncached one from the same x_T, for one
+    weights and seed: the final error, and the first served segment's x0 and state errors."""
     s = exp.sampling
     prompts = ctx.prompts(s.eval_prompts, s.n_samples)
     x_T = ctx.initial_noise(s.n_samples, ctx.sampling_resolution(), seed)[:n]  # the run's first n
@@ -93,23 +117,39 @@ def measure(ctx, exp, unet, seed: int, n: int, cache: EncoderCacheConfig, propag
     sched = make_sampling_scheduler(s.scheduler, ctx.scheduler_config())
     res = attribute_cache_error(unet, sched, x_T, cond, null, cache=cache, steps=s.num_inference_steps,
                                 guidance_scale=s.guidance_scale, propagation=propagation)
+    deep = isinstance(cache, DeepCacheConfig)
+    trajectories = {}
     with torch.no_grad():
-        fresh = denoise(unet, sched, x_T, cond, null, steps=s.num_inference_steps, guidance_scale=s.guidance_scale)
-        apply_encoder_cache(unet, cache)
-        try:
-            cached = denoise(unet, sched, x_T, cond, null, steps=s.num_inference_steps,
-                             guidance_scale=s.guidance_scale)
-        finally:
-            remove_encoder_cache(unet)
-    return res.to_rows(), _rel(cached, fresh)
+        for name in ("fresh", "cached"):
+            seen = []
+            record = lambda info, seen=seen: seen.append((info["x"], info["denoised"]))  # noqa: E731
+            if name == "cached":
+                (apply_deep_cache if deep else apply_encoder_cache)(unet, cache)
+            try:
+                final = denoise(unet, sched, x_T, cond, null, steps=s.num_inference_steps,
+                                guidance_scale=s.guidance_scale, callback=record)
+            finally:
+                if name == "cached":
+                    (remove_deep_cache if deep else remove_encoder_cache)(unet)
+            trajectories[name] = (final, seen)
+    keys = res.key_steps
+    last = (keys[1] if len(keys) > 1 else s.num_inference_steps) - 1  # the first served segment's last step
+    (fresh, f_steps), (cached, c_steps) = trajectories["fresh"], trajectories["cached"]
+    return res.to_rows(), {"full_final_error": _rel(cached, fresh), "segment_last_step": last,
+                           "segment_x0_error": _rel(c_steps[last][1], f_steps[last][1]),
+                           "segment_state_error": _rel(c_steps[last][0], f_steps[last][0])}
 
 
-def per_weights(rows: pl.DataFrame, full_error: float) -> dict:
-    """The scalars the verdicts compare, for one weights."""
+def per_weights(rows: pl.DataFrame, run: dict) -> dict:
+    """The scalars the verdicts compare, for one weights (``run``: :func:`measure`'s second value)."""
+    full_error = run["full_final_error"]
     steps = step_summary(rows)
     feats = feature_summary(rows)
+    first = steps.filter(pl.col("step") <= run["segment_last_step"])
     out = {"eps_error": float(steps["eps_error"].mean()), "relative_change": float(steps["relative_change"].mean()),
-           "full_final_error": full_error}
+           **run}
+    if "x0_error" in steps.columns:  # one-step x0 error on the uncached trajectory, first segment
+        out["x0_error_first_segment"] = float(first["x0_error"].mean())
     out["gain"] = out["eps_error"] / out["relative_change"]
     for r in feats.iter_rows(named=True):
         for q in ("relative_change", "only_stale_error", "gain", "share"):
@@ -147,6 +187,9 @@ def tables(summary: dict[str, dict[int, dict]], features: list[str], steps: list
     row("feature change σ²_Δ/energy, all (mean over steps)", "relative_change")
     row("gain = error / change", "gain")
     row("final error, every step cached", "full_final_error")
+    row("first segment: one-step x0 error (mean over its steps)", "x0_error_first_segment")
+    row("first segment: x0 error at its last step, cached run", "segment_x0_error")
+    row("first segment: state error after it, cached run", "segment_state_error")
     row("Σ final error, one step cached at a time", "sum_final")
     row("final / Σ one-step (1 = independent)", "comp:vs_independent")
     row("final / (Σ √one-step)² (1 = aligned)", "comp:vs_aligned")
@@ -201,11 +244,13 @@ def main(argv=None) -> int:
                    default=Path("results/runs/mini-exp-1-decide/finetune"))
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--per-arm", type=int, default=3, help="at most this many fine-tunes per arm (lowest seeds)")
-    p.add_argument("--stride", type=int, default=10)
+    p.add_argument("--stride", type=int, default=10, help="FD's stride / DeepCache's interval [%(default)s]")
+    p.add_argument("--cache", choices=("fd", "deepcache"), default="fd",
+                   help="the cache attributed: FD-<stride> or DeepCache-N<stride> (cut 0) [%(default)s]")
     p.add_argument("--no-propagation", action="store_true")
     p.add_argument("--resume", action="store_true",
                    help="keep the weights already measured in --out (rows.csv, results.json) and add the rest")
-    p.add_argument("--arms", default="base,control,fcr,oc", help="which arms to measure (comma-separated; "
+    p.add_argument("--arms", default="base,control,fcr,oc", help=f"which arms to measure ({', '.join(ARM_ORDER)}; "
                    "an arm without finished fine-tunes in --finetunes is left out)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "mechanism")
@@ -217,6 +262,9 @@ def main(argv=None) -> int:
         p.error("--samples must be >= 1 and --per-arm >= 0")
     if not a.finetunes.is_dir():
         p.error(f"--finetunes {a.finetunes} is not a folder")
+    if (a.out / "results.json").is_file() and not a.resume:
+        p.error(f"--out {a.out} already holds a study (results.json): pass a fresh folder, or --resume to add "
+                "to it; committed results are moved into docs/ by hand, never overwritten here")
     t0 = time.perf_counter()
     exp = load_experiment(a.experiment)
     # the study needs the model, prompts and x_T only: no quality reference worth extracting
@@ -224,7 +272,7 @@ def main(argv=None) -> int:
                                                                  feature_image_size=32))
     tmp = Path(tempfile.mkdtemp(prefix="mechanism-"))
     ctx = make_context(exp, tmp, torch.device("cpu"))
-    cache = EncoderCacheConfig(stride=a.stride)
+    cache = EncoderCacheConfig(stride=a.stride) if a.cache == "fd" else DeepCacheConfig(cache_interval=a.stride)
     found = finished_finetunes(a.finetunes)
     arms = [x.strip() for x in a.arms.split(",") if x.strip()]
     if unknown := set(arms) - set(ARM_ORDER):
@@ -248,27 +296,30 @@ def main(argv=None) -> int:
     for arm, seed, path in chosen:
         t = time.perf_counter()
         unet = ctx.unet(path)
-        rows, full = measure(ctx, exp, unet, seed, a.samples, cache, not a.no_propagation)
+        rows, run = measure(ctx, exp, unet, seed, a.samples, cache, not a.no_propagation)
         f = pl.DataFrame(rows).with_columns(run=pl.lit(f"{arm}-s{seed}"))
         frames.setdefault(arm, []).append(f)
-        summary.setdefault(arm, {})[seed] = per_weights(f, full)
+        summary.setdefault(arm, {})[seed] = per_weights(f, run)
         walls[f"{arm}-s{seed}"] = round(time.perf_counter() - t, 1)
-        logger.info("%s s%d: %.1f s, one-step ε error %.4g, full final error %.4g", arm, seed,
-                    walls[f"{arm}-s{seed}"], summary[arm][seed]["eps_error"], full)
+        logger.info("%s s%d: %.1f s, one-step ε error %.4g, full final error %.4g, first segment's x0 error %.4g",
+                    arm, seed, walls[f"{arm}-s{seed}"], summary[arm][seed]["eps_error"], run["full_final_error"],
+                    run["segment_x0_error"])
         # after every weights: an interrupted study keeps what it measured (--resume)
         _save_rows(a.out, frames, summary, walls)
     all_rows = pl.concat([f for fs in frames.values() for f in fs])
     features = list(dict.fromkeys(all_rows.filter(pl.col("feature") != "all")["feature"].to_list()))
     steps = sorted(set(all_rows["step"].to_list()))
     pngs = [str(plot_cache_attribution(pl.concat(fs), a.out / f"attribution_{arm}.png",
-                                       f"{cache.label}, DDIM-20, CFG 2.0: {ARM_NAMES[arm]} "
+                                       f"{cache.label}, DDIM-{exp.sampling.num_inference_steps}, "
+                                       f"CFG {exp.sampling.guidance_scale:g}: {ARM_NAMES[arm]} "
                                        f"({len(fs)} weights × {a.samples} samples)").name)
             for arm, fs in frames.items()]
-    keys = ["eps_error", "relative_change", "gain", "full_final_error", "sum_final"] + \
+    keys = ["eps_error", "relative_change", "gain", "full_final_error", "sum_final", "x0_error_first_segment",
+            "segment_x0_error", "segment_state_error", "comp:vs_independent", "comp:vs_aligned"] + \
         [f"{f}:{q}" for f in features for q in ("relative_change", "only_stale_error", "gain")]
     wall = time.perf_counter() - t0
     text = "\n\n".join([tables(summary, features, steps),
-                         *(paired(summary, keys, arm) for arm in ("fcr", "oc") if summary.get(arm))])
+                         *(paired(summary, keys, arm) for arm in ARM_ORDER[3:] if summary.get(arm))])
     meta = {"command": " ".join(["python", "benchmarks/mechanism_study.py", *(argv or sys.argv[1:])]),
             "wall_s": round(wall, 1), "date": _dt.date.today().isoformat(), "code_version": code_version(),
             "machine": f"{platform.machine()} CPU, torch threads {a.threads}, {platform.python_version()}",

@@ -54,11 +54,14 @@ VARIANTS = {
     "OC lam=0.1, FD, recomputed": OutputConsistencyConfig(lam=0.1, cache="fd"),
     "OC lam=0.1, FD, all": OutputConsistencyConfig(lam=0.1, cache="fd", trainable="all"),
     "OC lam=0.1, DeepCache b0, recomputed": OutputConsistencyConfig(lam=0.1, cache="deepcache"),
-    # rollouts on the DDIM-20 grid, 8 of the batch's rows, key steps toward high noise
+    # rollouts on the DDIM-20 grid, key steps toward high noise; k = 9 is FD-10's / DeepCache-N10's segment
     "rollout FD, k=4, 8 rows": RolloutConfig(lam=0.5, k=4, cache="fd", rollout_rows=8),
+    "rollout FD, k=9, 4 rows": RolloutConfig(lam=0.5, k=9, cache="fd", rollout_rows=4),
     "rollout FD, k=9, 8 rows": RolloutConfig(lam=0.5, k=9, cache="fd", rollout_rows=8),
     "rollout DeepCache b0, k=4, 8 rows": RolloutConfig(lam=0.5, k=4, cache="deepcache", rollout_rows=8),
-    "rollout DeepCache b0, k=4, 8 rows, CFG 2": RolloutConfig(lam=0.5, k=4, cache="deepcache", rollout_rows=8,
+    "rollout DeepCache b0, k=9, 4 rows": RolloutConfig(lam=0.5, k=9, cache="deepcache", rollout_rows=4),
+    "rollout DeepCache b0, k=9, 8 rows": RolloutConfig(lam=0.5, k=9, cache="deepcache", rollout_rows=8),
+    "rollout DeepCache b0, k=9, 8 rows, CFG 2": RolloutConfig(lam=0.5, k=9, cache="deepcache", rollout_rows=8,
                                                                guidance_scale=2.0),
 }
 PLAIN = "plain (lam=0)"

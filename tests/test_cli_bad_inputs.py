@@ -94,6 +94,25 @@ def _cases(w: dict[str, str]) -> list[Case]:
         Case("eval-run-store-directory", E, ("run", tiny, "--store", folder), 2, "is a directory"),
         Case("eval-report-random-bytes-store", E, ("report", tiny, "--store", rand), 2, "is not a DuckDB database"),
         Case("eval-report-store-directory", E, ("report", tiny, "--store", folder), 2, "is a directory"),
+        # stores that are not ours (issue 25): named, never migrated or written, before any work
+        *[Case(f"eval-{cmd}-store-{name}", E, (cmd, tiny, "--store", w[key], *extra), 2, phrase)
+          for cmd, extra in (("run", ()), ("report", ("--no-plots",)))
+          for name, key, phrase in (
+              ("foreign-duckdb", "foreign", "is not a results store: it is a DuckDB database with other tables "
+                                            "(customers)"),
+              ("human-study-file", "study", "is not a results store: it is a human-study file"),
+              ("fifo", "fifo", "is a named pipe (FIFO), not a DuckDB file"),
+              ("truncated", "truncated", "is cut off: its tables' data reaches block"))],
+        Case("eval-plan-store-foreign-duckdb", E, (*plan, tiny, "--store", w["foreign"]), 2, "is not a results store"),
+        Case("eval-run-store-names-a-folder", E, ("run", tiny, "--store", "new-folder/"), 2,
+             "results store new-folder/ names a folder (it ends with '/'); pass the database file itself"),
+        Case("eval-run-store-in-read-only-folder", E, ("run", tiny, "--store", f"{w['ro_dir']}/fcr.duckdb"), 2,
+             f"its folder {w['ro_dir']} is read-only"),
+        Case("eval-run-store-read-only-file", E, ("run", tiny, "--store", w["ro_store"]), 2,
+             "is read-only; make it writable or pass another --store"),
+        Case("eval-report-plots-in-read-only-folder", E, ("report", tiny, "--store", w["ro_dir_store"]), 2,
+             "is read-only; pass --no-plots to report without them"),
+        Case("eval-migrate-foreign-duckdb", E, ("migrate", "--store", w["foreign"]), 2, "is not a results store"),
         *([] if HAS_CUDA else [
             Case("eval-device-cuda-without-gpu", E, ("run", tiny, "--device", "cuda", "--store", "results/fcr.duckdb"),
                  2, "has no CUDA GPU")]),
@@ -143,6 +162,15 @@ def _cases(w: dict[str, str]) -> list[Case]:
              f"cannot resume in {w['torn_run']}: no checkpoint can be loaded ({w['torn_run']}/checkpoints/step_0000004: "),
         Case("train-blocks-unknown", T, (*ft, "--blocks", "99,foo"), 2,
              "FCRConfig.blocks = '99,foo': no encoder feature matches ['99', 'foo']"),
+        # a resume is exact or refused (issue 25): the stored config.json against the new arguments
+        *[Case(f"train-resume-changed-{name}", T, _resume_args(w["cli_run"], changes), 2,
+               f"cannot resume in {w['cli_run']}: a resume continues the run exactly, and these settings differ "
+               f"from the ones in {w['cli_run']}/config.json: {phrase}")
+          for name, changes, phrase in (
+              ("lam", {"--lam": "0.3"}, "fcr.lam = 0.2 in the stored run, 0.3 now"),
+              ("batch-size", {"--batch-size": "4"}, "batch_size = 8 in the stored run, 4 now"),
+              ("objective", {"--lam": "0", "--oc-lam": "0.1"},
+               "fcr.lam = 0.2 in the stored run, 0.0 now; output_consistency = None in the stored run, {'lam': 0.1"))],
         # --- fcr-human-study ----------------------------------------------------------------
         Case("study-serve-empty-study-file", H, ("serve", "--study", w["empty_study"]), 2, "holds no study"),
         Case("study-serve-random-bytes", H, ("serve", "--study", rand), 2, "is not a DuckDB database"),
@@ -173,8 +201,27 @@ def _cases(w: dict[str, str]) -> list[Case]:
         Case("study-serve-results-store", H, ("serve", "--study", store), 2, f"{store} is not a study file"),
         Case("study-analyse-no-votes", H, ("analyse", "--study", study), 1,
              "has no votes yet ("),
+        Case("study-build-store-is-a-study", H, ("build", "--store", study, "--out", "s.duckdb"), 2,
+             "is not a results store: it is a human-study file"),
+        Case("study-build-store-foreign-duckdb", H, ("build", "--store", w["foreign"], "--out", "s.duckdb"), 2,
+             "is not a results store: it is a DuckDB database with other tables (customers)"),
+        Case("study-build-store-truncated", H, ("build", "--store", w["truncated"], "--out", "s.duckdb"), 2,
+             "is cut off"),
+        Case("study-build-store-fifo", H, ("build", "--store", w["fifo"], "--out", "s.duckdb"), 2,
+             "is a named pipe (FIFO)"),
+        Case("study-build-out-read-only-folder", H, ("build", "--store", store, "--out", f"{w['ro_dir']}/s.duckdb"), 2,
+             f"the folder of --out {w['ro_dir']}/s.duckdb ({w['ro_dir']}) is read-only"),
+        Case("study-build-out-names-a-folder", H, ("build", "--store", store, "--out", "studies/"), 2,
+             "--out studies/ names a folder (it ends with '/')"),
         # --- fcr-explorer -------------------------------------------------------------------
         Case("explorer-db-random-bytes", X, ("--db", rand, "--headless"), 2, "is not a DuckDB database"),
+        *[Case(f"explorer-db-{name}", X, ("--db", w[key], "--headless"), 2, phrase) for name, key, phrase in (
+            ("foreign-duckdb", "foreign", "is not a results store: it is a DuckDB database with other tables"),
+            ("human-study-file", "study", "is not a results store: it is a human-study file"),
+            ("truncated", "truncated", "is cut off"), ("fifo", "fifo", "is a named pipe (FIFO)"))],
+        Case("explorer-db-names-a-folder", X, ("--db", "results/", "--headless"), 2, "names a folder"),
+        Case("explorer-human-study-is-a-results-store", X, ("--db", store, "--human-study", store, "--headless"), 2,
+             "is not a human-study file: it is a results store"),
         Case("explorer-db-directory", X, ("--db", folder, "--headless"), 2, "is a directory"),
         Case("explorer-human-study-random-bytes", X, ("--db", store, "--human-study", rand, "--headless"), 2,
              "human-study store"),
@@ -184,6 +231,46 @@ def _cases(w: dict[str, str]) -> list[Case]:
         Case("sample-demo-steps-below-stride", S, ("--steps", "5"), 2,
              "--steps 5 is smaller than the largest FD stride shown (10)"),
     ]
+
+
+def _resume_args(run: str, changes: dict[str, str]) -> tuple[str, ...]:
+    """``fcr-train finetune ... --resume`` of the run ``_write_cli_run`` made, with ``changes``."""
+    args = dict(CLI_RUN_ARGS)
+    args.update(changes)
+    return ("finetune", *[x for kv in args.items() for x in kv if x], "--output-dir", run, "--resume")
+
+
+#: The fine-tune the resume rows resume (1 step, a checkpoint at step 1).
+CLI_RUN_ARGS = {"--model": "embedded-tiny", "--limit": "64", "--batch-size": "8", "--max-steps": "1",
+                "--checkpoint-every": "1", "--lam": "0.2", "--no-progress": ""}
+
+
+def _write_cli_run(out: Path) -> Path:
+    from fcr_train.cli import main
+
+    assert main(["finetune", *[x for kv in CLI_RUN_ARGS.items() for x in kv if x], "--output-dir", str(out)]) == 0
+    return out
+
+
+def _make_read_only(path: Path) -> None:
+    """Make ``path`` read-only for this process; as root (which writes anyway) with the immutable
+    flag too. Fails when the file system allows neither (the read-only rows could not be honest)."""
+    path.chmod(0o555 if path.is_dir() else 0o444)
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i", str(path)], check=True, capture_output=True)
+    probe = path / "probe" if path.is_dir() else path
+    try:
+        with probe.open("a"):
+            pass
+    except OSError:
+        return
+    pytest.fail(f"cannot make {path} read-only here (chmod, chattr +i)")
+
+
+def _undo_read_only(path: Path) -> None:
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", str(path)], check=False, capture_output=True)
+    path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def _digest(root: Path) -> dict[str, str]:
@@ -309,6 +396,27 @@ def world(tmp_path_factory):
         with opt.open("r+b") as f:
             f.truncate(opt.stat().st_size // 2)
     w["torn_run"], w["torn_ckpt"] = str(torn), str(torn / "checkpoints" / "step_0000004")
+    # Stores that are not ours: someone else's DuckDB, a store cut in half, a pipe, read-only ones.
+    import duckdb
+
+    with duckdb.connect(str(inputs / "customers.duckdb")) as con:
+        con.execute("CREATE TABLE customers (id INTEGER, name VARCHAR)")
+        con.execute("INSERT INTO customers VALUES (1, 'a')")
+    w["foreign"] = str(inputs / "customers.duckdb")
+    data = Path(w["store"]).read_bytes()
+    (inputs / "truncated.duckdb").write_bytes(data[: len(data) // 2])
+    w["truncated"] = str(inputs / "truncated.duckdb")
+    os.mkfifo(inputs / "pipe.duckdb")
+    w["fifo"] = str(inputs / "pipe.duckdb")
+    ro_dir = inputs / "read-only"  # a read-only folder holding a store
+    ro_dir.mkdir()
+    w["ro_dir_store"] = str(shutil.copy(w["store"], ro_dir / "fcr.duckdb"))
+    w["ro_dir"] = str(ro_dir)
+    w["ro_store"] = str(shutil.copy(w["store"], inputs / "read-only-store.duckdb"))  # a read-only file
+    w["cli_run"] = str(_write_cli_run(inputs / "cli-run"))
+    read_only = (Path(w["ro_store"]), Path(w["ro_dir_store"]), ro_dir)
+    for path in read_only:
+        _make_read_only(path)
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen()
@@ -316,6 +424,8 @@ def world(tmp_path_factory):
     before, rows = _digest(inputs), _row_counts(Path(w["store"]))
     yield {"root": root, "inputs": inputs, "paths": w, "digest": before, "rows": rows}
     busy.close()
+    for path in reversed(read_only):
+        _undo_read_only(path)
 
 
 @pytest.fixture(scope="module")
@@ -340,6 +450,7 @@ def results(world, request):
 def _case_ids() -> list[str]:
     dummy = {k: f"<{k}>" for k in ("tiny", "exp1", "rand", "dir", "store", "study", "binary", "empty_study", "laion_missing",
                                    "laion_corrupt", "corrupt_dir", "sd", "other_ckpt", "torn_ckpt", "torn_run",
+                                   "foreign", "truncated", "fifo", "ro_dir", "ro_dir_store", "ro_store", "cli_run",
                                    *VARIANTS)}
     return [c.id for c in _cases({**dummy, "busy_port": 1})]
 
@@ -361,6 +472,17 @@ def test_existing_inputs_unchanged(results, world):
     """After the whole table: the store, the study, the experiment files are byte-identical."""
     assert _digest(world["inputs"]) == world["digest"]
     assert _row_counts(Path(world["paths"]["store"])) == world["rows"]
+
+
+def test_report_reads_a_read_only_store(world, tmp_path):
+    """`report` opens the store read-only: a read-only file, or one in a read-only folder, reports
+    (without plots, which would go beside it) and stays as it was."""
+    w = world["paths"]
+    for store in (w["ro_store"], w["ro_dir_store"]):
+        proc = _run("fcr-eval", ("report", w["tiny"], "--store", store, "--no-plots"), tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert f"store: {store}" in proc.stdout and "Traceback" not in proc.stderr
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("how", ["--debug", "FCR_DEBUG=1"])

@@ -130,8 +130,8 @@ class PlannedFinetune:
         if self.rollout is not None:  # the segments (fcr_train.rollout.rollout_cost_factor)
             from fcr_train.rollout import rollout_cost_factor
 
-            return 3.0 * (rollout_cost_factor(self.rollout_config(), self.batch_size, c.encoder_share,
-                                              c.deepcache_partial_share) - 1.0)
+            return rollout_cost_factor(self.rollout_config(), self.batch_size, c.encoder_share,
+                                       c.deepcache_partial_share) - 1.0
         if self.lambda_oc is not None:
             return 1.0 if self.oc_cache == "fd" else 1.0 + c.deepcache_partial_share
         return c.encoder_share if self.lambda_fcr > 0 else 0.0
