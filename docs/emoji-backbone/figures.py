@@ -36,7 +36,12 @@ def main() -> None:
     import matplotlib.pyplot as plt
     from fcr_eval.metrics.emoji_groups import balanced_accuracy, load_emoji_group_classifier
     from fcr_train.emoji import EMOJI_GROUPS, load_emoji_set
-    from fcr_train.emoji_backbone import EMOJI_WEIGHTS_DIR, load_emoji_vae, reconstruction_error, save_image_rows
+    from fcr_train.emoji_backbone import (
+        EMOJI_WEIGHTS_DIR,
+        load_emoji_vae,
+        reconstruction_error,
+        save_image_rows,
+    )
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=str(HERE))
