@@ -27,6 +27,7 @@ from fcr_eval.plan.costs import (
     ASSUMED_GPU_TFLOPS,
     DEFAULT_CPU_GFLOPS,
     EFFICIENTNET_LITE0_FLOPS_224,
+    EMBEDDED_RESOLUTION,
     ModelCost,
     calibrate_throughput,
     model_cost,
@@ -273,7 +274,8 @@ def make_plan(exp: Experiment, *, results_dir: str | Path = "results", calibrate
         vs = exp.settings(v)  # defaults filled in once, by the spec that validated them
         steps, guidance, scheduler = vs.steps, vs.guidance_scale, vs.scheduler
         rob = exp.robustness[v.robustness]
-        base_res = v.resolution or exp.sampling.resolution or model.resolution or (28 if model.embedded else 512)
+        base_res = v.resolution or exp.sampling.resolution or model.resolution or \
+            EMBEDDED_RESOLUTION.get(model.backbone, 512)
         resolution = int(rob.settings.get("resolution", base_res)) if rob.kind == "resolution" else base_res
         ckey = f"{v.model}@{resolution}"
         if ckey not in costs:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from fcr_eval.plan.planner import Plan
 from fcr_eval.spec.experiment import Experiment
+from fcr_eval.spec.vocabulary import PACKAGED_DATASET_KINDS
 
 __all__ = ["model_problems", "hub_reachable", "check_models", "check_inputs", "check_store", "check_device"]
 
@@ -132,7 +133,7 @@ def check_inputs(exp: Experiment, plan: Plan) -> None:
         used.add(es.mini_val)
     for ds_id in sorted(used):
         ds = exp.datasets[ds_id]
-        if ds.kind in ("fashion-mnist", "imagenet-classes"):
+        if ds.kind in PACKAGED_DATASET_KINDS:
             continue  # shipped with a package
         for key in ("path", "images_dir"):
             p = getattr(ds, key)

@@ -250,6 +250,20 @@ def _load_seeds(chk: Checker, seeds) -> list[int]:
     return seeds
 
 
+def _check_emoji_runnable(chk: Checker, datasets: dict[str, DatasetSpec], robustness: dict[str, RobustnessSpec],
+                          variations: list[VariationSpec], index: dict[str, int]) -> None:
+    """The emoji backbone reads only its own data set (prompts, reference and fine-tuning data)."""
+    wrong = sorted(d.id for d in datasets.values() if d.kind != "emoji")
+    if wrong:
+        chk.fail(f"datasets {wrong} are not of kind \"emoji\": the emoji backbone's prompts, reference images and "
+                 "fine-tuning data are the emoji set (Debian fonts-noto-color-emoji + unicode-data)", "datasets")
+    for v in variations:
+        if robustness[v.robustness].kind not in ("none", "schedule_perturbation"):
+            chk.fail(f"variation {v.id!r} uses robustness {v.robustness!r} ({robustness[v.robustness].kind}), which "
+                     "the emoji backbone does not run (its VAE and UNet are trained at 32² only)", "variations",
+                     "robustness", index[v.id])
+
+
 def _check_runnable(chk: Checker, models: dict[str, ModelSpec], datasets: dict[str, DatasetSpec],
                     sampling: SamplingSpec, evaluation: EvaluationSpec, robustness: dict[str, RobustnessSpec],
                     variations: list[VariationSpec], finetune: FinetuneSpec, index: dict[str, int]) -> None:
@@ -264,6 +278,9 @@ def _check_runnable(chk: Checker, models: dict[str, ModelSpec], datasets: dict[s
         chk.fail(f"the variations use several embedded models ({sorted(embedded)}); one embedded model per file",
                  "models")
     ref = datasets[ev.reference] if ev.reference else None
+    if embedded and {models[m].backbone for m in used} == {"emoji"}:
+        _check_emoji_runnable(chk, datasets, robustness, variations, index)
+        return
     if embedded:
         if sampling.dtype != "float32":  # its context samples in float32: a run must not be stored as another
             chk.fail(f"sampling.dtype = {sampling.dtype!r}: the embedded model ({sorted(embedded)[0]}) samples in "

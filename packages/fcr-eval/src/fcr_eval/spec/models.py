@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fcr_train.vocabulary import EMBEDDED_MODELS, unknown_model_name
+from fcr_train.vocabulary import EMBEDDED_BACKBONES, unknown_model_name
 
 from fcr_eval.spec.checker import Checker
 
@@ -20,8 +20,10 @@ __all__ = ["ModelSpec", "check_source", "load_models"]
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A model: ``source`` is ``embedded`` / ``embedded-random`` / ``embedded-tiny``, a short SD name
-    (``sd15``, ``sd21``, ``openjourney``), a hub id or a local diffusers folder.
+    """A model: ``source`` is an embedded backbone's name (``embedded`` / ``embedded-random`` /
+    ``embedded-tiny``: Fashion-MNIST, pixel space; ``emoji`` / ``emoji-random`` / ``emoji-tiny``: the
+    latent RGB emoji backbone), a short SD name (``sd15``, ``sd21``, ``openjourney``), a hub id or a
+    local diffusers folder.
 
     ``flops_per_forward`` / ``encoder_flop_share`` feed the plan's estimate when the model cannot be
     instantiated here (design.md §2: SD v1.5 at 512² ≈ 803 GFLOPs, encoder ≈ 33 %).
@@ -38,7 +40,12 @@ class ModelSpec:
 
     @property
     def embedded(self) -> bool:
-        return self.source in EMBEDDED_MODELS
+        return self.source in EMBEDDED_BACKBONES
+
+    @property
+    def backbone(self) -> str | None:
+        """``fashion-mnist`` or ``emoji`` for an embedded model (its data set), else ``None``."""
+        return EMBEDDED_BACKBONES.get(self.source)
 
 
 
