@@ -29,8 +29,11 @@ ensure_uv() {
     export PATH="$(dirname "$uv_bin"):$PATH"
 }
 
-# Debian packages: the embedded default's data ships as one; the browser tests drive Chromium.
+# Debian packages: the embedded default's data ships as one (all the main job needs); the emoji backbone's
+# Noto colour emoji font and Unicode's emoji-test.txt as two more (sync and test install them); the browser
+# tests drive Chromium.
 APT_PACKAGES=(dataset-fashion-mnist)
+APT_EMOJI_PACKAGES=(fonts-noto-color-emoji unicode-data)
 APT_TEST_PACKAGES=(chromium)
 ensure_apt() {
     local missing=()
@@ -55,7 +58,7 @@ sync_workspace() {
 cmd="${1:-help}"; shift || true
 case "$cmd" in
     sync)
-        ensure_apt "${APT_PACKAGES[@]}"
+        ensure_apt "${APT_PACKAGES[@]}" "${APT_EMOJI_PACKAGES[@]}"
         sync_workspace
         ;;
     main)
@@ -64,7 +67,7 @@ case "$cmd" in
         exec uv run --no-sync fcr-eval run experiments/mini-exp-1.toml --profile quick "$@"
         ;;
     test)
-        ensure_apt "${APT_PACKAGES[@]}" "${APT_TEST_PACKAGES[@]}"
+        ensure_apt "${APT_PACKAGES[@]}" "${APT_EMOJI_PACKAGES[@]}" "${APT_TEST_PACKAGES[@]}"
         sync_workspace
         log "layer contract (.importlinter)"
         uv run --no-sync lint-imports

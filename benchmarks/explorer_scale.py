@@ -16,7 +16,6 @@ table and a JSON record (config, hardware, code version, load average) for docs/
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -76,13 +75,26 @@ def _time_view(app: Path, query: dict[str, str], repeats: int) -> dict:
         StoreReader.frame = original
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, default=10_000_000, help="sample_metrics rows to build")
-    ap.add_argument("--repeats", type=int, default=5, help="timed page runs per view")
+def main(argv=None) -> int:
+    from bench_cli import UserError, parser, report_file
+    from fcr_common.cli_errors import int_at_least
+    from fcr_eval.store.results import check_results_store
+
+    ap = parser(__doc__)
+    ap.add_argument("--rows", type=int_at_least(1), default=10_000_000, help="sample_metrics rows to build")
+    ap.add_argument("--repeats", type=int_at_least(1), default=5, help="timed page runs per view")
     ap.add_argument("--store", type=Path, help="an existing store to read (skips the build)")
-    ap.add_argument("--keep", type=Path, help="build the store here and keep it")
-    args = ap.parse_args()
+    ap.add_argument("--keep", type=Path, help="build the store here (a new file) and keep it")
+    args = ap.parse_args(argv)
+    if args.store and args.keep:
+        raise UserError("--store reads an existing store, --keep builds one: pass one of them")
+    if args.store:
+        check_results_store(args.store, must_exist=True, for_writing=False)
+    if args.keep:
+        if args.keep.exists():
+            raise UserError(f"--keep {args.keep} exists; the benchmark builds a new store and never writes over a "
+                            "file: pass a new path (or read that store with --store)")
+        report_file(args.keep, "--keep")
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("streamlit").setLevel(logging.ERROR)
 
@@ -132,7 +144,10 @@ def main() -> None:
                       "code_version": code_version(), "hardware": hardware()}))
     if tmp is not None:
         tmp.cleanup()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from bench_cli import run
+
+    sys.exit(run(main))

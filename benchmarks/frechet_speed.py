@@ -10,10 +10,10 @@ table and a JSON record (config, hardware, code version) for docs/benchmarks.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -22,13 +22,16 @@ from fcr_eval.metrics.frechet import feature_statistics, frechet_distance
 from fcr_train.provenance import hardware
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dim", type=int, default=2048)
-    ap.add_argument("--n-real", type=int, default=10_000)
-    ap.add_argument("--n-fake", type=int, default=1_000)
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
+def main(argv=None) -> int:
+    from bench_cli import parser
+    from fcr_common.cli_errors import int_at_least
+
+    ap = parser(__doc__)
+    ap.add_argument("--dim", type=int_at_least(1), default=2048)
+    ap.add_argument("--n-real", type=int_at_least(2), default=10_000)
+    ap.add_argument("--n-fake", type=int_at_least(2), default=1_000)
+    ap.add_argument("--repeats", type=int_at_least(1), default=3)
+    args = ap.parse_args(argv)
 
     rng = np.random.default_rng(0)
     mix = rng.normal(size=(args.dim, args.dim)) / np.sqrt(args.dim)
@@ -52,7 +55,10 @@ def main() -> None:
     print(json.dumps({"benchmark": "frechet_speed", "config": vars(args), "median_s": med, "speedup": ratio,
                       "relative_difference": rel, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                       "hardware": hardware(), "code_version": code_version()}, default=str))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from bench_cli import run
+
+    sys.exit(run(main))

@@ -16,11 +16,11 @@ of the settings) for docs/benchmarks.md.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import logging
 import platform
+import sys
 import time
 
 from fcr_common.provenance import code_version
@@ -57,18 +57,20 @@ def _table(results: list[CoverageResult]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--reps", type=int, default=2000, help="replications per cell (vectorised methods)")
-    ap.add_argument("--boot-reps", type=int, default=200, help="replications per cell for the bootstrap")
-    ap.add_argument("--boot-resamples", type=int, default=250, help="resamples per bootstrap interval")
-    ap.add_argument("--per-cluster", type=int, default=100, help="samples per cluster (m)")
-    ap.add_argument("--clusters", type=int, nargs="+", default=[3, 6, 10])
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+def main(argv=None) -> int:
+    from bench_cli import parser
+    from fcr_common.cli_errors import int_at_least
+
+    ap = parser(__doc__)
+    ap.add_argument("--reps", type=int_at_least(10), default=2000, help="replications per cell (vectorised methods)")
+    ap.add_argument("--boot-reps", type=int_at_least(0), default=200, help="replications per cell for the bootstrap")
+    ap.add_argument("--boot-resamples", type=int_at_least(100), default=250, help="resamples per bootstrap interval")
+    ap.add_argument("--per-cluster", type=int_at_least(2), default=100, help="samples per cluster (m)")
+    ap.add_argument("--clusters", type=int_at_least(2), nargs="+", default=[3, 6, 10],
+                    help="cluster counts (an interval over clusters needs at least 2)")
+    ap.add_argument("--seed", type=int_at_least(0), default=0)
+    args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    if args.reps < 10 or args.boot_reps < 0 or args.boot_resamples < 100:
-        ap.error("need --reps >= 10, --boot-reps >= 0 and --boot-resamples >= 100")
 
     t0 = time.perf_counter()
     # (G, cluster effect, statistic, values, gap spread): the main grid, then the ratio stress cells
@@ -94,7 +96,10 @@ def main() -> None:
                              "per_cluster": args.per_cluster, "clusters": args.clusters, "seed": args.seed,
                              "wall_s": round(wall, 1), "code": code_version(), "python": platform.python_version(),
                              "machine": platform.machine()}))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from bench_cli import run
+
+    sys.exit(run(main))

@@ -22,7 +22,6 @@ final states (batching only reorders float sums).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -39,6 +38,8 @@ from fcr_sample import (
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_cli import UserError, parser, report_file, run  # noqa: E402  (same folder)
+from fcr_common.cli_errors import float_in, int_at_least  # noqa: E402
 from sampler_speed import Report, describe_device  # noqa: E402  (one owner of the report header)
 
 
@@ -75,17 +76,20 @@ def run_once(unet, config, x_T, cond, null, steps, guidance) -> tuple[float, tor
     return sec, out, batches
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--stride", type=int, default=10)
-    p.add_argument("--guidance", type=float, default=3.0)
-    p.add_argument("--tokens", type=int, default=16, help="text states per prompt")
-    p.add_argument("--threads", type=int, default=None)
+def main(argv=None) -> int:
+    p = parser(__doc__.split("\n\n")[0])
+    p.add_argument("--batches", type=int_at_least(1), nargs="+", default=[1, 8, 64])
+    p.add_argument("--rounds", type=int_at_least(1), default=3)
+    p.add_argument("--steps", type=int_at_least(2), default=20)
+    p.add_argument("--stride", type=int_at_least(2), default=10)
+    p.add_argument("--guidance", type=float_in(0), default=3.0)
+    p.add_argument("--tokens", type=int_at_least(1), default=16, help="text states per prompt")
+    p.add_argument("--threads", type=int_at_least(1), default=None)
     p.add_argument("--out", default=None, help="also write the report to this file")
     args = p.parse_args(argv)
+    if args.stride > args.steps:
+        raise UserError(f"--stride {args.stride} is larger than --steps {args.steps}; pass at most {args.steps}")
+    report_path = report_file(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     unet = embedded_unet()
@@ -130,8 +134,9 @@ def main(argv=None) -> None:
                 f"{batches[b, n] if batches[b, n] is not None else '–'} | "
                 f"{'–' if vs[n] is None else f'{delta:.2g}'} |"
             )
-    report.finish(args.out)
+    report.finish(report_path)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

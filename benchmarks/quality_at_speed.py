@@ -34,30 +34,25 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from fcr_eval.analysis.stats import mean_ci
-from fcr_eval.metrics.class_agreement import class_agreement, load_fashion_mnist_classifier
-from fcr_eval.metrics.extractors import EfficientNetLite0Extractor
-from fcr_eval.metrics.kid import kernel_distance
-from fcr_eval.metrics.paired import pixel_mse
-from fcr_sample import (
-    DeepCacheConfig,
-    EncoderCacheConfig,
-    apply_deep_cache,
-    apply_encoder_cache,
-    remove_deep_cache,
-    remove_encoder_cache,
-)
-from fcr_train.embedded import load_embedded_base, load_fashion_mnist, sample_images
-from tqdm import tqdm
-
 sys.path.insert(0, str(Path(__file__).parent))
-from sampler_speed import Report  # noqa: E402  (same folder; one report format)
+from bench_cli import UserError, parser, report_file, run, weights_architecture  # noqa: E402  (same folder)
+from fcr_common.cli_errors import float_in, int_at_least  # noqa: E402
+
+#: Fashion-MNIST's test split: the KID reference comes from it.
+TEST_IMAGES = 10_000
 
 
 def variants(fd_strides, deepcache) -> dict[str, tuple]:
     """label → (apply, remove); ``None`` for no cache."""
+    from fcr_sample import (
+        DeepCacheConfig,
+        EncoderCacheConfig,
+        apply_deep_cache,
+        apply_encoder_cache,
+        remove_deep_cache,
+        remove_encoder_cache,
+    )
+
     out: dict[str, tuple | None] = {"no cache": None}
     for k in fd_strides:
         # Sequential decoding: same images as parallel, and the faster of the two at batch 100 on
@@ -85,39 +80,92 @@ def _weights_arg(text: str) -> tuple[str, Path]:
     label, sep, folder = text.partition("=")
     if not sep or not label or not folder:
         raise argparse.ArgumentTypeError(f"--weights {text!r}: expected LABEL=FOLDER")
-    if not (Path(folder) / "config.json").is_file():
-        raise argparse.ArgumentTypeError(f"--weights {label}: {folder} has no config.json (a save_pretrained "
-                                         "UNet folder, e.g. a fine-tune's final_unet)")
     return label, Path(folder)
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--samples", type=int, default=500, help="samples per variant (same x_T for all)")
-    ap.add_argument("--batch", type=int, default=100)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--guidance", type=float, default=2.0)
-    ap.add_argument("--fd", type=int, nargs="*", default=[5, 10, 20], help="FD strides")
-    ap.add_argument("--deepcache", type=int, nargs=2, action="append", metavar=("N", "BRANCH"),
-                    help="DeepCache interval and branch (default: 3 0, 5 0, 10 0, 5 3)")
-    ap.add_argument("--n-reference", type=int, default=1000, help="real test images for KID")
-    ap.add_argument("--feature-size", type=int, default=112, help="EfficientNet-Lite0 input size")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", default=None, help="also write the report (Markdown) here")
+def _check_arguments(args) -> None:
+    """Every value, checked before a model loads (the weights by their files only)."""
+    if args.samples % args.batch:
+        raise UserError(f"--samples {args.samples} must be a multiple of --batch {args.batch} (one x_T seed per "
+                        "batch, shared by every variant)")
+    if too_long := [k for k in args.fd if k > args.steps]:
+        raise UserError(f"--fd {too_long}: a stride larger than --steps {args.steps} is the same run as a stride of "
+                        f"{args.steps}; pass strides up to {args.steps}")
+    if too_long := [n for n, _ in args.deepcache if n > args.steps]:
+        raise UserError(f"--deepcache interval(s) {too_long}: an interval larger than --steps {args.steps} is the "
+                        f"same run as {args.steps}; pass intervals up to {args.steps}")
+    if args.n_reference > TEST_IMAGES:
+        raise UserError(f"--n-reference {args.n_reference} is more than the {TEST_IMAGES} Fashion-MNIST test images")
+    labels = [label for label, _ in args.weights]
+    if "base" in labels:
+        raise UserError("--weights: the label 'base' is the shipped model's; pick another label")
+    if dup := sorted({x for x in labels if labels.count(x) > 1}):
+        raise UserError(f"--weights: the label(s) {dup} are given twice; every weights needs its own label")
+    from fcr_train.embedded import BASE_WEIGHTS_DIR
+
+    _, base = weights_architecture(BASE_WEIGHTS_DIR, "the shipped base weights")
+    for label, folder in args.weights:
+        config, arch = weights_architecture(folder, f"--weights {label}:")
+        if arch != base:
+            raise UserError(
+                f"--weights {label}: {folder} is a UNet of another architecture than the base (block_out_channels "
+                f"{config.get('block_out_channels')}, layers_per_block {config.get('layers_per_block')}, ...). "
+                "Quality at speed gives each variant one cost, pooled over the weights, which holds only for one "
+                "architecture; benchmark that UNet on its own")
+
+
+def main(argv=None) -> int:
+    ap = parser(__doc__)
+    ap.add_argument("--samples", type=int_at_least(1), default=500, help="samples per variant (same x_T for all)")
+    ap.add_argument("--batch", type=int_at_least(1), default=100)
+    ap.add_argument("--steps", type=int_at_least(2), default=20)
+    ap.add_argument("--guidance", type=float_in(0), default=2.0)
+    ap.add_argument("--fd", type=int_at_least(2), nargs="*", default=[5, 10, 20], help="FD strides")
+    ap.add_argument("--deepcache", type=int_at_least(0), nargs=2, action="append", metavar=("N", "BRANCH"),
+                    help="DeepCache interval (>= 2) and branch (default: 3 0, 5 0, 10 0, 5 3)")
+    ap.add_argument("--n-reference", type=int_at_least(2), default=1000, help="real test images for KID")
+    ap.add_argument("--feature-size", type=int_at_least(32), default=112, help="EfficientNet-Lite0 input size")
+    ap.add_argument("--threads", type=int_at_least(1), default=None)
+    ap.add_argument("--out", default=None, help="also write the report (Markdown) to this file")
     ap.add_argument("--weights", type=_weights_arg, action="append", default=[], metavar="LABEL=FOLDER",
-                    help="fine-tuned UNet weights to run every variant on too (repeatable)")
+                    help="fine-tuned UNet weights (of the base's architecture) to run every variant on too (repeatable)")
     args = ap.parse_args(argv)
-    if any(label == "base" for label, _ in args.weights):
-        ap.error("--weights: the label 'base' is the shipped model's")
-    deepcache = args.deepcache or [(3, 0), (5, 0), (10, 0), (5, 3)]
+    args.deepcache = [tuple(x) for x in args.deepcache] if args.deepcache else [(3, 0), (5, 0), (10, 0), (5, 3)]
+    if bad := [n for n, _ in args.deepcache if n < 2]:
+        raise UserError(f"--deepcache interval(s) {bad}: an interval must be at least 2 (1 recomputes every step)")
+    _check_arguments(args)
+    out = report_file(args.out)
+    _benchmark(args, out, argv)
+    return 0
+
+
+def _benchmark(args, out: Path | None, argv) -> None:
+    import numpy as np
+    import torch
+    from fcr_eval.analysis.stats import mean_ci
+    from fcr_eval.metrics.class_agreement import class_agreement, load_fashion_mnist_classifier
+    from fcr_eval.metrics.extractors import EfficientNetLite0Extractor
+    from fcr_eval.metrics.kid import kernel_distance
+    from fcr_eval.metrics.paired import pixel_mse
+    from fcr_train.embedded import load_embedded_base, load_fashion_mnist, sample_images
+    from sampler_speed import Report  # same folder; one report format
+    from tqdm import tqdm
+
+    deepcache = args.deepcache
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.samples % args.batch:
-        raise SystemExit(f"--samples ({args.samples}) must be a multiple of --batch ({args.batch})")
+    table = variants(args.fd, deepcache)
+    base = load_embedded_base()
+    for label, hooks in table.items():  # a DeepCache branch this UNet does not have fails here, not mid-run
+        if hooks is not None:
+            try:
+                hooks[0](base.unet)
+            except ValueError as e:
+                raise UserError(f"{label}: {e}") from None
+            hooks[1](base.unet)
     report = Report("quality at speed", f"cpu {platform.machine()}, {torch.get_num_threads()} torch thread(s)", argv)
     emit = report.emit
-    base = load_embedded_base()
     models = {"base": base, **{label: load_embedded_base(folder) for label, folder in args.weights}}
     clf = load_fashion_mnist_classifier()
     extractor = EfficientNetLite0Extractor(image_size=args.feature_size)
@@ -130,7 +178,6 @@ def main(argv=None) -> None:
     for label, folder in args.weights:
         emit(f"weights {label}: {folder}")
 
-    table = variants(args.fd, deepcache)
     cells = [(w, v) for w in models for v in table]
     labels = torch.arange(args.samples) % len(base.classes)
     images: dict[tuple[str, str], list[torch.Tensor]] = {c: [] for c in cells}
@@ -185,7 +232,8 @@ def main(argv=None) -> None:
         emit(f"| {w} | {label} | {s_img:.3f} | {speed:.2f}× | {ci.mean:.3f} ({ci.low:.3f}–{ci.high:.3f}) | "
              f"{kid.value * 1e3:.2f} ± {kid.std * 1e3:.2f} | {mse:.4f} | {'●' if (w, label) in front else ''} | "
              f"{diff} | {mark} |")
-    report.finish(args.out)
+    report.finish(out)
+
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

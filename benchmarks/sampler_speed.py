@@ -19,7 +19,6 @@ root ``dev`` group), never fcr-sample's.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import logging
 import platform
@@ -80,7 +79,7 @@ class Report:
         print(text, flush=True)
         self.lines.append(text)
 
-    def finish(self, out: str | None) -> None:
+    def finish(self, out: str | Path | None) -> None:
         self.emit(f"\ntotal {time.perf_counter() - self.started:.0f} s")
         if out:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -262,31 +261,42 @@ def run_bare_unet_mode(args, device, dtype, emit) -> None:
         emit(format_table(rows))
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> int:
+    from bench_cli import UserError, parser, report_file
+    from fcr_common.cli_errors import float_in, int_at_least
+    from fcr_eval.plan.validation import check_device
+
+    ap = parser(__doc__)
     ap.add_argument("--mode", choices=("pipeline", "bare-unet"), default="pipeline")
     ap.add_argument("--unet", choices=sorted(CONFIGS), default="small")
-    ap.add_argument("--resolution", type=int, default=None, help="latent size (default: the config's)")
+    ap.add_argument("--resolution", type=int_at_least(8), default=None, help="latent size (default: the config's)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--batch", type=int, nargs="+", default=[1])
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--guidance", type=float, default=7.5)
-    ap.add_argument("--strides", type=int, nargs="+", default=[5, 10])
+    ap.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--batch", type=int_at_least(1), nargs="+", default=[1])
+    ap.add_argument("--steps", type=int_at_least(2), default=50)
+    ap.add_argument("--guidance", type=float_in(0), default=7.5)
+    ap.add_argument("--strides", type=int_at_least(2), nargs="+", default=[5, 10])
     ap.add_argument("--fd-modes", choices=("both", "parallel", "sequential"), default="both")
-    ap.add_argument("--max-parallel-steps", type=int, default=10)
-    ap.add_argument("--deepcache", type=int, nargs=2, action="append", metavar=("N", "BRANCH"),
-                    help="DeepCache interval and branch, ours and the package's (default: 5 0)")
+    ap.add_argument("--max-parallel-steps", type=int_at_least(1), default=10)
+    ap.add_argument("--deepcache", type=int_at_least(0), nargs=2, action="append", metavar=("N", "BRANCH"),
+                    help="DeepCache interval (>= 2) and branch, ours and the package's (default: 5 0)")
     ap.add_argument("--no-peers", action="store_true", help="leave out the DeepCache package and T-GATE")
     ap.add_argument("--compile", action="store_true",
                     help="add no cache under torch.compile(unet), and no cache / FD-k with the UNet's blocks compiled")
     ap.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; "
                     "'eager' checks the path quickly on CPU)")
-    ap.add_argument("--rounds", type=int, default=3, help="timed rounds per variant")
+    ap.add_argument("--rounds", type=int_at_least(1), default=3, help="timed rounds per variant")
     ap.add_argument("--out", default=None, help="also write the report (Markdown) to this file")
     args = ap.parse_args(argv)
     args.deepcache = args.deepcache or [(5, 0)]
+    if bad := [n for n, _ in args.deepcache if n < 2]:
+        raise UserError(f"--deepcache interval(s) {bad}: an interval must be at least 2 (1 recomputes every step)")
+    if bad := [k for k in args.strides if k > args.steps] + [n for n, _ in args.deepcache if n > args.steps]:
+        raise UserError(f"stride(s) / interval(s) {bad} are larger than --steps {args.steps}; pass at most "
+                        f"{args.steps}")
+    check_device(args.device)
+    out = report_file(args.out)
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -296,7 +306,11 @@ def main(argv=None) -> None:
     report = Report(f"sampler_speed ({args.mode})", f"{describe_device(device)}, diffusers {diffusers.__version__}",
                     argv)
     (run_pipeline_mode if args.mode == "pipeline" else run_bare_unet_mode)(args, device, dtype, report.emit)
-    report.finish(args.out)
+    report.finish(out)
+    return 0
+
 
 if __name__ == "__main__":
-    main()
+    from bench_cli import run
+
+    sys.exit(run(main))

@@ -12,9 +12,9 @@ writes into a fresh store file in a temporary folder. Prints a table and a JSON 
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,11 +37,16 @@ def _result(n_samples: int, metrics: tuple[str, ...]) -> RunResult:
         SampleMetrics(m, rng.random(n_samples), ids, seeds=0, reference="bench/none/s0/0") for m in metrics])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, default=1_000_000)
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
+def main(argv=None) -> int:
+    from bench_cli import UserError, parser
+    from fcr_common.cli_errors import int_at_least
+
+    ap = parser(__doc__)
+    ap.add_argument("--rows", type=int_at_least(1), default=1_000_000, help=f"rows to write ({len(METRICS)} metrics)")
+    ap.add_argument("--repeats", type=int_at_least(1), default=3)
+    args = ap.parse_args(argv)
+    if args.rows < len(METRICS):
+        raise UserError(f"--rows {args.rows} is fewer than the {len(METRICS)} metrics written per sample")
     n_samples = args.rows // len(METRICS)
     writes, reads = [], []
     for _ in range(args.repeats):
@@ -62,7 +67,10 @@ def main() -> None:
     print(json.dumps({"benchmark": "store_sample_metrics", "rows": rows, "metrics": len(METRICS),
                       "write_s": writes, "read_s": reads, "code_version": code_version(),
                       "hardware": hardware()}))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from bench_cli import run
+
+    sys.exit(run(main))

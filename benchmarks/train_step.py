@@ -18,10 +18,10 @@ Prints a table and a JSON record (config, hardware, code version) for docs/bench
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -55,11 +55,14 @@ VARIANTS = {
     "OC lam=0.1, FD, recomputed": OutputConsistencyConfig(lam=0.1, cache="fd"),
     "OC lam=0.1, FD, all": OutputConsistencyConfig(lam=0.1, cache="fd", trainable="all"),
     "OC lam=0.1, DeepCache b0, recomputed": OutputConsistencyConfig(lam=0.1, cache="deepcache"),
-    # rollouts on the DDIM-20 grid, 8 of the batch's rows, key steps toward high noise
+    # rollouts on the DDIM-20 grid, key steps toward high noise; k = 9 is FD-10's / DeepCache-N10's segment
     "rollout FD, k=4, 8 rows": RolloutConfig(lam=0.5, k=4, cache="fd", rollout_rows=8),
+    "rollout FD, k=9, 4 rows": RolloutConfig(lam=0.5, k=9, cache="fd", rollout_rows=4),
     "rollout FD, k=9, 8 rows": RolloutConfig(lam=0.5, k=9, cache="fd", rollout_rows=8),
     "rollout DeepCache b0, k=4, 8 rows": RolloutConfig(lam=0.5, k=4, cache="deepcache", rollout_rows=8),
-    "rollout DeepCache b0, k=4, 8 rows, CFG 2": RolloutConfig(lam=0.5, k=4, cache="deepcache", rollout_rows=8,
+    "rollout DeepCache b0, k=9, 4 rows": RolloutConfig(lam=0.5, k=9, cache="deepcache", rollout_rows=4),
+    "rollout DeepCache b0, k=9, 8 rows": RolloutConfig(lam=0.5, k=9, cache="deepcache", rollout_rows=8),
+    "rollout DeepCache b0, k=9, 8 rows, CFG 2": RolloutConfig(lam=0.5, k=9, cache="deepcache", rollout_rows=8,
                                                                guidance_scale=2.0),
 }
 PLAIN = "plain (lam=0)"
@@ -127,17 +130,24 @@ def report(title: str, times: dict[str, list[float]], meta: dict) -> dict:
     return {"title": title, **meta, "results": rows}
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> int:
+    from bench_cli import parser, report_file
+    from fcr_common.cli_errors import int_at_least
+    from fcr_eval.plan.validation import check_device
+
+    p = parser(__doc__)
     p.add_argument("--device", default="cpu", help="cpu or cuda [%(default)s]")
-    p.add_argument("--batch-size", type=int, default=32, help="embedded-UNet batch [%(default)s]")
-    p.add_argument("--repeats", type=int, default=10, help="timed rounds per variant [%(default)s]")
-    p.add_argument("--sd-batch-size", type=int, default=4, help="SD-v1.5-architecture batch on GPU [%(default)s]")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--batch-size", type=int_at_least(1), default=32, help="embedded-UNet batch [%(default)s]")
+    p.add_argument("--repeats", type=int_at_least(1), default=10, help="timed rounds per variant [%(default)s]")
+    p.add_argument("--sd-batch-size", type=int_at_least(1), default=4,
+                   help="SD-v1.5-architecture batch on GPU [%(default)s]")
+    p.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads")
     p.add_argument("--json", default=None, help="also write the records to this file")
     p.add_argument("--tiny", action="store_true", help="the tiny test UNet at 8x8 instead of the embedded one (smoke runs)")
     p.add_argument("--only", default=None, help="time only the variants whose name contains this (and the plain step), e.g. rollout")
     args = p.parse_args(argv)
+    check_device(args.device)
+    out = report_file(args.json, "--json")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -170,11 +180,15 @@ def main(argv=None) -> None:
                               times, {"model": "sd15-architecture-random", "batch_size": b, "peak_mem_gib": round(peak, 2), **meta}))
     else:
         print("\nGPU part (SD-v1.5-architecture UNet at 512^2): run with --device cuda on a GPU machine.")
-    if args.json:
-        with open(args.json, "w") as f:
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("w") as f:
             json.dump(records, f, indent=1, default=str)
     print("\n" + json.dumps(records, indent=1, default=str))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from bench_cli import run
+
+    sys.exit(run(main))

@@ -13,12 +13,14 @@ takes 2-3 min there (10 min with five engineers on the same cores): marked ``slo
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
 import socket
 import subprocess
 import sys
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +41,7 @@ class Case:
     args: tuple[str, ...]
     code: int
     phrase: str
+    env: tuple[tuple[str, str | None], ...] = ()  # changes to the environment (None: unset)
 
 
 def _variant(name: str, *edits: tuple[str, str]) -> tuple[str, str]:
@@ -94,6 +97,25 @@ def _cases(w: dict[str, str]) -> list[Case]:
         Case("eval-run-store-directory", E, ("run", tiny, "--store", folder), 2, "is a directory"),
         Case("eval-report-random-bytes-store", E, ("report", tiny, "--store", rand), 2, "is not a DuckDB database"),
         Case("eval-report-store-directory", E, ("report", tiny, "--store", folder), 2, "is a directory"),
+        # stores that are not ours (issue 25): named, never migrated or written, before any work
+        *[Case(f"eval-{cmd}-store-{name}", E, (cmd, tiny, "--store", w[key], *extra), 2, phrase)
+          for cmd, extra in (("run", ()), ("report", ("--no-plots",)))
+          for name, key, phrase in (
+              ("foreign-duckdb", "foreign", "is not a results store: it is a DuckDB database with other tables "
+                                            "(customers)"),
+              ("human-study-file", "study", "is not a results store: it is a human-study file"),
+              ("fifo", "fifo", "is a named pipe (FIFO), not a DuckDB file"),
+              ("truncated", "truncated", "is cut off: its tables' data reaches block"))],
+        Case("eval-plan-store-foreign-duckdb", E, (*plan, tiny, "--store", w["foreign"]), 2, "is not a results store"),
+        Case("eval-run-store-names-a-folder", E, ("run", tiny, "--store", "new-folder/"), 2,
+             "results store new-folder/ names a folder (it ends with '/'); pass the database file itself"),
+        Case("eval-run-store-in-read-only-folder", E, ("run", tiny, "--store", f"{w['ro_dir']}/fcr.duckdb"), 2,
+             f"its folder {w['ro_dir']} is read-only"),
+        Case("eval-run-store-read-only-file", E, ("run", tiny, "--store", w["ro_store"]), 2,
+             "is read-only; make it writable or pass another --store"),
+        Case("eval-report-plots-in-read-only-folder", E, ("report", tiny, "--store", w["ro_dir_store"]), 2,
+             "is read-only; pass --no-plots to report without them"),
+        Case("eval-migrate-foreign-duckdb", E, ("migrate", "--store", w["foreign"]), 2, "is not a results store"),
         *([] if HAS_CUDA else [
             Case("eval-device-cuda-without-gpu", E, ("run", tiny, "--device", "cuda", "--store", "results/fcr.duckdb"),
                  2, "has no CUDA GPU")]),
@@ -105,7 +127,7 @@ def _cases(w: dict[str, str]) -> list[Case]:
         Case("eval-not-toml", E, (*plan, ex["not-toml.toml"]), 2, "not valid TOML"),
         Case("eval-wrong-type", E, (*plan, ex["wrong-type.toml"]), 2, "is not an integer"),
         Case("eval-unknown-key", E, (*plan, ex["unknown-key.toml"]), 2, "did you mean 'num_inference_steps'"),
-        Case("eval-negative-seed", E, (*plan, ex["negative-seed.toml"]), 2, "every seed must be in [0, 2**63)"),
+        Case("eval-negative-seed", E, (*plan, ex["negative-seed.toml"]), 2, "every seed must be in [0, 2**31)"),
         Case("eval-batch-size-0", E, (*plan, ex["batch-0.toml"]), 2, "batch_size = 0 must be >= 1"),
         Case("eval-prior-noise-negative", E, (*plan, ex["prior-noise-neg.toml"]), 2, "prior_noise_alpha = -0.1 must be >= 0"),
         Case("eval-finetune-lr-0", E, (*plan, ex["lr-0.toml"]), 2, "finetune.lr = 0.0 must be > 0"),
@@ -143,6 +165,22 @@ def _cases(w: dict[str, str]) -> list[Case]:
              f"cannot resume in {w['torn_run']}: no checkpoint can be loaded ({w['torn_run']}/checkpoints/step_0000004: "),
         Case("train-blocks-unknown", T, (*ft, "--blocks", "99,foo"), 2,
              "FCRConfig.blocks = '99,foo': no encoder feature matches ['99', 'foo']"),
+        # a typo'd model name, and a hub that cannot be reached: one line at once, no retries (issue 25)
+        Case("train-model-name-typo", T, ("finetune", "--model", "embeded", "--output-dir", "run"), 2,
+             "--model 'embeded' is not a model: did you mean 'embedded'?"),
+        Case("train-model-hub-unreachable", T, ("finetune", "--model", "no/such-model", "--data", "coco", "--data-path",
+                                                tiny, "--output-dir", "run"), 3,
+             "which is not in the local cache, and the hub cannot be reached from here (127.0.0.1:9 cannot be reached",
+             env=(("HF_HUB_OFFLINE", None), ("HF_ENDPOINT", "http://127.0.0.1:9"), ("HF_HOME", w["hf_home"]))),
+        # a resume is exact or refused (issue 25): the stored config.json against the new arguments
+        *[Case(f"train-resume-changed-{name}", T, _resume_args(w["cli_run"], changes), 2,
+               f"cannot resume in {w['cli_run']}: a resume continues the run exactly, and these settings differ "
+               f"from the ones in {w['cli_run']}/config.json: {phrase}")
+          for name, changes, phrase in (
+              ("lam", {"--lam": "0.3"}, "fcr.lam = 0.2 in the stored run, 0.3 now"),
+              ("batch-size", {"--batch-size": "4"}, "batch_size = 8 in the stored run, 4 now"),
+              ("objective", {"--lam": "0", "--oc-lam": "0.1"},
+               "fcr.lam = 0.2 in the stored run, 0.0 now; output_consistency = None in the stored run, {'lam': 0.1"))],
         # --- fcr-human-study ----------------------------------------------------------------
         Case("study-serve-empty-study-file", H, ("serve", "--study", w["empty_study"]), 2, "holds no study"),
         Case("study-serve-random-bytes", H, ("serve", "--study", rand), 2, "is not a DuckDB database"),
@@ -173,8 +211,27 @@ def _cases(w: dict[str, str]) -> list[Case]:
         Case("study-serve-results-store", H, ("serve", "--study", store), 2, f"{store} is not a study file"),
         Case("study-analyse-no-votes", H, ("analyse", "--study", study), 1,
              "has no votes yet ("),
+        Case("study-build-store-is-a-study", H, ("build", "--store", study, "--out", "s.duckdb"), 2,
+             "is not a results store: it is a human-study file"),
+        Case("study-build-store-foreign-duckdb", H, ("build", "--store", w["foreign"], "--out", "s.duckdb"), 2,
+             "is not a results store: it is a DuckDB database with other tables (customers)"),
+        Case("study-build-store-truncated", H, ("build", "--store", w["truncated"], "--out", "s.duckdb"), 2,
+             "is cut off"),
+        Case("study-build-store-fifo", H, ("build", "--store", w["fifo"], "--out", "s.duckdb"), 2,
+             "is a named pipe (FIFO)"),
+        Case("study-build-out-read-only-folder", H, ("build", "--store", store, "--out", f"{w['ro_dir']}/s.duckdb"), 2,
+             f"the folder of --out {w['ro_dir']}/s.duckdb ({w['ro_dir']}) is read-only"),
+        Case("study-build-out-names-a-folder", H, ("build", "--store", store, "--out", "studies/"), 2,
+             "--out studies/ names a folder (it ends with '/')"),
         # --- fcr-explorer -------------------------------------------------------------------
         Case("explorer-db-random-bytes", X, ("--db", rand, "--headless"), 2, "is not a DuckDB database"),
+        *[Case(f"explorer-db-{name}", X, ("--db", w[key], "--headless"), 2, phrase) for name, key, phrase in (
+            ("foreign-duckdb", "foreign", "is not a results store: it is a DuckDB database with other tables"),
+            ("human-study-file", "study", "is not a results store: it is a human-study file"),
+            ("truncated", "truncated", "is cut off"), ("fifo", "fifo", "is a named pipe (FIFO)"))],
+        Case("explorer-db-names-a-folder", X, ("--db", "results/", "--headless"), 2, "names a folder"),
+        Case("explorer-human-study-is-a-results-store", X, ("--db", store, "--human-study", store, "--headless"), 2,
+             "is not a human-study file: it is a results store"),
         Case("explorer-db-directory", X, ("--db", folder, "--headless"), 2, "is a directory"),
         Case("explorer-human-study-random-bytes", X, ("--db", store, "--human-study", rand, "--headless"), 2,
              "human-study store"),
@@ -184,6 +241,46 @@ def _cases(w: dict[str, str]) -> list[Case]:
         Case("sample-demo-steps-below-stride", S, ("--steps", "5"), 2,
              "--steps 5 is smaller than the largest FD stride shown (10)"),
     ]
+
+
+def _resume_args(run: str, changes: dict[str, str]) -> tuple[str, ...]:
+    """``fcr-train finetune ... --resume`` of the run ``_write_cli_run`` made, with ``changes``."""
+    args = dict(CLI_RUN_ARGS)
+    args.update(changes)
+    return ("finetune", *[x for kv in args.items() for x in kv if x], "--output-dir", run, "--resume")
+
+
+#: The fine-tune the resume rows resume (1 step, a checkpoint at step 1).
+CLI_RUN_ARGS = {"--model": "embedded-tiny", "--limit": "64", "--batch-size": "8", "--max-steps": "1",
+                "--checkpoint-every": "1", "--lam": "0.2", "--no-progress": ""}
+
+
+def _write_cli_run(out: Path) -> Path:
+    from fcr_train.cli import main
+
+    assert main(["finetune", *[x for kv in CLI_RUN_ARGS.items() for x in kv if x], "--output-dir", str(out)]) == 0
+    return out
+
+
+def _make_read_only(path: Path) -> None:
+    """Make ``path`` read-only for this process; as root (which writes anyway) with the immutable
+    flag too. Fails when the file system allows neither (the read-only rows could not be honest)."""
+    path.chmod(0o555 if path.is_dir() else 0o444)
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i", str(path)], check=True, capture_output=True)
+    probe = path / "probe" if path.is_dir() else path
+    try:
+        with probe.open("a"):
+            pass
+    except OSError:
+        return
+    pytest.fail(f"cannot make {path} read-only here (chmod, chattr +i)")
+
+
+def _undo_read_only(path: Path) -> None:
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", str(path)], check=False, capture_output=True)
+    path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def _digest(root: Path) -> dict[str, str]:
@@ -309,6 +406,29 @@ def world(tmp_path_factory):
         with opt.open("r+b") as f:
             f.truncate(opt.stat().st_size // 2)
     w["torn_run"], w["torn_ckpt"] = str(torn), str(torn / "checkpoints" / "step_0000004")
+    # Stores that are not ours: someone else's DuckDB, a store cut in half, a pipe, read-only ones.
+    import duckdb
+
+    with duckdb.connect(str(inputs / "customers.duckdb")) as con:
+        con.execute("CREATE TABLE customers (id INTEGER, name VARCHAR)")
+        con.execute("INSERT INTO customers VALUES (1, 'a')")
+    w["foreign"] = str(inputs / "customers.duckdb")
+    data = Path(w["store"]).read_bytes()
+    (inputs / "truncated.duckdb").write_bytes(data[: len(data) // 2])
+    w["truncated"] = str(inputs / "truncated.duckdb")
+    os.mkfifo(inputs / "pipe.duckdb")
+    w["fifo"] = str(inputs / "pipe.duckdb")
+    ro_dir = inputs / "read-only"  # a read-only folder holding a store
+    ro_dir.mkdir()
+    w["ro_dir_store"] = str(shutil.copy(w["store"], ro_dir / "fcr.duckdb"))
+    w["ro_dir"] = str(ro_dir)
+    w["ro_store"] = str(shutil.copy(w["store"], inputs / "read-only-store.duckdb"))  # a read-only file
+    w["cli_run"] = str(_write_cli_run(inputs / "cli-run"))
+    (inputs / "hf-home").mkdir()  # an empty model cache
+    w["hf_home"] = str(inputs / "hf-home")
+    read_only = (Path(w["ro_store"]), Path(w["ro_dir_store"]), ro_dir)
+    for path in read_only:
+        _make_read_only(path)
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen()
@@ -316,6 +436,8 @@ def world(tmp_path_factory):
     before, rows = _digest(inputs), _row_counts(Path(w["store"]))
     yield {"root": root, "inputs": inputs, "paths": w, "digest": before, "rows": rows}
     busy.close()
+    for path in reversed(read_only):
+        _undo_read_only(path)
 
 
 @pytest.fixture(scope="module")
@@ -331,7 +453,13 @@ def results(world, request):
     def one(case: Case):
         cwd = world["root"] / "cwd" / case.id
         cwd.mkdir(parents=True)
-        return case.id, (case, _run(case.cli, case.args, cwd), cwd)
+        env = _env()
+        for k, v in case.env:
+            if v is None:
+                env.pop(k, None)
+            else:
+                env[k] = v
+        return case.id, (case, _run(case.cli, case.args, cwd, env=env), cwd)
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         return dict(pool.map(one, cases))
@@ -340,7 +468,8 @@ def results(world, request):
 def _case_ids() -> list[str]:
     dummy = {k: f"<{k}>" for k in ("tiny", "exp1", "rand", "dir", "store", "study", "binary", "empty_study", "laion_missing",
                                    "laion_corrupt", "corrupt_dir", "sd", "other_ckpt", "torn_ckpt", "torn_run",
-                                   *VARIANTS)}
+                                   "foreign", "truncated", "fifo", "ro_dir", "ro_dir_store", "ro_store", "cli_run",
+                                   "hf_home", *VARIANTS)}
     return [c.id for c in _cases({**dummy, "busy_port": 1})]
 
 
@@ -357,10 +486,28 @@ def test_bad_input_is_one_clear_error(results, case_id):
     assert not any(cwd.iterdir()), f"{case.id} left {sorted(p.name for p in cwd.rglob('*'))}"
 
 
+def test_an_unreachable_hub_is_one_line_at_once(results):
+    """No hub client retries (five, a minute long) and no deprecation noise before the error."""
+    case, proc, _ = results["train-model-hub-unreachable"]
+    assert "Retry" not in proc.stderr and "local_dir_use_symlinks" not in proc.stderr, proc.stderr
+    assert len([ln for ln in proc.stderr.splitlines() if ln.strip()]) <= 3, proc.stderr
+
+
 def test_existing_inputs_unchanged(results, world):
     """After the whole table: the store, the study, the experiment files are byte-identical."""
     assert _digest(world["inputs"]) == world["digest"]
     assert _row_counts(Path(world["paths"]["store"])) == world["rows"]
+
+
+def test_report_reads_a_read_only_store(world, tmp_path):
+    """`report` opens the store read-only: a read-only file, or one in a read-only folder, reports
+    (without plots, which would go beside it) and stays as it was."""
+    w = world["paths"]
+    for store in (w["ro_store"], w["ro_dir_store"]):
+        proc = _run("fcr-eval", ("report", w["tiny"], "--store", store, "--no-plots"), tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert f"store: {store}" in proc.stdout and "Traceback" not in proc.stderr
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("how", ["--debug", "FCR_DEBUG=1"])
@@ -416,6 +563,27 @@ LOAD_VARIANTS = dict([
                                                      'prompt_template = "a photo"')),
     _variant("prompt-template-no-states.toml", ('prompt_template = "a photo of a {}"',
                                                 'prompt_template = "a drawing of a {}"')),
+    _variant("dtype-float16-embedded.toml", ("[sampling]", '[sampling]\ndtype = "float16"')),
+    # values that mean nothing, and comparisons that cannot be other than zero (issue 25)
+    _variant("criteria-min-speedup-negative.toml", ("[criteria]\n", "[criteria]\nmin_speedup = -1.0\n")),
+    _variant("criteria-alignment-drop-5.toml", ("[criteria]\n", "[criteria]\nmax_alignment_drop = 5.0\n")),
+    _variant("criteria-timing-batch-0.toml", ("[criteria]\n", "[criteria]\ntiming_batch_size = 0\n")),
+    _variant("criteria-timing-batch-untimed.toml", ("[criteria]\n", "[criteria]\ntiming_batch_size = 64\n")),
+    _variant("criteria-baseline-is-candidate.toml", ('baseline = "fd-2"\ncandidate', 'baseline = "fcr-0.10-fd-4"\ncandidate')),
+    _variant("attribution-of-uncached.toml", ('"finetune_compute"]', '"finetune_compute", "cache_attribution"]\n'
+                                                                     'attribution_variations = ["no-cache"]')),
+    _variant("attribution-of-none.toml", ('"finetune_compute"]', '"finetune_compute", "cache_attribution"]\n'
+                                                                 'attribution_variations = []')),
+    _variant("contrast-cache-mse-uncached.toml",
+             ('[[variations]]\nid = "no-cache"\n', '[[variations]]\nid = "no-cache"\n\n[[variations]]\n'
+                                                    'id = "no-cache-cfg3"\nguidance_scale = 3.0\n'),
+             ('candidate = "fcr-0.10-fd-4"\nbaseline = "fcr-0.10-fd-2"', 'candidate = "no-cache-cfg3"\nbaseline = "no-cache"')),
+    _variant("contrast-target-is-baseline.toml",
+             ('kind = "difference"\nmetric = "cache_mse"\ncandidate = "fcr-0.10-fd-4"\nbaseline = "fcr-0.10-fd-2"',
+              'kind = "recovered_fraction"\nmetric = "cache_mse"\ncandidate = "fcr-0.10-fd-4"\nbaseline = '
+              '"fcr-0.10-fd-2"\ntarget = "fcr-0.10-fd-2"')),
+    _variant("seeds-past-32-bit.toml", ("seeds = [0, 1]", "seeds = [4294967296]")),
+    _variant("model-source-typo.toml", ('source = "embedded-tiny"', 'source = "embeded-tiny"')),
 ])
 
 
@@ -478,6 +646,36 @@ def _load_cases(f: dict[str, str]) -> list[LoadCase]:
                  ("prompt_template = 'a photo' needs exactly the placeholder {}",)),
         LoadCase("runnable-prompt-template-no-text-states", (*plan, f["prompt-template-no-states.toml"]), 2,
                  ("has no text states in the embedded model",)),
+        # --- numbers that say what produced them, and names that are names (issue 25) ------------
+        LoadCase("numbers-dtype-float16-on-the-embedded-model", (*plan, f["dtype-float16-embedded.toml"]), 2,
+                 ("sampling.dtype = 'float16': the embedded model (embedded-tiny) samples in float32 only",
+                  "{file}:{line of dtype = }")),
+        LoadCase("names-model-source-typo", (*run, f["model-source-typo.toml"]), 2,
+                 ("models[0].source = 'embeded-tiny' is not a model: did you mean 'embedded-tiny'?",
+                  "{file}:{line of embeded-tiny}")),
+        LoadCase("meaning-criteria-min-speedup-negative", (*plan, f["criteria-min-speedup-negative.toml"]), 2,
+                 ("criteria.min_speedup = -1.0 means nothing: a speed-up is baseline ÷ candidate seconds per image, > 0",
+                  "{file}:{line of min_speedup}")),
+        LoadCase("meaning-criteria-alignment-drop-5", (*plan, f["criteria-alignment-drop-5.toml"]), 2,
+                 ("criteria.max_alignment_drop = 5.0 means nothing: a drop is a fraction of the baseline's alignment",)),
+        LoadCase("meaning-criteria-timing-batch-0", (*run, f["criteria-timing-batch-0.toml"]), 2,
+                 ("criteria.timing_batch_size = 0 is not a batch size the experiment times "
+                  "(evaluation.timing_batch_sizes = [1, 2])", "{file}:{line of timing_batch_size = 0}")),
+        LoadCase("meaning-criteria-timing-batch-untimed", (*plan, f["criteria-timing-batch-untimed.toml"]), 2,
+                 ("criteria.timing_batch_size = 64 is not a batch size the experiment times",)),
+        LoadCase("meaning-criteria-baseline-is-candidate", (*plan, f["criteria-baseline-is-candidate.toml"]), 2,
+                 ("criteria.baseline = criteria.candidate = 'fcr-0.10-fd-4': a criterion compares two different",)),
+        LoadCase("meaning-attribution-of-an-uncached-variation", (*plan, f["attribution-of-uncached.toml"]), 2,
+                 ("evaluation.attribution_variations names 'no-cache', which samples without a cache",)),
+        LoadCase("meaning-attribution-of-none", (*run, f["attribution-of-none.toml"]), 2,
+                 ("evaluation.attribution_variations = [] names no variation",)),
+        LoadCase("meaning-contrast-cache-mse-between-uncached", (*plan, f["contrast-cache-mse-uncached.toml"]), 2,
+                 ("contrast 'tiny-stride-gap' (contrasts[0]): metric = 'cache_mse' compares each sample with the same "
+                  "weights' uncached sample", "the contrast is 0 [0, 0]")),
+        LoadCase("meaning-contrast-target-is-baseline", (*plan, f["contrast-target-is-baseline.toml"]), 2,
+                 ("target = 'fcr-0.10-fd-2' is also the baseline: a recovered fraction needs three different",)),
+        LoadCase("numbers-seed-past-the-store-column", (*run, f["seeds-past-32-bit.toml"]), 2,
+                 ("seeds = [4294967296]: every seed must be in [0, 2**31): the results store keeps seeds in 32-bit",)),
         LoadCase("run-wait-negative", ("run", str(TINY), "--wait", "-5"), 2, ("--wait: -5 is out of range",)),
         LoadCase("run-wait-nan", ("run", str(TINY), "--wait", "nan"), 2, ("--wait: nan is out of range",)),
     ]
@@ -588,3 +786,251 @@ def test_plan_of_the_designed_studies_is_offline_and_fast(tmp_path):
     strict = _run("fcr-eval", ("plan", "--strict", "--no-calibrate", files[0]), tmp_path, env=env, timeout=120)
     assert strict.returncode == 3 and "is not available here" in strict.stderr, strict.stderr
     assert "Traceback" not in strict.stderr
+
+
+# ==============================================================================================
+# Issue 25: the benchmarks' arguments. Every bad value is refused at the start: one line
+# `<script>: error: ...`, exit code 2, no traceback, nothing created in the case's (empty) working
+# directory, the inputs and the committed results (docs/mechanism) unchanged. One interpreter per
+# script serves its cases (a driver calls the script's main once per case, each in its own cwd, with
+# stderr captured per call; an exception that escapes is printed as its traceback): the scripts
+# import torch, and one start per script keeps the table to ~1 min on an idle 2-core machine.
+# ==============================================================================================
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+BENCH_DRIVER = """
+import contextlib, io, json, os, runpy, sys, traceback
+script, cases = sys.argv[1], json.loads(sys.argv[2])
+sys.path.insert(0, os.path.dirname(script))
+sys.argv = [script]
+from bench_cli import run
+mod = runpy.run_path(script, run_name="bench_case")
+results = []
+for cwd, argv in cases:
+    os.chdir(cwd)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = run(mod["main"], argv)
+        except SystemExit as e:  # argparse's own refusals
+            code = e.code
+        except BaseException:
+            traceback.print_exc(file=err)
+            code = "exception"
+    results.append({"code": code, "stderr": err.getvalue()})
+print(json.dumps(results))
+"""
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    id: str
+    script: str
+    args: tuple[str, ...]
+    phrase: str
+    code: int = 2
+
+
+def _bench_cases(b: dict[str, str]) -> list[BenchCase]:
+    """The table; ``b`` holds the inputs' paths (see the ``bench_inputs`` fixture)."""
+    Q, M, S = "quality_at_speed.py", "mechanism_study.py", "sampler_speed.py"  # noqa: N806
+    ok, small = ("--finetunes", b["ft_ok"]), ("--samples", "4", "--batch", "4", "--fd", "5")
+    return [
+        # --- quality_at_speed.py ------------------------------------------------------------
+        BenchCase("quality-batch-0", Q, ("--batch", "0"), "argument --batch: 0 is out of range"),
+        BenchCase("quality-samples-not-multiple", Q, ("--samples", "50", "--batch", "100"),
+                  "--samples 50 must be a multiple of --batch 100"),
+        BenchCase("quality-steps-0", Q, ("--steps", "0"), "argument --steps: 0 is out of range"),
+        BenchCase("quality-fd-stride-0", Q, ("--fd", "0"), "argument --fd: 0 is out of range"),
+        BenchCase("quality-fd-stride-over-steps", Q, ("--fd", "30"), "--fd [30]: a stride larger than --steps 20"),
+        BenchCase("quality-deepcache-interval-1", Q, ("--deepcache", "1", "0"), "an interval must be at least 2"),
+        BenchCase("quality-deepcache-branch-99", Q, (*small, "--deepcache", "5", "99"),
+                  "DeepCache-N5-b99: cache_branch_id=99 names block 33"),
+        BenchCase("quality-n-reference-past-test-split", Q, ("--n-reference", "20000"),
+                  "--n-reference 20000 is more than the 10000 Fashion-MNIST test images"),
+        BenchCase("quality-guidance-nan", Q, ("--guidance", "nan"), "argument --guidance: nan is out of range"),
+        BenchCase("quality-threads-0", Q, ("--threads", "0"), "argument --threads: 0 is out of range"),
+        BenchCase("quality-out-is-a-folder", Q, ("--out", b["dir"]), f"--out {b['dir']} is a folder"),
+        BenchCase("quality-weights-not-label-folder", Q, ("--weights", "x"), "expected LABEL=FOLDER"),
+        BenchCase("quality-weights-label-base", Q, ("--weights", f"base={b['base_copy']}"), "the label 'base'"),
+        BenchCase("quality-weights-label-twice", Q, ("--weights", f"a={b['base_copy']}", "--weights",
+                                                     f"a={b['base_copy']}"), "the label(s) ['a'] are given twice"),
+        BenchCase("quality-weights-missing-folder", Q, ("--weights", "x=no-such-folder"), "is not a folder"),
+        BenchCase("quality-weights-no-config", Q, ("--weights", f"x={b['dir']}"), "has no config.json"),
+        BenchCase("quality-weights-config-not-json", Q, ("--weights", f"x={b['bad_json']}"),
+                  "config.json is not readable JSON"),
+        BenchCase("quality-weights-cut-off", Q, ("--weights", f"x={b['cut']}"), "is cut off or not a safetensors file"),
+        BenchCase("quality-weights-other-architecture", Q, ("--weights", f"x={b['tiny']}"),
+                  "is a UNet of another architecture than the base"),
+        # --- mechanism_study.py -------------------------------------------------------------
+        BenchCase("mechanism-samples-0", M, ("--samples", "0"), "argument --samples: 0 is out of range"),
+        BenchCase("mechanism-samples-past-the-runs", M, (*ok, "--samples", "1000"),
+                  "--samples 1000 is more than the 60 samples per run"),
+        BenchCase("mechanism-stride-0", M, ("--stride", "0"), "argument --stride: 0 is out of range"),
+        BenchCase("mechanism-stride-over-steps", M, (*ok, "--stride", "40"),
+                  "--stride 40 is larger than the experiment's 20 sampling steps"),
+        BenchCase("mechanism-per-arm-0", M, ("--per-arm", "0"), "argument --per-arm: 0 is out of range"),
+        BenchCase("mechanism-threads-0", M, ("--threads", "0"), "argument --threads: 0 is out of range"),
+        BenchCase("mechanism-finetunes-missing", M, ("--finetunes", "no-such-folder"), "is not a folder"),
+        BenchCase("mechanism-arm-unknown", M, (*ok, "--arms", "zzz"), "--arms: unknown ['zzz']"),
+        BenchCase("mechanism-arm-without-finetunes", M, (*ok, "--arms", "base,fcr"),
+                  "--arms fcr: no finished fine-tune of that arm"),
+        BenchCase("mechanism-finetune-weights-cut-off", M, ("--finetunes", b["ft_cut"], "--arms", "control"),
+                  "is cut off or not a safetensors file"),
+        BenchCase("mechanism-finetune-record-corrupt", M, ("--finetunes", b["ft_json"], "--arms", "control"),
+                  "does not name the fine-tune's weights"),
+        BenchCase("mechanism-finetune-weights-missing", M, ("--finetunes", b["ft_missing"], "--arms", "control"),
+                  "is not a folder"),
+        BenchCase("mechanism-finetunes-of-two-architectures", M, ("--finetunes", b["ft_mixed"], "--arms",
+                                                                   "control,fcr"), "UNets of 2 architectures"),
+        BenchCase("mechanism-experiment-not-toml", M, (*ok, "--experiment", b["not_toml"]), "not valid TOML"),
+        BenchCase("mechanism-out-is-a-file", M, (*ok, "--arms", "base", "--out", b["file"]),
+                  f"--out {b['file']} is a file, not a folder"),
+        BenchCase("mechanism-resume-without-out", M, (*ok, "--arms", "base", "--resume"),
+                  "--resume continues a study in --out"),
+        # --- the siblings ---------------------------------------------------------------------
+        BenchCase("sampler-steps-0", S, ("--steps", "0"), "argument --steps: 0 is out of range"),
+        BenchCase("sampler-stride-over-steps", S, ("--steps", "6", "--strides", "10"),
+                  "are larger than --steps 6"),
+        BenchCase("sampler-device-unknown", S, ("--device", "tpu"), "is not a device name"),
+        BenchCase("sampler-out-is-a-folder", S, ("--out", b["dir"]), "is a folder"),
+        BenchCase("parallel-stride-over-steps", "parallel_decoding.py", ("--stride", "30"),
+                  "--stride 30 is larger than --steps 20"),
+        BenchCase("train-step-batch-0", "train_step.py", ("--batch-size", "0"), "argument --batch-size: 0 is out"),
+        BenchCase("train-step-json-is-a-folder", "train_step.py", ("--json", b["dir"]), "--json"),
+        BenchCase("explorer-scale-store-foreign", "explorer_scale.py", ("--store", b["foreign"]),
+                  "is not a results store"),
+        BenchCase("explorer-scale-keep-existing-file", "explorer_scale.py", ("--keep", b["file"]),
+                  "exists; the benchmark builds a new store and never writes over a file"),
+        BenchCase("frechet-dim-0", "frechet_speed.py", ("--dim", "0"), "argument --dim: 0 is out of range"),
+        BenchCase("coverage-one-cluster", "interval_coverage.py", ("--clusters", "1"),
+                  "argument --clusters: 1 is out of range"),
+        BenchCase("store-metrics-rows-below-metrics", "store_sample_metrics.py", ("--rows", "2"),
+                  "--rows 2 is fewer than the"),
+    ]
+
+
+def _save_unet(config: dict, folder: Path) -> Path:
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    UNet2DConditionModel(**config).save_pretrained(folder)
+    return folder
+
+
+def _fake_finetune(root: Path, objective: str, seed: int, unet: Path | None, record: str | None = None) -> None:
+    """A finished fine-tune folder as fcr-eval writes it: ft-<objective>-s<seed>-<hash>, its
+    fcr_eval_weights.json naming checkpoints/.../unet."""
+    d = root / f"ft-{objective}-s{seed}-0123abcd"
+    target = d / "checkpoints" / "step_0000002" / "unet"
+    target.parent.mkdir(parents=True)
+    if unet is not None:
+        shutil.copytree(unet, target)
+    (d / "fcr_eval_weights.json").write_text(record if record is not None else json.dumps(
+        {"final_unet": str(target), "run_dir": str(d), "steps": 2}))
+
+
+@pytest.fixture(scope="module")
+def bench_inputs(tmp_path_factory):
+    import duckdb
+    from fcr_train.embedded import BASE_WEIGHTS_DIR, TINY_UNET_CONFIG
+
+    root = tmp_path_factory.mktemp("bench-args")
+    inputs = root / "inputs"
+    inputs.mkdir()
+    b = {"dir": str(inputs / "a-folder"), "file": str(inputs / "a-file.txt"), "not_toml": str(inputs / "x.toml")}
+    Path(b["dir"]).mkdir()
+    Path(b["file"]).write_text("notes\n")
+    Path(b["not_toml"]).write_text("[sampling\n")
+    base = Path(shutil.copytree(BASE_WEIGHTS_DIR, inputs / "base-copy"))
+    b["base_copy"] = str(base)
+    cut = Path(shutil.copytree(BASE_WEIGHTS_DIR, inputs / "cut-weights"))
+    weights = cut / "diffusion_pytorch_model.safetensors"
+    with weights.open("r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    b["cut"] = str(cut)
+    bad = Path(shutil.copytree(BASE_WEIGHTS_DIR, inputs / "bad-json"))
+    (bad / "config.json").write_text("{not json")
+    b["bad_json"] = str(bad)
+    b["tiny"] = str(_save_unet(TINY_UNET_CONFIG, inputs / "tiny-unet"))
+    control, fcr = "lam0.00-d10-all", "lam0.15-d10-ss-relative_mse-all"
+    for name in ("ft_ok", "ft_cut", "ft_json", "ft_missing", "ft_mixed"):
+        (inputs / name).mkdir()
+        b[name] = str(inputs / name)
+    _fake_finetune(inputs / "ft_ok", control, 0, base)
+    _fake_finetune(inputs / "ft_cut", control, 0, cut)
+    _fake_finetune(inputs / "ft_json", control, 0, base, record="{cut short")
+    _fake_finetune(inputs / "ft_missing", control, 0, None)
+    _fake_finetune(inputs / "ft_mixed", control, 0, base)
+    _fake_finetune(inputs / "ft_mixed", fcr, 0, Path(b["tiny"]))
+    with duckdb.connect(str(inputs / "customers.duckdb")) as con:
+        con.execute("CREATE TABLE customers (id INTEGER)")
+    b["foreign"] = str(inputs / "customers.duckdb")
+    docs = Path(__file__).resolve().parents[1] / "docs" / "mechanism"
+    return {"root": root, "inputs": inputs, "paths": b, "digest": _digest(inputs), "docs": _digest(docs),
+            "docs_path": docs}
+
+
+@pytest.fixture(scope="module")
+def bench_results(bench_inputs, request):
+    """{case id: (case, {"code", "stderr"}, cwd)}: one driver process per script, two at a time."""
+    cases = _bench_cases(bench_inputs["paths"])
+    by_script: dict[str, list[BenchCase]] = {}
+    for c in cases:
+        by_script.setdefault(c.script, []).append(c)
+    env = {**_env(), "FCR_BENCH_OUT": str(bench_inputs["root"] / "bench-out")}
+
+    def one(script: str):
+        todo = []
+        for c in by_script[script]:
+            cwd = bench_inputs["root"] / "cwd" / c.id
+            cwd.mkdir(parents=True)
+            todo.append((str(cwd), list(c.args)))
+        proc = subprocess.run([sys.executable, "-c", BENCH_DRIVER, str(BENCH / script), json.dumps(todo)],
+                              capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+        return [(c.id, (c, r, Path(cwd))) for c, r, (cwd, _) in zip(by_script[script], out, todo, strict=True)]
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(kv for rows in pool.map(one, by_script) for kv in rows)
+
+
+@pytest.mark.parametrize("case_id", [c.id for c in _bench_cases(defaultdict(str))])
+def test_bad_benchmark_argument_is_refused_at_the_start(bench_results, case_id):
+    case, r, cwd = bench_results[case_id]
+    where = f"benchmarks/{case.script} {' '.join(case.args)}\nstderr:\n{r['stderr'][-3000:]}"
+    assert r["code"] == case.code, where
+    assert case.phrase in r["stderr"], where
+    assert "Traceback" not in r["stderr"], where
+    last = [ln for ln in r["stderr"].splitlines() if ln.strip()][-1]
+    assert re.match(rf"{re.escape(case.script)}: error: ", last), where
+    assert not any(cwd.iterdir()), f"{case.id} left {sorted(p.name for p in cwd.rglob('*'))}"
+
+
+def test_bad_benchmark_arguments_change_nothing(bench_results, bench_inputs):
+    """The inputs and the committed docs/mechanism results are byte-identical; no results folder was
+    made (the default --out is created only when results are written)."""
+    assert _digest(bench_inputs["inputs"]) == bench_inputs["digest"]
+    assert _digest(bench_inputs["docs_path"]) == bench_inputs["docs"]
+    assert not (bench_inputs["root"] / "bench-out").exists()
+
+
+def test_mechanism_study_writes_a_fresh_folder_by_default(bench_inputs, tmp_path):
+    """The data loss of issue 25: the default --out was docs/mechanism. Now a run without --out
+    writes a new folder (here under $FCR_BENCH_OUT), says so, records the samples it measured, and
+    the committed results stay byte-identical. (One weights, one sample, no propagation: ~20 s.)"""
+    out_root = tmp_path / "bench-out"
+    proc = subprocess.run([sys.executable, str(BENCH / "mechanism_study.py"), "--arms", "base", "--per-arm", "1",
+                           "--samples", "1", "--no-propagation", "--threads", "1", "--finetunes",
+                           bench_inputs["paths"]["ft_ok"]], cwd=tmp_path, capture_output=True, text=True,
+                          env={**_env(), "FCR_BENCH_OUT": str(out_root)}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (folder,) = out_root.iterdir()
+    assert folder.name.startswith("mechanism-") and f"results go to {folder}" in proc.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["attribution_base.png", "results.json", "rows.csv", "tables.md"]
+    meta = json.loads((folder / "results.json").read_text())["meta"]
+    assert meta["samples"] == [1] and meta["weights"] == [["base", 0, "base"]]
+    assert _digest(bench_inputs["docs_path"]) == bench_inputs["docs"]

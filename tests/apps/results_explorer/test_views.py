@@ -213,3 +213,31 @@ def test_stride_axes_say_what_each_cache_kind_plots(store_with_deepcache, app_fo
     dc = [s for s in specs if "DeepCache interval (steps between full UNet passes)" in s]
     assert len(fd) == 1 and len(dc) == 1 and fd[0] != dc[0]
     assert "stride (steps between encoder passes)" not in dc[0]
+
+
+
+@pytest.mark.parametrize("view", VIEWS)
+def test_a_file_that_is_not_a_results_store_is_named_in_every_view(tmp_path, small_store, app_for, view):
+    """A foreign DuckDB or a study file at --db: the page says what the file is (never "no finished
+    runs yet"); a store cut off before the end of its data: the page says so instead of a
+    traceback. The files are not changed."""
+    import hashlib
+
+    import duckdb
+    from fcr_human_study.store import StudyStore
+
+    foreign, study, cut = tmp_path / "foreign.duckdb", tmp_path / "study.duckdb", tmp_path / "cut.duckdb"
+    with duckdb.connect(str(foreign)) as con:
+        con.execute("CREATE TABLE customers (id INTEGER, name VARCHAR)")
+    StudyStore(study).close()
+    data = small_store.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    files = {foreign: "a DuckDB database with other tables (customers)", study: "a human-study file",
+             cut: "is cut off"}
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    for path, phrase in files.items():
+        at = _run(app_for(path, view=view))
+        text = " ".join(str(e.value) for e in at.error)
+        assert phrase in text, (path.name, text)
+        assert "no finished runs" not in _texts(at)
+    assert before == {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}

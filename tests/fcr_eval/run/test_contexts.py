@@ -19,7 +19,7 @@ def test_dpm_solver_clips_x0_like_ddim_on_the_embedded_model_and_leaves_sd_alone
 
 def test_dpm_solver_samples_of_the_shipped_model_are_not_saturated():
     """Regression: without x̂0 clipping DPM-Solver++ (20 steps) turned every pixel of the shipped
-    base model's samples to 0 or 1 (class agreement 0.20 vs 0.69 clipped, docs/mini-exp-2)."""
+    base model's samples to 0 or 1 (class agreement 0.20 vs 0.69 clipped, docs/mini-exp-2-robustness)."""
     torch.manual_seed(0)
     base = load_embedded_base()
     labels = torch.arange(20) % 10

@@ -14,7 +14,8 @@ from fcr_eval.spec.experiment import ExperimentFileError, load_experiment
 ROOT = Path(__file__).resolve().parents[3]
 EXPERIMENTS = ROOT / "experiments"
 TINY = Path(__file__).parents[1] / "experiments" / "tiny.toml"
-FILES = ["exp-1-main-ablation.toml", "exp-2-generalisation-robustness.toml", "mini-exp-1.toml", "mini-exp-2.toml"]
+FILES = ["exp-1-main-ablation.toml", "exp-2-generalisation-robustness.toml", "mini-exp-1.toml", "mini-exp-2.toml",
+         "mini-exp-2-robustness.toml"]
 
 
 @pytest.mark.parametrize("name", FILES)
@@ -93,7 +94,8 @@ def test_plan_json_has_the_design_output_form(capsys):
     out = json.loads(capsys.readouterr().out)
     assert set(out) == {"experiments", "expected_models", "expected_datasets"}
     assert [e["experiment_id"] for e in out["experiments"]] == [
-        "exp-1-main-ablation", "exp-2-generalisation-robustness", "mini-exp-1", "mini-exp-2"]
+        "exp-1-main-ablation", "exp-2-generalisation-robustness", "mini-exp-1", "mini-exp-2",
+        "mini-exp-2-robustness"]
     for e in out["experiments"]:
         assert set(e) == {"experiment_id", "run_variations", "description"}
         assert e["run_variations"] and all(isinstance(v, str) for v in e["run_variations"])

@@ -143,7 +143,7 @@ def test_migration_from_version_1_keeps_data(tmp_path):
                 "VALUES ('old-run', 'e', 'v', 0, 'finished')")
     con.execute("INSERT INTO timings (run_id, batch_size, sec_per_image) VALUES ('old-run', 1, 0.5)")
     con.close()
-    with pytest.raises(StoreSchemaError, match="open it once for writing"):
+    with pytest.raises(StoreSchemaError, match="migrate it once with `fcr-eval migrate --store "):
         ResultsStore.open_readonly(path)
     s = ResultsStore(path)  # the writer migrates
     assert s.schema_version == SCHEMA_VERSION
@@ -152,6 +152,28 @@ def test_migration_from_version_1_keeps_data(tmp_path):
     assert t["sec_per_image"].to_list() == [0.5] and t["n_images"].to_list() == [None]
     versions = s.sql("SELECT version FROM schema_version ORDER BY version")["version"].to_list()
     assert versions == list(range(1, SCHEMA_VERSION + 1))
+
+
+def test_the_migrate_command_readers_name_migrates(tmp_path, capsys):
+    """The command a reader's hint names brings an old store to this schema; a second call has
+    nothing to do; a file that is not a results store is refused and left as it was."""
+    from fcr_eval.cli import main
+
+    path = tmp_path / "old.duckdb"
+    with duckdb.connect(str(path)) as con:
+        migrate(con, target=1)
+    assert main(["migrate", "--store", str(path)]) == 0
+    assert f"schema version 1 -> {SCHEMA_VERSION}" in capsys.readouterr().out
+    assert ResultsStore.open_readonly(path).schema_version == SCHEMA_VERSION
+    assert main(["migrate", "--store", str(path)]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    other = tmp_path / "other.duckdb"
+    with duckdb.connect(str(other)) as con:
+        con.execute("CREATE TABLE customers (id INTEGER)")
+    before = other.read_bytes()
+    assert main(["migrate", "--store", str(other)]) == 2
+    assert "is not a results store: it is a DuckDB database with other tables (customers)" in capsys.readouterr().err
+    assert other.read_bytes() == before
 
 
 def test_failed_migration_rolls_back(tmp_path, monkeypatch):

@@ -81,7 +81,7 @@ def test_a_version_2_store_migrates_keeping_every_row(tmp_path):
     write_v2_store(path)
     before = {t: _dump(path, t) for t in ("metrics", "timings", "samples")}
     runs_before = _dump(path, "runs", V2_RUN_COLUMNS)
-    with pytest.raises(StoreSchemaError, match="open it once for writing"):
+    with pytest.raises(StoreSchemaError, match="migrate it once with `fcr-eval migrate --store "):
         ResultsStore.open_readonly(path)  # readers never migrate
 
     store = ResultsStore(path)  # the writer migrates

@@ -48,10 +48,17 @@ def _require_study(path: str) -> None:
 
 
 def _require_folder(path: str, flag: str) -> None:
+    """The folder ``path`` goes in exists and can be written (checked before anything is made)."""
+    from fcr_eval.store.db import store_path
+
+    store_path(path, flag, Path(DEFAULT_STUDY_PATH).name if flag == "--out" else "votes.csv")  # "x/": a folder
     parent = Path(path).parent
     if not parent.is_dir():
         raise UserError(f"the folder of {flag} {path} ({parent}) does not exist; create it or pass a path in an "
                         "existing folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"the folder of {flag} {path} ({parent}) is read-only; pass a path in a folder you can "
+                        "write, or make that one writable")
 
 
 def _check_study(path: str) -> None:
@@ -68,11 +75,13 @@ def _check_study(path: str) -> None:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
+    from fcr_eval.store.results import check_results_store
+
     from .build import add_raters, build_study
 
-    if not Path(args.store).is_file():
-        raise UserError(f"no results store at {args.store}" + (" (it is a directory)" if Path(args.store).is_dir() else "")
-                        + "; run an experiment first (`fcr-eval run`) or pass the right --store")
+    _require_folder(args.out, "--out")
+    # read-only, whole and a results store (a study file, a pipe or a folder is named as such)
+    check_results_store(args.store, must_exist=True, for_writing=False)
 
     report = build_study(
         args.store, args.out, n_pairs=args.pairs, attention_share=args.attention_share,

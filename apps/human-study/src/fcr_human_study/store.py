@@ -35,10 +35,14 @@ from typing import Any
 
 import duckdb
 from fcr_eval.store.db import (
+    KNOWN_DATABASES,
     StoreError,
     StoreLockedError,
     StoreUnreadableError,
+    check_complete,
     connect,
+    database_kind,
+    describe_database,
     transaction,
     utcnow,
 )
@@ -80,7 +84,7 @@ class NotAStudyFileError(StudyStoreUnreadableError):
 
 
 #: Tables every study file has (migration 1): a DuckDB file without them is not a study file.
-STUDY_TABLES = ("study", "pairs", "votes")
+STUDY_TABLES = KNOWN_DATABASES["human-study file"]
 # Bytes 8-12 of every DuckDB database file (after an 8-byte checksum).
 _DUCKDB_MAGIC = b"DUCK"
 
@@ -102,15 +106,17 @@ def _is_duckdb_file(path: Path) -> bool:
 def _why_not_a_study(con: duckdb.DuckDBPyConnection, *, empty_is_ok: bool) -> str | None:
     """Why the open database is not a study file, or ``None`` when it has the study's tables (or
     has no table at all and ``empty_is_ok``: a writer makes it a study)."""
-    tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
-    if set(STUDY_TABLES) <= tables:
+    kind, tables = database_kind(con)
+    if kind == "human-study file" or (kind == "empty" and empty_is_ok):
         return None
-    if not tables:
-        return None if empty_is_ok else "it is an empty DuckDB database"
-    if "runs" in tables:  # the results store's main table (fcr_eval.migrations)
-        return "it is a results store (fcr-eval's runs and metrics), not the human study's own file"
-    shown = ", ".join(sorted(tables)[:6]) + (", ..." if len(tables) > 6 else "")
-    return f"it is a DuckDB database with other tables ({shown})"
+    return f"it is {describe_database(kind, tables)}"
+
+
+def _check_whole(con: duckdb.DuckDBPyConnection, path: Path) -> None:
+    try:
+        check_complete(con, path, "study file")
+    except StoreUnreadableError as e:
+        raise StudyStoreUnreadableError(str(e)) from None
 
 
 def images_dir_for(path: str | os.PathLike) -> Path:
@@ -277,19 +283,23 @@ class StudyStore:
     def _check_and_migrate(self) -> None:
         if self.read_only:
             with self.connection() as con:
+                _check_whole(con, self.path)
                 why = _why_not_a_study(con, empty_is_ok=False)
                 if why:
                     raise _not_a_study(self.path, why)
                 v = read_schema_version(con)
             if v != SCHEMA_VERSION:
                 raise StudyStoreError(
-                    f"{self.path} is at schema version {v}, this code reads {SCHEMA_VERSION}"
-                )
+                    f"{self.path} is at schema version {v}, this code reads {SCHEMA_VERSION}; "
+                    + ("upgrade fcr-human-study (uv sync)" if v > SCHEMA_VERSION else
+                       f"`fcr-human-study serve --study {self.path}` migrates it when it starts (readers never "
+                       "migrate)"))
         else:
             if not self.path.is_dir():  # a directory is refused by _open() with a clear error
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.connection() as con:
                 # before the migrations: they would write the study's tables into a foreign file
+                _check_whole(con, self.path)
                 why = _why_not_a_study(con, empty_is_ok=True)
                 if why:
                     raise _not_a_study(self.path, why)

@@ -11,6 +11,7 @@ import os
 
 import duckdb
 import streamlit as st
+from fcr_eval.store.db import describe_database
 
 from fcr_results_explorer import queries as q
 from fcr_results_explorer.app_env import ENV_DB, ENV_HUMAN_STUDY
@@ -110,6 +111,13 @@ def main() -> None:
             tables = reader.tables()
         except (duckdb.Error, StoreUnavailable) as error:
             st.error(f"Could not open the store at `{location.path}` read-only: {error}")
+            return
+        kind, names = reader.kind()
+        if kind not in ("results store", "empty"):
+            st.error(f"`{location.path}` is not a results store: it is {describe_database(kind, names)}. The "
+                     "explorer reads it as it is and shows nothing from it; point `fcr-explorer --db` at the "
+                     "results store (e.g. results/fcr.duckdb)"
+                     + (", and a study file at `--human-study`." if kind == "human-study file" else "."))
             return
         missing = [t for t in STORE_TABLES if t not in tables]
         if "runs" not in tables or q.count_runs(reader, q.RunFilter()) == 0:

@@ -53,18 +53,27 @@ def main(argv: list[str] | None = None) -> int:
                    user_errors={"fcr_eval.store.db:StoreError": EXIT_USAGE})
 
 
-def _check_store(path: Path, describe: str) -> None:
-    """A store that exists must open as DuckDB (read-only, nothing created)."""
-    from fcr_eval.store.db import connect
+def _check_human_study(path: Path) -> None:
+    """A human-study file that exists must be one (read-only, nothing created or migrated)."""
+    from fcr_eval.store.db import StoreUnreadableError, connect, database_kind, describe_database
 
-    if path.exists() or path.is_symlink():
-        connect(path, read_only=True, timeout=5.0, describe=describe).close()
+    if not (path.exists() or path.is_symlink()):
+        return
+    with connect(path, read_only=True, timeout=5.0, describe="human-study store") as con:
+        kind, tables = database_kind(con)
+    if kind not in ("human-study file", "empty"):
+        raise StoreUnreadableError(f"--human-study {path} is not a human-study file: it is "
+                                   f"{describe_database(kind, tables)}. Pass the study file `fcr-human-study build "
+                                   "--out` wrote, or leave --human-study out")
 
 
 def _serve(args: argparse.Namespace, extra: list[str]) -> int:
+    from fcr_eval.store.results import check_results_store
+
     location = StoreLocation.resolve(args.db, args.human_study)
-    _check_store(location.path, "results store")
-    _check_store(location.human_study_path, "human-study store")
+    # A store that exists must be a results store, read whole (read-only; a missing one gets guidance).
+    check_results_store(os.path.expanduser(args.db), must_exist=False, for_writing=False)
+    _check_human_study(location.human_study_path)
     check_port_free(args.address, args.port)
     if not location.path.exists():
         logging.getLogger("fcr-explorer").warning(

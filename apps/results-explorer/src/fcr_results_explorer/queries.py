@@ -25,7 +25,7 @@ NONE = "none"
 # Filterable run columns, in the order the sidebar shows them: (column, label).
 FILTER_COLUMNS: tuple[tuple[str, str], ...] = (
     ("experiment_id", "Experiment"),
-    ("model", "Model"),
+    ("model", "Model (backbone: embedded, emoji, SD)"),
     ("dataset", "Dataset"),
     ("sampler", "Sampler"),
     ("stride", "Stride"),

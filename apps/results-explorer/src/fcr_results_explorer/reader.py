@@ -35,7 +35,14 @@ from typing import Any
 
 import duckdb
 import polars as pl
-from fcr_eval.store.db import StoreLockedError, StoreUnreadableError, connect, retry_while_locked
+from fcr_eval.store.db import (
+    StoreLockedError,
+    StoreUnreadableError,
+    check_complete,
+    connect,
+    database_kind,
+    retry_while_locked,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -191,17 +198,22 @@ class StoreReader:
         return self._con
 
     def _open(self) -> duckdb.DuckDBPyConnection:
-        path = self.location.path
+        path = opened = self.location.path
         try:
             con = self._connect_read_only(path, "results store")
         except StoreLockedError as locked:
             logger.info("store %s is locked by PID %s; reading a snapshot", path, locked.holder_pid)
-            copy = _snapshot(path, self._tmpdir())
+            opened = copy = _snapshot(path, self._tmpdir())
             con = connect(copy, read_only=True, timeout=0, describe="snapshot of the results store")
             self.note.snapshot_of = str(path)
             self.note.lock_holder_pid = locked.holder_pid
             self.note.taken_at = datetime.now(timezone.utc)
         except StoreUnreadableError as error:
+            raise StoreUnavailable(str(error)) from None
+        try:
+            check_complete(con, opened, "results store" if opened == path else f"snapshot of {path}")
+        except StoreUnreadableError as error:
+            con.close()
             raise StoreUnavailable(str(error)) from None
         _add_later_columns(con)
         self._attach_human_study(con)
@@ -257,6 +269,10 @@ class StoreReader:
 
     def has(self, table: str) -> bool:
         return table in self.tables()
+
+    def kind(self) -> tuple[str, list[str]]:
+        """Which file the store path holds (:func:`fcr_eval.store.db.database_kind`)."""
+        return database_kind(self.con)
 
     @property
     def human_study_schema(self) -> str | None:

@@ -81,10 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="when another runner holds the store, wait up to this long for it (default: refuse at "
                         "once, naming it)")
 
-    p = sub.add_parser("report", help="summary table, criteria and plots from the store (no compute)")
+    p = sub.add_parser("report", help="summary table, criteria and plots from the store (no compute; opens the "
+                                      "store read-only, plots go beside it)")
     p.add_argument("file", help="experiment .toml file")
     _add_common(p)
     p.add_argument("--no-plots", action="store_true")
+
+    p = sub.add_parser("migrate", help="bring a results store written by an older fcr-eval to this schema")
+    p.add_argument("--store", default="results/fcr.duckdb", help="DuckDB results store (default %(default)s)")
+    add_debug_argument(p, subcommand=True)
     return parser
 
 
@@ -138,6 +143,8 @@ def _report(args) -> int:
 
     exp = load_experiment(args.file, args.profile)
     check_store(args.store, must_exist=True)
+    if not args.no_plots:
+        _check_plots_writable(Path(args.store).parent)
     report(exp, Path(args.store), plots=not args.no_plots)
     return 0
 
@@ -147,7 +154,7 @@ def _run(args) -> int:
     from fcr_eval.spec.experiment import load_experiment
 
     exp = load_experiment(args.file, args.profile)
-    check_store(args.store, must_exist=False)
+    check_store(args.store, must_exist=False, for_writing=True)
     if args.threads and args.threads > (os.cpu_count() or 1):
         logger.warning("--threads %d is more than this machine's %d CPU(s); torch will oversubscribe them",
                        args.threads, os.cpu_count() or 1)
@@ -200,16 +207,48 @@ def _require_runner(command: str) -> None:
                         "Install it: pip install 'fcr-eval[run]'")
 
 
+def _check_plots_writable(store_folder: Path) -> None:
+    """`report` only reads the store, but writes its plots beside it: say so before any work."""
+    plots = store_folder / "plots"
+    where = plots if plots.exists() else store_folder
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise UserError(f"the plots go to {plots}, and {where} is read-only; pass --no-plots to report without "
+                        "them, or make it writable")
+
+
+def _migrate(args) -> int:
+    """Bring the results store at --store to this code's schema (what readers ask for)."""
+    from fcr_eval.store.db import connect
+    from fcr_eval.store.results import (
+        SCHEMA_VERSION,
+        ResultsStore,
+        check_results_store,
+        read_schema_version,
+    )
+
+    check_results_store(args.store, must_exist=True, for_writing=True)
+    with connect(args.store, read_only=True, timeout=5.0, describe="results store") as con:
+        before = read_schema_version(con)
+    if before > SCHEMA_VERSION:
+        raise UserError(f"{args.store} is at schema version {before}, newer than this fcr-eval's {SCHEMA_VERSION}; "
+                        "upgrade fcr-eval (uv sync) to read it")
+    ResultsStore(args.store)
+    print(f"{args.store}: schema version {before} -> {SCHEMA_VERSION}" if before != SCHEMA_VERSION
+          else f"{args.store}: already at schema version {SCHEMA_VERSION}; nothing to do")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("accelerate", "diffusers", "matplotlib", "PIL", "httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    body = {"plan": _plan, "run": _run, "report": _report}[args.command]
+    body = {"plan": _plan, "run": _run, "report": _report, "migrate": _migrate}[args.command]
 
     def command() -> int:
-        _require_runner(args.command)
+        if args.command != "migrate":  # migrating a store needs the light install only
+            _require_runner(args.command)
         return body(args)
 
     return run_cli(command, prog="fcr-eval", debug=args.debug, user_errors=USER_ERRORS,

@@ -5,6 +5,7 @@ Public API (see each object's docstring):
 * loss: :class:`FCRConfig`, :func:`fcr_loss`, :func:`feature_distance`
 * output consistency (the second objective): :class:`OutputConsistencyConfig`,
   :func:`output_consistency_loss`
+* the rollout objective (the third): :class:`RolloutConfig`, :func:`rollout_loss`
 * training: :class:`TrainConfig`, :func:`train`, :class:`RunResult`, :func:`latest_checkpoint`,
   :class:`CheckpointError` (a resume checkpoint that is cut off or of another model)
 * runs: :class:`FinetuneConfig`, :class:`DataConfig`, :func:`finetune`, :class:`PretrainConfig`, :func:`pretrain`
@@ -22,6 +23,7 @@ _EXPORTS = {
     "loss": ("FCRConfig", "FCRLossOutput", "fcr_loss", "feature_distance"),
     "models": ("ModelNotAvailableError", "load_sd_components"),
     "output_consistency": ("OutputConsistencyConfig", "OutputConsistencyLossOutput", "output_consistency_loss"),
+    "rollout": ("RolloutConfig", "RolloutLossOutput", "rollout_loss"),
     "trainer": ("RunResult", "TrainConfig", "latest_checkpoint", "train"),
     "checkpoints": ("CheckpointError",),
 }
@@ -71,6 +73,9 @@ __all__ = [
     "OutputConsistencyConfig",
     "OutputConsistencyLossOutput",
     "output_consistency_loss",
+    "RolloutConfig",
+    "RolloutLossOutput",
+    "rollout_loss",
     "ModelNotAvailableError",
     "load_sd_components",
     "RunResult",

@@ -37,9 +37,10 @@ from .embedded import (
 from .loss import FCRConfig
 from .provenance import run_provenance
 from .trainer import EmbeddedConditioner, RunResult, TrainConfig, train
+from .vocabulary import EMOJI_MODELS
 
 __all__ = ["DataConfig", "FinetuneConfig", "PretrainConfig", "finetune", "pretrain", "TINY_EMBEDDED_UNET_CONFIG",
-           "save_sample_grid"]
+           "save_sample_grid", "load_emoji_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class DataConfig:
     """Which training data.
 
     Attributes:
-        kind: ``fashion-mnist`` (embedded), ``laion`` (parquet/CSV of image path + caption),
+        kind: ``fashion-mnist`` (embedded), ``emoji`` (the emoji backbone; ``split`` train / test), ``laion`` (parquet/CSV of image path + caption),
             ``webdataset`` (tar shards), ``artbench`` (class folders), ``coco`` (captions JSON),
             ``flickr30k`` (captions token/CSV file).
         path: the table / JSON / captions file, the shard folder or glob, the class-folder root;
@@ -80,7 +81,8 @@ class FinetuneConfig:
 
     Attributes:
         model: ``embedded`` (the committed base weights, or ``base_weights``), ``embedded-random``,
-            ``embedded-tiny`` (tests), or an SD model: ``sd15`` / ``sd21`` / ``openjourney``,
+            ``embedded-tiny`` (tests), ``emoji`` / ``emoji-random`` / ``emoji-tiny`` (the latent emoji
+            backbone, :mod:`fcr_train.emoji_backbone`), or an SD model: ``sd15`` / ``sd21`` / ``openjourney``,
             a hub id, or a local diffusers folder.
         base_weights: UNet folder for ``model="embedded"`` (default: the shipped weights).
         revision / variant: passed to ``from_pretrained`` for SD models.
@@ -126,6 +128,8 @@ def finetune(config: FinetuneConfig, *, validation_fn=None, step_callback=None) 
         ``UNet2DConditionModel.from_pretrained``; ``checkpoints`` resume with ``train.resume=True``.
     """
     meta = {"command": "finetune", "finetune": config.to_dict()}
+    if config.model in EMOJI_MODELS:
+        return _finetune_emoji(config, meta, validation_fn, step_callback)
     if config.model in EMBEDDED_MODELS:
         if config.data.kind != "fashion-mnist":
             raise ValueError(f"the embedded model trains on data.kind='fashion-mnist', got {config.data.kind!r}")
@@ -146,6 +150,34 @@ def finetune(config: FinetuneConfig, *, validation_fn=None, step_callback=None) 
     conditioner = SDConditioner(comps)
     meta["model_source"] = comps.source
     return train(comps.unet, comps.train_scheduler(), dataset, conditioner, config.train,
+                 validation_fn=validation_fn, step_callback=step_callback, run_metadata=meta)
+
+
+def load_emoji_model(model: str, base_weights: str | None = None):
+    """The emoji backbone for an ``EMOJI_MODELS`` name: ``emoji`` (the shipped UNet, or the UNet folder
+    ``base_weights``), ``emoji-random`` (the same UNet untrained), ``emoji-tiny`` (tests); always the
+    shipped VAE."""
+    from .emoji_backbone import TINY_EMOJI_UNET_CONFIG, load_emoji_base
+
+    if model not in EMOJI_MODELS:
+        raise ValueError(f"not an emoji model: {model!r} (use one of {EMOJI_MODELS})")
+    if model == "emoji":
+        return load_emoji_base(base_weights)
+    return load_emoji_base(random_init=True, unet_config=TINY_EMOJI_UNET_CONFIG if model == "emoji-tiny" else None)
+
+
+def _finetune_emoji(config: FinetuneConfig, meta: dict, validation_fn, step_callback) -> RunResult:
+    from .emoji import EmojiDataset
+    from .emoji_backbone import LatentConditioner
+
+    if config.data.kind != "emoji":
+        raise ValueError(f"the emoji backbone trains on data.kind='emoji', got {config.data.kind!r}")
+    base = load_emoji_model(config.model, config.base_weights)
+    meta["base_weights"] = str(base.weights_path) if base.weights_path else None
+    meta["base_provenance"] = base.provenance
+    meta["data"] = base.data.source
+    dataset = EmojiDataset(config.data.split, limit=config.data.limit, data=base.data)
+    return train(base.unet, base.scheduler, dataset, LatentConditioner(base.vae, base.states), config.train,
                  validation_fn=validation_fn, step_callback=step_callback, run_metadata=meta)
 
 

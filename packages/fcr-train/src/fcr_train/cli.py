@@ -40,6 +40,7 @@ from .loss import DELTA_UNITS, DISTANCES, FCRConfig
 from .output_consistency import OC_CACHES, OC_TRAINABLE, OutputConsistencyConfig
 from .rollout import ROLLOUT_TARGETS, RolloutConfig
 from .trainer import RunResult, TrainConfig
+from .vocabulary import EMOJI_MODELS
 
 __all__ = ["main", "build_parser"]
 
@@ -215,13 +216,15 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Fine-tune a UNet with L_denoise + lambda * d(Enc(x_t), Enc(x_{t-Delta})).")
     m = ft.add_argument_group("model and data")
     m.add_argument("--model", default="embedded",
-                   help="embedded (shipped base weights) | embedded-random | embedded-tiny | sd15 | sd21 | openjourney | "
+                   help="embedded (shipped base weights) | embedded-random | embedded-tiny | emoji (the latent emoji "
+                        "backbone) | emoji-random | emoji-tiny | sd15 | sd21 | openjourney | "
                         "a hub id | a local diffusers folder [%(default)s]")
     m.add_argument("--base-weights", default=None, help="UNet folder for --model embedded (default: the shipped weights)")
     m.add_argument("--revision", default=None, help="hub revision for SD models")
     m.add_argument("--variant", default=None, help="weights variant for SD models, e.g. fp16")
-    m.add_argument("--data", default="fashion-mnist", choices=("fashion-mnist", "laion", "webdataset", "artbench", "coco", "flickr30k"),
-                   help="dataset format [%(default)s]")
+    m.add_argument("--data", default=None, choices=("fashion-mnist", "emoji", "laion", "webdataset", "artbench", "coco",
+                                                    "flickr30k"),
+                   help="dataset format [fashion-mnist; emoji for the emoji models]")
     m.add_argument("--data-path", default=None, help="table/JSON/captions file, shard folder or glob, or class-folder root; "
                                                       "for fashion-mnist the IDX folder (default /usr/share/datasets/fashion-mnist)")
     m.add_argument("--images-dir", default=None, help="folder the image names in --data-path are relative to")
@@ -270,6 +273,10 @@ def _summary(result: RunResult) -> str:
 
 def _check_paths(args) -> None:
     """Paths the run needs, checked before anything is loaded or created."""
+    from .vocabulary import unknown_model_name
+
+    if getattr(args, "model", None) and (problem := unknown_model_name(args.model)):
+        raise UserError(f"--model {problem}")
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output-dir {out} is a file, not a folder. Pass a folder for the run "
@@ -303,9 +310,13 @@ def _run(args, argv: list[str] | None) -> int:
         torch.set_num_threads(args.threads)
     command = ["fcr-train", *(sys.argv[1:] if argv is None else argv)]
     if args.command == "finetune":
+        data_kind = args.data or ("emoji" if args.model in EMOJI_MODELS else "fashion-mnist")
+        if (args.model in EMOJI_MODELS) != (data_kind == "emoji"):
+            raise UserError(f"--model {args.model} with --data {data_kind}: the emoji models train on --data emoji "
+                            "and only they do")
         cfg = FinetuneConfig(
             model=args.model, base_weights=args.base_weights, revision=args.revision, variant=args.variant,
-            data=DataConfig(kind=args.data, path=args.data_path, images_dir=args.images_dir,
+            data=DataConfig(kind=data_kind, path=args.data_path, images_dir=args.images_dir,
                             resolution=args.resolution, limit=args.limit,
                             image_column=args.image_column, caption_column=args.caption_column),
             train=train_cfg,

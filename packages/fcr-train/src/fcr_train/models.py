@@ -18,7 +18,13 @@ import torch
 
 # The short model names and the "not available" error are fcr-sample's (the loader an engineer
 # deploys); fine-tuning loads more parts of the same checkpoints and reports the same error.
-from fcr_sample.loading import MODEL_IDS, ModelNotAvailableError, resolve_model_id
+from fcr_sample.loading import (
+    MODEL_IDS,
+    ModelNotAvailableError,
+    hub_unreachable,
+    quiet_hub,
+    resolve_model_id,
+)
 
 # torch-free, so fcr-eval's plan can check a model folder without torch
 from fcr_train.vocabulary import SD_PARTS
@@ -52,8 +58,12 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
-def _missing_message(model: str, source: str, part: str, local: bool, exc: Exception | None) -> str:
+def _missing_message(model: str, source: str, part: str, local: bool, exc: Exception | None,
+                     unreachable: str | None = None) -> str:
     where = f"local folder {source}" if local else f"hub id {source!r}"
+    if unreachable:
+        where += f", which is not in the local cache, and the hub cannot be reached from here ({unreachable})"
+        exc = None
     how = (
         f"Download it where the hub is reachable (`huggingface-cli download {source}`) and copy the folder here, "
         f"then pass --model /path/to/folder (a diffusers layout with {', '.join(SD_PARTS)}/ subfolders) "
@@ -97,23 +107,27 @@ def load_sd_components(model: str, *, revision: str | None = None, variant: str 
         "scheduler": (DDPMScheduler, {}),
     }
     parts = {}
+    # The hub only when it can be reached: its client would otherwise retry every part for a minute.
+    unreachable = None if local or _offline() else hub_unreachable()
     for part, (cls, kw) in loaders.items():
         kw = {k: v for k, v in kw.items() if v is not None}
-        attempts = [True] if local or _offline() else [True, False]
+        attempts = [True] if local or _offline() or unreachable else [True, False]
         err: Exception | None = None
         for local_only in attempts:
             try:
-                if part == "scheduler":
-                    parts[part] = cls.from_pretrained(source, subfolder=part, revision=revision, local_files_only=local_only)
-                else:
-                    parts[part] = cls.from_pretrained(source, subfolder=part, revision=revision,
-                                                      local_files_only=local_only, **kw)
+                with quiet_hub():
+                    if part == "scheduler":
+                        parts[part] = cls.from_pretrained(source, subfolder=part, revision=revision,
+                                                          local_files_only=local_only)
+                    else:
+                        parts[part] = cls.from_pretrained(source, subfolder=part, revision=revision,
+                                                          local_files_only=local_only, **kw)
                 err = None
                 break
             except (OSError, ValueError, EnvironmentError) as exc:  # noqa: UP024 - hub errors subclass both
                 err = exc
         if err is not None:
-            raise ModelNotAvailableError(_missing_message(model, source, part, local, err)) from err
+            raise ModelNotAvailableError(_missing_message(model, source, part, local, err, unreachable)) from err
     vae_scale = 2 ** (len(parts["vae"].config.block_out_channels) - 1)
     resolution = int(parts["unet"].config.sample_size) * vae_scale
     parts["vae"].requires_grad_(False).eval()

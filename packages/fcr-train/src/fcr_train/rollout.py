@@ -58,7 +58,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from fcr_sample.deep_cache import DeepCacheConfig, deep_cache_layers
-from fcr_sample.unet_parts import prepare_conditioning, run_decoder, run_encoder
+from fcr_sample.unet_parts import expand_for_steps, prepare_conditioning, run_decoder, run_encoder
 
 from .loss import DISTANCES, denoise_target, feature_distance
 from .output_consistency import cache_trainable_parameter_names
@@ -353,7 +353,8 @@ def stale_rollout(unet, sampler, x: torch.Tensor, key_index: torch.Tensor, text:
 
     FD: the encoder (``conv_in``, down blocks, mid block) runs at the key step only and every step's
     decoder reads its features with the step's own time embedding (:func:`fcr_sample.unet_parts.run_encoder`
-    / ``run_decoder``, the split :func:`fcr_sample.apply_encoder_cache` runs). DeepCache: the cache's
+    / ``run_decoder``, the split :func:`fcr_sample.apply_encoder_cache` runs, with its default
+    parallel decoding: the segment's decoders as one batch). DeepCache: the cache's
     own layer hooks (:func:`fcr_sample.deep_cache.deep_cache_layers`) store at the key step and
     return the stored outputs at the others, where only the shallow path runs.
 
@@ -373,21 +374,24 @@ def stale_rollout(unet, sampler, x: torch.Tensor, key_index: torch.Tensor, text:
 
 
 def _stale_fd(unet, sampler, x, key_index, t_key, g: _Guidance, k: int, grad_cached: bool) -> RolloutSegment:
+    """FD's segment with parallel decoding, as :func:`fcr_sample.apply_encoder_cache` serves it by
+    default: a served step's decoder reads only the key step's features and its own time embedding,
+    never its latent, so the decoders of the key step and the ``k`` steps after it run as one batch
+    (step-major, the hook's layout); the sampler then steps through their outputs in order."""
     inp, t = g.inputs(x, t_key)
-    cond = prepare_conditioning(unet, inp, t, g.states)
     with torch.set_grad_enabled(grad_cached):
-        enc = run_encoder(unet, inp, cond)
-    with torch.no_grad():
-        eps = g.combine(run_decoder(unet, enc, cond))
-    x, x0 = _ddim_step(sampler, eps, key_index, x)
-    eps_all, after_key = [eps], x
-    for j in range(1, k + 1):
-        index = key_index + j
-        inp, t = g.inputs(x, _timesteps_at(sampler, index, x.device))
-        # the decoder reads only the key step's features and this step's time embedding
-        eps = g.combine(run_decoder(unet, enc, prepare_conditioning(unet, inp, t, g.states)))
-        x, x0 = _ddim_step(sampler, eps, index, x)
-        eps_all.append(eps)
+        enc = run_encoder(unet, inp, prepare_conditioning(unet, inp, t, g.states))
+    steps = k + 1
+    t_rows = torch.cat([g.inputs(x, _timesteps_at(sampler, key_index + j, x.device))[1] for j in range(steps)])
+    probe = inp.new_empty((steps * inp.shape[0], 1, 1, 1))  # conditioning reads only batch, dtype, device
+    cond = prepare_conditioning(unet, probe, t_rows, expand_for_steps(g.states, steps))
+    outs = run_decoder(unet, enc.repeat(steps), cond).chunk(steps)
+    eps_all = [g.combine(out) for out in outs]
+    eps_all[0] = eps_all[0].detach()  # the key step's output: the same in the fresh rollout
+    x, x0 = _ddim_step(sampler, eps_all[0], key_index, x)
+    after_key = x
+    for j in range(1, steps):
+        x, x0 = _ddim_step(sampler, eps_all[j], key_index + j, x)
     return RolloutSegment(x, x0, eps_all, after_key)
 
 

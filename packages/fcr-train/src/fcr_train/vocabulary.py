@@ -4,9 +4,10 @@ the output-consistency and rollout objectives' options. Their meaning lives in :
 :mod:`fcr_train.embedded` and :mod:`fcr_train.output_consistency`.
 """
 
-__all__ = ["DISTANCES", "DELTA_UNITS", "EMBEDDED_MODELS", "OC_CACHES", "OC_TRAINABLE", "PROMPT_TEMPLATES",
+__all__ = ["DISTANCES", "DELTA_UNITS", "EMBEDDED_MODELS", "unknown_model_name", "OC_CACHES", "OC_TRAINABLE", "PROMPT_TEMPLATES",
            "ROLLOUT_DEFAULTS", "ROLLOUT_TARGETS", "check_choice",
-           "FASHION_MNIST_SPLITS", "SD_PARTS"]
+           "FASHION_MNIST_SPLITS", "SD_PARTS", "EMOJI_MODELS", "EMOJI_GROUPS", "EMOJI_SPLITS",
+           "EMBEDDED_BACKBONES"]
 
 #: Distances between two encoder feature maps (or two UNet outputs) a consistency loss can use.
 DISTANCES = ("mse", "relative_mse", "cosine")
@@ -15,6 +16,16 @@ DELTA_UNITS = ("timesteps", "sampler_steps")
 #: Model names of the embedded default: the shipped base weights, the same UNet untrained, and a
 #: tiny UNet for tests.
 EMBEDDED_MODELS = ("embedded", "embedded-random", "embedded-tiny")
+#: Model names of the second embedded backbone (latent, RGB, captioned: :mod:`fcr_train.emoji_backbone`):
+#: the shipped VAE + UNet, the same UNet untrained on the shipped VAE, and a tiny UNet for tests.
+EMOJI_MODELS = ("emoji", "emoji-random", "emoji-tiny")
+#: Which embedded backbone each embedded model name belongs to (the model-alias vocabulary's owner).
+EMBEDDED_BACKBONES = {**{m: "fashion-mnist" for m in EMBEDDED_MODELS}, **{m: "emoji" for m in EMOJI_MODELS}}
+#: The emoji set's classes: Unicode's emoji groups (emoji-test.txt), ``Component`` left out.
+EMOJI_GROUPS = ("Smileys & Emotion", "People & Body", "Animals & Nature", "Food & Drink", "Travel & Places",
+                "Activities", "Objects", "Symbols", "Flags")
+#: The emoji set's splits: training images and the held-out split fixed by a seed.
+EMOJI_SPLITS = ("train", "test")
 #: The caches whose reused-step situation the output-consistency term can train.
 OC_CACHES = ("fd", "deepcache")
 #: Which parameters the output-consistency term's gradient may reach: what the cache recomputes at
@@ -45,3 +56,25 @@ def check_choice(owner: str, field: str, value, choices) -> None:
     """
     if value not in choices:
         raise ValueError(f"{owner}.{field} must be one of {tuple(choices)}, got {value!r}")
+
+
+def unknown_model_name(source: str) -> str | None:
+    """Why ``source`` cannot name a model, or ``None``: a bare word that is no embedded model, no
+    short Stable Diffusion name, no hub id (``org/name``) and no folder here is a typo, and is
+    reported as one (with the nearest name) rather than sent to the hub.
+
+    Example:
+        >>> unknown_model_name("embeded")
+        "'embeded' is not a model: did you mean 'embedded'? A model is one of embedded, ..."
+    """
+    import difflib
+    from pathlib import Path
+
+    from fcr_sample.vocabulary import MODEL_IDS
+
+    names = [*EMBEDDED_BACKBONES, *MODEL_IDS]
+    if source in names or "/" in source or "\\" in source or Path(source).expanduser().exists():
+        return None
+    near = difflib.get_close_matches(source, names, n=1, cutoff=0.6)
+    return (f"{source!r} is not a model{f': did you mean {near[0]!r}?' if near else '.'} A model is one of "
+            f"{', '.join(names)}, a hub id (org/name) or a local diffusers folder")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from fcr_eval.plan.unet_flops import LATENT_FACTOR, unet_config_for, unet_flops
 from fcr_eval.spec.experiment import Experiment
 
-__all__ = ["ModelCost", "model_cost", "stated_cost_notes", "calibrate_throughput", "DEFAULT_CPU_GFLOPS",
+__all__ = ["ModelCost", "model_cost", "EMBEDDED_RESOLUTION", "stated_cost_notes", "calibrate_throughput", "DEFAULT_CPU_GFLOPS",
            "ASSUMED_GPU_TFLOPS", "SD_COSTS", "EFFICIENTNET_LITE0_FLOPS_224"]
 
 #: Effective throughput assumed when the plan is not calibrated (``--no-calibrate``): the embedded
@@ -52,12 +52,29 @@ class ModelCost:
 
 _COST_CACHE: dict[tuple, ModelCost] = {}
 
+#: Default sampling resolution (pixels) of each embedded backbone; Stable Diffusion's is 512.
+EMBEDDED_RESOLUTION = {"fashion-mnist": 28, "emoji": 32}
+
 
 def model_cost(exp: Experiment, model_id: str, resolution: int | None = None) -> ModelCost:
     """FLOPs per forward of ``model_id`` at ``resolution`` (default: the model's own): counted on the
     embedded UNet (exact; memoised per UNet and resolution), from the experiment file or design.md
     §2 constants for Stable Diffusion (not instantiated here)."""
     spec = exp.models[model_id]
+    if spec.backbone == "emoji":
+        from fcr_train.emoji_backbone import (
+            EMOJI_TEXT_MAX_LENGTH,
+            EMOJI_UNET_CONFIG,
+            EMOJI_VAE_CONFIG,
+            TINY_EMOJI_UNET_CONFIG,
+        )
+
+        cfg = TINY_EMOJI_UNET_CONFIG if spec.source == "emoji-tiny" else EMOJI_UNET_CONFIG
+        factor = 2 ** (len(EMOJI_VAE_CONFIG["block_out_channels"]) - 1)  # pixels per latent side
+        key = (spec.source, int(resolution // factor if resolution else cfg["sample_size"]))
+        if key not in _COST_CACHE:
+            _COST_CACHE[key] = _count_embedded_cost(cfg, key[1], EMOJI_TEXT_MAX_LENGTH)
+        return _COST_CACHE[key]
     if spec.embedded:
         from fcr_train.api import TINY_EMBEDDED_UNET_CONFIG
         from fcr_train.embedded import EMBEDDED_UNET_CONFIG
@@ -97,7 +114,7 @@ def stated_cost_notes(exp: Experiment) -> list[str]:
     return notes
 
 
-def _count_embedded_cost(cfg: dict, res: int) -> ModelCost:
+def _count_embedded_cost(cfg: dict, res: int, tokens: int = 16) -> ModelCost:
     import torch
     from fcr_sample import DeepCacheConfig
     from fcr_sample.benchmark import deepcache_partial_flops, flop_split
@@ -105,7 +122,7 @@ def _count_embedded_cost(cfg: dict, res: int) -> ModelCost:
 
     unet = build_unet(cfg).eval()
     x = torch.randn(1, cfg["in_channels"], res, res)
-    text = torch.randn(1, 16, cfg["cross_attention_dim"])
+    text = torch.randn(1, tokens, cfg["cross_attention_dim"])
     split = flop_split(unet, x, text)
     # the shallow path of DeepCache's default branch (0), which the mini experiments compare
     partial = deepcache_partial_flops(unet, x, text, DeepCacheConfig(cache_branch_id=0)) / split.total

@@ -27,6 +27,7 @@ from fcr_eval.plan.costs import (
     ASSUMED_GPU_TFLOPS,
     DEFAULT_CPU_GFLOPS,
     EFFICIENTNET_LITE0_FLOPS_224,
+    EMBEDDED_RESOLUTION,
     ModelCost,
     calibrate_throughput,
     model_cost,
@@ -129,8 +130,8 @@ class PlannedFinetune:
         if self.rollout is not None:  # the segments (fcr_train.rollout.rollout_cost_factor)
             from fcr_train.rollout import rollout_cost_factor
 
-            return 3.0 * (rollout_cost_factor(self.rollout_config(), self.batch_size, c.encoder_share,
-                                              c.deepcache_partial_share) - 1.0)
+            return rollout_cost_factor(self.rollout_config(), self.batch_size, c.encoder_share,
+                                       c.deepcache_partial_share) - 1.0
         if self.lambda_oc is not None:
             return 1.0 if self.oc_cache == "fd" else 1.0 + c.deepcache_partial_share
         return c.encoder_share if self.lambda_fcr > 0 else 0.0
@@ -278,7 +279,8 @@ def make_plan(exp: Experiment, *, results_dir: str | Path = "results", calibrate
         vs = exp.settings(v)  # defaults filled in once, by the spec that validated them
         steps, guidance, scheduler = vs.steps, vs.guidance_scale, vs.scheduler
         rob = exp.robustness[v.robustness]
-        base_res = v.resolution or exp.sampling.resolution or model.resolution or (28 if model.embedded else 512)
+        base_res = v.resolution or exp.sampling.resolution or model.resolution or \
+            EMBEDDED_RESOLUTION.get(model.backbone, 512)
         resolution = int(rob.settings.get("resolution", base_res)) if rob.kind == "resolution" else base_res
         ckey = f"{v.model}@{resolution}"
         if ckey not in costs:

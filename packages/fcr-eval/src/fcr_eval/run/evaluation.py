@@ -37,7 +37,8 @@ def shard_prompts(prompts: Prompts, idx: range) -> Prompts:
     """The prompts of one shard of a run."""
     sl = slice(idx.start, idx.stop)
     return dataclasses.replace(prompts, texts=prompts.texts[sl], ids=prompts.ids[sl],
-                               labels=prompts.labels[sl] if prompts.labels is not None else None)
+                               labels=prompts.labels[sl] if prompts.labels is not None else None,
+                               entries=prompts.entries[sl] if prompts.entries is not None else None)
 
 
 def _to_png_arrays(images: torch.Tensor) -> np.ndarray:
@@ -121,10 +122,9 @@ def alignment_metrics(ctx: RunContext, hits, clip_scores, prompts: Prompts, n: i
     metrics: list[MetricRecord] = []
     per_prompt: list[PerPromptScore] = []
     if hits is not None:
-        from fcr_eval.metrics.class_agreement import FEATURE_EXTRACTOR_NAME, PREPROCESSING
-
-        metrics.append(MetricRecord("class_agreement", float(hits.mean()), FEATURE_EXTRACTOR_NAME, PREPROCESSING, n,
-                                    {"classifier": "shipped Fashion-MNIST CNN (fcr_eval/metrics/weights)",
+        metrics.append(MetricRecord("class_agreement", float(hits.mean()), ctx.classifier_name,
+                                    ctx.classifier_preprocessing, n,
+                                    {"classifier": ctx.classifier_description,
                                      "classifier_metadata": dict(getattr(ctx.classifier, "metadata", {}))}))
         per_prompt += [PerPromptScore("class_agreement", pid, float(h)) for pid, h in zip(prompts.ids, hits.tolist(),
                                                                                         strict=True)]
@@ -205,9 +205,7 @@ def sample_metrics(ctx: RunContext, run: PlannedRun, prompts: Prompts, parts: li
         elif name in ("clip_score", "clip_drift"):
             ext, prep = ctx.clip.name, ctx.clip.preprocessing
         elif name.startswith("class_"):
-            from fcr_eval.metrics.class_agreement import FEATURE_EXTRACTOR_NAME, PREPROCESSING
-
-            ext, prep = FEATURE_EXTRACTOR_NAME, PREPROCESSING
+            ext, prep = ctx.classifier_name, ctx.classifier_preprocessing
         else:
             ext, prep = "none", "none"
         n = len(values)

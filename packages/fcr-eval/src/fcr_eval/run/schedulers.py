@@ -15,7 +15,7 @@ def make_sampling_scheduler(kind: str, config):
     model's does) gets the same clipping in DPM-Solver++, which has no ``clip_sample``: its
     thresholding with ``sample_max_value = clip_sample_range`` clamps x̂0 to that range. Without
     it, DPM-Solver++ starts at t = 999 where √ᾱ ≈ 5e-5 on that schedule, x̂0 reaches ~10³ and the
-    images saturate to 0/1 (docs/mini-exp-2/results.md). Stable Diffusion configs do not clip and
+    images saturate to 0/1 (docs/mini-exp-2-robustness/results.md). Stable Diffusion configs do not clip and
     are unaffected."""
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 

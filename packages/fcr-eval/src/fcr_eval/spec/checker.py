@@ -33,7 +33,7 @@ __all__ = ["ExperimentFileError", "SpecFieldError", "Locator", "Checker", "deep_
            "INT_MAX"]
 
 #: The largest integer a setting may hold: counts and step numbers reach torch and numpy as 32-bit
-#: integers (seeds, checked on their own, may go up to 2**63).
+#: integers, and the results store keeps seeds in 32-bit INTEGER columns (runs.seed, samples.seed).
 INT_MAX = 2**31 - 1
 
 logger = logging.getLogger(__name__)

@@ -11,13 +11,13 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from fcr_eval.spec.checker import Checker, SpecFieldError, check_profile_names
 from fcr_eval.spec.names import NAME_RULE, name_problem
-from fcr_eval.spec.vocabulary import DIRECTIONS, SAMPLE_METRICS
+from fcr_eval.spec.vocabulary import CACHED_SAMPLERS, DIRECTIONS, SAMPLE_METRICS
 
 __all__ = ["CONTRAST_KINDS", "ContrastSpec", "ContrastSpecError", "check_contrast", "load_contrasts",
            "RECOVERED_FRACTION_HALF_WIDTH"]
@@ -111,11 +111,18 @@ class ContrastSpec:
         return (self.candidate, self.baseline) + ((self.target,) if self.target else ())
 
 
-def check_contrast(spec: ContrastSpec, variation_ids: Sequence[str]) -> None:
-    """Check that ``spec`` names known variations and a known per-sample metric.
+def check_contrast(spec: ContrastSpec, variation_ids: Sequence[str], samplers: Mapping[str, str] | None = None) -> None:
+    """Check that ``spec`` names known variations and a known per-sample metric, and that the
+    comparison can be other than zero.
+
+    Args:
+        samplers: variation id → sampler kind; with it, a metric measured against the same weights'
+            uncached sample (``cache_mse``, ...) is refused between two uncached variations, whose
+            values are all zero by construction.
 
     Raises:
-        ContrastSpecError: naming the unknown id and listing the known ones.
+        ContrastSpecError: naming the unknown id and listing the known ones, or what the contrast
+            cannot measure.
 
     Example:
         >>> check_contrast(spec, [v.id for v in experiment.variations])
@@ -128,10 +135,19 @@ def check_contrast(spec: ContrastSpec, variation_ids: Sequence[str]) -> None:
         if v is not None and v not in variation_ids:
             raise ContrastSpecError(f"{role} = {v!r} is not a variation of this experiment (profile); known variation "
                                     f"ids: {list(variation_ids)}", role)
+    if spec.target is not None and spec.target in (spec.candidate, spec.baseline):
+        raise ContrastSpecError(f"target = {spec.target!r} is also the {'candidate' if spec.target == spec.candidate else 'baseline'}: "
+                                "a recovered fraction needs three different variations", "target")
+    if samplers is not None and SAMPLE_METRICS[spec.metric].needs_reference and \
+            not any(samplers[v] in CACHED_SAMPLERS for v in (spec.candidate, spec.baseline)):
+        raise ContrastSpecError(
+            f"metric = {spec.metric!r} compares each sample with the same weights' uncached sample, and candidate "
+            f"{spec.candidate!r} and baseline {spec.baseline!r} both sample without a cache: every value is the same "
+            "by construction, the contrast is 0 [0, 0]. Compare a cached variation, or use another metric", "metric")
 
 
 def load_contrasts(chk: Checker, raw: Any, variation_ids: list[str], profile: str | None,
-                   profiles: dict) -> tuple[ContrastSpec, ...]:
+                   profiles: dict, samplers: Mapping[str, str] | None = None) -> tuple[ContrastSpec, ...]:
     """``[[contrasts]]`` → :class:`~fcr_eval.analysis.contrasts.ContrastSpec`, every name checked against this profile."""
     if not isinstance(raw, list):
         chk.fail("contrasts must be an array of tables ([[contrasts]])", None, "contrasts")
@@ -144,7 +160,7 @@ def load_contrasts(chk: Checker, raw: Any, variation_ids: list[str], profile: st
                                  "contrasts", i)
             if spec.profiles is not None and profile not in spec.profiles:
                 continue
-            check_contrast(spec, variation_ids)
+            check_contrast(spec, variation_ids, samplers)
         except ContrastSpecError as e:
             chk.fail(f"contrast {name!r} (contrasts[{i}]): {e}", "contrasts", e.key, i)
         out.append(spec)

@@ -13,11 +13,25 @@ from dataclasses import dataclass
 from typing import Any
 
 from fcr_eval.spec.checker import Checker
+from fcr_eval.spec.evaluation import EvaluationSpec
 
-__all__ = ["CriteriaConfig", "FAMILY_ADJUSTMENTS", "load_criteria"]
+__all__ = ["CriteriaConfig", "FAMILY_ADJUSTMENTS", "THRESHOLD_RANGES", "load_criteria"]
 
 #: Family-wise adjustments the criteria board offers.
 FAMILY_ADJUSTMENTS = ("none", "holm")
+
+#: Each threshold's meaningful values: (lowest, highest, lowest excluded, what the number is).
+#: A value outside can never decide anything (a speed-up of -1, a drop of 500 % of the alignment).
+THRESHOLD_RANGES: dict[str, tuple[float | None, float | None, bool, str]] = {
+    "min_speedup": (0.0, None, True, "a speed-up is baseline ÷ candidate seconds per image, > 0 (1 = as fast)"),
+    "max_alignment_drop": (0.0, 1.0, False, "a drop is a fraction of the baseline's alignment, from 0 (none) to "
+                                            "1 (all of it)"),
+    "max_quality_increase": (-1.0, None, False, "a relative change of the quality metric is -1 (-100 %) or more"),
+    "max_extra_memory": (-1.0, None, False, "a relative change of peak memory is -1 (-100 %) or more"),
+    "min_variance_reduction": (0.0, 1.0, False, "a reduction of σ²_Δ is a fraction from 0 to 1"),
+    "min_r2": (0.0, 1.0, False, "R² is from 0 to 1"),
+    "max_finetune_fraction": (0.0, None, True, "a fraction of the pre-training compute, > 0"),
+}
 
 
 @dataclass(frozen=True)
@@ -49,8 +63,10 @@ class CriteriaConfig:
             raise ValueError(f"family_adjustment = {self.family_adjustment!r} is not one of {list(FAMILY_ADJUSTMENTS)}")
 
 
-def load_criteria(chk: Checker, raw: Any, ids: Sequence[str]) -> CriteriaConfig:
-    """``[criteria]`` → :class:`CriteriaConfig`; every role names a variation of this profile."""
+def load_criteria(chk: Checker, raw: Any, ids: Sequence[str], evaluation: EvaluationSpec) -> CriteriaConfig:
+    """``[criteria]`` → :class:`CriteriaConfig`; every role names a variation of this profile, the
+    roles compare different variations, every threshold is a value that can decide something, and
+    the speed criterion's batch size is one the experiment times."""
     criteria = chk.build(CriteriaConfig, raw, "criteria")  # roles + thresholds, design.md §1
     if criteria.r2_variations is not None:
         if not isinstance(criteria.r2_variations, list):
@@ -62,4 +78,17 @@ def load_criteria(chk: Checker, raw: Any, ids: Sequence[str]) -> CriteriaConfig:
             chk.one_of(val, ids, f"criteria.{k}", "criteria", k)
     for val in criteria.r2_variations or ():
         chk.one_of(val, ids, "criteria.r2_variations[]", "criteria", "r2_variations")
+    for role in ("baseline", "no_fcr_reference"):
+        if getattr(criteria, role) == criteria.candidate:
+            chk.fail(f"criteria.{role} = criteria.candidate = {criteria.candidate!r}: a criterion compares two "
+                     "different variations; name the one the candidate is judged against", "criteria", role)
+    for name, (low, high, low_open, what) in THRESHOLD_RANGES.items():
+        value = getattr(criteria, name)
+        too_low = low is not None and (value <= low if low_open else value < low)
+        if too_low or (high is not None and value > high):
+            chk.fail(f"criteria.{name} = {value} means nothing: {what}", "criteria", name)
+    if criteria.timing_batch_size not in evaluation.timing_batch_sizes:
+        chk.fail(f"criteria.timing_batch_size = {criteria.timing_batch_size} is not a batch size the experiment "
+                 f"times (evaluation.timing_batch_sizes = {list(evaluation.timing_batch_sizes)}), so the speed "
+                 "criterion would never be decided; use one of them", "criteria", "timing_batch_size")
     return criteria

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fcr_train.vocabulary import FASHION_MNIST_SPLITS
+from fcr_train.vocabulary import EMOJI_SPLITS, FASHION_MNIST_SPLITS
 
 from fcr_eval.spec.checker import Checker
 from fcr_eval.spec.vocabulary import DATASET_KINDS, DATASET_ROLES, PACKAGED_DATASET_KINDS
@@ -76,6 +76,11 @@ def check_dataset(chk: Checker, d: DatasetSpec, i: int) -> None:
                          f"under /usr/share/datasets/fashion-mnist). Remove {key}", sec, key, i)
     if d.kind == "fashion-mnist" and d.split is not None:
         chk.one_of(d.split, ("train", "test"), f"datasets[{i}] ({d.id}).split", sec, "split", i)
+    if d.kind == "emoji" and d.split is not None:
+        chk.one_of(d.split, EMOJI_SPLITS, f"datasets[{i}] ({d.id}).split", sec, "split", i)
+    if d.kind == "emoji" and d.prompt_template is not None:
+        chk.fail(f"datasets[{i}] ({d.id}).prompt_template: the emoji backbone's prompts are the emoji names "
+                 "themselves (its captions); remove prompt_template", sec, "prompt_template", i)
     if d.limit is not None and d.limit < 1:
         chk.fail(f"datasets[{i}] ({d.id}).limit = {d.limit} must be >= 1 (or left out: all samples)", sec, "limit", i)
     if d.kind == "fashion-mnist" and d.limit is not None and d.limit > fashion_mnist_size(d.split):

@@ -4,12 +4,12 @@ reference images, timing, σ²_Δ, CLIP drift, the cache-error attribution).
 Example::
 
     evaluation = load_evaluation(chk, raw.get("evaluation", {}), datasets)
-    check_attribution_variations(chk, evaluation, [v.id for v in variations])
+    check_attribution_variations(chk, evaluation, {v.id: v.sampler for v in variations})
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +17,7 @@ from fcr_sample.vocabulary import BLOCK_GROUPS as BLOCKS
 
 from fcr_eval.spec.checker import Checker
 from fcr_eval.spec.datasets import DatasetSpec, dataset_ref
-from fcr_eval.spec.vocabulary import EXTRACTORS, METRICS, TIMING_SEEDS
+from fcr_eval.spec.vocabulary import CACHED_SAMPLERS, EXTRACTORS, METRICS, TIMING_SEEDS
 
 __all__ = ["EvaluationSpec", "load_evaluation", "check_attribution_variations"]
 
@@ -86,11 +86,28 @@ def load_evaluation(chk: Checker, raw: Any, datasets: dict[str, DatasetSpec]) ->
     return evaluation
 
 
-def check_attribution_variations(chk: Checker, evaluation: EvaluationSpec, ids: Sequence[str]) -> None:
-    """``attribution_variations`` names variations of this profile, and only with ``cache_attribution``."""
-    for val in evaluation.attribution_variations or ():
-        chk.one_of(val, ids, "evaluation.attribution_variations[]", "evaluation", "attribution_variations")
+def check_attribution_variations(chk: Checker, evaluation: EvaluationSpec, samplers: Mapping[str, str]) -> None:
+    """The cache-error attribution is asked of cached variations of this profile: its
+    ``attribution_variations`` name variations, only with ``cache_attribution``, none of them
+    uncached (there is no cache error to attribute), and not an empty list; with
+    ``cache_attribution`` the experiment has a cached variation at all.
+
+    Args:
+        samplers: variation id → its sampler kind (``"none"`` = uncached).
+    """
+    named = evaluation.attribution_variations
+    for val in named or ():
+        chk.one_of(val, list(samplers), "evaluation.attribution_variations[]", "evaluation", "attribution_variations")
         if "cache_attribution" not in evaluation.metrics:
             chk.fail("evaluation.attribution_variations names the variations to attribute, but "
                      "\"cache_attribution\" is not in evaluation.metrics", "evaluation", "attribution_variations")
-            break
+        if samplers[val] not in CACHED_SAMPLERS:
+            chk.fail(f"evaluation.attribution_variations names {val!r}, which samples without a cache (sampler = "
+                     f"{samplers[val]!r}): there is no cache error to attribute. Name cached variations only",
+                     "evaluation", "attribution_variations")
+    if named is not None and not named:
+        chk.fail("evaluation.attribution_variations = [] names no variation; leave it out to attribute every cached "
+                 "variation, or name the ones to attribute", "evaluation", "attribution_variations")
+    if "cache_attribution" in evaluation.metrics and not any(s in CACHED_SAMPLERS for s in samplers.values()):
+        chk.fail("evaluation.metrics has \"cache_attribution\", but no variation of this profile uses a cache "
+                 "(every sampler is 'none'): there is nothing to attribute", "evaluation", "metrics")

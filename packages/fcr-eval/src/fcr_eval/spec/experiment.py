@@ -33,7 +33,7 @@ from pathlib import Path
 
 from fcr_train.vocabulary import EMBEDDED_MODELS, PROMPT_TEMPLATES
 
-from fcr_eval.spec.checker import Checker, ExperimentFileError, Locator, deep_merge
+from fcr_eval.spec.checker import INT_MAX, Checker, ExperimentFileError, Locator, deep_merge
 from fcr_eval.spec.contrasts import ContrastSpec, load_contrasts
 from fcr_eval.spec.criteria import CriteriaConfig, load_criteria
 from fcr_eval.spec.datasets import DatasetSpec, fashion_mnist_size, load_datasets
@@ -220,9 +220,10 @@ def _resolve(path: Path, loc: Locator, raw: dict, profile: str | None, quiet: bo
     variations, raw_index = load_variations(chk, raw.get("variations", []), profile, profiles, models, datasets,
                                             robustness, sampling, finetune)
     ids = [v.id for v in variations]
-    criteria = load_criteria(chk, raw["criteria"], ids) if "criteria" in raw else None
-    check_attribution_variations(chk, evaluation, ids)
-    contrasts = load_contrasts(chk, raw.get("contrasts", []), ids, profile, profiles)
+    samplers = {v.id: v.sampler for v in variations}  # what the checks below need of each variation
+    criteria = load_criteria(chk, raw["criteria"], ids, evaluation) if "criteria" in raw else None
+    check_attribution_variations(chk, evaluation, samplers)
+    contrasts = load_contrasts(chk, raw.get("contrasts", []), ids, profile, profiles, samplers)
     human = load_human_study(chk, raw["human_study"], ids) if "human_study" in raw else None
 
     _check_finetune_table(chk, raw, variations, finetune, raw_index)
@@ -243,10 +244,24 @@ def _load_seeds(chk: Checker, seeds) -> list[int]:
         chk.fail(f"seeds = {seeds!r} must be a non-empty list of integers", None, "seeds")
     if len(set(seeds)) != len(seeds):
         chk.fail(f"seeds = {seeds!r} has duplicates", None, "seeds")
-    if any(s < 0 or s >= 2**63 for s in seeds):
-        chk.fail(f"seeds = {seeds!r}: every seed must be in [0, 2**63) (numpy and torch generators take "
-                 "non-negative seeds)", None, "seeds")
+    if any(s < 0 or s > INT_MAX for s in seeds):
+        chk.fail(f"seeds = {seeds!r}: every seed must be in [0, 2**31): the results store keeps seeds in 32-bit "
+                 "INTEGER columns, and numpy and torch generators take non-negative seeds", None, "seeds")
     return seeds
+
+
+def _check_emoji_runnable(chk: Checker, datasets: dict[str, DatasetSpec], robustness: dict[str, RobustnessSpec],
+                          variations: list[VariationSpec], index: dict[str, int]) -> None:
+    """The emoji backbone reads only its own data set (prompts, reference and fine-tuning data)."""
+    wrong = sorted(d.id for d in datasets.values() if d.kind != "emoji")
+    if wrong:
+        chk.fail(f"datasets {wrong} are not of kind \"emoji\": the emoji backbone's prompts, reference images and "
+                 "fine-tuning data are the emoji set (Debian fonts-noto-color-emoji + unicode-data)", "datasets")
+    for v in variations:
+        if robustness[v.robustness].kind not in ("none", "schedule_perturbation"):
+            chk.fail(f"variation {v.id!r} uses robustness {v.robustness!r} ({robustness[v.robustness].kind}), which "
+                     "the emoji backbone does not run (its VAE and UNet are trained at 32² only)", "variations",
+                     "robustness", index[v.id])
 
 
 def _check_runnable(chk: Checker, models: dict[str, ModelSpec], datasets: dict[str, DatasetSpec],
@@ -263,7 +278,14 @@ def _check_runnable(chk: Checker, models: dict[str, ModelSpec], datasets: dict[s
         chk.fail(f"the variations use several embedded models ({sorted(embedded)}); one embedded model per file",
                  "models")
     ref = datasets[ev.reference] if ev.reference else None
+    if embedded and {models[m].backbone for m in used} == {"emoji"}:
+        _check_emoji_runnable(chk, datasets, robustness, variations, index)
+        return
     if embedded:
+        if sampling.dtype != "float32":  # its context samples in float32: a run must not be stored as another
+            chk.fail(f"sampling.dtype = {sampling.dtype!r}: the embedded model ({sorted(embedded)[0]}) samples in "
+                     "float32 only (a small pixel UNet on CPU, where half precision would change the numbers, not "
+                     "the speed); leave dtype out or set \"float32\"", "sampling", "dtype")
         ref_split = ref.split if ref is not None and ref.kind == "fashion-mnist" else None
         if ref is None or ref.kind == "fashion-mnist":
             size = ref.limit if ref is not None and ref.limit else fashion_mnist_size(ref_split or "test")

@@ -78,10 +78,10 @@ EXTRACTORS = ("efficientnet_lite0", "inception")
 TIMING_SEEDS = ("all", "first")
 
 #: Data-set kinds of ``[[datasets]]`` and the roles a data set plays.
-DATASET_KINDS = ("fashion-mnist", "laion", "webdataset", "artbench", "coco", "flickr30k", "imagenet-classes")
+DATASET_KINDS = ("fashion-mnist", "emoji", "laion", "webdataset", "artbench", "coco", "flickr30k", "imagenet-classes")
 DATASET_ROLES = ("finetune", "eval", "mini_val", "reference")
 #: Data-set kinds that ship with a package: the runner reads the installed files, never ``path``.
-PACKAGED_DATASET_KINDS = ("fashion-mnist", "imagenet-classes")
+PACKAGED_DATASET_KINDS = ("fashion-mnist", "emoji", "imagenet-classes")
 #: What a Stable Diffusion run can read (fcr_eval.run.contexts): prompts from these kinds, real
 #: reference images from these.
 SD_PROMPT_KINDS = ("coco", "flickr30k", "imagenet-classes")

@@ -5,10 +5,17 @@ DuckDB lets one process at a time open a file for writing, and while it is open 
 *other* process can open it at all, not even read-only. Every caller here therefore opens a
 connection for a short piece of work and closes it again; :func:`connect` retries while another
 process holds the file (exponential back-off up to ``timeout`` seconds) and then raises
-:class:`StoreLockedError` naming the holder. A path that cannot be a database — a directory, a
-file of other bytes, a file (or folder) that does not exist when opened for reading — raises
-:class:`StoreUnreadableError` with what is wrong and what to do, never DuckDB's raw error, and
-opening for reading never creates a file.
+:class:`StoreLockedError` naming the holder. A path that cannot be a database — a directory (or
+a path written with a trailing ``/``), a named pipe or other non-file, a file of other bytes, a
+file (or folder) that does not exist when opened for reading, a
+file or folder that cannot be written when opened for writing — raises
+:class:`StoreUnreadableError` with what is wrong and what to do, never DuckDB's raw error (nor a
+hang on a pipe), and opening for reading never creates a file.
+
+:func:`database_kind` says which of the toolkit's files an open database is (the results store,
+a human-study file, an empty database, or someone else's tables), so that each store refuses
+the other's file, and any foreign one, before it migrates or writes anything;
+:func:`check_complete` refuses a file cut off before the end of its data.
 
 :func:`transaction` is the one BEGIN / COMMIT / ROLLBACK block.
 
@@ -26,6 +33,7 @@ import datetime as _dt
 import logging
 import os
 import re
+import stat
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,11 +42,16 @@ from typing import TypeVar
 import duckdb
 
 __all__ = [
+    "KNOWN_DATABASES",
     "StoreError",
     "StoreLockedError",
     "StoreSchemaError",
     "StoreUnreadableError",
+    "check_complete",
     "connect",
+    "database_kind",
+    "describe_database",
+    "store_path",
     "transaction",
     "retry_while_locked",
     "is_lock_conflict",
@@ -73,6 +86,61 @@ class StoreSchemaError(StoreError):
 class StoreUnreadableError(StoreError):
     """The path is not a DuckDB database that can be opened: a directory, a file of other bytes,
     or (for reading) a file or folder that does not exist."""
+
+
+#: The DuckDB files the toolkit writes, by the tables that mark them (the first table of each is
+#: its main one): the results store (fcr-eval) and a human-study file (fcr-human-study).
+KNOWN_DATABASES: dict[str, tuple[str, ...]] = {
+    "results store": ("runs", "schema_version"),
+    "human-study file": ("study", "pairs", "votes"),
+}
+_KIND_TEXT = {
+    "results store": "a results store (fcr-eval's runs and metrics)",
+    "human-study file": "a human-study file (fcr-human-study's pairs and votes)",
+}
+# DuckDB's file layout: a 4 KiB main header and two 4 KiB database headers, then the blocks.
+_HEADER_BYTES = 3 * 4096
+
+
+def database_kind(con: duckdb.DuckDBPyConnection) -> tuple[str, list[str]]:
+    """Which file an open database is, and its tables: ``("results store", ...)``,
+    ``("human-study file", ...)``, ``("empty", [])`` or ``("other", [its tables])``.
+
+    Example:
+        >>> database_kind(duckdb.connect(":memory:"))
+        ('empty', [])
+    """
+    tables = sorted({r[0] for r in con.execute(  # this file's own tables, not those of an attached one
+        "SELECT table_name FROM information_schema.tables WHERE table_catalog = current_database()").fetchall()})
+    for kind, marks in KNOWN_DATABASES.items():
+        if set(marks) <= set(tables):
+            return kind, tables
+    return ("empty" if not tables else "other"), tables
+
+
+def describe_database(kind: str, tables: list[str]) -> str:
+    """What :func:`database_kind` found, in words: ``"a DuckDB database with other tables (a, b)"``."""
+    if kind in _KIND_TEXT:
+        return _KIND_TEXT[kind]
+    if kind == "empty":
+        return "an empty DuckDB database"
+    shown = ", ".join(tables[:6]) + (", ..." if len(tables) > 6 else "")
+    return f"a DuckDB database with other tables ({shown})"
+
+
+def store_path(path: str | os.PathLike, describe: str = "database", example: str = "fcr.duckdb") -> Path:
+    """``path`` as a :class:`~pathlib.Path`, refusing one written as a folder (``results/``):
+    ``Path`` drops the trailing ``/``, and a writer would create a *file* of the folder's name.
+
+    Raises:
+        StoreUnreadableError: the path ends with a path separator.
+    """
+    text = os.fspath(path)
+    if isinstance(text, str) and text.endswith(("/", os.sep)) and text.strip("/" + os.sep):
+        raise StoreUnreadableError(
+            f"{describe} {text} names a folder (it ends with '/'); pass the database file itself, e.g. "
+            f"{Path(text) / example}")
+    return Path(text)
 
 
 def utcnow() -> _dt.datetime:
@@ -142,18 +210,36 @@ def retry_while_locked(call: Callable[[], T], *, timeout: float, first_delay: fl
             delay = min(delay * 2, max_delay)
 
 
+_NOT_FILES = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+              (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
 def _check_path(path: Path, read_only: bool, describe: str, missing_hint: str) -> None:
     if path.is_dir():
         raise StoreUnreadableError(
             f"{describe} {path} is a directory, not a DuckDB file; pass the database file "
             f"itself (e.g. {path / 'fcr.duckdb'})"
         )
+    if path.exists() and not path.is_file():  # opening a pipe would block until a writer comes
+        mode = path.stat().st_mode
+        what = next((text for test, text in _NOT_FILES if test(mode)), "not a regular file")
+        raise StoreUnreadableError(f"{describe} {path} is {what}, not a DuckDB file; pass the database file itself")
     if not read_only:
         if not path.parent.is_dir():
             raise StoreUnreadableError(
                 f"the folder of {describe} {path} does not exist ({path.parent}); create it or "
                 "pass a path in an existing folder"
             )
+        # A writer creates the file, its write-ahead log (and the runner its lock file) beside it.
+        if not os.access(path.parent, os.W_OK | os.X_OK):
+            raise StoreUnreadableError(
+                f"{describe} {path} cannot be written: its folder {path.parent} is read-only (a writer creates the "
+                "file and its write-ahead log there); pass a path in a folder you can write, or make that one "
+                "writable")
+        if path.exists() and not os.access(path, os.W_OK):
+            raise StoreUnreadableError(
+                f"{describe} {path} is read-only; writing needs a file you can write. Make it writable, or pass "
+                "another path (reading commands open it read-only)")
         return
     if not path.exists():
         if not path.parent.is_dir():
@@ -192,7 +278,7 @@ def connect(path: str | os.PathLike, *, read_only: bool = False, timeout: float 
         ...     con.execute("SELECT 1").fetchall()
         [(1,)]
     """
-    path = Path(path)
+    path = store_path(path, describe)
     _check_path(path, read_only, describe, missing_hint)
     try:
         return retry_while_locked(
@@ -211,6 +297,37 @@ def connect(path: str | os.PathLike, *, read_only: bool = False, timeout: float 
             f"{describe} {path} {what}. Point to the right file, or move this one aside and "
             f"let a writer create a new store there. DuckDB said: {text.splitlines()[0]}"
         ) from None
+
+
+def check_complete(con: duckdb.DuckDBPyConnection, path: str | os.PathLike, describe: str = "database") -> None:
+    """Refuse a file that ends before the last block its tables' data lives in: cut off by a copy
+    or a full disk. DuckDB opens such a file (its catalog is at the front) and fails only when a
+    query reaches a missing block — and a writer would write into it. The blocks come from
+    ``pragma_storage_info`` of every table of the file (free blocks past the data may be trimmed
+    from the file's end, so its header's block count is not what the file must hold).
+
+    Call it once when a store is opened for a piece of work, not on every connection.
+
+    Raises:
+        StoreUnreadableError: the file is shorter than its data.
+    """
+    path = Path(path)
+    (block_size,), = con.execute("SELECT block_size FROM pragma_database_size() "
+                                 "WHERE database_name = current_database()").fetchall()
+    last = -1
+    for (table,) in con.execute("SELECT table_name FROM duckdb_tables() WHERE database_name = current_database() "
+                                "AND schema_name = 'main'").fetchall():
+        (block,), = con.execute("SELECT max(block_id) FROM pragma_storage_info(?) WHERE persistent",
+                                [table]).fetchall()
+        if block is not None:
+            last = max(last, int(block))
+    needed = _HEADER_BYTES + (last + 1) * int(block_size)
+    size = path.stat().st_size
+    if last >= 0 and size < needed:
+        raise StoreUnreadableError(
+            f"{describe} {path} is cut off: its tables' data reaches block {last} ({needed:,} bytes) but the file "
+            f"has {size:,} bytes (a copy cut short, or a full disk). Restore it from a complete copy, or point to "
+            "another file; nothing was written")
 
 
 @contextlib.contextmanager

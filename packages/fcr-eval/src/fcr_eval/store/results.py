@@ -18,8 +18,14 @@ is busy, the call retries for ``lock_timeout`` seconds and then raises :class:`S
 naming the process that holds it.
 
 Schema versions. Writers migrate a store that is behind (:func:`fcr_eval.store.migrations.migrate`).
-Readers never migrate; they refuse a store that is newer than this code and ask for a writer to
-migrate one that is older.
+Readers never migrate; they refuse a store that is newer than this code and ask for a writer
+(``fcr-eval migrate --store PATH``) to migrate one that is older.
+
+Files that are not results stores. Before it migrates or writes anything, a writer looks at an
+existing file read-only and refuses a human-study file or a DuckDB database of other tables
+(:class:`NotAResultsStoreError`, naming what the file is); a reader refuses them too, and an
+empty database. :func:`check_results_store` makes the same checks for a command before it
+starts any work.
 
 Example:
     >>> store = ResultsStore("results/fcr.duckdb")
@@ -73,7 +79,11 @@ from fcr_eval.store.db import (
     StoreLockedError,
     StoreSchemaError,
     StoreUnreadableError,
+    check_complete,
     connect,
+    database_kind,
+    describe_database,
+    store_path,
     transaction,
     utcnow,
 )
@@ -97,6 +107,9 @@ __all__ = [
     "StoreLockedError",
     "StoreSchemaError",
     "StoreUnreadableError",
+    "NotAResultsStoreError",
+    "check_results_store",
+    "MIGRATE_COMMAND",
     "RunRecord",
     "MetricRecord",
     "PerPromptScore",
@@ -121,6 +134,65 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEFAULT_STORE_PATH = Path("results/fcr.duckdb")
+
+#: The command that migrates a store to this code's schema (a reader's hint).
+MIGRATE_COMMAND = "fcr-eval migrate --store {path}"
+
+
+class NotAResultsStoreError(StoreUnreadableError):
+    """The file is a DuckDB database but not a results store (a human-study file, someone else's
+    tables, or — for reading — an empty database). Nothing was migrated or written."""
+
+
+def _refuse_other_kind(con: duckdb.DuckDBPyConnection, path: Path, *, empty_is_ok: bool) -> None:
+    """Refuse a file that is not a results store (or empty, with ``empty_is_ok``), or one cut off."""
+    check_complete(con, path, "results store")
+    kind, tables = database_kind(con)
+    if kind == "results store" or (kind == "empty" and empty_is_ok):
+        return
+    hint = (" (the explorer reads a study's votes with `fcr-explorer --human-study PATH`)"
+            if kind == "human-study file" else "")
+    raise NotAResultsStoreError(
+        f"{path} is not a results store: it is {describe_database(kind, tables)}{hint}. The toolkit never "
+        "migrates or writes another kind of file; pass the results store (e.g. results/fcr.duckdb), or a new path for a new one")
+
+
+def check_results_store(path: str | os.PathLike, *, must_exist: bool, for_writing: bool,
+                        describe: str = "results store", lock_timeout: float = 5.0) -> None:
+    """Fail before any work when ``path`` cannot be (or become) the results store: a folder, a
+    pipe, a file that is not a DuckDB database, one cut off, a human-study file or someone else's
+    database, a read-only file or folder (``for_writing``), or — with ``must_exist`` — no file at
+    all. Opens the file read-only and creates nothing.
+
+    Raises:
+        StoreUnreadableError: what is wrong and what to do (:class:`NotAResultsStoreError` for
+            a DuckDB file of another kind).
+        StoreLockedError: another process holds the file for longer than ``lock_timeout``.
+    """
+    path = store_path(path, describe)
+    if not path.exists() and not path.is_symlink() and not must_exist:
+        if path.parent.exists() and not path.parent.is_dir():
+            raise StoreUnreadableError(f"{describe} {path}: {path.parent} is a file, not a folder; pass a store "
+                                       "path in a folder")
+        if for_writing and path.parent.is_dir() and not os.access(path.parent, os.W_OK | os.X_OK):
+            raise StoreUnreadableError(
+                f"{describe} {path} cannot be written: its folder {path.parent} is read-only; pass a --store in "
+                "a folder you can write, or make that one writable")
+        return  # the writer creates it (and its folder)
+    with connect(path, read_only=True, timeout=lock_timeout, describe=describe,
+                 missing_hint="run the experiment first (`fcr-eval run <experiment.toml>`) or pass the right "
+                              "--store") as con:
+        _refuse_other_kind(con, path, empty_is_ok=not must_exist)  # a writer makes an empty one a store
+    if for_writing:  # the checks a writer's connect makes, before the work rather than after it
+        if not os.access(path.parent, os.W_OK | os.X_OK):
+            raise StoreUnreadableError(
+                f"{describe} {path} cannot be written: its folder {path.parent} is read-only (a writer creates its "
+                "write-ahead log and lock file there); make it writable or pass another --store")
+        if not os.access(path, os.W_OK):
+            raise StoreUnreadableError(
+                f"{describe} {path} is read-only; make it writable or pass another --store (`fcr-eval report` "
+                "reads a read-only store)")
+
 
 #: The tables holding a run's rows, children first (a run is deleted or replaced as a whole).
 RUN_TABLES = ("metrics", "per_prompt_scores", "timings", "feature_stats", "samples", "sample_metrics",
@@ -214,11 +286,12 @@ class ResultsStore:
 
     def __init__(self, path: str | os.PathLike = DEFAULT_STORE_PATH, *, lock_timeout: float = 30.0,
                  _read_only: bool = False) -> None:
-        self.path = Path(path)
+        self.path = store_path(path, "results store")
         self.read_only = _read_only
         self.lock_timeout = float(lock_timeout)
         if self.read_only:
             with self._connect() as con:
+                _refuse_other_kind(con, self.path, empty_is_ok=False)
                 v = read_schema_version(con)
             if v != SCHEMA_VERSION:
                 newer = v > SCHEMA_VERSION
@@ -226,12 +299,16 @@ class ResultsStore:
                     f"{self.path} is at schema version {v}, this fcr-eval reads version "
                     f"{SCHEMA_VERSION}; "
                     + ("upgrade fcr-eval (uv sync)." if newer else
-                       "open it once for writing (fcr_eval.store.ResultsStore(path)) to migrate it.")
+                       f"migrate it once with `{MIGRATE_COMMAND.format(path=self.path)}` (readers never migrate).")
                 )
         else:
-            if not self.path.is_dir():  # a directory is refused by connect() with a clear error
+            if self.path.is_file():  # look read-only first: a file of another kind is never opened for writing
+                with connect(self.path, read_only=True, timeout=self.lock_timeout, describe="results store") as con:
+                    _refuse_other_kind(con, self.path, empty_is_ok=True)
+            elif not self.path.is_dir():  # a directory is refused by connect() with a clear error
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             with self._connect() as con:
+                _refuse_other_kind(con, self.path, empty_is_ok=True)
                 migrate(con)
 
     @classmethod

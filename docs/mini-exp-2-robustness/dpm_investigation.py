@@ -6,12 +6,12 @@ make_sampling_scheduler``) and varies one thing at a time: weights (base / FCR f
 scheduler (DDIM-20 / DPM-Solver++-20 as the runner builds it / DPM-Solver++-20 with x̂0 clipped
 to [-1, 1]), cache (none / FD-1 / FD-5 / FD-10, parallel and sequential decoding).
 
-    OMP_NUM_THREADS=1 uv run --no-sync python docs/mini-exp-2/dpm_investigation.py \
+    OMP_NUM_THREADS=1 uv run --no-sync python docs/mini-exp-2-robustness/dpm_investigation.py \
         --finetune results/runs/mini-exp-2/finetune/ft-lam0.10-d10-all-s0-2cf3b250/checkpoints/step_0000150/unet
 
 About 25 s per configuration of 100 images on one shared CPU core (22 configurations per seed;
 ``--seeds 0,1`` took 17 min).
-Add ``--grid docs/mini-exp-2/dpm_investigation.png`` for the figure.
+Add ``--grid docs/mini-exp-2-robustness/dpm_investigation.png`` for the figure.
 """
 
 from __future__ import annotations
