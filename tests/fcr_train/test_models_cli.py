@@ -68,7 +68,7 @@ def _digest(root):
 @pytest.mark.parametrize("change, stored, now", [
     (("--lam", "0.3"), "fcr.lam = 0.2", "0.3 now"),
     (("--batch-size", "4"), "batch_size = 8", "4 now"),
-    (("--oc-lam", "0.1", "--lam", "0"), "output_consistency = None in the stored run", "{'lam': 0.1,"),
+    (("--oc-lam", "0.1", "--lam", "0"), "output_consistency = None in the stored run", "'lam': 0.1,"),
     (("--seed", "3"), "seed = 0", "3 now"),
     (("--limit", "32"), "data.limit = 64", "32 now"),
 ], ids=["lam", "batch-size", "objective", "seed", "data-limit"])
