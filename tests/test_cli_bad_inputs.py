@@ -180,7 +180,7 @@ def _cases(w: dict[str, str]) -> list[Case]:
               ("lam", {"--lam": "0.3"}, "fcr.lam = 0.2 in the stored run, 0.3 now"),
               ("batch-size", {"--batch-size": "4"}, "batch_size = 8 in the stored run, 4 now"),
               ("objective", {"--lam": "0", "--oc-lam": "0.1"},
-               "fcr.lam = 0.2 in the stored run, 0.0 now; output_consistency = None in the stored run, {'lam': 0.1"))],
+               "fcr.lam = 0.2 in the stored run, 0.0 now; output_consistency = None in the stored run, {"))],
         # --- fcr-human-study ----------------------------------------------------------------
         Case("study-serve-empty-study-file", H, ("serve", "--study", w["empty_study"]), 2, "holds no study"),
         Case("study-serve-random-bytes", H, ("serve", "--study", rand), 2, "is not a DuckDB database"),

@@ -76,7 +76,7 @@ def test_run_folder_records_config_logs_and_blocks(tmp_path, fmnist, scheduler):
                                    "stop_grad": False, "batched": True, "delta_unit": "timesteps",
                                    "sampler_steps": None, "stride": None}
     assert cfg["train"]["grad_accum"] == 2
-    assert "git_commit" in cfg["provenance"]["code"] and cfg["provenance"]["hardware"]["cpu_count"]
+    assert "fcr-train=" in cfg["provenance"]["code"] and cfg["provenance"]["hardware"]["cpu_count"]
     rec = json.loads((res.run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     for key in ("loss", "l_denoise", "l_fcr", "step_time_s", "lr"):
         assert key in rec
