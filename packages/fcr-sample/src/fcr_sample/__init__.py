@@ -7,7 +7,9 @@ Two lines speed up an existing pipeline::
 
 Public API: the encoder cache (:class:`EncoderCacheConfig`, :func:`apply_encoder_cache`,
 :func:`remove_encoder_cache`), the DeepCache comparator (:class:`DeepCacheConfig`,
-:func:`apply_deep_cache`, :func:`remove_deep_cache`), forward counters
+:func:`apply_deep_cache`, :func:`remove_deep_cache`), the adaptive cache
+(:class:`AdaptiveCacheConfig`, :func:`apply_adaptive_cache`, :func:`remove_adaptive_cache`),
+calibrated schedules (:func:`calibrate_schedule`, :class:`CalibratedSchedule`), forward counters
 (:func:`get_cache_stats`, :func:`reset_cache_stats`), key-step schedules (:func:`key_steps`),
 regional ``torch.compile`` of a cached UNet (:func:`compile_unet_regions`),
 bare-UNet loops (:func:`denoise` with its step ``callback``, :func:`start_sampling_run`,
@@ -22,9 +24,12 @@ cache's error enters).
 # schema that checks their names (and a plan that builds the cache configs)
 # loads in a fraction of a second.
 _EXPORTS = {
+    "adaptive": ["apply_adaptive_cache", "remove_adaptive_cache"],
+    "calibration": ["CalibratedSchedule", "ScheduleMismatchError", "calibrate_schedule", "model_identity",
+                    "scheduler_identity"],
     "attribution": ["CacheAttribution", "FeatureAttribution", "StepAttribution", "attribute_cache_error"],
     "compilation": ["compile_unet_regions", "uncompile_unet_regions"],
-    "cache_configs": ["EncoderCacheConfig", "DeepCacheConfig"],  # torch-free
+    "cache_configs": ["EncoderCacheConfig", "DeepCacheConfig", "AdaptiveCacheConfig"],  # torch-free
     "deep_cache": ["apply_deep_cache", "remove_deep_cache"],
     "encoder_cache": ["apply_encoder_cache", "remove_encoder_cache"],
     "features": ["encoder_feature_names", "encoder_features", "select_feature_names"],
@@ -68,6 +73,14 @@ __all__ = [
     "DeepCacheConfig",
     "apply_deep_cache",
     "remove_deep_cache",
+    "AdaptiveCacheConfig",
+    "apply_adaptive_cache",
+    "remove_adaptive_cache",
+    "CalibratedSchedule",
+    "ScheduleMismatchError",
+    "calibrate_schedule",
+    "model_identity",
+    "scheduler_identity",
     "CacheStats",
     "get_cache_stats",
     "reset_cache_stats",

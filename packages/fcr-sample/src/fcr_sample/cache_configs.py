@@ -22,7 +22,18 @@ import numpy as np
 
 from .schedules import NAMED_SCHEDULES, key_steps
 
-__all__ = ["EncoderCacheConfig", "DeepCacheConfig", "SKIP_MODES", "LAYERS_PER_BRANCH_BLOCK", "nonuniform_full_steps"]
+__all__ = ["EncoderCacheConfig", "DeepCacheConfig", "AdaptiveCacheConfig", "ADAPTIVE_TARGETS", "SKIP_MODES",
+           "LAYERS_PER_BRANCH_BLOCK", "nonuniform_full_steps"]
+
+
+def _explicit_steps(steps, name: str) -> tuple[int, ...]:
+    """An explicit step list as a sorted tuple of distinct ints; it must hold step 0 and no negative step."""
+    out = tuple(sorted({int(s) for s in steps}))
+    if not out or out[0] < 0:
+        raise ValueError(f"{name} must be step indices >= 0, got {list(steps)}")
+    if out[0] != 0:
+        raise ValueError(f"{name} must include step 0, got {list(steps)}")
+    return out
 
 
 @dataclass(frozen=True)
@@ -71,11 +82,7 @@ class EncoderCacheConfig:
         if self.schedule not in NAMED_SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; allowed are {NAMED_SCHEDULES}")
         if self.key_steps is not None:
-            object.__setattr__(self, "key_steps", tuple(int(s) for s in self.key_steps))
-            if not self.key_steps or min(self.key_steps) != 0:
-                raise ValueError(f"key_steps must include step 0, got {list(self.key_steps)}")
-            if min(self.key_steps) < 0:
-                raise ValueError("key_steps must be >= 0")
+            object.__setattr__(self, "key_steps", _explicit_steps(self.key_steps, "key_steps"))
         elif self.schedule == "uniform":
             if self.stride is None or int(self.stride) != self.stride or self.stride < 1:
                 raise ValueError(f"stride must be an integer >= 1, got {self.stride!r}")
@@ -235,12 +242,17 @@ class DeepCacheConfig:
         skip_mode: ``"uniform"`` or ``"non-uniform"`` (:data:`SKIP_MODES`).
         pow: non-uniform only: the starting exponent of the power curve (the package's ``pow``).
         center: non-uniform only: the step the full steps crowd around (the package's ``center``).
+        full_steps: explicit full-step indices (must include 0), e.g. a calibrated schedule
+            (:func:`fcr_sample.calibrate_schedule`); ``cache_interval`` and ``skip_mode`` are then
+            ignored.
 
     Example:
         >>> DeepCacheConfig(cache_interval=5, cache_branch_id=0).key_steps_for(20)
         [0, 5, 10, 15]
         >>> DeepCacheConfig(5, 0, skip_mode="non-uniform", pow=1.4, center=15).label
         'DeepCache-N5-b0-nonuniform-c15-p1.4'
+        >>> DeepCacheConfig(full_steps=(0, 1, 3, 6, 12)).key_steps_for(20)
+        [0, 1, 3, 6, 12]
     """
 
     cache_interval: int = 5
@@ -248,8 +260,11 @@ class DeepCacheConfig:
     skip_mode: str = "uniform"
     pow: float = 1.4
     center: int = 15
+    full_steps: tuple[int, ...] | None = None
 
     def __post_init__(self):
+        if self.full_steps is not None:
+            object.__setattr__(self, "full_steps", _explicit_steps(self.full_steps, "full_steps"))
         if int(self.cache_interval) != self.cache_interval or self.cache_interval < 1:
             raise ValueError(f"cache_interval must be an integer >= 1, got {self.cache_interval!r}")
         if int(self.cache_branch_id) != self.cache_branch_id or self.cache_branch_id < 0:
@@ -276,6 +291,8 @@ class DeepCacheConfig:
         """The full-step indices of a run of ``num_steps`` UNet calls (the effective schedule)."""
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        if self.full_steps is not None:
+            return key_steps(num_steps, steps=self.full_steps)
         n = int(self.cache_interval)
         if n == 1:
             return list(range(num_steps))
@@ -306,6 +323,8 @@ class DeepCacheConfig:
         """
         if num_steps < 1:
             raise ValueError(f"a sampling run needs at least one step, got {num_steps}")
+        if self.full_steps is not None:
+            return self.key_steps_for(num_steps)  # a step past the run is refused, with its value
         if self.cache_interval > num_steps:
             raise ValueError(
                 f"DeepCacheConfig.cache_interval = {self.cache_interval} is larger than this sampling run's "
@@ -318,8 +337,74 @@ class DeepCacheConfig:
     @property
     def label(self) -> str:
         """Short name for tables and plots: ``DeepCache-N5-b0`` (uniform), with
-        ``-nonuniform-c{center}-p{pow}`` appended for the power-curve schedule."""
+        ``-nonuniform-c{center}-p{pow}`` appended for the power-curve schedule;
+        ``DeepCache-custom-b0`` for explicit ``full_steps``."""
+        if self.full_steps is not None:
+            return f"DeepCache-custom-b{self.cache_branch_id}"
         base = f"DeepCache-N{self.cache_interval}-b{self.cache_branch_id}"
         if self.skip_mode == "uniform":
             return base
         return f"{base}-nonuniform-c{self.center}-p{self.pow:g}"
+
+
+#: What an adaptive cache refreshes: DeepCache's deep path or Faster Diffusion's encoder.
+ADAPTIVE_TARGETS = ("deepcache", "fd")
+
+#: :class:`AdaptiveCacheConfig`'s default threshold on the accumulated relative change of
+#: ``conv_in``'s output (see the README's table for what other values give).
+DEFAULT_ADAPTIVE_THRESHOLD = 0.2
+
+
+@dataclass(frozen=True)
+class AdaptiveCacheConfig:
+    """A cache that decides at every step, from a cheap run-time signal, whether to refresh.
+
+    The signal is the relative change of an early feature — the output of ``conv_in``, the
+    UNet's first layer, recomputed at every step for a convolution's cost — between consecutive
+    steps, ``mean|f_s − f_{s−1}| / mean|f_{s−1}|`` per sample, accumulated over the steps since
+    the last refresh. A step refreshes (runs the whole UNet) when that sum reaches ``threshold``
+    for any sample of the batch, and the sum restarts; otherwise it is served from the cache
+    (DeepCache's shallow path, or FD's decoder on the cached encoder features). Step 0 always
+    refreshes. ``threshold=0`` refreshes every step: the uncached sampler.
+
+    Attributes:
+        threshold: the accumulated relative change that triggers a refresh (>= 0).
+        cache: what is cached between refreshes (:data:`ADAPTIVE_TARGETS`): ``"deepcache"``
+            (the deep path, :class:`DeepCacheConfig` semantics) or ``"fd"`` (the encoder).
+        cache_branch_id: DeepCache's cut (``3·block + layer``); ignored for ``"fd"``.
+        max_cached_steps: at most this many consecutive steps served from the cache (``None``:
+            no cap); a safety bound for trajectories where the signal stays flat.
+
+    Example:
+        >>> AdaptiveCacheConfig(threshold=0.2).label
+        'Adaptive-DeepCache-b0-t0.2'
+    """
+
+    threshold: float = DEFAULT_ADAPTIVE_THRESHOLD
+    cache: str = "deepcache"
+    cache_branch_id: int = 0
+    max_cached_steps: int | None = None
+
+    def __post_init__(self):
+        if not (isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold) and self.threshold >= 0):
+            raise ValueError(
+                f"threshold must be a number >= 0 (the accumulated relative change of conv_in's output that "
+                f"triggers a refresh; 0 refreshes every step), got {self.threshold!r}"
+            )
+        if self.cache not in ADAPTIVE_TARGETS:
+            raise ValueError(f"unknown adaptive cache {self.cache!r}; allowed are {ADAPTIVE_TARGETS}")
+        if int(self.cache_branch_id) != self.cache_branch_id or self.cache_branch_id < 0:
+            raise ValueError(
+                f"cache_branch_id must be an integer >= 0 (3·block + layer), got {self.cache_branch_id!r}"
+            )
+        if self.max_cached_steps is not None and (
+            int(self.max_cached_steps) != self.max_cached_steps or self.max_cached_steps < 1
+        ):
+            raise ValueError(f"max_cached_steps must be an integer >= 1 or None, got {self.max_cached_steps!r}")
+
+    @property
+    def label(self) -> str:
+        """``Adaptive-DeepCache-b0-t0.2``, ``Adaptive-FD-t0.2`` (``-m{max}`` with a cap)."""
+        base = f"Adaptive-DeepCache-b{self.cache_branch_id}" if self.cache == "deepcache" else "Adaptive-FD"
+        cap = f"-m{self.max_cached_steps}" if self.max_cached_steps is not None else ""
+        return f"{base}-t{self.threshold:g}{cap}"

@@ -215,12 +215,16 @@ class DeepCacheHook(CacheHook):
     def on_new_run(self, run) -> None:
         self.state.full_steps = frozenset(self.config.full_steps_for_run(run.num_steps, run.num_schedule_steps))
 
+    def wants_full_step(self, unet, a: dict[str, Any], step: int) -> bool:
+        """Whether ``step`` is one of the schedule's full steps (the adaptive cache decides here)."""
+        return step in self.state.full_steps
+
     def new_forward(self, module, *args, **kwargs):
         a = bind_unet_args(module, args, kwargs)
         _, step = self.begin_call(a["timestep"])
         st = self.state
         batch = a["sample"].shape[0]
-        full = step in st.full_steps or st.batch != batch or not st.outputs
+        full = self.wants_full_step(module, a, step) or st.batch != batch or not st.outputs
         if full and step not in st.full_steps:
             logger.debug("DeepCache: step %d runs in full (nothing stored at batch %d)", step, batch)
         st.reusing, st.refreshing = not full, full

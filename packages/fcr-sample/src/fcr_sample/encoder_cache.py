@@ -174,6 +174,10 @@ class EncoderCacheHook(CacheHook):
             )
 
     # -- the forward ---------------------------------------------------------------------------
+    def wants_key_step(self, unet, a: dict, step: int) -> bool:
+        """Whether ``step`` is one of the schedule's key steps (the adaptive cache decides here)."""
+        return step in self.state.keys
+
     def new_forward(self, module, *args, **kwargs):
         a = bind_unet_args(module, args, kwargs)
         run, step = self.begin_call(a["timestep"])
@@ -182,7 +186,7 @@ class EncoderCacheHook(CacheHook):
         if self.config.prior_noise_alpha > 0:
             self._track_prior_noise(step, sample, a["timestep"])
         cond_kwargs = conditioning_kwargs(a)
-        is_key = step in st.keys
+        is_key = self.wants_key_step(module, a, step)
         cond = None
         if is_key or st.enc is None:
             cond = prepare_conditioning(module, sample, a["timestep"], ehs, **cond_kwargs)
