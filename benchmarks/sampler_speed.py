@@ -13,7 +13,10 @@ x_T for every variant: no cache, fcr FD-k (parallel and sequential decoding), fc
 comparator, the DeepCache package (PyPI ``deepcache``, ``DeepCacheSDHelper``), T-GATE (PyPI
 ``tgate``, ``TgateSDLoader``) and optionally ``torch.compile``. Variants are interleaved round by
 round (:func:`fcr_sample.benchmark.benchmark_pipelines`); the table gives s/img with min–max over
-rounds and the per-round speed-up against no cache. The peers are benchmark dependencies (the
+rounds and the per-round speed-up against no cache. ``--adaptive deepcache 0.2`` adds the adaptive
+cache (its conv_in signal computed at every step, so its time includes the signal), and per
+``--deepcache N`` the adaptive DeepCache held to N's schedule: its difference to fcr DeepCache-N is
+the signal's overhead; ``--calibrated deepcache 10`` adds a schedule calibrated on the pipeline. The peers are benchmark dependencies (the
 root ``dev`` group), never fcr-sample's.
 """
 
@@ -30,10 +33,14 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from fcr_common.provenance import code_version
 from fcr_sample import (
+    AdaptiveCacheConfig,
     DeepCacheConfig,
     EncoderCacheConfig,
+    apply_adaptive_cache,
     apply_deep_cache,
     apply_encoder_cache,
+    calibrate_schedule,
+    remove_adaptive_cache,
     remove_deep_cache,
     remove_encoder_cache,
 )
@@ -205,6 +212,37 @@ def fcr_variants(strides, fd_modes, deepcache, max_parallel_steps) -> list[Pipel
     return out
 
 
+def adaptive_variants(adaptive, deepcache) -> list[PipelineVariant]:
+    """The adaptive cache at each ``(cache, threshold)``, and, per DeepCache interval N, the adaptive
+    DeepCache forced onto N's uniform schedule (``max_cached_steps = N - 1``, a threshold it never
+    reaches): the same full steps as fcr DeepCache-N plus the signal, so the two rows' difference
+    is the signal's overhead."""
+    out = []
+    for cache, threshold in adaptive:
+        cfg = AdaptiveCacheConfig(threshold=threshold, cache=cache)
+        out.append(PipelineVariant(f"fcr {cfg.label}", lambda p, c=cfg: apply_adaptive_cache(p, c),
+                                   remove_adaptive_cache))
+    for interval, branch in deepcache:
+        cfg = AdaptiveCacheConfig(threshold=1e9, cache_branch_id=branch, max_cached_steps=interval - 1)
+        out.append(PipelineVariant(f"fcr {cfg.label} (= N{interval} + signal)",
+                                   lambda p, c=cfg: apply_adaptive_cache(p, c), remove_adaptive_cache))
+    return out
+
+
+def calibrated_variants(pipe, calibrated, kwargs, steps) -> list[PipelineVariant]:
+    """DeepCache / FD on schedules calibrated by feature change on this pipeline's own call (the
+    random-weight UNet's schedule: a speed row, its quality means nothing)."""
+    out = []
+    for cache, budget in calibrated:
+        sched = calibrate_schedule(pipe, cache, budget, run=lambda: pipe(**kwargs), num_steps=steps)
+        cfg = sched.config()
+        apply, remove = (apply_deep_cache, remove_deep_cache) if cache == "deepcache" else (
+            apply_encoder_cache, remove_encoder_cache)
+        out.append(PipelineVariant(f"fcr {sched.label} {list(sched.steps)}", lambda p, c=cfg, a=apply: a(p, c),
+                                   remove))
+    return out
+
+
 # -- the two modes ------------------------------------------------------------------------------
 
 
@@ -221,6 +259,7 @@ def run_pipeline_mode(args, device, dtype, emit) -> None:
         variants.append(compiled_variant())
         variants += compiled_region_variants(args.strides, args.compile_backend)
     variants += fcr_variants(args.strides, modes, args.deepcache, args.max_parallel_steps)
+    variants += adaptive_variants(args.adaptive, args.deepcache if args.adaptive else [])
     twins = {}
     if not args.no_peers:
         for interval, branch in args.deepcache:
@@ -234,9 +273,10 @@ def run_pipeline_mode(args, device, dtype, emit) -> None:
         text, null = (torch.randn(batch, 77, dim, generator=g).to(device, dtype) for _ in range(2))
         kwargs = dict(prompt_embeds=text, negative_prompt_embeds=null, num_inference_steps=args.steps,
                       guidance_scale=args.guidance)
+        batch_variants = variants + calibrated_variants(pipe, args.calibrated, kwargs, args.steps)
         t0 = time.perf_counter()
-        with tqdm(total=len(variants) * (args.rounds + 1), desc=f"batch {batch}", leave=False) as bar:
-            rows = benchmark_pipelines(pipe, variants, kwargs, rounds=args.rounds,
+        with tqdm(total=len(batch_variants) * (args.rounds + 1), desc=f"batch {batch}", leave=False) as bar:
+            rows = benchmark_pipelines(pipe, batch_variants, kwargs, rounds=args.rounds,
                                        progress=lambda m: (bar.set_postfix_str(m[:40]), bar.update()))
         emit(f"\n### batch {batch} ({time.perf_counter() - t0:.0f} s for this table)\n")
         emit(format_pipeline_table(rows, same_as=twins))
@@ -261,6 +301,18 @@ def run_bare_unet_mode(args, device, dtype, emit) -> None:
         emit(format_table(rows))
 
 
+def _cache_setting(cache: str, value: str, kind, flag: str, what: str):
+    from bench_cli import UserError
+    from fcr_sample.cache_configs import ADAPTIVE_TARGETS
+
+    if cache not in ADAPTIVE_TARGETS:
+        raise UserError(f"{flag} {cache} {value}: the cache is one of {ADAPTIVE_TARGETS}")
+    try:
+        return cache, kind(value)
+    except ValueError:
+        raise UserError(f"{flag} {cache} {value}: the {what} must be a {kind.__name__}") from None
+
+
 def main(argv=None) -> int:
     from bench_cli import UserError, parser, report_file
     from fcr_common.cli_errors import float_in, int_at_least
@@ -281,6 +333,11 @@ def main(argv=None) -> int:
     ap.add_argument("--max-parallel-steps", type=int_at_least(1), default=10)
     ap.add_argument("--deepcache", type=int_at_least(0), nargs=2, action="append", metavar=("N", "BRANCH"),
                     help="DeepCache interval (>= 2) and branch, ours and the package's (default: 5 0)")
+    ap.add_argument("--adaptive", nargs=2, action="append", default=[], metavar=("CACHE", "THRESHOLD"),
+                    help="the adaptive cache (deepcache or fd) at a threshold (repeatable); also adds, per "
+                    "--deepcache N, the adaptive DeepCache on N's schedule (its signal's overhead)")
+    ap.add_argument("--calibrated", nargs=2, action="append", default=[], metavar=("CACHE", "BUDGET"),
+                    help="DeepCache / FD on a schedule of BUDGET full steps calibrated on the pipeline (repeatable)")
     ap.add_argument("--no-peers", action="store_true", help="leave out the DeepCache package and T-GATE")
     ap.add_argument("--compile", action="store_true",
                     help="add no cache under torch.compile(unet), and no cache / FD-k with the UNet's blocks compiled")
@@ -295,6 +352,12 @@ def main(argv=None) -> int:
     if bad := [k for k in args.strides if k > args.steps] + [n for n, _ in args.deepcache if n > args.steps]:
         raise UserError(f"stride(s) / interval(s) {bad} are larger than --steps {args.steps}; pass at most "
                         f"{args.steps}")
+    args.adaptive = [_cache_setting(c, v, float, "--adaptive", "threshold") for c, v in args.adaptive]
+    args.calibrated = [_cache_setting(c, v, int, "--calibrated", "budget") for c, v in args.calibrated]
+    if bad := [b for _, b in args.calibrated if not 1 <= b <= args.steps]:
+        raise UserError(f"--calibrated budget(s) {bad}: a budget is 1..--steps ({args.steps}) full steps")
+    if bad := [t for _, t in args.adaptive if t < 0]:
+        raise UserError(f"--adaptive threshold(s) {bad}: a threshold is >= 0 (0 refreshes every step)")
     check_device(args.device)
     out = report_file(args.out)
     logging.basicConfig(level=logging.WARNING)

@@ -25,7 +25,8 @@ cache's error enters).
 # loads in a fraction of a second.
 _EXPORTS = {
     "adaptive": ["apply_adaptive_cache", "remove_adaptive_cache"],
-    "calibration": ["CalibratedSchedule", "ScheduleMismatchError", "calibrate_schedule", "model_identity",
+    "calibration": ["CalibratedSchedule", "ScheduleMismatchError", "calibrate_schedule",
+                    "calibrate_schedule_from_error", "model_identity",
                     "scheduler_identity"],
     "attribution": ["CacheAttribution", "FeatureAttribution", "StepAttribution", "attribute_cache_error"],
     "compilation": ["compile_unet_regions", "uncompile_unet_regions"],
@@ -79,6 +80,7 @@ __all__ = [
     "CalibratedSchedule",
     "ScheduleMismatchError",
     "calibrate_schedule",
+    "calibrate_schedule_from_error",
     "model_identity",
     "scheduler_identity",
     "CacheStats",

@@ -44,7 +44,8 @@ from .features import select_feature_names
 from .hooks import find_cache_hooks
 from .unet_parts import EncoderOutput, prepare_conditioning, run_decoder, run_encoder
 
-__all__ = ["FeatureAttribution", "StepAttribution", "CacheAttribution", "attribute_cache_error"]
+__all__ = ["FeatureAttribution", "StepAttribution", "CacheAttribution", "attribute_cache_error",
+           "propagated_error_matrix"]
 
 #: The ``feature`` of rows that describe a step as a whole (all cached features stale together).
 ALL_FEATURES = "all"
@@ -376,15 +377,7 @@ def attribute_cache_error(
         ...                             guidance_scale=2.0, cache=DeepCacheConfig(3, 0))
         >>> max(res.steps, key=lambda s: s.eps_error).step
     """
-    if find_cache_hooks(unet):
-        raise ValueError(
-            "a cache is applied to this UNet: remove it first (remove_encoder_cache / "
-            "remove_deep_cache); the attribution walks the uncached trajectory"
-        )
-    if guidance_scale != 1.0 and null is None:
-        raise ValueError("classifier-free guidance (guidance_scale != 1) needs the unconditional states `null`")
-    if int(steps) != steps or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    _check_uncached(unet, guidance_scale, null, steps)
     path = _path_for(unet, cache)
     # the same run-level check as the caches themselves (a stride past the run is refused here too)
     run_keys = cache.key_steps_for_run(steps) if isinstance(cache, EncoderCacheConfig) else cache.full_steps_for_run(steps)
@@ -397,6 +390,87 @@ def attribute_cache_error(
                          guidance_scale, keys, propagation, measure_key_steps, progress)
     return CacheAttribution(cache=cache.label, num_steps=steps, key_steps=tuple(keys),
                             steps=tuple(measured))
+
+
+def _check_uncached(unet, guidance_scale: float, null, steps) -> None:
+    if find_cache_hooks(unet):
+        raise ValueError(
+            "a cache is applied to this UNet: remove it first (remove_encoder_cache / "
+            "remove_deep_cache); the attribution walks the uncached trajectory"
+        )
+    if guidance_scale != 1.0 and null is None:
+        raise ValueError("classifier-free guidance (guidance_scale != 1) needs the unconditional states `null`")
+    if int(steps) != steps or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+
+
+def propagated_error_matrix(
+    unet,
+    scheduler,
+    x_T: torch.Tensor,
+    cond: torch.Tensor,
+    null: torch.Tensor | None = None,
+    *,
+    cache: EncoderCacheConfig | DeepCacheConfig,
+    steps: int,
+    guidance_scale: float = 1.0,
+    exact: bool = False,
+    progress: bool = False,
+) -> torch.Tensor:
+    """``E[i, j]`` (``i < j``): the final sample's relative error ``‖x'_0 − x_0‖ / ‖x_0‖`` when only
+    step ``j`` is served from the cache, with the features of step ``i``, on the uncached trajectory.
+
+    What a schedule that serves ``j`` from ``i`` costs in the output, not only in the features
+    (``fcr_sample.calibrate_schedule_from_error`` picks a schedule from it). Arguments as
+    :func:`attribute_cache_error` (only ``cache``'s kind and DeepCache's branch matter, not its
+    schedule). Holds every step's cached features: meant for a calibration batch, not a run.
+
+    Args:
+        exact: replay every pair to the end (``n²/2`` cached decodes and about ``n³/6`` replayed
+            UNet calls for ``n`` steps). Default: linearised — every pair's one-step error
+            ``‖ε'_j − ε_j‖ / ‖ε_j‖`` (``n²/2`` cached decodes, no replay) times step ``j``'s measured
+            propagation gain, the final error per unit of one-step error when step ``j`` is served
+            from step ``j − 1`` (one replay per step, about ``n²/2`` UNet calls).
+
+    Example:
+        >>> E = propagated_error_matrix(unet, DDIMScheduler(), x_T, cond, null, steps=20,
+        ...                             guidance_scale=2.0, cache=DeepCacheConfig(cache_branch_id=0))
+        >>> E[0, 1:6]  # serving steps 1..5 from step 0
+    """
+    _check_uncached(unet, guidance_scale, null, steps)
+    path = _path_for(unet, cache)
+    ehs = torch.cat([null, cond]) if guidance_scale != 1.0 else cond
+    n = int(steps)
+    out_matrix = torch.zeros(n, n, dtype=torch.float64)
+    with torch.no_grad():
+        scheduler.set_timesteps(n, device=x_T.device)
+        timesteps = scheduler.timesteps
+        walk = _steps_from(path, scheduler, x_T * scheduler.init_noise_sigma, timesteps, 0, ehs, guidance_scale)
+        records = []  # per step: timestep, state, fresh forward, the scheduler as it is before the step
+        _, t, x, fresh, eps = next(walk)
+        while True:
+            records.append((t, x, fresh, copy.deepcopy(scheduler)))
+            out = scheduler.step(eps, t, x)
+            try:
+                _, t, x, fresh, eps = walk.send(out.prev_sample)
+            except StopIteration:
+                break
+        final = out.prev_sample
+        pairs = [(i, j) for j in range(1, n) for i in (j - 1, *range(j - 1))]  # the gain's pair first
+        gain = {}
+        for i, j in tqdm(pairs, desc="propagated error", disable=not progress):
+            t_j, x_j, fresh_j, sched_j = records[j]
+            eps_cached = _guided(path.decode(fresh_j, records[i][2], path.features), guidance_scale)
+            if not exact and i < j - 1:  # linearised: this pair's one-step error times the step's gain
+                out_matrix[i, j] = gain[j] * _rel_error(eps_cached, _guided(fresh_j.eps, guidance_scale)) ** 0.5
+                continue
+            probe = copy.deepcopy(sched_j)
+            x_next = probe.step(eps_cached, t_j, x_j).prev_sample
+            end = _replay_final(path, probe, x_next, timesteps, j + 1, ehs, guidance_scale)
+            out_matrix[i, j] = _rel_error(end, final) ** 0.5
+            one_step = _rel_error(eps_cached, _guided(fresh_j.eps, guidance_scale)) ** 0.5
+            gain[j] = float(out_matrix[i, j]) / one_step if one_step > 0 else 0.0
+    return out_matrix
 
 
 def _walk(path, scheduler, x, timesteps, ehs, guidance_scale, keys, propagation,

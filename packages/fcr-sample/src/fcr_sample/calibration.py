@@ -34,7 +34,7 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -54,7 +54,8 @@ from .unet_parts import prepare_conditioning
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CalibratedSchedule", "ScheduleMismatchError", "calibrate_schedule", "model_identity",
+__all__ = ["CalibratedSchedule", "ScheduleMismatchError", "calibrate_schedule", "calibrate_schedule_from_error",
+           "model_identity",
            "scheduler_identity", "feature_change_matrix", "best_full_steps"]
 
 #: Calibrated caches: the same two targets as the adaptive cache.
@@ -249,6 +250,9 @@ class CalibratedSchedule:
         model / scheduler: :func:`model_identity` and :func:`scheduler_identity` (``None`` when
             calibrated on a bare UNet without a scheduler).
         samples: calibration samples (batch rows, CFG halves included).
+        objective: what was minimised: ``"feature_change"`` (:func:`calibrate_schedule`) or
+            ``"propagated_error"`` (:func:`calibrate_schedule_from_error`; then ``served_change``
+            and ``uniform_change`` are summed final-sample errors).
     """
 
     cache: str
@@ -261,6 +265,7 @@ class CalibratedSchedule:
     model: dict[str, str]
     scheduler: dict[str, Any] | None
     samples: int
+    objective: str = "feature_change"
 
     @property
     def label(self) -> str:
@@ -439,9 +444,9 @@ def calibrate_schedule(
         if budget > n:
             raise ValueError(f"budget = {budget} full steps is more than the {n} steps of the run; use 1..{n}")
     if cache == "deepcache":
-        from .deep_cache import _check_branch
+        from .deep_cache import cached_module_names
 
-        _check_branch(unet, DeepCacheConfig(cache_branch_id=cache_branch_id))
+        cached_module_names(unet, DeepCacheConfig(cache_branch_id=cache_branch_id))  # a branch too deep fails here
 
     recorder = _Recorder(max_feature_values)
     with _record_features(unet, cache, cache_branch_id, recorder):
@@ -456,14 +461,71 @@ def calibrate_schedule(
     runs = [recorder.steps[r * n:(r + 1) * n] for r in range(calls // n)]
     per_step = [torch.cat([r[s] for r in runs]) for s in range(n)]  # runs stacked as more samples
     change = feature_change_matrix(per_step)
-    steps, cost = best_full_steps(change, int(budget))
     scheduler = scheduler if scheduler is not None else getattr(pipe, "scheduler", None)
+    return _schedule(change, cache, int(budget), cache_branch_id, unet, scheduler, int(per_step[0].shape[0]),
+                     "feature_change")
+
+
+def _schedule(change, cache, budget, cache_branch_id, unet, scheduler, samples, objective) -> CalibratedSchedule:
+    steps, cost = best_full_steps(change, budget)
     sched = CalibratedSchedule(
-        cache=cache, steps=steps, num_steps=n, budget=int(budget),
+        cache=cache, steps=steps, num_steps=int(change.shape[0]), budget=budget,
         cache_branch_id=int(cache_branch_id) if cache == "deepcache" else 0,
-        served_change=float(cost), uniform_change=_uniform_cost(change, int(budget)),
+        served_change=float(cost), uniform_change=_uniform_cost(change, budget),
         model=model_identity(unet), scheduler=scheduler_identity(scheduler) if scheduler is not None else None,
-        samples=int(per_step[0].shape[0]))
-    logger.info("calibrated %s: steps %s (served change %.3f, uniform %s)", sched.label, list(steps), cost,
-                sched.uniform_change)
+        samples=samples, objective=objective)
+    logger.info("calibrated %s by %s: steps %s (objective %.3f, uniform %s)", sched.label, objective, list(steps),
+                cost, sched.uniform_change)
     return sched
+
+
+def calibrate_schedule_from_error(
+    unet,
+    scheduler,
+    x_T: torch.Tensor,
+    cond: torch.Tensor,
+    null: torch.Tensor | None = None,
+    *,
+    cache: str = "deepcache",
+    budget: int | Sequence[int],
+    steps: int,
+    guidance_scale: float = 1.0,
+    cache_branch_id: int = 0,
+    exact: bool = False,
+    progress: bool = False,
+) -> CalibratedSchedule | list[CalibratedSchedule]:
+    """Choose ``budget`` full steps by the attribution's *propagated* error instead of the feature change.
+
+    For every pair of steps ``i < j`` the uncached trajectory is replayed to the end with only
+    step ``j`` served from step ``i``'s features
+    (:func:`fcr_sample.attribution.propagated_error_matrix`); the schedule minimises the summed
+    final-sample error of its served steps. It sees what the feature change cannot: an early
+    step's error is carried through all later steps. By default the matrix is linearised (each
+    pair's one-step error times its step's measured propagation gain: about ``n²`` UNet calls for
+    ``n`` steps); ``exact=True`` replays every pair (about ``n³/6``). Arguments
+    as :func:`fcr_sample.denoise` for the trajectory (a bare UNet with no cache; CFG as one batch).
+    ``budget`` may be a list: one measurement then gives a schedule per budget (a list).
+
+    Example:
+        >>> sched = calibrate_schedule_from_error(unet, DDIMScheduler(), x_T, cond, null, cache="deepcache",
+        ...                                       budget=8, steps=20, guidance_scale=2.0)
+    """
+    from .attribution import propagated_error_matrix
+
+    if cache not in CALIBRATED_TARGETS:
+        raise ValueError(f"unknown cache {cache!r} to calibrate; allowed are {CALIBRATED_TARGETS}")
+    budgets = [budget] if isinstance(budget, int) else list(budget)
+    for b in budgets:
+        if int(b) != b or not 1 <= b <= steps:
+            raise ValueError(f"budget = {b!r} full steps does not fit a run of {steps} steps; use 1..{steps}")
+    config = DeepCacheConfig(cache_branch_id=cache_branch_id) if cache == "deepcache" else EncoderCacheConfig()
+    unet, _ = resolve_target(unet)
+    if cache == "deepcache":
+        from .deep_cache import cached_module_names
+
+        cached_module_names(unet, config)  # a branch too deep fails here
+    error = propagated_error_matrix(unet, scheduler, x_T, cond, null, cache=config, steps=steps,
+                                    guidance_scale=guidance_scale, exact=exact, progress=progress)
+    out = [_schedule(error, cache, int(b), cache_branch_id, unet, scheduler, int(x_T.shape[0]), "propagated_error")
+           for b in budgets]
+    return out[0] if isinstance(budget, int) else out
