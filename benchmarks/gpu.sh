@@ -86,6 +86,11 @@ else
     LIMIT_SPEED=330 LIMIT_TRAIN=120
 fi
 
+# --- issue 26 (caches helper): the adaptive cache and a calibrated schedule beside DeepCache, with the
+# adaptive DeepCache held to N5's schedule (its difference to fcr DeepCache-N5 is the signal's overhead).
+SPEED+=(--adaptive deepcache 0.2 --calibrated deepcache "$([[ $DRY_RUN == 1 ]] && echo 3 || echo 10)")
+# --- end issue 26
+
 START=$(date +%s)
 {
     echo "# GPU benchmarks (benchmarks/gpu.sh$([[ $DRY_RUN -eq 1 ]] && echo ' --dry-run: tiny sizes on CPU, not figures'))"

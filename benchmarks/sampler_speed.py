@@ -212,6 +212,17 @@ def fcr_variants(strides, fd_modes, deepcache, max_parallel_steps) -> list[Pipel
     return out
 
 
+#: label → the adaptive hook of its last enable (its ``signal.refresh_steps`` are reported under the table)
+ADAPTIVE_HOOKS: dict[str, object] = {}
+
+
+def _adaptive_variant(label: str, cfg) -> PipelineVariant:
+    def enable(pipe):
+        ADAPTIVE_HOOKS[label] = apply_adaptive_cache(pipe, cfg)
+
+    return PipelineVariant(label, enable, remove_adaptive_cache)
+
+
 def adaptive_variants(adaptive, deepcache) -> list[PipelineVariant]:
     """The adaptive cache at each ``(cache, threshold)``, and, per DeepCache interval N, the adaptive
     DeepCache forced onto N's uniform schedule (``max_cached_steps = N - 1``, a threshold it never
@@ -220,12 +231,10 @@ def adaptive_variants(adaptive, deepcache) -> list[PipelineVariant]:
     out = []
     for cache, threshold in adaptive:
         cfg = AdaptiveCacheConfig(threshold=threshold, cache=cache)
-        out.append(PipelineVariant(f"fcr {cfg.label}", lambda p, c=cfg: apply_adaptive_cache(p, c),
-                                   remove_adaptive_cache))
+        out.append(_adaptive_variant(f"fcr {cfg.label}", cfg))
     for interval, branch in deepcache:
         cfg = AdaptiveCacheConfig(threshold=1e9, cache_branch_id=branch, max_cached_steps=interval - 1)
-        out.append(PipelineVariant(f"fcr {cfg.label} (= N{interval} + signal)",
-                                   lambda p, c=cfg: apply_adaptive_cache(p, c), remove_adaptive_cache))
+        out.append(_adaptive_variant(f"fcr {cfg.label} (= N{interval} + signal)", cfg))
     return out
 
 
@@ -280,6 +289,8 @@ def run_pipeline_mode(args, device, dtype, emit) -> None:
                                        progress=lambda m: (bar.set_postfix_str(m[:40]), bar.update()))
         emit(f"\n### batch {batch} ({time.perf_counter() - t0:.0f} s for this table)\n")
         emit(format_pipeline_table(rows, same_as=twins))
+        for label, hook in ADAPTIVE_HOOKS.items():
+            emit(f"- {label}: full steps of its last call {hook.signal.refresh_steps}")
 
 
 def run_bare_unet_mode(args, device, dtype, emit) -> None:

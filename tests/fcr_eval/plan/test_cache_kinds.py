@@ -54,3 +54,29 @@ def test_a_new_kind_is_one_module_and_one_row(monkeypatch):
     assert apply_sampler(object(), s) and attached == [s.cache]
     remove_sampler(object(), s)
     assert attached == []
+
+
+@pytest.mark.parametrize("kind, label", [("adaptive-deepcache", "Adaptive-DeepCache-b0-t0.2"),
+                                         ("adaptive-fd", "Adaptive-FD-t0.2")])
+def test_the_adaptive_kinds_plan_an_upper_bound_and_attach_the_adaptive_cache(kind, label):
+    import torch
+    from fcr_sample import denoise
+    from fcr_sample.hooks import find_cache_hooks
+    from fcr_sample.testing import tiny_scheduler, tiny_unet
+
+    s = resolve_sampler(kind, steps=6, threshold=0.2)
+    assert s.label == label and s.interval is None and s.key_steps == tuple(range(6))
+    counts = s.forward_counts()  # which steps refresh is decided at run time: every step may
+    assert counts["unet_calls"] == counts["full_forwards"] == 6 and counts.get("partial_forwards", 0) == 0
+    unet = tiny_unet()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    text = torch.randn(2, 4, unet.config.cross_attention_dim, generator=g)
+    ref = denoise(unet, tiny_scheduler(), x, text, steps=6)
+    exact = resolve_sampler(kind, steps=6, threshold=0.0)
+    assert apply_sampler(unet, exact)
+    try:
+        assert torch.equal(denoise(unet, tiny_scheduler(), x, text, steps=6), ref)
+    finally:
+        remove_sampler(unet, exact)
+    assert not find_cache_hooks(unet)

@@ -162,7 +162,7 @@ def test_bad_value_lists_what_is_allowed(tmp_path):
     with pytest.raises(ExperimentFileError) as e:
         load_experiment(p)
     msg = str(e.value)
-    assert "'deep-cache' is not allowed" in msg and "['none', 'fd', 'deepcache']" in msg
+    assert "'deep-cache' is not allowed" in msg and "['none', 'fd', 'deepcache', 'adaptive-deepcache', 'adaptive-fd']" in msg
     assert f"{p}:{_line_of(text, 'deep-cache')}" in msg
 
 
@@ -177,6 +177,11 @@ def test_bad_value_lists_what_is_allowed(tmp_path):
     ("seeds = [0, 1]", "seeds = [0, 0]", "has duplicates"),
     ("[sampling]", "[sampler]\n[sampling]", "unknown top-level key 'sampler'"),
     ("lambda_fcr = 0.0", "lambda_fcr = -0.5", "must be >= 0"),
+    ('sampler = "deepcache"\nstride = 2', 'sampler = "adaptive-deepcache"', "needs threshold >= 0"),
+    ('sampler = "deepcache"\nstride = 2', 'sampler = "adaptive-deepcache"\nthreshold = -0.1', "needs threshold >= 0"),
+    ('sampler = "deepcache"\nstride = 2', 'sampler = "adaptive-fd"\nstride = 2\nthreshold = 0.2',
+     "decides its refreshes at run time; drop stride"),
+    ('sampler = "deepcache"\nstride = 2', 'sampler = "deepcache"\nstride = 2\nthreshold = 0.2', "is not adaptive"),
 ])
 def test_validation_errors(tmp_path, old, new, expected):
     assert old in GOOD, old

@@ -402,6 +402,16 @@ class AdaptiveCacheConfig:
         ):
             raise ValueError(f"max_cached_steps must be an integer >= 1 or None, got {self.max_cached_steps!r}")
 
+    def key_steps_for(self, num_steps: int) -> list[int]:
+        """The steps that *may* run in full: all of them, since the signal decides at run time.
+
+        A planner takes this as the cost's upper bound; the steps a run really refreshed are
+        ``hook.signal.refresh_steps`` and its counters (:func:`fcr_sample.get_cache_stats`).
+        """
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        return list(range(num_steps))
+
     @property
     def label(self) -> str:
         """``Adaptive-DeepCache-b0-t0.2``, ``Adaptive-FD-t0.2`` (``-m{max}`` with a cap)."""

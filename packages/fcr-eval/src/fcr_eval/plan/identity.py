@@ -64,6 +64,8 @@ _VARIATION = {
         "delta_unit", "distance", "lambda_oc", "oc_cache", "oc_trainable", "lambda_rollout", "rollout_k",
         "rollout_cache", "rollout_target", "rollout_noise_power", "rollout_trainable", "rollout_rows",
         "rollout_guidance_scale")},
+    "threshold": (RECORDED_WHEN_SET, "the adaptive caches' refresh threshold (issue 26); unset for every other "
+                                     "sampler, so committed files' run ids stay"),
     "profiles": (NOT_IDENTITY, "which profiles list a variation says nothing of how its numbers are produced "
                                "(recorded as unset)"),
 }

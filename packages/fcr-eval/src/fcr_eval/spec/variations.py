@@ -19,6 +19,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Any
 
+from fcr_sample.cache_configs import DEFAULT_ADAPTIVE_THRESHOLD
 from fcr_sample.schedules import NAMED_SCHEDULES
 from fcr_sample.vocabulary import BLOCK_GROUPS as BLOCKS
 from fcr_train.vocabulary import DELTA_UNITS, DISTANCES, OC_CACHES, OC_TRAINABLE
@@ -30,7 +31,7 @@ from fcr_eval.spec.models import ModelSpec
 from fcr_eval.spec.robustness import RobustnessSpec
 from fcr_eval.spec.rollout import RolloutSettings, check_rollout, resolve_rollout
 from fcr_eval.spec.sampling import SamplingSpec, check_guidance
-from fcr_eval.spec.vocabulary import INTERVAL_SAMPLERS, SAMPLERS, SCHEDULERS
+from fcr_eval.spec.vocabulary import ADAPTIVE_SAMPLERS, INTERVAL_SAMPLERS, SAMPLERS, SCHEDULERS
 
 __all__ = ["EXPANDABLE", "VariationSpec", "VariationSettings", "resolve_variation", "load_variations",
            "check_variation"]
@@ -58,6 +59,7 @@ class VariationSpec:
     schedule: str = "uniform"
     prior_noise_alpha: float = 0.0
     cache_branch_id: int = 0
+    threshold: float | None = None  # the adaptive caches' refresh threshold (fcr_sample.AdaptiveCacheConfig)
     lambda_fcr: float | None = None
     lambda_oc: float | None = None
     oc_cache: str | None = None  # fcr_train.vocabulary.OC_CACHES; default "fd"
@@ -237,6 +239,17 @@ def check_variation(chk: Checker, v: VariationSpec, i: int, models, datasets, ro
     if v.sampler in INTERVAL_SAMPLERS and v.schedule == "uniform" and (v.stride is None or v.stride < 1):
         chk.fail(f"variations[{i}] ({v.id}) uses sampler {v.sampler!r} and needs stride >= 1 "
                  "(FD key-step stride / DeepCache cache interval)", sec, "stride", i)
+    if v.sampler in ADAPTIVE_SAMPLERS:
+        if v.threshold is None or not v.threshold >= 0:
+            chk.fail(f"variations[{i}] ({v.id}) uses sampler {v.sampler!r} and needs threshold >= 0 (the accumulated "
+                     "relative change of conv_in's output that triggers a refresh; 0 refreshes every step, "
+                     f"fcr-sample's default is {DEFAULT_ADAPTIVE_THRESHOLD})", sec, "threshold", i)
+        if v.stride is not None:
+            chk.fail(f"variations[{i}] ({v.id}) has stride = {v.stride} but sampler {v.sampler!r} decides its "
+                     "refreshes at run time; drop stride (set threshold)", sec, "stride", i)
+    elif v.threshold is not None:
+        chk.fail(f"variations[{i}] ({v.id}) has threshold = {v.threshold} but sampler {v.sampler!r} is not adaptive; "
+                 f"use one of {ADAPTIVE_SAMPLERS}, or drop threshold", sec, "threshold", i)
     if v.sampler == "none" and v.stride is not None:
         chk.fail(f"variations[{i}] ({v.id}) has stride = {v.stride} but sampler = 'none'; use sampler 'fd' or "
                  "'deepcache', or drop stride", sec, "stride", i)

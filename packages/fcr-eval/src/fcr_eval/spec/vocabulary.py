@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["SamplerKind", "SAMPLER_KINDS", "SAMPLERS", "CACHED_SAMPLERS", "INTERVAL_SAMPLERS", "SCHEDULERS", "ROBUSTNESS_PROTOCOLS", "PROTOCOL_SETTINGS",
+__all__ = ["SamplerKind", "SAMPLER_KINDS", "SAMPLERS", "CACHED_SAMPLERS", "INTERVAL_SAMPLERS", "ADAPTIVE_SAMPLERS", "SCHEDULERS", "ROBUSTNESS_PROTOCOLS", "PROTOCOL_SETTINGS",
            "DIRECTIONS", "METRICS", "REFERENCE_METRICS", "EXTRACTORS", "DATASET_KINDS", "DATASET_ROLES",
            "PACKAGED_DATASET_KINDS", "SD_PROMPT_KINDS", "SD_IMAGE_KINDS", "SAMPLING_DTYPES", "OPTIMIZERS",
            "MIXED_PRECISIONS", "EARLY_STOPPING_METRICS", "TIMING_SEEDS",
@@ -30,12 +30,14 @@ class SamplerKind:
         module: the module under :mod:`fcr_eval.plan.caches` that builds, attaches and counts it
             (``None``: no cache).
         interval: whether it takes a uniform ``stride`` (its key-step stride / cache interval).
+        threshold: whether it takes a ``threshold`` (an adaptive cache's refresh threshold).
     """
 
     name: str
     description: str
     module: str | None = None
     interval: bool = True
+    threshold: bool = False
 
 
 #: The sampler kinds, one row each; a new cache kind is one row here and one module in
@@ -45,13 +47,20 @@ SAMPLER_KINDS: dict[str, SamplerKind] = {k.name: k for k in (
     SamplerKind("fd", "Faster Diffusion: the encoder runs at key steps only, its features reused in between", "fd"),
     SamplerKind("deepcache", "DeepCache: a deep up-block feature reused, only the shallow path rerun in between",
                 "deepcache"),
+    SamplerKind("adaptive-deepcache", "DeepCache refreshed when conv_in's accumulated relative change reaches "
+                "`threshold`", "adaptive_deepcache", interval=False, threshold=True),
+    SamplerKind("adaptive-fd", "Faster Diffusion's encoder refreshed when conv_in's accumulated relative change "
+                "reaches `threshold` (sequential decoding)", "adaptive_fd", interval=False, threshold=True),
 )}
-#: Sampler kinds of an experiment variation: no cache, encoder caching (Faster Diffusion), DeepCache.
+#: Sampler kinds of an experiment variation: no cache, encoder caching (Faster Diffusion), DeepCache, and
+#: their adaptive forms.
 SAMPLERS = tuple(SAMPLER_KINDS)
 #: The kinds that attach a cache hook to the UNet.
 CACHED_SAMPLERS = tuple(name for name, k in SAMPLER_KINDS.items() if k.module is not None)
 #: The cached kinds that take a uniform ``stride``.
 INTERVAL_SAMPLERS = tuple(name for name in CACHED_SAMPLERS if SAMPLER_KINDS[name].interval)
+#: The cached kinds that take a ``threshold`` (adaptive caches).
+ADAPTIVE_SAMPLERS = tuple(name for name in CACHED_SAMPLERS if SAMPLER_KINDS[name].threshold)
 
 #: Scheduler names of experiment files: DDIM (η = 0) and DPM-Solver++ (2nd-order multistep).
 SCHEDULERS = ("ddim", "dpm-solver++")
