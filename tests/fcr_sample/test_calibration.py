@@ -127,3 +127,28 @@ def test_sdxl(cache):
     sched = _calibrate(pipe, cache, 3)
     out, stats = _served(pipe, sched)
     assert stats.full_forwards == 3 and (out - ref).abs().max() > 1e-5
+
+
+@pytest.mark.parametrize("cache", ["deepcache", "fd"])
+def test_calibration_by_the_propagated_error(make_pipe, denoise_inputs, cache):
+    from fcr_sample import calibrate_schedule_from_error
+    from fcr_sample.attribution import propagated_error_matrix
+
+    pipe = make_pipe()
+    x_T, cond, null = denoise_inputs(pipe)
+    config = DeepCacheConfig() if cache == "deepcache" else EncoderCacheConfig()
+    kw = dict(steps=6, guidance_scale=5.0)
+    exact = propagated_error_matrix(pipe.unet, pipe.scheduler, x_T, cond, null, cache=config, exact=True, **kw)
+    linear = propagated_error_matrix(pipe.unet, pipe.scheduler, x_T, cond, null, cache=config, **kw)
+    steps = range(1, 6)
+    # serving step j from j - 1 is replayed in both; the other pairs are replayed only when exact
+    assert torch.allclose(exact.diagonal(1), linear.diagonal(1)) and (exact.diagonal(1) > 0).all()
+    assert torch.equal(exact.tril(), torch.zeros(6, 6, dtype=exact.dtype))
+    assert all(exact[0, j] > 0 and linear[0, j] > 0 for j in steps)
+    scheds = calibrate_schedule_from_error(pipe.unet, pipe.scheduler, x_T, cond, null, cache=cache,
+                                           budget=[2, 6], **kw)
+    assert [len(s.steps) for s in scheds] == [2, 6] and scheds[1].steps == tuple(range(6))
+    assert scheds[0].objective == "propagated_error"
+    assert scheds[0].served_change > 0 and scheds[1].served_change == 0
+    with pytest.raises(ValueError, match="budget = 7 full steps does not fit a run of 6 steps"):
+        calibrate_schedule_from_error(pipe.unet, pipe.scheduler, x_T, cond, null, cache=cache, budget=7, **kw)
