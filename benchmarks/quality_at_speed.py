@@ -26,9 +26,9 @@ Verdicts, stated before the run (commit of this docstring precedes the table in 
 
 * The goal is a row beyond the uniform DeepCache front. The most likely candidate is DeepCache on a
   schedule calibrated by the propagated error: on the mechanism study's evidence (~90 % of FD-10's
-  final error enters in the first served segment) it should spend its full steps early. With 300
-  samples a paired interval is about ±0.05 wide; a gain smaller than that is reported INCONCLUSIVE,
-  not as a win.
+  final error enters in the first served segment) it should spend its full steps early. With
+  200–300 samples a paired interval is about ±0.05–0.06 wide; a gain smaller than that is reported
+  INCONCLUSIVE, not as a win.
 * The adaptive cache's conv_in signal measures how far x_t moved; a pilot on 100 samples (seed 1000)
   showed it refreshes *late*-heavy (threshold 0.2 → full steps 0, 4, 7, 10, 13, 15, 17, 19), the
   opposite of where the error enters. Expected: adaptive rows at or below the uniform front, not beyond.
