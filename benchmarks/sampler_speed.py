@@ -321,7 +321,8 @@ def _cache_setting(cache: str, value: str, kind, flag: str, what: str):
     try:
         return cache, kind(value)
     except ValueError:
-        raise UserError(f"{flag} {cache} {value}: the {what} must be a {kind.__name__}") from None
+        raise UserError(f"{flag} {cache} {value}: the {what} must be a {'whole number' if kind is int else 'number'}"
+                        ) from None
 
 
 def main(argv=None) -> int:
@@ -367,7 +368,7 @@ def main(argv=None) -> int:
     args.calibrated = [_cache_setting(c, v, int, "--calibrated", "budget") for c, v in args.calibrated]
     if bad := [b for _, b in args.calibrated if not 1 <= b <= args.steps]:
         raise UserError(f"--calibrated budget(s) {bad}: a budget is 1..--steps ({args.steps}) full steps")
-    if bad := [t for _, t in args.adaptive if t < 0]:
+    if bad := [t for _, t in args.adaptive if not t >= 0]:
         raise UserError(f"--adaptive threshold(s) {bad}: a threshold is >= 0 (0 refreshes every step)")
     check_device(args.device)
     out = report_file(args.out)

@@ -38,6 +38,7 @@ from fcr_eval.plan.samplers import SamplerSettings, sampler_for
 from fcr_eval.records import make_run_id
 from fcr_eval.spec.experiment import EarlyStoppingSpec, Experiment, RobustnessSpec, VariationSpec
 from fcr_eval.spec.names import safe_child
+from fcr_eval.spec.vocabulary import ADAPTIVE_SAMPLERS
 
 __all__ = [
     "PlannedFinetune",
@@ -178,6 +179,10 @@ def _attribution_samples(ev, sampler: SamplerSettings, n_samples: int, variation
     if "cache_attribution" not in ev.metrics or not sampler.cached:
         return 0
     if ev.attribution_variations is not None and variation_id not in ev.attribution_variations:
+        return 0
+    if sampler.kind in ADAPTIVE_SAMPLERS:  # its schedule is decided at run time; the attribution needs it ahead
+        logger.warning("cache_attribution skips %s: an adaptive cache has no fixed schedule to attribute",
+                       sampler.label)
         return 0
     if getattr(sampler.cache, "prior_noise_alpha", 0.0) > 0:
         logger.warning("cache_attribution skips %s: FD with prior noise injection (alpha=%g) is not "

@@ -17,7 +17,13 @@ from fcr_sample.vocabulary import BLOCK_GROUPS as BLOCKS
 
 from fcr_eval.spec.checker import Checker
 from fcr_eval.spec.datasets import DatasetSpec, dataset_ref
-from fcr_eval.spec.vocabulary import CACHED_SAMPLERS, EXTRACTORS, METRICS, TIMING_SEEDS
+from fcr_eval.spec.vocabulary import (
+    ADAPTIVE_SAMPLERS,
+    CACHED_SAMPLERS,
+    EXTRACTORS,
+    METRICS,
+    TIMING_SEEDS,
+)
 
 __all__ = ["EvaluationSpec", "load_evaluation", "check_attribution_variations"]
 
@@ -101,7 +107,12 @@ def check_attribution_variations(chk: Checker, evaluation: EvaluationSpec, sampl
         if "cache_attribution" not in evaluation.metrics:
             chk.fail("evaluation.attribution_variations names the variations to attribute, but "
                      "\"cache_attribution\" is not in evaluation.metrics", "evaluation", "attribution_variations")
-        if samplers[val] not in CACHED_SAMPLERS:
+        if samplers[val] in ADAPTIVE_SAMPLERS:
+            chk.fail(f"evaluation.attribution_variations names {val!r}, an adaptive cache (sampler = "
+                     f"{samplers[val]!r}): its refresh steps are decided at run time, and the attribution needs the "
+                     "schedule ahead. Name variations with a fixed schedule (fd, deepcache)",
+                     "evaluation", "attribution_variations")
+        elif samplers[val] not in CACHED_SAMPLERS:
             chk.fail(f"evaluation.attribution_variations names {val!r}, which samples without a cache (sampler = "
                      f"{samplers[val]!r}): there is no cache error to attribute. Name cached variations only",
                      "evaluation", "attribution_variations")
