@@ -225,3 +225,21 @@ def test_plan_counts_clip_drift_reference_sampling_once_per_weights_and_seed():
     assert a[("fd-10-baseline", 0)] == pytest.approx(b[("fd-10-baseline", 0)])
     # each FCR fine-tune has its own weights, so its own reference
     assert a[("fcr-0.10-fd-10", 1)] - b[("fcr-0.10-fd-10", 1)] == pytest.approx(one_ref)
+
+
+def test_an_adaptive_variation_loads_plans_an_upper_bound_and_is_not_attributed(tmp_path):
+    text = GOOD.replace('sampler = "deepcache"\nstride = 2', 'sampler = "adaptive-deepcache"\nthreshold = 0.2')
+    exp = load_experiment(_write(tmp_path, text))
+    v = next(v for v in exp.variations if v.id == "deepcache-2")
+    assert v.sampler == "adaptive-deepcache" and v.threshold == 0.2
+    named = text.replace('"finetune_compute"]', '"finetune_compute", "cache_attribution"]\n'
+                         'attribution_variations = ["deepcache-2"]')
+    with pytest.raises(ExperimentFileError, match="names 'deepcache-2', an adaptive cache"):
+        load_experiment(_write(tmp_path, named))
+    every = text.replace('"finetune_compute"]', '"finetune_compute", "cache_attribution"]')
+    plan = make_plan(load_experiment(_write(tmp_path, every)), calibrate=False)
+    by_sampler = {r.variation.sampler: r for r in plan.runs}
+    assert by_sampler["adaptive-deepcache"].attribution_samples == 0  # no fixed schedule to attribute
+    assert by_sampler["adaptive-deepcache"].sampler.forward_counts()["full_forwards"] == by_sampler[
+        "adaptive-deepcache"].steps  # the plan's upper bound
+    assert by_sampler["fd"].attribution_samples > 0
