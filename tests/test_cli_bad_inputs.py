@@ -585,6 +585,11 @@ LOAD_VARIANTS = dict([
     _variant("seeds-past-32-bit.toml", ("seeds = [0, 1]", "seeds = [4294967296]")),
     _variant("model-source-typo.toml", ('source = "embedded-tiny"', 'source = "embeded-tiny"')),
 ])
+TINY_EMOJI = TINY.with_name("tiny-emoji.toml")
+#: Text edits of tiny-emoji.toml (the latent backbone), in the same table.
+EMOJI_LOAD_VARIANTS = dict([
+    _variant("dtype-bfloat16-emoji.toml", ("[sampling]", '[sampling]\ndtype = "bfloat16"')),
+])
 
 
 @dataclass(frozen=True)
@@ -650,6 +655,9 @@ def _load_cases(f: dict[str, str]) -> list[LoadCase]:
         LoadCase("numbers-dtype-float16-on-the-embedded-model", (*plan, f["dtype-float16-embedded.toml"]), 2,
                  ("sampling.dtype = 'float16': the embedded model (embedded-tiny) samples in float32 only",
                   "{file}:{line of dtype = }")),
+        LoadCase("numbers-dtype-bfloat16-on-the-emoji-model", (*plan, f["dtype-bfloat16-emoji.toml"]), 2,
+                 ("sampling.dtype = 'bfloat16': the embedded model (emoji-tiny) samples in float32 only",
+                  "{file}:{line of dtype = }")),
         LoadCase("names-model-source-typo", (*run, f["model-source-typo.toml"]), 2,
                  ("models[0].source = 'embeded-tiny' is not a model: did you mean 'embedded-tiny'?",
                   "{file}:{line of embeded-tiny}")),
@@ -686,10 +694,9 @@ def load_inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad-loads")
     inputs = root / "inputs"
     inputs.mkdir()
-    text = TINY.read_text()
     files = {}
-    for name, edits in LOAD_VARIANTS.items():
-        t = text
+    for name, edits in [*LOAD_VARIANTS.items(), *EMOJI_LOAD_VARIANTS.items()]:
+        t = (TINY_EMOJI if name in EMOJI_LOAD_VARIANTS else TINY).read_text()
         for old, new in edits:
             assert old in t, (name, old)
             t = t.replace(old, new)
@@ -724,7 +731,7 @@ def _expected(phrase: str, args: tuple[str, ...]) -> str:
     return f"{path}:{line}:"
 
 
-@pytest.mark.parametrize("case_id", [c.id for c in _load_cases({k: f"/x/{k}" for k in LOAD_VARIANTS})])
+@pytest.mark.parametrize("case_id", [c.id for c in _load_cases({k: f"/x/{k}" for k in [*LOAD_VARIANTS, *EMOJI_LOAD_VARIANTS]})])
 def test_bad_experiment_is_refused_while_loading(load_results, case_id):
     case, proc, cwd, seconds = load_results[case_id]
     where = f"fcr-eval {' '.join(case.args)}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-3000:]}"
