@@ -1,13 +1,19 @@
 """Bad inputs across the CLIs (fcr-eval, fcr-train, fcr-human-study, fcr-explorer, fcr-sample-demo),
-each run as a real process of the installed console script (``-k`` runs only the selected rows).
+each run as a real process (``-k`` runs only the selected rows): a fresh start of the installed
+console script, or — for fcr-train's rows that keep the environment — a fork of one interpreter
+that has imported ``fcr_train.cli`` (its own process, working directory, stdout/stderr and exit
+status; only the import of torch, diffusers and accelerate, ~5 s of CPU a start, is shared).
+fcr-train's rows that change the environment (the unreachable hub) start fresh, so its console
+script and what it prints on a fresh start stay covered.
 
 Every case asserts: the exit code, a key phrase of the one-line message on stderr, no
 "Traceback" (nor nanobind leak noise), and that the process created nothing in its (empty)
 working directory. Every shared input — a results store with a run, a built study, the
 experiment files — is byte-compared before and after the whole table, and the store's rows are
-counted. The cases run two at a time. Most processes import torch (the experiment loader's
-vocabularies live in torch-importing modules), ~5 s each on an idle 2-core machine, so the table
-takes 2-3 min there (10 min with five engineers on the same cores): marked ``slow``.
+counted. The cases run two at a time. fcr-eval refuses a bad file or store before importing
+torch or scipy (~0.1-0.5 s of CPU a case); the shared inputs (a tiny SD pipeline, two short
+fine-tunes, a study) are built once. Marked ``slow`` (real processes; the table's fixture is
+the first test's setup: ~1-2 min on an idle 2-core machine, several under load).
 """
 
 from __future__ import annotations
@@ -450,19 +456,74 @@ def results(world, request):
                 if "case_id" in getattr(getattr(item, "callspec", None), "params", {})}
     cases = [c for c in cases if c.id in selected] or cases
 
-    def one(case: Case):
+    def cwd_of(case: Case) -> Path:
         cwd = world["root"] / "cwd" / case.id
         cwd.mkdir(parents=True)
+        return cwd
+
+    def one(case: Case):
         env = _env()
         for k, v in case.env:
             if v is None:
                 env.pop(k, None)
             else:
                 env[k] = v
-        return case.id, (case, _run(case.cli, case.args, cwd, env=env), cwd)
+        cwd = cwd_of(case)
+        return [(case.id, (case, _run(case.cli, case.args, cwd, env=env), cwd))]
+
+    # fcr-train imports torch, diffusers and accelerate before it parses its arguments (~5 s of CPU a
+    # start on an idle 2-core machine, ~8 s under load: three quarters of this table's CPU). Its rows
+    # run as forks of one warm interpreter; rows that change the environment start fresh.
+    warm = [c for c in cases if c.cli == "fcr-train" and not c.env]
+
+    def forked(batch: list[Case]):
+        if not batch:
+            return []
+        out = world["root"] / "forked-output"
+        out.mkdir(exist_ok=True)
+        todo = [(str(cwd_of(c)), list(c.args), str(out / c.id)) for c in batch]
+        driver = subprocess.run([sys.executable, "-c", FORK_DRIVER, json.dumps(todo)], cwd=world["root"], env=_env(),
+                                capture_output=True, text=True, timeout=1200)
+        assert driver.returncode == 0, driver.stderr[-3000:]
+        codes = json.loads(driver.stdout.strip().splitlines()[-1])
+        return [(c.id, (c, subprocess.CompletedProcess(["fcr-train", *c.args], code, Path(f"{o}.stdout").read_text(),
+                                                        Path(f"{o}.stderr").read_text()), Path(cwd)))
+                for c, code, (cwd, _, o) in zip(batch, codes, todo, strict=True)]
 
     with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(pool.map(one, cases))
+        jobs = [pool.submit(forked, warm), *[pool.submit(one, c) for c in cases if c not in warm]]
+        return dict(kv for job in jobs for kv in job.result())
+
+
+FORK_DRIVER = """
+import json, os, sys, traceback
+from fcr_train.cli import main  # imported once; every case runs in its own fork of this process
+codes = []
+for cwd, argv, out in json.loads(sys.argv[1]):
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the case's process: its own cwd, stdout and stderr files, and exit status
+        code = 1
+        try:
+            for fd, name in ((1, "stdout"), (2, "stderr")):
+                os.dup2(os.open(f"{out}.{name}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
+            os.chdir(cwd)
+            sys.argv = ["fcr-train", *argv]
+            code = main(argv)
+        except SystemExit as e:  # argparse's refusals, as the console script's sys.exit would end
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+        except BaseException:  # what escapes main: printed, exit 1, as an uncaught exception would be
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+print(json.dumps(codes))
+"""
 
 
 def _case_ids() -> list[str]:
@@ -475,6 +536,8 @@ def _case_ids() -> list[str]:
 
 @pytest.mark.parametrize("case_id", _case_ids())
 def test_bad_input_is_one_clear_error(results, case_id):
+    """The first selected row pays the ``world`` and ``results`` fixtures (over a minute under load): the
+    shared inputs, then the whole table, two processes at a time."""
     case, proc, cwd = results[case_id]
     where = f"{case.cli} {' '.join(case.args)}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-3000:]}"
     assert proc.returncode == case.code, where
@@ -733,6 +796,8 @@ def _expected(phrase: str, args: tuple[str, ...]) -> str:
 
 @pytest.mark.parametrize("case_id", [c.id for c in _load_cases({k: f"/x/{k}" for k in [*LOAD_VARIANTS, *EMOJI_LOAD_VARIANTS]})])
 def test_bad_experiment_is_refused_while_loading(load_results, case_id):
+    """The first row pays the ``load_results`` fixture: the whole table, two processes at a time (each
+    refused before torch or scipy is imported, so the table is seconds on an idle machine)."""
     case, proc, cwd, seconds = load_results[case_id]
     where = f"fcr-eval {' '.join(case.args)}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-3000:]}"
     assert proc.returncode == case.code, where
@@ -1007,6 +1072,8 @@ def bench_results(bench_inputs, request):
 
 @pytest.mark.parametrize("case_id", [c.id for c in _bench_cases(defaultdict(str))])
 def test_bad_benchmark_argument_is_refused_at_the_start(bench_results, case_id):
+    """The first row pays the ``bench_inputs`` and ``bench_results`` fixtures (over a minute under load):
+    one interpreter per script (each imports torch) serves that script's rows."""
     case, r, cwd = bench_results[case_id]
     where = f"benchmarks/{case.script} {' '.join(case.args)}\nstderr:\n{r['stderr'][-3000:]}"
     assert r["code"] == case.code, where
