@@ -477,53 +477,71 @@ def results(world, request):
     warm = [c for c in cases if c.cli == "fcr-train" and not c.env]
 
     def forked(batch: list[Case]):
-        if not batch:
-            return []
-        out = world["root"] / "forked-output"
-        out.mkdir(exist_ok=True)
-        todo = [(str(cwd_of(c)), list(c.args), str(out / c.id)) for c in batch]
-        driver = subprocess.run([sys.executable, "-c", FORK_DRIVER, json.dumps(todo)], cwd=world["root"], env=_env(),
-                                capture_output=True, text=True, timeout=1200)
-        assert driver.returncode == 0, driver.stderr[-3000:]
-        codes = json.loads(driver.stdout.strip().splitlines()[-1])
-        return [(c.id, (c, subprocess.CompletedProcess(["fcr-train", *c.args], code, Path(f"{o}.stdout").read_text(),
-                                                        Path(f"{o}.stderr").read_text()), Path(cwd)))
-                for c, code, (cwd, _, o) in zip(batch, codes, todo, strict=True)]
+        done = _forked("fcr_train.cli", FCR_TRAIN_MAIN, [(["fcr-train", *c.args], str(cwd_of(c))) for c in batch],
+                       world["root"] / "forked-output", parallel=1)
+        return [(c.id, (c, subprocess.CompletedProcess(["fcr-train", *c.args], code, out, err), world["root"] / "cwd" / c.id))
+                for c, (code, out, err) in zip(batch, done, strict=True)]
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         jobs = [pool.submit(forked, warm), *[pool.submit(one, c) for c in cases if c not in warm]]
         return dict(kv for job in jobs for kv in job.result())
 
 
-FORK_DRIVER = """
-import json, os, sys, traceback
-from fcr_train.cli import main  # imported once; every case runs in its own fork of this process
-codes = []
-for cwd, argv, out in json.loads(sys.argv[1]):
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:  # the case's process: its own cwd, stdout and stderr files, and exit status
-        code = 1
-        try:
-            for fd, name in ((1, "stdout"), (2, "stderr")):
-                os.dup2(os.open(f"{out}.{name}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
-            os.chdir(cwd)
-            sys.argv = ["fcr-train", *argv]
-            code = main(argv)
-        except SystemExit as e:  # argparse's refusals, as the console script's sys.exit would end
-            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
-            if isinstance(e.code, str):
-                print(e.code, file=sys.stderr)
-        except BaseException:  # what escapes main: printed, exit 1, as an uncaught exception would be
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-    codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
-print(json.dumps(codes))
+FCR_TRAIN_MAIN = "import sys\nfrom fcr_train.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+
+WARM_LAUNCHER = """
+import importlib, json, os, sys, traceback
+preload, code, parallel, jobs = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
+for name in filter(None, preload.split(",")):  # imported once; each job runs in its own fork of this process
+    importlib.import_module(name)
+status, running, todo = {}, {}, list(enumerate(jobs))
+while todo or running:
+    if todo and len(running) < parallel:
+        i, (argv, cwd, out, err) = todo.pop(0)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the job: its own process, cwd, stdout and stderr files, and exit status
+            rc = 1
+            try:
+                for fd, path in ((1, out), (2, err)):
+                    os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
+                os.chdir(cwd)
+                sys.argv = argv
+                exec(compile(code, "<job>", "exec"), {"__name__": "__main__"})
+                rc = 0
+            except SystemExit as e:  # as the interpreter ends on sys.exit
+                rc = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+                if isinstance(e.code, str):
+                    print(e.code, file=sys.stderr)
+            except BaseException:  # what escapes: printed, exit 1, as an uncaught exception would be
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(rc)
+        running[pid] = i
+        continue
+    pid, st = os.wait()
+    status[running.pop(pid)] = os.waitstatus_to_exitcode(st)
+print(json.dumps([status[i] for i in range(len(jobs))]))
 """
+
+
+def _forked(preload: str, code: str, jobs: list[tuple[list[str], str]], logs: Path, parallel: int = 2,
+            env: dict[str, str] | None = None) -> list[tuple[int, str, str]]:
+    """Run ``code`` once per job ``(sys.argv, cwd)``, each in its own fork of one interpreter that has
+    imported the comma-separated modules ``preload`` (torch, diffusers: ~5 s of CPU a fresh start on an
+    idle 2-core machine), ``parallel`` at a time. Returns (exit status, stdout, stderr) per job."""
+    if not jobs:
+        return []
+    logs.mkdir(parents=True, exist_ok=True)
+    todo = [(argv, cwd, str(logs / f"{i}.stdout"), str(logs / f"{i}.stderr")) for i, (argv, cwd) in enumerate(jobs)]
+    launcher = subprocess.run([sys.executable, "-c", WARM_LAUNCHER, preload, code, str(parallel), json.dumps(todo)],
+                              cwd=logs, env=env or _env(), capture_output=True, text=True, timeout=1200)
+    assert launcher.returncode == 0, launcher.stderr[-3000:]
+    codes = json.loads(launcher.stdout.strip().splitlines()[-1])
+    return [(c, Path(out).read_text(), Path(err).read_text()) for c, (_, _, out, err) in zip(codes, todo, strict=True)]
 
 
 def _case_ids() -> list[str]:
@@ -1062,54 +1080,17 @@ def bench_results(bench_inputs, request):
             cwd = bench_inputs["root"] / "cwd" / c.id
             cwd.mkdir(parents=True)
             todo[script].append((str(cwd), list(c.args)))
-        log = bench_inputs["root"] / f"driver-{script}"
-        jobs.append(([str(BENCH / script), json.dumps(todo[script])], f"{log}.stdout", f"{log}.stderr"))
-    # Each script's driver is a fork of one interpreter that has imported torch and diffusers once
-    # (~5 s of CPU a start on an idle 2-core machine), two at a time.
-    launcher = subprocess.run([sys.executable, "-c", WARM_LAUNCHER, BENCH_DRIVER, json.dumps(jobs)], env=env,
-                              cwd=bench_inputs["root"], capture_output=True, text=True, timeout=1200)
-    assert launcher.returncode == 0, launcher.stderr[-3000:]
+        jobs.append((["-c", str(BENCH / script), json.dumps(todo[script])], str(bench_inputs["root"])))
+    done = _forked("torch,diffusers", BENCH_DRIVER, jobs, bench_inputs["root"] / "drivers", env=env)
     rows = {}
-    for (script, script_cases), (_, out, err), code in zip(by_script.items(), jobs, json.loads(launcher.stdout),
-                                                           strict=True):
-        assert code == 0, Path(err).read_text()[-3000:]
-        results = json.loads(Path(out).read_text().strip().splitlines()[-1])
+    for (script, script_cases), (code, out, err) in zip(by_script.items(), done, strict=True):
+        assert code == 0, err[-3000:]
+        results = json.loads(out.strip().splitlines()[-1])
         rows.update((c.id, (c, r, Path(cwd))) for c, r, (cwd, _) in zip(script_cases, results, todo[script],
                                                                           strict=True))
     return rows
 
 
-WARM_LAUNCHER = """
-import json, os, sys, traceback
-import diffusers, torch  # noqa: F401  imported once; each job runs in its own fork of this process
-code, jobs = sys.argv[1], json.loads(sys.argv[2])
-status, running, todo = {}, {}, list(enumerate(jobs))
-while todo or running:
-    if todo and len(running) < 2:
-        i, (argv, out, err) = todo.pop(0)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:  # the job: its own process, stdout and stderr files, and exit status
-            rc = 1
-            try:
-                for fd, path in ((1, out), (2, err)):
-                    os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
-                sys.argv = ["-c", *argv]
-                exec(compile(code, "<driver>", "exec"), {"__name__": "__main__"})
-                rc = 0
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(rc)
-        running[pid] = i
-        continue
-    pid, st = os.wait()
-    status[running.pop(pid)] = os.waitstatus_to_exitcode(st)
-print(json.dumps([status[i] for i in range(len(jobs))]))
-"""
 
 
 @pytest.mark.parametrize("case_id", [c.id for c in _bench_cases(defaultdict(str))])
