@@ -132,10 +132,8 @@ class OpenNote:
 
 
 def _snapshot(path: Path, into: Path, attempts: int = 5) -> Path:
-    """Copy a DuckDB file and its WAL into ``into``; return the copy once it opens whole.
-
-    The writer may grow the file while it is copied: a copy that does not open, or whose tables
-    reach past its end (``check_complete``), is torn, not a cut-off store — take another."""
+    """Copy a DuckDB file and its WAL into ``into``; return the copy once it opens and is whole
+    (a copy taken mid-write is retaken)."""
     last: Exception | None = None
     for attempt in range(attempts):
         copy = into / f"{path.stem}-{attempt}{path.suffix}"
@@ -148,6 +146,7 @@ def _snapshot(path: Path, into: Path, attempts: int = 5) -> Path:
         try:
             with connect(copy, read_only=True, timeout=0, describe="snapshot") as con:
                 con.execute("SELECT 1").fetchall()
+                # a copy taken while the writer grows the file can open yet be cut short
                 check_complete(con, copy, f"snapshot of {path}")
             return copy
         except (duckdb.Error, StoreUnreadableError) as error:  # torn copy: take another
