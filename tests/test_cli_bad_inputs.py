@@ -1,13 +1,21 @@
 """Bad inputs across the CLIs (fcr-eval, fcr-train, fcr-human-study, fcr-explorer, fcr-sample-demo),
-each run as a real process of the installed console script (``-k`` runs only the selected rows).
+each run as a real process (``-k`` runs only the selected rows): a fresh start of the installed
+console script, or — for fcr-train's rows that keep the environment — a fork of one interpreter
+that has imported ``fcr_train.cli`` (its own process, working directory, stdout/stderr and exit
+status; only the import of torch, diffusers and accelerate, ~5 s of CPU a start, is shared).
+fcr-train's rows that change the environment (the unreachable hub) start fresh, so its console
+script and what it prints on a fresh start stay covered.
 
 Every case asserts: the exit code, a key phrase of the one-line message on stderr, no
 "Traceback" (nor nanobind leak noise), and that the process created nothing in its (empty)
 working directory. Every shared input — a results store with a run, a built study, the
 experiment files — is byte-compared before and after the whole table, and the store's rows are
-counted. The cases run two at a time. Most processes import torch (the experiment loader's
-vocabularies live in torch-importing modules), ~5 s each on an idle 2-core machine, so the table
-takes 2-3 min there (10 min with five engineers on the same cores): marked ``slow``.
+counted. The cases run two at a time. fcr-eval refuses a bad file or store before importing
+torch or scipy (~0.1-0.5 s of CPU a case); the shared inputs (a tiny SD pipeline, two short
+fine-tunes, a study) are built once. Marked ``slow`` (real processes; the table's fixture is
+the first test's setup). The whole module: 342 s and 126 CPU-s on the shared 2-core box at load
+average 10-11, against 1,029 s and 350 CPU-s with a fresh interpreter per fcr-train row and
+benchmark script and fcr-eval importing its planner before refusing (same box and load).
 """
 
 from __future__ import annotations
@@ -450,19 +458,92 @@ def results(world, request):
                 if "case_id" in getattr(getattr(item, "callspec", None), "params", {})}
     cases = [c for c in cases if c.id in selected] or cases
 
-    def one(case: Case):
+    def cwd_of(case: Case) -> Path:
         cwd = world["root"] / "cwd" / case.id
         cwd.mkdir(parents=True)
+        return cwd
+
+    def one(case: Case):
         env = _env()
         for k, v in case.env:
             if v is None:
                 env.pop(k, None)
             else:
                 env[k] = v
-        return case.id, (case, _run(case.cli, case.args, cwd, env=env), cwd)
+        cwd = cwd_of(case)
+        return [(case.id, (case, _run(case.cli, case.args, cwd, env=env), cwd))]
+
+    # fcr-train imports torch, diffusers and accelerate before it parses its arguments (~5 s of CPU a
+    # start on an idle 2-core machine, ~8 s under load: three quarters of this table's CPU). Its rows
+    # run as forks of one warm interpreter; rows that change the environment start fresh.
+    warm = [c for c in cases if c.cli == "fcr-train" and not c.env]
+
+    def forked(batch: list[Case]):
+        done = _forked("fcr_train.cli", FCR_TRAIN_MAIN, [(["fcr-train", *c.args], str(cwd_of(c))) for c in batch],
+                       world["root"] / "forked-output", parallel=1)
+        return [(c.id, (c, subprocess.CompletedProcess(["fcr-train", *c.args], code, out, err), world["root"] / "cwd" / c.id))
+                for c, (code, out, err) in zip(batch, done, strict=True)]
 
     with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(pool.map(one, cases))
+        jobs = [pool.submit(forked, warm), *[pool.submit(one, c) for c in cases if c not in warm]]
+        return dict(kv for job in jobs for kv in job.result())
+
+
+FCR_TRAIN_MAIN = "import sys\nfrom fcr_train.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+
+WARM_LAUNCHER = """
+import importlib, json, os, sys, traceback
+preload, code, parallel, jobs = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
+for name in filter(None, preload.split(",")):  # imported once; each job runs in its own fork of this process
+    importlib.import_module(name)
+status, running, todo = {}, {}, list(enumerate(jobs))
+while todo or running:
+    if todo and len(running) < parallel:
+        i, (argv, cwd, out, err) = todo.pop(0)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the job: its own process, cwd, stdout and stderr files, and exit status
+            rc = 1
+            try:
+                for fd, path in ((1, out), (2, err)):
+                    os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
+                os.chdir(cwd)
+                sys.argv = argv
+                exec(compile(code, "<job>", "exec"), {"__name__": "__main__"})
+                rc = 0
+            except SystemExit as e:  # as the interpreter ends on sys.exit
+                rc = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+                if isinstance(e.code, str):
+                    print(e.code, file=sys.stderr)
+            except BaseException:  # what escapes: printed, exit 1, as an uncaught exception would be
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(rc)
+        running[pid] = i
+        continue
+    pid, st = os.wait()
+    status[running.pop(pid)] = os.waitstatus_to_exitcode(st)
+print(json.dumps([status[i] for i in range(len(jobs))]))
+"""
+
+
+def _forked(preload: str, code: str, jobs: list[tuple[list[str], str]], logs: Path, parallel: int = 2,
+            env: dict[str, str] | None = None) -> list[tuple[int, str, str]]:
+    """Run ``code`` once per job ``(sys.argv, cwd)``, each in its own fork of one interpreter that has
+    imported the comma-separated modules ``preload`` (torch, diffusers: ~5 s of CPU a fresh start on an
+    idle 2-core machine), ``parallel`` at a time. Returns (exit status, stdout, stderr) per job."""
+    if not jobs:
+        return []
+    logs.mkdir(parents=True, exist_ok=True)
+    todo = [(argv, cwd, str(logs / f"{i}.stdout"), str(logs / f"{i}.stderr")) for i, (argv, cwd) in enumerate(jobs)]
+    launcher = subprocess.run([sys.executable, "-c", WARM_LAUNCHER, preload, code, str(parallel), json.dumps(todo)],
+                              cwd=logs, env=env or _env(), capture_output=True, text=True, timeout=1200)
+    assert launcher.returncode == 0, launcher.stderr[-3000:]
+    codes = json.loads(launcher.stdout.strip().splitlines()[-1])
+    return [(c, Path(out).read_text(), Path(err).read_text()) for c, (_, _, out, err) in zip(codes, todo, strict=True)]
 
 
 def _case_ids() -> list[str]:
@@ -475,6 +556,8 @@ def _case_ids() -> list[str]:
 
 @pytest.mark.parametrize("case_id", _case_ids())
 def test_bad_input_is_one_clear_error(results, case_id):
+    """The first selected row pays the ``world`` and ``results`` fixtures (over a minute under load): the
+    shared inputs, then the whole table, two processes at a time."""
     case, proc, cwd = results[case_id]
     where = f"{case.cli} {' '.join(case.args)}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-3000:]}"
     assert proc.returncode == case.code, where
@@ -585,6 +668,11 @@ LOAD_VARIANTS = dict([
     _variant("seeds-past-32-bit.toml", ("seeds = [0, 1]", "seeds = [4294967296]")),
     _variant("model-source-typo.toml", ('source = "embedded-tiny"', 'source = "embeded-tiny"')),
 ])
+TINY_EMOJI = TINY.with_name("tiny-emoji.toml")
+#: Text edits of tiny-emoji.toml (the latent backbone), in the same table.
+EMOJI_LOAD_VARIANTS = dict([
+    _variant("dtype-bfloat16-emoji.toml", ("[sampling]", '[sampling]\ndtype = "bfloat16"')),
+])
 
 
 @dataclass(frozen=True)
@@ -650,6 +738,9 @@ def _load_cases(f: dict[str, str]) -> list[LoadCase]:
         LoadCase("numbers-dtype-float16-on-the-embedded-model", (*plan, f["dtype-float16-embedded.toml"]), 2,
                  ("sampling.dtype = 'float16': the embedded model (embedded-tiny) samples in float32 only",
                   "{file}:{line of dtype = }")),
+        LoadCase("numbers-dtype-bfloat16-on-the-emoji-model", (*plan, f["dtype-bfloat16-emoji.toml"]), 2,
+                 ("sampling.dtype = 'bfloat16': the embedded model (emoji-tiny) samples in float32 only",
+                  "{file}:{line of dtype = }")),
         LoadCase("names-model-source-typo", (*run, f["model-source-typo.toml"]), 2,
                  ("models[0].source = 'embeded-tiny' is not a model: did you mean 'embedded-tiny'?",
                   "{file}:{line of embeded-tiny}")),
@@ -686,10 +777,9 @@ def load_inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad-loads")
     inputs = root / "inputs"
     inputs.mkdir()
-    text = TINY.read_text()
     files = {}
-    for name, edits in LOAD_VARIANTS.items():
-        t = text
+    for name, edits in [*LOAD_VARIANTS.items(), *EMOJI_LOAD_VARIANTS.items()]:
+        t = (TINY_EMOJI if name in EMOJI_LOAD_VARIANTS else TINY).read_text()
         for old, new in edits:
             assert old in t, (name, old)
             t = t.replace(old, new)
@@ -724,8 +814,10 @@ def _expected(phrase: str, args: tuple[str, ...]) -> str:
     return f"{path}:{line}:"
 
 
-@pytest.mark.parametrize("case_id", [c.id for c in _load_cases({k: f"/x/{k}" for k in LOAD_VARIANTS})])
+@pytest.mark.parametrize("case_id", [c.id for c in _load_cases({k: f"/x/{k}" for k in [*LOAD_VARIANTS, *EMOJI_LOAD_VARIANTS]})])
 def test_bad_experiment_is_refused_while_loading(load_results, case_id):
+    """The first row pays the ``load_results`` fixture: the whole table, two processes at a time (each
+    refused before torch or scipy is imported, so the table is seconds on an idle machine)."""
     case, proc, cwd, seconds = load_results[case_id]
     where = f"fcr-eval {' '.join(case.args)}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-3000:]}"
     assert proc.returncode == case.code, where
@@ -791,10 +883,11 @@ def test_plan_of_the_designed_studies_is_offline_and_fast(tmp_path):
 # ==============================================================================================
 # Issue 25: the benchmarks' arguments. Every bad value is refused at the start: one line
 # `<script>: error: ...`, exit code 2, no traceback, nothing created in the case's (empty) working
-# directory, the inputs and the committed results (docs/mechanism) unchanged. One interpreter per
+# directory, the inputs and the committed results (docs/mechanism) unchanged. One process per
 # script serves its cases (a driver calls the script's main once per case, each in its own cwd, with
-# stderr captured per call; an exception that escapes is printed as its traceback): the scripts
-# import torch, and one start per script keeps the table to ~1 min on an idle 2-core machine.
+# stderr captured per call; an exception that escapes is printed as its traceback). The scripts
+# import torch: each driver is a fork of one interpreter that has imported torch and diffusers
+# once (the table: 57 s against 106-115 s with a fresh start per script, load average ~11).
 # ==============================================================================================
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -992,24 +1085,30 @@ def bench_results(bench_inputs, request):
         by_script.setdefault(c.script, []).append(c)
     env = {**_env(), "FCR_BENCH_OUT": str(bench_inputs["root"] / "bench-out")}
 
-    def one(script: str):
-        todo = []
-        for c in by_script[script]:
+    todo, jobs = {}, []
+    for script, script_cases in by_script.items():
+        todo[script] = []
+        for c in script_cases:
             cwd = bench_inputs["root"] / "cwd" / c.id
             cwd.mkdir(parents=True)
-            todo.append((str(cwd), list(c.args)))
-        proc = subprocess.run([sys.executable, "-c", BENCH_DRIVER, str(BENCH / script), json.dumps(todo)],
-                              capture_output=True, text=True, env=env, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        out = json.loads(proc.stdout.strip().splitlines()[-1])
-        return [(c.id, (c, r, Path(cwd))) for c, r, (cwd, _) in zip(by_script[script], out, todo, strict=True)]
+            todo[script].append((str(cwd), list(c.args)))
+        jobs.append((["-c", str(BENCH / script), json.dumps(todo[script])], str(bench_inputs["root"])))
+    done = _forked("torch,diffusers", BENCH_DRIVER, jobs, bench_inputs["root"] / "drivers", env=env)
+    rows = {}
+    for (script, script_cases), (code, out, err) in zip(by_script.items(), done, strict=True):
+        assert code == 0, err[-3000:]
+        results = json.loads(out.strip().splitlines()[-1])
+        rows.update((c.id, (c, r, Path(cwd))) for c, r, (cwd, _) in zip(script_cases, results, todo[script],
+                                                                          strict=True))
+    return rows
 
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(kv for rows in pool.map(one, by_script) for kv in rows)
+
 
 
 @pytest.mark.parametrize("case_id", [c.id for c in _bench_cases(defaultdict(str))])
 def test_bad_benchmark_argument_is_refused_at_the_start(bench_results, case_id):
+    """The first row pays the ``bench_inputs`` and ``bench_results`` fixtures (over a minute under load):
+    one interpreter per script (each imports torch) serves that script's rows."""
     case, r, cwd = bench_results[case_id]
     where = f"benchmarks/{case.script} {' '.join(case.args)}\nstderr:\n{r['stderr'][-3000:]}"
     assert r["code"] == case.code, where

@@ -171,7 +171,8 @@ def test_blocks_naming_no_feature_are_refused_before_any_folder(tmp_path, fmnist
 
 
 def test_cli_resume_with_torn_last_checkpoint_continues(tmp_path):
-    """The real command: a torn newest checkpoint is a warning naming it, not a traceback."""
+    """The real command: a torn newest checkpoint is a warning naming it, not a traceback. Slow (over a
+    minute under load): two real fcr-train processes, the fine-tune and its resume."""
     fcr_train = Path(sys.executable).parent / "fcr-train"
     env = {**{k: v for k, v in os.environ.items() if k != "FCR_DEBUG"}, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     args = [str(fcr_train), "--threads", "1", "finetune", "--model", "embedded-tiny", "--output-dir", "run",

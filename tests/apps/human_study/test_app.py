@@ -79,6 +79,8 @@ def votes_of(service: RatingService, tokens: list[str]) -> list[tuple]:
 
 @pytest.mark.slow
 def test_20_concurrent_raters_25_votes_each_store_exactly_500(app):
+    """Slow (over a minute under load): 500 votes from 20 concurrent raters through the live server, each
+    a real request that the study store acknowledges; every one must be stored exactly once."""
     tokens = app["tokens"][:20]
     errors, payloads = [], app["payloads"]
 

@@ -55,6 +55,8 @@ def client(port: int) -> Client:
 
 
 def test_kill_and_restart_loses_no_vote(tmp_path: Path):
+    """Slow (over a minute under load): the study server is started, SIGKILLed between and during votes
+    and started again (a Gradio start each time) — the property is about real restarts."""
     results = make_results_store(tmp_path)
     study = tmp_path / "results" / "human-study.duckdb"
     build_study(results, study, n_pairs=40, attention_share=0.1, pairs_per_rater=40)

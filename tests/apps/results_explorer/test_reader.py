@@ -71,6 +71,36 @@ def test_a_running_writer_is_read_through_a_snapshot(small_store, tmp_path):
         holder.wait()
 
 
+def test_a_snapshot_torn_by_the_writer_is_taken_again(small_store, tmp_path, monkeypatch):
+    """A copy taken while the writer grows the file can end before its tables' data (it still
+    opens: the catalog is at the front). That is a torn snapshot, not a cut-off store: the reader
+    copies again rather than calling the user's store cut off (seen under load, the live-writer test)."""
+    import fcr_results_explorer.reader as reader_module
+
+    db = _copy(small_store, tmp_path)
+    real_copy, copies = shutil.copyfile, []
+
+    def copy_torn_once(src, dst, *args, **kwargs):
+        out = real_copy(src, dst, *args, **kwargs)
+        copies.append(Path(dst).name)
+        if len(copies) == 1:  # the first copy of the store file is cut as a racing writer would leave it
+            with open(dst, "r+b") as f:
+                f.truncate(Path(src).stat().st_size // 2)
+        return out
+
+    monkeypatch.setattr(reader_module.shutil, "copyfile", copy_torn_once)
+    holder = _hold_lock(db, 30)
+    try:
+        reader = StoreReader(StoreLocation.resolve(db), retries=1, backoff_s=0.01)
+        assert reader.frame("SELECT count(*) AS n FROM runs")["n"][0] == 11
+        assert reader.note.is_snapshot
+        reader.close()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert copies[0] == "fcr-0.duckdb" and "fcr-1.duckdb" in copies, copies  # the torn copy was taken again
+
+
 def test_a_short_write_is_waited_for_not_snapshotted(small_store, tmp_path):
     db = _copy(small_store, tmp_path)
     holder = _hold_lock(db, 0.4)

@@ -60,6 +60,8 @@ def big_store(tmp_path_factory):
 @pytest.mark.parametrize("view", ["overview", "compare", "quality-speed", "mechanism",
                                   "samples"])
 def test_views_stay_fast_on_a_large_store(big_store, app_for, view):
+    """The first view pays the ``big_store`` fixture (over a minute under load): ~204k rows written run
+    by run through fcr-eval's own writer, as a long experiment would; each view is then timed."""
     at = app_for(big_store, view=view)
     at.run()  # first run imports the app; time the second
     t0 = time.monotonic()

@@ -68,6 +68,8 @@ def test_lambda_rollout_plans_its_own_finetune_with_the_term(tmp_path):
 
 @pytest.mark.slow  # a whole (tiny) experiment: two fine-tunes and three runs, ~20 s on a quiet machine
 def test_a_rollout_finetune_runs_and_is_stored(tmp_path):
+    """Slow (over a minute under load): a whole tiny experiment — a rollout and a plain fine-tune, three
+    runs with their evaluation — through the runner."""
     exp, ro, runs, flops = _run_tiny(tmp_path, ROLLOUT_VARIATIONS, "ro-dc-2")
     record = json.loads((Path(ro.output_dir) / "config.json").read_text())["train"]
     assert record["rollout"] == ro.rollout_config().to_dict() and record["fcr"]["lam"] == 0.0

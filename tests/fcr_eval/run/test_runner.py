@@ -104,6 +104,9 @@ def killed_then_resumed(tmp_path_factory):
 
 
 def test_runner_resumes_after_kill_without_duplicate_or_partial_rows(killed_then_resumed):
+    """Slow (over a minute on 2 cores): the ``killed_then_resumed`` fixture runs here first — the tiny
+    experiment in a real process killed after its first stored run, then both seeds resumed (fine-tunes,
+    every run and its evaluation); the module's other tests read the same store."""
     store_path, before, out = killed_then_resumed
     exp = load_experiment(TINY)
     one_seed_runs = len(exp.variations)

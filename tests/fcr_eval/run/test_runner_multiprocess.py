@@ -87,6 +87,8 @@ def _values(store: Path) -> dict:
 
 @pytest.mark.slow
 def test_two_processes_shard_prompts_and_store_what_one_process_stores(tmp_path):
+    """Slow (over a minute under load): a torchrun launch of two runner processes (each starting torch and
+    gloo) and the same experiment run again in one process, to compare every stored number."""
     exp_path = tmp_path / "mp.toml"
     exp_path.write_text(EXPERIMENT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

@@ -224,6 +224,9 @@ settings = { std = 0.05 }
 
 
 def test_sd_experiment_stores_every_run_with_its_metrics(sd_run):
+    """Slow (over a minute on 2 cores): the module's ``sd_run`` fixture runs here first — a whole SD
+    experiment of tiny parts: an FCR fine-tune with early stopping, eight variations sampled, FID,
+    CLIPScore, drift, σ²_Δ and three robustness kinds evaluated — once for all the module's tests."""
     exp, store_path, outcome, _ = sd_run
     s = ResultsStore.open_readonly(store_path)
     runs = s.runs(experiment_id=exp.id)

@@ -26,6 +26,8 @@ def _cli(store: Path, *extra: str) -> list[str]:
 
 
 def test_second_runner_refuses_or_waits_and_no_work_is_done_twice(tmp_path):
+    """Slow (over a minute under load): three real runner processes — the first runs the tiny experiment
+    whole while a second is refused and a third waits for it and then finds nothing left to do."""
     store = tmp_path / "results" / "fcr.duckdb"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen(_cli(store), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)

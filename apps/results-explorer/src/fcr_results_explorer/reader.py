@@ -131,8 +131,9 @@ class OpenNote:
         return self.snapshot_of is not None
 
 
-def _snapshot(path: Path, into: Path, attempts: int = 3) -> Path:
-    """Copy a DuckDB file and its WAL into ``into``; return the copy once it opens."""
+def _snapshot(path: Path, into: Path, attempts: int = 5) -> Path:
+    """Copy a DuckDB file and its WAL into ``into``; return the copy once it opens and is whole
+    (a copy taken mid-write is retaken)."""
     last: Exception | None = None
     for attempt in range(attempts):
         copy = into / f"{path.stem}-{attempt}{path.suffix}"
@@ -145,6 +146,8 @@ def _snapshot(path: Path, into: Path, attempts: int = 3) -> Path:
         try:
             with connect(copy, read_only=True, timeout=0, describe="snapshot") as con:
                 con.execute("SELECT 1").fetchall()
+                # a copy taken while the writer grows the file can open yet be cut short
+                check_complete(con, copy, f"snapshot of {path}")
             return copy
         except (duckdb.Error, StoreUnreadableError) as error:  # torn copy: take another
             last = error

@@ -94,13 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _plan(args) -> int:
-    from fcr_eval.plan.output import format_plan, long_plan_line, plan_json
-    from fcr_eval.plan.planner import make_plan
     from fcr_eval.plan.validation import check_inputs, check_store, model_problems
     from fcr_eval.spec.experiment import load_experiment
 
     exps = [load_experiment(f, args.profile) for f in args.files]  # an unknown profile lists the file's
     check_store(args.store, must_exist=False)
+    # the planner and its statistics (scipy) only once the files and the store are known good: a bad
+    # input is refused in a fraction of a second
+    from fcr_eval.plan.output import format_plan, long_plan_line, plan_json
+    from fcr_eval.plan.planner import make_plan
+
     results_dir = Path(args.store).parent
     gflops = None
     if not args.json and not args.no_calibrate:
@@ -138,13 +141,15 @@ def _plan(args) -> int:
 
 def _report(args) -> int:
     from fcr_eval.plan.validation import check_store
-    from fcr_eval.report.report import report
     from fcr_eval.spec.experiment import load_experiment
 
     exp = load_experiment(args.file, args.profile)
     check_store(args.store, must_exist=True)
     if not args.no_plots:
         _check_plots_writable(Path(args.store).parent)
+    # the report's statistics (scipy) once the inputs are known good
+    from fcr_eval.report.report import report
+
     report(exp, Path(args.store), plots=not args.no_plots)
     return 0
 

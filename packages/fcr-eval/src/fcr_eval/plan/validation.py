@@ -7,10 +7,13 @@ plan needs is on disk, the store path can be a results store and the device exis
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from fcr_eval.plan.planner import Plan
 from fcr_eval.spec.experiment import Experiment
 from fcr_eval.spec.vocabulary import PACKAGED_DATASET_KINDS
+
+if TYPE_CHECKING:  # the planner brings scipy (~1 s of CPU): a bad store or device is refused without it
+    from fcr_eval.plan.planner import Plan
 
 __all__ = ["model_problems", "hub_reachable", "check_models", "check_inputs", "check_store", "check_device"]
 

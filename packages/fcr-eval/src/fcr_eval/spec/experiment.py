@@ -278,14 +278,15 @@ def _check_runnable(chk: Checker, models: dict[str, ModelSpec], datasets: dict[s
         chk.fail(f"the variations use several embedded models ({sorted(embedded)}); one embedded model per file",
                  "models")
     ref = datasets[ev.reference] if ev.reference else None
+    if embedded and sampling.dtype != "float32":  # every embedded context samples in float32: a run must not be
+        # stored as another precision than the one that produced it (both backbones, pixel and latent)
+        chk.fail(f"sampling.dtype = {sampling.dtype!r}: the embedded model ({sorted(embedded)[0]}) samples in "
+                 "float32 only (a small UNet on CPU, where half precision would change the numbers, not "
+                 "the speed); leave dtype out or set \"float32\"", "sampling", "dtype")
     if embedded and {models[m].backbone for m in used} == {"emoji"}:
         _check_emoji_runnable(chk, datasets, robustness, variations, index)
         return
     if embedded:
-        if sampling.dtype != "float32":  # its context samples in float32: a run must not be stored as another
-            chk.fail(f"sampling.dtype = {sampling.dtype!r}: the embedded model ({sorted(embedded)[0]}) samples in "
-                     "float32 only (a small pixel UNet on CPU, where half precision would change the numbers, not "
-                     "the speed); leave dtype out or set \"float32\"", "sampling", "dtype")
         ref_split = ref.split if ref is not None and ref.kind == "fashion-mnist" else None
         if ref is None or ref.kind == "fashion-mnist":
             size = ref.limit if ref is not None and ref.limit else fashion_mnist_size(ref_split or "test")
