@@ -261,7 +261,7 @@ def _evaluate(ctx: RunContext, st: _RunState, store: ResultsStore | Path, caches
     """Per-image values of this shard, paired with the same weights' uncached samples from the
     run's own x_T (the attacked one under FGSM; an uncached run is its own reference), and the
     shard's PNGs."""
-    run, ev = st.run, ctx.exp.evaluation
+    run = st.run
     reference = uncached_reference(ctx, st.unet, run, st.prompts, st.x_T, st.mine, st.weights_key, caches,
                                    progress, images=None if run.sampler.cached else st.images)
     ref_features = None
@@ -279,9 +279,10 @@ def _evaluate(ctx: RunContext, st: _RunState, store: ResultsStore | Path, caches
     if extracts and own and key not in caches and st.local.get("features") is not None:
         caches[key] = (reference, st.local["features"])
     st.local["samples"] = []
-    if len(st.mine) and ev.save_samples:
+    saved = range(st.mine.start, min(st.mine.stop, run.save_samples))
+    if len(saved):
         root = store.root if isinstance(store, ResultsStore) else Path(store).resolve()
-        st.local["samples"] = save_samples(root, ctx.exp, run, st.prompts, st.images, st.mine)
+        st.local["samples"] = save_samples(root, ctx.exp, run, st.prompts, st.images[: len(saved)], saved)
     if procs.is_main:
         ctx.save_grid(st.images, shard_prompts(st.prompts, st.mine), Path(run.run_dir) / "grid.png",
                       title=f"{ctx.exp.id} {run.variation.id} seed {run.seed}")
