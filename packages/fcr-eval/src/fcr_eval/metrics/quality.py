@@ -22,7 +22,12 @@ from pathlib import Path
 import numpy as np
 
 from fcr_eval.metrics.extractors import ExtractedFeatures, FeatureExtractor, metric_name
-from fcr_eval.metrics.frechet import fd_estimable, feature_statistics, frechet_distance, streamed_statistics
+from fcr_eval.metrics.frechet import (
+    fd_estimable,
+    feature_statistics,
+    frechet_distance,
+    streamed_statistics,
+)
 from fcr_eval.metrics.inception_score import inception_score
 from fcr_eval.metrics.kid import kernel_distance
 from fcr_eval.metrics.precision_recall import precision_recall
