@@ -99,3 +99,9 @@ def test_spill_refuses_rows_that_do_not_fit(tmp_path):
     spill = FeatureSpill(tmp_path / "f.npy", 4, 3)
     with pytest.raises(ValueError, match="do not fit a spill of 4 × 3"):
         spill.write_rows(2, np.zeros((3, 3)))
+
+
+def test_a_set_in_one_chunk_keeps_np_cov_bit_for_bit():
+    x = _features(50, 9, 9)
+    mu, sigma = RunningMoments.of(x).statistics()
+    assert np.array_equal(mu, x.mean(axis=0)) and np.array_equal(sigma, np.cov(x, rowvar=False))

@@ -43,6 +43,7 @@ USER_ERRORS = {
     "fcr_train.models:ModelNotAvailableError": EXIT_MODEL_NOT_AVAILABLE,
     "fcr_common.locking:LockHeldError": EXIT_USAGE,
     "fcr_train.checkpoints:CheckpointError": EXIT_USAGE,  # a fine-tune folder of other settings or torn
+    "fcr_eval.run.batches:ResumeMismatchError": EXIT_USAGE,  # a run folder of another run
 }
 
 
@@ -80,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", type=float_in(0), default=0, metavar="SECONDS",
                    help="when another runner holds the store, wait up to this long for it (default: refuse at "
                         "once, naming it)")
+    p.add_argument("--reference", choices=("spill", "sample"), default="spill",
+                   help="cached runs' uncached reference batches: read back from the float spill the experiment's "
+                        "uncached run wrote (spill: disk, default) or sampled again in each cached run (sample: no "
+                        "disk, one more uncached sampling per cached run); the numbers are the same")
 
     p = sub.add_parser("report", help="summary table, criteria and plots from the store (no compute; opens the "
                                       "store read-only, plots go beside it)")
@@ -161,7 +166,8 @@ def _run(args) -> int:
     check_device(args.device)
     from fcr_eval.run.runner import RunnerOptions, run_experiment
 
-    opts = RunnerOptions(store=Path(args.store), threads=args.threads, device=args.device, wait=args.wait)
+    opts = RunnerOptions(store=Path(args.store), threads=args.threads, device=args.device, wait=args.wait,
+                         reference=args.reference)
     outcome = run_experiment(exp, opts)
     if outcome.main:  # the process that wrote the store reports it, and keeps the verdicts
         from fcr_eval.report.report import report

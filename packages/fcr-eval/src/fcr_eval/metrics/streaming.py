@@ -66,12 +66,16 @@ class RunningMoments:
         self.n = 0
         self.mean = np.zeros(dim)
         self._m2 = np.zeros((dim, dim))  # Σ (x − mean)(x − mean)ᵀ
+        self._whole: tuple[np.ndarray, np.ndarray] | None = None
 
     def update(self, rows) -> None:
         b = np.asarray(rows, dtype=np.float64)
         nb = b.shape[0]
         if nb == 0:
             return
+        # A set that arrives in one chunk keeps np.mean / np.cov's own values, bit for bit (the
+        # merged form below agrees with them to rounding only).
+        self._whole = (b.mean(axis=0), np.cov(b, rowvar=False)) if self.n == 0 and nb > 1 else None
         mb = b.mean(axis=0)
         cb = b - mb
         m2b = cb.T @ cb
@@ -85,6 +89,8 @@ class RunningMoments:
         """``(mean (D,), covariance (D, D))`` with the ``N − 1`` normalisation of ``np.cov``."""
         if self.n < 2:
             raise ValueError(f"a covariance needs at least 2 samples, got {self.n}")
+        if self._whole is not None:
+            return self._whole[0].copy(), self._whole[1].copy()
         return self.mean.copy(), self._m2 / (self.n - 1)
 
     @classmethod
