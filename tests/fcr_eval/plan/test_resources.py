@@ -11,12 +11,7 @@ import pytest
 from fcr_eval.cli import main
 from fcr_eval.plan import resources
 from fcr_eval.plan.planner import make_plan, uncached_flops
-from fcr_eval.plan.resources import (
-    machine_problems,
-    plan_resources,
-    save_samples_count,
-    unet_activation_elements,
-)
+from fcr_eval.plan.resources import machine_problems, plan_resources, unet_activation_elements
 from fcr_eval.spec.experiment import load_experiment
 
 EXPERIMENTS = Path(__file__).parents[3] / "experiments"
@@ -72,14 +67,12 @@ def test_the_reference_set_and_feature_dimension_enter_the_metric_state():
 def test_disk_follows_save_samples():
     exp = _exp1(n_samples=1000)
     kept = _res(exp)
-    none = _res(_with_evaluation(exp, save_samples=False))
-    r_kept, r_none = next(iter(kept.runs.values())), next(iter(none.runs.values()))
-    assert r_kept.pngs == 1000 and r_none.pngs == 0 and r_none.png_bytes == 0
+    none, first = _res(_with_evaluation(exp, save_samples="none")), _res(_with_evaluation(exp, save_samples=10))
+    r_kept, r_none, r_first = (next(iter(x.runs.values())) for x in (kept, none, first))
+    assert (r_kept.pngs, r_none.pngs, r_first.pngs) == (1000, 0, 10) and r_none.png_bytes == 0
     assert r_kept.png_bytes >= 1000 * 512 * 512 * 3  # raw uint8 RGB, an upper bound of a PNG
+    assert r_first.png_bytes == pytest.approx(r_kept.png_bytes / 100)
     assert kept.total_disk_bytes - none.total_disk_bytes == pytest.approx(sum(r.png_bytes for r in kept.runs.values()))
-    assert [save_samples_count(v, 100) for v in ("all", "none", 10, 500, True, False)] == [100, 0, 10, 100, 100, 0]
-    with pytest.raises(ValueError, match="expected all, none or a number"):
-        save_samples_count("some", 100)
 
 
 def test_the_uncached_reference_is_counted_once_per_weights_and_seed():
@@ -93,11 +86,20 @@ def test_the_uncached_reference_is_counted_once_per_weights_and_seed():
     # an uncached run of the same weights and seed is the reference: no cached base run samples one
     wider = make_plan(load_experiment(EXP1, "wider"), calibrate=False)
     assert all(r.reference_flops == 0 for r in wider.runs if r.finetune is None)
-    # resampling in every run costs the second baseline its reference too; spilling costs disk instead
-    resample, spill = plan_resources(plan, reference_source="resample"), plan_resources(plan, reference_source="spill")
-    assert resample.runs[fd10.run_id].flops - spill.runs[fd10.run_id].flops == pytest.approx(uncached_flops(fd10))
-    assert spill.runs[fd5.run_id].reference_bytes == 1000 * 3 * 512 * 512 * 4 and fd10.run_id in spill.runs
-    assert spill.runs[fd10.run_id].reference_bytes == 0 and resample.runs[fd5.run_id].reference_bytes == 0
+
+
+def test_spilled_references_cost_disk_and_sampled_ones_compute():
+    plan = make_plan(_exp1(n_samples=1000), calibrate=False)
+    fd10 = next(r for r in plan.runs if r.variation.id == "fd-10-baseline")
+    spill, sample = plan_resources(plan, "spill"), plan_resources(plan, "sample")
+    assert sample.runs[fd10.run_id].flops - spill.runs[fd10.run_id].flops == pytest.approx(uncached_flops(fd10))
+    # the three base-weights keys (one per seed) are spilled by FD-5 and live until FD-10 has run
+    one_key = 1000 * (3 * 512 * 512 * 4 + (2048 + 1008) * 8)
+    assert spill.reference_spill_peak_bytes == pytest.approx(3 * one_key) and sample.reference_spill_peak_bytes == 0
+    assert spill.total_disk_bytes - sample.total_disk_bytes == pytest.approx(3 * one_key)
+    assert spill.total_flops < sample.total_flops
+    with pytest.raises(ValueError, match="reference mode 'resample' is not one of"):
+        plan_resources(plan, "resample")
 
 
 def test_projection_keeps_gpu_hours_and_divides_the_parallel_part():
@@ -116,7 +118,8 @@ def test_machine_problems_name_ram_and_disk_and_what_to_do(tmp_path):
     assert machine_problems(res, tmp_path, available_ram=1e15, free_disk=1e15) == []
     ram, disk = machine_problems(res, tmp_path, available_ram=2**30, free_disk=2**20)
     assert ram.startswith("RAM: a run needs") and "lower sampling.batch_size" in ram
-    assert disk.startswith("disk: the 21 run(s) to do write") and "evaluation.save_samples" in disk
+    assert disk.startswith("disk: the 21 run(s) to do need") and "evaluation.save_samples" in disk
+    assert "--reference sample spills no reference batches" in disk
     # two processes on a node need twice the RAM; a GPU process keeps the batch off host RAM
     need = res.peak_ram_bytes
     assert machine_problems(res, tmp_path, available_ram=1.5 * need, free_disk=1e15) == []
@@ -130,7 +133,7 @@ def test_plan_prints_resources_and_the_projection(capsys):
     assert main(["plan", str(EXP1), "--no-calibrate"]) == 0
     out = capsys.readouterr().out
     assert "peak RAM per process ≈" in out and "independent of n_samples" in out and "disk ≈" in out
-    assert "GPU-hours" in out and "RAM/process" in out
+    assert "GPU-hours" in out and "RAM/process" in out and "uncached references (--reference, spill above)" in out
     rows = [line.split() for line in out.splitlines() if line.strip().split(" ")[0] in ("1", "8", "64")]
     assert [r[0] for r in rows] == ["1", "8", "64"]
     assert main(["plan", str(EXPERIMENTS / "mini-exp-1.toml"), "--profile", "quick", "--no-calibrate"]) == 0

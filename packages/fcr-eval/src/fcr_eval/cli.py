@@ -44,6 +44,7 @@ USER_ERRORS = {
     "fcr_train.models:ModelNotAvailableError": EXIT_MODEL_NOT_AVAILABLE,
     "fcr_common.locking:LockHeldError": EXIT_USAGE,
     "fcr_train.checkpoints:CheckpointError": EXIT_USAGE,  # a fine-tune folder of other settings or torn
+    "fcr_eval.run.batches:ResumeMismatchError": EXIT_USAGE,  # a run folder of another run
 }
 
 
@@ -84,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", type=float_in(0), default=0, metavar="SECONDS",
                    help="when another runner holds the store, wait up to this long for it (default: refuse at "
                         "once, naming it)")
+    p.add_argument("--reference", choices=("spill", "sample"), default="spill",
+                   help="cached runs' uncached reference batches: read back from the float spill the experiment's "
+                        "uncached run wrote (spill: disk, default) or sampled again in each cached run (sample: no "
+                        "disk, one more uncached sampling per cached run); the numbers are the same")
     p.add_argument("--no-resource-check", action="store_true",
                    help="run even when the plan says this machine lacks the RAM or free disk the runs need")
 
@@ -192,7 +197,8 @@ def _run(args) -> int:
         _check_resources(exp, args)
     from fcr_eval.run.runner import RunnerOptions, run_experiment
 
-    opts = RunnerOptions(store=Path(args.store), threads=args.threads, device=args.device, wait=args.wait)
+    opts = RunnerOptions(store=Path(args.store), threads=args.threads, device=args.device, wait=args.wait,
+                         reference=args.reference)
     outcome = run_experiment(exp, opts)
     if outcome.main:  # the process that wrote the store reports it, and keeps the verdicts
         from fcr_eval.report.report import report
@@ -217,7 +223,8 @@ def _check_resources(exp, args) -> None:
 
     plan = make_plan(exp, results_dir=Path(args.store).parent, calibrate=False)
     gpu = args.device not in (None, "cpu") or (args.device is None and _cuda_available())
-    problems = machine_problems(plan_resources(plan), Path(args.store).parent, done=_finished(args.store, exp.id),
+    problems = machine_problems(plan_resources(plan, args.reference), Path(args.store).parent,
+                                done=_finished(args.store, exp.id),
                                 processes=_processes_on_this_node(), gpu=gpu)
     if problems:
         raise UserError(f"experiment {exp.id}: this machine cannot hold it — {'; '.join(problems)}. Nothing has been "

@@ -122,7 +122,7 @@ def format_plan(plan: Plan, done: set[str] | None = None, *, resources: PlanReso
     if not exp.embedded:
         lines.append(f"  on one A100-class GPU at an assumed {ASSUMED_GPU_TFLOPS:g} TFLOP/s effective: "
                      f"≈{_fmt_s(plan.total_flops / (ASSUMED_GPU_TFLOPS * 1e12))} (CPU figure above is for scale only)")
-    lines += format_resources(res)
+    lines += format_resources(res, plan_resources(plan, "sample" if res.reference_mode == "spill" else "spill"))
     if gpus or not exp.embedded:
         lines.append(format_projection(res.projection(gpus or DEFAULT_GPUS)))
     if exp.human_study:

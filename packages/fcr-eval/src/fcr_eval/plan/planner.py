@@ -36,6 +36,7 @@ from fcr_eval.plan.costs import (
 from fcr_eval.plan.identity import finetune_key, finetune_record, run_config
 from fcr_eval.plan.samplers import SamplerSettings, sampler_for
 from fcr_eval.records import make_run_id
+from fcr_eval.spec.evaluation import saved_sample_count
 from fcr_eval.spec.experiment import EarlyStoppingSpec, Experiment, RobustnessSpec, VariationSpec
 from fcr_eval.spec.names import safe_child
 
@@ -219,6 +220,9 @@ class PlannedRun:
     #: first samples it walks (0 = not attributed) and whether it measures the propagation.
     attribution_samples: int = 0
     attribution_propagation: bool = False
+    #: How many of the run's first samples are written as PNGs (``evaluation.save_samples``,
+    #: resolved: 0 = none, ``n_samples`` = all).
+    save_samples: int = 0
     unet_calls: int = 0
     full_forwards: int = 0
     encoder_forwards: int = 0
@@ -334,7 +338,8 @@ def make_plan(exp: Experiment, *, results_dir: str | Path = "results", calibrate
                 eval_prompts=eval_prompts, n_samples=n, steps=steps, guidance_scale=guidance, scheduler=scheduler,
                 resolution=resolution, cost=cost,
                 attribution_samples=_attribution_samples(ev, sampler, n, v.id),
-                attribution_propagation=bool(ev.attribution_propagation), **counts, est_flops=flops,
+                attribution_propagation=bool(ev.attribution_propagation),
+                save_samples=saved_sample_count(ev.save_samples, n), **counts, est_flops=flops,
                 est_seconds=(flops + timing_flops) / (gflops_per_s * 1e9)))
     _count_references(runs, gflops_per_s)
     # σ²_Δ over the cache's range: the largest interval reused at each step count (Δ < steps).

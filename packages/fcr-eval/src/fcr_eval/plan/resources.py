@@ -22,11 +22,14 @@ Attention is assumed to run through PyTorch's SDPA kernels (no n² score matrix)
 networks and the batch's working set live in GPU memory; the figure is then what the GPU needs,
 and an upper bound of the host's RAM.
 
-Disk: the PNGs that ``evaluation.save_samples`` keeps (raw uint8 bytes, rounded up to 4 KiB
-blocks: an upper bound, PNG compresses photographs), each run's spilled features (float32, for
-KID and precision/recall), the per-sample rows in the store, the uncached references spilled as
-float32 pixels when :data:`REFERENCE_SOURCE` is ``"spill"``, and the fine-tunes' checkpoints
-(the runner keeps 2: weights + AdamW states, + EMA) and final weights.
+Disk: what stays — the PNGs that ``evaluation.save_samples`` keeps (raw uint8 bytes, rounded up
+to 4 KiB blocks: an upper bound, PNG compresses photographs), the per-sample rows in the store,
+the reference set's features (``results/reference/*.npz``) and the fine-tunes' checkpoints (the
+runner keeps 2: weights + AdamW states, + EMA) and final weights — and the largest transient
+spill at any point of the runner's order: the running run's batch folder (its float64 feature
+and logit spills, removed once it is stored) and the uncached reference batches spilled as
+float32 pixels for the cached runs of the same weights × seed (``--reference spill``, removed
+after the key's last run).
 
 Example:
     >>> res = plan_resources(make_plan(load_experiment("experiments/exp-1-main-ablation.toml"), calibrate=False))
@@ -39,14 +42,17 @@ from __future__ import annotations
 import json
 import math
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from fcr_eval.metrics.streaming import CHUNK_ROWS
 from fcr_eval.plan.costs import ASSUMED_GPU_TFLOPS
 from fcr_eval.plan.planner import Plan, PlannedRun, reference_key, uncached_flops
+from fcr_eval.spec.evaluation import saved_sample_count
 
 __all__ = ["RunResources", "PlanResources", "Projection", "plan_resources", "run_resources", "format_projection",
-           "save_samples_count", "RUNTIME_BYTES", "SD_PARAMS", "REFERENCE_SOURCE", "DEFAULT_GPUS"]
+           "format_resources", "machine_problems", "fmt_bytes", "RUNTIME_BYTES", "SD_PARAMS", "REFERENCE_MODES",
+           "DEFAULT_GPUS"]
 
 #: Python + torch + diffusers + transformers + DuckDB imported, and the runner's other fixed state:
 #: peak RSS of an embedded run at n = 1,000 with a 28² batch of 100 (benchmarks/runner_scale.py) less
@@ -77,13 +83,17 @@ EXTRACT_BATCH = 64
 IMAGE_COPIES = 4
 #: Rows of a k-NN tile of precision/recall (a tile is rows × reference, or rows × rows).
 KNN_TILE = 1024
+#: Bytes per sample of a run's per-batch records (per-sample values, sample rows) while it runs.
+BATCH_RECORD_BYTES = 256
 #: Bytes per sample in the store (per-sample metric rows, sample rows, prompts): measured by
 #: benchmarks/runner_scale.py.
 STORE_BYTES_PER_SAMPLE = 400
-#: Where a cached run's uncached reference comes from: ``"resample"`` (sampled in the same loop,
-#: no disk, the uncached compute once per run that needs it) or ``"spill"`` (float32 pixels on
-#: disk once per weights × seed × setting, read back by the later runs).
-REFERENCE_SOURCE = "resample"
+#: Where a cached run's uncached reference batches come from (``fcr-eval run --reference``, the
+#: runner's ``fcr_eval.run.batches.REFERENCE_MODES``, first the default): ``spill`` — written once
+#: per weights × seed × setting as float32 pixels (and their features) by the key's first run,
+#: read back by the later ones, removed after the last; ``sample`` — sampled again in every cached
+#: run (no disk, one more uncached sampling per cached run).
+REFERENCE_MODES = ("spill", "sample")
 #: Checkpoints the runner keeps per fine-tune (fcr_eval.run.finetuning: keep_checkpoints=2).
 KEPT_CHECKPOINTS = 2
 #: GPU counts of the projection `fcr-eval plan` prints for a real-model experiment.
@@ -95,21 +105,24 @@ _BLOCK = 4096
 
 @dataclass(frozen=True)
 class RunResources:
-    """One run's needs. ``ram_parts`` names where the peak comes from; disk in bytes."""
+    """One run's needs. ``ram_parts`` names where the peak comes from; disk in bytes: what the run
+    leaves (PNGs, store rows) and what it holds on disk only while it runs (its batch folder:
+    the feature and logit spills and the per-batch records, removed once the run is stored)."""
 
     peak_ram_bytes: float
     ram_parts: dict[str, float]
     pngs: int
     png_bytes: float
-    feature_bytes: float
     store_bytes: float
-    reference_bytes: float  # the uncached reference spilled by this run (REFERENCE_SOURCE "spill")
-    flops: float  # sampling (incl. the uncached reference when resampled) + timing + feature extraction
+    spill_bytes: float  # transient: the run's batch folder
+    reference_spill_bytes: float  # the float32 reference batches of its key, when spilled
+    flops: float  # sampling (its uncached reference included when it samples one) + timing + features
     parallel_flops: float  # the part that spreads over processes (the run's batches)
 
     @property
     def disk_bytes(self) -> float:
-        return self.png_bytes + self.feature_bytes + self.store_bytes + self.reference_bytes
+        """What the run leaves on disk."""
+        return self.png_bytes + self.store_bytes
 
 
 @dataclass(frozen=True)
@@ -128,25 +141,46 @@ class Projection:
 @dataclass
 class PlanResources:
     """Every run's needs and the plan's: ``peak_ram_bytes`` is the largest run's (runs go one at a
-    time), disk adds up (runs, reference features, fine-tune checkpoints)."""
+    time); disk is what the runs leave, the reference features and the fine-tunes' checkpoints, plus
+    the largest transient spill at any point of the runner's order (``transient_peak_bytes``)."""
 
     plan: Plan
     runs: dict[str, RunResources]
     finetune_disk_bytes: float
     reference_feature_bytes: float
-    notes: list[str] = field(default_factory=list)
+    reference_mode: str
+    transient_peak_bytes: float = 0.0
+    reference_spill_peak_bytes: float = 0.0
 
     @property
     def peak_ram_bytes(self) -> float:
         return max((r.peak_ram_bytes for r in self.runs.values()), default=RUNTIME_BYTES)
 
     @property
+    def host_ram_bytes(self) -> float:
+        """Peak host RAM of a process whose networks and batches are on a GPU."""
+        return max((r.peak_ram_bytes - r.ram_parts["batch"] for r in self.runs.values()), default=RUNTIME_BYTES)
+
+    @property
+    def gpu_memory_bytes(self) -> float:
+        """Peak GPU memory of a process: its networks and one batch's working set."""
+        return max((r.ram_parts["networks"] + r.ram_parts["batch"] for r in self.runs.values()), default=0.0)
+
+    @property
     def total_disk_bytes(self) -> float:
-        return sum(r.disk_bytes for r in self.runs.values()) + self.finetune_disk_bytes + self.reference_feature_bytes
+        return self.disk_of(self.runs)
 
     def disk_of(self, run_ids) -> float:
-        """Disk of the named runs only (what is left to do), plus everything not per run."""
-        return sum(self.runs[i].disk_bytes for i in run_ids) + self.finetune_disk_bytes + self.reference_feature_bytes
+        """Free disk the named runs need (what is left to do): what they leave, the reference
+        features, the fine-tunes' checkpoints and the transient peak."""
+        return (sum(self.runs[i].disk_bytes for i in run_ids) + self.finetune_disk_bytes
+                + self.reference_feature_bytes + self.transient_peak_bytes)
+
+    @property
+    def total_flops(self) -> float:
+        plan = self.plan
+        return (sum(f.est_flops for f in plan.finetunes.values()) + plan.est_eval_seconds * plan.gflops_per_s * 1e9
+                + sum(x.flops for x in self.runs.values()))
 
     def projection(self, gpus=DEFAULT_GPUS, tflops: float = ASSUMED_GPU_TFLOPS) -> list[Projection]:
         """GPU-hours and wall hours on each GPU count: fine-tunes data-parallel over all GPUs (one
@@ -160,39 +194,12 @@ class PlanResources:
             wall = (ft_flops / g + serial_eval) / rate
             for r in plan.runs:
                 res = self.runs[r.run_id]
-                batches = math.ceil(r.n_samples / _batch_size(plan))
+                batches = math.ceil(r.n_samples / int(plan.experiment.sampling.batch_size))
                 rounds = math.ceil(batches / g)
                 wall += (res.parallel_flops * rounds / batches + (res.flops - res.parallel_flops)) / rate
-            total = ft_flops + serial_eval + sum(x.flops for x in self.runs.values())
-            out.append(Projection(g, tflops, total / rate / 3600, wall / 3600, self.host_ram_bytes,
+            out.append(Projection(g, tflops, self.total_flops / rate / 3600, wall / 3600, self.host_ram_bytes,
                                   self.gpu_memory_bytes, self.total_disk_bytes))
         return out
-
-    @property
-    def host_ram_bytes(self) -> float:
-        """Peak host RAM of a process whose networks and batches are on a GPU."""
-        return max((r.peak_ram_bytes - r.ram_parts["batch"] for r in self.runs.values()), default=RUNTIME_BYTES)
-
-    @property
-    def gpu_memory_bytes(self) -> float:
-        """Peak GPU memory of a process: its networks and one batch's working set."""
-        return max((r.ram_parts["networks"] + r.ram_parts["batch"] for r in self.runs.values()), default=0.0)
-
-
-def _batch_size(plan: Plan) -> int:
-    return int(plan.experiment.sampling.batch_size)
-
-
-def save_samples_count(save_samples, n: int) -> int:
-    """How many of a run's ``n`` samples are written as PNGs: ``"all"`` / ``True`` → n, ``"none"`` /
-    ``False`` → 0, an integer N → the first N."""
-    if save_samples is True or save_samples == "all":
-        return n
-    if save_samples is False or save_samples is None or save_samples == "none":
-        return 0
-    if isinstance(save_samples, int):
-        return max(0, min(int(save_samples), n))
-    raise ValueError(f"save_samples = {save_samples!r}: expected all, none or a number of samples")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,14 +303,13 @@ def vae_decode_elements(channels: tuple[int, ...], side: int) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def run_resources(plan: Plan, run: PlannedRun, shapes: _Shapes | None = None, *, reference_spilled: bool = False,
+def run_resources(plan: Plan, run: PlannedRun, shapes: _Shapes | None = None, *,
                   extra_reference_flops: float = 0.0) -> RunResources:
     """Peak RAM per process, disk and compute of one planned run (see the module docstring).
 
     Args:
-        reference_spilled: this run writes its weights × seed's uncached reference to disk.
         extra_reference_flops: uncached sampling beyond the plan's ``est_flops`` (which counts
-            each reference once).
+            each uncached reference once), as ``--reference sample`` does in every cached run.
     """
     exp = plan.experiment
     ev, sampling = exp.evaluation, exp.sampling
@@ -313,7 +319,6 @@ def run_resources(plan: Plan, run: PlannedRun, shapes: _Shapes | None = None, *,
     cfg_rows = 2 if run.guidance_scale != 1.0 else 1
     side = int(run.resolution)
     factor = 2 ** (len(shapes.vae_channels) - 1) if shapes.vae_channels else 1
-    latent = max(1, side // factor)
     pixels = shapes.image_channels * side * side
     d = _feature_dim(ev.feature_extractor) if _extracts(ev) else 0
     networks = shapes.params * dtype
@@ -321,34 +326,38 @@ def run_resources(plan: Plan, run: PlannedRun, shapes: _Shapes | None = None, *,
         networks += EXTRACTOR_PARAMS.get(ev.feature_extractor, 0.0) * 4
     if any(m in ev.metrics for m in ("clip_score", "clip_drift")) and not exp.embedded:
         networks += CLIP_PARAMS * 4
-    unet_act = b * cfg_rows * unet_activation_elements(shapes.unet_cfg, latent) * dtype
+    unet_act = b * cfg_rows * unet_activation_elements(shapes.unet_cfg, max(1, side // factor)) * dtype
     vae_act = b * vae_decode_elements(shapes.vae_channels, side) * dtype if shapes.vae_channels else 0.0
     images = b * pixels * 4 * IMAGE_COPIES
     fs = int(ev.feature_image_size) if d else 0
     extract = min(b, EXTRACT_BATCH) * fs * fs * (3 * 2 + EXTRACTOR_ACTIVATIONS_PER_PIXEL.get(ev.feature_extractor, 24)
                                                   ) * 4 if d else 0.0
-    n_ref = int(ev.n_reference) if d else 0
-    per_image_features = (d + EXTRACTOR_LOGITS.get(ev.feature_extractor, 0)) * 8 if d else 0  # float64
+    per_image_features = _per_image_feature_bytes(ev)
     metric_state = 0.0
-    if d:
-        metric_state = 3 * d * d * 8 + n_ref * per_image_features
+    if d:  # Fréchet moments (samples, reference, a copy), the reference set, a chunk, a k-NN block
+        metric_state = 3 * d * d * 8 + int(ev.n_reference) * per_image_features + CHUNK_ROWS * d * 8
         if "precision_recall" in ev.metrics:
-            metric_state += 2 * KNN_TILE * max(n_ref, KNN_TILE) * 4
+            metric_state += 2 * KNN_TILE * (KNN_TILE + d) * 8
     parts = {"runtime": float(RUNTIME_BYTES), "networks": networks,
              "batch": max(unet_act, vae_act) + images + extract, "metric state": metric_state}
     n = int(run.n_samples)
-    n_png = save_samples_count(ev.save_samples, n)
-    png_each = math.ceil(side * side * shapes.image_channels / _BLOCK) * _BLOCK
-    features = n * per_image_features  # the samples' features and logits, as the reference's are kept
-    ref_bytes = n * pixels * 4 if reference_spilled else 0.0
+    n_png = saved_sample_count(ev.save_samples, n)
+    png_each = math.ceil(pixels / _BLOCK) * _BLOCK
     own = float(run.est_flops)  # its sampling, and its uncached reference when it samples it
-    reference = float(extra_reference_flops)
-    timing = float(run.est_seconds) * plan.gflops_per_s * 1e9 - own  # timing repeats (main process)
-    extract_flops = _feature_flops(ev) * n
+    timing = max(float(run.est_seconds) * plan.gflops_per_s * 1e9 - own, 0.0)  # timing repeats (main process)
+    parallel = own + float(extra_reference_flops) + _feature_flops(ev) * n
     return RunResources(
         peak_ram_bytes=sum(parts.values()), ram_parts=parts, pngs=n_png, png_bytes=float(n_png * png_each),
-        feature_bytes=float(features), store_bytes=float(n * STORE_BYTES_PER_SAMPLE), reference_bytes=ref_bytes,
-        flops=own + reference + max(timing, 0.0) + extract_flops, parallel_flops=own + reference + extract_flops)
+        store_bytes=float(n * STORE_BYTES_PER_SAMPLE), spill_bytes=float(n * (per_image_features + BATCH_RECORD_BYTES)),
+        reference_spill_bytes=float(n * (pixels * 4 + per_image_features)), flops=parallel + timing,
+        parallel_flops=parallel)
+
+
+def _per_image_feature_bytes(ev) -> int:
+    """float64 features and logits of one image (the spills and the reference set keep both)."""
+    if not _extracts(ev):
+        return 0
+    return (_feature_dim(ev.feature_extractor) + EXTRACTOR_LOGITS.get(ev.feature_extractor, 0)) * 8
 
 
 def _extracts(ev) -> bool:
@@ -369,46 +378,56 @@ def _feature_flops(ev) -> float:
     return EFFICIENTNET_LITE0_FLOPS_224 * (ev.feature_image_size / 224) ** 2 if _extracts(ev) else 0.0
 
 
-def plan_resources(plan: Plan, reference_source: str = REFERENCE_SOURCE) -> PlanResources:
-    """Every run's peak RAM, disk and compute, and the plan's totals (fine-tune checkpoints,
-    reference features).
+def plan_resources(plan: Plan, reference_mode: str = REFERENCE_MODES[0]) -> PlanResources:
+    """Every run's peak RAM, disk and compute, and the plan's totals: fine-tune checkpoints, the
+    reference set's features, and the largest transient spill at any point of the runner's order.
 
     Args:
-        reference_source: where a cached run's uncached reference comes from when no uncached run
-            of the same weights × seed × setting provides it: ``"resample"`` — every such cached
-            run samples it in its own loop (no disk; the plan's compute counts it once per key,
-            this adds the others) — or ``"spill"`` — the first run of the key writes it to disk
-            as float32 pixels and the later ones read it back.
+        reference_mode: how cached runs get their uncached reference (:data:`REFERENCE_MODES`):
+            ``spill`` — the first run of a reference key writes its batches when a cached run of
+            the key follows, the later ones read them back, the last one removes them (the plan's
+            compute counts each reference once); ``sample`` — every cached run samples its own
+            (no spill; this adds the uncached sampling of every cached run the plan did not
+            charge with it).
     """
-    if reference_source not in ("resample", "spill"):
-        raise ValueError(f"reference_source = {reference_source!r}: expected resample or spill")
+    if reference_mode not in REFERENCE_MODES:
+        raise ValueError(f"reference mode {reference_mode!r} is not one of {REFERENCE_MODES}")
     shapes: dict[str, _Shapes] = {}
-    by_key: dict[tuple, list[PlannedRun]] = {}
-    for r in sorted(plan.runs, key=lambda r: r.sampler.cached):  # the runner's order: uncached runs first
-        by_key.setdefault(reference_key(r), []).append(r)
     runs: dict[str, RunResources] = {}
-    for key_runs in by_key.values():
-        shared = len(key_runs) > 1 and any(r.sampler.cached for r in key_runs)
-        own_reference = not key_runs[0].sampler.cached
-        for i, r in enumerate(key_runs):
-            model = r.variation.model
-            if model not in shapes:
-                shapes[model] = _model_shapes(plan, model)
-            extra = 0.0
-            if reference_source == "resample" and not own_reference and i > 0:
-                extra = uncached_flops(r)  # sampled again in this run's loop
-            runs[r.run_id] = run_resources(plan, r, shapes[model], extra_reference_flops=extra,
-                                           reference_spilled=reference_source == "spill" and shared and i == 0)
-    runs = {r.run_id: runs[r.run_id] for r in plan.runs}
+    for r in plan.runs:
+        if r.variation.model not in shapes:
+            shapes[r.variation.model] = _model_shapes(plan, r.variation.model)
+        extra = uncached_flops(r) if reference_mode == "sample" and r.sampler.cached and not r.reference_flops else 0.0
+        runs[r.run_id] = run_resources(plan, r, shapes[r.variation.model], extra_reference_flops=extra)
+    transient, spills = _transient_peak(plan, runs, reference_mode)
     ev = plan.experiment.evaluation
-    ref_features = ev.n_reference * (_feature_dim(ev.feature_extractor) + EXTRACTOR_LOGITS.get(
-        ev.feature_extractor, 0)) * 8 if _extracts(ev) else 0.0  # results/reference/*.npz
     ft_disk = 0.0
     for f in plan.finetunes.values():
         params = (shapes.get(f.model) or _model_shapes(plan, f.model)).params
         per_param = 4 + 8 + (4 if f.ema_decay else 0)  # fp32 weights, AdamW's two moments, EMA
         ft_disk += params * (KEPT_CHECKPOINTS * per_param + 4)  # + the final UNet
-    return PlanResources(plan, runs, ft_disk, float(ref_features), [f"uncached references: {reference_source}"])
+    return PlanResources(plan, runs, ft_disk, float(int(ev.n_reference) * _per_image_feature_bytes(ev)),
+                         reference_mode, transient, spills)
+
+
+def _transient_peak(plan: Plan, runs: dict[str, RunResources], mode: str) -> tuple[float, float]:
+    """The largest (run's batch folder + live reference spills) and the largest live reference
+    spills over the runner's order (per model, uncached runs first): a key's spill lives from its
+    first run, when a cached run of the key follows, to the last run of the key."""
+    order = sorted(plan.runs, key=lambda r: (list(plan.experiment.models).index(r.variation.model), r.sampler.cached))
+    last = {reference_key(r): i for i, r in enumerate(order)}
+    live: dict[tuple, float] = {}
+    peak = peak_spills = 0.0
+    for i, r in enumerate(order):
+        key = reference_key(r)
+        if mode == "spill" and key not in live and any(reference_key(x) == key and x.sampler.cached
+                                                       for x in order[i + 1:]):
+            live[key] = runs[r.run_id].reference_spill_bytes
+        peak_spills = max(peak_spills, sum(live.values()))
+        peak = max(peak, runs[r.run_id].spill_bytes + sum(live.values()))
+        if last[key] == i:
+            live.pop(key, None)
+    return peak, peak_spills
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,8 +456,9 @@ def format_projection(rows: list[Projection]) -> str:
     return "\n".join(lines)
 
 
-def format_resources(res: PlanResources) -> list[str]:
-    """The plan's lines on memory and disk: the peak per process and where it comes from, disk by kind."""
+def format_resources(res: PlanResources, other: PlanResources | None = None) -> list[str]:
+    """The plan's lines on memory and disk: the peak per process and where it comes from, disk by
+    kind; with ``other`` (the plan under the other reference mode) what that choice would cost."""
     plan = res.plan
     ev = plan.experiment.evaluation
     peak = max(res.runs.values(), key=lambda r: r.peak_ram_bytes, default=None)
@@ -450,15 +470,31 @@ def format_resources(res: PlanResources) -> list[str]:
                      "batch are GPU memory)")
     pngs = sum(r.pngs for r in res.runs.values())
     kinds = {"PNGs": sum(r.png_bytes for r in res.runs.values()),
-             "features": sum(r.feature_bytes for r in res.runs.values()),
              "store rows": sum(r.store_bytes for r in res.runs.values()),
-             "spilled references": sum(r.reference_bytes for r in res.runs.values()),
              "reference features": res.reference_feature_bytes,
-             "fine-tune checkpoints": res.finetune_disk_bytes}
+             "fine-tune checkpoints": res.finetune_disk_bytes,
+             "transient spills at their peak": res.transient_peak_bytes}
     shown = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in kinds.items() if v)
     lines.append(f"disk ≈ {fmt_bytes(res.total_disk_bytes)} ({shown}; save_samples = {ev.save_samples!r}: "
-                 f"{pngs:,} PNGs; {res.notes[0]})")
+                 f"{pngs:,} PNGs)")
+    if other is not None:
+        by = {r.reference_mode: r for r in (res, other)}
+        spill, sample = by["spill"], by["sample"]
+        extra = sample.total_flops - spill.total_flops
+        lines.append(f"uncached references (--reference, {res.reference_mode} above): spill holds up to "
+                     f"{fmt_bytes(spill.reference_spill_peak_bytes)} of float32 batches on disk at once; sample "
+                     f"holds none and samples {_fmt_flops(extra)} more "
+                     f"(+{extra / max(spill.total_flops, 1.0):.0%} of the runs' and fine-tunes' compute"
+                     + ("" if plan.experiment.embedded else
+                        f", {extra / (ASSUMED_GPU_TFLOPS * 1e12 * 3600):,.0f} A100-class GPU-hours") + ")")
     return lines
+
+
+def _fmt_flops(x: float) -> str:
+    for unit, scale in (("EFLOP", 1e18), ("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)):
+        if x >= scale:
+            return f"{x / scale:.1f} {unit}"
+    return f"{x / 1e6:.1f} MFLOP"
 
 
 def _available_ram() -> float | None:
@@ -503,7 +539,10 @@ def machine_problems(res: PlanResources, store_folder: Path, *, done: set[str] =
     disk = res.disk_of(todo)
     free = free_disk if free_disk is not None else _free_disk(store_folder)
     if disk > free:
-        out.append(f"disk: the {len(todo)} run(s) to do write ≈ {fmt_bytes(disk)} under {store_folder}, which has "
-                   f"{fmt_bytes(free)} free; keep fewer PNGs with evaluation.save_samples (they are "
-                   f"{fmt_bytes(sum(res.runs[i].png_bytes for i in todo))}), free space, or point --store elsewhere")
+        spill = (f", --reference sample spills no reference batches ({fmt_bytes(res.reference_spill_peak_bytes)})"
+                 if res.reference_spill_peak_bytes else "")
+        out.append(f"disk: the {len(todo)} run(s) to do need ≈ {fmt_bytes(disk)} under {store_folder}, which has "
+                   f"{fmt_bytes(free)} free; evaluation.save_samples = \"none\" or a count keeps fewer PNGs (they are "
+                   f"{fmt_bytes(sum(res.runs[i].png_bytes for i in todo))}){spill}; or free space, or point --store "
+                   "elsewhere")
     return out
