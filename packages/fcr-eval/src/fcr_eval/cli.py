@@ -217,9 +217,14 @@ def _run(args) -> int:
 
 def _check_resources(exp, args) -> None:
     """Refuse before any work when this machine cannot hold the runs still to do (RAM per process ×
-    processes on this node, free disk at the store's folder)."""
+    processes on this node, free disk at the store's folder). A model that is not here is the
+    first thing to fix: the runner names it before this check matters."""
     from fcr_eval.plan.planner import make_plan
     from fcr_eval.plan.resources import machine_problems, plan_resources
+    from fcr_eval.plan.validation import model_problems
+
+    if model_problems(exp):
+        return
 
     plan = make_plan(exp, results_dir=Path(args.store).parent, calibrate=False)
     gpu = args.device not in (None, "cpu") or (args.device is None and _cuda_available())
