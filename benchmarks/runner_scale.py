@@ -26,7 +26,9 @@ reference from the same x_T: the paired metrics and both image sets are in play)
   the stand-in Inception network (2048-d, clean-fid's protocol) and FID / KID / precision-recall
   against 32 real images, at n = ``--sd-counts`` (32 and 256).
 
-Prints a table with the ratios that matter (peak RSS at the largest n over the smallest: the
+A thread of the parent also polls the child's ``RssAnon`` (its own memory) and ``RssFile`` (mapped
+files: libraries and memory-mapped spills, pages the kernel may drop) every 0.5 s, so a peak says
+which it is. Prints a table with the ratios that matter (peak RSS at the largest n over the smallest: the
 streaming runner's target is ≤ 1.25), and writes ``results.json`` and ``results.md`` to ``--out``
 (a new folder: a folder that already holds results is refused, since the runner would resume
 from them instead of measuring). One torch thread per child (``--threads``), ``nice`` is up to you.
@@ -216,6 +218,36 @@ def child(toml: str, store: str, threads: int, out: str) -> int:
     return 0 if outcome.ok else 1
 
 
+class _RssParts:
+    """Polls a process's ``RssAnon`` (its own memory) and ``RssFile`` (mapped files: libraries,
+    memory-mapped spills; the kernel can drop clean ones) every 0.5 s: which part a peak is."""
+
+    def __init__(self, pid: int) -> None:
+        import threading
+
+        self.pid, self.max = pid, {"RssAnon": 0, "RssFile": 0}
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._done.wait(0.5):
+            try:
+                for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                    key = line.split(":")[0]
+                    if key in self.max:
+                        self.max[key] = max(self.max[key], int(line.split()[1]))
+            except (OSError, ValueError, IndexError):
+                return
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def peaks(self) -> dict:
+        return {"peak_anon_mb": self.max["RssAnon"] / 1024, "peak_file_mb": self.max["RssFile"] / 1024}
+
+
 def _du_bytes(path: Path) -> int:
     """Bytes on disk (allocated blocks, as ``du``) under ``path``."""
     return sum(f.stat().st_blocks * 512 for f in path.rglob("*") if f.is_file())
@@ -232,7 +264,9 @@ def measure(case: str, n: int, toml_text: str, folder: Path, threads: int) -> di
     with open(folder / "child.log", "w") as log:
         proc = subprocess.Popen([sys.executable, __file__, "--child", str(toml), str(store), str(threads),
                                  str(child_out)], stdout=log, stderr=subprocess.STDOUT, env=env)
+        parts = _RssParts(proc.pid)
         _, status, usage = os.wait4(proc.pid, 0)
+        parts.stop()
     wall = time.perf_counter() - t0
     code = os.waitstatus_to_exitcode(status)
     if code != 0 or not child_out.is_file():
@@ -240,7 +274,7 @@ def measure(case: str, n: int, toml_text: str, folder: Path, threads: int) -> di
         raise RuntimeError(f"{case} n={n} failed (exit {code}); log {folder / 'child.log'}:\n" + "\n".join(tail))
     got = json.loads(child_out.read_text())
     planned = _planned(toml, store)
-    return {"case": case, "n": n, "wall_s": wall, **got, "max_rss_mb": usage.ru_maxrss / 1024,
+    return {"case": case, "n": n, "wall_s": wall, **got, "max_rss_mb": usage.ru_maxrss / 1024, **parts.peaks(),
             "store_mb": store.stat().st_size / 2**20, "disk_mb": _du_bytes(folder) / 2**20,
             "pngs": sum(1 for _ in folder.rglob("*.png")), **planned}
 
@@ -279,13 +313,14 @@ def _machine() -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| case | n | wall s | peak RSS runner MB | peak RSS run+report MB | planned RAM MB | store MB | "
-             "disk MB | planned disk MB | PNGs |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| case | n | wall s | peak RSS runner MB | peak RSS run+report MB | of it anon / file MB | planned RAM MB | "
+             "store MB | disk MB | planned disk MB | PNGs |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         plan_ram = f"{r['planned_ram_mb']:.0f}" if "planned_ram_mb" in r else "-"
         plan_disk = f"{r['planned_disk_mb']:.1f}" if "planned_disk_mb" in r else "-"
+        parts = f"{r['peak_anon_mb']:.0f} / {r['peak_file_mb']:.0f}" if "peak_anon_mb" in r else "-"
         lines.append(f"| {r['case']} | {r['n']:,} | {r['wall_s']:.0f} | {r['runner_peak_mb']:.0f} | "
-                     f"{r['with_report_peak_mb']:.0f} | {plan_ram} | {r['store_mb']:.1f} | {r['disk_mb']:.1f} | "
+                     f"{r['with_report_peak_mb']:.0f} | {parts} | {plan_ram} | {r['store_mb']:.1f} | {r['disk_mb']:.1f} | "
                      f"{plan_disk} | {r['pngs']:,} |")
     return "\n".join(lines)
 
