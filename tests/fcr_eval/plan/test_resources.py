@@ -62,6 +62,9 @@ def test_the_reference_set_and_feature_dimension_enter_the_metric_state():
     parts = next(iter(base.runs.values())).ram_parts
     assert next(iter(more.runs.values())).ram_parts["metric state"] > parts["metric state"]
     assert parts["networks"] > 4 * 859e6  # the SD UNet alone in float32
+    # 15 fine-tunes keep 2 checkpoints of the UNet (fp32 weights + AdamW's moments) and the final UNet
+    assert len(base.plan.finetunes) == 15
+    assert base.finetune_disk_bytes == pytest.approx(15 * 859.52e6 * (2 * 12 + 4))
 
 
 def test_disk_follows_save_samples():

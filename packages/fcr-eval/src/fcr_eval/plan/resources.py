@@ -69,6 +69,7 @@ SD_VAE_CHANNELS = (128, 256, 512, 512)
 #: The embedded families' networks: pixel UNet (1.34M) + all-MiniLM-L6 text encoder (22.7M) +
 #: EfficientNet-Lite0 (4.65M) + the shipped class classifier.
 EMBEDDED_NETWORK_PARAMS = 29.0e6
+EMBEDDED_UNET_PARAMS = 1.34e6
 #: Feature extractors and CLIP (parameters), when a metric needs them.
 EXTRACTOR_PARAMS = {"inception": 23.9e6, "efficientnet_lite0": 4.65e6}
 CLIP_PARAMS = 427.6e6  # CLIP ViT-L/14, CLIPScore and CLIP drift
@@ -234,12 +235,14 @@ def _json(path: Path) -> dict | None:
 @dataclass(frozen=True)
 class _Shapes:
     """What the RAM model reads about a model family: its networks' parameters, the UNet config,
-    the VAE's decoder channels (``None``: pixel space) and the image channels."""
+    the VAE's decoder channels (``None``: pixel space), the image channels and the UNet's
+    parameters (what a fine-tune's checkpoints hold)."""
 
     params: float
     unet_cfg: dict
     vae_channels: tuple[int, ...] | None
     image_channels: int
+    unet_params: float
 
 
 def _model_shapes(plan: Plan, model_id: str) -> _Shapes:
@@ -256,13 +259,14 @@ def _model_shapes(plan: Plan, model_id: str) -> _Shapes:
         )
 
         cfg = TINY_EMOJI_UNET_CONFIG if spec.source == "emoji-tiny" else EMOJI_UNET_CONFIG
-        return _Shapes(EMBEDDED_NETWORK_PARAMS, dict(cfg), tuple(EMOJI_VAE_CONFIG["block_out_channels"]), 3)
+        return _Shapes(EMBEDDED_NETWORK_PARAMS, dict(cfg), tuple(EMOJI_VAE_CONFIG["block_out_channels"]), 3,
+                       EMBEDDED_UNET_PARAMS)
     if spec.embedded:
         from fcr_train.api import TINY_EMBEDDED_UNET_CONFIG
         from fcr_train.embedded import EMBEDDED_UNET_CONFIG
 
         cfg = TINY_EMBEDDED_UNET_CONFIG if spec.source == "embedded-tiny" else EMBEDDED_UNET_CONFIG
-        return _Shapes(EMBEDDED_NETWORK_PARAMS, dict(cfg), None, int(cfg.get("out_channels", 1)))
+        return _Shapes(EMBEDDED_NETWORK_PARAMS, dict(cfg), None, int(cfg.get("out_channels", 1)), EMBEDDED_UNET_PARAMS)
     folder = Path(MODEL_IDS.get(spec.source, spec.source)).expanduser()
     arch = unet_config_for(spec.source)
     unet_cfg = arch[0] if arch else {"block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
@@ -273,7 +277,7 @@ def _model_shapes(plan: Plan, model_id: str) -> _Shapes:
     params = sum(counted.get(p) or known[p] for p in ("unet", "vae", "text_encoder"))
     vae_cfg = _json(folder / "vae" / "config.json") if folder.is_dir() else None
     vae = tuple(vae_cfg["block_out_channels"]) if vae_cfg and "block_out_channels" in vae_cfg else SD_VAE_CHANNELS
-    return _Shapes(params, dict(unet_cfg), vae, 3)
+    return _Shapes(params, dict(unet_cfg), vae, 3, counted.get("unet") or known["unet"])
 
 
 def unet_activation_elements(cfg: dict, side: int) -> float:
@@ -403,7 +407,7 @@ def plan_resources(plan: Plan, reference_mode: str = REFERENCE_MODES[0]) -> Plan
     ev = plan.experiment.evaluation
     ft_disk = 0.0
     for f in plan.finetunes.values():
-        params = (shapes.get(f.model) or _model_shapes(plan, f.model)).params
+        params = (shapes.get(f.model) or _model_shapes(plan, f.model)).unet_params
         per_param = 4 + 8 + (4 if f.ema_decay else 0)  # fp32 weights, AdamW's two moments, EMA
         ft_disk += params * (KEPT_CHECKPOINTS * per_param + 4)  # + the final UNet
     return PlanResources(plan, runs, ft_disk, float(int(ev.n_reference) * _per_image_feature_bytes(ev)),
