@@ -229,11 +229,25 @@ def _check_resources(exp, args) -> None:
     plan = make_plan(exp, results_dir=Path(args.store).parent, calibrate=False)
     gpu = args.device not in (None, "cpu") or (args.device is None and _cuda_available())
     problems = machine_problems(plan_resources(plan, args.reference), Path(args.store).parent,
-                                done=_finished(args.store, exp.id),
+                                done=_finished_now(args.store, exp.id),
                                 processes=_processes_on_this_node(), gpu=gpu)
     if problems:
         raise UserError(f"experiment {exp.id}: this machine cannot hold it — {'; '.join(problems)}. Nothing has been "
                         "run (--no-resource-check runs anyway)")
+
+
+def _finished_now(store: str, experiment_id: str) -> set[str]:
+    """The runs already stored, for the resource check: none when the store cannot be read at
+    once (another runner writing it, an older schema) — every run then counts as still to do."""
+    if not Path(store).is_file():
+        return set()
+    from fcr_eval.store import ResultsStore
+    from fcr_eval.store.db import StoreError
+
+    try:
+        return ResultsStore.open_readonly(store, lock_timeout=1.0).finished_run_ids(experiment_id)
+    except StoreError:
+        return set()
 
 
 def _cuda_available() -> bool:
