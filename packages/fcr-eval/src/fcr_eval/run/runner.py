@@ -8,18 +8,21 @@
    loaded and every local file it needs is there (:mod:`fcr_eval.plan.validation`) before any work;
    the model family (embedded default or Stable Diffusion) is a :mod:`fcr_eval.run.contexts` context;
 2. fine-tunes once per distinct fine-tune (:mod:`fcr_eval.run.finetuning`);
-3. per run (:func:`execute_run`): samples with the run's sampler and scheduler under its
-   robustness stress (:mod:`fcr_eval.run.sampling`), evaluates the samples
-   (:mod:`fcr_eval.run.evaluation`), measures cost, σ²_Δ for the weights, the fine-tune compute;
+3. per run (:func:`execute_run`), batch by batch (:mod:`fcr_eval.run.batches`): x_T rows from the
+   seed's stream (:mod:`fcr_eval.run.noise`), samples with the run's sampler and scheduler under
+   its robustness stress (:mod:`fcr_eval.run.sampling`), pairs them with the uncached reference
+   batch, evaluates them (:mod:`fcr_eval.run.evaluation`), writes their PNGs, spills their
+   features and makes the batch durable, dropping its pixels; then measures cost, σ²_Δ for the
+   weights, the fine-tune compute, and the set-level metrics from the spills;
 4. writes the run to the store in one transaction with its config, extractor, code version and
-   device. Finished runs are skipped, so an interrupted experiment resumes where it stopped;
+   device. Finished runs are skipped and a killed run resumes at its first unfinished batch;
    a run killed midway leaves only files in its own folder, never rows. A run that raises is
    recorded as failed (its traceback in ``<run folder>/error.txt``), the others go on, and the
    :class:`Outcome` is not ``ok``.
 
-Under ``accelerate launch`` / ``torchrun`` every process samples and evaluates its shard of each
-run's prompts (:mod:`fcr_eval.run.distributed`); the main process gathers, measures cost on its own
-device and is the only one that writes the store.
+Under ``accelerate launch`` / ``torchrun`` each run's batches are spread over the processes
+(:mod:`fcr_eval.run.distributed`); the main process measures cost on its own device, computes the
+metrics from every batch and is the only one that writes the store.
 
 It reports nothing: ``fcr-eval run`` prints the report (:mod:`fcr_eval.report.report`) from the
 store when the runs are done.
