@@ -178,11 +178,11 @@ def execute_run(ctx: RunContext, run: PlannedRun, exp: Experiment, store: Result
     _feature_variance(ctx, st, caches, procs)
     root = store.root if isinstance(store, ResultsStore) else Path(store).resolve()
     _sample_batches(ctx, st, root, procs, progress)
-    _measure_cost(ctx, st, procs)
-    _attribute(ctx, st, procs, progress)
-    procs.barrier()  # every batch is on disk
+    procs.barrier()  # every batch is on disk (an FGSM run's attribution reads the attacked x_T from them)
     if not procs.is_main:
         return None
+    _measure_cost(ctx, st, procs)
+    _attribute(ctx, st, procs, progress)
     return _run_result(ctx, st, ft, procs, started)
 
 
@@ -352,8 +352,7 @@ def _attribute(ctx: RunContext, st: _RunState, procs: Processes, progress: bool)
     k = run.attribution_samples
     x_T = st.noise.rows(0, k)
     if run.robustness.kind == "fgsm_latent":  # the attacked rows, from the batches that hold them
-        procs_done = [st.files.read(b) for b in range(st.grid.count) if st.grid.bounds(b).start < k]
-        x_T = torch.cat([r["x_T"] for r in procs_done])
+        x_T = torch.cat([st.files.read(b)["x_T"] for b in range(st.grid.count) if st.grid.bounds(b).start < k])
     cond, null = ctx.encode(st.prompts, slice(0, k))
     t0 = time.perf_counter()
     res = attribute_cache_error(
