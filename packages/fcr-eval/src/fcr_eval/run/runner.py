@@ -48,7 +48,7 @@ from fcr_eval.run.batches import BatchGrid, ReferencePlan, ReferenceSpill, RunBa
 from fcr_eval.run.contexts import Prompts, RunContext, make_context
 from fcr_eval.run.distributed import Processes
 from fcr_eval.run.evaluation import (
-    evaluate_shard,
+    evaluate_batch,
     merge_batches,
     quality_metric_names,
     run_metrics,
@@ -288,7 +288,7 @@ def _one_batch(ctx: RunContext, st: _RunState, k: int, root: Path, procs: Proces
     finally:
         remove_sampler(st.unet, run.sampler)
     reference, ref_features = _reference_batch(ctx, st, k, rows, x_T, images)
-    values = evaluate_shard(ctx, run, st.prompts, images, rows, reference, ref_features)
+    values = evaluate_batch(ctx, run, st.prompts, images, rows, reference, ref_features)
     if st.spill_reference and not st.reference.has(k):
         st.reference.write(k, reference.numpy(), ref_features if ref_features is not None else values.get("features"))
     saved = range(rows.start, min(rows.stop, run.save_samples))
@@ -310,7 +310,7 @@ def _reference_batch(ctx: RunContext, st: _RunState, k: int, rows: range, x_T: t
     run of this experiment wrote (exact float32), else sampled here (no cache is attached now)."""
     run = st.run
     if not run.sampler.cached:
-        return images, None  # evaluate_shard takes the run's own features as the reference's
+        return images, None  # evaluate_batch takes the run's own features as the reference's
     if st.reference is not None and st.reference.has(k):
         ref, feats = st.reference.read(k)
         return torch.from_numpy(np.array(ref)), (np.array(feats) if feats is not None else None)
