@@ -43,3 +43,23 @@ def test_dtype_and_bounds():
     assert torch.equal(noise.rows(2, 5), _whole(6, (2, 4, 4), 0)[2:5].to(torch.float16))
     with pytest.raises(ValueError, match="outside the run's 6 samples"):
         noise.rows(4, 7)
+
+
+@pytest.mark.parametrize("family", ["embedded", "emoji", "sd-float16"])
+def test_every_context_streams_its_own_initial_noise(family):
+    """The runner takes a run's x_T by batch from ``ctx.noise_stream``: for each model family it
+    must be the rows of that context's own ``initial_noise`` (the x_T every stored number used)."""
+    from fcr_eval.run.contexts import EmbeddedContext, EmojiContext, StableDiffusionContext
+
+    if family == "embedded":
+        ctx, res = object.__new__(EmbeddedContext), 28
+    elif family == "emoji":
+        ctx, res = object.__new__(EmojiContext), 32
+        ctx.vae_scale, ctx.unet_config = 4, {"in_channels": 3}
+    else:
+        ctx, res = object.__new__(StableDiffusionContext), 40
+        ctx.vae_scale, ctx.latent_channels, ctx.dtype = 8, 4, torch.float16
+    whole = ctx.initial_noise(13, res, 7)
+    stream = ctx.noise_stream(13, res, 7)
+    got = torch.cat([stream.rows(a, min(a + 5, 13)) for a in range(0, 13, 5)])
+    assert got.dtype == whole.dtype and torch.equal(got, whole)

@@ -17,7 +17,7 @@ from fcr_eval.spec.experiment import Experiment
 from fcr_eval.spec.names import safe_child
 from fcr_eval.store import MetricRecord, PerPromptScore, SampleMetrics, SampleRecord
 
-__all__ = ["QUALITY_METRICS", "quality_metric_names", "evaluate_shard", "alignment_metrics", "merge_batches",
+__all__ = ["QUALITY_METRICS", "quality_metric_names", "evaluate_batch", "alignment_metrics", "merge_batches",
            "run_metrics", "sample_metrics", "save_samples", "shard_prompts", "PER_SAMPLE"]
 
 #: Set-level quality metrics computed from extracted features (the Fréchet distance is "fd"; an
@@ -34,7 +34,7 @@ def quality_metric_names(metrics) -> tuple[str, ...]:
 
 
 def shard_prompts(prompts: Prompts, idx: range) -> Prompts:
-    """The prompts of one shard of a run."""
+    """The prompts of one batch of a run."""
     sl = slice(idx.start, idx.stop)
     return dataclasses.replace(prompts, texts=prompts.texts[sl], ids=prompts.ids[sl],
                                labels=prompts.labels[sl] if prompts.labels is not None else None,
@@ -65,11 +65,11 @@ def save_samples(root: Path, exp: Experiment, run: PlannedRun, prompts: Prompts,
     return out
 
 
-def evaluate_shard(ctx: RunContext, run: PlannedRun, prompts: Prompts, images: torch.Tensor, mine: range,
+def evaluate_batch(ctx: RunContext, run: PlannedRun, prompts: Prompts, images: torch.Tensor, mine: range,
                    reference: torch.Tensor, reference_features=None) -> dict:
-    """Per-image values of this process's shard ``mine``: quality features and logits, the
+    """Per-image values of one batch, the samples ``mine`` of the run: quality features and logits, the
     prompted class's correctness and log-probability, CLIPScores, and the paired values against
-    ``reference`` — the same weights' uncached samples of the shard from the same x_T and prompts
+    ``reference`` — the same weights' uncached samples of the batch from the same x_T and prompts
     (an uncached run passes its own images): cache error (pixel MSE, PSNR, distance in the quality
     extractor's space given ``reference_features``) and, for cached runs, CLIP drift of the first
     ``clip_drift_samples``."""
@@ -106,12 +106,12 @@ def evaluate_shard(ctx: RunContext, run: PlannedRun, prompts: Prompts, images: t
     return out
 
 
-#: Key prefix of the per-sample arrays a shard hands back for ``sample_metrics``.
+#: Key prefix of the per-sample arrays a batch hands back for ``sample_metrics``.
 PER_SAMPLE = "per_sample:"
 
 
 def clip_drift_range(run: PlannedRun, mine: range, clip_drift_samples: int) -> range:
-    """The images of shard ``mine`` that CLIP drift compares: the run's first ``clip_drift_samples``."""
+    """The images of batch ``mine`` that CLIP drift compares: the run's first ``clip_drift_samples``."""
     k = min(run.n_samples, int(clip_drift_samples))
     return range(mine.start, min(mine.stop, k))
 

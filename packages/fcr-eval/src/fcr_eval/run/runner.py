@@ -8,18 +8,21 @@
    loaded and every local file it needs is there (:mod:`fcr_eval.plan.validation`) before any work;
    the model family (embedded default or Stable Diffusion) is a :mod:`fcr_eval.run.contexts` context;
 2. fine-tunes once per distinct fine-tune (:mod:`fcr_eval.run.finetuning`);
-3. per run (:func:`execute_run`): samples with the run's sampler and scheduler under its
-   robustness stress (:mod:`fcr_eval.run.sampling`), evaluates the samples
-   (:mod:`fcr_eval.run.evaluation`), measures cost, σ²_Δ for the weights, the fine-tune compute;
+3. per run (:func:`execute_run`), batch by batch (:mod:`fcr_eval.run.batches`): x_T rows from the
+   seed's stream (:mod:`fcr_eval.run.noise`), samples with the run's sampler and scheduler under
+   its robustness stress (:mod:`fcr_eval.run.sampling`), pairs them with the uncached reference
+   batch, evaluates them (:mod:`fcr_eval.run.evaluation`), writes their PNGs, spills their
+   features and makes the batch durable, dropping its pixels; then measures cost, σ²_Δ for the
+   weights, the fine-tune compute, and the set-level metrics from the spills;
 4. writes the run to the store in one transaction with its config, extractor, code version and
-   device. Finished runs are skipped, so an interrupted experiment resumes where it stopped;
+   device. Finished runs are skipped and a killed run resumes at its first unfinished batch;
    a run killed midway leaves only files in its own folder, never rows. A run that raises is
    recorded as failed (its traceback in ``<run folder>/error.txt``), the others go on, and the
    :class:`Outcome` is not ``ok``.
 
-Under ``accelerate launch`` / ``torchrun`` every process samples and evaluates its shard of each
-run's prompts (:mod:`fcr_eval.run.distributed`); the main process gathers, measures cost on its own
-device and is the only one that writes the store.
+Under ``accelerate launch`` / ``torchrun`` each run's batches are spread over the processes
+(:mod:`fcr_eval.run.distributed`); the main process measures cost on its own device, computes the
+metrics from every batch and is the only one that writes the store.
 
 It reports nothing: ``fcr-eval run`` prints the report (:mod:`fcr_eval.report.report`) from the
 store when the runs are done.
@@ -45,7 +48,7 @@ from fcr_eval.run.batches import BatchGrid, ReferencePlan, ReferenceSpill, RunBa
 from fcr_eval.run.contexts import Prompts, RunContext, make_context
 from fcr_eval.run.distributed import Processes
 from fcr_eval.run.evaluation import (
-    evaluate_shard,
+    evaluate_batch,
     merge_batches,
     quality_metric_names,
     run_metrics,
@@ -175,11 +178,11 @@ def execute_run(ctx: RunContext, run: PlannedRun, exp: Experiment, store: Result
     _feature_variance(ctx, st, caches, procs)
     root = store.root if isinstance(store, ResultsStore) else Path(store).resolve()
     _sample_batches(ctx, st, root, procs, progress)
-    _measure_cost(ctx, st, procs)
-    _attribute(ctx, st, procs, progress)
-    procs.barrier()  # every batch is on disk
+    procs.barrier()  # every batch is on disk (an FGSM run's attribution reads the attacked x_T from them)
     if not procs.is_main:
         return None
+    _measure_cost(ctx, st, procs)
+    _attribute(ctx, st, procs, progress)
     return _run_result(ctx, st, ft, procs, started)
 
 
@@ -285,7 +288,7 @@ def _one_batch(ctx: RunContext, st: _RunState, k: int, root: Path, procs: Proces
     finally:
         remove_sampler(st.unet, run.sampler)
     reference, ref_features = _reference_batch(ctx, st, k, rows, x_T, images)
-    values = evaluate_shard(ctx, run, st.prompts, images, rows, reference, ref_features)
+    values = evaluate_batch(ctx, run, st.prompts, images, rows, reference, ref_features)
     if st.spill_reference and not st.reference.has(k):
         st.reference.write(k, reference.numpy(), ref_features if ref_features is not None else values.get("features"))
     saved = range(rows.start, min(rows.stop, run.save_samples))
@@ -307,7 +310,7 @@ def _reference_batch(ctx: RunContext, st: _RunState, k: int, rows: range, x_T: t
     run of this experiment wrote (exact float32), else sampled here (no cache is attached now)."""
     run = st.run
     if not run.sampler.cached:
-        return images, None  # evaluate_shard takes the run's own features as the reference's
+        return images, None  # evaluate_batch takes the run's own features as the reference's
     if st.reference is not None and st.reference.has(k):
         ref, feats = st.reference.read(k)
         return torch.from_numpy(np.array(ref)), (np.array(feats) if feats is not None else None)
@@ -349,8 +352,7 @@ def _attribute(ctx: RunContext, st: _RunState, procs: Processes, progress: bool)
     k = run.attribution_samples
     x_T = st.noise.rows(0, k)
     if run.robustness.kind == "fgsm_latent":  # the attacked rows, from the batches that hold them
-        procs_done = [st.files.read(b) for b in range(st.grid.count) if st.grid.bounds(b).start < k]
-        x_T = torch.cat([r["x_T"] for r in procs_done])
+        x_T = torch.cat([st.files.read(b)["x_T"] for b in range(st.grid.count) if st.grid.bounds(b).start < k])
     cond, null = ctx.encode(st.prompts, slice(0, k))
     t0 = time.perf_counter()
     res = attribute_cache_error(
