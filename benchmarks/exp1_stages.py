@@ -250,7 +250,7 @@ def instrument(clock: StageClock) -> None:
     clock.wrap(runner, "_reference_batch", "reference")
     clock.wrap(runner, "sample_rows", "sampling", inherit=("reference",))
     clock.wrap(FeatureExtractor, "extract", "features")
-    clock.wrap(runner, "evaluate_shard", "metrics")
+    clock.wrap(runner, "evaluate_batch", "metrics")
     clock.wrap(runner, "run_metrics", "metrics")
     clock.wrap(runner, "_feature_variance", "σ²_Δ")
     clock.wrap(runner, "_measure_cost", "cost")
