@@ -241,24 +241,43 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def instrument(clock: StageClock) -> None:
-    from fcr_eval.metrics.extractors import FeatureExtractor
-    from fcr_eval.run import runner
-    from fcr_eval.run.batches import ReferenceSpill, RunBatches
-    from fcr_eval.store import ResultsStore
+#: What is timed: (module, attribute — ``Class.method`` for a method —, stage, stages it inherits).
+TIMED = (
+    ("fcr_eval.run.runner", "_reference_batch", "reference", ()),
+    ("fcr_eval.run.runner", "sample_rows", "sampling", ("reference",)),
+    ("fcr_eval.metrics.extractors", "FeatureExtractor.extract", "features", ()),
+    ("fcr_eval.run.runner", "evaluate_batch", "metrics", ()),
+    ("fcr_eval.run.runner", "run_metrics", "metrics", ()),
+    ("fcr_eval.run.runner", "_feature_variance", "σ²_Δ", ()),
+    ("fcr_eval.run.runner", "_measure_cost", "cost", ()),
+    ("fcr_eval.run.runner", "save_samples", "PNGs", ()),
+    ("fcr_eval.run.batches", "RunBatches.write", "batch files", ()),
+    ("fcr_eval.run.batches", "RunBatches.spill", "batch files", ()),
+    ("fcr_eval.run.batches", "ReferenceSpill.write", "batch files", ()),
+    ("fcr_eval.run.batches", "ReferenceSpill.read", "batch files", ()),
+    ("fcr_eval.store", "ResultsStore.write_run", "store", ()),
+)
 
-    clock.wrap(runner, "_reference_batch", "reference")
-    clock.wrap(runner, "sample_rows", "sampling", inherit=("reference",))
-    clock.wrap(FeatureExtractor, "extract", "features")
-    clock.wrap(runner, "evaluate_batch", "metrics")
-    clock.wrap(runner, "run_metrics", "metrics")
-    clock.wrap(runner, "_feature_variance", "σ²_Δ")
-    clock.wrap(runner, "_measure_cost", "cost")
-    clock.wrap(runner, "save_samples", "PNGs")
-    for cls, attr in ((RunBatches, "write"), (RunBatches, "spill"), (ReferenceSpill, "write"),
-                      (ReferenceSpill, "read")):
-        clock.wrap(cls, attr, "batch files")
-    clock.wrap(ResultsStore, "write_run", "store")
+
+def timed_targets() -> list[tuple[object, str, str, tuple[str, ...]]]:
+    """(owner, attribute, stage, inherit) of :data:`TIMED`; an AttributeError names a function the
+    runner no longer has."""
+    import importlib
+
+    out = []
+    for module, path, stage, inherit in TIMED:
+        owner = importlib.import_module(module)
+        *classes, attr = path.split(".")
+        for c in classes:
+            owner = getattr(owner, c)
+        getattr(owner, attr)
+        out.append((owner, attr, stage, inherit))
+    return out
+
+
+def instrument(clock: StageClock) -> None:
+    for owner, attr, stage, inherit in timed_targets():
+        clock.wrap(owner, attr, stage, inherit)
 
 
 # ---------------------------------------------------------------------------------------------

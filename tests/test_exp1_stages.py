@@ -62,6 +62,11 @@ def test_stage_times_are_exclusive_and_nested_calls_can_inherit(monkeypatch):
     assert s["sampling"] == pytest.approx(0.02, abs=0.015) and s["reference"] == pytest.approx(0.02, abs=0.015)
 
 
+def test_every_timed_function_is_in_the_runner():
+    targets = exp1_stages.timed_targets()  # raises AttributeError naming a renamed function
+    assert {stage for *_, stage, _ in targets} >= {"sampling", "reference", "features", "metrics", "store"}
+
+
 def test_bad_arguments_are_refused_before_any_work(tmp_path, capsys):
     assert exp1_stages.run(exp1_stages.main, ["--device", "cpu", "--out", str(tmp_path / "a")]) == 2
     assert "add --tiny" in capsys.readouterr().err and not (tmp_path / "a").exists()
