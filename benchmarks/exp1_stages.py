@@ -57,6 +57,7 @@ def _tokenizer(folder: Path, max_length: int):
     from fcr_sample.testing import write_tiny_clip_vocab
     from transformers import CLIPTokenizer
 
+    folder.mkdir(parents=True, exist_ok=True)
     write_tiny_clip_vocab(folder)
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
 
@@ -72,7 +73,7 @@ def write_sd_folder(folder: Path, tiny: bool, resolution: int) -> None:
         StableDiffusionPipeline(**tiny_sd_components(seed=0, sample_size=resolution // 2)).save_pretrained(folder)
         return
     torch.manual_seed(0)
-    tokenizer = _tokenizer(folder / "vocab", 77)
+    tokenizer = _tokenizer(folder.parent / "sd-vocab", 77)  # the pipeline saves its own copy
     text = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
         num_attention_heads=12, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
