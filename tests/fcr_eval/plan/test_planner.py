@@ -102,14 +102,14 @@ def test_prior_noise_alpha_runs_end_to_end_and_changes_the_samples(tmp_path):
 def test_a_failing_run_is_reported_and_makes_run_exit_non_zero(tmp_path, monkeypatch, capsys):
     import fcr_eval.run.runner as runner
 
-    real = runner._sample
+    real = runner._sample_batches
 
-    def flaky(ctx, st, procs, progress):
+    def flaky(ctx, st, root, procs, progress):
         if st.run.variation.id == "fd-2-prior":
             raise RuntimeError("simulated sampler failure")
-        return real(ctx, st, procs, progress)
+        return real(ctx, st, root, procs, progress)
 
-    monkeypatch.setattr(runner, "_sample", flaky)
+    monkeypatch.setattr(runner, "_sample_batches", flaky)
     path = _experiment_file(tmp_path, PRIOR_NOISE)
     store_path = tmp_path / "results" / "fcr.duckdb"
     rc = main(["run", str(path), "--store", str(store_path), "--no-plots", "--threads", "1", "--device", "cpu"])

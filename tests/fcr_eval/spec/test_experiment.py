@@ -243,3 +243,25 @@ def test_an_adaptive_variation_loads_plans_an_upper_bound_and_is_not_attributed(
     assert by_sampler["adaptive-deepcache"].sampler.forward_counts()["full_forwards"] == by_sampler[
         "adaptive-deepcache"].steps  # the plan's upper bound
     assert by_sampler["fd"].attribution_samples > 0
+
+
+ALL = 10**9
+
+
+@pytest.mark.parametrize("value,count", [('"all"', ALL), ('"none"', 0), ("4", 4), ("60", 60), ("true", ALL),
+                                         ("false", 0)])
+def test_save_samples_is_carried_as_a_count_and_moves_no_run_id(tmp_path, value, count):
+    """``evaluation.save_samples`` (all / none / first N) reaches every planned run as the number
+    of PNGs to write, and no run id moves with it: no metric reads the PNGs."""
+    base = make_plan(load_experiment(TINY), results_dir=tmp_path, calibrate=False)
+    text = GOOD.replace("[evaluation]\n", f"[evaluation]\nsave_samples = {value}\n", 1)
+    plan = make_plan(load_experiment(_write(tmp_path, text)), results_dir=tmp_path, calibrate=False)
+    assert {r.save_samples for r in plan.runs} == {min(count, r.n_samples) for r in plan.runs}
+    assert [r.run_id for r in plan.runs] == [r.run_id for r in base.runs]
+
+
+@pytest.mark.parametrize("value", ['"some"', "-1", "2.5"])
+def test_save_samples_refuses_what_it_cannot_mean(tmp_path, value):
+    text = GOOD.replace("[evaluation]\n", f"[evaluation]\nsave_samples = {value}\n", 1)
+    with pytest.raises(ExperimentFileError, match=r"evaluation.save_samples = .* use \"all\", \"none\" or a count"):
+        load_experiment(_write(tmp_path, text))

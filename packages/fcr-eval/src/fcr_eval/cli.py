@@ -2,6 +2,7 @@
 
     fcr-eval plan experiments/mini-exp-1.toml --profile quick          # runs, fine-tunes, compute
     fcr-eval plan experiments/*.toml --json                            # the design's output form
+    fcr-eval plan experiments/exp-1-main-ablation.toml --gpus 1,8,64   # + GPU-hours, wall, RAM, disk per GPU count
     fcr-eval run  experiments/mini-exp-1.toml --profile quick          # fine-tune, sample, evaluate, store
     fcr-eval report experiments/mini-exp-1.toml --profile quick        # table, criteria and plots from the store
 
@@ -43,6 +44,7 @@ USER_ERRORS = {
     "fcr_train.models:ModelNotAvailableError": EXIT_MODEL_NOT_AVAILABLE,
     "fcr_common.locking:LockHeldError": EXIT_USAGE,
     "fcr_train.checkpoints:CheckpointError": EXIT_USAGE,  # a fine-tune folder of other settings or torn
+    "fcr_eval.run.batches:ResumeMismatchError": EXIT_USAGE,  # a run folder of another run
 }
 
 
@@ -68,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true",
                    help="fail as `run` would when a model or local file it needs is not on this machine (by "
                         "default each is a warning in the plan; the plan itself never needs the network)")
+    p.add_argument("--gpus", type=_gpu_counts, default=None, metavar="N[,N...]",
+                   help="also project the plan on these GPU counts (GPU-hours, wall, RAM per process, disk); "
+                        "default 1,8,64 for a real model, none for the embedded one")
     # The default since plans became offline; kept so that older scripts still run.
     p.add_argument("--skip-checks", action="store_true", help=argparse.SUPPRESS)
 
@@ -80,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", type=float_in(0), default=0, metavar="SECONDS",
                    help="when another runner holds the store, wait up to this long for it (default: refuse at "
                         "once, naming it)")
+    p.add_argument("--reference", choices=("spill", "sample"), default="spill",
+                   help="cached runs' uncached reference batches: read back from the float spill the experiment's "
+                        "uncached run wrote (spill: disk, default) or sampled again in each cached run (sample: no "
+                        "disk, one more uncached sampling per cached run); the numbers are the same")
+    p.add_argument("--no-resource-check", action="store_true",
+                   help="run even when the plan says this machine lacks the RAM or free disk the runs need")
 
     p = sub.add_parser("report", help="summary table, criteria and plots from the store (no compute; opens the "
                                       "store read-only, plots go beside it)")
@@ -93,6 +104,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _gpu_counts(text: str) -> tuple[int, ...]:
+    """``--gpus 1,8,64`` → (1, 8, 64)."""
+    try:
+        counts = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of GPU counts >= 1; pass e.g. 1,8,64")
+    return counts
+
+
+def _processes_on_this_node() -> int:
+    """Processes `accelerate launch` / `torchrun` start on this node (1 when launched plainly)."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
 def _plan(args) -> int:
     from fcr_eval.plan.validation import check_inputs, check_store, model_problems
     from fcr_eval.spec.experiment import load_experiment
@@ -103,6 +133,7 @@ def _plan(args) -> int:
     # input is refused in a fraction of a second
     from fcr_eval.plan.output import format_plan, long_plan_line, plan_json
     from fcr_eval.plan.planner import make_plan
+    from fcr_eval.plan.resources import machine_problems, plan_resources
 
     results_dir = Path(args.store).parent
     gflops = None
@@ -134,7 +165,10 @@ def _plan(args) -> int:
         print(json.dumps(plan_json(plans), indent=2))
         return 0
     for e, plan in zip(exps, plans, strict=True):
-        print(format_plan(plan, _finished(args.store, e.id)))
+        done = _finished(args.store, e.id)
+        res = plan_resources(plan)
+        plan.warnings += [f"this machine: {w}" for w in machine_problems(res, Path(args.store).parent, done=done)]
+        print(format_plan(plan, done, resources=res, gpus=args.gpus))
         print()
     return 0
 
@@ -164,9 +198,12 @@ def _run(args) -> int:
         logger.warning("--threads %d is more than this machine's %d CPU(s); torch will oversubscribe them",
                        args.threads, os.cpu_count() or 1)
     check_device(args.device)
+    if not args.no_resource_check:
+        _check_resources(exp, args)
     from fcr_eval.run.runner import RunnerOptions, run_experiment
 
-    opts = RunnerOptions(store=Path(args.store), threads=args.threads, device=args.device, wait=args.wait)
+    opts = RunnerOptions(store=Path(args.store), threads=args.threads, device=args.device, wait=args.wait,
+                         reference=args.reference)
     outcome = run_experiment(exp, opts)
     if outcome.main:  # the process that wrote the store reports it, and keeps the verdicts
         from fcr_eval.report.report import report
@@ -181,6 +218,47 @@ def _run(args) -> int:
             print(f"  {f.variation_id} seed {f.seed} ({f.run_id}): {f.error}  [traceback: {f.run_dir}/error.txt]",
                   file=sys.stderr)
     return 0 if outcome.ok else 1
+
+
+def _check_resources(exp, args) -> None:
+    """Refuse before any work when this machine cannot hold the runs still to do (RAM per process ×
+    processes on this node, free disk at the store's folder). A model that is not here is the
+    first thing to fix: the runner names it before this check matters."""
+    from fcr_eval.plan.planner import make_plan
+    from fcr_eval.plan.resources import machine_problems, plan_resources
+    from fcr_eval.plan.validation import model_problems
+
+    if model_problems(exp):
+        return
+
+    plan = make_plan(exp, results_dir=Path(args.store).parent, calibrate=False)
+    gpu = args.device not in (None, "cpu") or (args.device is None and _cuda_available())
+    problems = machine_problems(plan_resources(plan, args.reference), Path(args.store).parent,
+                                done=_finished_now(args.store, exp.id),
+                                processes=_processes_on_this_node(), gpu=gpu)
+    if problems:
+        raise UserError(f"experiment {exp.id}: this machine cannot hold it — {'; '.join(problems)}. Nothing has been "
+                        "run (--no-resource-check runs anyway)")
+
+
+def _finished_now(store: str, experiment_id: str) -> set[str]:
+    """The runs already stored, for the resource check: none when the store cannot be read at
+    once (another runner writing it, an older schema) — every run then counts as still to do."""
+    if not Path(store).is_file():
+        return set()
+    from fcr_eval.store import ResultsStore
+    from fcr_eval.store.db import StoreError
+
+    try:
+        return ResultsStore.open_readonly(store, lock_timeout=1.0).finished_run_ids(experiment_id)
+    except StoreError:
+        return set()
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _keep_verdicts(experiment_id: str, store_path: Path, rep) -> None:

@@ -37,11 +37,13 @@ _EXTRA_VOCAB_CHARS = "/:;()&+\"#%*=_"
 
 
 def save_tiny_clip(folder: str | Path, *, seed: int = 0, image_size: int = 32,
-                   max_length: int = 64) -> Path:
+                   max_length: int = 64, patch_size: int = 8, projection_dim: int = 16,
+                   text_tower: dict | None = None, vision_tower: dict | None = None) -> Path:
     """Write a tiny random ``CLIPModel`` and its ``CLIPProcessor`` to ``folder`` and return it.
 
     Text and vision towers: hidden size 32, 2 layers, 4 heads; ViT patch 8 on ``image_size``²
-    inputs; 16-d projections. The tokenizer is a character-level ``CLIPTokenizer`` (lower-case
+    inputs; 16-d projections (``text_tower`` / ``vision_tower`` / ``patch_size`` /
+    ``projection_dim`` give other shapes: a speed benchmark builds CLIP ViT-L/14's). The tokenizer is a character-level ``CLIPTokenizer`` (lower-case
     letters, digits, common punctuation) with ``model_max_length = max_length``; the image
     processor is ``CLIPImageProcessor`` resizing and centre-cropping to ``image_size``. The
     folder has the layout of a hub CLIP checkpoint (``config.json``, ``model.safetensors``,
@@ -73,15 +75,15 @@ def save_tiny_clip(folder: str | Path, *, seed: int = 0, image_size: int = 32,
     tower = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
     config = CLIPConfig(
         text_config=dict(
-            **tower,
+            **(text_tower or tower),
             vocab_size=len(tokenizer),
             max_position_embeddings=max_length,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         ),
-        vision_config=dict(**tower, image_size=image_size, patch_size=8),
-        projection_dim=16,
+        vision_config=dict(**(vision_tower or tower), image_size=image_size, patch_size=patch_size),
+        projection_dim=projection_dim,
     )
     torch.manual_seed(seed)
     model = CLIPModel(config).eval()

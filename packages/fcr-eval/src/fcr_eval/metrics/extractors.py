@@ -30,6 +30,7 @@ from torch.nn import functional as F
 
 __all__ = [
     "feature_dim",
+    "EXTRACT_BATCH",
     "ExtractedFeatures",
     "FeatureExtractor",
     "EfficientNetLite0Extractor",
@@ -40,6 +41,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: Images per forward pass of :meth:`FeatureExtractor.extract` (float32 features depend on the
+#: batch a image is in by ~1e-6: callers that extract a set in pieces keep this grouping).
+EXTRACT_BATCH = 64
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -109,7 +114,8 @@ class FeatureExtractor(ABC):
         """uint8 RGB ``(B, 3, H, W)`` → ``(features (B, D), logits (B, C) or None)``."""
 
     @torch.no_grad()
-    def extract(self, images: torch.Tensor | Iterable[torch.Tensor], batch_size: int = 64) -> ExtractedFeatures:
+    def extract(self, images: torch.Tensor | Iterable[torch.Tensor], batch_size: int = EXTRACT_BATCH
+                ) -> ExtractedFeatures:
         """Features (and logits) of ``images``: one tensor or an iterable of batches.
 
         Example:

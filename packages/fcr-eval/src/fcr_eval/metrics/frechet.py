@@ -20,7 +20,8 @@ import logging
 import numpy as np
 from scipy import linalg
 
-__all__ = ["feature_matrix", "feature_statistics", "frechet_distance", "frechet_distance_from_features", "fd_estimable"]
+__all__ = ["feature_matrix", "feature_statistics", "streamed_statistics", "frechet_distance",
+           "frechet_distance_from_features", "fd_estimable"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,24 @@ def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
             "covariance of %d samples in %d dimensions is singular; the Fréchet distance is "
             "biased upwards and noisy — use more samples than feature dimensions", a.shape[0], a.shape[1])
     return a.mean(axis=0), np.cov(a, rowvar=False)
+
+
+def streamed_statistics(features) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`feature_statistics` of an ``(N, D)`` array-like read chunk by chunk (a run's
+    memory-mapped feature spill): running float64 moments, equal to the whole-array ones to
+    rounding (:class:`~fcr_eval.metrics.streaming.RunningMoments`).
+
+    Example:
+        >>> mu, sigma = streamed_statistics(np.load("features.npy", mmap_mode="r"))
+    """
+    from fcr_eval.metrics.streaming import RunningMoments, check_rows
+
+    check_rows(features, "features")
+    if features.shape[0] <= features.shape[1]:
+        logger.warning(
+            "covariance of %d samples in %d dimensions is singular; the Fréchet distance is "
+            "biased upwards and noisy — use more samples than feature dimensions", *features.shape)
+    return RunningMoments.of(features).statistics()
 
 
 def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fcr_eval.metrics.frechet import feature_matrix
+from fcr_eval.metrics.streaming import check_rows
 
 __all__ = ["KIDResult", "polynomial_mmd2_unbiased", "kernel_distance"]
 
@@ -57,12 +57,15 @@ def polynomial_mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
 def kernel_distance(features1, features2, num_subsets: int = 100, max_subset_size: int = 1000,
                     seed: int | None = 0) -> KIDResult:
     """KID between two ``(N, D)`` feature sets (clean-fid's subsetting; seeded for repeatability).
+    Either set may be memory-mapped (a run's feature spill): only each subset's rows are read.
 
     Example:
         >>> kernel_distance(np.random.rand(200, 16), np.random.rand(150, 16), num_subsets=10).subset_size
         150
     """
-    f1, f2 = feature_matrix(features1, "features1"), feature_matrix(features2, "features2")
+    f1, f2 = _rows(features1), _rows(features2)
+    check_rows(f1, "features1")
+    check_rows(f2, "features2")
     if f1.shape[1] != f2.shape[1]:
         raise ValueError(f"feature dimensions differ: {f1.shape[1]} vs {f2.shape[1]}")
     if num_subsets < 1:
@@ -71,8 +74,12 @@ def kernel_distance(features1, features2, num_subsets: int = 100, max_subset_siz
     rng = np.random.default_rng(seed)
     vals = np.empty(num_subsets)
     for i in range(num_subsets):
-        x = f2[rng.choice(f2.shape[0], m, replace=False)]
-        y = f1[rng.choice(f1.shape[0], m, replace=False)]
+        x = np.asarray(f2[rng.choice(f2.shape[0], m, replace=False)], np.float64)
+        y = np.asarray(f1[rng.choice(f1.shape[0], m, replace=False)], np.float64)
         vals[i] = polynomial_mmd2_unbiased(x, y)
     return KIDResult(float(vals.mean()), float(vals.std(ddof=1)) if num_subsets > 1 else float("nan"),
                      num_subsets, m)
+
+
+def _rows(x):
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else x

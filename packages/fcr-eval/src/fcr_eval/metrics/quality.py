@@ -22,7 +22,12 @@ from pathlib import Path
 import numpy as np
 
 from fcr_eval.metrics.extractors import ExtractedFeatures, FeatureExtractor, metric_name
-from fcr_eval.metrics.frechet import fd_estimable, frechet_distance_from_features
+from fcr_eval.metrics.frechet import (
+    fd_estimable,
+    feature_statistics,
+    frechet_distance,
+    streamed_statistics,
+)
 from fcr_eval.metrics.inception_score import inception_score
 from fcr_eval.metrics.kid import kernel_distance
 from fcr_eval.metrics.precision_recall import precision_recall
@@ -40,7 +45,9 @@ def quality_metrics(real: ExtractedFeatures, fake: ExtractedFeatures, *, referen
     """Fréchet distance, KID, IS, precision and recall of ``fake`` against ``real``.
 
     Args:
-        real / fake: features from the *same* extractor and preprocessing.
+        real / fake: features from the *same* extractor and preprocessing. ``fake``'s arrays may be
+            memory-mapped (a run's spill): every metric reads them chunk by chunk or gathers rows,
+            so memory does not grow with the generated set's size.
         reference: name of the reference set, stored in ``details``.
         include: which metrics to compute.
 
@@ -57,8 +64,10 @@ def quality_metrics(real: ExtractedFeatures, fake: ExtractedFeatures, *, referen
     out: list[MetricRecord] = []
     if "fd" in include:
         dim = int(fake.features.shape[1])
-        out.append(MetricRecord(metric_name("fd", ext), frechet_distance_from_features(real.features, fake.features),
-                                ext, prep, n, {**base, "feature_dim": dim,
+        if real.features.shape[1] != dim:
+            raise ValueError(f"feature dimensions differ: {real.features.shape[1]} vs {dim}")
+        fd = frechet_distance(*feature_statistics(real.features), *streamed_statistics(fake.features))
+        out.append(MetricRecord(metric_name("fd", ext), fd, ext, prep, n, {**base, "feature_dim": dim,
                                                "estimable": fd_estimable(min(n, real.n), dim)}))
     if "kid" in include:
         k = kernel_distance(real.features, fake.features, num_subsets=kid_subsets, max_subset_size=kid_subset_size,

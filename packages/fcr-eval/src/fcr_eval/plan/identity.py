@@ -43,6 +43,7 @@ from fcr_eval.spec.experiment import EvaluationSpec, VariationSpec
 
 __all__ = ["DECISIONS", "RECORDED", "RECORDED_WHEN_SET", "KEY", "KEY_WHEN_NOT_DEFAULT", "TRAINER",
            "WITH_ITS_METRIC", "NOT_IDENTITY", "LATER_VARIATION_FIELDS", "EXPERIMENT_LEVEL_EVALUATION",
+           "FROZEN_EVALUATION",
            "LATER_EVALUATION", "LATER_FINETUNE_OPTIONS", "undecided_fields", "short_hash", "lambda_text",
            "variation_record", "evaluation_record", "finetune_key_record", "finetune_key", "finetune_record",
            "run_config"]
@@ -93,12 +94,18 @@ _EVALUATION = {
     **{f: (RECORDED, "") for f in (
         "metrics", "feature_extractor", "feature_image_size", "inception_weights", "clip_model", "reference",
         "n_reference", "timing_batch_sizes", "timing_repeats", "timing_seeds", "sigma2_delta_max", "sigma2_samples",
-        "sigma2_blocks", "clip_drift_samples", "kid_subset_size", "pr_k", "save_samples", "grid_per_class")},
+        "sigma2_blocks", "clip_drift_samples", "kid_subset_size", "pr_k", "grid_per_class")},
     **{f: (WITH_ITS_METRIC, "only with cache_attribution") for f in ("attribution_samples",
                                                                      "attribution_propagation")},
     "attribution_variations": (RECORDED_WHEN_SET, "added after the first release"),
     "timing_rounds": (NOT_IDENTITY, "the experiment's interleaved timing session, not a run's setting"),
+    "save_samples": (NOT_IDENTITY, "which PNGs are written: no metric reads them (recorded as its first "
+                                   "release's value, FROZEN_EVALUATION, so stored run ids stay valid)"),
 }
+
+#: Evaluation fields that once were identity and no longer are: every run's record carries the
+#: value every stored run was made with, whatever the file says, so no run id moves.
+FROZEN_EVALUATION = {"save_samples": True}
 
 #: Every field of the spec tables a run is made from → (decision, reason). A field without a row
 #: is undecided (:func:`undecided_fields`), and the identity test fails naming it.
@@ -172,7 +179,8 @@ def evaluation_record(ev: EvaluationSpec) -> dict:
     unused = {k for metric, keys in LATER_EVALUATION.items() if metric not in ev.metrics for k in keys}
     if ev.attribution_variations is None:  # added later: recorded only when set
         unused.add("attribution_variations")
-    return {k: x for k, x in asdict(ev).items() if k not in EXPERIMENT_LEVEL_EVALUATION and k not in unused}
+    rec = {k: x for k, x in asdict(ev).items() if k not in EXPERIMENT_LEVEL_EVALUATION and k not in unused}
+    return {**rec, **FROZEN_EVALUATION}
 
 
 def _later_options(ft) -> dict:

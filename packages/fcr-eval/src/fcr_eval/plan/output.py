@@ -12,6 +12,14 @@ from __future__ import annotations
 
 from fcr_eval.plan.costs import ASSUMED_GPU_TFLOPS
 from fcr_eval.plan.planner import LONG_PLAN_SECONDS, Plan
+from fcr_eval.plan.resources import (
+    DEFAULT_GPUS,
+    PlanResources,
+    fmt_bytes,
+    format_projection,
+    format_resources,
+    plan_resources,
+)
 from fcr_eval.spec.experiment import VariationSpec
 from fcr_eval.spec.vocabulary import INDEPENDENT_FINETUNES, SHARED_FINETUNE
 
@@ -59,10 +67,14 @@ def _lambda_column(v: VariationSpec) -> str:
     return "-" if v.lambda_fcr is None else f"{v.lambda_fcr:g}"
 
 
-def format_plan(plan: Plan, done: set[str] | None = None) -> str:
-    """The plan as text: fine-tunes, runs with forward counts, and totals."""
+def format_plan(plan: Plan, done: set[str] | None = None, *, resources: PlanResources | None = None,
+                gpus: tuple[int, ...] | None = None) -> str:
+    """The plan as text: fine-tunes, runs with forward counts, compute, peak RAM per process and
+    disk, and totals; for a real model (or when ``gpus`` is given) the projection on ``gpus``
+    GPUs (default :data:`~fcr_eval.plan.resources.DEFAULT_GPUS`)."""
     exp = plan.experiment
     done = done or set()
+    res = resources or plan_resources(plan)
     lines = [line for line in (long_plan_line(plan),) if line]
     lines += [f"experiment {exp.id}" + (f" (profile {exp.profile})" if exp.profile else "") + f" — {exp.path}",
               f"  {exp.description}".rstrip()]
@@ -80,7 +92,7 @@ def format_plan(plan: Plan, done: set[str] | None = None) -> str:
     lines.append(f"runs ({len(plan.runs)} = {len(exp.variations)} variations × {len(exp.seeds)} seeds"
                  f"{f', {len(done)} already in the store' if done else ''}):")
     hdr = f"  {'variation':<26} {'seed':>4} {'model':<10} {'cache schedule':<16} {'λ':>5} {'robust':<14} " \
-          f"{'steps':>5} {'imgs':>5} {'full/enc/dec/part fwd':>22} {'FLOPs':>11} {'time':>8}"
+          f"{'steps':>5} {'imgs':>5} {'full/enc/dec/part fwd':>22} {'FLOPs':>11} {'time':>8} {'RAM/proc':>9} {'disk':>9}"
     lines.append(hdr)
     for r in plan.runs:
         v = r.variation
@@ -88,9 +100,11 @@ def format_plan(plan: Plan, done: set[str] | None = None) -> str:
         mark = " ✓" if r.run_id in done else ""
         lines.append(f"  {v.id:<26} {r.seed:>4} {v.model:<10} {r.sampler.label:<16} "
                      f"{_lambda_column(v):>5} {v.robustness:<14} {r.steps:>5} "
-                     f"{r.n_samples:>5} {fwd:>22} {_fmt_flops(r.est_flops):>11} {_fmt_s(r.est_seconds):>8}{mark}")
+                     f"{r.n_samples:>5} {fwd:>22} {_fmt_flops(r.est_flops):>11} {_fmt_s(r.est_seconds):>8} "
+                     f"{fmt_bytes(res.runs[r.run_id].peak_ram_bytes):>9} {fmt_bytes(res.runs[r.run_id].disk_bytes):>9}{mark}")
     lines.append("")
-    lines.append("  forward counts are per sampling run (one batch); ×2 rows with classifier-free guidance")
+    lines.append("  forward counts are per sampling run (one batch); ×2 rows with classifier-free guidance; FLOPs "
+                 "include the uncached reference a run samples for its paired metrics")
     if plan.replication:
         lines.append("contrasts (the noise each interval will hold):")
         for c in exp.contrasts:
@@ -108,6 +122,9 @@ def format_plan(plan: Plan, done: set[str] | None = None) -> str:
     if not exp.embedded:
         lines.append(f"  on one A100-class GPU at an assumed {ASSUMED_GPU_TFLOPS:g} TFLOP/s effective: "
                      f"≈{_fmt_s(plan.total_flops / (ASSUMED_GPU_TFLOPS * 1e12))} (CPU figure above is for scale only)")
+    lines += format_resources(res, plan_resources(plan, "sample" if res.reference_mode == "spill" else "spill"))
+    if gpus or not exp.embedded:
+        lines.append(format_projection(res.projection(gpus or DEFAULT_GPUS)))
     if exp.human_study:
         lines.append(f"human study: {exp.human_study.pairs} A/B pairs over {len(exp.human_study.comparisons)} "
                      "comparison(s) (run with fcr-human-study on the stored samples)")

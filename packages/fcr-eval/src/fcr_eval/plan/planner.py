@@ -36,6 +36,7 @@ from fcr_eval.plan.costs import (
 from fcr_eval.plan.identity import finetune_key, finetune_record, run_config
 from fcr_eval.plan.samplers import SamplerSettings, sampler_for
 from fcr_eval.records import make_run_id
+from fcr_eval.spec.evaluation import saved_sample_count
 from fcr_eval.spec.experiment import EarlyStoppingSpec, Experiment, RobustnessSpec, VariationSpec
 from fcr_eval.spec.names import safe_child
 from fcr_eval.spec.vocabulary import ADAPTIVE_SAMPLERS
@@ -49,6 +50,8 @@ __all__ = [
     "model_cost",
     "calibrate_throughput",
     "planned_weights",
+    "reference_key",
+    "uncached_flops",
     "DEFAULT_CPU_GFLOPS",
     "ASSUMED_GPU_TFLOPS",
     "LONG_PLAN_SECONDS",
@@ -222,11 +225,17 @@ class PlannedRun:
     #: first samples it walks (0 = not attributed) and whether it measures the propagation.
     attribution_samples: int = 0
     attribution_propagation: bool = False
+    #: How many of the run's first samples are written as PNGs (``evaluation.save_samples``,
+    #: resolved: 0 = none, ``n_samples`` = all).
+    save_samples: int = 0
     unet_calls: int = 0
     full_forwards: int = 0
     encoder_forwards: int = 0
     decoder_forwards: int = 0
     partial_forwards: int = 0
+    #: FLOPs of the uncached reference this run samples for its paired metrics (0 when an earlier
+    #: run of the same weights × seed × setting provides it); part of ``est_flops``.
+    reference_flops: float = 0.0
     est_flops: float = 0.0
     est_seconds: float = 0.0
 
@@ -334,8 +343,10 @@ def make_plan(exp: Experiment, *, results_dir: str | Path = "results", calibrate
                 eval_prompts=eval_prompts, n_samples=n, steps=steps, guidance_scale=guidance, scheduler=scheduler,
                 resolution=resolution, cost=cost,
                 attribution_samples=_attribution_samples(ev, sampler, n, v.id),
-                attribution_propagation=bool(ev.attribution_propagation), **counts, est_flops=flops,
+                attribution_propagation=bool(ev.attribution_propagation),
+                save_samples=saved_sample_count(ev.save_samples, n), **counts, est_flops=flops,
                 est_seconds=(flops + timing_flops) / (gflops_per_s * 1e9)))
+    _count_references(runs, gflops_per_s)
     # σ²_Δ over the cache's range: the largest interval reused at each step count (Δ < steps).
     widest: dict[int, int] = {}
     for r in runs:
@@ -356,6 +367,36 @@ def make_plan(exp: Experiment, *, results_dir: str | Path = "results", calibrate
     replication = {c.id: contrast_replication(weights, c.variations) for c in exp.contrasts}
     return Plan(exp, runs, finetunes, results_dir, costs, gflops_per_s, how, est_eval, replication,
                 warnings=stated_cost_notes(exp))
+
+
+def reference_key(run: PlannedRun) -> tuple:
+    """Which uncached reference a run is paired with: runs with equal keys share one
+    (:func:`fcr_eval.run.sampling.uncached_reference`: same weights, seed, x_T, sampling setting,
+    stress and prompts)."""
+    weights = run.finetune.key if run.finetune is not None else f"base:{run.variation.model}"
+    x_key = run.run_id if run.robustness.kind == "fgsm_latent" else "seed"
+    return (weights, run.seed, x_key, run.scheduler, run.steps, run.guidance_scale, run.resolution,
+            run.variation.robustness, run.eval_prompts)
+
+
+def uncached_flops(run: PlannedRun) -> float:
+    """FLOPs of sampling ``run``'s prompts without a cache: its uncached reference."""
+    return run.n_samples * (2 if run.guidance_scale != 1.0 else 1) * run.steps * run.cost.flops_per_forward
+
+
+def _count_references(runs: list[PlannedRun], gflops_per_s: float) -> None:
+    """Add the uncached reference that paired metrics compare a cached run with to the first
+    run that needs it: an uncached run of the same weights × seed × setting is its own (and
+    serves the cached runs after it: the runner runs uncached runs first), else the first cached
+    run samples it once and the others share it."""
+    served = {reference_key(r) for r in runs if not r.sampler.cached}
+    for r in runs:
+        key = reference_key(r)
+        if r.sampler.cached and key not in served:
+            served.add(key)
+            r.reference_flops = uncached_flops(r)
+            r.est_flops += r.reference_flops
+            r.est_seconds += r.reference_flops / (gflops_per_s * 1e9)
 
 
 def planned_weights(runs: list[PlannedRun]) -> list[RunWeights]:

@@ -117,6 +117,15 @@ class RunContext(ABC):
     def initial_noise(self, n: int, resolution: int, seed: int) -> torch.Tensor:
         """x_T for ``n`` samples at ``resolution`` pixels (CPU, seeded: paired across variations)."""
 
+    def noise_stream(self, n: int, resolution: int, seed: int):
+        """Rows of :meth:`initial_noise` ``(n, resolution, seed)`` by batch, without the whole tensor
+        (:class:`fcr_eval.run.noise.InitialNoise`: every context draws x_T with ``torch.randn`` from
+        a CPU generator seeded with ``seed``)."""
+        from fcr_eval.run.noise import InitialNoise
+
+        one = self.initial_noise(1, resolution, seed)
+        return InitialNoise(one.shape[1:], n, seed, dtype=one.dtype)
+
     @abstractmethod
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """The sampler's final state → images in [0, 1]; differentiable."""

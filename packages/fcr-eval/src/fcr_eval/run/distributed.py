@@ -1,10 +1,11 @@
 """The processes of a multi-process run (``accelerate launch`` or ``torchrun``), or just this one.
 
-The runner shards each run's prompts into contiguous chunks, one per process; every process
-samples and evaluates its chunk (features, per-image scores, sample PNGs), the main process
-gathers the per-image results, computes the metrics and is the only one that writes to the store.
-Sample ``i`` starts from the same x_T whatever the number of processes, so sharding changes which
-device draws an image, not the image.
+The runner spreads each run's batches over the processes (:class:`fcr_eval.run.batches.BatchGrid`:
+batch ``k`` is process ``k mod P``'s); every process samples and evaluates its batches and writes
+them into the run folder (per-image values, feature rows, sample PNGs), the main process reads
+them all, computes the metrics and is the only one that writes to the store. Sample ``i`` starts
+from the same x_T, in the same batch, whatever the number of processes, so the processes change
+which device draws an image, not the image.
 
 Launch (one process per GPU; on CPU, ``torchrun`` with the gloo backend)::
 
@@ -13,8 +14,8 @@ Launch (one process per GPU; on CPU, ``torchrun`` with the gloo backend)::
 
 Example:
     >>> procs = Processes.from_environment(cpu=True)
-    >>> mine = procs.shard(1000)          # this process's slice of the prompts
-    >>> parts = procs.gather({"scores": local_scores})   # main process: one entry per process
+    >>> BatchGrid(1000, 64).assigned(procs.index, procs.count)   # this process's batches
+    >>> procs.barrier()                                           # every batch is on disk
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 __all__ = ["Processes"]
@@ -58,22 +58,9 @@ class Processes:
     def is_main(self) -> bool:
         return self.index == 0
 
-    def shard(self, n: int) -> range:
-        """This process's contiguous share of ``range(n)`` (sizes differ by at most one)."""
-        bounds = np.linspace(0, n, self.count + 1).round().astype(int)
-        return range(int(bounds[self.index]), int(bounds[self.index + 1]))
-
     def barrier(self) -> None:
         if self._state is not None:
             self._state.wait_for_everyone()
-
-    def gather(self, obj) -> list:
-        """Every process's ``obj`` in process order (picklable objects; CPU tensors and arrays)."""
-        if self._state is None:
-            return [obj]
-        from accelerate.utils import gather_object
-
-        return gather_object([obj])
 
     def broadcast(self, obj):
         """The main process's ``obj`` on every process."""

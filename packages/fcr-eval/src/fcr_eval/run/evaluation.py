@@ -1,6 +1,6 @@
-"""Evaluating a run's samples: per-image values of this process's shard (quality features,
-prompt–class hits, CLIPScores, CLIP drift against the same weights' uncached samples), then —
-on the main process, after gathering — the run's metrics and store records.
+"""Evaluating a run's samples: per-image values of one batch (quality features, prompt–class
+hits, CLIPScores, CLIP drift against the same weights' uncached samples), then — on the main
+process, from every finished batch — the run's metrics and store records.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from fcr_eval.spec.experiment import Experiment
 from fcr_eval.spec.names import safe_child
 from fcr_eval.store import MetricRecord, PerPromptScore, SampleMetrics, SampleRecord
 
-__all__ = ["QUALITY_METRICS", "quality_metric_names", "evaluate_shard", "alignment_metrics", "run_metrics",
-           "sample_metrics", "save_samples", "shard_prompts"]
+__all__ = ["QUALITY_METRICS", "quality_metric_names", "evaluate_batch", "alignment_metrics", "merge_batches",
+           "run_metrics", "sample_metrics", "save_samples", "shard_prompts", "PER_SAMPLE"]
 
 #: Set-level quality metrics computed from extracted features (the Fréchet distance is "fd"; an
 #: experiment asking for "fid" gets it under its extractor's name).
@@ -34,7 +34,7 @@ def quality_metric_names(metrics) -> tuple[str, ...]:
 
 
 def shard_prompts(prompts: Prompts, idx: range) -> Prompts:
-    """The prompts of one shard of a run."""
+    """The prompts of one batch of a run."""
     sl = slice(idx.start, idx.stop)
     return dataclasses.replace(prompts, texts=prompts.texts[sl], ids=prompts.ids[sl],
                                labels=prompts.labels[sl] if prompts.labels is not None else None,
@@ -65,11 +65,11 @@ def save_samples(root: Path, exp: Experiment, run: PlannedRun, prompts: Prompts,
     return out
 
 
-def evaluate_shard(ctx: RunContext, run: PlannedRun, prompts: Prompts, images: torch.Tensor, mine: range,
+def evaluate_batch(ctx: RunContext, run: PlannedRun, prompts: Prompts, images: torch.Tensor, mine: range,
                    reference: torch.Tensor, reference_features=None) -> dict:
-    """Per-image values of this process's shard ``mine``: quality features and logits, the
+    """Per-image values of one batch, the samples ``mine`` of the run: quality features and logits, the
     prompted class's correctness and log-probability, CLIPScores, and the paired values against
-    ``reference`` — the same weights' uncached samples of the shard from the same x_T and prompts
+    ``reference`` — the same weights' uncached samples of the batch from the same x_T and prompts
     (an uncached run passes its own images): cache error (pixel MSE, PSNR, distance in the quality
     extractor's space given ``reference_features``) and, for cached runs, CLIP drift of the first
     ``clip_drift_samples``."""
@@ -92,12 +92,12 @@ def evaluate_shard(ctx: RunContext, run: PlannedRun, prompts: Prompts, images: t
 
         scores = class_scores(eval_imgs, prompts.labels[sl], ctx.classifier)
         out["class_hits"] = scores[CLASS_CORRECT].numpy()
-        out[_PER_SAMPLE + CLASS_LOGPROB] = scores[CLASS_LOGPROB].numpy()
+        out[PER_SAMPLE + CLASS_LOGPROB] = scores[CLASS_LOGPROB].numpy()
     if ctx.clip is not None and "clip_score" in ev.metrics:
         out["clip_scores"] = ctx.clip.score(images, prompts.texts[sl])[1].numpy()
     errors = cache_error(images.numpy(), reference.numpy(), cached_features=out.get("features"),
                          reference_features=reference_features if out.get("features") is not None else None)
-    out.update({_PER_SAMPLE + k: v for k, v in errors.items() if k != CACHE_FEATURE_L2 or "features" in out})
+    out.update({PER_SAMPLE + k: v for k, v in errors.items() if k != CACHE_FEATURE_L2 or "features" in out})
     drift = clip_drift_range(run, mine, ev.clip_drift_samples)
     if run.sampler.cached and len(drift) and "clip_drift" in ev.metrics and ctx.clip is not None:
         from fcr_eval.metrics.clip_score import clip_embedding_drift
@@ -106,12 +106,12 @@ def evaluate_shard(ctx: RunContext, run: PlannedRun, prompts: Prompts, images: t
     return out
 
 
-#: Key prefix of the per-sample arrays a shard hands back for ``sample_metrics``.
-_PER_SAMPLE = "per_sample:"
+#: Key prefix of the per-sample arrays a batch hands back for ``sample_metrics``.
+PER_SAMPLE = "per_sample:"
 
 
 def clip_drift_range(run: PlannedRun, mine: range, clip_drift_samples: int) -> range:
-    """The images of shard ``mine`` that CLIP drift compares: the run's first ``clip_drift_samples``."""
+    """The images of batch ``mine`` that CLIP drift compares: the run's first ``clip_drift_samples``."""
     k = min(run.n_samples, int(clip_drift_samples))
     return range(mine.start, min(mine.stop, k))
 
@@ -137,30 +137,38 @@ def alignment_metrics(ctx: RunContext, hits, clip_scores, prompts: Prompts, n: i
     return metrics, per_prompt
 
 
-def run_metrics(ctx: RunContext, run: PlannedRun, prompts: Prompts, parts: list[dict]
-                ) -> tuple[list[MetricRecord], list[PerPromptScore]]:
-    """The run's metrics from every process's gathered shard values (ordered by process)."""
+def merge_batches(records: list[dict]) -> dict:
+    """One run's per-sample values from its finished batches' records (in batch order): each
+    per-sample array concatenated in sample order; the FGSM records summed."""
+    out: dict = {}
+    keys = sorted({k for r in records for k in r["values"]})
+    for key in keys:
+        vals = [r["values"][key] for r in records if r["values"].get(key) is not None and len(r["values"][key])]
+        if vals:
+            out[key] = np.concatenate(vals)
+    return out
+
+
+def run_metrics(ctx: RunContext, run: PlannedRun, prompts: Prompts, values: dict, features=None, logits=None,
+                fgsm_mse_sum: float = 0.0) -> tuple[list[MetricRecord], list[PerPromptScore]]:
+    """The run's metrics from its per-sample ``values`` (:func:`merge_batches`) and its feature
+    and logit spills (``(n, D)``, memory-mapped: the set-level metrics read them in chunks)."""
     from fcr_eval.metrics.extractors import ExtractedFeatures
     from fcr_eval.metrics.quality import quality_metrics
+    from fcr_eval.run.sampling import attack_settings
 
     ev = ctx.exp.evaluation
     n = run.n_samples
-
-    def joined(key: str):
-        vals = [p[key] for p in parts if p.get(key) is not None and len(p[key])]
-        return np.concatenate(vals) if vals else None
-
     metrics: list[MetricRecord] = []
     include = quality_metric_names(ev.metrics)
-    if include and ctx.reference is not None:
-        feats = ExtractedFeatures(joined("features"), joined("logits"), ctx.extractor.name,
-                                  ctx.extractor.preprocessing)
+    if include and ctx.reference is not None and features is not None:
+        feats = ExtractedFeatures(features, logits, ctx.extractor.name, ctx.extractor.preprocessing)
         metrics += quality_metrics(ctx.reference, feats, reference=ctx.reference_name,
                                    kid_subset_size=min(ev.kid_subset_size, n), pr_k=ev.pr_k, seed=run.seed,
                                    include=include)
-    m_align, per_prompt = alignment_metrics(ctx, joined("class_hits"), joined("clip_scores"), prompts, n, ev)
+    m_align, per_prompt = alignment_metrics(ctx, values.get("class_hits"), values.get("clip_scores"), prompts, n, ev)
     metrics += m_align
-    drift = joined("clip_drift")
+    drift = values.get("clip_drift")
     if drift is not None:
         metrics.append(MetricRecord("clip_drift", float(drift.mean()), ctx.clip.name, ctx.clip.preprocessing,
                                     len(drift),
@@ -170,35 +178,30 @@ def run_metrics(ctx: RunContext, run: PlannedRun, prompts: Prompts, parts: list[
     # protocol itself is stored in runs.params['robustness']. FGSM also records how far the
     # attack moved the images (mean squared difference of the [0, 1] images).
     if run.robustness.kind == "fgsm_latent":
-        fg = parts[0]["fgsm"]
-        mse = sum(p["fgsm"]["mse_sum"] for p in parts) / max(fg["k"], 1)
-        metrics.append(MetricRecord("fgsm_image_mse", mse, "none", "none", fg["k"],
+        fg = attack_settings(run)
+        metrics.append(MetricRecord("fgsm_image_mse", fgsm_mse_sum / max(fg["k"], 1), "none", "none", fg["k"],
                                     {"protocol": run.robustness.id, "fgsm_images": fg["k"], "epsilon": fg["epsilon"],
                                      "steps": fg["steps"], "random_start": True}))
     return metrics, per_prompt
 
 
-def sample_metrics(ctx: RunContext, run: PlannedRun, prompts: Prompts, parts: list[dict], reference: str
+def sample_metrics(ctx: RunContext, run: PlannedRun, prompts: Prompts, values: dict, reference: str
                    ) -> list[SampleMetrics]:
-    """The run's per-sample values (``sample_metrics`` rows) from the gathered shards: cache error
+    """The run's per-sample values (``sample_metrics`` rows) from :func:`merge_batches`: cache error
     against ``reference`` (what the uncached twins were), the prompted class's correctness and
     log-probability, CLIPScore and CLIP drift. Rows pair across variations by (seed, sample index):
     every variation of one seed starts sample i from the same x_T and prompt."""
     from fcr_eval.metrics.class_agreement import CLASS_CORRECT
     from fcr_eval.spec.vocabulary import CACHE_FEATURE_L2, SAMPLE_METRICS
 
-    def joined(key: str):
-        vals = [p[key] for p in parts if p.get(key) is not None and len(p[key])]
-        return np.concatenate(vals) if vals else None
-
     per_sample: dict[str, np.ndarray] = {}
-    for key in sorted({k for p in parts for k in p if k.startswith(_PER_SAMPLE)}):
-        per_sample[key[len(_PER_SAMPLE):]] = joined(key)
+    for key in sorted(k for k in values if k.startswith(PER_SAMPLE)):
+        per_sample[key[len(PER_SAMPLE):]] = values[key]
     for name, key in ((CLASS_CORRECT, "class_hits"), ("clip_score", "clip_scores"), ("clip_drift", "clip_drift")):
-        if joined(key) is not None:
-            per_sample[name] = joined(key)
+        if values.get(key) is not None:
+            per_sample[name] = values[key]
     out = []
-    for name, values in per_sample.items():
+    for name, vals in per_sample.items():
         spec = SAMPLE_METRICS[name]
         if name == CACHE_FEATURE_L2:
             ext, prep = ctx.extractor.name, ctx.extractor.preprocessing
@@ -208,8 +211,8 @@ def sample_metrics(ctx: RunContext, run: PlannedRun, prompts: Prompts, parts: li
             ext, prep = ctx.classifier_name, ctx.classifier_preprocessing
         else:
             ext, prep = "none", "none"
-        n = len(values)
-        out.append(SampleMetrics(name, values, prompts.ids[:n], seeds=run.seed, sample_index=np.arange(n),
+        n = len(vals)
+        out.append(SampleMetrics(name, vals, prompts.ids[:n], seeds=run.seed, sample_index=np.arange(n),
                                  reference=reference if spec.needs_reference else None, feature_extractor=ext,
                                  preprocessing=prep, details={"definition": spec.description}))
     return out

@@ -14,10 +14,12 @@ import logging
 import time
 from pathlib import Path
 
+import torch
+
 from fcr_eval.plan.planner import PlannedFinetune, PlannedRun
 from fcr_eval.run.contexts import RunContext
 from fcr_eval.run.distributed import Processes
-from fcr_eval.run.sampling import sample_prompts
+from fcr_eval.run.sampling import sample_rows
 from fcr_eval.run.schedulers import make_sampling_scheduler
 from fcr_eval.spec.experiment import Experiment
 from fcr_eval.store import MetricRecord
@@ -81,20 +83,34 @@ def _moving_fd_validation(ctx: RunContext, exp: Experiment, es, output_dir: Path
     """``fn(unet, step)`` → moving mean (over ``window`` validations) of the Fréchet distance of
     ``mini_val_size`` samples (no cache) against the reference features. The history lives in the
     fine-tune's folder, so a resumed fine-tune continues the same window."""
-    from fcr_eval.metrics.frechet import frechet_distance_from_features
+    from fcr_eval.metrics.extractors import EXTRACT_BATCH
+    from fcr_eval.metrics.frechet import feature_statistics, frechet_distance
+    from fcr_eval.metrics.streaming import RunningMoments
+    from fcr_eval.run.batches import BatchGrid
     from fcr_eval.run.early_stopping import MovingValidation
 
     n = es.mini_val_size
     prompts = ctx.prompts(es.mini_val or exp.sampling.eval_prompts, n)
     res = ctx.sampling_resolution()
-    x_T = ctx.initial_noise(n, res, 12345)
+    grid = BatchGrid(n, exp.sampling.batch_size)
 
     def fd(unet, step: int) -> float:
         sched = make_sampling_scheduler(exp.sampling.scheduler, ctx.scheduler_config())
-        imgs = sample_prompts(ctx, unet, sched, prompts, x_T, n, exp.sampling.num_inference_steps,
-                              exp.sampling.guidance_scale, exp.sampling.batch_size)
-        feats = ctx.extractor.extract(ctx.evaluation_images(imgs))
-        value = frechet_distance_from_features(ctx.reference.features, feats.features)
+        noise = ctx.noise_stream(n, res, 12345)
+        moments, pending = None, []
+        for k in range(grid.count):  # batch by batch; the pixels of a batch are dropped once extracted
+            rows = grid.bounds(k)
+            imgs = sample_rows(ctx, unet, sched, prompts, noise.rows(rows.start, rows.stop), rows,
+                               exp.sampling.num_inference_steps, exp.sampling.guidance_scale)
+            # features EXTRACT_BATCH images at a time in sample order, as one whole-set extraction would
+            buf = torch.cat([*pending, ctx.evaluation_images(imgs)])
+            cut = len(buf) if k == grid.count - 1 else len(buf) - len(buf) % EXTRACT_BATCH
+            if cut:
+                feats = ctx.extractor.extract(buf[:cut]).features
+                moments = moments or RunningMoments(feats.shape[1])
+                moments.update(feats)
+            pending = [buf[cut:]]
+        value = frechet_distance(*feature_statistics(ctx.reference.features), *moments.statistics())
         logger.info("step %d: mini-val FD %.3f (%s, %d samples)", step, value, ctx.extractor.name, n)
         return value
 

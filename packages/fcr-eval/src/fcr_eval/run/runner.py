@@ -8,18 +8,21 @@
    loaded and every local file it needs is there (:mod:`fcr_eval.plan.validation`) before any work;
    the model family (embedded default or Stable Diffusion) is a :mod:`fcr_eval.run.contexts` context;
 2. fine-tunes once per distinct fine-tune (:mod:`fcr_eval.run.finetuning`);
-3. per run (:func:`execute_run`): samples with the run's sampler and scheduler under its
-   robustness stress (:mod:`fcr_eval.run.sampling`), evaluates the samples
-   (:mod:`fcr_eval.run.evaluation`), measures cost, σ²_Δ for the weights, the fine-tune compute;
+3. per run (:func:`execute_run`), batch by batch (:mod:`fcr_eval.run.batches`): x_T rows from the
+   seed's stream (:mod:`fcr_eval.run.noise`), samples with the run's sampler and scheduler under
+   its robustness stress (:mod:`fcr_eval.run.sampling`), pairs them with the uncached reference
+   batch, evaluates them (:mod:`fcr_eval.run.evaluation`), writes their PNGs, spills their
+   features and makes the batch durable, dropping its pixels; then measures cost, σ²_Δ for the
+   weights, the fine-tune compute, and the set-level metrics from the spills;
 4. writes the run to the store in one transaction with its config, extractor, code version and
-   device. Finished runs are skipped, so an interrupted experiment resumes where it stopped;
+   device. Finished runs are skipped and a killed run resumes at its first unfinished batch;
    a run killed midway leaves only files in its own folder, never rows. A run that raises is
    recorded as failed (its traceback in ``<run folder>/error.txt``), the others go on, and the
    :class:`Outcome` is not ``ok``.
 
-Under ``accelerate launch`` / ``torchrun`` every process samples and evaluates its shard of each
-run's prompts (:mod:`fcr_eval.run.distributed`); the main process gathers, measures cost on its own
-device and is the only one that writes the store.
+Under ``accelerate launch`` / ``torchrun`` each run's batches are spread over the processes
+(:mod:`fcr_eval.run.distributed`); the main process measures cost on its own device, computes the
+metrics from every batch and is the only one that writes the store.
 
 It reports nothing: ``fcr-eval run`` prints the report (:mod:`fcr_eval.report.report`) from the
 store when the runs are done.
@@ -35,27 +38,32 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fcr_eval.plan.planner import PlannedRun, make_plan
 from fcr_eval.plan.samplers import apply_sampler, remove_sampler
 from fcr_eval.plan.validation import check_inputs, check_models
+from fcr_eval.run.batches import BatchGrid, ReferencePlan, ReferenceSpill, RunBatches
 from fcr_eval.run.contexts import Prompts, RunContext, make_context
 from fcr_eval.run.distributed import Processes
 from fcr_eval.run.evaluation import (
-    evaluate_shard,
+    evaluate_batch,
+    merge_batches,
+    quality_metric_names,
     run_metrics,
     sample_metrics,
     save_samples,
     shard_prompts,
 )
 from fcr_eval.run.finetuning import finetune_fraction, run_finetune
+from fcr_eval.run.noise import InitialNoise
 from fcr_eval.run.sampling import (
-    attack_initial_noise,
+    attack_rows,
     measure_cost,
     new_scheduler,
-    sample_prompts,
-    uncached_reference,
+    reference_key,
+    sample_rows,
 )
 from fcr_eval.spec.experiment import Experiment
 from fcr_eval.store import (
@@ -84,6 +92,9 @@ class RunnerOptions:
         progress: tqdm bars.
         wait: when another runner holds the store: ``False`` refuses at once (naming it), seconds
             to wait for it, ``True`` to wait as long as it takes.
+        reference: how cached runs get their uncached reference batches
+            (:data:`fcr_eval.run.batches.REFERENCE_MODES`): ``spill`` reads them back from the float
+            spill an earlier run of the experiment wrote, ``sample`` samples them in the run's loop.
     """
 
     store: Path = Path("results/fcr.duckdb")
@@ -91,6 +102,7 @@ class RunnerOptions:
     device: str | None = None
     progress: bool = True
     wait: bool | float = False
+    reference: str = "spill"
 
 
 @dataclass(frozen=True)
@@ -128,16 +140,17 @@ class Outcome:
 
 @dataclass
 class _RunState:
-    """What the steps of one run hand each other."""
+    """What the steps of one run hand each other (nothing here grows with the sample count)."""
 
     run: PlannedRun
     unet: torch.nn.Module
     weights_key: str
     prompts: Prompts
-    x_T: torch.Tensor
-    mine: range
-    local: dict = field(default_factory=dict)
-    images: torch.Tensor | None = None
+    noise: InitialNoise
+    grid: BatchGrid
+    files: RunBatches
+    reference: ReferenceSpill | None = None
+    spill_reference: bool = False
     timings: list = field(default_factory=list)
     feature_stats: list[FeatureStat] = field(default_factory=list)
     attribution: list[AttributionValue] = field(default_factory=list)
@@ -145,28 +158,32 @@ class _RunState:
 
 def execute_run(ctx: RunContext, run: PlannedRun, exp: Experiment, store: ResultsStore | Path,
                 finetunes: dict[str, dict], caches: dict, progress: bool = True,
-                procs: Processes | None = None) -> RunResult | None:
-    """Sample and evaluate one variation × seed; returns the store-ready :class:`RunResult` on the
-    main process (``None`` on the others; nothing is written to the store here).
+                procs: Processes | None = None, references: ReferencePlan | None = None) -> RunResult | None:
+    """Sample and evaluate one variation × seed batch by batch; returns the store-ready
+    :class:`RunResult` on the main process (``None`` on the others; nothing is written to the store here).
 
-    With several processes each one samples and evaluates its shard of the prompts; the main
-    process gathers the per-image results, measures cost on its own device and computes the
-    metrics. ``store`` is the results store or, on processes that do not write, its folder (samples
-    go under it). ``finetunes`` maps a fine-tune key to its finished summary. ``caches`` holds what
-    runs share within one experiment (σ²_Δ per weights × seed, uncached reference samples)."""
+    Each batch is sampled, paired with its uncached reference batch, evaluated, its PNGs written and
+    its record made durable (:mod:`fcr_eval.run.batches`) before the next; a batch already on disk
+    (a resumed run) is not redone. Processes share the batches (:class:`BatchGrid`); the main
+    process measures cost, attributes the cache error and computes the metrics from every batch's
+    record and the feature spills. ``store`` is the results store or, on processes that do not
+    write, its folder (samples go under it). ``finetunes`` maps a fine-tune key to its finished
+    summary. ``caches`` holds σ²_Δ per weights × seed; ``references`` says where uncached reference
+    batches are spilled for the runs after this one (``None``: every cached run samples its own)."""
     procs = procs or Processes()
     started = _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None)
     _write_run_config(run, procs)
     ft = finetunes[run.finetune.key] if run.finetune is not None else None
-    st = _load_run(ctx, run, ft, procs)
+    st = _load_run(ctx, run, ft, procs, references)
     _feature_variance(ctx, st, caches, procs)
-    _sample(ctx, st, procs, progress)
-    _attribute(ctx, st, procs, progress)
-    _evaluate(ctx, st, store, caches, procs, progress)
-    parts = procs.gather(st.local)
+    root = store.root if isinstance(store, ResultsStore) else Path(store).resolve()
+    _sample_batches(ctx, st, root, procs, progress)
+    procs.barrier()  # every batch is on disk (an FGSM run's attribution reads the attacked x_T from them)
     if not procs.is_main:
         return None
-    return _run_result(ctx, st, ft, sorted(parts, key=lambda p: p["index"]), procs, started)
+    _measure_cost(ctx, st, procs)
+    _attribute(ctx, st, procs, progress)
+    return _run_result(ctx, st, ft, procs, started)
 
 
 def _write_run_config(run: PlannedRun, procs: Processes) -> None:
@@ -176,13 +193,28 @@ def _write_run_config(run: PlannedRun, procs: Processes) -> None:
         (run_dir / "config.json").write_text(json.dumps({"run_id": run.run_id, **run.config}, indent=2, default=str))
 
 
-def _load_run(ctx: RunContext, run: PlannedRun, ft: dict | None, procs: Processes) -> _RunState:
-    """The run's weights, prompts and initial noise (the same x_T per seed across variations: paired)."""
+def run_batches(exp: Experiment, run: PlannedRun) -> RunBatches:
+    """The durable batch files of ``run`` (:mod:`fcr_eval.run.batches`)."""
+    return RunBatches(run.run_dir, run.run_id, BatchGrid(run.n_samples, exp.sampling.batch_size),
+                      label=f"{run.variation.id} seed {run.seed}")
+
+
+def _load_run(ctx: RunContext, run: PlannedRun, ft: dict | None, procs: Processes,
+              references: ReferencePlan | None) -> _RunState:
+    """The run's weights, prompts, x_T stream (the same x_T per seed across variations: paired)
+    and batch files (checked against the plan, made by the main process)."""
     weights = Path(ft["final_unet"]) if ft else None
     prompts = ctx.prompts(run.eval_prompts, run.n_samples, robustness=run.robustness)
-    x_T = ctx.initial_noise(run.n_samples, run.resolution, run.seed)
-    return _RunState(run=run, unet=ctx.unet(weights), weights_key=str(weights) if weights else "base",
-                     prompts=prompts, x_T=x_T, mine=procs.shard(run.n_samples), local={"index": procs.index})
+    files = run_batches(ctx.exp, run)
+    files.check()
+    if procs.is_main:
+        files.start()
+    procs.barrier()
+    st = _RunState(run=run, unet=ctx.unet(weights), weights_key=str(weights) if weights else "base", prompts=prompts,
+                   noise=ctx.noise_stream(run.n_samples, run.resolution, run.seed), grid=files.grid, files=files)
+    if references is not None:
+        st.reference, st.spill_reference = references.spill_for(run)
+    return st
 
 
 def _feature_variance(ctx: RunContext, st: _RunState, caches: dict, procs: Processes) -> None:
@@ -210,26 +242,99 @@ def _feature_variance(ctx: RunContext, st: _RunState, caches: dict, procs: Proce
     st.feature_stats = caches[key]
 
 
-def _sample(ctx: RunContext, st: _RunState, procs: Processes, progress: bool) -> None:
-    """Attack x_T (FGSM runs), sample the shard, and measure cost (main process), with the run's
-    cache attached; the cache is removed again whatever happens."""
-    run, ev = st.run, ctx.exp.evaluation
-    bs = ctx.exp.sampling.batch_size
+def _sample_batches(ctx: RunContext, st: _RunState, root: Path, procs: Processes, progress: bool) -> None:
+    """This process's unfinished batches, one at a time (:func:`_one_batch`), with a progress bar
+    (ETA) and a log line per batch."""
+    from tqdm.auto import tqdm
+
+    run = st.run
+    mine = st.grid.assigned(procs.index, procs.count)
+    todo = [k for k in mine if not st.files.done(k)]
+    if len(todo) < len(mine):
+        logger.info("%s s%d: resuming at batch %d of %d (%d of this process's batches already on disk)",
+                    run.variation.id, run.seed, todo[0] + 1 if todo else st.grid.count, st.grid.count,
+                    len(mine) - len(todo))
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"{run.variation.id} s{run.seed}",
+               unit="batch", disable=not progress, leave=False)
+    for k in todo:
+        t0 = time.perf_counter()
+        _one_batch(ctx, st, k, root, procs)
+        rows = st.grid.bounds(k)
+        logger.info("%s s%d: batch %d/%d (samples %d-%d) finished in %.1f s", run.variation.id, run.seed, k + 1,
+                    st.grid.count, rows.start, rows.stop - 1, time.perf_counter() - t0)
+        bar.update(1)
+    bar.close()
+
+
+def _one_batch(ctx: RunContext, st: _RunState, k: int, root: Path, procs: Processes) -> None:
+    """Batch ``k``: attack x_T (FGSM runs), sample with the run's cache, get the uncached reference
+    batch (the run's own images when uncached, the spill, or sampled here), evaluate, write the
+    PNGs and the grid (batch 0), then the feature rows and the batch's record — and drop the pixels."""
+    run = st.run
+    rows = st.grid.bounds(k)
+    x_T = st.noise.rows(rows.start, rows.stop)
     scheduler = new_scheduler(ctx, run)
+    record: dict = {"index": k, "start": rows.start, "stop": rows.stop, "process": procs.index}
     apply_sampler(st.unet, run.sampler)
     try:
         if run.robustness.kind == "fgsm_latent":
-            st.local["fgsm"] = attack_initial_noise(ctx, st.unet, scheduler, run, st.prompts, st.x_T, st.mine, bs,
-                                                    progress)
+            x_T, attacked, record["fgsm_mse_sum"] = attack_rows(ctx, st.unet, scheduler, run, st.prompts, x_T, rows)
+            if run.attribution_samples:  # the attribution walks the attacked x_T of the first samples
+                keep = range(rows.start, min(rows.stop, run.attribution_samples))
+                record["x_T"] = x_T[: len(keep)].clone()
         t0 = time.perf_counter()
-        st.images = sample_prompts(ctx, st.unet, scheduler, st.prompts, st.x_T, st.mine, run.steps,
-                                   run.guidance_scale, bs, desc=f"{run.variation.id} s{run.seed}", progress=progress)
-        st.local["sample_s"] = time.perf_counter() - t0
-        cost_metrics = ("sec_per_image", "flops", "peak_memory", "unet_forwards")
-        timed_seed = ev.timing_seeds == "all" or run.seed == ctx.exp.seeds[0]
-        if timed_seed and procs.is_main and any(m in ev.metrics for m in cost_metrics):
-            st.timings = measure_cost(ctx, st.unet, scheduler, run, st.prompts, st.x_T,
-                                      time_calls=not _session_times(ctx.exp, procs))
+        images = sample_rows(ctx, st.unet, scheduler, st.prompts, x_T, rows, run.steps, run.guidance_scale)
+        record["sample_s"] = time.perf_counter() - t0
+    finally:
+        remove_sampler(st.unet, run.sampler)
+    reference, ref_features = _reference_batch(ctx, st, k, rows, x_T, images)
+    values = evaluate_batch(ctx, run, st.prompts, images, rows, reference, ref_features)
+    if st.spill_reference and not st.reference.has(k):
+        st.reference.write(k, reference.numpy(), ref_features if ref_features is not None else values.get("features"))
+    saved = range(rows.start, min(rows.stop, run.save_samples))
+    record["samples"] = save_samples(root, ctx.exp, run, st.prompts, images[: len(saved)], saved) if len(saved) else []
+    if k == 0:
+        ctx.save_grid(images, shard_prompts(st.prompts, rows), Path(run.run_dir) / "grid.png",
+                      title=f"{ctx.exp.id} {run.variation.id} seed {run.seed}")
+    for name in ("features", "logits"):
+        arr = values.pop(name, None)
+        if arr is not None:
+            st.files.spill(name, arr.shape[1]).write_rows(rows.start, arr)
+    record["values"] = values
+    st.files.write(k, record)
+
+
+def _reference_batch(ctx: RunContext, st: _RunState, k: int, rows: range, x_T: torch.Tensor, images: torch.Tensor):
+    """The same weights' samples *without* a cache from the same x_T and prompts, and their
+    quality features when known: an uncached run is its own reference; else the spill an earlier
+    run of this experiment wrote (exact float32), else sampled here (no cache is attached now)."""
+    run = st.run
+    if not run.sampler.cached:
+        return images, None  # evaluate_batch takes the run's own features as the reference's
+    if st.reference is not None and st.reference.has(k):
+        ref, feats = st.reference.read(k)
+        return torch.from_numpy(np.array(ref)), (np.array(feats) if feats is not None else None)
+    ref = sample_rows(ctx, st.unet, new_scheduler(ctx, run), st.prompts, x_T, rows, run.steps, run.guidance_scale)
+    feats = None
+    if ctx.reference is not None and ctx.extractor is not None and quality_metric_names(ctx.exp.evaluation.metrics):
+        feats = ctx.extractor.extract(ctx.evaluation_images(ref)).features
+    return ref, feats
+
+
+def _measure_cost(ctx: RunContext, st: _RunState, procs: Processes) -> None:
+    """Timing, forward counts, FLOPs and peak memory with the run's cache attached (main process;
+    the timed seeds only); the cache is removed again whatever happens."""
+    run, ev = st.run, ctx.exp.evaluation
+    cost_metrics = ("sec_per_image", "flops", "peak_memory", "unet_forwards")
+    timed_seed = ev.timing_seeds == "all" or run.seed == ctx.exp.seeds[0]
+    if not (timed_seed and procs.is_main and any(m in ev.metrics for m in cost_metrics)):
+        return
+    scheduler = new_scheduler(ctx, run)
+    x_T = st.noise.rows(0, min(max(ev.timing_batch_sizes), run.n_samples))
+    apply_sampler(st.unet, run.sampler)
+    try:
+        st.timings = measure_cost(ctx, st.unet, scheduler, run, st.prompts, x_T,
+                                  time_calls=not _session_times(ctx.exp, procs))
     finally:
         remove_sampler(st.unet, run.sampler)
 
@@ -245,10 +350,13 @@ def _attribute(ctx: RunContext, st: _RunState, procs: Processes, progress: bool)
     from fcr_sample import attribute_cache_error
 
     k = run.attribution_samples
+    x_T = st.noise.rows(0, k)
+    if run.robustness.kind == "fgsm_latent":  # the attacked rows, from the batches that hold them
+        x_T = torch.cat([st.files.read(b)["x_T"] for b in range(st.grid.count) if st.grid.bounds(b).start < k])
     cond, null = ctx.encode(st.prompts, slice(0, k))
     t0 = time.perf_counter()
     res = attribute_cache_error(
-        st.unet, new_scheduler(ctx, run), st.x_T[:k].to(ctx.device), cond, null, cache=run.sampler.cache,
+        st.unet, new_scheduler(ctx, run), x_T.to(ctx.device), cond, null, cache=run.sampler.cache,
         steps=run.steps, guidance_scale=run.guidance_scale, propagation=run.attribution_propagation,
         progress=progress)
     st.attribution = AttributionValue.from_rows(res.to_rows(), k)
@@ -256,45 +364,14 @@ def _attribute(ctx: RunContext, st: _RunState, procs: Processes, progress: bool)
                 run.seed, k, len(res.steps), time.perf_counter() - t0)
 
 
-def _evaluate(ctx: RunContext, st: _RunState, store: ResultsStore | Path, caches: dict, procs: Processes,
-              progress: bool) -> None:
-    """Per-image values of this shard, paired with the same weights' uncached samples from the
-    run's own x_T (the attacked one under FGSM; an uncached run is its own reference), and the
-    shard's PNGs."""
-    run, ev = st.run, ctx.exp.evaluation
-    reference = uncached_reference(ctx, st.unet, run, st.prompts, st.x_T, st.mine, st.weights_key, caches,
-                                   progress, images=None if run.sampler.cached else st.images)
-    ref_features = None
-    key = ("features", id(reference))  # the reference tensor lives in `caches` for the experiment
-    extracts = ctx.reference is not None and ctx.extractor is not None and len(st.mine)
-    own = reference is st.images  # an uncached run whose samples became the reference
-    if extracts and key in caches:
-        ref_features = caches[key][1]
-    elif extracts and not own:
-        caches[key] = (reference, ctx.extractor.extract(ctx.evaluation_images(reference)).features)
-        ref_features = caches[key][1]
-    # An uncached run is its own reference: evaluate_shard extracts its features once and they
-    # serve as the reference features of the cached runs that follow.
-    st.local.update(evaluate_shard(ctx, run, st.prompts, st.images, st.mine, reference, ref_features))
-    if extracts and own and key not in caches and st.local.get("features") is not None:
-        caches[key] = (reference, st.local["features"])
-    st.local["samples"] = []
-    if len(st.mine) and ev.save_samples:
-        root = store.root if isinstance(store, ResultsStore) else Path(store).resolve()
-        st.local["samples"] = save_samples(root, ctx.exp, run, st.prompts, st.images, st.mine)
-    if procs.is_main:
-        ctx.save_grid(st.images, shard_prompts(st.prompts, st.mine), Path(run.run_dir) / "grid.png",
-                      title=f"{ctx.exp.id} {run.variation.id} seed {run.seed}")
-
-
 #: Variation fields that are columns of ``runs`` (or the effective schedule's columns).
 _RUN_COLUMNS = ("id", "sampler", "stride", "parallel_decoding", "lambda_fcr", "lambda_oc", "delta_max", "blocks",
                 "scheduler", "num_inference_steps", "guidance_scale", "resolution", "description")
 
 
-def _run_result(ctx: RunContext, st: _RunState, ft: dict | None, parts: list[dict], procs: Processes,
+def _run_result(ctx: RunContext, st: _RunState, ft: dict | None, procs: Processes,
                 started: _dt.datetime) -> RunResult:
-    """Metrics from the gathered shards, and the run's store record."""
+    """Metrics from every finished batch's record and the feature spills, and the run's store record."""
     from fcr_common.provenance import code_version
 
     from fcr_eval.metrics.cost import describe_device
@@ -303,13 +380,19 @@ def _run_result(ctx: RunContext, st: _RunState, ft: dict | None, parts: list[dic
 
     run, ev = st.run, ctx.exp.evaluation
     n, v = run.n_samples, run.variation
-    metrics, per_prompt = run_metrics(ctx, run, st.prompts, parts)
+    records = [st.files.read(k) for k in range(st.grid.count)]  # per-sample values: a few floats each
+    values = merge_batches(records)
+    metrics, per_prompt = run_metrics(ctx, run, st.prompts, values, features=st.files.open_spill("features"),
+                                      logits=st.files.open_spill("logits"),
+                                      fgsm_mse_sum=sum(r.get("fgsm_mse_sum", 0.0) for r in records))
     if ft is not None and "finetune_compute" in ev.metrics:
         metrics.append(finetune_fraction(ctx, ft, run))
-    wall = max(p["sample_s"] for p in parts)
+    # the slowest process's summed sampling time (batch k is process k mod P's)
+    wall = max(sum(r["sample_s"] for r in records if r["index"] % procs.count == p) for p in range(procs.count))
     metrics.append(MetricRecord("sample_wall_s_per_image", wall / n, "none", "none", n,
                                 {"batch_size": ctx.exp.sampling.batch_size, "processes": procs.count,
-                                 "note": "bulk sampling wall time (slowest process) incl. first-batch warm-up"}))
+                                 "note": "bulk sampling wall time (slowest process, summed over its batches) "
+                                         "incl. first-batch warm-up"}))
     shown = (metric_name("fd", ctx.extractor.name), "class_agreement", "clip_score", "clip_drift", "precision",
              "recall")
     logger.info("%s s%d: %s", v.id, run.seed, ", ".join(f"{m.metric}={m.value:.4g}" for m in metrics
@@ -338,11 +421,11 @@ def _run_result(ctx: RunContext, st: _RunState, ft: dict | None, parts: list[dic
         params=params, config=run.config, code_version=code_version(), device=describe_device(ctx.device),
         started_at=started, finished_at=_dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None),
         run_dir=str(run.run_dir), **run.sampler.describe())
-    samples = [s for p in parts for s in p["samples"]]
+    samples = [s for r in records for s in r["samples"]]
     reference = run.run_id if not run.sampler.cached else f"uncached:{st.weights_key}"
     return RunResult(record, metrics=metrics, per_prompt_scores=per_prompt, timings=st.timings,
                      feature_stats=list(st.feature_stats), samples=samples,
-                     sample_metrics=sample_metrics(ctx, run, st.prompts, parts, reference),
+                     sample_metrics=sample_metrics(ctx, run, st.prompts, values, reference),
                      cache_attribution=list(st.attribution))
 
 
@@ -436,6 +519,8 @@ def _run_locked(exp: Experiment, opts: RunnerOptions, plan, procs: Processes, de
     done = procs.broadcast(store.finished_run_ids(exp.id) if store is not None else None)
     todo = [r for r in plan.runs if r.run_id not in done]
     skipped = len(plan.runs) - len(todo)
+    for r in todo:  # a run folder of another run is refused before any work
+        run_batches(exp, r).check()
     if procs.is_main:
         print(f"{exp.id}{f' (profile {exp.profile})' if exp.profile else ''}: {len(plan.runs)} runs, "
               f"{skipped} already in {store_path}, {len(todo)} to do; {len(plan.finetunes)} fine-tune(s)"
@@ -449,6 +534,9 @@ def _run_locked(exp: Experiment, opts: RunnerOptions, plan, procs: Processes, de
     # runs of the same weights and seed are paired with, so nothing is sampled twice.
     for runs in by_model.values():
         runs.sort(key=lambda r: r.sampler.cached)
+    references = ReferencePlan(store_path.parent / "runs" / exp.id / ".reference",
+                               [r for runs in by_model.values() for r in runs],
+                               lambda r: reference_key(r, exp.sampling.batch_size), mode=opts.reference)
     bar = tqdm(total=len(todo), desc=f"{exp.id} runs", disable=not show)
     for model_id, runs in by_model.items():
         # The main process extracts and caches the reference features; the others then read them.
@@ -473,7 +561,7 @@ def _run_locked(exp: Experiment, opts: RunnerOptions, plan, procs: Processes, de
                         failed_finetunes[r.finetune.key] = f"{type(err).__name__}: {err}"
                         raise
                 result = execute_run(ctx, r, exp, store if store is not None else results_dir, finetunes, caches,
-                                     progress=show, procs=procs)
+                                     progress=show, procs=procs, references=references)
             except (KeyboardInterrupt, SystemExit):
                 raise
             except Exception as err:  # noqa: BLE001 - recorded, reported, and the exit code says so
@@ -486,7 +574,9 @@ def _run_locked(exp: Experiment, opts: RunnerOptions, plan, procs: Processes, de
                 written = store.write_run(result)  # one transaction: the whole run or nothing
                 logger.info("stored %s (%s) in %.0f s", r.run_id, "written" if written else "already there",
                             time.perf_counter() - t_run)
+                run_batches(exp, r).remove()  # its batches are rows now
             procs.barrier()
+            references.done(r, remove=procs.is_main)
             bar.update(1)
         if procs.is_main and _session_times(exp, procs):
             _timing_session(ctx, plan, model_id, store, show)

@@ -1,6 +1,6 @@
-"""Sampling a run's images: batched denoising from the run's x_T, the FGSM attack on x_T, the
-uncached reference samples that paired metrics compare against, and the cost measurement
-(timings, forward counters, FLOPs, peak memory).
+"""Sampling a run's images: one batch of denoising from its rows of the run's x_T, the FGSM attack
+on a batch's x_T, what the uncached reference samples that paired metrics compare against depend
+on, and the cost measurement (timings, forward counters, FLOPs, peak memory).
 
 Every function takes the resolved :class:`~fcr_eval.plan.planner.PlannedRun` (or its typed parts); none
 reads settings back out of the run's config record.
@@ -20,7 +20,7 @@ from fcr_eval.run.contexts import Prompts, RunContext
 from fcr_eval.run.schedulers import make_sampling_scheduler
 from fcr_eval.store import TimingRecord
 
-__all__ = ["sample_batch", "sample_prompts", "new_scheduler", "attack_initial_noise", "uncached_reference",
+__all__ = ["sample_batch", "sample_rows", "new_scheduler", "attack_rows", "attack_settings", "reference_key",
            "measure_cost", "interleaved_timings"]
 
 logger = logging.getLogger(__name__)
@@ -38,24 +38,13 @@ def sample_batch(unet, scheduler, x_T: torch.Tensor, cond: torch.Tensor, null: t
     return decode(x) if decode is not None else (x.clamp(-1, 1) + 1) / 2
 
 
-def sample_prompts(ctx: RunContext, unet, scheduler, prompts: Prompts, x_T: torch.Tensor, indices: range | int,
-                   steps: int, guidance: float, batch_size: int, desc: str = "", progress: bool = False
-                   ) -> torch.Tensor:
-    """Images of prompts ``indices`` (a range, or ``n`` for the first n) from their initial noise,
-    in batches (no grad), on the CPU."""
-    from tqdm.auto import tqdm
-
-    idx = range(indices) if isinstance(indices, int) else indices
-    out = []
+def sample_rows(ctx: RunContext, unet, scheduler, prompts: Prompts, x_T: torch.Tensor, rows: range, steps: int,
+                guidance: float) -> torch.Tensor:
+    """Images of the prompts ``rows`` from their initial noise ``x_T`` (those rows only), one
+    batch (no grad), on the CPU as float32."""
     with torch.no_grad():
-        for i in tqdm(range(idx.start, idx.stop, batch_size), desc=desc, disable=not progress, leave=False):
-            sl = slice(i, min(i + batch_size, idx.stop))
-            c, nl = ctx.encode(prompts, sl)
-            out.append(sample_batch(unet, scheduler, x_T[sl].to(ctx.device), c, nl, steps, guidance,
-                                    decode=ctx.decode).float().cpu())
-    if not out:
-        return x_T[:0].float()
-    return torch.cat(out)
+        c, nl = ctx.encode(prompts, slice(rows.start, rows.stop))
+        return sample_batch(unet, scheduler, x_T.to(ctx.device), c, nl, steps, guidance, decode=ctx.decode).float().cpu()
 
 
 def new_scheduler(ctx: RunContext, run: PlannedRun):
@@ -69,64 +58,54 @@ def new_scheduler(ctx: RunContext, run: PlannedRun):
     return s
 
 
-def attack_initial_noise(ctx: RunContext, unet, scheduler, run: PlannedRun, prompts: Prompts, x_T: torch.Tensor,
-                         mine: range, batch_size: int, progress: bool = False) -> dict:
-    """FGSM on the initial latent (exp-2's adversarial latent noise), in place on ``x_T`` for this
-    shard's first ``n_images`` prompts. The loss is the distance of the image from the clean one
-    through the run's own sampler; a random start in the ε-ball (seeded per run and batch) avoids
-    the zero gradient at x_T. Returns the attack's record (images attacked, ε, steps, the summed
-    image MSE of this shard)."""
-    from tqdm.auto import tqdm
+def attack_rows(ctx: RunContext, unet, scheduler, run: PlannedRun, prompts: Prompts, x_T: torch.Tensor,
+                rows: range) -> tuple[torch.Tensor, range, float]:
+    """FGSM on the initial latent (exp-2's adversarial latent noise) of one batch: the rows of
+    ``rows`` (whose initial noise is ``x_T``) among the run's first ``n_images``. The loss is the
+    distance of the image from the clean one through the run's own sampler; a random start in the
+    ε-ball (seeded per run and batch start) avoids the zero gradient at x_T.
 
+    Returns ``(x_T with the attacked rows replaced, the attacked rows, their summed image MSE)``."""
     from fcr_eval.metrics.robustness import fgsm_initial_latent
 
+    settings = attack_settings(run)
+    attacked = range(rows.start, min(rows.stop, settings["k"]))
+    if not len(attacked):
+        return x_T, attacked, 0.0
+    sl = slice(attacked.start, attacked.stop)
+    c, nl = ctx.encode(prompts, sl)
+    z = x_T[: len(attacked)].to(ctx.device)
+    with torch.no_grad():
+        clean = sample_batch(unet, scheduler, z, c, nl, run.steps, run.guidance_scale, ctx.decode)
+
+    def loss_fn(zz):
+        return (sample_batch(unet, scheduler, zz, c, nl, run.steps, run.guidance_scale, ctx.decode) - clean).pow(2).mean()
+
+    z_adv = fgsm_initial_latent(loss_fn, z, epsilon=settings["epsilon"], steps=settings["steps"],
+                                generator=torch.Generator().manual_seed(run.seed * 100_003 + attacked.start))
+    with torch.no_grad():
+        mse = float(loss_fn(z_adv)) * len(z)
+    out = x_T.clone()
+    out[: len(attacked)] = z_adv.cpu().to(x_T.dtype)
+    return out, attacked, mse
+
+
+def attack_settings(run: PlannedRun) -> dict:
+    """The FGSM run's attack: how many of its first samples (``k``), ε and steps."""
     rob = run.robustness
-    n = run.n_samples
-    k = min(n, int(rob.settings.get("n_images", n)))
-    eps_, steps_ = float(rob.settings.get("epsilon", 0.1)), int(rob.settings.get("steps", 10))
-    attacked = range(mine.start, min(mine.stop, k))
-    mse = 0.0
-    for i in tqdm(range(attacked.start, attacked.stop, batch_size), desc=f"{run.variation.id} s{run.seed} FGSM",
-                  disable=not progress, leave=False):
-        sl = slice(i, min(i + batch_size, attacked.stop))
-        c, nl = ctx.encode(prompts, sl)
-        z = x_T[sl].to(ctx.device)
-        with torch.no_grad():
-            clean = sample_batch(unet, scheduler, z, c, nl, run.steps, run.guidance_scale, ctx.decode)
-
-        def loss_fn(zz, c=c, nl=nl, clean=clean):
-            return (sample_batch(unet, scheduler, zz, c, nl, run.steps, run.guidance_scale,
-                                 ctx.decode) - clean).pow(2).mean()
-
-        z_adv = fgsm_initial_latent(loss_fn, z, epsilon=eps_, steps=steps_,
-                                    generator=torch.Generator().manual_seed(run.seed * 100_003 + i))
-        with torch.no_grad():
-            mse += float(loss_fn(z_adv)) * len(z)
-        x_T[sl] = z_adv.cpu().to(x_T.dtype)
-    return {"k": k, "epsilon": eps_, "steps": steps_, "mse_sum": mse}
+    return {"k": min(run.n_samples, int(rob.settings.get("n_images", run.n_samples))),
+            "epsilon": float(rob.settings.get("epsilon", 0.1)), "steps": int(rob.settings.get("steps", 10))}
 
 
-def uncached_reference(ctx: RunContext, unet, run: PlannedRun, prompts: Prompts, x_T: torch.Tensor, idx: range,
-                       weights_key: str, caches: dict, progress: bool = False,
-                       images: torch.Tensor | None = None) -> torch.Tensor:
-    """The same weights' samples *without* a cache from the same x_T and prompts (images
-    ``idx``), which paired metrics compare a run against. Sampled once per weights × seed ×
-    sampling setting and reused by every run that shares them; an uncached run hands its own
-    ``images`` in, so the cached runs after it reuse them instead of sampling again. An FGSM
-    run's x_T is its own (the attack goes through its sampler), so its reference is its own too.
-
-    ``unet`` must have no cache attached while this runs. The reference is held on the CPU for
-    the rest of the experiment's runs on this model (n images per weights × seed)."""
+def reference_key(run: PlannedRun, batch_size: int) -> tuple:
+    """What a run's uncached reference samples depend on: the model and weights, the seed's x_T
+    (an FGSM run's attacked x_T is its own), scheduler, steps, guidance, resolution, the stress
+    and prompts, the sample count and the batch grid. Runs with one key are paired with the same
+    uncached samples; an uncached run's own samples are the reference of its key."""
+    weights = run.finetune.key if run.finetune is not None else "base"
     x_key = run.run_id if run.robustness.kind == "fgsm_latent" else "seed"
-    key = ("uncached", weights_key, run.seed, x_key, run.scheduler, run.steps, run.guidance_scale, run.resolution,
-           run.variation.robustness, prompts.source, idx.start, idx.stop)
-    if images is not None:
-        caches.setdefault(key, images)
-    elif key not in caches:
-        caches[key] = sample_prompts(ctx, unet, new_scheduler(ctx, run), prompts, x_T, idx, run.steps,
-                                     run.guidance_scale, ctx.exp.sampling.batch_size,
-                                     desc=f"{run.variation.id} no-cache ref", progress=progress)
-    return caches[key]
+    return (run.variation.model, weights, run.seed, x_key, run.scheduler, run.steps, run.guidance_scale,
+            run.resolution, run.variation.robustness, run.eval_prompts, run.n_samples, batch_size)
 
 
 def measure_cost(ctx: RunContext, unet, scheduler, run: PlannedRun, prompts: Prompts, x_T: torch.Tensor,
@@ -205,7 +184,7 @@ def interleaved_timings(ctx: RunContext, runs: list[PlannedRun], rounds: int, pr
     unet = ctx.unet(None)
     first = runs[0]
     prompts = ctx.prompts(first.eval_prompts, first.n_samples, robustness=first.robustness)
-    x_T = ctx.initial_noise(first.n_samples, first.resolution, first.seed)
+    x_T = ctx.initial_noise(min(max(ev.timing_batch_sizes), first.n_samples), first.resolution, first.seed)
     device, version = describe_device(ctx.device), code_version()
     rows = []
     total = len(ev.timing_batch_sizes) * (rounds + 1) * len(runs)

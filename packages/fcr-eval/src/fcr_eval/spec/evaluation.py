@@ -25,7 +25,25 @@ from fcr_eval.spec.vocabulary import (
     TIMING_SEEDS,
 )
 
-__all__ = ["EvaluationSpec", "load_evaluation", "check_attribution_variations"]
+__all__ = ["EvaluationSpec", "SAVE_SAMPLES_WORDS", "saved_sample_count", "load_evaluation",
+           "check_attribution_variations"]
+
+#: The words ``evaluation.save_samples`` takes besides a count.
+SAVE_SAMPLES_WORDS = ("all", "none")
+
+
+def saved_sample_count(save_samples: bool | int | str, n_samples: int) -> int:
+    """How many of a run's first ``n_samples`` samples ``save_samples`` writes as PNGs.
+
+    Example:
+        >>> saved_sample_count("all", 100), saved_sample_count(16, 100), saved_sample_count(False, 100)
+        (100, 16, 0)
+    """
+    if save_samples is True or save_samples == "all":
+        return n_samples
+    if save_samples is False or save_samples == "none":
+        return 0
+    return min(int(save_samples), n_samples)
 
 
 @dataclass(frozen=True)
@@ -57,7 +75,9 @@ class EvaluationSpec:
     attribution_variations: tuple[str, ...] | None = None
     kid_subset_size: int = 1000
     pr_k: int = 3
-    save_samples: bool = True
+    # Which of a run's samples are written as PNGs: "all", "none", or the first N (an integer);
+    # true / false are "all" / "none". The paired and set-level metrics never read the PNGs.
+    save_samples: bool | int | str = "all"
     grid_per_class: int = 8
 
 
@@ -87,9 +107,17 @@ def load_evaluation(chk: Checker, raw: Any, datasets: dict[str, DatasetSpec]) ->
         chk.fail(f"evaluation.attribution_samples = {evaluation.attribution_samples} must be >= 1 (the "
                  "samples of each cached run that the cache-error attribution walks)", "evaluation",
                  "attribution_samples")
+    _check_save_samples(chk, evaluation.save_samples)
     dataset_ref(chk, datasets, evaluation.reference, "evaluation.reference", "evaluation", "reference",
                 roles=("reference", "eval"))
     return evaluation
+
+
+def _check_save_samples(chk: Checker, value) -> None:
+    ok = isinstance(value, bool) or value in SAVE_SAMPLES_WORDS or (isinstance(value, int) and value >= 0)
+    if not ok:
+        chk.fail(f"evaluation.save_samples = {value!r} is not allowed; use \"all\", \"none\" or a count N >= 0 "
+                 "(the first N samples of each run are written as PNGs)", "evaluation", "save_samples")
 
 
 def check_attribution_variations(chk: Checker, evaluation: EvaluationSpec, samplers: Mapping[str, str]) -> None:
