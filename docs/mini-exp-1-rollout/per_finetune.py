@@ -25,7 +25,9 @@ def per_finetune(store_path: str, arm: str) -> pl.DataFrame:
              .pivot(on="col", index="seed", values="value").sort("seed"))
     rows = []
     for r in means.iter_rows(named=True):
-        g = lambda v, m="cache_mse": r.get(f"{m}:{v}")  # noqa: E731
+        def g(variation: str, metric: str = "cache_mse", r=r) -> float | None:
+            return r.get(f"{metric}:{variation}")
+
         row = {"seed": r["seed"]}
         for cache in ("dc-5", "dc-10", "fd-10"):
             row[f"control {cache}"] = g(f"ft-0.00-{cache}")
