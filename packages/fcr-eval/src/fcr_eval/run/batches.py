@@ -247,3 +247,7 @@ class ReferencePlan:
         self._pending[key] = pending
         if remove and self.mode == "spill" and not any(r.sampler.cached for r in pending):
             self._spill(key).remove()
+            try:
+                self.root.rmdir()  # the last spill: leave no empty folder beside the run folders
+            except OSError:
+                pass
