@@ -12,7 +12,14 @@ import pytest
 from fcr_eval.report.report import report, stored_weights
 from fcr_eval.spec.experiment import load_experiment
 from fcr_eval.spec.vocabulary import INDEPENDENT_FINETUNES, SHARED_FINETUNE
-from fcr_eval.store import ResultsStore, RunRecord, RunResult, SampleMetrics, make_run_id
+from fcr_eval.store import (
+    MetricRecord,
+    ResultsStore,
+    RunRecord,
+    RunResult,
+    SampleMetrics,
+    make_run_id,
+)
 
 EXPERIMENT = """
 seeds = [0, 1, 2]
@@ -70,7 +77,7 @@ baseline = "ft-fd-4"
 """
 
 
-def _store(tmp_path: Path, per_seed: bool) -> tuple[Path, object]:
+def _store(tmp_path: Path, per_seed: bool, metrics: tuple = ()) -> tuple[Path, object]:
     path = tmp_path / "exp.toml"
     path.write_text(EXPERIMENT)
     exp = load_experiment(path)
@@ -86,8 +93,8 @@ def _store(tmp_path: Path, per_seed: bool) -> tuple[Path, object]:
             run = RunRecord(make_run_id(exp.id, v.id, seed, config), exp.id, v.id, seed, "embedded-tiny",
                             "fashion-mnist", "fd", "ddim", 28, 4, 2.0, stride=v.stride, config=config)
             values = rng.normal(0.1 if v.id == "fcr-fd-4" else 0.2, 0.01, 8)
-            store.write_run(RunResult(run, sample_metrics=[SampleMetrics("cache_mse", values, list(range(8)),
-                                                                         seeds=seed)]))
+            store.write_run(RunResult(run, metrics=list(metrics),
+                                      sample_metrics=[SampleMetrics("cache_mse", values, list(range(8)), seeds=seed)]))
     return store_path, exp
 
 
@@ -116,3 +123,16 @@ def test_stored_weights_name_the_finetune_or_the_base_model(tmp_path):
     assert len(rows) == 9
     assert rows["fd-2", 1].weights == "base:tiny" and not rows["fd-2", 1].finetuned
     assert rows["fcr-fd-4", 2].weights == "ft-fcr-fd-4-s2" and rows["fcr-fd-4", 2].finetuned
+
+
+def test_plots_leave_out_a_cache_without_a_stride_and_draw_the_rest(tmp_path, monkeypatch):
+    """An adaptive cache has no stride: the stride plots leave it out (before, its ``None`` stride
+    was sorted with the integer ones and the report failed with a TypeError)."""
+    global EXPERIMENT
+    adaptive = EXPERIMENT + '\n[[variations]]\nid = "adaptive"\nsampler = "adaptive-deepcache"\nthreshold = 0.2\n'
+    monkeypatch.setattr(f"{__name__}.EXPERIMENT", adaptive)
+    store_path, exp = _store(tmp_path, per_seed=True, metrics=(MetricRecord("unet_calls", 1.0, "none", "none", 8),))
+    assert any(v.sampler == "adaptive-deepcache" and v.stride is None for v in exp.variations)
+    report(exp, store_path, plots=True)
+    drawn = {p.name for p in (store_path.parent / "plots").rglob("*.png")}
+    assert "cache_error_vs_stride.png" in drawn

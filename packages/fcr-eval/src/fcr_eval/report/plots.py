@@ -42,6 +42,12 @@ def pyplot():
     return plt
 
 
+def _on_stride_axis(v) -> bool:
+    """Whether a variation has a place on a stride axis: no cache (stride 1) or a uniform stride.
+    Adaptive caches and explicit schedules have none; the stride plots leave them out."""
+    return v.sampler == "none" or v.stride is not None
+
+
 def _seed_mean_half_width(vals):
     """Mean over seeds and the half-width of its t-interval (:func:`fcr_eval.analysis.stats.mean_ci`),
     for error bars; a single seed has no bar."""
@@ -100,7 +106,7 @@ def make_plots(exp: Experiment, store: ResultsStore, out_dir: Path) -> list[Path
     # 1. quality vs stride, per weights (and robustness condition)
     groups: dict[str, list] = {}
     for v in exp.variations:
-        if v.sampler == "deepcache":
+        if v.sampler == "deepcache" or not _on_stride_axis(v):
             continue
         key = _weights_label(v, exp) + ("" if v.robustness == "none" else f", {v.robustness}") + \
             ("" if (v.scheduler or exp.sampling.scheduler) == exp.sampling.scheduler else f", {v.scheduler}")
@@ -122,7 +128,7 @@ def make_plots(exp: Experiment, store: ResultsStore, out_dir: Path) -> list[Path
         ax.errorbar(xs, ys, yerr=hs, marker="o", capsize=3, label=label)
         plotted = True
     for v in exp.variations:
-        if v.sampler == "deepcache":
+        if v.sampler == "deepcache" and _on_stride_axis(v):
             m, h = _seed_mean_half_width(qvals(v.id))
             if m is not None:
                 ax.errorbar([v.stride], [m], yerr=[h], marker="s", linestyle="none", capsize=3,
@@ -230,7 +236,7 @@ def _paired_plots(exp: Experiment, store: ResultsStore, out_dir: Path, plt) -> l
     if sm.height:
         groups: dict[str, list] = {}
         for v in exp.variations:
-            if v.sampler != "deepcache" and v.robustness == "none":
+            if v.sampler != "deepcache" and v.robustness == "none" and _on_stride_axis(v):
                 groups.setdefault(_weights_label(v, exp), []).append(v)
         fig, ax = plt.subplots(figsize=(7.5, 4.8))
         for label, vs in groups.items():
