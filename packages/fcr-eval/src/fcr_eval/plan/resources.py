@@ -90,7 +90,7 @@ BATCH_RECORD_BYTES = 256
 #: benchmarks/runner_scale.py.
 STORE_BYTES_PER_SAMPLE = 400
 #: Where a cached run's uncached reference batches come from (``fcr-eval run --reference``, the
-#: runner's ``fcr_eval.run.batches.REFERENCE_MODES``, first the default): ``spill`` — written once
+#: runner imports it, first the default): ``spill`` — written once
 #: per weights × seed × setting as float32 pixels (and their features) by the key's first run,
 #: read back by the later ones, removed after the last; ``sample`` — sampled again in every cached
 #: run (no disk, one more uncached sampling per cached run).

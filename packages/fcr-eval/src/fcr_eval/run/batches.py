@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from fcr_eval.metrics.streaming import FeatureSpill
+from fcr_eval.plan.resources import REFERENCE_MODES  # the owner: the plan prices both modes
 
 __all__ = ["BatchGrid", "RunBatches", "ReferenceSpill", "ReferencePlan", "REFERENCE_MODES", "ResumeMismatchError",
            "atomic_write_bytes"]
@@ -195,12 +196,6 @@ def _npy_bytes(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, a)
     return buf.getvalue()
-
-
-#: How cached runs get their uncached reference batches: read back from a spill an earlier run of
-#: the experiment wrote (``spill``: disk, no extra sampling), or sampled in their own loop
-#: (``sample``: no disk, one more uncached sampling per cached run). The numbers are the same.
-REFERENCE_MODES = ("spill", "sample")
 
 
 class ReferencePlan:

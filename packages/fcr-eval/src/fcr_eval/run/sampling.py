@@ -15,6 +15,7 @@ import time
 import torch
 
 from fcr_eval.plan.planner import PlannedRun
+from fcr_eval.plan.planner import reference_key as plan_reference_key
 from fcr_eval.plan.samplers import apply_sampler, remove_sampler
 from fcr_eval.run.contexts import Prompts, RunContext
 from fcr_eval.run.schedulers import make_sampling_scheduler
@@ -98,14 +99,12 @@ def attack_settings(run: PlannedRun) -> dict:
 
 
 def reference_key(run: PlannedRun, batch_size: int) -> tuple:
-    """What a run's uncached reference samples depend on: the model and weights, the seed's x_T
-    (an FGSM run's attacked x_T is its own), scheduler, steps, guidance, resolution, the stress
-    and prompts, the sample count and the batch grid. Runs with one key are paired with the same
+    """What a run's uncached reference samples depend on: the plan's sharing rule
+    (:func:`fcr_eval.plan.planner.reference_key`: weights, the seed's x_T — an FGSM run's attacked
+    x_T is its own —, scheduler, steps, guidance, resolution, stress and prompts) plus the sample
+    count and the batch grid the spill is written in. Runs with one key are paired with the same
     uncached samples; an uncached run's own samples are the reference of its key."""
-    weights = run.finetune.key if run.finetune is not None else "base"
-    x_key = run.run_id if run.robustness.kind == "fgsm_latent" else "seed"
-    return (run.variation.model, weights, run.seed, x_key, run.scheduler, run.steps, run.guidance_scale,
-            run.resolution, run.variation.robustness, run.eval_prompts, run.n_samples, batch_size)
+    return (*plan_reference_key(run), run.n_samples, batch_size)
 
 
 def measure_cost(ctx: RunContext, unet, scheduler, run: PlannedRun, prompts: Prompts, x_T: torch.Tensor,
