@@ -136,3 +136,14 @@ def test_plots_leave_out_a_cache_without_a_stride_and_draw_the_rest(tmp_path, mo
     report(exp, store_path, plots=True)
     drawn = {p.name for p in (store_path.parent / "plots").rglob("*.png")}
     assert "cache_error_vs_stride.png" in drawn
+
+
+@pytest.mark.parametrize(("file", "named", "not_named"), [
+    ("tiny.toml", "Fashion-MNIST classifier", "emoji-group classifier"),
+    ("tiny-emoji.toml", "emoji-group classifier", "Fashion-MNIST classifier"),
+])
+def test_the_set_level_table_names_the_classifier_of_the_experiments_backbone(file, named, not_named):
+    from fcr_eval.report.report import _table_notes
+
+    notes = _table_notes(load_experiment(Path(__file__).parents[1] / "experiments" / file))
+    assert named in notes and not_named not in notes

@@ -18,7 +18,7 @@ from fcr_eval.analysis.replication import RunWeights, contrast_replication
 from fcr_eval.analysis.stats import clustered_mean_ci
 from fcr_eval.spec.experiment import Experiment
 from fcr_eval.spec.names import safe_child
-from fcr_eval.spec.vocabulary import SAMPLE_METRICS, SHARED_FINETUNE, metric_spec
+from fcr_eval.spec.vocabulary import CLASSIFIERS, SAMPLE_METRICS, SHARED_FINETUNE, metric_spec
 from fcr_eval.store import ResultsStore
 
 __all__ = ["Report", "markdown_table", "summary_table", "paired_table", "contrasts_report", "criteria_table",
@@ -247,7 +247,8 @@ def _table_notes(exp: Experiment, store: ResultsStore | None = None) -> str:
              f"{ev.feature_image_size}²) vs {ref_text} — not Inception FID")
     parts = [q]
     if "class_agreement" in ev.metrics:
-        parts.append("class agr.: shipped Fashion-MNIST classifier")
+        backbones = sorted({m.backbone for m in exp.models.values() if m.backbone})
+        parts.append("class agr.: " + (", ".join(CLASSIFIERS[b] for b in backbones) or "–"))
     if "clip_score" in ev.metrics:
         parts.append(f"CLIPScore: torchmetrics with the local CLIP {ev.clip_model}")
     if "clip_drift" in ev.metrics:

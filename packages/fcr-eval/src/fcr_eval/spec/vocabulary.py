@@ -114,6 +114,9 @@ CACHE_FEATURE_L2 = "cache_feature_l2"
 # The classifier's per-sample scores (computed in :mod:`fcr_eval.metrics.class_agreement`).
 CLASS_CORRECT = "class_correct"
 CLASS_LOGPROB = "class_logprob"
+#: The prompt-adherence classifier of each embedded backbone (``ModelSpec.backbone``), as reports name it.
+CLASSIFIERS = {"fashion-mnist": "shipped Fashion-MNIST classifier (10 classes)",
+               "emoji": "shipped emoji-group classifier (9 Unicode groups, fcr_eval.metrics.emoji_groups)"}
 
 
 @dataclass(frozen=True)
@@ -167,9 +170,9 @@ METRIC_REGISTRY: dict[str, MetricSpec] = {m.name: m for m in (
     _M(CACHE_FEATURE_L2, "cache error in feature space (L2 to the uncached sample)", False, True, True,
        "cache feat. L2", "L2 distance to the same weights' uncached sample in the quality extractor's feature space"),
     _M(CLASS_CORRECT, "prompted class recognised (per sample)", True, False, True, "class correct",
-       "1 if the Fashion-MNIST classifier assigns the prompted class"),
+       "1 if the backbone's shipped classifier assigns the prompted class"),
     _M(CLASS_LOGPROB, "log p(prompted class)", True, False, True, "class log-prob",
-       "log-probability of the prompted class under the Fashion-MNIST classifier"),
+       "log-probability of the prompted class under the backbone's shipped classifier"),
     _M("clip_score", "CLIPScore", True, False, True, "CLIPScore", "CLIPScore of the sample against its prompt",
        per_sample_form="clip_score"),
     _M("clip_drift", "CLIP drift (1 − cos, cached vs no cache)", False, True, True, "CLIP drift",
