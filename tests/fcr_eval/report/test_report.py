@@ -147,3 +147,23 @@ def test_the_set_level_table_names_the_classifier_of_the_experiments_backbone(fi
 
     notes = _table_notes(load_experiment(Path(__file__).parents[1] / "experiments" / file))
     assert named in notes and not_named not in notes
+
+
+def test_after_a_run_the_contrast_plots_show_that_runs_contrasts(tmp_path, monkeypatch):
+    """``fcr-eval run`` keeps the verdicts before it draws: the forest plots read the stored
+    contrasts, and drawn first (as before) the first run's plots held none of its contrasts."""
+    import fcr_eval.report.plots as plots
+    from fcr_eval.cli import _report_after_run
+
+    store_path, exp = _store(tmp_path, per_seed=True, metrics=(MetricRecord("unet_calls", 1.0, "none", "none", 8),))
+    drawn = []
+    real = plots._contrast_forest
+
+    def spy(exp_, rows, *args, **kw):
+        drawn.extend(rows["contrast_id"].to_list())
+        return real(exp_, rows, *args, **kw)
+
+    monkeypatch.setattr(plots, "_contrast_forest", spy)
+    _report_after_run(exp, store_path, plots=True)
+    assert drawn == ["fcr-vs-control"]
+    assert ResultsStore.open_readonly(store_path).contrasts(exp.id)["contrast_id"].to_list() == ["fcr-vs-control"]

@@ -206,10 +206,7 @@ def _run(args) -> int:
                          reference=args.reference)
     outcome = run_experiment(exp, opts)
     if outcome.main:  # the process that wrote the store reports it, and keeps the verdicts
-        from fcr_eval.report.report import report
-
-        rep = report(exp, Path(args.store), plots=not args.no_plots)
-        _keep_verdicts(exp.id, Path(args.store), rep)
+        _report_after_run(exp, Path(args.store), plots=not args.no_plots)
     failed = outcome.failed
     if failed:
         print(f"\n{len(failed)} run(s) failed (the store holds only the finished ones; run the same "
@@ -259,6 +256,17 @@ def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _report_after_run(exp, store_path: Path, *, plots: bool) -> None:
+    """Print the report, keep its verdicts in the store, then draw the plots — in that order, so the
+    contrast plots show this run's contrasts (drawn before, they showed the previous run's)."""
+    from fcr_eval.report.report import report, write_plots
+
+    rep = report(exp, store_path, plots=False)
+    _keep_verdicts(exp.id, store_path, rep)
+    if plots:
+        write_plots(exp, store_path)
 
 
 def _keep_verdicts(experiment_id: str, store_path: Path, rep) -> None:

@@ -338,17 +338,24 @@ def report(exp: Experiment, store_path: Path, *, plots: bool = True) -> Report:
         print("\n### success criteria (design.md §1)\n")
         print(criteria_table(crit))
         print("\n" + _verdict_count_note(exp, crit))
-    files: list[Path] = []
-    if plots:
-        from fcr_eval.report.attribution import attribution_plots
-        from fcr_eval.report.plots import make_plots
-
-        plot_dir = safe_child(store.root, "plots", exp.id)
-        files = make_plots(exp, store, plot_dir)
-        files += attribution_plots(exp, store, plot_dir)
     print(f"\nstore: {store_path}")
+    files = write_plots(exp, store_path) if plots else []
+    return Report(store=store_path, plots=files, table=table, criteria=crit, contrasts=contrast_results)
+
+
+def write_plots(exp: Experiment, store_path: Path) -> list[Path]:
+    """Draw the experiment's plots from the store (PNG files in ``plots/<experiment>/`` next to it)
+    and print where they went. The contrast plots read the *stored* contrasts: after a run, draw
+    them once its verdicts are kept (``fcr-eval run`` does), or they show the previous ones."""
+    from fcr_eval.report.attribution import attribution_plots
+    from fcr_eval.report.plots import make_plots
+
+    store = ResultsStore.open_readonly(store_path)
+    plot_dir = safe_child(store.root, "plots", exp.id)
+    files = make_plots(exp, store, plot_dir)
+    files += attribution_plots(exp, store, plot_dir)
     if files:
         print(f"plots ({store.root / 'plots' / exp.id}):")
         for f in files:
             print(f"  {f}")
-    return Report(store=store_path, plots=files, table=table, criteria=crit, contrasts=contrast_results)
+    return files
