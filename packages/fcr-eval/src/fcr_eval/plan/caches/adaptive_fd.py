@@ -5,7 +5,7 @@ plan counts every step as a possible key step (the cost's upper bound); the run 
 
 from __future__ import annotations
 
-from fcr_eval.plan.caches import CacheKind, cache_kind
+from fcr_eval.plan.caches._adaptive import adaptive_kind
 
 
 def _build(v, steps: int):
@@ -14,22 +14,4 @@ def _build(v, steps: int):
     return AdaptiveCacheConfig(threshold=v.threshold, cache="fd")
 
 
-def _apply(unet, config) -> None:
-    from fcr_sample import apply_adaptive_cache
-
-    apply_adaptive_cache(unet, config)
-
-
-def _remove(unet) -> None:
-    from fcr_sample import remove_adaptive_cache
-
-    remove_adaptive_cache(unet)
-
-
-def _forward_counts(steps: int, full: int) -> dict[str, int]:
-    """As fd's, with every step counted as full (the plan's upper bound)."""
-    return cache_kind("fd").forward_counts(steps, full)
-
-
-KIND = CacheKind(build=_build, apply=_apply, remove=_remove, forward_counts=_forward_counts,
-                 interval=lambda config: None)
+KIND = adaptive_kind("fd", _build)
