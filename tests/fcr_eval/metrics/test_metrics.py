@@ -10,6 +10,7 @@ from fcr_eval.metrics.frechet import (
     feature_statistics,
     frechet_distance,
     frechet_distance_from_features,
+    frechet_distance_to_reference,
 )
 from fcr_eval.metrics.inception_score import inception_score
 from fcr_eval.metrics.kid import kernel_distance, polynomial_mmd2_unbiased
@@ -56,6 +57,28 @@ def test_frechet_eigh_path_equals_scipy_sqrtm_path_and_stays_real_when_singular(
     assert frechet_distance(mu1, s1, mu2, s2, method="sqrtm") == pytest.approx(ref, rel=1e-10)
     with pytest.raises(ValueError, match="method"):
         frechet_distance(mu1, s1, mu2, s2, method="svd")
+
+
+@pytest.mark.parametrize("n_ref, n_gen", [(12, 300), (12, 8), (40, 40), (41, 30), (300, 30)])
+def test_frechet_to_reference_equals_the_full_path_at_every_reference_size(n_ref, n_gen):
+    """A reference of N <= D rows takes the N × N path (a mini-val against Inception's 2048 dimensions);
+    N > D the D × D one: the same number as frechet_distance of the two fitted Gaussians and as clean-fid's
+    sqrtm path, either side of N = D and with either side the singular one."""
+    from scipy import linalg
+
+    rng = np.random.default_rng(n_ref * 1000 + n_gen)
+    mix = rng.normal(size=(40, 40))
+    ref, gen = rng.normal(size=(n_ref, 40)) @ mix, rng.normal(loc=0.2, size=(n_gen, 40)) @ mix
+    (mu1, s1), (mu2, s2) = feature_statistics(ref), feature_statistics(gen)
+    sqrtm_path = float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2)
+                       - 2 * np.trace(linalg.sqrtm(s1 @ s2)).real)
+    value = frechet_distance_to_reference(ref, mu2, s2)
+    assert value == pytest.approx(frechet_distance(mu1, s1, mu2, s2), rel=1e-7)
+    assert value == pytest.approx(sqrtm_path, rel=1e-6)
+    with pytest.raises(ValueError, match="means differ in shape"):
+        frechet_distance_to_reference(ref[:, :30], mu2, s2)
+    with pytest.raises(ValueError, match="does not match|do not match"):
+        frechet_distance_to_reference(ref, mu2, s2[:30, :30])
 
 
 def test_frechet_closed_form_for_diagonal_covariances():

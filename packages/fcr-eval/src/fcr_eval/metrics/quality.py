@@ -24,8 +24,7 @@ import numpy as np
 from fcr_eval.metrics.extractors import ExtractedFeatures, FeatureExtractor, metric_name
 from fcr_eval.metrics.frechet import (
     fd_estimable,
-    feature_statistics,
-    frechet_distance,
+    frechet_distance_to_reference,
     streamed_statistics,
 )
 from fcr_eval.metrics.inception_score import inception_score
@@ -66,7 +65,7 @@ def quality_metrics(real: ExtractedFeatures, fake: ExtractedFeatures, *, referen
         dim = int(fake.features.shape[1])
         if real.features.shape[1] != dim:
             raise ValueError(f"feature dimensions differ: {real.features.shape[1]} vs {dim}")
-        fd = frechet_distance(*feature_statistics(real.features), *streamed_statistics(fake.features))
+        fd = frechet_distance_to_reference(real.features, *streamed_statistics(fake.features))
         out.append(MetricRecord(metric_name("fd", ext), fd, ext, prep, n, {**base, "feature_dim": dim,
                                                "estimable": fd_estimable(min(n, real.n), dim)}))
     if "kid" in include:

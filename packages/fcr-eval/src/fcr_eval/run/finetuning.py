@@ -84,7 +84,7 @@ def _moving_fd_validation(ctx: RunContext, exp: Experiment, es, output_dir: Path
     ``mini_val_size`` samples (no cache) against the reference features. The history lives in the
     fine-tune's folder, so a resumed fine-tune continues the same window."""
     from fcr_eval.metrics.extractors import EXTRACT_BATCH
-    from fcr_eval.metrics.frechet import feature_statistics, frechet_distance
+    from fcr_eval.metrics.frechet import frechet_distance_to_reference
     from fcr_eval.metrics.streaming import RunningMoments
     from fcr_eval.run.batches import BatchGrid
     from fcr_eval.run.early_stopping import MovingValidation
@@ -110,7 +110,7 @@ def _moving_fd_validation(ctx: RunContext, exp: Experiment, es, output_dir: Path
                 moments = moments or RunningMoments(feats.shape[1])
                 moments.update(feats)
             pending = [buf[cut:]]
-        value = frechet_distance(*feature_statistics(ctx.reference.features), *moments.statistics())
+        value = frechet_distance_to_reference(ctx.reference.features, *moments.statistics())
         logger.info("step %d: mini-val FD %.3f (%s, %d samples)", step, value, ctx.extractor.name, n)
         return value
 
