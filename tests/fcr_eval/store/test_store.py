@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import duckdb
@@ -265,6 +266,34 @@ def test_large_run_writes(tmp_path):
     s = ResultsStore(tmp_path / "s.duckdb")
     assert s.write_run(_result(n_prompts=3000))
     assert _counts(tmp_path / "s.duckdb")["per_prompt_scores"] == 3000
+
+
+def test_a_large_run_round_trips_every_value_exactly(tmp_path):
+    """The bulk insert reads column by column and DuckDB infers an object column's type from a
+    sample of its rows: values past that sample (floats after 2,000 whole numbers, text after 2,500
+    missing labels), exact float bits, infinities, NaN (stored as NULL) and a list must all come back
+    as written."""
+    n = 3000
+    res = _result(n_prompts=n)
+    values = [float(i) for i in range(2000)] + [0.1 * i + 1 / 3 for i in range(1000)]
+    values[5], values[6], values[2500] = float("inf"), float("nan"), -float("inf")
+    res.per_prompt_scores[:] = [PerPromptScore("class_agreement", f"p{i}", v) for i, v in enumerate(values)]
+    res.samples[:] = [SampleRecord(f"p{i}", f"prompt {i}", 0, f"samples/{i}.png", 32, 32,
+                                   None if i < 2500 else f"label {i}") for i in range(n)]
+    res = dataclasses.replace(res, run=dataclasses.replace(res.run, cache_key_steps=(0, 3, 9)))
+    s = ResultsStore(tmp_path / "s.duckdb")
+    assert s.write_run(res)
+    con = duckdb.connect(str(tmp_path / "s.duckdb"), read_only=True)
+    try:
+        got = dict(con.execute("SELECT prompt_id, value FROM per_prompt_scores").fetchall())
+        labels = dict(con.execute("SELECT prompt_id, class_label FROM samples").fetchall())
+        steps = con.execute("SELECT cache_key_steps FROM runs").fetchone()[0]
+    finally:
+        con.close()
+    assert got.pop("p6") is None  # NaN is stored as NULL
+    assert all(got[f"p{i}"] == v for i, v in enumerate(values) if i != 6)  # bit for bit, inf included
+    assert [labels[f"p{i}"] for i in (0, 2499, 2500, 2999)] == [None, None, "label 2500", "label 2999"]
+    assert steps == [0, 3, 9]
 
 
 def test_empty_and_null_results_are_typed(tmp_path):

@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 import polars as pl
 
 from fcr_eval.records import (
@@ -497,17 +498,23 @@ class ResultsStore:
 
     @staticmethod
     def _insert(con: duckdb.DuckDBPyConnection, table: str, ncols: int, rows: Sequence[Sequence[Any]]) -> None:
+        """Insert ``rows`` (``ncols`` values each) into ``table`` (a name, or a name with its column list)
+        as one scan of per-column object arrays: DuckDB reads a dict of numpy arrays without pyarrow and
+        casts each column to the table's type. 204k rows in 0.3 s where parameter-bound multi-row VALUES
+        took 13 s (one 2-core CPU) — a design-size run writes 30,000 samples and per-prompt scores.
+        DuckDB reads a float NaN in an object column as NULL, as :func:`_num` stores it."""
         if not rows:
             return
-        placeholders = "(" + ", ".join("?" * ncols) + ")"
-        # Chunked multi-row VALUES: far faster than executemany for thousands of rows.
-        chunk = max(1, 2000 // ncols)
-        for i in range(0, len(rows), chunk):
-            part = rows[i : i + chunk]
-            con.execute(
-                f"INSERT INTO {table} VALUES " + ", ".join([placeholders] * len(part)),
-                [v for row in part for v in row],
-            )
+        bad = next((len(row) for row in rows if len(row) != ncols), None)
+        if bad is not None:
+            raise StoreError(f"a row for {table.split(' ')[0]} has {bad} values, not {ncols}")
+        n = len(rows)
+        frame = {f"c{i}": np.fromiter((row[i] for row in rows), dtype=object, count=n) for i in range(ncols)}
+        con.register("_fcr_rows", frame)
+        try:
+            con.execute(f"INSERT INTO {table} SELECT {', '.join(frame)} FROM _fcr_rows")
+        finally:
+            con.unregister("_fcr_rows")
 
     def write_criteria(self, results: Iterable[CriterionResult]) -> int:
         """Store success-criteria verdicts in one transaction, replacing earlier verdicts of the
