@@ -40,7 +40,12 @@ def test_second_runner_refuses_or_waits_and_no_work_is_done_twice(tmp_path):
             time.sleep(0.2)
         runs_dir = tmp_path / "results" / "runs"
 
-        refused = subprocess.run(_cli(store), capture_output=True, text=True, env=env, timeout=120)
+        # refused before torch is loaded: the second runner answers at once
+        says_torch = ("import sys\nfrom fcr_eval.cli import main\ntry:\n    sys.exit(main(sys.argv[1:]))\n"
+                      "finally:\n    print('torch loaded:', 'torch' in sys.modules)")
+        refused = subprocess.run([sys.executable, "-c", says_torch, *_cli(store)[3:]], capture_output=True,
+                                 text=True, env=env, timeout=120)
+        assert "torch loaded: False" in refused.stdout, refused.stdout
         assert refused.returncode == 2, refused.stderr
         assert f"pid {first.pid}" in refused.stderr and "Traceback" not in refused.stderr
         assert "--wait" in refused.stderr or "wait" in refused.stderr.lower()

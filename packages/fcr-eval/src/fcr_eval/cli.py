@@ -198,6 +198,12 @@ def _run(args) -> int:
         logger.warning("--threads %d is more than this machine's %d CPU(s); torch will oversubscribe them",
                        args.threads, os.cpu_count() or 1)
     check_device(args.device)
+    from fcr_eval.run.distributed import launched_processes
+
+    if not args.wait and launched_processes() == 1:  # a busy store refused now, not after loading torch
+        from fcr_eval.store import refuse_if_writer_busy
+
+        refuse_if_writer_busy(args.store)
     if not args.no_resource_check:
         _check_resources(exp, args)
     from fcr_eval.run.runner import RunnerOptions, run_experiment

@@ -22,13 +22,17 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-__all__ = ["Processes"]
+__all__ = ["Processes", "launched_processes"]
 
 
-def _world_size_from_env() -> int:
+def launched_processes() -> int:
+    """How many processes the launcher (torchrun, accelerate, MPI) started for this run: 1 when none
+    did. Reads the environment only (no torch), so the CLI can ask before loading anything."""
     for key in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
         if os.environ.get(key):
             return int(os.environ[key])
@@ -47,7 +51,7 @@ class Processes:
     @classmethod
     def from_environment(cls, cpu: bool = False) -> Processes:
         """Join the launcher's process group when one is set up (WORLD_SIZE > 1), else a single process."""
-        if _world_size_from_env() <= 1:
+        if launched_processes() <= 1:
             return cls()
         from accelerate import PartialState
 

@@ -125,6 +125,7 @@ __all__ = [
     "RUN_TABLES",
     "writer_lock",
     "writer_lock_path",
+    "refuse_if_writer_busy",
     "make_run_id",
     "migrate",
     "apply_migrations",
@@ -258,13 +259,29 @@ def writer_lock(store_path: str | os.PathLike = DEFAULT_STORE_PATH, *, wait: boo
         >>> with writer_lock("results/fcr.duckdb", wait=600):
         ...     run_experiment(...)
     """
-    # fcr-train owns the lock (its fine-tune folders use it too); imported here, not at the top,
-    # so that readers of the store (the apps) never import fcr-train.
+    return _writer_lock(store_path).acquire(wait=wait)
+
+
+def refuse_if_writer_busy(store_path: str | os.PathLike = DEFAULT_STORE_PATH) -> None:
+    """Raise :class:`fcr_common.locking.LockHeldError` — the message :func:`writer_lock` gives — if a
+    live process holds the store's writer lock now. Takes nothing: it lets ``fcr-eval run`` refuse a
+    busy store in a fraction of a second, before it loads torch; :func:`writer_lock` still decides."""
+    from fcr_common.locking import LockHeldError
+
+    lock = _writer_lock(store_path)
+    holder = lock.holder()
+    if holder is not None and not holder.is_stale():
+        raise LockHeldError(lock.path, holder, lock.what, 0.0, lock.wait_hint)
+
+
+def _writer_lock(store_path: str | os.PathLike):
+    # fcr-common owns the lock (fcr-train's fine-tune folders use it too); imported here, not at the
+    # top, so that a reader of the store never imports it.
     from fcr_common.locking import ProcessLock
 
     path = Path(store_path)
     return ProcessLock(writer_lock_path(path), what=f"results store {path}",
-                       wait_hint="`fcr-eval run ... --wait SECONDS` waits up to that long").acquire(wait=wait)
+                       wait_hint="`fcr-eval run ... --wait SECONDS` waits up to that long")
 
 
 class ResultsStore:
