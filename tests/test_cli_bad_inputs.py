@@ -1,10 +1,10 @@
 """Bad inputs across the CLIs (fcr-eval, fcr-train, fcr-human-study, fcr-explorer, fcr-sample-demo),
 each run as a real process (``-k`` runs only the selected rows): a fresh start of the installed
-console script, or — for fcr-train's rows that keep the environment — a fork of one interpreter
-that has imported ``fcr_train.cli`` (its own process, working directory, stdout/stderr and exit
-status; only the import of torch, diffusers and accelerate, ~5 s of CPU a start, is shared).
-fcr-train's rows that change the environment (the unreachable hub) start fresh, so its console
-script and what it prints on a fresh start stay covered.
+console script for each CLI's first row and for rows that change the environment (the unreachable
+hub), else a fork of a warm interpreter — one that has imported ``fcr_train.cli`` for fcr-train's rows
+(torch, diffusers and accelerate: ~5 s of CPU a start), one that runs the console script itself for the
+other CLIs' (~0.3 s of interpreter start a row, ~100 rows) — each its own process, working directory,
+stdout/stderr and exit status.
 
 Every case asserts: the exit code, a key phrase of the one-line message on stderr, no
 "Traceback" (nor nanobind leak noise), and that the process created nothing in its (empty)
@@ -13,9 +13,10 @@ experiment files — is byte-compared before and after the whole table, and the 
 counted. The cases run two at a time. fcr-eval refuses a bad file or store before importing
 torch or scipy (~0.1-0.5 s of CPU a case); the shared inputs (a tiny SD pipeline, two short
 fine-tunes, a study) are built once. Marked ``slow`` (real processes; the table's fixture is
-the first test's setup). The whole module: 342 s and 126 CPU-s on the shared 2-core box at load
-average 10-11, against 1,029 s and 350 CPU-s with a fresh interpreter per fcr-train row and
-benchmark script and fcr-eval importing its planner before refusing (same box and load).
+the first test's setup). The whole module alone on a quiet 2-core box: 81 s and 108 CPU-s, against
+118 s and 125 CPU-s with a fresh start for every row but fcr-train's (earlier, on a shared box at load
+average 10-11: 342 s and 126 CPU-s, and 1,029 s and 350 CPU-s with a fresh interpreter per fcr-train row
+and benchmark script and fcr-eval importing its planner before refusing).
 """
 
 from __future__ import annotations
@@ -475,21 +476,34 @@ def results(world, request):
 
     # fcr-train imports torch, diffusers and accelerate before it parses its arguments (~5 s of CPU a
     # start on an idle 2-core machine, ~8 s under load: three quarters of this table's CPU). Its rows
-    # run as forks of one warm interpreter; rows that change the environment start fresh.
-    warm = [c for c in cases if c.cli == "fcr-train" and not c.env]
+    # run as forks of one warm interpreter; rows that change the environment start fresh. The other
+    # CLIs' rows (~0.3-0.4 s of interpreter start each, ~100 rows) fork another warm interpreter that
+    # runs their console script as a fresh start would, but for each CLI's first row: its console
+    # script starts fresh, so what a fresh start prints stays covered for every CLI.
+    fresh = {c.id for c in cases if c.env} | {next(c.id for c in cases if c.cli == cli)
+                                              for cli in {c.cli for c in cases} - {"fcr-train"}}
+    warm_train = [c for c in cases if c.cli == "fcr-train" and c.id not in fresh]
+    warm_other = [c for c in cases if c.cli != "fcr-train" and c.id not in fresh]
 
-    def forked(batch: list[Case]):
-        done = _forked("fcr_train.cli", FCR_TRAIN_MAIN, [(["fcr-train", *c.args], str(cwd_of(c))) for c in batch],
-                       world["root"] / "forked-output", parallel=1)
-        return [(c.id, (c, subprocess.CompletedProcess(["fcr-train", *c.args], code, out, err), world["root"] / "cwd" / c.id))
-                for c, (code, out, err) in zip(batch, done, strict=True)]
+    def forked(batch: list[Case], preload: str, script: str, logs: str):
+        argv = {c.id: [str(BIN / c.cli) if script == RUN_SCRIPT else c.cli, *c.args] for c in batch}
+        done = _forked(preload, script, [(argv[c.id], str(cwd_of(c))) for c in batch], world["root"] / logs,
+                       parallel=1)
+        return [(c.id, (c, subprocess.CompletedProcess(argv[c.id], rc, out, err), world["root"] / "cwd" / c.id))
+                for c, (rc, out, err) in zip(batch, done, strict=True)]
 
     with ThreadPoolExecutor(max_workers=2) as pool:
-        jobs = [pool.submit(forked, warm), *[pool.submit(one, c) for c in cases if c not in warm]]
+        jobs = [pool.submit(forked, warm_train, "fcr_train.cli", FCR_TRAIN_MAIN, "forked-train"),
+                pool.submit(forked, warm_other, "fcr_eval.cli,fcr_eval.plan.validation,fcr_eval.store,"
+                            "fcr_human_study.cli,fcr_results_explorer.cli",
+                            RUN_SCRIPT, "forked-other"),
+                *[pool.submit(one, c) for c in cases if c.id in fresh]]
         return dict(kv for job in jobs for kv in job.result())
 
 
 FCR_TRAIN_MAIN = "import sys\nfrom fcr_train.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+#: A console script (``sys.argv[0]``, its path) run as its fresh start runs it.
+RUN_SCRIPT = "import runpy, sys\nrunpy.run_path(sys.argv[0], run_name='__main__')\n"
 
 WARM_LAUNCHER = """
 import importlib, json, os, sys, traceback
