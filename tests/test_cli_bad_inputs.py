@@ -1025,6 +1025,7 @@ def _bench_cases(b: dict[str, str]) -> list[BenchCase]:
                   "argument --clusters: 1 is out of range"),
         BenchCase("store-metrics-rows-below-metrics", "store_sample_metrics.py", ("--rows", "2"),
                   "--rows 2 is fewer than the"),
+        BenchCase("store-write-samples-0", "store_write.py", ("--samples", "0"), "argument --samples: 0 is out of range"),
     ]
 
 

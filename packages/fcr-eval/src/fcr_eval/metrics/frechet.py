@@ -151,8 +151,9 @@ def frechet_distance_to_reference(reference, mu, sigma) -> float:
     """Fréchet distance between the Gaussian fitted to the ``(N, D)`` reference features and ``(mu, sigma)``:
     ``frechet_distance(*feature_statistics(reference), mu, sigma)``, the same number to rounding.
 
-    With ``N <= D`` (a reference smaller than the feature dimension: a fine-tune's mini-validation set
-    or a smoke test against Inception's 2048 dimensions) the reference covariance is ``AᵀA/(N−1)`` of
+    With ``N <= D`` (a reference smaller than the feature dimension: a quick profile or a smoke test
+    against Inception's 2048 dimensions; a design-size reference is larger) the reference covariance is
+    ``AᵀA/(N−1)`` of
     rank below ``N`` (``A`` the centred features), and the nonzero eigenvalues of ``Σ_ref Σ`` are those of
     the ``N × N`` matrix ``AΣAᵀ/(N−1)``: one ``N × N`` eigendecomposition replaces two ``D × D`` ones,
     ``O(N·D²)`` instead of ``O(D³)``. Larger references take :func:`frechet_distance`'s path.

@@ -517,8 +517,9 @@ class ResultsStore:
     def _insert(con: duckdb.DuckDBPyConnection, table: str, ncols: int, rows: Sequence[Sequence[Any]]) -> None:
         """Insert ``rows`` (``ncols`` values each) into ``table`` (a name, or a name with its column list)
         as one scan of per-column object arrays: DuckDB reads a dict of numpy arrays without pyarrow and
-        casts each column to the table's type. 204k rows in 0.3 s where parameter-bound multi-row VALUES
-        took 13 s (one 2-core CPU) — a design-size run writes 30,000 samples and per-prompt scores.
+        casts each column to the table's type. A design-size run's 30,000 samples and 30,000 per-prompt
+        scores: ``write_run`` 0.35 s where parameter-bound multi-row VALUES took 4.2 s (12×, 2-core CPU,
+        ``benchmarks/store_write.py``, docs/benchmarks.md).
         DuckDB reads a float NaN in an object column as NULL, as :func:`_num` stores it."""
         if not rows:
             return
