@@ -15,3 +15,18 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     import torch
 
     torch.set_num_threads(1)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def warm_runner():
+    """An interpreter that has imported the runner and forks real runner processes on request
+    (``tests/warm.py``), shared by this test process's tests that start runners: one import of torch,
+    diffusers and accelerate (~6 s of CPU) instead of one per runner started."""
+    from .warm import WarmPython
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    with WarmPython("fcr_eval.run.runner,fcr_train.api", env=env) as warm:
+        yield warm

@@ -1,7 +1,10 @@
 """Resume inside a run: a runner killed (SIGKILL, a real process) partway through a run's batches
 resumes at its first unfinished batch, redoes at most the one batch each process was on, writes
 no batch twice, and stores the same rows as an uninterrupted run — with one process and with two
-(torchrun, gloo on CPU). A run folder of another configuration is refused in one line."""
+(torchrun, gloo on CPU). A run folder of another configuration is refused in one line.
+
+The one-process runners are forks of the ``warm_runner`` interpreter (``tests/warm.py``: real
+processes, killed with SIGKILL, without ~6 s of imports each); torchrun's start fresh."""
 
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ from pathlib import Path
 import pytest
 from fcr_eval.cli import main
 from fcr_eval.store import ResultsStore
+
+from ...warm import WarmPython  # the warm_runner fixture's (tests/conftest.py)
 
 # slow: real processes are started, killed and resumed
 pytestmark = pytest.mark.slow
@@ -109,14 +114,30 @@ def _kill_all(pid: int) -> None:
             pass
 
 
-def _kill_partway(cmd: list[str], batches_dir: Path, after: int, timeout: float = 400) -> tuple[set[int], set[int]]:
-    """Start ``cmd``, SIGKILL its whole process group once the log says fd-2's batch ``after``
+class _Fresh:
+    """A freshly started process with the interface of a warm one (``tests/warm.py``'s WarmChild)."""
+
+    def __init__(self, cmd: list[str]) -> None:
+        self._p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+        self.pid = self._p.pid
+
+    def stderr_lines(self):
+        return self._p.stderr
+
+    def poll(self):
+        return self._p.poll()
+
+    def wait(self, timeout: float):
+        return self._p.wait(timeout=timeout)
+
+
+def _kill_partway(proc, batches_dir: Path, after: int, timeout: float = 400) -> tuple[set[int], set[int]]:
+    """SIGKILL the started runner ``proc`` and its descendants once its log says fd-2's batch ``after``
     finished; returns (fd-2 batches logged finished, fd-2 batch files on disk)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
     logged: set[int] = set()
     deadline = time.monotonic() + timeout
     try:
-        for line in proc.stderr:
+        for line in proc.stderr_lines():
             m = BATCH_LINE.search(line)
             if m:
                 logged.add(int(m.group(1)) - 1)
@@ -125,7 +146,7 @@ def _kill_partway(cmd: list[str], batches_dir: Path, after: int, timeout: float 
                     break
             assert time.monotonic() < deadline, "no fd-2 batch finished in time"
         else:
-            pytest.fail(f"the runner ended before fd-2 had {after} batches (exit {proc.wait()})")
+            pytest.fail(f"the runner ended before fd-2 had {after} batches (exit {proc.wait(60)})")
     finally:
         if proc.poll() is None:
             _kill_all(proc.pid)
@@ -134,23 +155,33 @@ def _kill_partway(cmd: list[str], batches_dir: Path, after: int, timeout: float 
     return logged, on_disk
 
 
-def _resume(cmd: list[str]) -> tuple[list[int], str]:
-    """Run ``cmd`` to the end; fd-2 batches it logged finished (in order) and its stderr."""
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [int(m.group(1)) - 1 for m in BATCH_LINE.finditer(proc.stderr)], proc.stderr
+def _resume(cmd: list[str] | None = None, warm: WarmPython | None = None, args: list[str] | None = None
+            ) -> tuple[list[int], str]:
+    """Run ``cmd`` fresh (or ``fcr_eval.cli args`` forked from ``warm``) to the end; the fd-2 batches it
+    logged finished (in order) and its stderr."""
+    if warm is not None:
+        child = warm.start("fcr_eval.cli", args)
+        code, err = child.wait(600), child.stderr
+    else:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+        code, err = proc.returncode, proc.stderr
+    assert code == 0, err[-3000:]
+    return [int(m.group(1)) - 1 for m in BATCH_LINE.finditer(err)], err
+
+
+def _one_process(exp_path: Path, store: Path) -> list[str]:
+    return ["run", str(exp_path), "--store", str(store), "--threads", "1", "--device", "cpu", "--no-plots"]
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def uninterrupted(tmp_path_factory, warm_runner):
     tmp = tmp_path_factory.mktemp("whole")
     exp_path = tmp / "resume.toml"
     exp_path.write_text(EXPERIMENT)
     store = tmp / "whole" / "fcr.duckdb"
     # a process like the killed ones (same BLAS threads): set-level metrics of 16 samples in 1280
     # dimensions move in the 10th digit with the BLAS's summation order
-    _resume([sys.executable, "-m", "fcr_eval.cli", "run", str(exp_path), "--store", str(store), "--threads", "1",
-             "--device", "cpu", "--no-plots"])
+    _resume(warm=warm_runner, args=_one_process(exp_path, store))
     return exp_path, _rows(store)
 
 
@@ -178,13 +209,12 @@ def _check_resumed(store: Path, before_logged: set[int], before_files: set[int],
     assert not (store.parent / "runs" / "resume-exp" / ".reference").exists()  # spills dropped
 
 
-def test_killed_run_resumes_at_its_first_unfinished_batch(uninterrupted, tmp_path, capsys):
+def test_killed_run_resumes_at_its_first_unfinished_batch(uninterrupted, warm_runner, tmp_path, capsys):
     exp_path, whole = uninterrupted
     store = tmp_path / "killed" / "fcr.duckdb"
-    cmd = [sys.executable, "-m", "fcr_eval.cli", "run", str(exp_path), "--store", str(store), "--threads", "1",
-           "--device", "cpu", "--no-plots"]
+    args = _one_process(exp_path, store)
     batches = store.parent / "runs" / "resume-exp" / "fd-2" / "s0" / "batches"
-    logged, files = _kill_partway(cmd, batches, after=3)
+    logged, files = _kill_partway(warm_runner.start("fcr_eval.cli", args), batches, after=3)
     assert ResultsStore.open_readonly(store).runs()["variation_id"].to_list() == ["no-cache"]
 
     # a resume that does not match the plan: one line, no traceback, nothing touched
@@ -195,7 +225,7 @@ def test_killed_run_resumes_at_its_first_unfinished_batch(uninterrupted, tmp_pat
     assert "cannot resume" in err and "fd-2 seed 0" in err and "Traceback" not in err
     assert {int(p.stem[1:]) for p in batches.glob("b*.pkl")} == files
 
-    redone, log = _resume(cmd)
+    redone, log = _resume(warm=warm_runner, args=args)
     assert f"fd-2 s0: resuming at batch {min(set(range(N // BATCH)) - files) + 1}" in log
     _check_resumed(store, logged, files, redone, 1, whole)
 
@@ -206,7 +236,7 @@ def test_two_processes_killed_resume_and_store_what_one_process_stores(uninterru
     cmd = [*TORCHRUN, "-m", "fcr_eval.cli", "run", str(exp_path), "--store", str(store), "--device", "cpu",
            "--threads", "1", "--no-plots"]
     batches = store.parent / "runs" / "resume-exp" / "fd-2" / "s0" / "batches"
-    logged, files = _kill_partway(cmd, batches, after=3)
+    logged, files = _kill_partway(_Fresh(cmd), batches, after=3)
     redone, _ = _resume(cmd)
     _check_resumed(store, logged, files, redone, 2, whole)
     params = ResultsStore.open_readonly(store).sql("SELECT params FROM runs")["params"].to_list()

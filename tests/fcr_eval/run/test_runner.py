@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -55,7 +53,7 @@ def _check_complete(store_path: Path, exp) -> set[str]:
     return set(ids)
 
 
-def _wait_for_runs(store_path: Path, n: int, proc: subprocess.Popen, timeout: float) -> int:
+def _wait_for_runs(store_path: Path, n: int, proc, timeout: float) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, f"runner exited early with {proc.returncode}"
@@ -71,7 +69,7 @@ def _wait_for_runs(store_path: Path, n: int, proc: subprocess.Popen, timeout: fl
 
 
 @pytest.fixture(scope="module")
-def killed_then_resumed(tmp_path_factory):
+def killed_then_resumed(tmp_path_factory, warm_runner):
     """Run the tiny experiment's first seed in a subprocess, SIGKILL it once a run is stored,
     then resume with both seeds in-process (seed-0 run ids are the same in both profiles).
     Returns (store path, run ids stored before the kill, printed output of the resumed run)."""
@@ -80,10 +78,9 @@ def killed_then_resumed(tmp_path_factory):
 
     store_path = tmp_path_factory.mktemp("tiny") / "results" / "fcr.duckdb"
     one_seed = load_experiment(TINY, "one-seed")
-    cmd = [sys.executable, "-m", "fcr_eval.cli", "run", str(TINY), "--profile", "one-seed", "--store",
-           str(store_path), "--no-plots"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    # a real process in a session of its own, forked from the warm_runner interpreter (tests/warm.py)
+    proc = warm_runner.start("fcr_eval.cli", ["run", str(TINY), "--profile", "one-seed", "--store", str(store_path),
+                                              "--no-plots"])
     try:
         _wait_for_runs(store_path, 1, proc, timeout=300)
         os.killpg(proc.pid, signal.SIGKILL)  # no chance to clean up: the hardest interruption
@@ -91,6 +88,7 @@ def killed_then_resumed(tmp_path_factory):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
     before = _check_complete(store_path, one_seed)
     # the killed runner could not release its writer lock: the resumed one must take it over
     lock = writer_lock_path(store_path)

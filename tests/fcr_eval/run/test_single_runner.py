@@ -6,6 +6,7 @@ finishes intact and no run is computed twice. (A lock left by a ``kill -9``'d ru
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -25,17 +26,19 @@ def _cli(store: Path, *extra: str) -> list[str]:
             "--no-plots", "--threads", "1", *extra]
 
 
-def test_second_runner_refuses_or_waits_and_no_work_is_done_twice(tmp_path):
-    """Slow (over a minute under load): three real runner processes — the first runs the tiny experiment
-    whole while a second is refused and a third waits for it and then finds nothing left to do."""
+def test_second_runner_refuses_or_waits_and_no_work_is_done_twice(tmp_path, warm_runner):
+    """Three real runner processes — the first runs the tiny experiment whole while a second is refused
+    and a third waits for it and then finds nothing left to do. The first and third are forks of the
+    ``warm_runner`` interpreter (``tests/warm.py``: ~6 s of imports each saved); the refused one starts
+    fresh, to show it answers before torch is loaded."""
     store = tmp_path / "results" / "fcr.duckdb"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    first = subprocess.Popen(_cli(store), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    first = warm_runner.start("fcr_eval.cli", _cli(store)[3:])
     try:
         lock = writer_lock_path(store)
         deadline = time.monotonic() + 120
         while not (lock.is_file() and str(first.pid) in lock.read_text()):
-            assert first.poll() is None, first.communicate()
+            assert first.poll() is None, first.stderr[-3000:]
             assert time.monotonic() < deadline, "the first runner never took the store's lock"
             time.sleep(0.2)
         runs_dir = tmp_path / "results" / "runs"
@@ -50,16 +53,14 @@ def test_second_runner_refuses_or_waits_and_no_work_is_done_twice(tmp_path):
         assert f"pid {first.pid}" in refused.stderr and "Traceback" not in refused.stderr
         assert "--wait" in refused.stderr or "wait" in refused.stderr.lower()
 
-        waiter = subprocess.Popen(_cli(store, "--wait", "600"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True, env=env)
-        out1, err1 = first.communicate(timeout=600)
-        assert first.returncode == 0, err1[-3000:]
-        out2, err2 = waiter.communicate(timeout=600)
-        assert waiter.returncode == 0, err2[-3000:]
+        waiter = warm_runner.start("fcr_eval.cli", _cli(store, "--wait", "600")[3:])
+        assert first.wait(600) == 0, first.stderr[-3000:]
+        assert waiter.wait(600) == 0, waiter.stderr[-3000:]
+        out1, out2 = first.stdout, waiter.stdout
     finally:
-        for p in (first,):
-            if p.poll() is None:
-                p.kill()
+        if first.poll() is None:
+            os.kill(first.pid, signal.SIGKILL)
+            first.wait(60)
     n_runs = out1.split(" runs, ")[0].rsplit(" ", 1)[-1]
     assert f"{n_runs} already in" in out2 and "0 to do" in out2, out2[:2000]  # waited, then nothing to redo
     s = ResultsStore.open_readonly(store)
