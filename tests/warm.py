@@ -49,10 +49,18 @@ for line in sys.stdin:
                 for fd, path in ((1, req["out"]), (2, req["err"])):
                     os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
                 os.chdir(req["cwd"])
-                os.environ.update(req["env"])
-                sys.argv = [req["module"], *req["args"]]
-                sys.modules.pop(req["module"], None)  # run as __main__, as `python -m` does, not warned about
-                runpy.run_module(req["module"], run_name="__main__", alter_sys=True)
+                for key, value in req["env"].items():  # None: unset
+                    if value is None:
+                        os.environ.pop(key, None)
+                    else:
+                        os.environ[key] = value
+                if req["module"]:
+                    sys.argv = [req["module"], *req["args"]]
+                    sys.modules.pop(req["module"], None)  # run as __main__, as `python -m` does, unwarned
+                    runpy.run_module(req["module"], run_name="__main__", alter_sys=True)
+                else:  # `python -c code args`
+                    sys.argv = ["-c", *req["args"]]
+                    exec(compile(req["code"], "<string>", "exec"), {"__name__": "__main__"})
                 rc = 0
             except SystemExit as e:  # as the interpreter ends on sys.exit
                 rc = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
@@ -104,8 +112,15 @@ class WarmChild:
     def stderr_lines(self, timeout: float = 600) -> Iterator[str]:
         """stderr's lines as the child writes them (it runs unbuffered), until it has ended and all
         are read."""
+        return self._lines(self.err_path, timeout)
+
+    def stdout_lines(self, timeout: float = 600) -> Iterator[str]:
+        """stdout's lines, as :meth:`stderr_lines`."""
+        return self._lines(self.out_path, timeout)
+
+    def _lines(self, path: Path, timeout: float) -> Iterator[str]:
         deadline = time.monotonic() + timeout
-        with self.err_path.open() as f:
+        with path.open() as f:
             partial = ""
             while True:
                 chunk = f.readline()
@@ -144,14 +159,16 @@ class WarmPython:
         assert line, "the warm interpreter ended without replying (an import failed?)"
         return json.loads(line)
 
-    def start(self, module: str, args: list[str], *, cwd: str | os.PathLike = ".",
-              env: dict[str, str] | None = None) -> WarmChild:
-        """Fork a child that runs ``python -m module *args`` in ``cwd`` with ``env``'s changes."""
+    def start(self, module: str | None, args: list[str], *, code: str | None = None, cwd: str | os.PathLike = ".",
+              env: dict[str, str | None] | None = None) -> WarmChild:
+        """Fork a child that runs ``python -m module *args`` (or, with ``module=None``, ``python -c code
+        *args``) in ``cwd`` with ``env``'s changes (``None`` unsets a variable)."""
+        assert (module is None) != (code is None), "a module or code, not both"
         self._count += 1
         out, err = self._logs / f"{self._count}.stdout", self._logs / f"{self._count}.stderr"
         out.touch()
         err.touch()  # readable at once, before the child opens it
-        pid = self._ask({"op": "start", "module": module, "args": [str(a) for a in args],
+        pid = self._ask({"op": "start", "module": module, "code": code, "args": [str(a) for a in args],
                          "cwd": str(Path(cwd).resolve()), "env": env or {}, "out": str(out),
                          "err": str(err)})["pid"]
         return WarmChild(self, pid, out, err)

@@ -4,9 +4,6 @@ nothing of what the first has written; the first finishes intact."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -49,14 +46,15 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, int, bytes]]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_a_second_finetune_on_the_same_folder_is_refused_and_changes_nothing(tmp_path):
+def test_a_second_finetune_on_the_same_folder_is_refused_and_changes_nothing(tmp_path, warm_runner):
+    """The first fine-tune is a real process, forked from the ``warm_runner`` interpreter
+    (``tests/warm.py``); the second runs here."""
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.Popen([sys.executable, "-c", FIRST, str(out), str(Path(__file__).parent)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    first = warm_runner.start(None, [str(out), str(Path(__file__).parent)], code=FIRST,
+                              env={"OMP_NUM_THREADS": "1"})
     try:
-        line = first.stdout.readline().strip()
-        assert line == "training", first.stderr.read() if first.poll() is not None else line
+        line = next(first.stdout_lines(timeout=240), "").strip()
+        assert line == "training", first.stderr if first.poll() is not None else line
         lock = json.loads((out / OUTPUT_LOCK_NAME).read_text())
         assert lock["pid"] == first.pid
         before = _snapshot(out)
@@ -66,9 +64,8 @@ def test_a_second_finetune_on_the_same_folder_is_refused_and_changes_nothing(tmp
         assert _snapshot(out) == before  # not one byte of the first run changed
     finally:
         (tmp_path / "release").touch()
-    stdout, stderr = first.communicate(timeout=240)
-    assert first.returncode == 0, stderr
-    assert stdout.split() == ["done", "3"]
+    assert first.wait(240) == 0, first.stderr
+    assert first.stdout.split() == ["training", "done", "3"]
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
     assert not (out / OUTPUT_LOCK_NAME).exists()
     # with the folder free again, a later run (here: a resume) takes it

@@ -12,9 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -170,18 +167,18 @@ def test_blocks_naming_no_feature_are_refused_before_any_folder(tmp_path, fmnist
     assert not out.exists()
 
 
-def test_cli_resume_with_torn_last_checkpoint_continues(tmp_path):
-    """The real command: a torn newest checkpoint is a warning naming it, not a traceback. Slow (over a
-    minute under load): two real fcr-train processes, the fine-tune and its resume."""
-    fcr_train = Path(sys.executable).parent / "fcr-train"
-    env = {**{k: v for k, v in os.environ.items() if k != "FCR_DEBUG"}, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    args = [str(fcr_train), "--threads", "1", "finetune", "--model", "embedded-tiny", "--output-dir", "run",
+def test_cli_resume_with_torn_last_checkpoint_continues(tmp_path, warm_runner):
+    """The real command: a torn newest checkpoint is a warning naming it, not a traceback. Two real
+    fcr-train processes, the fine-tune and its resume, forked from the ``warm_runner`` interpreter
+    (``tests/warm.py``: ~6 s of imports each saved)."""
+    env = {"FCR_DEBUG": None, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    args = ["--threads", "1", "finetune", "--model", "embedded-tiny", "--output-dir", "run",
             "--max-steps", "4", "--checkpoint-every", "2", "--batch-size", "4", "--limit", "32", "--no-progress"]
-    first = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert first.returncode == 0, first.stderr[-3000:]
+    first = warm_runner.start("fcr_train.cli", args, cwd=tmp_path, env=env)
+    assert first.wait(300) == 0, first.stderr[-3000:]
     _truncate(tmp_path / "run" / "checkpoints" / "step_0000004" / "optimizer.bin")
-    again = subprocess.run([*args, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr[-3000:]
+    again = warm_runner.start("fcr_train.cli", [*args, "--resume"], cwd=tmp_path, env=env)
+    assert again.wait(300) == 0, again.stderr[-3000:]
     assert "Traceback" not in again.stderr
     assert "step_0000004: optimizer.bin is cut off" in again.stderr
     assert "resumed from run/checkpoints/step_0000002 at step 2" in again.stderr
