@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,6 +14,7 @@ from fcr_human_study.build import add_raters, build_study
 from fcr_human_study.store import StudyStore
 from gradio_client import Client
 
+from ...warm import WarmPython
 from ..browser import free_port
 from .conftest import make_results_store
 from .test_app import STATUS, TOKEN
@@ -24,27 +23,32 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword).*")]
 
 
-def start_server(study: Path, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fcr_human_study.cli", "serve", "--study", str(study),
-         "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"},
-    )
+@pytest.fixture(scope="module")
+def warm():
+    """An interpreter that has imported Gradio and the app (no thread started by that) and forks each
+    server start: a real process killed with SIGKILL, without ~4 s of imports a start (``tests/warm.py``)."""
+    with WarmPython("fcr_human_study.app,fcr_human_study.cli",
+                    env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}) as w:
+        yield w
+
+
+def start_server(warm: WarmPython, study: Path, port: int):
+    proc = warm.start("fcr_human_study.cli", ["serve", "--study", str(study), "--host", "127.0.0.1",
+                                              "--port", str(port)])
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        assert proc.poll() is None, "the server exited"
+        assert proc.poll() is None, f"the server exited: {proc.stderr[-2000:]}"
         try:
             if httpx.get(f"http://127.0.0.1:{port}/config", timeout=2).status_code == 200:
                 return proc
         except httpx.HTTPError:
             pass
         time.sleep(0.3)
-    proc.kill()
+    kill9(proc)
     raise TimeoutError("the server did not come up")
 
 
-def kill9(proc: subprocess.Popen) -> None:
+def kill9(proc) -> None:
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
 
@@ -54,7 +58,7 @@ def client(port: int) -> Client:
                   analytics_enabled=False)
 
 
-def test_kill_and_restart_loses_no_vote(tmp_path: Path):
+def test_kill_and_restart_loses_no_vote(tmp_path: Path, warm):
     """Slow (over a minute under load): the study server is started, SIGKILLed between and during votes
     and started again (a Gradio start each time) — the property is about real restarts."""
     results = make_results_store(tmp_path)
@@ -64,7 +68,7 @@ def test_kill_and_restart_loses_no_vote(tmp_path: Path):
     port = free_port()
     acked: list[str] = []  # presentation tokens of every vote the server acknowledged
 
-    server = start_server(study, port)
+    server = start_server(warm, study, port)
     try:
         a = client(port)
         out = a.predict(tok_a, api_name="/start")
@@ -76,7 +80,7 @@ def test_kill_and_restart_loses_no_vote(tmp_path: Path):
         shown_before_kill = out[TOKEN]
         kill9(server)  # between votes
 
-        server = start_server(study, port)
+        server = start_server(warm, study, port)
         a = client(port)  # the old session is gone with the process: start again
         out = a.predict(tok_a, api_name="/start")
         assert "<b>6</b> of <b>40</b>" in out[0]  # 5 votes were kept
@@ -110,7 +114,7 @@ def test_kill_and_restart_loses_no_vote(tmp_path: Path):
         t.join(timeout=60)
         assert len(acked) >= 6 + 8
 
-        server = start_server(study, port)
+        server = start_server(warm, study, port)
         b = client(port)
         out = b.predict(tok_b, api_name="/start")
         assert out[TOKEN]
