@@ -1,18 +1,18 @@
 """Resume inside a run: a runner killed (SIGKILL, a real process) partway through a run's batches
 resumes at its first unfinished batch, redoes at most the one batch each process was on, writes
 no batch twice, and stores the same rows as an uninterrupted run — with one process and with two
-(torchrun, gloo on CPU). A run folder of another configuration is refused in one line.
+(gloo on CPU). A run folder of another configuration is refused in one line.
 
-The one-process runners are forks of the ``warm_runner`` interpreter (``tests/warm.py``: real
-processes, killed with SIGKILL, without ~6 s of imports each); torchrun's start fresh."""
+Every runner is a fork of the ``warm_runner`` interpreter (``tests/warm.py``: real processes, killed
+with SIGKILL, without ~6 s of imports each); the two-process run's ranks get the environment torchrun
+gives its workers (``test_runner_multiprocess.py`` launches torchrun itself)."""
 
 from __future__ import annotations
 
 import os
 import re
 import signal
-import subprocess
-import sys
+import socket
 import time
 from pathlib import Path
 
@@ -67,7 +67,6 @@ stride = 2
 """
 BATCH_LINE = re.compile(r"fd-2 s0: batch (\d+)/(\d+) \(samples \d+-\d+\) finished")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
 def _rows(store: Path) -> dict:
@@ -114,27 +113,48 @@ def _kill_all(pid: int) -> None:
             pass
 
 
-class _Fresh:
-    """A freshly started process with the interface of a warm one (``tests/warm.py``'s WarmChild)."""
+class _Ranks:
+    """The two processes of a multi-process run, forked from the warm interpreter with the environment
+    torchrun gives its workers (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT: accelerate's env://
+    rendezvous, gloo on CPU); ``test_runner_multiprocess.py`` launches the real torchrun."""
 
-    def __init__(self, cmd: list[str]) -> None:
-        self._p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
-        self.pid = self._p.pid
+    def __init__(self, warm: WarmPython, args: list[str]) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        shared = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        self.children = [warm.start("fcr_eval.cli", args, env={**shared, "RANK": str(r), "LOCAL_RANK": str(r)})
+                         for r in range(2)]
+        self.pids = [c.pid for c in self.children]
 
     def stderr_lines(self):
-        return self._p.stderr
+        """Both ranks' stderr lines, as they are written (interleaved by polling)."""
+        streams = [c.stderr_lines() for c in self.children]
+        while streams:
+            for it in list(streams):
+                line = next(it, None)
+                if line is None:
+                    streams.remove(it)
+                else:
+                    yield line
 
     def poll(self):
-        return self._p.poll()
+        codes = [c.poll() for c in self.children]
+        return None if None in codes else max(codes, key=abs)
 
     def wait(self, timeout: float):
-        return self._p.wait(timeout=timeout)
+        return max((c.wait(timeout) for c in self.children), key=abs)
+
+    @property
+    def stderr(self) -> str:
+        return "".join(c.stderr for c in self.children)
 
 
 def _kill_partway(proc, batches_dir: Path, after: int, timeout: float = 400) -> tuple[set[int], set[int]]:
-    """SIGKILL the started runner ``proc`` and its descendants once its log says fd-2's batch ``after``
+    """SIGKILL the started runner ``proc`` (its processes and their descendants) once its log says fd-2's batch ``after``
     finished; returns (fd-2 batches logged finished, fd-2 batch files on disk)."""
     logged: set[int] = set()
+    pids = getattr(proc, "pids", None) or [proc.pid]
     deadline = time.monotonic() + timeout
     try:
         for line in proc.stderr_lines():
@@ -142,34 +162,31 @@ def _kill_partway(proc, batches_dir: Path, after: int, timeout: float = 400) -> 
             if m:
                 logged.add(int(m.group(1)) - 1)
                 if len(logged) >= after:
-                    _kill_all(proc.pid)
+                    for pid in pids:
+                        _kill_all(pid)
                     break
             assert time.monotonic() < deadline, "no fd-2 batch finished in time"
         else:
             pytest.fail(f"the runner ended before fd-2 had {after} batches (exit {proc.wait(60)})")
     finally:
         if proc.poll() is None:
-            _kill_all(proc.pid)
+            for pid in pids:
+                _kill_all(pid)
         proc.wait(timeout=60)
     on_disk = {int(p.stem[1:]) for p in batches_dir.glob("b*.pkl")}
     return logged, on_disk
 
 
-def _resume(cmd: list[str] | None = None, warm: WarmPython | None = None, args: list[str] | None = None
-            ) -> tuple[list[int], str]:
-    """Run ``cmd`` fresh (or ``fcr_eval.cli args`` forked from ``warm``) to the end; the fd-2 batches it
-    logged finished (in order) and its stderr."""
-    if warm is not None:
-        child = warm.start("fcr_eval.cli", args)
-        code, err = child.wait(600), child.stderr
-    else:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
-        code, err = proc.returncode, proc.stderr
+def _resume(proc) -> tuple[list[int], str]:
+    """Let the started runner ``proc`` (a warm child or :class:`_Ranks`) run to the end; the fd-2 batches
+    it logged finished (in order) and its stderr."""
+    code = proc.wait(600)
+    err = proc.stderr
     assert code == 0, err[-3000:]
     return [int(m.group(1)) - 1 for m in BATCH_LINE.finditer(err)], err
 
 
-def _one_process(exp_path: Path, store: Path) -> list[str]:
+def _run_args(exp_path: Path, store: Path) -> list[str]:
     return ["run", str(exp_path), "--store", str(store), "--threads", "1", "--device", "cpu", "--no-plots"]
 
 
@@ -181,7 +198,7 @@ def uninterrupted(tmp_path_factory, warm_runner):
     store = tmp / "whole" / "fcr.duckdb"
     # a process like the killed ones (same BLAS threads): set-level metrics of 16 samples in 1280
     # dimensions move in the 10th digit with the BLAS's summation order
-    _resume(warm=warm_runner, args=_one_process(exp_path, store))
+    _resume(warm_runner.start("fcr_eval.cli", _run_args(exp_path, store)))
     return exp_path, _rows(store)
 
 
@@ -212,7 +229,7 @@ def _check_resumed(store: Path, before_logged: set[int], before_files: set[int],
 def test_killed_run_resumes_at_its_first_unfinished_batch(uninterrupted, warm_runner, tmp_path, capsys):
     exp_path, whole = uninterrupted
     store = tmp_path / "killed" / "fcr.duckdb"
-    args = _one_process(exp_path, store)
+    args = _run_args(exp_path, store)
     batches = store.parent / "runs" / "resume-exp" / "fd-2" / "s0" / "batches"
     logged, files = _kill_partway(warm_runner.start("fcr_eval.cli", args), batches, after=3)
     assert ResultsStore.open_readonly(store).runs()["variation_id"].to_list() == ["no-cache"]
@@ -225,19 +242,18 @@ def test_killed_run_resumes_at_its_first_unfinished_batch(uninterrupted, warm_ru
     assert "cannot resume" in err and "fd-2 seed 0" in err and "Traceback" not in err
     assert {int(p.stem[1:]) for p in batches.glob("b*.pkl")} == files
 
-    redone, log = _resume(warm=warm_runner, args=args)
+    redone, log = _resume(warm_runner.start("fcr_eval.cli", args))
     assert f"fd-2 s0: resuming at batch {min(set(range(N // BATCH)) - files) + 1}" in log
     _check_resumed(store, logged, files, redone, 1, whole)
 
 
-def test_two_processes_killed_resume_and_store_what_one_process_stores(uninterrupted, tmp_path):
+def test_two_processes_killed_resume_and_store_what_one_process_stores(uninterrupted, warm_runner, tmp_path):
     exp_path, whole = uninterrupted
     store = tmp_path / "two" / "fcr.duckdb"
-    cmd = [*TORCHRUN, "-m", "fcr_eval.cli", "run", str(exp_path), "--store", str(store), "--device", "cpu",
-           "--threads", "1", "--no-plots"]
+    args = _run_args(exp_path, store)
     batches = store.parent / "runs" / "resume-exp" / "fd-2" / "s0" / "batches"
-    logged, files = _kill_partway(_Fresh(cmd), batches, after=3)
-    redone, _ = _resume(cmd)
+    logged, files = _kill_partway(_Ranks(warm_runner, args), batches, after=3)
+    redone, _ = _resume(_Ranks(warm_runner, args))
     _check_resumed(store, logged, files, redone, 2, whole)
     params = ResultsStore.open_readonly(store).sql("SELECT params FROM runs")["params"].to_list()
     assert all('"processes": 2' in p.replace("'", '"') if isinstance(p, str) else p["processes"] == 2
