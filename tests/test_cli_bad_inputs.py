@@ -361,6 +361,26 @@ def _run(cli: str, args, cwd: Path, env=None, timeout: float = 240) -> subproces
                           timeout=timeout)
 
 
+#: what _env() changes, for a fork of the warm_runner interpreter (tests/conftest.py)
+WARM_ENV = {"FCR_DEBUG": None, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+            "NO_COLOR": "1"}
+#: a script (``sys.argv[1]``) run as ``python script args`` runs it: its folder first on sys.path
+RUN_SCRIPT_PATH = ("import os, runpy, sys\nsys.argv = sys.argv[1:]\nsys.path.insert(0, os.path.dirname(sys.argv[0]))\n"
+                   "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+
+
+def _warm_run(warm, args, cwd: Path, *, module: str | None = "fcr_eval.cli", script: Path | None = None,
+              env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -m module args`` (or ``python script args``) as a real process forked from the warm_runner
+    interpreter, which has imported the runner already (~6 s of CPU a fresh start pays)."""
+    if script is not None:
+        child = warm.start(None, [str(script), *args], code=RUN_SCRIPT_PATH, cwd=cwd, env={**WARM_ENV, **(env or {})})
+    else:
+        child = warm.start(module, list(args), cwd=cwd, env={**WARM_ENV, **(env or {})})
+    code = child.wait(timeout)
+    return subprocess.CompletedProcess([module or str(script), *args], code, child.stdout, child.stderr)
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Shared inputs (under ``inputs/``) and a listening socket for the busy-port cases."""
@@ -596,12 +616,12 @@ def test_existing_inputs_unchanged(results, world):
     assert _row_counts(Path(world["paths"]["store"])) == world["rows"]
 
 
-def test_report_reads_a_read_only_store(world, tmp_path):
+def test_report_reads_a_read_only_store(world, tmp_path, warm_runner):
     """`report` opens the store read-only: a read-only file, or one in a read-only folder, reports
     (without plots, which would go beside it) and stays as it was."""
     w = world["paths"]
     for store in (w["ro_store"], w["ro_dir_store"]):
-        proc = _run("fcr-eval", ("report", w["tiny"], "--store", store, "--no-plots"), tmp_path)
+        proc = _warm_run(warm_runner, ("report", w["tiny"], "--store", store, "--no-plots"), tmp_path)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert f"store: {store}" in proc.stdout and "Traceback" not in proc.stderr
     assert not any(tmp_path.iterdir())
@@ -858,10 +878,10 @@ def test_refusals_while_loading_import_no_torch(load_inputs):
     assert proc.stdout.split() == ["2", "False"], proc.stderr
 
 
-def test_plan_of_a_week_long_experiment_says_so_first(load_inputs, tmp_path):
+def test_plan_of_a_week_long_experiment_says_so_first(load_inputs, tmp_path, warm_runner):
     path = tmp_path / "huge.toml"
     path.write_text(TINY.read_text().replace("n_samples = 10", "n_samples = 1000000000"))
-    proc = _run("fcr-eval", ("plan", "--no-calibrate", str(path)), tmp_path / "..", timeout=120)
+    proc = _warm_run(warm_runner, ("plan", "--no-calibrate", str(path)), tmp_path / "..", timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[0].startswith("WARNING: experiment tiny-exp is estimated at"), proc.stdout[:500]
     assert "far past a week" in proc.stdout.splitlines()[0]
@@ -1142,15 +1162,14 @@ def test_bad_benchmark_arguments_change_nothing(bench_results, bench_inputs):
     assert not (bench_inputs["root"] / "bench-out").exists()
 
 
-def test_mechanism_study_writes_a_fresh_folder_by_default(bench_inputs, tmp_path):
+def test_mechanism_study_writes_a_fresh_folder_by_default(bench_inputs, tmp_path, warm_runner):
     """The data loss of issue 25: the default --out was docs/mechanism. Now a run without --out
     writes a new folder (here under $FCR_BENCH_OUT), says so, records the samples it measured, and
     the committed results stay byte-identical. (One weights, one sample, no propagation: ~20 s.)"""
     out_root = tmp_path / "bench-out"
-    proc = subprocess.run([sys.executable, str(BENCH / "mechanism_study.py"), "--arms", "base", "--per-arm", "1",
-                           "--samples", "1", "--no-propagation", "--threads", "1", "--finetunes",
-                           bench_inputs["paths"]["ft_ok"]], cwd=tmp_path, capture_output=True, text=True,
-                          env={**_env(), "FCR_BENCH_OUT": str(out_root)}, timeout=600)
+    proc = _warm_run(warm_runner, ("--arms", "base", "--per-arm", "1", "--samples", "1", "--no-propagation",
+                                   "--threads", "1", "--finetunes", bench_inputs["paths"]["ft_ok"]), tmp_path,
+                     script=BENCH / "mechanism_study.py", env={"FCR_BENCH_OUT": str(out_root)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     (folder,) = out_root.iterdir()
     assert folder.name.startswith("mechanism-") and f"results go to {folder}" in proc.stderr
