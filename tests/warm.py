@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -150,12 +152,14 @@ class WarmPython:
         self._proc = subprocess.Popen([sys.executable, "-c", SERVER, preload], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, text=True, env=env)
         self._count = 0
+        self._talk = threading.Lock()  # one request and its reply at a time
 
     def _ask(self, request: dict) -> dict:
-        assert self._proc.poll() is None, f"the warm interpreter ended ({self._proc.returncode})"
-        self._proc.stdin.write(json.dumps(request) + "\n")
-        self._proc.stdin.flush()
-        line = self._proc.stdout.readline()
+        with self._talk:
+            assert self._proc.poll() is None, f"the warm interpreter ended ({self._proc.returncode})"
+            self._proc.stdin.write(json.dumps(request) + "\n")
+            self._proc.stdin.flush()
+            line = self._proc.stdout.readline()
         assert line, "the warm interpreter ended without replying (an import failed?)"
         return json.loads(line)
 
@@ -174,9 +178,11 @@ class WarmPython:
         return WarmChild(self, pid, out, err)
 
     def close(self) -> None:
+        """End the server (children still running are left to finish) and remove the output files."""
         if self._proc.poll() is None:
             self._proc.stdin.close()
             self._proc.wait(timeout=60)
+        shutil.rmtree(self._logs, ignore_errors=True)
 
     def __enter__(self) -> WarmPython:
         return self
