@@ -1128,7 +1128,7 @@ def bench_results(bench_inputs, request):
             cwd.mkdir(parents=True)
             todo[script].append((str(cwd), list(c.args)))
         jobs.append((["-c", str(BENCH / script), json.dumps(todo[script])], str(bench_inputs["root"])))
-    done = _forked("torch,diffusers", BENCH_DRIVER, jobs, bench_inputs["root"] / "drivers", env=env)
+    done = _forked("torch,diffusers,fcr_train.api,fcr_eval.run.runner", BENCH_DRIVER, jobs, bench_inputs["root"] / "drivers", env=env)
     rows = {}
     for (script, script_cases), (code, out, err) in zip(by_script.items(), done, strict=True):
         assert code == 0, err[-3000:]
