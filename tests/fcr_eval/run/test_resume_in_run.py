@@ -128,15 +128,29 @@ class _Ranks:
         self.pids = [c.pid for c in self.children]
 
     def stderr_lines(self):
-        """Both ranks' stderr lines, as they are written (interleaved by polling)."""
-        streams = [c.stderr_lines() for c in self.children]
-        while streams:
-            for it in list(streams):
-                line = next(it, None)
-                if line is None:
-                    streams.remove(it)
-                else:
-                    yield line
+        """Both ranks' stderr lines as they are written: whichever rank has a whole line, never waiting
+        on a quiet one."""
+        files = [c.err_path.open() for c in self.children]
+        partial = ["", ""]
+        try:
+            while True:
+                ended = self.poll() is not None  # before reading: what was written by then is read below
+                got = False
+                for r, f in enumerate(files):
+                    while chunk := f.readline():
+                        partial[r] += chunk
+                        if partial[r].endswith("\n"):
+                            got = True
+                            yield partial[r]
+                            partial[r] = ""
+                if ended and not got:
+                    yield from (p for p in partial if p)
+                    return
+                if not got:
+                    time.sleep(0.05)
+        finally:
+            for f in files:
+                f.close()
 
     def poll(self):
         codes = [c.poll() for c in self.children]
