@@ -36,6 +36,8 @@ from pathlib import Path
 
 import pytest
 
+from .warm import WarmPython
+
 BIN = Path(sys.executable).parent
 TINY = Path(__file__).parent / "fcr_eval" / "experiments" / "tiny.toml"
 HAS_CUDA = Path("/dev/nvidia0").exists()
@@ -364,17 +366,12 @@ def _run(cli: str, args, cwd: Path, env=None, timeout: float = 240) -> subproces
 #: what _env() changes, for a fork of the warm_runner interpreter (tests/conftest.py)
 WARM_ENV = {"FCR_DEBUG": None, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
             "NO_COLOR": "1"}
-#: a script (``sys.argv[1]``) run as ``python script args`` runs it: its folder first on sys.path
-RUN_SCRIPT_PATH = ("import os, runpy, sys\nsys.argv = sys.argv[1:]\nsys.path.insert(0, os.path.dirname(sys.argv[0]))\n"
-                   "runpy.run_path(sys.argv[0], run_name='__main__')\n")
-
-
 def _warm_run(warm, args, cwd: Path, *, module: str | None = "fcr_eval.cli", script: Path | None = None,
               env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """``python -m module args`` (or ``python script args``) as a real process forked from the warm_runner
     interpreter, which has imported the runner already (~6 s of CPU a fresh start pays)."""
     if script is not None:
-        child = warm.start(None, [str(script), *args], code=RUN_SCRIPT_PATH, cwd=cwd, env={**WARM_ENV, **(env or {})})
+        child = warm.start(None, list(args), code=RUN_SCRIPT, argv0=str(script), cwd=cwd, env={**WARM_ENV, **(env or {})})
     else:
         child = warm.start(module, list(args), cwd=cwd, env={**WARM_ENV, **(env or {})})
     code = child.wait(timeout)
@@ -505,79 +502,39 @@ def results(world, request):
     warm_train = [c for c in cases if c.cli == "fcr-train" and c.id not in fresh]
     warm_other = [c for c in cases if c.cli != "fcr-train" and c.id not in fresh]
 
-    def forked(batch: list[Case], preload: str, script: str, logs: str):
+    def forked(batch: list[Case], preload: str, script: str):
         argv = {c.id: [str(BIN / c.cli) if script == RUN_SCRIPT else c.cli, *c.args] for c in batch}
-        done = _forked(preload, script, [(argv[c.id], str(cwd_of(c))) for c in batch], world["root"] / logs,
-                       parallel=1)
+        done = _forked(preload, script, [(argv[c.id], str(cwd_of(c))) for c in batch], parallel=1)
         return [(c.id, (c, subprocess.CompletedProcess(argv[c.id], rc, out, err), world["root"] / "cwd" / c.id))
                 for c, (rc, out, err) in zip(batch, done, strict=True)]
 
     with ThreadPoolExecutor(max_workers=2) as pool:
-        jobs = [pool.submit(forked, warm_train, "fcr_train.cli", FCR_TRAIN_MAIN, "forked-train"),
+        jobs = [pool.submit(forked, warm_train, "fcr_train.cli", FCR_TRAIN_MAIN),
                 pool.submit(forked, warm_other, "fcr_eval.cli,fcr_eval.plan.validation,fcr_eval.store,"
-                            "fcr_human_study.cli,fcr_results_explorer.cli",
-                            RUN_SCRIPT, "forked-other"),
+                            "fcr_human_study.cli,fcr_results_explorer.cli", RUN_SCRIPT),
                 *[pool.submit(one, c) for c in cases if c.id in fresh]]
         return dict(kv for job in jobs for kv in job.result())
 
 
 FCR_TRAIN_MAIN = "import sys\nfrom fcr_train.cli import main\nsys.exit(main(sys.argv[1:]))\n"
-#: A console script (``sys.argv[0]``, its path) run as its fresh start runs it.
-RUN_SCRIPT = "import runpy, sys\nrunpy.run_path(sys.argv[0], run_name='__main__')\n"
+#: A script (``sys.argv[0]``, its path: a console script or a benchmark) run as ``python script args``
+#: runs it, its folder first on ``sys.path``.
+RUN_SCRIPT = ("import os, runpy, sys\nsys.path.insert(0, os.path.dirname(sys.argv[0]))\n"
+              "runpy.run_path(sys.argv[0], run_name='__main__')\n")
 
-WARM_LAUNCHER = """
-import importlib, json, os, sys, traceback
-preload, code, parallel, jobs = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
-for name in filter(None, preload.split(",")):  # imported once; each job runs in its own fork of this process
-    importlib.import_module(name)
-status, running, todo = {}, {}, list(enumerate(jobs))
-while todo or running:
-    if todo and len(running) < parallel:
-        i, (argv, cwd, out, err) = todo.pop(0)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:  # the job: its own process, cwd, stdout and stderr files, and exit status
-            rc = 1
-            try:
-                for fd, path in ((1, out), (2, err)):
-                    os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
-                os.chdir(cwd)
-                sys.argv = argv
-                exec(compile(code, "<job>", "exec"), {"__name__": "__main__"})
-                rc = 0
-            except SystemExit as e:  # as the interpreter ends on sys.exit
-                rc = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
-                if isinstance(e.code, str):
-                    print(e.code, file=sys.stderr)
-            except BaseException:  # what escapes: printed, exit 1, as an uncaught exception would be
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(rc)
-        running[pid] = i
-        continue
-    pid, st = os.wait()
-    status[running.pop(pid)] = os.waitstatus_to_exitcode(st)
-print(json.dumps([status[i] for i in range(len(jobs))]))
-"""
-
-
-def _forked(preload: str, code: str, jobs: list[tuple[list[str], str]], logs: Path, parallel: int = 2,
+def _forked(preload: str, code: str, jobs: list[tuple[list[str], str]], parallel: int = 2,
             env: dict[str, str] | None = None) -> list[tuple[int, str, str]]:
     """Run ``code`` once per job ``(sys.argv, cwd)``, each in its own fork of one interpreter that has
-    imported the comma-separated modules ``preload`` (torch, diffusers: ~5 s of CPU a fresh start on an
-    idle 2-core machine), ``parallel`` at a time. Returns (exit status, stdout, stderr) per job."""
-    if not jobs:
-        return []
-    logs.mkdir(parents=True, exist_ok=True)
-    todo = [(argv, cwd, str(logs / f"{i}.stdout"), str(logs / f"{i}.stderr")) for i, (argv, cwd) in enumerate(jobs)]
-    launcher = subprocess.run([sys.executable, "-c", WARM_LAUNCHER, preload, code, str(parallel), json.dumps(todo)],
-                              cwd=logs, env=env or _env(), capture_output=True, text=True, timeout=1200)
-    assert launcher.returncode == 0, launcher.stderr[-3000:]
-    codes = json.loads(launcher.stdout.strip().splitlines()[-1])
-    return [(c, Path(out).read_text(), Path(err).read_text()) for c, (_, _, out, err) in zip(codes, todo, strict=True)]
+    imported the comma-separated modules ``preload`` (``tests/warm.py``; torch, diffusers: ~5 s of CPU a
+    fresh start on an idle 2-core machine), ``parallel`` at a time. Returns (exit status, stdout, stderr)
+    per job."""
+    out: list[tuple[int, str, str]] = []
+    with WarmPython(preload, env=env or _env()) as warm:
+        for i in range(0, len(jobs), parallel):
+            children = [warm.start(None, argv[1:], code=code, argv0=argv[0], cwd=cwd)
+                        for argv, cwd in jobs[i: i + parallel]]
+            out += [(c.wait(1200), c.stdout, c.stderr) for c in children]
+    return out
 
 
 def _case_ids() -> list[str]:
@@ -1128,7 +1085,7 @@ def bench_results(bench_inputs, request):
             cwd.mkdir(parents=True)
             todo[script].append((str(cwd), list(c.args)))
         jobs.append((["-c", str(BENCH / script), json.dumps(todo[script])], str(bench_inputs["root"])))
-    done = _forked("torch,diffusers,fcr_train.api,fcr_eval.run.runner", BENCH_DRIVER, jobs, bench_inputs["root"] / "drivers", env=env)
+    done = _forked("torch,diffusers,fcr_train.api,fcr_eval.run.runner", BENCH_DRIVER, jobs, env=env)
     rows = {}
     for (script, script_cases), (code, out, err) in zip(by_script.items(), done, strict=True):
         assert code == 0, err[-3000:]

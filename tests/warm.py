@@ -60,8 +60,8 @@ for line in sys.stdin:
                     sys.argv = [req["module"], *req["args"]]
                     sys.modules.pop(req["module"], None)  # run as __main__, as `python -m` does, unwarned
                     runpy.run_module(req["module"], run_name="__main__", alter_sys=True)
-                else:  # `python -c code args`
-                    sys.argv = ["-c", *req["args"]]
+                else:  # `python -c code args` (sys.argv[0] "-c", or what the caller names)
+                    sys.argv = [req["argv0"], *req["args"]]
                     exec(compile(req["code"], "<string>", "exec"), {"__name__": "__main__"})
                 rc = 0
             except SystemExit as e:  # as the interpreter ends on sys.exit
@@ -163,16 +163,17 @@ class WarmPython:
         assert line, "the warm interpreter ended without replying (an import failed?)"
         return json.loads(line)
 
-    def start(self, module: str | None, args: list[str], *, code: str | None = None, cwd: str | os.PathLike = ".",
-              env: dict[str, str | None] | None = None) -> WarmChild:
+    def start(self, module: str | None, args: list[str], *, code: str | None = None, argv0: str = "-c",
+              cwd: str | os.PathLike = ".", env: dict[str, str | None] | None = None) -> WarmChild:
         """Fork a child that runs ``python -m module *args`` (or, with ``module=None``, ``python -c code
-        *args``) in ``cwd`` with ``env``'s changes (``None`` unsets a variable)."""
+        *args``, ``sys.argv[0]`` being ``argv0``) in ``cwd`` with ``env``'s changes (``None`` unsets a
+        variable)."""
         assert (module is None) != (code is None), "a module or code, not both"
         self._count += 1
         out, err = self._logs / f"{self._count}.stdout", self._logs / f"{self._count}.stderr"
         out.touch()
         err.touch()  # readable at once, before the child opens it
-        pid = self._ask({"op": "start", "module": module, "code": code, "args": [str(a) for a in args],
+        pid = self._ask({"op": "start", "module": module, "code": code, "argv0": argv0, "args": [str(a) for a in args],
                          "cwd": str(Path(cwd).resolve()), "env": env or {}, "out": str(out),
                          "err": str(err)})["pid"]
         return WarmChild(self, pid, out, err)

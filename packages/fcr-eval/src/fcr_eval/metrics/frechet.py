@@ -153,10 +153,10 @@ def frechet_distance_to_reference(reference, mu, sigma) -> float:
 
     With ``N <= D`` (a reference smaller than the feature dimension: a quick profile or a smoke test
     against Inception's 2048 dimensions; a design-size reference is larger) the reference covariance is
-    ``AᵀA/(N−1)`` of
-    rank below ``N`` (``A`` the centred features), and the nonzero eigenvalues of ``Σ_ref Σ`` are those of
-    the ``N × N`` matrix ``AΣAᵀ/(N−1)``: one ``N × N`` eigendecomposition replaces two ``D × D`` ones,
-    ``O(N·D²)`` instead of ``O(D³)``. Larger references take :func:`frechet_distance`'s path.
+    ``AᵀA/(N−1)`` of rank below ``N`` (``A`` the centred features), and the nonzero eigenvalues of
+    ``Σ_ref Σ`` are those of the ``N × N`` matrix ``AΣAᵀ/(N−1)``: one ``N × N`` eigendecomposition
+    replaces two ``D × D`` ones, ``O(N·D²)`` instead of ``O(D³)`` (26× at 500 × 2048,
+    docs/benchmarks.md). Larger references take :func:`frechet_distance`'s path.
 
     Example:
         >>> frechet_distance_to_reference(ref_feats, *streamed_statistics(fake_feats))
