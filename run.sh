@@ -49,7 +49,10 @@ sync_workspace() {
     ensure_uv
     log "installing the workspace from uv.lock"
     # Precompile bytecode once: environments that set PYTHONDONTWRITEBYTECODE would otherwise
-    # recompile torch/diffusers in every process (~15 s per test subprocess on 2 cores).
+    # recompile torch/diffusers in every process (~15 s per test subprocess on 2 cores). Measured
+    # against letting Python write it on import (the suite imports ~5,900 of ~17,900 modules): that
+    # saves ~47 s of install on the 2-core box, but both test workers then compile the same modules
+    # and a fresh clone's ./run.sh test took as long (404 and 425 s against 425 and 422 s).
     export UV_COMPILE_BYTECODE=1
     # --all-extras: clean-fid (Inception) and torchmetrics (CLIPScore), so their tests run here.
     uv sync --locked --all-packages --all-extras --quiet
@@ -82,7 +85,9 @@ case "$cmd" in
         # experiment run) runs once, not once per worker.
         # --durations=20: the slowest tests, printed by every CI run (a test past a minute says why
         # in its docstring). fcr-sample's own tests run once, below, with only fcr-sample installed
-        # (the stricter of the two environments), not twice.
+        # (the stricter of the two environments), not twice. Run beside the workspace's workers
+        # instead (one process, one thread) the whole took longer on the 2-core box (442 s against
+        # 386-425 s): the two workers leave a core idle too rarely for a third process to gain.
         uv run --no-sync pytest -n auto --dist loadfile -m "$markers" --durations=20 --ignore=tests/fcr_sample "$@"
         log "tests: fcr-sample installed alone (torch, diffusers, tqdm + its test group)"
         UV_PROJECT_ENVIRONMENT=.venv-fcr-sample uv sync --locked --package fcr-sample \
