@@ -13,6 +13,7 @@ from fcr_train.embedded import (
     build_unet,
     class_prompts,
     fashion_mnist_dir,
+    load_fashion_mnist,
     read_idx,
 )
 from torch.utils.flop_counter import FlopCounterMode
@@ -55,6 +56,25 @@ def test_fashion_mnist_captions_match_prompt_index():
         assert prompts[item["prompt_index"]] == item["caption"]
         assert FASHION_MNIST_CLASSES[item["label"]] in item["caption"]
         assert item["pixels"].shape == (1, 28, 28) and -1 <= float(item["pixels"].min()) <= float(item["pixels"].max()) <= 1
+
+
+def test_fashion_mnist_items_are_the_scaled_images_and_the_dataset_copies_none():
+    """Each item is its image scaled to [-1, 1] (x / 127.5 - 1, float32: the values a float copy of
+    the whole split held), for a class subset and a limit too; the dataset keeps the decoded uint8
+    images themselves, not a copy of them (188 MB of float32 for the train split)."""
+    images, labels = load_fashion_mnist("train")
+    ds = FashionMNISTDataset("train")
+    assert len(ds) == len(images) == 60_000
+    assert ds.images.dtype == np.uint8 and np.shares_memory(ds.images, images)
+    for i in (0, 1, 12_345, 59_999):
+        assert torch.equal(ds[i]["pixels"], torch.from_numpy(images[i].astype(np.float32) / 127.5 - 1.0)[None])
+        assert ds[i]["pixels"].dtype == torch.float32 and ds[i]["label"] == labels[i]
+    sub = FashionMNISTDataset("train", classes=[3, 7], limit=50)
+    keep = np.flatnonzero(np.isin(labels, [3, 7]))[:50]
+    assert len(sub) == 50
+    assert torch.equal(torch.stack([sub[j]["pixels"] for j in range(50)]),
+                       torch.from_numpy(images[keep].astype(np.float32) / 127.5 - 1.0)[:, None])
+    assert [sub[j]["label"] for j in range(50)] == labels[keep].tolist()
 
 
 def test_minilm_token_states_load_offline(monkeypatch):

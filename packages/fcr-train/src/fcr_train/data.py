@@ -156,7 +156,9 @@ class FashionMNISTDataset(torch.utils.data.Dataset):
             images, labels = images[keep], labels[keep]
         if limit is not None:
             images, labels = images[:limit], labels[:limit]
-        self.pixels = torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0).unsqueeze(1)
+        # The uint8 images, each scaled to [-1, 1] as it is read: a float copy of the 60k-image train
+        # split was 188 MB more resident per fine-tune and ~3 s of page faults to build on 2 cores.
+        self.images = images  # (N, 28, 28) uint8, read-only: load_fashion_mnist's decoded array or a part of it
         self.labels = torch.from_numpy(labels)
         self.templates = tuple(templates)
         self.split = split
@@ -168,7 +170,7 @@ class FashionMNISTDataset(torch.utils.data.Dataset):
         label = int(self.labels[i])
         k = i % len(self.templates)
         return {
-            "pixels": self.pixels[i],
+            "pixels": torch.from_numpy(self.images[i][None].astype(np.float32) / 127.5 - 1.0),
             "caption": self.templates[k].format(FASHION_MNIST_CLASSES[label]),
             "prompt_index": label * len(self.templates) + k,
             "label": label,
