@@ -133,7 +133,7 @@ def test_analysis_tables_written_to_the_study_file(results_store, tmp_path):
 
     study = tmp_path / "s.duckdb"
     build_study(results_store, study, n_pairs=20, attention_share=0.1, pairs_per_rater=20)
-    service = RatingService(StudyStore(study))
+    service = RatingService(StudyStore(study, idle_close_s=1.0))  # as `serve` runs it
     for _, token in add_raters(study, 3):
         rater = service.rater_for_token(token)
         while (p := service.current(rater)) is not None:
