@@ -103,6 +103,11 @@ def load_image(source, mode: str = "RGB"):
     return img.convert(mode)
 
 
+def to_model_range(pixels) -> np.ndarray:
+    """8-bit pixels (an array or a PIL image) as float32 in the models' range [-1, 1]: ``x / 127.5 - 1``."""
+    return np.asarray(pixels, dtype=np.float32) / 127.5 - 1.0
+
+
 def preprocess_image(img, resolution: int) -> torch.Tensor:
     """Resize the shorter side to ``resolution`` (bicubic), centre crop, scale to [-1, 1], CHW."""
     from PIL import Image
@@ -113,7 +118,7 @@ def preprocess_image(img, resolution: int) -> torch.Tensor:
     img = img.resize((nw, nh), Image.BICUBIC)
     left, top = (nw - resolution) // 2, (nh - resolution) // 2
     img = img.crop((left, top, left + resolution, top + resolution))
-    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    arr = to_model_range(img)
     if arr.ndim == 2:
         arr = arr[:, :, None]
     return torch.from_numpy(arr.transpose(2, 0, 1).copy())
@@ -170,7 +175,7 @@ class FashionMNISTDataset(torch.utils.data.Dataset):
         label = int(self.labels[i])
         k = i % len(self.templates)
         return {
-            "pixels": torch.from_numpy(self.images[i][None].astype(np.float32) / 127.5 - 1.0),
+            "pixels": torch.from_numpy(to_model_range(self.images[i][None])),
             "caption": self.templates[k].format(FASHION_MNIST_CLASSES[label]),
             "prompt_index": label * len(self.templates) + k,
             "label": label,

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .data import to_model_range
 from .vocabulary import EMOJI_GROUPS, EMOJI_SPLITS
 
 __all__ = [
@@ -277,7 +278,7 @@ class EmojiDataset(torch.utils.data.Dataset):
         self.data = data or load_emoji_set()
         self.index = self.data.indices(split)[:limit]
         imgs = self.data.images(split, limit)
-        self.pixels = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        self.pixels = torch.from_numpy(to_model_range(imgs)).permute(0, 3, 1, 2)
         self.split = split
 
     def __len__(self) -> int:
