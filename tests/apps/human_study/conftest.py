@@ -3,15 +3,31 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 from fcr_eval.store import ResultsStore, RunRecord, RunResult, SampleRecord, make_run_id
 from PIL import Image
 
+if TYPE_CHECKING:
+    from gradio_client import Client
+
 # Distinctive names, so that a test can look for them in anything sent to a browser.
 VARIATIONS = ("VARZEBRA-fd5-baseline", "VARYAK-fd10-baseline", "VARXENON-fcr-l010-fd10")
 EXPERIMENT = "exp-human-study-test"
+
+
+def rater_client(url: str) -> Client:
+    """A ``gradio_client.Client`` on the study server, as the tests' raters use it.
+
+    The server is plain HTTP on 127.0.0.1, so there is no certificate to verify: ``ssl_verify=False``.
+    gradio_client opens a new httpx client for every request, and with verification on each of them
+    loads the system's CA bundle (~23 ms of CPU on the 2-core dev box, two or three times a vote: about
+    half of the 500-vote test's CPU)."""
+    from gradio_client import Client
+
+    return Client(url, verbose=False, download_files=False, analytics_enabled=False, ssl_verify=False)
 
 
 def make_results_store(root: Path, variations=VARIATIONS, n_prompts: int = 6, seeds=(0, 1),

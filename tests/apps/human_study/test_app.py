@@ -17,10 +17,9 @@ from fcr_human_study.app import build_app, launch_app
 from fcr_human_study.build import add_raters, build_study
 from fcr_human_study.rating import RatingService
 from fcr_human_study.store import StudyStore
-from gradio_client import Client
 
 from ..browser import free_port
-from .conftest import VARIATIONS, make_results_store
+from .conftest import VARIATIONS, make_results_store, rater_client
 
 PER_RATER = 25
 
@@ -44,9 +43,6 @@ def app(tmp_path_factory):
     demo.close()
     service.store.close()
 
-
-def client(url: str) -> Client:
-    return Client(url, verbose=False, download_files=False, analytics_enabled=False)
 
 
 # Outputs the client sees (layout and session state are not sent as values):
@@ -87,7 +83,7 @@ def test_20_concurrent_raters_25_votes_each_store_exactly_500(app):
     def rater(token: str, seed: int) -> None:
         try:
             rng = random.Random(seed)
-            c = client(app["url"])
+            c = rater_client(app["url"])
             out = c.predict(token, api_name="/start")
             payloads.append(out)
             for k in range(PER_RATER):
@@ -125,7 +121,7 @@ def _assert_no_variation_names(text: str) -> None:
 
 def test_browser_payloads_contain_no_variation_names(app):
     url = app["url"]
-    c = client(url)
+    c = rater_client(url)
     out = c.predict(app["tokens"][20], api_name="/start")
     seen = [out]
     for choice in ("left", "right", "tie", "both_bad", "left"):
@@ -152,7 +148,7 @@ def test_browser_payloads_contain_no_variation_names(app):
 
 def test_forged_replayed_and_unknown_votes_are_refused(app):
     service, token = app["service"], app["tokens"][21]
-    c = client(app["url"])
+    c = rater_client(app["url"])
     out = c.predict(token, api_name="/start")
     good = out[TOKEN]
     pair_id, pres_id, sig = good.split(".")
@@ -173,11 +169,11 @@ def test_forged_replayed_and_unknown_votes_are_refused(app):
     assert "replayed" in replay[STATUS]
     assert len(votes_of(service, [token])) == before + 1
     # A presentation token used from another rater's session is refused too.
-    other = client(app["url"])
+    other = rater_client(app["url"])
     other.predict(app["tokens"][22], api_name="/start")
     assert "not recorded" in other.predict(ok[TOKEN], api_name="/vote_left")[STATUS]
     # A session that never presented a token (e.g. after a restart) is sent back to the start.
-    fresh = client(app["url"])
+    fresh = rater_client(app["url"])
     assert "session has ended" in fresh.predict(ok[TOKEN], api_name="/vote_left")[STATUS]
     assert len(votes_of(service, [token])) == before + 1
     assert "Unknown invitation token" in fresh.predict("guess", api_name="/start")[STATUS]
@@ -185,7 +181,7 @@ def test_forged_replayed_and_unknown_votes_are_refused(app):
 
 def test_only_the_study_images_are_served(app):
     url, study, results = app["url"], app["study"], app["results"]
-    out = client(url).predict(app["tokens"][23], api_name="/start")
+    out = rater_client(url).predict(app["tokens"][23], api_name="/start")
     with httpx.Client(base_url=url) as h:
         assert h.get(out[2]["url"]).status_code == 200
         images = study.parent / "human-study" / "images"
@@ -199,7 +195,7 @@ def test_only_the_study_images_are_served(app):
 
 
 def test_admin_view_needs_its_own_secret(app):
-    c = client(app["url"])
+    c = rater_client(app["url"])
     out = c.predict(app["tokens"][25], api_name="/start")
     c.predict(out[TOKEN], api_name="/vote_left")
     for wrong in ("", "guess", app["tokens"][0]):
@@ -221,7 +217,7 @@ def test_admin_view_needs_its_own_secret(app):
 def test_analyse_and_readers_take_turns_with_the_running_server(app):
     """The server releases the study file when idle, so `analyse` (another process) can write
     its tables and the explorer can attach the file read-only; voting goes on afterwards."""
-    c = client(app["url"])
+    c = rater_client(app["url"])
     out = c.predict(app["tokens"][24], api_name="/start")
     for _ in range(10):
         out = c.predict(out[TOKEN], api_name="/vote_left")
@@ -248,7 +244,7 @@ def test_analyse_and_readers_take_turns_with_the_running_server(app):
 
 def test_a_vote_blocked_by_another_process_is_not_acknowledged_and_can_be_retried(app):
     service = app["service"]
-    c = client(app["url"])
+    c = rater_client(app["url"])
     out = c.predict(app["tokens"][26], api_name="/start")
     before = service.store.query("SELECT count(*) FROM votes")[0][0]
     holder = subprocess.Popen(
@@ -271,7 +267,7 @@ def test_a_vote_blocked_by_another_process_is_not_acknowledged_and_can_be_retrie
 
 def test_image_payloads_do_not_show_the_study_folder(app):
     """The browser gets pixels (Gradio's cache names), never the study folder's server path."""
-    out = client(app["url"]).predict(app["tokens"][26], api_name="/start")
+    out = rater_client(app["url"]).predict(app["tokens"][26], api_name="/start")
     folder = str(app["study"].resolve().parent)
     for img in (out[2], out[3]):
         assert folder not in str(img) and "human-study/images" not in str(img), img

@@ -21,10 +21,9 @@ from fcr_human_study.app import code_block, markdown_text, progress_markdown
 from fcr_human_study.build import add_raters, build_study
 from fcr_human_study.guard import MAX_BODY_BYTES
 from fcr_human_study.server_temp import PREFIX
-from gradio_client import Client
 
 from ..browser import free_port
-from .conftest import make_results_store
+from .conftest import make_results_store, rater_client
 from .test_app import TOKEN
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword).*")
@@ -84,9 +83,6 @@ def server(tmp_path_factory):
         proc.wait(timeout=30)
 
 
-def _client(url: str) -> Client:
-    return Client(url, verbose=False, download_files=False, analytics_enabled=False)
-
 
 def _chunks(total: int, size: int = 1 << 20):
     block = b"x" * size
@@ -114,7 +110,7 @@ def test_oversized_bodies_are_refused_on_every_route_without_growing_the_server(
         assert r.status_code == 413
     grown_mib = (_peak_rss_kib(pid) - before) / 1024
     assert grown_mib < 16, f"the server's peak memory grew by {grown_mib:.0f} MiB"
-    out = _client(url).predict(server["tokens"]["html"], api_name="/start")
+    out = rater_client(url).predict(server["tokens"]["html"], api_name="/start")
     assert out[TOKEN].startswith("p"), out
 
 
@@ -128,7 +124,7 @@ def test_uploads_are_refused_and_nothing_is_kept_or_served(server):
             assert r.status_code == 403, (route, r.status_code, r.text[:200])
             assert "takes no uploads" in r.text
         # With a rater's session (a valid invitation token) too: the app has no upload component.
-        c = _client(url)
+        c = rater_client(url)
         c.predict(server["tokens"]["html"], api_name="/start")
         r = h.post("gradio_api/upload", files=files, headers={"session_hash": c.session_hash})
         assert r.status_code == 403
@@ -141,7 +137,7 @@ def test_uploads_are_refused_and_nothing_is_kept_or_served(server):
 
 
 def test_admin_view_escapes_labels_and_ids(server):
-    c = _client(server["url"])
+    c = rater_client(server["url"])
     progress = c.predict(server["admin"], api_name="/admin_progress")
     assert "<img" not in progress and "<b>" not in progress, progress
     assert markdown_text(HTML_LABEL + "-1") in progress  # the label, as text
@@ -159,7 +155,7 @@ def test_admin_view_escapes_labels_and_ids(server):
 
 
 def test_csv_exports_neutralise_formula_labels(server, tmp_path):
-    c = _client(server["url"])
+    c = rater_client(server["url"])
     out = c.predict(server["tokens"]["formula"], api_name="/start")
     c.predict(out[TOKEN], api_name="/vote_left")
     exported = c.predict(server["admin"], api_name="/admin_export")
@@ -180,7 +176,7 @@ def test_sigterm_removes_the_servers_temp_folders(server):
     ours = [p for p in tmp.iterdir() if p.name.startswith(PREFIX)]
     assert len(ours) == 1 and str(proc.pid) in ours[0].name, ours
     # an admin export put a file in it
-    _client(server["url"]).predict(server["admin"], api_name="/admin_export")
+    rater_client(server["url"]).predict(server["admin"], api_name="/admin_export")
     assert any(p.suffix == ".csv" for p in ours[0].rglob("*"))
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=60)

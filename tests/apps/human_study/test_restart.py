@@ -16,7 +16,7 @@ from gradio_client import Client
 
 from ...warm import WarmPython
 from ..browser import free_port
-from .conftest import make_results_store
+from .conftest import make_results_store, rater_client
 from .test_app import STATUS, TOKEN
 
 pytestmark = [pytest.mark.slow,
@@ -54,8 +54,7 @@ def kill9(proc) -> None:
 
 
 def client(port: int) -> Client:
-    return Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=False,
-                  analytics_enabled=False)
+    return rater_client(f"http://127.0.0.1:{port}/")
 
 
 def test_kill_and_restart_loses_no_vote(tmp_path: Path, warm):
