@@ -88,6 +88,9 @@ case "$cmd" in
         # (the stricter of the two environments), not twice. Run beside the workspace's workers
         # instead (one process, one thread) the whole took longer on the 2-core box (442 s against
         # 386-425 s): the two workers leave a core idle too rarely for a third process to gain.
+        # Likewise -n 3 (294 s against 265 s for -n 2, in-tree), and eatmydata: the suite makes ~6,200
+        # fsync/fdatasync calls (DuckDB's WAL commits), 0.15 ms each here; even at 10 ms a sync (simulated
+        # with an LD_PRELOAD shim) they added only ~30 s.
         uv run --no-sync pytest -n auto --dist loadfile -m "$markers" --durations=20 --ignore=tests/fcr_sample "$@"
         log "tests: fcr-sample installed alone (torch, diffusers, tqdm + its test group)"
         UV_PROJECT_ENVIRONMENT=.venv-fcr-sample uv sync --locked --package fcr-sample \
