@@ -44,7 +44,6 @@ def app(tmp_path_factory):
     service.store.close()
 
 
-
 # Outputs the client sees (layout and session state are not sent as values):
 # (progress, prompt, left image, right image, presentation token, status)
 TOKEN, STATUS = 4, 5

@@ -83,7 +83,6 @@ def server(tmp_path_factory):
         proc.wait(timeout=30)
 
 
-
 def _chunks(total: int, size: int = 1 << 20):
     block = b"x" * size
     for _ in range(total // size):
