@@ -74,12 +74,18 @@ case "$cmd" in
         sync_workspace
         log "layer contract (.importlinter)"
         uv run --no-sync lint-imports
-        log "tests: the workspace, in parallel on every core"
+        # One worker per CPU this process may use. Not xdist's "-n auto": with psutil installed (accelerate
+        # needs it) that counts *physical* cores, so a 2-vCPU cloud box whose two vCPUs are the hyperthreads
+        # of one core gets a single worker, and the workspace's tests, mostly single-threaded Python, take
+        # ~1.7x as long (475 s against 279 s with -n 1 and -n 2 on the 2-core box, in-tree, back to back).
+        # nproc counts the CPUs in this process's affinity mask; unset the OpenMP variables it also honours.
+        workers="$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)"
+        log "tests: the workspace, in parallel, $workers workers (one per CPU)"
         markers="not gpu and not checkpoint"
         if [ "${1:-}" = "--fast" ]; then
             shift
             log "fast lane: tests marked slow are left out; fcr-sample alone is not re-run"
-            exec uv run --no-sync pytest -n auto --dist loadfile -m "$markers and not slow" --durations=20 "$@"
+            exec uv run --no-sync pytest -n "$workers" --dist loadfile -m "$markers and not slow" --durations=20 "$@"
         fi
         # --dist loadfile: a module's tests share one worker, so a module-scoped fixture (a whole
         # experiment run) runs once, not once per worker.
@@ -91,12 +97,12 @@ case "$cmd" in
         # Likewise -n 3 (294 s against 265 s for -n 2, in-tree), and eatmydata: the suite makes ~6,200
         # fsync/fdatasync calls (DuckDB's WAL commits), 0.15 ms each here; even at 10 ms a sync (simulated
         # with an LD_PRELOAD shim) they added only ~30 s.
-        uv run --no-sync pytest -n auto --dist loadfile -m "$markers" --durations=20 --ignore=tests/fcr_sample "$@"
+        uv run --no-sync pytest -n "$workers" --dist loadfile -m "$markers" --durations=20 --ignore=tests/fcr_sample "$@"
         log "tests: fcr-sample installed alone (torch, diffusers, tqdm + its test group)"
         UV_PROJECT_ENVIRONMENT=.venv-fcr-sample uv sync --locked --package fcr-sample \
             --no-default-groups --group test --quiet
         UV_PROJECT_ENVIRONMENT=.venv-fcr-sample uv run --no-sync --package fcr-sample \
-            python -m pytest tests/fcr_sample -n auto --dist loadfile -m "not gpu and not checkpoint" -q -p no:cacheprovider \
+            python -m pytest tests/fcr_sample -n "$workers" --dist loadfile -m "not gpu and not checkpoint" -q -p no:cacheprovider \
             --durations=10
         ;;
     *)
