@@ -58,6 +58,21 @@ sync_workspace() {
     uv sync --locked --all-packages --all-extras --quiet
 }
 
+# The CPUs this process may use: those in its affinity mask (nproc, without the OpenMP variables it
+# also honours), capped by a container's CPU quota (cgroup v2 cpu.max or v1 cfs_quota_us), rounded up.
+usable_cpus() {
+    local n quota=max period=1
+    n="$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)"
+    { read -r quota period </sys/fs/cgroup/cpu.max \
+        || { read -r quota </sys/fs/cgroup/cpu/cpu.cfs_quota_us && read -r period </sys/fs/cgroup/cpu/cpu.cfs_period_us; }
+    } 2>/dev/null || quota=max
+    if [[ "$quota" =~ ^[0-9]+$ && "$period" =~ ^[0-9]+$ && "$period" -gt 0 ]]; then
+        quota=$(( (quota + period - 1) / period ))
+        [ "$quota" -lt "$n" ] && n="$quota"
+    fi
+    echo "$n"
+}
+
 cmd="${1:-help}"; shift || true
 case "$cmd" in
     sync)
@@ -78,8 +93,7 @@ case "$cmd" in
         # needs it) that counts *physical* cores, so a 2-vCPU cloud box whose two vCPUs are the hyperthreads
         # of one core gets a single worker, and the workspace's tests, mostly single-threaded Python, take
         # ~1.7x as long (475 s against 279 s with -n 1 and -n 2 on the 2-core box, in-tree, back to back).
-        # nproc counts the CPUs in this process's affinity mask; unset the OpenMP variables it also honours.
-        workers="$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)"
+        workers="$(usable_cpus)"
         log "tests: the workspace, in parallel, $workers workers (one per CPU)"
         markers="not gpu and not checkpoint"
         if [ "${1:-}" = "--fast" ]; then
