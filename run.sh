@@ -91,8 +91,10 @@ case "$cmd" in
         uv run --no-sync lint-imports
         # One worker per CPU this process may use. Not xdist's "-n auto": with psutil installed (accelerate
         # needs it) that counts *physical* cores, so a 2-vCPU cloud box whose two vCPUs are the hyperthreads
-        # of one core gets a single worker, and the workspace's tests, mostly single-threaded Python, take
-        # ~1.7x as long (475 s against 279 s with -n 1 and -n 2 on the 2-core box, in-tree, back to back).
+        # of one core gets a single worker and leaves a hardware thread idle. Measured on the 2-core box,
+        # in-tree, back to back: one worker where there are two CPUs, 475 s against 279 s for the
+        # workspace's tests; two workers on one CPU (taskset -c 0), 572 s against 551 s for one — a worker
+        # too many costs little. What a hyperthread adds was not measured (no such machine here).
         workers="$(usable_cpus)"
         log "tests: the workspace, in parallel, $workers workers (one per CPU)"
         markers="not gpu and not checkpoint"
