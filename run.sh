@@ -115,7 +115,7 @@ case "$cmd" in
         # with an LD_PRELOAD shim) they added only ~30 s.
         uv run --no-sync pytest -n "$workers" --dist loadfile -m "$markers" --durations=20 --ignore=tests/fcr_sample "$@"
         log "tests: fcr-sample installed alone (torch, diffusers, tqdm + its test group)"
-        # Without precompiled bytecode: its tests start no subprocesses, so only the two workers compile
+        # Without precompiled bytecode: its tests start no subprocesses, so only the workers compile
         # what they import, and that is cheaper than compiling the whole environment (this stage from a
         # fresh .venv-fcr-sample, PYTHONDONTWRITEBYTECODE=1 as on this box, four runs each, interleaved:
         # 60-70 s, median 60.5, against 64-85 s, median 75).
